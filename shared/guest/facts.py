@@ -7,7 +7,11 @@ scripts only read and report.
 from __future__ import annotations
 
 import enum
+import json
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 RESULT_MARKER = "AVMA-REMEDIATOR-RESULT "
 SCHEMA_VERSION = 1
@@ -122,6 +126,229 @@ def channel_of(description: str) -> Channel:
     return Channel.UNKNOWN
 
 
+SCRIPT_NAMES = ("detect", "remediate")
+# The remediation steps in the order the script runs them (docs/guest-contract.md).
+STEP_NAMES = ("install-key", "clear-kms-cache", "set-kms-host", "set-kms-port", "refresh", "activate")
+_HRESULT = re.compile(r"0x[0-9A-F]{8}")
+_T = TypeVar("_T")
+
+_TOP_KEYS = frozenset({"schema", "script", "os", "license", "kmsProbe", "steps", "error"})
+_OS_KEYS = frozenset({"caption", "version", "build", "productType", "sku", "editionId"})
+_LICENSE_KEYS = frozenset(
+    {
+        "name",
+        "description",
+        "productKeyChannel",
+        "partialProductKey",
+        "licenseStatus",
+        "graceMinutes",
+        "kmsMachine",
+        "kmsPort",
+        "discoveredKmsMachine",
+        "discoveredKmsPort",
+    }
+)
+_PROBE_KEYS = frozenset({"host", "port", "reachable", "error"})
+_STEP_KEYS = frozenset({"name", "hresult"})
+_ERROR_KEYS = frozenset({"step", "hresult", "message"})
+
+
 def parse_result(output: str, *, expected_script: str) -> GuestResult:
-    """Find the last marker line in ``output`` and parse it; raise :class:`GuestOutputError` otherwise."""
-    raise NotImplementedError  # implemented with the scripts (see docs/guest-contract.md)
+    """Find the last marker line in ``output`` and parse it; raise :class:`GuestOutputError` otherwise.
+
+    Run Command keeps only the last 4,096 bytes of output and the scripts print other text too, so
+    only the last line that starts with the marker counts. The JSON is checked strictly (exact keys,
+    exact types, bool is not int) because every decision the engine makes rests on these facts.
+    """
+    if expected_script not in SCRIPT_NAMES:
+        raise ValueError(f"expected_script must be one of {SCRIPT_NAMES}, not {expected_script!r}")
+    if not isinstance(output, str):
+        raise GuestOutputError(f"output is {type(output).__name__}, not text")
+    line = _last_marker_line(output)
+    try:
+        document = json.loads(
+            line[len(RESULT_MARKER) :],
+            object_pairs_hook=_no_duplicate_keys,
+            parse_constant=_reject_constant,
+        )
+    except GuestOutputError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise GuestOutputError(f"the result line is not valid JSON: {exc}") from None
+    return _result(document, expected_script)
+
+
+def _last_marker_line(output: str) -> str:
+    found: str | None = None
+    for raw in output.split("\n"):
+        line = raw.rstrip("\r")
+        if line.startswith(RESULT_MARKER):
+            found = line
+    if found is None:
+        raise GuestOutputError(
+            f"no line starting with {RESULT_MARKER.strip()!r} in the output (script did not finish, "
+            "or the line was cut off by the 4,096-byte output limit)"
+        )
+    return found
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise GuestOutputError(f"duplicate JSON key {key!r} in the result line")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise GuestOutputError(f"the result line holds {name}, which is not JSON")
+
+
+def _object(value: object, where: str, keys: frozenset[str]) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise GuestOutputError(f"{where}: expected an object, got {_kind(value)}")
+    missing = sorted(keys - value.keys())
+    if missing:
+        raise GuestOutputError(f"{where}: missing field(s) {', '.join(missing)}")
+    extra = sorted(value.keys() - keys)
+    if extra:
+        raise GuestOutputError(f"{where}: unexpected field(s) {', '.join(extra)}")
+    return value
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number with a fraction"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _str(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise GuestOutputError(f"{where}: expected a string, got {_kind(value)}")
+    return value
+
+
+def _int(value: object, where: str, low: int = 0, high: int = 2**32 - 1) -> int:
+    # bool is a subclass of int in Python; JSON true must never count as 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GuestOutputError(f"{where}: expected an integer, got {_kind(value)}")
+    if not low <= value <= high:
+        raise GuestOutputError(f"{where}: {value} is outside {low}..{high}")
+    return value
+
+
+def _bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise GuestOutputError(f"{where}: expected true or false, got {_kind(value)}")
+    return value
+
+
+def _hresult(value: object, where: str) -> str:
+    text = _str(value, where)
+    if not _HRESULT.fullmatch(text):
+        raise GuestOutputError(f"{where}: {text[:40]!r} is not 0x + 8 upper-case hex digits")
+    return text
+
+
+def _optional(value: object, where: str, read: Callable[[object, str], _T]) -> _T | None:
+    return None if value is None else read(value, where)
+
+
+def _result(document: object, expected_script: str) -> GuestResult:
+    top = _object(document, "result", _TOP_KEYS)
+    schema = _int(top["schema"], "schema")
+    if schema != SCHEMA_VERSION:
+        raise GuestOutputError(f"schema {schema} is not supported (this parser reads {SCHEMA_VERSION})")
+    script = _str(top["script"], "script")
+    if script != expected_script:
+        raise GuestOutputError(f"the result line is from the {script[:40]!r} script, not {expected_script!r}")
+    error = _optional(top["error"], "error", _script_error)
+    os_facts = _optional(top["os"], "os", _os)
+    license_facts = _optional(top["license"], "license", _license)
+    probe = _optional(top["kmsProbe"], "kmsProbe", _probe)
+    steps = _steps(top["steps"], script)
+    if error is None and (os_facts is None or probe is None):
+        raise GuestOutputError("os and kmsProbe may only be null when error is set")
+    return GuestResult(
+        script=script, os=os_facts, license=license_facts, kms_probe=probe, steps=steps, error=error
+    )
+
+
+def _os(value: object, where: str) -> OsFacts:
+    data = _object(value, where, _OS_KEYS)
+    return OsFacts(
+        caption=_str(data["caption"], f"{where}.caption"),
+        version=_str(data["version"], f"{where}.version"),
+        build=_int(data["build"], f"{where}.build"),
+        product_type=_int(data["productType"], f"{where}.productType"),
+        sku=_int(data["sku"], f"{where}.sku"),
+        edition_id=_str(data["editionId"], f"{where}.editionId"),
+    )
+
+
+def _license(value: object, where: str) -> LicenseFacts:
+    data = _object(value, where, _LICENSE_KEYS)
+    status = _int(data["licenseStatus"], f"{where}.licenseStatus", 0, max(LicenseStatus))
+    return LicenseFacts(
+        name=_str(data["name"], f"{where}.name"),
+        description=_str(data["description"], f"{where}.description"),
+        product_key_channel=_optional(data["productKeyChannel"], f"{where}.productKeyChannel", _str),
+        partial_product_key=_optional(data["partialProductKey"], f"{where}.partialProductKey", _str),
+        license_status=LicenseStatus(status),
+        grace_minutes=_int(data["graceMinutes"], f"{where}.graceMinutes"),
+        kms_machine=_optional(data["kmsMachine"], f"{where}.kmsMachine", _str),
+        kms_port=_int(data["kmsPort"], f"{where}.kmsPort", 0, 65535),
+        discovered_kms_machine=_optional(data["discoveredKmsMachine"], f"{where}.discoveredKmsMachine", _str),
+        discovered_kms_port=_int(data["discoveredKmsPort"], f"{where}.discoveredKmsPort", 0, 65535),
+    )
+
+
+def _probe(value: object, where: str) -> KmsProbe:
+    data = _object(value, where, _PROBE_KEYS)
+    return KmsProbe(
+        host=_str(data["host"], f"{where}.host"),
+        port=_int(data["port"], f"{where}.port", 0, 65535),
+        reachable=_bool(data["reachable"], f"{where}.reachable"),
+        error=_optional(data["error"], f"{where}.error", _str),
+    )
+
+
+def _steps(value: object, script: str) -> tuple[Step, ...]:
+    if not isinstance(value, list):
+        raise GuestOutputError(f"steps: expected an array, got {_kind(value)}")
+    if script == "detect" and value:
+        raise GuestOutputError("steps: the detect script changes nothing, so it reports no steps")
+    steps: list[Step] = []
+    for index, item in enumerate(value):
+        where = f"steps[{index}]"
+        data = _object(item, where, _STEP_KEYS)
+        name = _str(data["name"], f"{where}.name")
+        if name not in STEP_NAMES:
+            raise GuestOutputError(f"{where}.name: unknown step {name[:40]!r}")
+        steps.append(Step(name=name, hresult=_hresult(data["hresult"], f"{where}.hresult")))
+    order = [STEP_NAMES.index(step.name) for step in steps]
+    if order != sorted(set(order)):
+        raise GuestOutputError("steps: not in the contract order, or a step appears twice")
+    if any(not step.ok for step in steps[:-1]):
+        raise GuestOutputError("steps: a step follows a failed step (the script stops at the first failure)")
+    return tuple(steps)
+
+
+def _script_error(value: object, where: str) -> ScriptError:
+    data = _object(value, where, _ERROR_KEYS)
+    return ScriptError(
+        step=_str(data["step"], f"{where}.step"),
+        hresult=_hresult(data["hresult"], f"{where}.hresult"),
+        message=_str(data["message"], f"{where}.message"),
+    )

@@ -1,0 +1,113 @@
+"""The two Run Command scripts (package data) and the request bodies that run them.
+
+Only parameter values ever carry caller-provided text: the script lines are the files as shipped,
+so nothing a caller passes can become PowerShell code. Values are validated here too (and again in
+the scripts) so that a bad host, port or key never reaches a VM.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import TypedDict
+
+from shared.guest.facts import SCHEMA_VERSION
+
+COMMAND_ID = "RunPowerShellScript"
+_MARKER_LINE = re.compile(r"# avma-remediator guest script: (detect|remediate) v([0-9]+)")
+# RFC 1123 host name, as in shared.settings: letters, digits, hyphens and dots only.
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+_PRODUCT_KEY = re.compile(r"[A-Z0-9]{5}(?:-[A-Z0-9]{5}){4}")
+
+
+class RunCommandParameter(TypedDict):
+    name: str
+    value: str
+
+
+class RunCommandInput(TypedDict):
+    """Body of ``POST .../virtualMachines/{vm}/runCommand`` (RunCommandInput, REST casing)."""
+
+    commandId: str
+    script: list[str]
+    parameters: list[RunCommandParameter]
+
+
+@dataclass(frozen=True, slots=True)
+class GuestScript:
+    """One guest script: its name and schema version (from the marker line) and its lines."""
+
+    name: str
+    version: int
+    lines: tuple[str, ...]  # a tuple so that no caller can change the shared copy
+
+
+def _load(name: str) -> GuestScript:
+    text = resources.files("shared.guest").joinpath(f"{name}.ps1").read_text(encoding="utf-8")
+    if not text.isascii():
+        raise RuntimeError(f"{name}.ps1 must be ASCII (Run Command and Windows PowerShell code pages)")
+    lines = tuple(text.splitlines())
+    marker = _MARKER_LINE.fullmatch(lines[0]) if lines else None
+    if marker is None or marker.group(1) != name:
+        raise RuntimeError(f"{name}.ps1 does not start with its marker line")
+    version = int(marker.group(2))
+    if version != SCHEMA_VERSION:
+        raise RuntimeError(f"{name}.ps1 is schema v{version}, the parser reads v{SCHEMA_VERSION}")
+    return GuestScript(name=name, version=version, lines=lines)
+
+
+DETECT = _load("detect")
+REMEDIATE = _load("remediate")
+
+
+def detect_command(kms_host: str, kms_port: int) -> RunCommandInput:
+    """Run Command body for the read-only detection script."""
+    return _command(
+        DETECT,
+        [("KmsHost", _host(kms_host)), ("KmsPort", _port(kms_port))],
+    )
+
+
+def remediate_command(*, product_key: str | None, kms_host: str, kms_port: int) -> RunCommandInput:
+    """Run Command body for the remediation script.
+
+    ``product_key`` None means "KMS client repair": set the host and activate without installing a
+    key. The ProductKey parameter is then left out (the script sees it empty).
+    """
+    parameters: list[tuple[str, str]] = []
+    if product_key is None:
+        install = "0"
+    else:
+        install = "1"
+        parameters.append(("ProductKey", _key(product_key)))
+    parameters += [("KmsHost", _host(kms_host)), ("KmsPort", _port(kms_port)), ("InstallKey", install)]
+    return _command(REMEDIATE, parameters)
+
+
+def _command(script: GuestScript, parameters: list[tuple[str, str]]) -> RunCommandInput:
+    return {
+        "commandId": COMMAND_ID,
+        "script": list(script.lines),
+        "parameters": [{"name": name, "value": value} for name, value in parameters],
+    }
+
+
+def _host(value: object) -> str:
+    if not isinstance(value, str) or not _HOST_NAME.fullmatch(value):
+        raise ValueError(f"KMS host {str(value)[:80]!r} is not a host name")
+    return value
+
+
+def _port(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"KMS port {str(value)[:20]!r} is not a port number (1-65535)")
+    return str(value)
+
+
+def _key(value: object) -> str:
+    if not isinstance(value, str) or not _PRODUCT_KEY.fullmatch(value):
+        raise ValueError("product key is not of the form XXXXX-XXXXX-XXXXX-XXXXX-XXXXX")
+    return value
