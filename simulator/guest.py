@@ -1,0 +1,443 @@
+"""A Windows guest's software-licensing state, answering the two guest scripts as Windows would.
+
+This is the independent oracle of the end-to-end tests: it keeps its own table of which product key
+fits which edition (from Microsoft's published KMS client setup keys and AVMA keys), so a wrong entry
+in the engine's catalog shows up as Windows would show it, with ``install-key`` failing
+``0xC004F069``, instead of being agreed with. Nothing here imports the engine.
+
+Contract: docs/guest-contract.md. HRESULTs (slerror.h): 0xC004F050 SL_E_INVALID_PRODUCT_KEY,
+0xC004F069 SL_E_MISMATCHED_PRODUCT_SKU ("the product SKU is not found"), 0xC004F074 no KMS could be
+contacted, 0xC004FD02 AVMA parent partition not activated (every Azure host), 0x8007232B DNS name
+does not exist (no KMS host set and none discovered), 0xC004C003 online activation refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from simulator.estate import GuestSpec
+
+DETECT_FIRST_LINE: Final = "# avma-remediator guest script: detect v1"
+REMEDIATE_FIRST_LINE: Final = "# avma-remediator guest script: remediate v1"
+RESULT_MARKER: Final = "AVMA-REMEDIATOR-RESULT "
+
+S_OK: Final = 0x00000000
+E_INVALIDARG: Final = 0x80070057
+SL_E_INVALID_PRODUCT_KEY: Final = 0xC004F050
+SL_E_MISMATCHED_PRODUCT_SKU: Final = 0xC004F069
+SL_E_KMS_UNREACHABLE: Final = 0xC004F074
+SL_E_IA_PARENT_PARTITION_NOT_ACTIVATED: Final = 0xC004FD02
+DNS_ERROR_RCODE_NAME_ERROR: Final = 0x8007232B
+SL_E_ONLINE_ACTIVATION_REFUSED: Final = 0xC004C003
+
+# KMS hosts that answer in each cloud (troubleshoot-activation-problems.md, custom-routes article).
+KMS_HOSTS: Final[Mapping[str, frozenset[str]]] = {
+    "AzureCloud": frozenset({"azkms.core.windows.net", "kms.core.windows.net"}),
+    "AzureUSGovernment": frozenset({"kms.core.usgovcloudapi.net", "azkms.core.usgovcloudapi.net"}),
+    "AzureChinaCloud": frozenset({"azkms.core.chinacloudapi.cn", "kms.core.chinacloudapi.cn"}),
+}
+KMS_PORT: Final = 1688
+
+DESCRIPTIONS: Final[Mapping[str, str]] = {
+    "AVMA": "Windows(R) Operating System, VIRTUAL_MACHINE_ACTIVATION channel",
+    "KMS_CLIENT": "Windows(R) Operating System, VOLUME_KMSCLIENT channel",
+    "MAK": "Windows(R) Operating System, VOLUME_MAK channel",
+    "RETAIL": "Windows(R) Operating System, RETAIL channel",
+    "OEM": "Windows(R) Operating System, OEM_DM channel",
+}
+# ProductKeyChannel (Windows 8 / Server 2012 and later). "Volume:AVMA" is an assumption: no public
+# capture of an AVMA product's ProductKeyChannel was found (docs/simulator.md, deviations).
+PRODUCT_KEY_CHANNELS: Final[Mapping[str, str]] = {
+    "AVMA": "Volume:AVMA",
+    "KMS_CLIENT": "Volume:GVLK",
+    "MAK": "Volume:MAK",
+    "RETAIL": "Retail",
+    "OEM": "OEM:DM",
+}
+
+_KEY_FORMAT = re.compile(r"\A[A-Z0-9]{5}(?:-[A-Z0-9]{5}){4}\Z")
+_PORT_FORMAT = re.compile(r"\A[0-9]{1,5}\Z")
+_HOSTNAME = re.compile(
+    r"\A(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
+)
+_KEY_ALPHABET = "BCDFGHJKMPQRTVWXY2346789"
+_KMS_GRACE_MINUTES = 259_200  # a KMS activation lasts 180 days
+_AVMA_GRACE_MINUTES = 10_080  # an AVMA activation lasts 7 days
+_OTHER_GRACE_MINUTES = 43_200
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What Windows knows about a product key: the channel it installs and the edition/builds it fits."""
+
+    channel: str
+    edition: str
+    builds: frozenset[int]
+
+
+_SERVER = {
+    "2008R2": frozenset({7600, 7601}),
+    "2012": frozenset({9200}),
+    "2012R2": frozenset({9600}),
+    "2016": frozenset({14393}),
+    "2019": frozenset({17763}),
+    "2022": frozenset({20348}),
+    "2025": frozenset({26100}),
+}
+_CLIENT_10_11 = frozenset(range(10240, 100_000))
+
+# MicrosoftDocs/windowsserverdocs kms-client-activation-keys.md (ms.date 10/01/2024) and
+# automatic-vm-activation.md (ms.date 09/19/2023).
+KEYS: Final[Mapping[str, KeyInfo]] = {
+    # KMS client setup keys (GVLK)
+    "TVRH6-WHNXV-R9WG3-9XRFY-MY832": KeyInfo("KMS_CLIENT", "ServerStandard", _SERVER["2025"]),
+    "D764K-2NDRG-47T6Q-P8T8W-YP6DF": KeyInfo("KMS_CLIENT", "ServerDatacenter", _SERVER["2025"]),
+    "XGN3F-F394H-FD2MY-PP6FD-8MCRC": KeyInfo("KMS_CLIENT", "ServerTurbine", _SERVER["2025"]),
+    "VDYBN-27WPP-V4HQT-9VMD4-VMK7H": KeyInfo("KMS_CLIENT", "ServerStandard", _SERVER["2022"]),
+    "WX4NM-KYWYW-QJJR4-XV3QB-6VM33": KeyInfo("KMS_CLIENT", "ServerDatacenter", _SERVER["2022"]),
+    "NTBV8-9K7Q8-V27C6-M2BTV-KHMXV": KeyInfo("KMS_CLIENT", "ServerTurbine", _SERVER["2022"]),
+    "N69G4-B89J2-4G8F4-WWYCC-J464C": KeyInfo("KMS_CLIENT", "ServerStandard", _SERVER["2019"]),
+    "WMDGN-G9PQG-XVVXX-R3X43-63DFG": KeyInfo("KMS_CLIENT", "ServerDatacenter", _SERVER["2019"]),
+    "WVDHN-86M7X-466P6-VHXV7-YY726": KeyInfo("KMS_CLIENT", "ServerSolution", _SERVER["2019"]),
+    "WC2BQ-8NRM3-FDDYY-2BFGV-KHKQY": KeyInfo("KMS_CLIENT", "ServerStandard", _SERVER["2016"]),
+    "CB7KF-BWN84-R7R2Y-793K2-8XDDG": KeyInfo("KMS_CLIENT", "ServerDatacenter", _SERVER["2016"]),
+    "JCKRF-N37P4-C2D82-9YXRT-4M63B": KeyInfo("KMS_CLIENT", "ServerSolution", _SERVER["2016"]),
+    "D2N9P-3P6X9-2R39C-7RTCD-MDVJX": KeyInfo("KMS_CLIENT", "ServerStandard", _SERVER["2012R2"]),
+    "W3GGN-FT8W3-Y4M27-J84CP-Q3VJ9": KeyInfo("KMS_CLIENT", "ServerDatacenter", _SERVER["2012R2"]),
+    "KNC87-3J2TX-XB4WP-VCPJV-M4FWM": KeyInfo("KMS_CLIENT", "ServerSolution", _SERVER["2012R2"]),
+    "XC9B7-NBPP2-83J2H-RHMBY-92BT4": KeyInfo("KMS_CLIENT", "ServerStandard", _SERVER["2012"]),
+    "48HP8-DN98B-MYWDG-T2DCC-8W83P": KeyInfo("KMS_CLIENT", "ServerDatacenter", _SERVER["2012"]),
+    "HTDQM-NBMMG-KGYDT-2DTKT-J2MPV": KeyInfo("KMS_CLIENT", "ServerSolution", _SERVER["2012"]),
+    "YC6KT-GKW9T-YTKYR-T4X34-R7VHC": KeyInfo("KMS_CLIENT", "ServerStandard", _SERVER["2008R2"]),
+    "489J6-VHDMP-X63PK-3K798-CPX3Y": KeyInfo("KMS_CLIENT", "ServerEnterprise", _SERVER["2008R2"]),
+    "74YFP-3QFB3-KQT8W-PMXWJ-7M648": KeyInfo("KMS_CLIENT", "ServerDatacenter", _SERVER["2008R2"]),
+    "NPPR9-FWDCX-D2C8J-H872K-2YT43": KeyInfo("KMS_CLIENT", "Enterprise", _CLIENT_10_11),
+    "DPH2V-TTNVB-4X9Q3-TJR4H-KHJW4": KeyInfo("KMS_CLIENT", "EnterpriseN", _CLIENT_10_11),
+    "YYVX9-NTFWV-6MDM3-9PT4T-4M68B": KeyInfo("KMS_CLIENT", "EnterpriseG", _CLIENT_10_11),
+    "W269N-WFGWX-YVC9B-4J6C9-T83GX": KeyInfo("KMS_CLIENT", "Professional", _CLIENT_10_11),
+    "M7XTQ-FN8P6-TTKYV-9D4CC-J462D": KeyInfo("KMS_CLIENT", "EnterpriseS", frozenset({17763, 19044, 26100})),
+    "DCPHK-NFMTC-H88MJ-PFHPY-QJ4BJ": KeyInfo("KMS_CLIENT", "EnterpriseS", frozenset({14393})),
+    # Multi-session: not on Microsoft's page; Windows still accepts this widely published key.
+    "CPWHC-NT2C7-VYW78-DHDB2-PG3GK": KeyInfo("KMS_CLIENT", "ServerRdsh", frozenset(range(17763, 100_000))),
+    # AVMA keys
+    "W3GNR-8DDXR-2TFRP-H8P33-DV9BG": KeyInfo("AVMA", "ServerDatacenter", _SERVER["2022"]),
+    "F7TB6-YKN8Y-FCC6R-KQ484-VMK3J": KeyInfo("AVMA", "ServerTurbine", _SERVER["2022"]),
+    "YDFWN-MJ9JR-3DYRK-FXXRW-78VHK": KeyInfo("AVMA", "ServerStandard", _SERVER["2022"]),
+    "H3RNG-8C32Q-Q8FRX-6TDXV-WMBMW": KeyInfo("AVMA", "ServerDatacenter", _SERVER["2019"]),
+    "TNK62-RXVTB-4P47B-2D623-4GF74": KeyInfo("AVMA", "ServerStandard", _SERVER["2019"]),
+    "2CTP7-NHT64-BP62M-FV6GG-HFV28": KeyInfo("AVMA", "ServerSolution", _SERVER["2019"]),
+    "TMJ3Y-NTRTM-FJYXT-T22BY-CWG3J": KeyInfo("AVMA", "ServerDatacenter", _SERVER["2016"]),
+    "C3RCX-M6NRP-6CXC9-TW2F2-4RHYD": KeyInfo("AVMA", "ServerStandard", _SERVER["2016"]),
+    "B4YNW-62DX9-W8V6M-82649-MHBKQ": KeyInfo("AVMA", "ServerSolution", _SERVER["2016"]),
+    "Y4TGP-NPTV9-HTC2H-7MGQ3-DV4TW": KeyInfo("AVMA", "ServerDatacenter", _SERVER["2012R2"]),
+    "DBGBW-NPF86-BJVTX-K3WKJ-MTB6V": KeyInfo("AVMA", "ServerStandard", _SERVER["2012R2"]),
+    "K2XGM-NMBT3-2R6Q8-WF2FK-P36R2": KeyInfo("AVMA", "ServerSolution", _SERVER["2012R2"]),
+}
+
+
+def base_edition(edition_id: str) -> str:
+    """Server Core installs report a ``…Core``/``…Cor`` edition; the same keys fit them."""
+    if edition_id.startswith("Server"):
+        for suffix in ("Core", "Cor"):
+            if edition_id.endswith(suffix) and len(edition_id) > len(suffix) + 6:
+                return edition_id[: -len(suffix)]
+    return edition_id
+
+
+def key_for(channel: str, edition_id: str, build: int) -> str | None:
+    """The published key of ``channel`` that fits this edition and build, if Windows has one."""
+    edition = base_edition(edition_id)
+    for key, info in KEYS.items():
+        if info.channel == channel and info.edition == edition and build in info.builds:
+            return key
+    return None
+
+
+def hresult(value: int) -> str:
+    return f"0x{value & 0xFFFFFFFF:08X}"
+
+
+@dataclass(slots=True)
+class WindowsGuest:
+    """Mutable licensing state of one Windows VM, changed only by the remediation script."""
+
+    caption: str
+    build: int
+    product_type: int
+    edition_id: str
+    sku: int
+    channel: str
+    license_status: int
+    partial_product_key: str
+    grace_minutes: int
+    kms_machine: str | None
+    kms_port: int
+    discovered_machine: str | None
+    discovered_port: int
+    kms_reachable: bool
+    cloud: str = "AzureCloud"
+
+    @classmethod
+    def from_spec(cls, spec: GuestSpec, *, cloud: str, seed: str) -> WindowsGuest:
+        """Initial state from the estate; ``seed`` (the VM id) makes any invented partial key stable."""
+        partial = spec.partial_product_key
+        if partial is None:
+            published = None
+            if spec.channel in ("AVMA", "KMS_CLIENT"):
+                published = key_for(spec.channel, spec.edition_id, spec.build)
+            partial = published[-5:] if published else _pseudo_partial_key(seed)
+        grace = spec.grace_minutes
+        if grace is None:
+            grace = _default_grace(spec.channel, spec.license_status)
+        licensed_kms = spec.license_status == 1 and spec.channel == "KMS_CLIENT" and spec.kms_host is not None
+        return cls(
+            caption=spec.caption,
+            build=spec.build,
+            product_type=spec.product_type,
+            edition_id=spec.edition_id,
+            sku=spec.sku,
+            channel=spec.channel,
+            license_status=spec.license_status,
+            partial_product_key=partial,
+            grace_minutes=grace,
+            kms_machine=spec.kms_host,
+            kms_port=spec.kms_port,
+            discovered_machine=spec.kms_host if licensed_kms else None,
+            discovered_port=spec.kms_port if licensed_kms else 0,
+            kms_reachable=spec.kms_reachable,
+            cloud=cloud,
+        )
+
+    # ------------------------------------------------------------------ what state_dump shows
+
+    @property
+    def kms_target(self) -> str | None:
+        """The configured KMS as ``host:port`` (port 1688 when only the host was set)."""
+        return f"{self.kms_machine}:{self.kms_port or KMS_PORT}" if self.kms_machine else None
+
+    def licensing(self) -> tuple[object, ...]:
+        """Everything remediation can change; compared with the initial state for ``changed``."""
+        return (
+            self.edition_id,
+            self.sku,
+            self.channel,
+            self.license_status,
+            self.partial_product_key,
+            self.kms_machine,
+            self.kms_port,
+        )
+
+    # ------------------------------------------------------------------ running a script
+
+    def run_script(self, script: Sequence[str], parameters: Sequence[Mapping[str, str]]) -> str:
+        """Run a Run Command script as Windows would; give its stdout and apply its effects."""
+        first = _first_line(script)
+        params = {str(p.get("name", "")).lower(): str(p.get("value", "")) for p in parameters}
+        if first == DETECT_FIRST_LINE:
+            return self._detect(params)
+        if first == REMEDIATE_FIRST_LINE:
+            return self._remediate(params)
+        return ""  # a script that is not ours: it ran and printed nothing we model
+
+    def _detect(self, params: Mapping[str, str]) -> str:
+        problems = _kms_param_problems(params)
+        if problems:
+            return _emit([f"Invalid parameters: {'; '.join(problems)}"], _error_result("detect", problems))
+        host, port = params["kmshost"], int(params["kmsport"])
+        return _emit([], self._facts("detect", host, port))
+
+    def _remediate(self, params: Mapping[str, str]) -> str:
+        # The same checks, in the same order and words, as remediate.ps1.
+        install = params.get("installkey", "")
+        key = params.get("productkey", "")
+        problems: list[str] = []
+        if install not in ("0", "1"):
+            problems.append("InstallKey is neither 0 nor 1")
+        if install == "1" and not _KEY_FORMAT.match(key):
+            problems.append("ProductKey is not a product key")
+        if install == "0" and key:
+            problems.append("ProductKey given but InstallKey is 0")
+        problems += _kms_param_problems(params)
+        if problems:
+            line = f"Invalid parameters, nothing changed: {'; '.join(problems)}"
+            return _emit([line], _error_result("remediate", problems))
+        host, port = params["kmshost"], int(params["kmsport"])
+        printed: list[str] = []
+        steps: list[dict[str, str]] = []
+
+        def step(name: str, action: Callable[[], int]) -> None:
+            if steps and steps[-1]["hresult"] != hresult(S_OK):
+                return  # steps stop at the first failure
+            code = action()
+            steps.append({"name": name, "hresult": hresult(code)})
+            if code == S_OK:
+                printed.append(f"Step {name}: done")
+            else:
+                printed.append(f"Step {name}: {hresult(code)}; later steps skipped")
+
+        if install == "1":
+            step("install-key", lambda: self._install_key(key))
+        step("clear-kms-cache", self._clear_kms)
+        step("set-kms-host", lambda: self._set_kms_host(host))
+        step("set-kms-port", lambda: self._set_kms_port(port))
+        step("refresh", lambda: S_OK)
+        step("activate", self._activate)
+        result = self._facts("remediate", host, port)
+        result["steps"] = steps
+        return _emit(printed, result)
+
+    def _clear_kms(self) -> int:
+        self.kms_machine, self.kms_port = None, 0
+        return S_OK
+
+    def _set_kms_host(self, host: str) -> int:
+        self.kms_machine = host
+        return S_OK
+
+    def _set_kms_port(self, port: int) -> int:
+        self.kms_port = port
+        return S_OK
+
+    def _install_key(self, key: str) -> int:
+        info = KEYS.get(key)
+        if info is None:
+            return SL_E_INVALID_PRODUCT_KEY
+        if self.build not in info.builds:
+            return SL_E_MISMATCHED_PRODUCT_SKU
+        if info.edition == "Enterprise" and self.edition_id == "ServerRdsh":
+            # What Microsoft warns about: the multi-session VM becomes plain Enterprise, for good.
+            self.edition_id, self.sku, self.product_type = "Enterprise", 4, 1
+            self.caption = self.caption.replace(" multi-session", "")
+        elif info.edition != base_edition(self.edition_id):
+            return SL_E_MISMATCHED_PRODUCT_SKU
+        self.channel = info.channel
+        self.partial_product_key = key[-5:]
+        self.license_status = 5
+        self.grace_minutes = 0
+        self.discovered_machine, self.discovered_port = None, 0
+        return S_OK
+
+    def _activate(self) -> int:
+        if self.channel == "AVMA":
+            return SL_E_IA_PARENT_PARTITION_NOT_ACTIVATED
+        if self.channel != "KMS_CLIENT":
+            return S_OK if self.license_status == 1 else SL_E_ONLINE_ACTIVATION_REFUSED
+        if not self.kms_machine:
+            return DNS_ERROR_RCODE_NAME_ERROR
+        port = self.kms_port or KMS_PORT
+        if not self._kms_answers(self.kms_machine, port):
+            return SL_E_KMS_UNREACHABLE
+        self.license_status = 1
+        self.grace_minutes = _KMS_GRACE_MINUTES
+        self.discovered_machine, self.discovered_port = self.kms_machine, port
+        return S_OK
+
+    def _kms_answers(self, host: str, port: int) -> bool:
+        return self.kms_reachable and port == KMS_PORT and host.lower() in KMS_HOSTS.get(self.cloud, ())
+
+    def _probe(self, host: str, port: int) -> dict[str, Any]:
+        if self._kms_answers(host, port):
+            return {"host": host, "port": port, "reachable": True, "error": None}
+        # Azure's KMS names resolve everywhere but answer only where routed; other names don't resolve.
+        known = any(host.lower() in hosts for hosts in KMS_HOSTS.values())
+        error = "no answer within 3 s" if known else "socket error HostNotFound"
+        return {"host": host, "port": port, "reachable": False, "error": error}
+
+    def _facts(self, script: str, host: str, port: int) -> dict[str, Any]:
+        return {
+            "schema": 1,
+            "script": script,
+            "os": {
+                "caption": self.caption,
+                "version": nt_version(self.build),
+                "build": self.build,
+                "productType": self.product_type,
+                "sku": self.sku,
+                "editionId": self.edition_id,
+            },
+            "license": {
+                "name": self._product_name(),
+                "description": DESCRIPTIONS[self.channel],
+                "productKeyChannel": PRODUCT_KEY_CHANNELS[self.channel] if self.build >= 9200 else None,
+                "partialProductKey": self.partial_product_key,
+                "licenseStatus": self.license_status,
+                "graceMinutes": self.grace_minutes,
+                "kmsMachine": self.kms_machine,
+                "kmsPort": self.kms_port,
+                "discoveredKmsMachine": self.discovered_machine,
+                "discoveredKmsPort": self.discovered_port,
+            },
+            "kmsProbe": self._probe(host, port),
+            "steps": [],
+            "error": None,
+        }
+
+    def _product_name(self) -> str:
+        if self.build < 9200:
+            prefix = "Windows Server(R)" if self.edition_id.startswith("Server") else "Windows(R) 7"
+            return f"{prefix}, {self.edition_id} edition"
+        return f"Windows(R), {self.edition_id} edition"
+
+
+def _first_line(script: Sequence[str]) -> str:
+    for chunk in script:
+        for line in str(chunk).lstrip("\ufeff").splitlines():
+            if line.strip():
+                return line.strip()
+    return ""
+
+
+def _kms_param_problems(params: Mapping[str, str]) -> list[str]:
+    problems = []
+    if not _HOSTNAME.match(params.get("kmshost", "")):
+        problems.append("KmsHost is not a host name")
+    port = params.get("kmsport", "")
+    if not _PORT_FORMAT.match(port) or not 1 <= int(port) <= 65535:
+        problems.append("KmsPort is not a port number")
+    return problems
+
+
+def _error_result(script: str, problems: list[str]) -> dict[str, Any]:
+    return {
+        "schema": 1,
+        "script": script,
+        "os": None,
+        "license": None,
+        "kmsProbe": None,
+        "steps": [],
+        "error": {"step": "parameters", "hresult": hresult(E_INVALIDARG), "message": "; ".join(problems)},
+    }
+
+
+def _emit(printed: list[str], result: Mapping[str, Any]) -> str:
+    """What the script writes: its progress lines, then the marked line last.
+
+    Windows PowerShell's ConvertTo-Json escapes < > & ' as \\u003c etc.; so does this.
+    """
+    text = json.dumps(result, separators=(",", ":"))
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("'", "\\u0027")):
+        text = text.replace(char, escaped)
+    return "\n".join([*printed, RESULT_MARKER + text])
+
+
+def nt_version(build: int) -> str:
+    """Win32_OperatingSystem.Version for a build number."""
+    if build >= 10240:
+        return f"10.0.{build}"
+    return {7600: "6.1.7600", 7601: "6.1.7601", 9200: "6.2.9200", 9600: "6.3.9600"}.get(build, f"6.3.{build}")
+
+
+def _default_grace(channel: str, status: int) -> int:
+    if status == 1:
+        return {"KMS_CLIENT": _KMS_GRACE_MINUTES, "AVMA": _AVMA_GRACE_MINUTES}.get(channel, 0)
+    return _OTHER_GRACE_MINUTES if status in (2, 3, 4, 6) else 0
+
+
+def _pseudo_partial_key(seed: str) -> str:
+    digest = hashlib.sha256(seed.lower().encode()).digest()
+    return "".join(_KEY_ALPHABET[b % len(_KEY_ALPHABET)] for b in digest[:5])

@@ -1,0 +1,337 @@
+"""The simulator's servers and their lifecycle: ARM over real HTTPS, managed identity over HTTP.
+
+ARM listens on loopback with a certificate from a throwaway trustme CA (the PEM is written to a
+temporary directory, ``ca_bundle``), so the real Azure SDK talks to it exactly as to Azure, bearer
+token policy included. The token endpoint is plain HTTP on its own port, as App Service's is.
+
+Two ways to run it: :class:`Simulator` runs both servers on a background thread with its own event
+loop (tests, the CLI's ``--simulate``); :func:`serve_forever` runs them in the caller's loop (a
+standalone ``simulator serve``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import shutil
+import ssl
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import trustme
+from aiohttp import web
+
+from simulator.arm import ArmResponse, Compute, arm_error
+from simulator.estate import Estate
+from simulator.identity import TokenIssuer
+
+DEFAULT_LATENCY_S: Final = 0.05
+SERVE_LATENCY_S: Final = 0.5
+_MAX_BODY: Final = 1024 * 1024
+
+
+class SimulatorServer:
+    """Both servers in the current event loop; :meth:`start` and :meth:`stop` are awaited there."""
+
+    def __init__(
+        self,
+        estate: Estate,
+        *,
+        host: str = "127.0.0.1",
+        arm_port: int = 0,
+        identity_port: int = 0,
+        latency_s: float = DEFAULT_LATENCY_S,
+        page_size: int = 100,
+    ) -> None:
+        self.estate = estate
+        self.compute = Compute(estate, latency_s=latency_s, page_size=page_size)
+        self.tokens = TokenIssuer()
+        self._host = host
+        self._ports = (arm_port, identity_port)
+        self._runners: list[web.AppRunner] = []
+        self._workdir: Path | None = None
+        self.arm_endpoint = ""
+        self.identity_endpoint = ""
+        self.ca_bundle = ""
+
+    @property
+    def identity_header(self) -> str:
+        return self.tokens.header_secret
+
+    def env(self) -> dict[str, str]:
+        """The settings that point the engine (and azure-identity) at this simulator."""
+        return {
+            "ARM_ENDPOINT": self.arm_endpoint,
+            "AZURE_CA_BUNDLE": self.ca_bundle,
+            "IDENTITY_ENDPOINT": self.identity_endpoint,
+            "IDENTITY_HEADER": self.identity_header,
+            "TARGET_SUBSCRIPTIONS": ",".join(self.estate.subscriptions),
+            # One status poll per Run Command: the first poll lands when the command is done.
+            "POLL_INTERVAL_SECONDS": f"{max(self.compute.latency_s, 0.01):g}",
+        }
+
+    async def start(self) -> None:
+        if self._runners:
+            return
+        self._workdir = Path(tempfile.mkdtemp(prefix="avma-sim-"))
+        try:
+            ca = trustme.CA()
+            self.ca_bundle = str(self._workdir / "ca.pem")
+            ca.cert_pem.write_to_path(self.ca_bundle)
+            names = sorted({"127.0.0.1", "localhost", self._host})
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert(*names).configure_cert(tls)
+            arm_port = await self._serve(self._arm_app(), self._ports[0], tls)
+            identity_port = await self._serve(self._identity_app(), self._ports[1], None)
+        except BaseException:
+            await self.stop()
+            raise
+        shown = f"[{self._host}]" if ":" in self._host else self._host
+        self.arm_endpoint = f"https://{shown}:{arm_port}"
+        self.identity_endpoint = f"http://{shown}:{identity_port}/msi/token"
+
+    async def stop(self) -> None:
+        runners, self._runners = self._runners, []
+        for runner in runners:
+            await runner.cleanup()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    async def _serve(self, app: web.Application, port: int, tls: ssl.SSLContext | None) -> int:
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.25)
+        await runner.setup()
+        self._runners.append(runner)
+        await web.TCPSite(runner, self._host, port, ssl_context=tls).start()
+        address = runner.addresses[-1]
+        return int(address[1])
+
+    def _arm_app(self) -> web.Application:
+        app = web.Application(client_max_size=_MAX_BODY)
+        app.router.add_route("*", "/{tail:.*}", self._arm)
+        return app
+
+    def _identity_app(self) -> web.Application:
+        app = web.Application(client_max_size=_MAX_BODY)
+        app.router.add_get("/msi/token", self._token)
+        return app
+
+    async def _arm(self, request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization")
+        if header is None:
+            self.compute.count("unauthorized")
+            return _send(
+                arm_error(
+                    401,
+                    "AuthenticationFailed",
+                    "Authentication failed. The 'Authorization' header is missing.",
+                )
+            )
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not self.tokens.is_valid(token.strip()):
+            self.compute.count("unauthorized")
+            return _send(arm_error(401, "InvalidAuthenticationToken", "The access token is invalid."))
+        body = await request.read() if request.can_read_body else b""
+        query = dict(request.query.items())
+        answer = self.compute.handle(request.method, request.path, query, body, base_url=self.arm_endpoint)
+        return _send(answer)
+
+    async def _token(self, request: web.Request) -> web.Response:
+        self.compute.count("token")
+        answer = self.tokens.answer(dict(request.query.items()), request.headers.get("X-IDENTITY-HEADER"))
+        return web.json_response(dict(answer.body), status=answer.status)
+
+
+def _send(answer: ArmResponse) -> web.Response:
+    headers = {**answer.headers, "x-ms-request-id": str(uuid.uuid4())}
+    if answer.body is None:
+        return web.Response(status=answer.status, headers=headers)
+    payload = json.dumps(answer.body, separators=(",", ":")).encode()
+    return web.Response(status=answer.status, body=payload, content_type="application/json", headers=headers)
+
+
+class Simulator:
+    """The simulated estate on a background thread: ``with Simulator(estate) as sim: …``."""
+
+    def __init__(
+        self,
+        estate: Estate | None = None,
+        *,
+        latency_s: float = DEFAULT_LATENCY_S,
+        page_size: int = 100,
+        host: str = "127.0.0.1",
+        arm_port: int = 0,
+        identity_port: int = 0,
+    ) -> None:
+        self.estate = estate if estate is not None else Estate.default()
+        self.server = SimulatorServer(
+            self.estate,
+            host=host,
+            arm_port=arm_port,
+            identity_port=identity_port,
+            latency_s=latency_s,
+            page_size=page_size,
+        )
+        self.compute = self.server.compute
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Simulator:
+        """Start both servers (idempotent); return once they accept connections."""
+        if self._thread is not None:
+            return self
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        thread = threading.Thread(
+            target=lambda: asyncio.run(self._main(ready)), name="avma-simulator", daemon=True
+        )
+        thread.start()
+        ready.result(timeout=60)
+        self._thread = thread
+        return self
+
+    def stop(self) -> None:
+        """Stop both servers and remove the CA directory (idempotent)."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        if self._loop is not None and self._stop_event is not None:
+            self._loop.call_soon_threadsafe(self._stop_event.set)
+        thread.join(timeout=60)
+
+    async def _main(self, ready: concurrent.futures.Future[None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        try:
+            await self.server.start()
+        except BaseException as error:  # noqa: BLE001 - handed to start(), which re-raises it in its thread
+            ready.set_exception(error)
+            return
+        ready.set_result(None)
+        try:
+            await self._stop_event.wait()
+        finally:
+            await self.server.stop()
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ endpoints
+
+    @property
+    def arm_endpoint(self) -> str:
+        return self.server.arm_endpoint
+
+    @property
+    def ca_bundle(self) -> str:
+        return self.server.ca_bundle
+
+    @property
+    def identity_endpoint(self) -> str:
+        return self.server.identity_endpoint
+
+    @property
+    def identity_header(self) -> str:
+        return self.server.identity_header
+
+    def env(self) -> dict[str, str]:
+        return self.server.env()
+
+    def issue_token(self) -> str:
+        """A bearer token ARM accepts, for clients that bring their own credential."""
+        return self.server.tokens.issue()["access_token"]
+
+    # ------------------------------------------------------------------ test hooks
+
+    def state_dump(self) -> dict[str, dict[str, Any]]:
+        return self.compute.state_dump()
+
+    def counters(self) -> dict[str, Any]:
+        return self.compute.counters()
+
+    def max_concurrent_run_commands(self) -> int:
+        return self.compute.max_concurrent_run_commands()
+
+    def run_log(self, vm_id: str) -> list[dict[str, Any]]:
+        return self.compute.run_log(vm_id)
+
+    def delete_vm(self, vm_id: str) -> None:
+        self.compute.delete_vm(vm_id)
+
+    def set_power_state(self, vm_id: str, state: str) -> None:
+        self.compute.set_power_state(vm_id, state)
+
+    def set_agent_ready(self, vm_id: str, ready: bool) -> None:
+        self.compute.set_agent_ready(vm_id, ready)
+
+    def set_kms_reachable(self, vm_id: str, reachable: bool) -> None:
+        self.compute.set_kms_reachable(vm_id, reachable)
+
+    def set_busy(self, vm_id: str, seconds: float) -> None:
+        self.compute.set_busy(vm_id, seconds)
+
+
+async def start_server(
+    estate: Estate,
+    *,
+    host: str = "127.0.0.1",
+    arm_port: int = 0,
+    identity_port: int = 0,
+    latency_s: float = SERVE_LATENCY_S,
+    page_size: int = 100,
+) -> SimulatorServer:
+    """Start the servers in the running loop and return the handle; the caller awaits ``stop()``."""
+    server = SimulatorServer(
+        estate,
+        host=host,
+        arm_port=arm_port,
+        identity_port=identity_port,
+        latency_s=latency_s,
+        page_size=page_size,
+    )
+    await server.start()
+    return server
+
+
+async def serve_forever(
+    estate: Estate,
+    *,
+    host: str = "127.0.0.1",
+    arm_port: int = 0,
+    identity_port: int = 0,
+    latency_s: float = SERVE_LATENCY_S,
+    page_size: int = 100,
+    on_ready: Callable[[dict[str, str]], None] | None = None,
+) -> None:
+    """Serve until cancelled; ``on_ready(env)`` gets :meth:`SimulatorServer.env` once both ports listen.
+
+    It prints nothing itself. A caller that needs the handle (state dumps, hooks) uses
+    :func:`start_server` instead.
+    """
+    server = await start_server(
+        estate,
+        host=host,
+        arm_port=arm_port,
+        identity_port=identity_port,
+        latency_s=latency_s,
+        page_size=page_size,
+    )
+    try:
+        if on_ready is not None:
+            on_ready(server.env())
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()

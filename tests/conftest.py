@@ -1,0 +1,31 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from simulator import Estate, Simulator
+
+
+@pytest.fixture
+def sim_factory() -> Iterator[Callable[..., Simulator]]:
+    """Start simulators on demand (``sim_factory(estate, latency_s=…, page_size=…)``); all stop after."""
+    started: list[Simulator] = []
+
+    def start(estate: Estate | None = None, **options: Any) -> Simulator:
+        sim = Simulator(estate if estate is not None else Estate.default(), **options).start()
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def simulator(sim_factory: Callable[..., Simulator]) -> Simulator:
+    """A running simulator of the default estate (fresh state for each test)."""
+    return sim_factory()

@@ -1,0 +1,611 @@
+"""The simulator, driven by the real Azure SDK (azure-mgmt-compute aio + azure-identity) over HTTPS.
+
+What matters here is that the simulator answers as Azure and Windows do, because every end-to-end
+test of the engine trusts it: paging with absolute nextLinks, the long-running Run Command, 409s,
+the ARM error bodies, and a Windows guest that accepts only the key of its own edition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from azure.core.credentials import AccessToken
+from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
+from azure.identity.aio import ManagedIdentityCredential
+from azure.mgmt.compute.aio import ComputeManagementClient
+
+from simulator import Estate, EstateError, Simulator
+from simulator.arm import CONFLICT_MESSAGE
+from simulator.guest import KEYS, WindowsGuest, base_edition, key_for
+
+SUB_PROD = "3f2c8a51-6b0e-4d7a-9c1e-2a5b7d9e4f10"
+SUB_LEGACY = "8d41f6b2-95c3-4a8e-b7d0-1c6e2f3a9b54"
+SUB_DEV = "c7e09a3d-2f18-4b65-8e4c-5d9a0b1f7e26"
+AZ_KMS = "azkms.core.windows.net"
+MARKER = "AVMA-REMEDIATOR-RESULT "
+KEY_2022_DC = "WX4NM-KYWYW-QJJR4-XV3QB-6VM33"
+KEY_2019_DC = "WMDGN-G9PQG-XVVXX-R3X43-63DFG"
+
+
+def vm_id(sub: str, rg: str, name: str) -> str:
+    return f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{name}"
+
+
+AVMA_2022_DC = vm_id(SUB_LEGACY, "rg-migrated-apps", "avma-2022-dc")
+AVMA_2022_NOKMS = vm_id(SUB_LEGACY, "rg-migrated-dmz", "avma-2022-dc-nokms")
+
+
+def detect_body(host: str = AZ_KMS, port: str = "1688") -> dict[str, Any]:
+    return {
+        "commandId": "RunPowerShellScript",
+        "script": ["# avma-remediator guest script: detect v1", "param([string]$KmsHost, [string]$KmsPort)"],
+        "parameters": [{"name": "KmsHost", "value": host}, {"name": "KmsPort", "value": port}],
+    }
+
+
+def remediate_body(key: str | None, host: str = AZ_KMS, port: str = "1688") -> dict[str, Any]:
+    params = [{"name": "ProductKey", "value": key}] if key else []
+    params += [
+        {"name": "KmsHost", "value": host},
+        {"name": "KmsPort", "value": port},
+        {"name": "InstallKey", "value": "1" if key else "0"},
+    ]
+    return {
+        "commandId": "RunPowerShellScript",
+        "script": ["# avma-remediator guest script: remediate v1", "param()"],
+        "parameters": params,
+    }
+
+
+def result_line(stdout: str) -> dict[str, Any]:
+    lines = [line for line in stdout.splitlines() if line.startswith(MARKER)]
+    assert lines, f"no marker line in {stdout!r}"
+    parsed: dict[str, Any] = json.loads(lines[-1][len(MARKER) :])
+    return parsed
+
+
+@asynccontextmanager
+async def compute(sim: Simulator, monkeypatch: pytest.MonkeyPatch, sub: str) -> AsyncIterator[Any]:
+    """The real SDK client, authenticated by the real managed-identity credential."""
+    env = sim.env()
+    monkeypatch.setenv("IDENTITY_ENDPOINT", env["IDENTITY_ENDPOINT"])
+    monkeypatch.setenv("IDENTITY_HEADER", env["IDENTITY_HEADER"])
+    async with (
+        ManagedIdentityCredential() as credential,
+        ComputeManagementClient(
+            credential=credential,
+            subscription_id=sub,
+            base_url=sim.arm_endpoint,
+            connection_verify=sim.ca_bundle,
+            polling_interval=0,
+        ) as client,
+    ):
+        yield client
+
+
+async def run(client: Any, vm: str, body: dict[str, Any]) -> str:
+    rg, name = vm.split("/")[4], vm.split("/")[8]
+    poller = await client.virtual_machines.begin_run_command(rg, name, body)
+    result = await poller.result()
+    values = result.as_dict()["value"]
+    assert [v["code"] for v in values] == [
+        "ComponentStatus/StdOut/succeeded",
+        "ComponentStatus/StdErr/succeeded",
+    ]
+    return str(values[0]["message"])
+
+
+# ------------------------------------------------------------------ ARM reads
+
+
+async def test_list_all_follows_absolute_next_links_across_pages(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = sim_factory(page_size=3)
+    expected = [vm.id for vm in sim.estate.vms if vm.subscription_id == SUB_LEGACY]
+    assert len(expected) > 6  # several pages
+    async with compute(sim, monkeypatch, SUB_LEGACY) as client:
+        full = [vm async for vm in client.virtual_machines.list_all()]
+        lean = [vm async for vm in client.virtual_machines.list_all(status_only="true")]
+    assert [vm.id for vm in full] == expected
+    assert {vm.storage_profile.os_disk.os_type for vm in full} == {"Windows"}
+    # statusOnly carried by every nextLink: every page has instance views and no model properties
+    assert [vm.id for vm in lean] == expected
+    assert all(vm.instance_view is not None for vm in lean)
+    assert all(vm.as_dict().get("tags") is None and vm.storage_profile is None for vm in lean)
+    pages = -(-len(expected) // 3)
+    assert sim.counters()["requests"]["list_all"] == 2 * pages
+
+
+async def test_list_by_resource_group_and_unknown_scopes(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with compute(simulator, monkeypatch, SUB_DEV) as client:
+        names = [vm.name async for vm in client.virtual_machines.list("rg-avd")]
+        assert names == ["avd-multisession-01"]
+        with pytest.raises(ResourceNotFoundError) as no_rg:
+            [vm async for vm in client.virtual_machines.list("rg-nope")]
+        assert no_rg.value.error is not None and no_rg.value.error.code == "ResourceGroupNotFound"
+    async with compute(simulator, monkeypatch, "00000000-0000-4000-8000-000000000000") as client:
+        with pytest.raises(ResourceNotFoundError) as no_sub:
+            [vm async for vm in client.virtual_machines.list_all()]
+        assert no_sub.value.error is not None and no_sub.value.error.code == "SubscriptionNotFound"
+
+
+async def test_get_with_instance_view_reports_power_agent_os_and_tags(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with compute(simulator, monkeypatch, SUB_DEV) as client:
+        ready = await client.virtual_machines.get("rg-dev-apps", "avma-2019-dc-optout", expand="instanceView")
+        not_ready = await client.virtual_machines.get(
+            "rg-dev-apps", "avma-2022-dc-noagent", expand="instanceView"
+        )
+        plain = await client.virtual_machines.get("rg-dev-apps", "avma-2019-dc-optout")
+        view = await client.virtual_machines.instance_view("rg-dev-apps", "lnx-batch-01")
+    assert ready.tags == {"env": "dev", "avma-remediator-opt-out": "true"}
+    assert ready.storage_profile.os_disk.os_type == "Windows"
+    assert [s.code for s in ready.instance_view.statuses] == [
+        "ProvisioningState/succeeded",
+        "PowerState/running",
+    ]
+    assert ready.instance_view.vm_agent.statuses[0].display_status == "Ready"
+    agent = not_ready.instance_view.vm_agent.statuses[0]
+    assert (agent.code, agent.display_status) == ("ProvisioningState/Unavailable", "Not Ready")
+    assert plain.instance_view is None
+    assert view.statuses[1].code == "PowerState/deallocated" and view.vm_agent is None
+
+
+async def test_unknown_vm_is_404_resource_not_found_and_ids_ignore_case(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with compute(simulator, monkeypatch, SUB_LEGACY) as client:
+        with pytest.raises(ResourceNotFoundError) as missing:
+            await client.virtual_machines.get("rg-migrated-apps", "no-such-vm")
+        shouted = await client.virtual_machines.get("RG-MIGRATED-APPS", "AVMA-2022-DC")
+        simulator.delete_vm(AVMA_2022_DC.upper())
+        with pytest.raises(ResourceNotFoundError):
+            await client.virtual_machines.get("rg-migrated-apps", "avma-2022-dc")
+        listed = [vm.id async for vm in client.virtual_machines.list_all()]
+    assert missing.value.status_code == 404
+    assert missing.value.error is not None and missing.value.error.code == "ResourceNotFound"
+    assert shouted.id == AVMA_2022_DC  # ARM answers with the id as created
+    assert AVMA_2022_DC not in listed and AVMA_2022_DC not in simulator.state_dump()
+
+
+async def test_only_tokens_from_the_identity_endpoint_open_arm(simulator: Simulator) -> None:
+    class WrongToken:
+        async def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+            return AccessToken("not-a-token-the-simulator-issued", 2_000_000_000)
+
+        async def close(self) -> None:
+            return None
+
+    client = ComputeManagementClient(
+        credential=WrongToken(),  # type: ignore[arg-type]
+        subscription_id=SUB_LEGACY,
+        base_url=simulator.arm_endpoint,
+        connection_verify=simulator.ca_bundle,
+    )
+    async with client:
+        with pytest.raises(ClientAuthenticationError) as denied:
+            await client.virtual_machines.get("rg-migrated-apps", "avma-2022-dc")
+    assert denied.value.status_code == 401
+    assert denied.value.error is not None and denied.value.error.code == "InvalidAuthenticationToken"
+    assert simulator.counters()["requests"]["unauthorized"] == 1
+    async with aiohttp.ClientSession() as http:
+        url = f"{simulator.identity_endpoint}?api-version=2019-08-01&resource=https://management.azure.com"
+        async with http.get(url, headers={"X-IDENTITY-HEADER": "wrong"}) as response:
+            assert response.status == 401
+
+
+# ------------------------------------------------------------------ Run Command
+
+
+async def test_detect_returns_the_marker_line_as_windows_would(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with compute(simulator, monkeypatch, SUB_LEGACY) as client:
+        stdout = await run(client, AVMA_2022_DC, detect_body())
+    result = result_line(stdout)
+    assert stdout.splitlines()[-1].startswith(MARKER)
+    assert result["script"] == "detect" and result["error"] is None and result["steps"] == []
+    assert result["os"] == {
+        "caption": "Microsoft Windows Server 2022 Datacenter",
+        "version": "10.0.20348",
+        "build": 20348,
+        "productType": 3,
+        "sku": 8,
+        "editionId": "ServerDatacenter",
+    }
+    lic = result["license"]
+    assert lic["description"] == "Windows(R) Operating System, VIRTUAL_MACHINE_ACTIVATION channel"
+    assert lic["name"] == "Windows(R), ServerDatacenter edition"
+    assert lic["partialProductKey"] == "DV9BG"  # the published 2022 Datacenter AVMA key
+    assert (lic["licenseStatus"], lic["kmsMachine"], lic["kmsPort"]) == (5, None, 0)
+    assert result["kmsProbe"] == {"host": AZ_KMS, "port": 1688, "reachable": True, "error": None}
+    assert simulator.run_log(AVMA_2022_DC)[0]["script"] == "detect"
+    assert simulator.state_dump()[AVMA_2022_DC]["changed"] is False
+
+
+async def test_the_engine_s_real_scripts_are_recognised(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.guest.scripts import detect_command, remediate_command
+
+    async with compute(simulator, monkeypatch, SUB_LEGACY) as client:
+        detected = result_line(await run(client, AVMA_2022_DC, dict(detect_command(AZ_KMS, 1688))))
+        body = remediate_command(product_key=KEY_2022_DC, kms_host=AZ_KMS, kms_port=1688)
+        fixed = result_line(await run(client, AVMA_2022_DC, dict(body)))
+    assert detected["license"]["licenseStatus"] == 5
+    assert fixed["license"]["licenseStatus"] == 1
+
+
+async def test_overlapping_run_commands_get_the_documented_409_conflict(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = sim_factory(latency_s=0.4)
+    async with compute(sim, monkeypatch, SUB_LEGACY) as client:
+        first = await client.virtual_machines.begin_run_command(
+            "rg-migrated-apps", "avma-2022-dc", detect_body()
+        )
+        with pytest.raises(HttpResponseError) as busy:
+            await client.virtual_machines.begin_run_command("rg-migrated-apps", "avma-2022-dc", detect_body())
+        done = await first.result()
+    assert busy.value.status_code == 409
+    assert busy.value.error is not None
+    assert (busy.value.error.code, busy.value.error.message) == ("Conflict", CONFLICT_MESSAGE)
+    assert MARKER in done.value[0].message
+    counters = sim.counters()
+    assert counters["conflicts"] == {AVMA_2022_DC: 1}
+    assert counters["runCommandsStarted"] == {AVMA_2022_DC: 1}
+    assert sim.max_concurrent_run_commands() == 1
+
+
+async def test_a_foreign_run_command_from_the_estate_blocks_the_first_attempts(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    busy_vm = vm_id(SUB_DEV, "rg-dev-apps", "avma-2022-dc-busy")
+    async with compute(simulator, monkeypatch, SUB_DEV) as client:
+        with pytest.raises(HttpResponseError) as first:
+            await run(client, busy_vm, detect_body())
+        await asyncio.sleep(0.35)  # busySeconds is 0.3 from the first attempt
+        stdout = await run(client, busy_vm, detect_body())
+    assert first.value.status_code == 409 and first.value.error is not None
+    assert first.value.error.code == "Conflict"
+    assert result_line(stdout)["error"] is None
+    assert simulator.counters()["conflicts"] == {busy_vm: 1}
+
+
+async def test_run_command_refusals_for_stopped_vms_missing_agents_and_linux(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with compute(simulator, monkeypatch, SUB_LEGACY) as client:
+        with pytest.raises(HttpResponseError) as stopped:
+            await run(client, vm_id(SUB_LEGACY, "rg-migrated-apps", "avma-2019-dc-dealloc"), detect_body())
+    async with compute(simulator, monkeypatch, SUB_DEV) as client:
+        with pytest.raises(HttpResponseError) as no_agent:
+            await run(client, vm_id(SUB_DEV, "rg-dev-apps", "avma-2022-dc-noagent"), detect_body())
+    async with compute(simulator, monkeypatch, SUB_PROD) as client:
+        with pytest.raises(HttpResponseError) as linux:
+            await run(client, vm_id(SUB_PROD, "rg-prod-web", "lnx-web-01"), detect_body())
+    assert stopped.value.status_code == 409 and stopped.value.error is not None
+    assert stopped.value.error.code == "OperationNotAllowed"
+    # accepted, then the operation fails as Azure reports an unresponsive agent
+    assert no_agent.value.error is not None
+    assert no_agent.value.error.code == "VMAgentStatusCommunicationError"
+    assert simulator.counters()["runCommandsStarted"] == {
+        vm_id(SUB_DEV, "rg-dev-apps", "avma-2022-dc-noagent"): 1
+    }
+    assert linux.value.status_code == 409 and linux.value.error is not None
+    assert "does not match the target OS Linux" in str(linux.value.error.message)
+
+
+async def test_lro_headers_and_next_links_on_the_wire(sim_factory: Callable[..., Simulator]) -> None:
+    """What the SDK hides: integer Retry-After on the 202, fractional while polling, absolute links."""
+    sim = sim_factory(latency_s=0.3, page_size=2)
+    headers = {"Authorization": f"Bearer {sim.issue_token()}"}
+    tls = ssl.create_default_context(cafile=sim.ca_bundle)
+    base = f"{sim.arm_endpoint}{AVMA_2022_DC}"
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.post(
+            f"{base}/runCommand?api-version=2025-04-01", json=detect_body(), ssl=tls
+        ) as posted:
+            assert posted.status == 202
+            status_url = posted.headers["Azure-AsyncOperation"]
+            location = posted.headers["Location"]
+            assert posted.headers["Retry-After"] == "0"  # the SDK reads this one as an int
+        assert status_url.startswith(sim.arm_endpoint) and "monitor=true" in location
+        async with http.get(status_url, ssl=tls) as polled:
+            body = await polled.json()
+            assert body["status"] == "InProgress" and "endTime" not in body
+            assert 0 < float(polled.headers["Retry-After"]) <= 0.3
+        async with http.get(location, ssl=tls) as early:
+            assert early.status == 202
+        await asyncio.sleep(0.32)
+        async with http.get(status_url, ssl=tls) as polled:
+            body = await polled.json()
+            assert body["status"] == "Succeeded" and body["endTime"] > body["startTime"]
+            assert "Retry-After" not in polled.headers
+        async with http.get(location, ssl=tls) as final:
+            value = (await final.json())["value"]
+            assert MARKER in value[0]["message"] and value[1]["message"] == ""
+        url = f"{sim.arm_endpoint}/subscriptions/{SUB_DEV}/providers/Microsoft.Compute/virtualMachines"
+        async with http.get(f"{url}?api-version=2025-04-01&statusOnly=true", ssl=tls) as page:
+            next_link = (await page.json())["nextLink"]
+        assert next_link.startswith(url + "?")
+        assert "api-version=2025-04-01" in next_link and "statusOnly=true" in next_link
+        async with http.get(url, ssl=tls) as no_version:
+            assert no_version.status == 400
+            assert (await no_version.json())["error"]["code"] == "MissingApiVersionParameter"
+
+
+# ------------------------------------------------------------------ remediation, as Windows does it
+
+
+async def test_remediation_with_the_edition_s_key_licenses_the_vm(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with compute(simulator, monkeypatch, SUB_LEGACY) as client:
+        result = result_line(await run(client, AVMA_2022_DC, remediate_body(KEY_2022_DC)))
+    assert [s["name"] for s in result["steps"]] == [
+        "install-key",
+        "clear-kms-cache",
+        "set-kms-host",
+        "set-kms-port",
+        "refresh",
+        "activate",
+    ]
+    assert {s["hresult"] for s in result["steps"]} == {"0x00000000"}
+    assert result["license"]["description"] == "Windows(R) Operating System, VOLUME_KMSCLIENT channel"
+    assert result["license"]["discoveredKmsMachine"] == AZ_KMS
+    assert simulator.state_dump()[AVMA_2022_DC] == {
+        "os": "Windows",
+        "powerState": "running",
+        "editionId": "ServerDatacenter",
+        "channel": "KMS_CLIENT",
+        "licenseStatus": 1,
+        "partialProductKey": "6VM33",
+        "kmsHost": "azkms.core.windows.net:1688",
+        "runCommands": 1,
+        "changed": True,
+    }
+
+
+async def test_a_key_of_another_edition_fails_install_key_and_changes_nothing(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with compute(simulator, monkeypatch, SUB_LEGACY) as client:
+        result = result_line(await run(client, AVMA_2022_DC, remediate_body(KEY_2019_DC)))
+    assert result["steps"] == [{"name": "install-key", "hresult": "0xC004F069"}]
+    assert result["license"]["licenseStatus"] == 5
+    state = simulator.state_dump()[AVMA_2022_DC]
+    assert (state["channel"], state["changed"]) == ("AVMA", False)
+
+
+async def test_an_unreachable_kms_fails_activation_with_0xc004f074(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with compute(simulator, monkeypatch, SUB_LEGACY) as client:
+        detected = result_line(await run(client, AVMA_2022_NOKMS, detect_body()))
+        result = result_line(await run(client, AVMA_2022_NOKMS, remediate_body(KEY_2022_DC)))
+    assert detected["kmsProbe"]["reachable"] is False and detected["kmsProbe"]["error"]
+    assert result["steps"][-1] == {"name": "activate", "hresult": "0xC004F074"}
+    state = simulator.state_dump()[AVMA_2022_NOKMS]
+    assert (state["channel"], state["licenseStatus"], state["changed"]) == ("KMS_CLIENT", 5, True)
+
+
+async def test_kms_client_repair_sets_the_host_and_activates(
+    simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repairable = vm_id(SUB_PROD, "rg-prod-data", "kms-2019-dc-unlic-nohost")
+    async with compute(simulator, monkeypatch, SUB_PROD) as client:
+        result = result_line(await run(client, repairable, remediate_body(None)))
+    assert result["steps"][0]["name"] == "clear-kms-cache"  # no key installed
+    assert simulator.state_dump()[repairable]["licenseStatus"] == 1
+
+
+def test_guest_checks_parameters_like_the_script() -> None:
+    guest = _guest(Estate.default(), AVMA_2022_DC)
+    bad = result_line(
+        guest.run_script(["# avma-remediator guest script: detect v1"], [{"name": "KmsHost", "value": "a b"}])
+    )
+    assert bad["os"] is None and bad["error"]["step"] == "parameters"
+    assert bad["error"]["hresult"] == "0x80070057"
+    assert bad["error"]["message"] == "KmsHost is not a host name; KmsPort is not a port number"
+    lower = remediate_body(KEY_2022_DC.lower())["parameters"]
+    refused = result_line(guest.run_script(["# avma-remediator guest script: remediate v1"], lower))
+    assert refused["error"]["message"] == "ProductKey is not a product key" and refused["steps"] == []
+    assert guest.channel == "AVMA"
+    assert guest.run_script(["Write-Output hello"], []) == ""  # not ours: no marker line
+
+
+def test_guest_key_rules_are_windows_rules() -> None:
+    estate = Estate.default()
+    guest = _guest(estate, AVMA_2022_DC)
+    invalid = result_line(guest.run_script(*_remediate_args("BBBBB-BBBBB-BBBBB-BBBBB-BBBBB")))
+    assert invalid["steps"] == [{"name": "install-key", "hresult": "0xC004F050"}]
+    kept = result_line(guest.run_script(*_remediate_args(None)))  # no new key: AVMA cannot activate in Azure
+    assert kept["steps"][-1] == {"name": "activate", "hresult": "0xC004FD02"}
+    multi = _guest(estate, vm_id(SUB_DEV, "rg-avd", "avd-multisession-01"))
+    result_line(multi.run_script(*_remediate_args("NPPR9-FWDCX-D2C8J-H872K-2YT43")))
+    assert (multi.edition_id, multi.sku) == ("Enterprise", 4)  # the irreversible change Microsoft warns of
+    old = _guest(estate, vm_id(SUB_LEGACY, "rg-migrated-legacy", "avma-2008r2-dc"))
+    facts = result_line(old.run_script(*_remediate_args("74YFP-3QFB3-KQT8W-PMXWJ-7M648")))
+    assert facts["license"]["productKeyChannel"] is None  # no such property before Windows 8
+    assert facts["license"]["name"] == "Windows Server(R), ServerDatacenter edition"
+    assert facts["license"]["licenseStatus"] == 1
+    assert (
+        base_edition("ServerDatacenterCor") == "ServerDatacenter"
+        and base_edition("ServerRdsh") == "ServerRdsh"
+    )
+    assert key_for("KMS_CLIENT", "ServerTurbine", 26100) == "XGN3F-F394H-FD2MY-PP6FD-8MCRC"
+    assert sum(info.channel == "AVMA" for info in KEYS.values()) == 12  # 2012 R2 to 2022, as published
+
+
+def _guest(estate: Estate, vm: str) -> WindowsGuest:
+    spec = estate.get(vm)
+    assert spec is not None and spec.guest is not None
+    return WindowsGuest.from_spec(spec.guest, cloud=estate.cloud, seed=spec.key)
+
+
+def _remediate_args(key: str | None) -> tuple[list[str], list[dict[str, str]]]:
+    body = remediate_body(key)
+    return body["script"], body["parameters"]
+
+
+# ------------------------------------------------------------------ estates
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        (lambda d: d["vms"][0].update(colour="blue"), "$.vms[0].colour"),
+        (lambda d: d["vms"][0].update(agentReady="yes"), "$.vms[0].agentReady"),
+        (
+            lambda d: d["vms"][0].update(id="/subscriptions/x/resourceGroups/r/virtualMachines/v"),
+            "$.vms[0].id",
+        ),
+        (lambda d: d["vms"][1].update(id=d["vms"][0]["id"].upper()), "$.vms[1].id"),
+        (lambda d: d["vms"][0].pop("guest"), "$.vms[0].guest"),
+        (lambda d: d["vms"][0]["guest"].update(licenseStatus=7), "$.vms[0].guest.licenseStatus"),
+        (lambda d: d["vms"][0]["guest"].update(build=True), "$.vms[0].guest.build"),
+        (lambda d: d["vms"][0]["guest"].update(kmsHost="kms.contoso.local"), "$.vms[0].guest.kmsHost"),
+        (lambda d: d["vms"][0]["guest"].update(channel="TIMEBASED"), "$.vms[0].guest.channel"),
+        (lambda d: d["vms"][0]["guest"].pop("kmsReachable"), "$.vms[0].guest.kmsReachable"),
+        (lambda d: d["vms"][0]["tags"].update(owner=3), "$.vms[0].tags.owner"),
+        (lambda d: d["vms"][0].update(powerState="hibernated"), "$.vms[0].powerState"),
+        (lambda d: d["subscriptions"].pop(1), "$.vms[1].id"),
+        (lambda d: d.update(vms={}), "$.vms"),
+    ],
+)
+def test_estate_validation_names_the_json_path(change: Callable[[dict[str, Any]], None], path: str) -> None:
+    data = _estate_dict()
+    change(data)
+    with pytest.raises(EstateError) as error:
+        Estate.from_dict(data)
+    assert error.value.path == path
+
+
+def test_linux_vms_have_no_guest_and_files_must_be_json(tmp_path: Any) -> None:
+    data = _estate_dict()
+    data["vms"][2]["guest"] = data["vms"][0]["guest"]
+    with pytest.raises(EstateError, match=r"\$\.vms\[2\]\.guest"):
+        Estate.from_dict(data)
+    broken = tmp_path / "estate.json"
+    broken.write_text('{"vms": [')
+    with pytest.raises(EstateError) as error:
+        Estate.load(broken)
+    assert error.value.path == "$"
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_estate_dict()))
+    assert [vm.name for vm in Estate.load(good).vms] == ["a", "b", "c"]
+
+
+def test_generator_is_deterministic_and_counts_are_exact() -> None:
+    mix = {"avma": 0.05, "linux": 0.2, "multi_session": 0.01, "kms_custom": 0.02}
+    one = Estate.generate(count=2000, seed=7, mix=mix, subscriptions=3)
+    two = Estate.from_dict({"generate": {"count": 2000, "seed": 7, "mix": mix, "subscriptions": 3}})
+    other = Estate.generate(count=2000, seed=8, mix=mix, subscriptions=3)
+    assert one.to_dict() == two.to_dict()
+    assert one.to_dict() != other.to_dict()
+    assert len(one.vms) == 2000 and len(one.subscriptions) == 3
+    windows = [vm.guest for vm in one.vms if vm.guest is not None]
+    assert sum(g.channel == "AVMA" and g.edition_id != "ServerRdsh" for g in windows) == 100
+    assert sum(vm.os == "Linux" for vm in one.vms) == 400
+    assert sum(g.edition_id == "ServerRdsh" for g in windows) == 20
+    assert Estate.from_dict(one.to_dict()).to_dict() == one.to_dict()  # a generated estate can be saved
+    with pytest.raises(EstateError) as unknown:
+        Estate.generate(count=10, seed=1, mix={"avmaa": 0.1})
+    assert unknown.value.path == "$.generate.mix.avmaa"
+    with pytest.raises(EstateError, match="more than 1"):
+        Estate.generate(count=10, seed=1, mix={"avma": 0.7, "linux": 0.7})
+
+
+def test_default_estate_covers_every_case_the_engine_must_meet() -> None:
+    estate = Estate.default()
+    assert len(estate.vms) >= 50 and len(estate.subscriptions) == 3
+    avma: list[Any] = [vm for vm in estate.vms if vm.guest is not None and vm.guest.channel == "AVMA"]
+    fixable = [
+        vm
+        for vm in avma
+        if vm.power_state == "running" and vm.agent_ready and vm.guest and vm.guest.kms_reachable
+    ]
+
+    def editions(vms: list[Any]) -> set[tuple[int, str]]:
+        return {(vm.guest.build, vm.guest.edition_id) for vm in vms}
+
+    for build in (7601, 9200, 9600, 14393, 17763, 20348, 26100):
+        assert {(build, "ServerStandard"), (build, "ServerDatacenter")} <= editions(fixable)
+    assert {(20348, "ServerTurbine"), (26100, "ServerTurbine")} <= editions(fixable)
+    assert {(14393, "ServerSolution"), (17763, "ServerSolution")} & editions(fixable)
+    assert any(vm.guest.sku in (12, 13) for vm in fixable)  # Server Core
+    assert sum(not vm.guest.kms_reachable for vm in avma) >= 3
+    assert any(vm.power_state == "deallocated" for vm in avma)
+    assert any(vm.power_state == "running" and not vm.agent_ready for vm in avma)
+    assert any(vm.tags.get("avma-remediator-opt-out") == "true" for vm in avma)
+    assert any(vm.busy_seconds > 0 for vm in avma)
+    multi = [vm.guest for vm in avma if vm.guest.edition_id == "ServerRdsh"]
+    assert multi and (multi[0].sku, multi[0].product_type) == (175, 3)
+    assert multi[0].caption == "Microsoft Windows 11 Enterprise multi-session"
+    unknown = [vm for vm in avma if key_for("KMS_CLIENT", vm.guest.edition_id, vm.guest.build) is None]
+    assert {vm.guest.edition_id for vm in unknown} == {"ServerStorageStandard", "ServerDatacenterEval"}
+    kms = [vm.guest for vm in estate.vms if vm.guest is not None and vm.guest.channel == "KMS_CLIENT"]
+    assert any(g.license_status == 1 and g.kms_host == AZ_KMS for g in kms)
+    assert any(g.license_status != 1 and g.kms_host is None for g in kms)
+    assert any(g.license_status != 1 and g.kms_host == AZ_KMS for g in kms)
+    assert any(g.license_status != 1 and g.kms_host == "kms.contoso.local" for g in kms)
+    assert {g.edition_id for g in kms if g.product_type == 1} == {"Enterprise"}
+    for channel in ("RETAIL", "MAK", "OEM"):
+        statuses = {vm.guest.license_status for vm in estate.vms if vm.guest and vm.guest.channel == channel}
+        assert 1 in statuses and statuses - {1}
+    assert sum(vm.os == "Linux" for vm in estate.vms) >= 2
+
+
+def _estate_dict() -> dict[str, Any]:
+    sub_a, sub_b = "11111111-2222-4333-8444-555555555555", "66666666-7777-4888-8999-000000000000"
+    guest = {
+        "caption": "Microsoft Windows Server 2019 Standard",
+        "build": 17763,
+        "productType": 3,
+        "editionId": "ServerStandard",
+        "sku": 7,
+        "channel": "AVMA",
+        "licenseStatus": 5,
+        "kmsHost": None,
+        "kmsReachable": True,
+    }
+    return {
+        "subscriptions": [sub_a, sub_b],
+        "vms": [
+            {
+                "id": vm_id(sub_a, "rg", "a"),
+                "os": "Windows",
+                "powerState": "running",
+                "agentReady": True,
+                "tags": {},
+                "guest": dict(guest),
+            },
+            {
+                "id": vm_id(sub_b, "rg", "b"),
+                "os": "Windows",
+                "powerState": "running",
+                "agentReady": True,
+                "tags": {},
+                "guest": dict(guest, kmsHost="azkms.core.windows.net:1688", channel="KMS_CLIENT"),
+            },
+            {
+                "id": vm_id(sub_a, "rg", "c"),
+                "os": "Linux",
+                "powerState": "stopped",
+                "agentReady": False,
+                "tags": {},
+            },
+        ],
+    }
