@@ -26,6 +26,11 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+def is_subscription_id(text: str) -> bool:
+    """Subscription ids are GUIDs."""
+    return bool(_GUID.match(text))
+
+
 class ConfigError(ValueError):
     """One or more settings are missing or invalid; the message lists each problem."""
 

@@ -1,0 +1,1 @@
+"""Thin async adapters over the Azure SDK: compute (VMs, Run Command), credentials."""

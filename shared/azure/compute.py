@@ -1,0 +1,279 @@
+"""ARM compute through ``azure.mgmt.compute.aio``: read VMs, list them, run a command in them.
+
+ARM failures become typed :class:`ComputeError` subclasses whose ``reason`` is an outcome reason
+word, so the workflow never inspects HTTP details itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
+from typing import Any
+
+from azure.core.async_paging import AsyncItemPaged
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceRequestError
+from azure.core.pipeline import PipelineRequest
+from azure.core.pipeline.policies import SansIOHTTPPolicy
+from azure.core.rest import HttpRequest
+from azure.mgmt.compute.aio import ComputeManagementClient
+from azure.mgmt.compute.models import RunCommandInput
+
+from shared.model import VmId
+from shared.settings import Settings
+from shared.vm import VmFacts
+
+log = logging.getLogger(__name__)
+
+SUBSCRIPTIONS_API = "2022-12-01"
+STDOUT_CODE = "ComponentStatus/StdOut/succeeded"
+STDERR_CODE = "ComponentStatus/StdErr/succeeded"
+
+
+class ComputeError(Exception):
+    """An ARM call failed in a way the workflow turns into an outcome (``reason`` is the word)."""
+
+    reason = "arm-error"
+
+    def __init__(self, message: str, *, code: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class VmNotFound(ComputeError):
+    reason = "not-found"
+
+
+class VmNotRunning(ComputeError):
+    reason = "not-running"
+
+
+class RunCommandBusy(ComputeError):
+    reason = "run-command-busy"
+
+
+class Throttled(ComputeError):
+    reason = "throttled"
+
+
+class ArmUnavailable(ComputeError):
+    reason = "arm-unavailable"
+
+
+class Forbidden(ComputeError):
+    reason = "forbidden"
+
+
+class RunCommandFailed(ComputeError):
+    reason = "run-command-failed"
+
+
+class AgentNotReady(ComputeError):
+    reason = "agent-not-ready"
+
+
+class RunCommandTimeout(ComputeError):
+    reason = "run-command-timeout"
+
+
+# Error codes ARM and the Run Command extension use when the VM agent cannot take the command.
+_AGENT_CODES = {"vmagentstatuscommunicationerror", "vmagentnotready", "vmextensionprovisioningtimeout"}
+
+
+def translate(error: HttpResponseError) -> ComputeError:
+    """Map an SDK error to the typed error the workflow understands."""
+    status = error.status_code
+    code = ""
+    if error.error is not None and error.error.code:
+        code = str(error.error.code)
+    message = str(error.message or error)[:500]
+    if isinstance(error, ResourceNotFoundError) or status == 404:
+        return VmNotFound(message, code=code, status=status)
+    if status == 409:
+        if code.lower() == "conflict":
+            return RunCommandBusy(message, code=code, status=status)
+        return VmNotRunning(message, code=code, status=status)
+    if status == 429:
+        return Throttled(message, code=code, status=status)
+    if status in (401, 403):
+        return Forbidden(message, code=code, status=status)
+    if status is not None and status >= 500:
+        return ArmUnavailable(message, code=code, status=status)
+    if code.lower() in _AGENT_CODES:
+        return AgentNotReady(message, code=code, status=status)
+    return RunCommandFailed(message, code=code, status=status)
+
+
+class RequestCounter(SansIOHTTPPolicy[HttpRequest, Any]):
+    """Counts every HTTP request sent to ARM, polls and retries included (benchmarks report it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_request(self, request: PipelineRequest[HttpRequest]) -> None:
+        self.count += 1
+
+
+class ComputeGateway:
+    """One async compute client per subscription, sharing one credential."""
+
+    def __init__(self, credential: AsyncTokenCredential, settings: Settings) -> None:
+        self._credential = credential
+        self._settings = settings
+        self._clients: dict[str, ComputeManagementClient] = {}
+        self._counter = RequestCounter()
+        self.run_commands = 0
+
+    @property
+    def requests(self) -> int:
+        """HTTP requests sent to ARM so far."""
+        return self._counter.count
+
+    def _client(self, subscription_id: str) -> ComputeManagementClient:
+        key = subscription_id.lower()
+        client = self._clients.get(key)
+        if client is None:
+            kwargs: dict[str, Any] = {
+                "base_url": self._settings.arm_endpoint,
+                "credential_scopes": [self._settings.cloud.arm_scope],
+                "polling_interval": self._settings.poll_interval_s,
+                "per_retry_policies": [self._counter],
+            }
+            if self._settings.ca_bundle:
+                kwargs["connection_verify"] = self._settings.ca_bundle
+            client = ComputeManagementClient(self._credential, subscription_id, **kwargs)
+            self._clients[key] = client
+        return client
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+
+    async def __aenter__(self) -> ComputeGateway:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def list_subscriptions(self) -> list[str]:
+        """Every subscription the credential can see (``GET /subscriptions``), for a sweep with no scope."""
+        client = self._client("00000000-0000-0000-0000-000000000000")
+        url: str | None = f"{self._settings.arm_endpoint}/subscriptions?api-version={SUBSCRIPTIONS_API}"
+        found: list[str] = []
+        while url:
+            try:
+                response = await client.send_request(HttpRequest("GET", url))
+                response.raise_for_status()
+                await response.read()
+                page = response.json()
+            except HttpResponseError as error:
+                raise translate(error) from error
+            except ServiceRequestError as error:
+                raise ArmUnavailable(str(error)[:300]) from error
+            for sub in page.get("value") or []:
+                if isinstance(sub, Mapping) and sub.get("state", "Enabled") in (
+                    "Enabled",
+                    "Warned",
+                    "PastDue",
+                ):
+                    found.append(str(sub.get("subscriptionId")))
+            next_link = page.get("nextLink")
+            url = str(next_link) if next_link else None
+        return found
+
+    async def get_vm(self, vm_id: VmId) -> VmFacts:
+        """The VM model with its instance view (power state, agent status) in one call."""
+        client = self._client(vm_id.subscription_id)
+        try:
+            vm = await client.virtual_machines.get(vm_id.resource_group, vm_id.name, expand="instanceView")
+        except HttpResponseError as error:
+            raise translate(error) from error
+        except ServiceRequestError as error:
+            raise ArmUnavailable(str(error)[:300]) from error
+        return VmFacts.from_arm(_wire(vm))
+
+    async def list_vms(self, subscription_id: str) -> AsyncIterator[VmFacts]:
+        """Every VM of a subscription: model (OS type, tags) merged with power state.
+
+        A ``statusOnly=true`` list item carries the instance view but neither tags nor the storage
+        profile, so the subscription is listed twice: power states first (a small map), then the
+        models, streamed. A VM created between the two listings has no known power state yet; the
+        full read before any Run Command settles it.
+        """
+        client = self._client(subscription_id)
+        power: dict[str, str | None] = {}
+        async for item in self._pages(client.virtual_machines.list_all(status_only="true")):
+            with_status = _listed(item)
+            if with_status is not None:
+                power[str(with_status.vm_id).lower()] = with_status.power_state
+        async for item in self._pages(client.virtual_machines.list_all()):
+            facts = _listed(item)
+            if facts is not None:
+                yield replace(facts, power_state=power.get(str(facts.vm_id).lower()), agent_ready=None)
+
+    @staticmethod
+    async def _pages(pager: AsyncItemPaged[Any]) -> AsyncIterator[Any]:
+        """Iterate a pager, turning ARM errors into :class:`ComputeError`."""
+        pages = pager.by_page()
+        while True:
+            try:
+                page = await pages.__anext__()
+                items = [item async for item in page]
+            except StopAsyncIteration:
+                return
+            except HttpResponseError as error:
+                raise translate(error) from error
+            except ServiceRequestError as error:
+                raise ArmUnavailable(str(error)[:300]) from error
+            for item in items:
+                yield item
+
+    async def run_command(self, vm_id: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        """Run a script and wait for it (bounded by RUN_COMMAND_TIMEOUT_SECONDS); give (stdout, stderr)."""
+        client = self._client(vm_id.subscription_id)
+        self.run_commands += 1
+        try:
+            async with asyncio.timeout(self._settings.run_command_timeout_s):
+                poller = await client.virtual_machines.begin_run_command(
+                    vm_id.resource_group, vm_id.name, RunCommandInput(dict(body))
+                )
+                result = await poller.result()
+        except TimeoutError as error:
+            raise RunCommandTimeout(f"no result within {self._settings.run_command_timeout_s:g} s") from error
+        except HttpResponseError as error:
+            raise translate(error) from error
+        except ServiceRequestError as error:
+            raise ArmUnavailable(str(error)[:300]) from error
+        stdout, stderr = "", ""
+        for status in _wire(result).get("value") or []:
+            if not isinstance(status, Mapping):
+                continue
+            if status.get("code") == STDOUT_CODE:
+                stdout = str(status.get("message") or "")
+            elif status.get("code") == STDERR_CODE:
+                stderr = str(status.get("message") or "")
+        return stdout, stderr
+
+
+def _listed(item: Any) -> VmFacts | None:
+    try:
+        return VmFacts.from_arm(_wire(item))
+    except ValueError as error:  # not an id ARM would give; keep going, say so
+        log.warning("skipping a listed VM with an unreadable id: %s", error)
+        return None
+
+
+def _wire(model: Any) -> Mapping[str, Any]:
+    """The REST JSON of a (hybrid) SDK model."""
+    if isinstance(model, Mapping):
+        return model
+    as_dict = getattr(model, "as_dict", None)
+    if callable(as_dict):
+        value = as_dict()
+        if isinstance(value, Mapping):
+            return value
+    raise TypeError(f"unexpected SDK model {type(model).__name__}")

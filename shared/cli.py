@@ -1,0 +1,264 @@
+"""``avma-remediator``: audit first, ``--apply`` second, and a rehearsal on a simulated estate.
+
+Exit codes: 0 nothing failed, 1 some VM failed (or a subscription could not be listed),
+2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from shared.azure.compute import ComputeError, ComputeGateway
+from shared.azure.credentials import make_credential
+from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
+from shared.report import as_json, as_table, summary
+from shared.settings import ConfigError, Mode, Settings, is_subscription_id
+from shared.sweep import SweepReport, sweep
+from shared.workflow import Remediator
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_SIM_LATENCY_S = 0.3
+
+
+class UsageError(Exception):
+    """Bad arguments or input files: exit 2 with the message."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avma-remediator",
+        description="Find Windows VMs stuck on AVMA (0xC004FD02) and move them to the Azure KMS.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--apply", action="store_true", help="change VMs (default: audit, nothing changes)")
+        p.add_argument("--concurrency", type=int, metavar="N", help="VMs worked on at once (MAX_CONCURRENCY)")
+        p.add_argument("--output", choices=["table", "json"], default="table")
+        p.add_argument(
+            "--simulate",
+            nargs="?",
+            const="",
+            metavar="ESTATE_FILE",
+            help="run against a simulated estate (the built-in one, or ESTATE_FILE); no Azure needed",
+        )
+        p.add_argument("--sim-state-out", metavar="FILE", help="with --simulate: write the final VM states")
+        p.add_argument(
+            "--sim-latency",
+            type=float,
+            default=DEFAULT_SIM_LATENCY_S,
+            metavar="SECONDS",
+            help=f"with --simulate: simulated Run Command duration (default {DEFAULT_SIM_LATENCY_S})",
+        )
+
+    p_sweep = commands.add_parser("sweep", help="every Windows VM in the subscriptions in scope")
+    p_sweep.add_argument(
+        "--subscription",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="subscription to sweep (repeatable; default TARGET_SUBSCRIPTIONS, else all visible)",
+    )
+    run_options(p_sweep)
+
+    p_check = commands.add_parser("check", help="one VM, by ARM resource id")
+    p_check.add_argument("vm_id", metavar="VM_ID")
+    run_options(p_check)
+
+    p_sim = commands.add_parser("simulator", help="the simulated Azure estate")
+    sim_commands = p_sim.add_subparsers(dest="sim_command", required=True, metavar="SUBCOMMAND")
+    p_serve = sim_commands.add_parser("serve", help="serve the simulator until interrupted")
+    p_serve.add_argument("estate", nargs="?", default="", metavar="ESTATE_FILE")
+    p_serve.add_argument("--latency", type=float, default=DEFAULT_SIM_LATENCY_S, metavar="SECONDS")
+    p_serve.add_argument("--arm-port", type=int, default=0)
+    p_serve.add_argument("--identity-port", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:
+        logging.getLogger("azure").setLevel(logging.ERROR)
+    try:
+        if args.command == "simulator":
+            return _serve(args)
+        return _run(args)
+    except (ConfigError, UsageError) as error:
+        print(f"avma-remediator: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("avma-remediator: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.concurrency is not None and not 1 <= args.concurrency <= 512:
+        raise UsageError("--concurrency must be between 1 and 512")
+    if args.sim_state_out and args.simulate is None:
+        raise UsageError("--sim-state-out needs --simulate")
+    if args.simulate is None:
+        return asyncio.run(_execute(args, dict(os.environ)))
+
+    from simulator import Estate, EstateError, Simulator
+
+    try:
+        estate = Estate.load(Path(args.simulate)) if args.simulate else Estate.default()
+    except (EstateError, OSError) as error:
+        raise UsageError(f"estate file: {error}") from error
+    if args.sim_latency < 0:
+        raise UsageError("--sim-latency must not be negative")
+    with Simulator(estate, latency_s=args.sim_latency) as sim, _environ(sim.env()):
+        code = asyncio.run(_execute(args, dict(os.environ)))
+        if args.sim_state_out:
+            Path(args.sim_state_out).write_text(json.dumps(sim.state_dump(), indent=2) + "\n")
+        return code
+
+
+async def _execute(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = Settings.from_env(env).with_mode(Mode.ENFORCE if args.apply else Mode.AUDIT)
+    if args.concurrency is not None:
+        settings = replace(settings, max_concurrency=args.concurrency)
+    vm_id: VmId | None = None
+    if args.command == "check":
+        try:
+            vm_id = VmId.parse(args.vm_id)
+        except InvalidVmId as error:
+            raise UsageError(str(error)) from error
+    subs = _subscriptions(args, settings)
+
+    credential = make_credential(settings, env)
+    async with credential, ComputeGateway(credential, settings) as gateway:
+        remediator = Remediator(gateway, settings)
+        if vm_id is not None:
+            outcomes = [await remediator.check(vm_id)]
+            report = SweepReport(outcomes=outcomes)
+        else:
+            if not subs:
+                try:
+                    subs = await gateway.list_subscriptions()
+                except ComputeError as error:
+                    print(f"avma-remediator: cannot list subscriptions: {error}", file=sys.stderr)
+                    return EXIT_FAILED
+            with _progress(sys.stderr) as on_outcome:
+                report = await sweep(
+                    remediator,
+                    gateway.list_vms,
+                    subs,
+                    concurrency=settings.max_concurrency,
+                    on_outcome=on_outcome,
+                )
+    _print_report(report, args.output, settings.mode)
+    failed = any(o.kind is OutcomeKind.FAILED for o in report.outcomes)
+    return EXIT_FAILED if failed or report.listing_errors else EXIT_OK
+
+
+def _subscriptions(args: argparse.Namespace, settings: Settings) -> list[str]:
+    given = list(getattr(args, "subscription", []) or [])
+    if not given:
+        return list(settings.subscriptions)
+    for sub in given:
+        if not is_subscription_id(sub):
+            raise UsageError(f"--subscription {sub!r} is not a subscription id (GUID)")
+    return given
+
+
+def _print_report(report: SweepReport, output: str, mode: Mode) -> None:
+    extra: dict[str, Any] = {"mode": mode.value}
+    if report.listing_errors:
+        extra["listingErrors"] = report.listing_errors
+    if output == "json":
+        print(as_json(report.outcomes, extra=extra))
+    else:
+        print(as_table(report.outcomes, mode=mode.value))
+    for sub, text in report.listing_errors.items():
+        print(f"avma-remediator: subscription {sub} could not be listed: {text}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _progress(stream: TextIO, *, every_s: float = 2.0) -> Iterator[Any]:
+    """A progress line on stderr for long runs: rewritten in place on a terminal, else every 10 s."""
+    outcomes: list[Outcome] = []
+    started = time.monotonic()
+    last = [started]
+    tty = stream.isatty()
+    interval = every_s if tty else 10.0
+
+    def on_outcome(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        now = time.monotonic()
+        if now - last[0] >= interval:
+            last[0] = now
+            counts = ", ".join(f"{k} {v}" for k, v in summary(outcomes).items())
+            line = f"[{now - started:5.0f}s] {len(outcomes)} VMs done: {counts}"
+            stream.write(("\r" + line + "\x1b[K") if tty else line + "\n")
+            stream.flush()
+
+    try:
+        yield on_outcome
+    finally:
+        if tty and time.monotonic() - started >= interval:
+            stream.write("\r\x1b[K")
+            stream.flush()
+
+
+@contextlib.contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Point this process (and azure-identity, which reads os.environ) at the simulator, then restore."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from simulator import Estate, EstateError, serve_forever
+
+    try:
+        estate = Estate.load(Path(args.estate)) if args.estate else Estate.default()
+    except (EstateError, OSError) as error:
+        raise UsageError(f"estate file: {error}") from error
+
+    def announce(env: Mapping[str, str]) -> None:
+        print("# The simulator is running. Point the CLI or a Functions host at it with:")
+        for key, value in env.items():
+            print(f"export {key}={value}")
+        print("# Ctrl-C stops it.", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            serve_forever(
+                estate,
+                arm_port=args.arm_port,
+                identity_port=args.identity_port,
+                latency_s=args.latency,
+                on_ready=announce,
+            )
+        )
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The decision table: a pure function of (VM facts, guest facts, settings) to an action.
+
+Every row is unit-tested without a server. The safety rules of DESIGN.md live here and nowhere
+else: never re-key a multi-session VM, never touch retail/MAK/OEM, never act on an edition the
+catalog does not know, never act in audit mode (the workflow turns a planned action into
+``would-remediate``), and a custom KMS host is left alone unless the operator allows overriding it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from shared.catalog import CatalogEntry, select_key
+from shared.guest.facts import Channel, GuestResult, LicenseStatus
+from shared.model import OutcomeKind
+from shared.settings import Settings
+from shared.vm import VmFacts
+
+MULTI_SESSION_EDITION = "serverrdsh"
+MULTI_SESSION_SKU = 175  # PRODUCT_SERVERRDSH
+
+
+class Action(enum.StrEnum):
+    """What to do inside the guest."""
+
+    NONE = "none"
+    REKEY = "rekey"  # AVMA → install the GVLK, set the Azure KMS, activate
+    REPAIR = "repair"  # KMS client not licensed → set the Azure KMS, activate
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """An action to take, or the final outcome when there is none."""
+
+    action: Action
+    kind: OutcomeKind | None
+    reason: str
+    entry: CatalogEntry | None = None
+
+    @classmethod
+    def final(cls, kind: OutcomeKind, reason: str) -> Decision:
+        return cls(Action.NONE, kind, reason)
+
+
+def gate(vm: VmFacts, settings: Settings) -> Decision | None:
+    """Rows decided from ARM alone; ``None`` means: run detection in the guest.
+
+    A VM seen only in a listing has no agent status (``agent_ready is None``), and possibly no
+    power state; those rows are then left for the full read that precedes any Run Command.
+    """
+    if (vm.os_type or "").lower() != "windows":
+        return Decision.final(OutcomeKind.SKIPPED, "not-windows")
+    if is_opted_out(vm, settings.opt_out_tag):
+        return Decision.final(OutcomeKind.SKIPPED, "opted-out")
+    if vm.power_state is not None and vm.power_state != "running":
+        return Decision.final(OutcomeKind.SKIPPED, "not-running")
+    if vm.agent_ready is False:
+        return Decision.final(OutcomeKind.DEFERRED, "agent-not-ready")
+    return None
+
+
+def is_opted_out(vm: VmFacts, tag_name: str) -> bool:
+    """A VM opts out with the tag present and any value but false/no/0 (tag names are case-insensitive)."""
+    for name, value in vm.tags.items():
+        if name.lower() == tag_name.lower():
+            return value.strip().lower() not in {"false", "no", "0"}
+    return False
+
+
+def decide(guest: GuestResult, settings: Settings) -> Decision:
+    """Rows decided from the detection result."""
+    if guest.error is not None or guest.os is None:
+        return Decision.final(OutcomeKind.FAILED, "detection-error")
+    os_facts = guest.os
+    if os_facts.edition_id.lower() == MULTI_SESSION_EDITION or os_facts.sku == MULTI_SESSION_SKU:
+        return Decision.final(OutcomeKind.SKIPPED, "multi-session")
+    lic = guest.license
+    if lic is None:
+        return Decision.final(OutcomeKind.SKIPPED, "no-product-key")
+    channel = lic.channel
+    licensed = lic.license_status == LicenseStatus.LICENSED
+
+    if channel is Channel.AVMA:
+        entry = select_key(os_facts)
+        if entry is None:
+            return Decision.final(OutcomeKind.SKIPPED, "unknown-edition")
+        return Decision(Action.REKEY, None, "avma-channel", entry)
+
+    if channel is Channel.KMS_CLIENT:
+        if licensed:
+            return Decision.final(OutcomeKind.HEALTHY, "kms-client-licensed")
+        custom = custom_kms_host(guest, settings)
+        if custom is None:
+            return Decision(Action.REPAIR, None, "kms-client-unlicensed")
+        if settings.allow_custom_kms_override:
+            return Decision(Action.REPAIR, None, "custom-kms-overridden")
+        return Decision.final(OutcomeKind.SKIPPED, "custom-kms")
+
+    if channel in (Channel.RETAIL, Channel.MAK, Channel.OEM):
+        if licensed:
+            return Decision.final(OutcomeKind.HEALTHY, f"{channel.value.lower()}-licensed")
+        return Decision.final(OutcomeKind.SKIPPED, f"channel-{channel.value.lower()}")
+
+    return Decision.final(OutcomeKind.SKIPPED, "unknown-channel")
+
+
+def custom_kms_host(guest: GuestResult, settings: Settings) -> str | None:
+    """The KMS host the guest is set to (or discovered through DNS) when it is not the Azure KMS."""
+    lic = guest.license
+    if lic is None:
+        return None
+    cloud = settings.cloud
+    azure_hosts = {h.lower() for h in (*cloud.azure_kms_hosts, *cloud.kms_ips, settings.kms_host)}
+    for host in (lic.kms_machine, lic.discovered_kms_machine):
+        name = (host or "").strip().lower()
+        if name and name.split(":", 1)[0] not in azure_hosts:
+            return name
+    return None

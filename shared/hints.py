@@ -1,0 +1,61 @@
+"""Operator hints: what an outcome reason means for the person who has to act on it.
+
+The same text goes to the CLI, the ledger and the logs; docs/troubleshooting.md explains each
+reason at length.
+"""
+
+from __future__ import annotations
+
+from shared.settings import Settings
+
+
+def hint_for(reason: str, settings: Settings) -> str:
+    """A one-paragraph hint for a reason word, or "" when nothing needs doing."""
+    cloud = settings.cloud
+    code = reason.rsplit(":", 1)[-1].upper() if ":" in reason else ""
+    if reason.startswith("activation-error:"):
+        if code == "0XC004F074":
+            return (
+                f"No KMS could be contacted. The VM must reach {settings.kms_target} from an Azure "
+                f"public IP. With forced tunnelling, an NVA or a firewall, add routes for "
+                f"{', '.join(f'{ip}/32' for ip in cloud.kms_ips)} with next hop Internet and allow "
+                f"TCP {settings.kms_port} outbound; a VM behind a Standard internal load balancer "
+                "needs outbound connectivity. The KMS key is installed: once the route works, "
+                "Windows activates on its own (or run the check again)."
+            )
+        if code == "0XC004F06C":
+            return "The KMS rejected the request because of clock skew: fix the VM's time sync, then re-run."
+        if code in ("0XC004FD02", "0XC004FD01"):
+            return "Windows still tries AVMA: the key change did not take; re-run detection, check the key."
+        return "Activation failed; see docs/troubleshooting.md and the SPP events (IDs 8198, 12288)."
+    if reason.startswith("key-install-error:"):
+        return (
+            "Windows refused the KMS client setup key: the VM's edition does not match the catalog "
+            "entry (0xC004F069) or the key is invalid (0xC004F050). Nothing else was changed."
+        )
+    if reason.startswith(("step-error:", "remediation-error:", "verify-failed")):
+        return "The remediation did not complete; the VM keeps its previous channel. Re-run check on it."
+    hints = {
+        "unknown-edition": (
+            "AVMA key on an edition the catalog does not know; never guessed. Install the right "
+            "KMS client setup key by hand or file an issue with the edition facts."
+        ),
+        "multi-session": (
+            "Windows Enterprise multi-session is never re-keyed (it cannot be undone). It activates "
+            "through the Azure KMS without a key change; check its route to the KMS."
+        ),
+        "custom-kms": (
+            "Not licensed and pointed at a custom KMS host; left alone. Fix that KMS, or set "
+            "ALLOW_CUSTOM_KMS_OVERRIDE=true to move such VMs to the Azure KMS."
+        ),
+        "agent-not-ready": "The VM agent is not Ready, so Run Command cannot work; it is retried later.",
+        "run-command-busy": "Another Run Command is running on the VM; retried later.",
+        "run-command-timeout": "The Run Command did not finish in time; state is re-read on retry.",
+        "throttled": "ARM throttled the requests (HTTP 429); retried later with back-off.",
+        "arm-unavailable": "ARM answered with a server error; retried later.",
+        "detection-error": "The detection script could not read the licensing facts; see the details.",
+        "bad-output": "The guest output had no valid result line (truncated or garbled); see the details.",
+        "run-command-failed": "The Run Command operation failed in Azure; see the details.",
+        "forbidden": "The identity lacks a permission (see the custom role in infra/).",
+    }
+    return hints.get(reason, "")

@@ -1,0 +1,74 @@
+"""Sweep: list every VM in scope and take each to an outcome, with bounded concurrency.
+
+Listing streams into a bounded queue that a fixed pool of workers drains, so memory stays flat
+for any estate size and Run Commands start while later pages are still being listed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+from shared.azure.compute import ComputeError
+from shared.model import Outcome, VmId
+from shared.vm import VmFacts
+from shared.workflow import Remediator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepReport:
+    """Outcomes per VM, plus the subscriptions that could not be listed (a whole-scope failure)."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    listing_errors: dict[str, str] = field(default_factory=dict)
+
+
+async def sweep(
+    remediator: Remediator,
+    list_vms: Callable[[str], AsyncIterator[VmFacts]],
+    subscriptions: Iterable[str],
+    *,
+    concurrency: int,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> SweepReport:
+    """Run the workflow on every VM of ``subscriptions``; each VM once, even if listed twice."""
+    report = SweepReport()
+    queue: asyncio.Queue[VmFacts | None] = asyncio.Queue(maxsize=concurrency * 2)
+    seen: set[VmId] = set()
+
+    async def produce() -> None:
+        for sub in subscriptions:
+            try:
+                async for vm in list_vms(sub):
+                    if vm.vm_id in seen:
+                        continue
+                    seen.add(vm.vm_id)
+                    await queue.put(vm)
+            except ComputeError as error:
+                log.error("cannot list VMs of subscription %s: %s", sub, error)
+                report.listing_errors[sub] = f"{error.reason}: {error}"
+
+    async def work() -> None:
+        while True:
+            vm = await queue.get()
+            if vm is None:
+                return
+            outcome = await remediator.check(vm.vm_id, listed=vm)
+            report.outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+
+    workers = [asyncio.create_task(work()) for _ in range(concurrency)]
+    try:
+        await produce()
+        for _ in workers:
+            await queue.put(None)
+        await asyncio.gather(*workers)
+    finally:
+        for task in workers:
+            task.cancel()
+    return report

@@ -1,0 +1,181 @@
+"""The per-VM workflow: gate → detect → decide → remediate → verify, ending in one Outcome.
+
+It is the one place where a VM is judged, shared by the CLI and the queue worker. Every path ends
+in an outcome; ARM trouble becomes ``deferred`` (retry later) or ``skipped``/``failed`` with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from shared.azure.compute import (
+    AgentNotReady,
+    ArmUnavailable,
+    ComputeError,
+    RunCommandBusy,
+    RunCommandTimeout,
+    Throttled,
+    VmNotFound,
+    VmNotRunning,
+)
+from shared.decide import Action, Decision, decide, gate
+from shared.guest.facts import GuestOutputError, GuestResult, parse_result
+from shared.guest.scripts import detect_command, remediate_command
+from shared.hints import hint_for
+from shared.model import Outcome, OutcomeKind, VmId
+from shared.settings import Mode, Settings
+from shared.verify import judge
+from shared.vm import VmFacts
+
+log = logging.getLogger(__name__)
+
+_DEFERRING = (RunCommandBusy, Throttled, ArmUnavailable, RunCommandTimeout, AgentNotReady)
+
+
+class Compute(Protocol):
+    """What the workflow needs from ARM (``shared.azure.compute.ComputeGateway``)."""
+
+    async def get_vm(self, vm_id: VmId) -> VmFacts: ...
+
+    async def run_command(self, vm_id: VmId, body: Mapping[str, Any]) -> tuple[str, str]: ...
+
+
+class Remediator:
+    """Runs the workflow for one VM at a time per VM id (never two Run Commands on one VM)."""
+
+    def __init__(self, compute: Compute, settings: Settings) -> None:
+        self._compute = compute
+        self._settings = settings
+        self._in_flight: set[VmId] = set()
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome:
+        """Take one VM to an outcome. ``listed`` lets a sweep skip the read for VMs it can rule out."""
+        if vm_id in self._in_flight:
+            return self._outcome(vm_id, OutcomeKind.DEFERRED, "in-progress")
+        self._in_flight.add(vm_id)
+        started = time.monotonic()
+        try:
+            outcome = await self._check(vm_id, listed)
+        finally:
+            self._in_flight.discard(vm_id)
+        outcome.details["duration_s"] = round(time.monotonic() - started, 3)
+        return outcome
+
+    async def _check(self, vm_id: VmId, listed: VmFacts | None) -> Outcome:
+        settings = self._settings
+        phase = "read"
+        try:
+            if listed is not None:
+                early = gate(listed, settings)
+                if early is not None:
+                    return self._final(vm_id, early)
+            vm = await self._compute.get_vm(vm_id)
+            ruled = gate(vm, settings)
+            if ruled is not None:
+                return self._final(vm_id, ruled)
+
+            phase = "detect"
+            detect_out, detect_err = await self._compute.run_command(
+                vm_id, detect_command(settings.kms_host, settings.kms_port)
+            )
+            before = self._parse(detect_out, "detect")
+            if isinstance(before, Outcome):
+                return self._bad_output(vm_id, before, detect_err)
+            decision = decide(before, settings)
+            facts = _facts(before, "")
+            if decision.action is Action.NONE:
+                extra = {"error": _error_text(before)} if decision.reason == "detection-error" else {}
+                return self._final(vm_id, decision, {**facts, **extra})
+            if decision.entry is not None:
+                facts["edition"] = decision.entry.edition
+            facts["kmsTarget"] = settings.kms_target
+            if settings.mode is Mode.AUDIT:
+                return self._outcome(vm_id, OutcomeKind.WOULD_REMEDIATE, decision.reason, facts)
+
+            phase = "remediate"
+            body = remediate_command(
+                product_key=decision.entry.product_key
+                if decision.action is Action.REKEY and decision.entry
+                else None,
+                kms_host=settings.kms_host,
+                kms_port=settings.kms_port,
+            )
+            fix_out, fix_err = await self._compute.run_command(vm_id, body)
+            after = self._parse(fix_out, "remediate")
+            if isinstance(after, Outcome):
+                return self._bad_output(vm_id, after, fix_err, phase="remediate")
+            kind, reason = judge(after)
+            details = {**facts, **_facts(after, "After"), "steps": [[s.name, s.hresult] for s in after.steps]}
+            details["action"] = decision.action.value
+            return self._outcome(vm_id, kind, reason or decision.reason, details)
+        except VmNotFound:
+            return self._outcome(vm_id, OutcomeKind.SKIPPED, "not-found", {"phase": phase})
+        except VmNotRunning as error:
+            return self._outcome(
+                vm_id, OutcomeKind.SKIPPED, "not-running", {"phase": phase, "error": str(error)}
+            )
+        except _DEFERRING as error:
+            return self._outcome(
+                vm_id, OutcomeKind.DEFERRED, error.reason, {"phase": phase, "error": str(error)}
+            )
+        except ComputeError as error:
+            return self._outcome(
+                vm_id,
+                OutcomeKind.FAILED,
+                error.reason,
+                {"phase": phase, "code": error.code, "error": str(error)},
+            )
+
+    @staticmethod
+    def _parse(output: str, script: str) -> GuestResult | Outcome:
+        try:
+            return parse_result(output, expected_script=script)
+        except GuestOutputError as error:
+            return Outcome("", OutcomeKind.FAILED, "bad-output", details={"error": str(error)[:300]})
+
+    def _bad_output(self, vm_id: VmId, parsed: Outcome, stderr: str, *, phase: str = "detect") -> Outcome:
+        details = {**parsed.details, "phase": phase}
+        if stderr:
+            details["stderr"] = stderr[-300:]
+        return self._outcome(vm_id, OutcomeKind.FAILED, "bad-output", details)
+
+    def _final(self, vm_id: VmId, decision: Decision, details: dict[str, Any] | None = None) -> Outcome:
+        assert decision.kind is not None
+        return self._outcome(vm_id, decision.kind, decision.reason, details)
+
+    def _outcome(
+        self, vm_id: VmId, kind: OutcomeKind, reason: str, details: dict[str, Any] | None = None
+    ) -> Outcome:
+        quiet = (OutcomeKind.HEALTHY, OutcomeKind.REMEDIATED, OutcomeKind.WOULD_REMEDIATE)
+        hint = "" if kind in quiet else hint_for(reason, self._settings)
+        outcome = Outcome(str(vm_id), kind, reason, hint, dict(details or {}))
+        log.info(
+            "vm outcome",
+            extra={"vm_id": str(vm_id), "outcome": kind.value, "reason": reason},
+        )
+        return outcome
+
+
+def _facts(result: GuestResult, suffix: str) -> dict[str, Any]:
+    """The few guest facts worth showing next to an outcome."""
+    out: dict[str, Any] = {}
+    if result.os is not None and not suffix:
+        out["caption"] = result.os.caption
+    if result.license is not None:
+        out[f"channel{suffix}"] = result.license.channel.value
+        out[f"licenseStatus{suffix}"] = int(result.license.license_status)
+    if result.kms_probe is not None and not suffix:
+        out["kmsReachable"] = result.kms_probe.reachable
+    return out
+
+
+def _error_text(result: GuestResult) -> str:
+    err = result.error
+    return f"{err.step}: {err.hresult} {err.message}"[:300] if err else ""

@@ -1,0 +1,155 @@
+"""The CLI as a user runs it: the built-in estate, exit codes, JSON shape, the standalone simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.catalog import select_key
+from shared.cli import main
+from shared.guest.facts import OsFacts
+from simulator import Estate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _expected_remediation(vm: dict[str, Any]) -> str | None:
+    """What the decision table promises for a VM of the built-in estate under --apply."""
+    guest = vm.get("guest")
+    if vm["os"] != "Windows" or guest is None or guest["channel"] != "AVMA":
+        return None
+    opted = any(
+        k.lower() == "avma-remediator-opt-out" and v.lower() not in ("false", "no", "0")
+        for k, v in vm["tags"].items()
+    )
+    if opted or vm["powerState"] != "running" or not vm["agentReady"] or vm.get("busySeconds"):
+        return None
+    facts = OsFacts(
+        guest["caption"], "", guest["build"], guest["productType"], guest["sku"], guest["editionId"]
+    )
+    if guest["editionId"].lower() == "serverrdsh" or select_key(facts) is None:
+        return None
+    return "remediated" if guest["kmsReachable"] else "failed"
+
+
+def test_demo_sweep_remediates_what_it_should_and_nothing_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state_file = tmp_path / "state.json"
+    code = main(["sweep", "--simulate", "--apply", "--output", "json", "--sim-state-out", str(state_file)])
+    out = json.loads(capsys.readouterr().out)
+    estate = Estate.default().to_dict()["vms"]
+    assert len(out["vms"]) == len(estate) >= 50
+    assert sum(out["summary"].values()) == len(estate)
+    by_id = {v["id"].lower(): v for v in out["vms"]}
+    initial = {v["id"].lower(): v for v in estate}
+    final = {k.lower(): v for k, v in json.loads(state_file.read_text()).items()}
+
+    expected_fixed = {k for k, v in initial.items() if _expected_remediation(v) == "remediated"}
+    expected_failed = {k for k, v in initial.items() if _expected_remediation(v) == "failed"}
+    assert len(expected_fixed) >= 15 and len(expected_failed) >= 2
+    for key in expected_fixed:
+        assert by_id[key]["outcome"] == "remediated", by_id[key]
+        assert (final[key]["channel"], final[key]["licenseStatus"]) == ("KMS_CLIENT", 1)
+    for key in expected_failed:
+        assert (by_id[key]["outcome"], by_id[key]["reason"]) == ("failed", "activation-error:0xC004F074")
+        assert "next hop Internet" in by_id[key]["hint"]
+    # only repairable KMS clients may change besides those; retail/MAK/OEM/multi-session/opted-out never
+    for key, vm in initial.items():
+        if key in expected_fixed or key in expected_failed:
+            continue
+        if by_id[key]["outcome"] == "remediated":
+            assert vm["guest"]["channel"] == "KMS_CLIENT", by_id[key]
+            continue
+        assert final[key].get("changed") is False, (by_id[key], final[key])
+    assert code == 1  # some VMs failed (unreachable KMS)
+
+
+def test_audit_is_the_default_and_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state_file = tmp_path / "state.json"
+    code = main(["sweep", "--simulate", "--sim-state-out", str(state_file)])
+    table = capsys.readouterr().out
+    assert "would-remediate" in table and "remediated " not in table.replace("would-remediate", "")
+    assert "Re-run with --apply" in table
+    assert not any(v.get("changed") for v in json.loads(state_file.read_text()).values())
+    assert code == 0
+
+
+def test_check_one_vm(capsys: pytest.CaptureFixture[str]) -> None:
+    vm = next(v for v in Estate.default().to_dict()["vms"] if _expected_remediation(v) == "remediated")
+    assert main(["check", vm["id"], "--simulate", "--apply", "--output", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["summary"] == {"remediated": 1}
+    assert out["vms"][0]["id"] == vm["id"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["check", "not-a-vm-id", "--simulate"], "not a virtual machine resource id"),
+        (["sweep", "--subscription", "abc", "--simulate"], "not a subscription id"),
+        (["sweep", "--sim-state-out", "x.json"], "needs --simulate"),
+        (["sweep", "--simulate", "--concurrency", "0"], "--concurrency"),
+        (["sweep", "--simulate", "/nonexistent/estate.json"], "estate file"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_clear_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_estate_file_names_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "estate.json"
+    bad.write_text(json.dumps({"vms": [{"id": "/subscriptions/x", "os": "Windows"}]}))
+    assert main(["sweep", "--simulate", str(bad)]) == 2
+    assert "vms[0]" in capsys.readouterr().err
+
+
+def test_bad_configuration_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AZURE_CLOUD", "AzureGermany")
+    assert main(["sweep", "--simulate"]) == 2
+    assert "AZURE_CLOUD" in capsys.readouterr().err
+
+
+def test_standalone_simulator_serves_another_process() -> None:
+    """`simulator serve` prints settings; a separate `avma-remediator check` uses them as a user would."""
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "shared", "simulator", "serve", "--latency", "0.01"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        env = dict(os.environ)
+        assert serve.stdout is not None
+        for line in serve.stdout:
+            if line.startswith("export "):
+                key, _, value = line[7:].strip().partition("=")
+                env[key] = value
+            if line.startswith("# Ctrl-C"):
+                break
+        assert env["ARM_ENDPOINT"].startswith("https://127.0.0.1:")
+        vm = next(v for v in Estate.default().to_dict()["vms"] if _expected_remediation(v) == "remediated")
+        done = subprocess.run(
+            [sys.executable, "-m", "shared", "check", vm["id"], "--output", "json"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["vms"][0]["outcome"] == "would-remediate"
+    finally:
+        serve.terminate()
+        serve.wait(timeout=10)

@@ -1,0 +1,198 @@
+"""The decision table, row by row, as a pure function (no server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.decide import Action, decide, gate, is_opted_out
+from shared.guest.facts import ScriptError
+from shared.model import OutcomeKind, VmId
+from shared.settings import Settings
+from shared.verify import judge
+from shared.vm import VmFacts
+from tests.guestfacts import MULTI_SESSION, ODD_EDITION, SERVER_2019_STD, detected, license_facts, remediated
+
+VM = VmId.parse(
+    "/subscriptions/11111111-1111-1111-1111-111111111111/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1"
+)
+SETTINGS = Settings.from_env({})
+OVERRIDE = Settings.from_env({"ALLOW_CUSTOM_KMS_OVERRIDE": "true"})
+
+
+def vm(**kw: object) -> VmFacts:
+    base: dict[str, object] = {
+        "vm_id": VM,
+        "os_type": "Windows",
+        "power_state": "running",
+        "agent_ready": True,
+        "tags": {},
+    }
+    base.update(kw)
+    return VmFacts(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("facts", "kind", "reason"),
+    [
+        (vm(os_type="Linux"), OutcomeKind.SKIPPED, "not-windows"),
+        (vm(os_type=None), OutcomeKind.SKIPPED, "not-windows"),
+        (vm(tags={"avma-remediator-opt-out": "true"}), OutcomeKind.SKIPPED, "opted-out"),
+        (vm(tags={"AVMA-Remediator-Opt-Out": ""}), OutcomeKind.SKIPPED, "opted-out"),
+        (vm(power_state="deallocated"), OutcomeKind.SKIPPED, "not-running"),
+        (vm(power_state="stopped"), OutcomeKind.SKIPPED, "not-running"),
+        (vm(agent_ready=False), OutcomeKind.DEFERRED, "agent-not-ready"),
+    ],
+)
+def test_gate_rows(facts: VmFacts, kind: OutcomeKind, reason: str) -> None:
+    decision = gate(facts, SETTINGS)
+    assert decision is not None
+    assert (decision.kind, decision.reason, decision.action) == (kind, reason, Action.NONE)
+
+
+def test_gate_passes_a_running_windows_vm_with_a_ready_agent() -> None:
+    assert gate(vm(), SETTINGS) is None
+
+
+def test_gate_leaves_the_agent_and_power_rows_to_the_full_read_when_a_listing_does_not_say() -> None:
+    assert gate(vm(agent_ready=None), SETTINGS) is None
+    assert gate(vm(agent_ready=None, power_state=None), SETTINGS) is None
+
+
+def test_opt_out_tag_is_configurable_and_false_means_not_opted_out() -> None:
+    custom = Settings.from_env({"OPT_OUT_TAG": "keep-my-license"})
+    assert is_opted_out(vm(tags={"keep-my-license": "yes"}), custom.opt_out_tag)
+    assert not is_opted_out(vm(tags={"avma-remediator-opt-out": "true"}), custom.opt_out_tag)
+    assert not is_opted_out(vm(tags={"avma-remediator-opt-out": "false"}), SETTINGS.opt_out_tag)
+    # the tag row comes before the power row: an opted-out VM is reported as such whatever its state
+    decision = gate(vm(tags={"keep-my-license": "1"}, power_state="deallocated"), custom)
+    assert decision is not None and decision.reason == "opted-out"
+
+
+def test_avma_with_a_known_edition_is_rekeyed_with_that_editions_key() -> None:
+    decision = decide(detected(), SETTINGS)
+    assert decision.action is Action.REKEY
+    assert decision.entry is not None
+    assert decision.entry.edition == "Windows Server 2022 Datacenter"
+    assert decision.entry.product_key == "WX4NM-KYWYW-QJJR4-XV3QB-6VM33"
+    other = decide(detected(SERVER_2019_STD), SETTINGS)
+    assert other.entry is not None and other.entry.product_key == "N69G4-B89J2-4G8F4-WWYCC-J464C"
+
+
+def test_avma_is_rekeyed_even_when_the_kms_probe_fails_so_it_self_heals_once_routed() -> None:
+    assert decide(detected(reachable=False), SETTINGS).action is Action.REKEY
+
+
+def test_avma_with_an_unknown_edition_is_never_guessed() -> None:
+    decision = decide(detected(ODD_EDITION), SETTINGS)
+    assert (decision.action, decision.kind, decision.reason) == (
+        Action.NONE,
+        OutcomeKind.SKIPPED,
+        "unknown-edition",
+    )
+
+
+@pytest.mark.parametrize("channel", ["AVMA", "KMS_CLIENT", "RETAIL"])
+def test_multi_session_is_never_rekeyed_whatever_the_channel(channel: str) -> None:
+    decision = decide(detected(MULTI_SESSION, license_facts(channel, 5)), SETTINGS)
+    assert (decision.action, decision.kind, decision.reason) == (
+        Action.NONE,
+        OutcomeKind.SKIPPED,
+        "multi-session",
+    )
+
+
+def test_kms_client_licensed_is_healthy() -> None:
+    decision = decide(detected(lic=license_facts("KMS_CLIENT", 1, "kms.contoso.local:1688")), SETTINGS)
+    assert (decision.kind, decision.reason) == (OutcomeKind.HEALTHY, "kms-client-licensed")
+
+
+@pytest.mark.parametrize(
+    "host", [None, "", "azkms.core.windows.net", "kms.core.windows.net:1688", "20.118.99.224"]
+)
+def test_kms_client_unlicensed_on_no_host_or_the_azure_kms_is_repaired(host: str | None) -> None:
+    decision = decide(detected(lic=license_facts("KMS_CLIENT", 5, host)), SETTINGS)
+    assert (decision.action, decision.reason) == (Action.REPAIR, "kms-client-unlicensed")
+    assert decision.entry is None  # a repair never installs a key
+
+
+def test_kms_client_unlicensed_on_a_custom_host_is_left_alone_unless_overriding_is_allowed() -> None:
+    guest = detected(lic=license_facts("KMS_CLIENT", 0, "kms.contoso.local:1688"))
+    assert (decide(guest, SETTINGS).kind, decide(guest, SETTINGS).reason) == (
+        OutcomeKind.SKIPPED,
+        "custom-kms",
+    )
+    assert decide(guest, OVERRIDE).action is Action.REPAIR
+    # a custom KMS found through DNS auto-discovery counts too
+    discovered = detected(lic=license_facts("KMS_CLIENT", 0, None, "kms.corp.example"))
+    assert decide(discovered, SETTINGS).reason == "custom-kms"
+
+
+def test_custom_kms_is_judged_against_the_configured_cloud() -> None:
+    gov = Settings.from_env({"AZURE_CLOUD": "AzureUSGovernment"})
+    guest = detected(lic=license_facts("KMS_CLIENT", 0, "azkms.core.windows.net"))
+    assert decide(guest, gov).reason == "custom-kms"
+    assert (
+        decide(detected(lic=license_facts("KMS_CLIENT", 0, "kms.core.usgovcloudapi.net")), gov).action
+        is Action.REPAIR
+    )
+
+
+@pytest.mark.parametrize(("channel", "word"), [("RETAIL", "retail"), ("MAK", "mak"), ("OEM", "oem")])
+def test_retail_mak_and_oem_are_never_touched(channel: str, word: str) -> None:
+    unlicensed = decide(detected(lic=license_facts(channel, 0)), SETTINGS)
+    assert (unlicensed.action, unlicensed.kind, unlicensed.reason) == (
+        Action.NONE,
+        OutcomeKind.SKIPPED,
+        f"channel-{word}",
+    )
+    licensed = decide(detected(lic=license_facts(channel, 1)), SETTINGS)
+    assert (licensed.action, licensed.kind, licensed.reason) == (
+        Action.NONE,
+        OutcomeKind.HEALTHY,
+        f"{word}-licensed",
+    )
+
+
+def test_unknown_channel_and_no_product_key_are_not_touched() -> None:
+    assert decide(detected(lic=license_facts("TIMEBASED", 2)), SETTINGS).reason == "unknown-channel"
+    no_key = detected()
+    no_key = type(no_key)(script="detect", os=no_key.os, license=None, kms_probe=no_key.kms_probe)
+    assert decide(no_key, SETTINGS).reason == "no-product-key"
+
+
+def test_a_detection_script_error_fails_without_action() -> None:
+    guest = detected(error=ScriptError("read-license", "0x80041010", "Invalid class"))
+    decision = decide(guest, SETTINGS)
+    assert (decision.action, decision.kind, decision.reason) == (
+        Action.NONE,
+        OutcomeKind.FAILED,
+        "detection-error",
+    )
+
+
+OK = "0x00000000"
+ALL_STEPS = ["install-key", "clear-kms-cache", "set-kms-host", "set-kms-port", "refresh", "activate"]
+
+
+def test_judge_remediated_only_when_licensed_on_the_kms_channel() -> None:
+    assert judge(remediated([(s, OK) for s in ALL_STEPS])) == (OutcomeKind.REMEDIATED, "")
+    assert judge(remediated([(s, OK) for s in ALL_STEPS], status=5)) == (
+        OutcomeKind.FAILED,
+        "verify-failed:license-status-5",
+    )
+    assert (
+        judge(remediated([(s, OK) for s in ALL_STEPS], channel="AVMA"))[1] == "verify-failed:not-kms-client"
+    )
+
+
+def test_judge_names_the_failing_step_and_its_hresult() -> None:
+    steps = [(s, OK) for s in ALL_STEPS[:-1]] + [("activate", "0xC004F074")]
+    assert judge(remediated(steps, status=5)) == (OutcomeKind.FAILED, "activation-error:0xC004F074")
+    assert judge(remediated([("install-key", "0xC004F069")], channel="AVMA", status=5)) == (
+        OutcomeKind.FAILED,
+        "key-install-error:0xC004F069",
+    )
+    assert judge(remediated([("install-key", OK), ("clear-kms-cache", "0x80070005")]))[1] == (
+        "step-error:clear-kms-cache:0x80070005"
+    )
+    assert judge(remediated([("install-key", OK)]))[1] == "activation-not-attempted"

@@ -1,0 +1,55 @@
+"""docs/troubleshooting.md explains every reason the engine can give."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = (ROOT / "docs" / "troubleshooting.md").read_text()
+
+REASONS = [
+    # healthy / remediated / would-remediate
+    "kms-client-licensed", "retail-licensed", "mak-licensed", "oem-licensed",
+    "avma-channel", "kms-client-unlicensed", "custom-kms-overridden",
+    # skipped
+    "not-windows", "opted-out", "not-running", "multi-session", "unknown-edition", "custom-kms",
+    "channel-retail", "channel-mak", "channel-oem", "unknown-channel", "no-product-key", "not-found",
+    # deferred
+    "agent-not-ready", "run-command-busy", "throttled", "arm-unavailable", "run-command-timeout", "in-progress",
+    # failed
+    "activation-error:0xC004F074", "key-install-error:0xC004F069", "step-error:", "remediation-error:",
+    "activation-not-attempted", "verify-failed:not-kms-client", "verify-failed:license-status-N",
+    "detection-error", "bad-output", "run-command-failed", "forbidden",
+]  # fmt: skip
+
+
+def test_every_reason_is_documented() -> None:
+    missing = [r for r in REASONS if f"`{r}" not in DOC]
+    assert missing == []
+
+
+def test_every_reason_in_the_code_is_in_the_list() -> None:
+    """Reason words written as literals in the engine must be among those documented above."""
+    found: set[str] = set()
+    for name in ["decide.py", "verify.py", "workflow.py", "azure/compute.py"]:
+        tree = ast.parse((ROOT / "shared" / name).read_text())
+        for node in ast.walk(tree):
+            is_reason = isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "reason" for t in node.targets
+            )
+            if is_reason and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                found.add(node.value.value)
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("final", "_outcome"):
+                for arg in node.args:
+                    if (
+                        isinstance(arg, ast.Constant)
+                        and isinstance(arg.value, str)
+                        and re.fullmatch(r"[a-z-]+", arg.value)
+                    ):
+                        found.add(arg.value)
+    found.discard("arm-error")  # base class default, never raised
+    undocumented = sorted(r for r in found if not any(r == x or x.startswith(r) for x in REASONS))
+    assert undocumented == []
+    assert len(found) >= 15  # the scan really saw the reasons

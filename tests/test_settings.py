@@ -1,0 +1,103 @@
+"""Settings are read once, validated up front, and every problem is named."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.clouds import CLOUDS
+from shared.settings import ConfigError, Mode, Settings
+
+
+def test_defaults_are_safe_audit_mode_on_the_public_cloud() -> None:
+    s = Settings.from_env({})
+    assert s.mode is Mode.AUDIT
+    assert s.cloud.name == "AzureCloud"
+    assert s.kms_target == "azkms.core.windows.net:1688"
+    assert s.arm_endpoint == "https://management.azure.com"
+    assert not s.allow_custom_kms_override
+
+
+@pytest.mark.parametrize(
+    ("cloud", "arm", "kms", "la"),
+    [
+        (
+            "AzureCloud",
+            "https://management.azure.com",
+            "azkms.core.windows.net",
+            "https://api.loganalytics.io",
+        ),
+        (
+            "AzureUSGovernment",
+            "https://management.usgovcloudapi.net",
+            "kms.core.usgovcloudapi.net",
+            "https://api.loganalytics.us",
+        ),
+        (
+            "AzureChinaCloud",
+            "https://management.chinacloudapi.cn",
+            "azkms.core.chinacloudapi.cn",
+            "https://api.loganalytics.azure.cn",
+        ),
+    ],
+)
+def test_cloud_profiles(cloud: str, arm: str, kms: str, la: str) -> None:
+    s = Settings.from_env({"AZURE_CLOUD": cloud})
+    assert (s.arm_endpoint, s.kms_host, s.cloud.log_analytics_audience) == (arm, kms, la)
+    assert s.cloud.arm_scope == arm + "/.default"
+    assert s.kms_port == 1688
+    assert kms in s.cloud.azure_kms_hosts
+
+
+def test_every_cloud_lists_kms_addresses_for_the_route_hint() -> None:
+    for profile in CLOUDS.values():
+        assert profile.kms_ips and all(ip.count(".") == 3 for ip in profile.kms_ips)
+
+
+def test_enforce_mode_and_overrides() -> None:
+    s = Settings.from_env(
+        {
+            "REMEDIATION_MODE": "Enforce",
+            "TARGET_SUBSCRIPTIONS": "11111111-1111-1111-1111-111111111111, 22222222-2222-2222-2222-222222222222",
+            "KMS_HOST": "KMS.Example.Net",
+            "KMS_PORT": "1700",
+            "ALLOW_CUSTOM_KMS_OVERRIDE": "yes",
+            "MAX_CONCURRENCY": "64",
+        }
+    )
+    assert s.mode is Mode.ENFORCE
+    assert len(s.subscriptions) == 2
+    assert s.kms_target == "kms.example.net:1700"
+    assert s.allow_custom_kms_override and s.max_concurrency == 64
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(
+            {
+                "AZURE_CLOUD": "AzureGermany",
+                "REMEDIATION_MODE": "fix-everything",
+                "TARGET_SUBSCRIPTIONS": "not-a-guid",
+                "KMS_HOST": "evil.example; Remove-Item C:\\",
+                "KMS_PORT": "70000",
+                "ALLOW_CUSTOM_KMS_OVERRIDE": "maybe",
+                "MAX_CONCURRENCY": "many",
+                "ARM_ENDPOINT": "http://insecure.example",
+                "AZURE_CA_BUNDLE": "/nonexistent/ca.pem",
+                "OPT_OUT_TAG": "bad/tag",
+            }
+        )
+    text = str(caught.value)
+    for name in [
+        "AZURE_CLOUD",
+        "REMEDIATION_MODE",
+        "TARGET_SUBSCRIPTIONS",
+        "KMS_HOST",
+        "KMS_PORT",
+        "ALLOW_CUSTOM_KMS_OVERRIDE",
+        "MAX_CONCURRENCY",
+        "ARM_ENDPOINT",
+        "AZURE_CA_BUNDLE",
+        "OPT_OUT_TAG",
+    ]:
+        assert name in text, name
+    assert len(caught.value.problems) == 10

@@ -1,0 +1,288 @@
+"""The per-VM workflow end to end: real azure-mgmt-compute and azure-identity over HTTPS to the simulator."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from shared.azure.compute import ComputeGateway
+from shared.azure.credentials import make_credential
+from shared.model import OutcomeKind, VmId
+from shared.settings import Mode, Settings
+from shared.sweep import sweep
+from shared.workflow import Remediator
+from simulator import Estate, Simulator
+
+SUB = "5b0e8d2c-1f6a-4c39-9d7e-2a4b6c8d0e1f"
+GVLK_2022_DC_TAIL = "6VM33"  # WX4NM-KYWYW-QJJR4-XV3QB-6VM33, official table
+
+
+def vm_id(name: str) -> str:
+    return f"/subscriptions/{SUB}/resourceGroups/rg-app/providers/Microsoft.Compute/virtualMachines/{name}"
+
+
+def windows(
+    name: str,
+    *,
+    channel: str = "AVMA",
+    status: int = 5,
+    kms_host: str | None = None,
+    reachable: bool = True,
+    edition: str = "ServerDatacenter",
+    sku: int = 8,
+    build: int = 20348,
+    caption: str = "Microsoft Windows Server 2022 Datacenter",
+    product_type: int = 3,
+    power: str = "running",
+    agent: bool = True,
+    tags: dict[str, str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "id": vm_id(name),
+        "os": "Windows",
+        "powerState": power,
+        "agentReady": agent,
+        "tags": tags or {},
+        "guest": {
+            "caption": caption,
+            "build": build,
+            "productType": product_type,
+            "editionId": edition,
+            "sku": sku,
+            "channel": channel,
+            "licenseStatus": status,
+            "kmsHost": kms_host,
+            "kmsReachable": reachable,
+        },
+        **extra,
+    }
+
+
+def linux(name: str) -> dict[str, Any]:
+    return {"id": vm_id(name), "os": "Linux", "powerState": "running", "agentReady": True, "tags": {}}
+
+
+ESTATE = [
+    windows("avma-dc"),
+    windows("avma-unreachable", reachable=False),
+    windows("avma-off", power="deallocated"),
+    windows("avma-agent-down", agent=False),
+    windows("avma-opted-out", tags={"avma-remediator-opt-out": "true"}),
+    windows("avma-odd", edition="ServerHypothetical", sku=999),
+    windows(
+        "multi-session",
+        edition="ServerRdsh",
+        sku=175,
+        build=22631,
+        caption="Microsoft Windows 11 Enterprise multi-session",
+    ),
+    windows("kms-ok", channel="KMS_CLIENT", status=1, kms_host="azkms.core.windows.net:1688"),
+    windows("kms-repair", channel="KMS_CLIENT", status=5, kms_host=None),
+    windows("kms-custom", channel="KMS_CLIENT", status=0, kms_host="kms.contoso.local:1688"),
+    windows("retail", channel="RETAIL", status=0),
+    windows("mak", channel="MAK", status=1),
+    windows("oem", channel="OEM", status=5),
+    windows("busy", busySeconds=30),
+    linux("lnx"),
+]
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    with Simulator(Estate.from_dict({"vms": ESTATE}), latency_s=0.02) as running:
+        yield running
+
+
+Engine = Callable[..., Any]
+
+
+@pytest.fixture
+async def engine(sim: Simulator, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Engine]:
+    """Build a Remediator wired exactly as the CLI wires it: env → Settings → credential → gateway."""
+    for key, value in sim.env().items():
+        monkeypatch.setenv(key, value)
+    gateways: list[ComputeGateway] = []
+    credentials: list[Any] = []
+
+    def build(mode: Mode = Mode.ENFORCE, **env: str) -> tuple[Remediator, ComputeGateway]:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        import os
+
+        settings = Settings.from_env(os.environ).with_mode(mode)
+        credential = make_credential(settings)
+        gateway = ComputeGateway(credential, settings)
+        credentials.append(credential)
+        gateways.append(gateway)
+        return Remediator(gateway, settings), gateway
+
+    yield build
+    for gateway in gateways:
+        await gateway.close()
+    for credential in credentials:
+        await credential.close()
+
+
+async def check(engine: Engine, name: str, mode: Mode = Mode.ENFORCE, **env: str) -> Any:
+    remediator, _ = engine(mode, **env)
+    return await remediator.check(VmId.parse(vm_id(name)))
+
+
+def state(sim: Simulator, name: str) -> dict[str, Any]:
+    dump = sim.state_dump()
+    return next(v for k, v in dump.items() if k.lower() == vm_id(name).lower())
+
+
+async def test_avma_vm_is_rekeyed_activated_and_verified(engine: Engine, sim: Simulator) -> None:
+    outcome = await check(engine, "avma-dc")
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.REMEDIATED, "avma-channel")
+    assert outcome.details["edition"] == "Windows Server 2022 Datacenter"
+    assert (outcome.details["channel"], outcome.details["channelAfter"]) == ("AVMA", "KMS_CLIENT")
+    after = state(sim, "avma-dc")
+    assert after["channel"] == "KMS_CLIENT"
+    assert after["licenseStatus"] == 1
+    assert after["partialProductKey"] == GVLK_2022_DC_TAIL
+    assert after["kmsHost"] == "azkms.core.windows.net:1688"
+    assert after["runCommands"] == 2  # one detection, one remediation
+
+
+async def test_audit_mode_reports_and_changes_nothing(engine: Engine, sim: Simulator) -> None:
+    before = state(sim, "avma-dc")
+    outcome = await check(engine, "avma-dc", Mode.AUDIT)
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.WOULD_REMEDIATE, "avma-channel")
+    after = state(sim, "avma-dc")
+    assert after["runCommands"] == 1  # detection only
+    assert {k: v for k, v in after.items() if k != "runCommands"} == {
+        k: v for k, v in before.items() if k != "runCommands"
+    }
+    assert after["changed"] is False
+
+
+async def test_unreachable_kms_fails_with_the_route_hint(engine: Engine, sim: Simulator) -> None:
+    outcome = await check(engine, "avma-unreachable")
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.FAILED, "activation-error:0xC004F074")
+    assert "20.118.99.224/32" in outcome.hint and "next hop Internet" in outcome.hint
+    after = state(sim, "avma-unreachable")
+    # the GVLK is in place, so the VM activates by itself once the route is fixed
+    assert (after["channel"], after["partialProductKey"], after["licenseStatus"]) == (
+        "KMS_CLIENT",
+        GVLK_2022_DC_TAIL,
+        5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "reason", "run_commands"),
+    [
+        ("lnx", OutcomeKind.SKIPPED, "not-windows", 0),
+        ("avma-off", OutcomeKind.SKIPPED, "not-running", 0),
+        ("avma-agent-down", OutcomeKind.DEFERRED, "agent-not-ready", 0),
+        ("avma-opted-out", OutcomeKind.SKIPPED, "opted-out", 0),
+        ("avma-odd", OutcomeKind.SKIPPED, "unknown-edition", 1),
+        ("multi-session", OutcomeKind.SKIPPED, "multi-session", 1),
+        ("kms-ok", OutcomeKind.HEALTHY, "kms-client-licensed", 1),
+        ("kms-custom", OutcomeKind.SKIPPED, "custom-kms", 1),
+        ("retail", OutcomeKind.SKIPPED, "channel-retail", 1),
+        ("mak", OutcomeKind.HEALTHY, "mak-licensed", 1),
+        ("oem", OutcomeKind.SKIPPED, "channel-oem", 1),
+    ],
+)
+async def test_vms_that_must_be_left_alone_are_not_changed(
+    engine: Engine, sim: Simulator, name: str, kind: OutcomeKind, reason: str, run_commands: int
+) -> None:
+    outcome = await check(engine, name)
+    assert (outcome.kind, outcome.reason) == (kind, reason)
+    after = state(sim, name)
+    assert after["changed"] is False
+    assert after.get("runCommands", 0) == run_commands
+
+
+async def test_kms_client_without_a_host_is_repaired_without_a_new_key(
+    engine: Engine, sim: Simulator
+) -> None:
+    key_before = state(sim, "kms-repair")["partialProductKey"]
+    outcome = await check(engine, "kms-repair")
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.REMEDIATED, "kms-client-unlicensed")
+    assert "install-key" not in [name for name, _ in outcome.details["steps"]]
+    after = state(sim, "kms-repair")
+    assert (after["licenseStatus"], after["partialProductKey"]) == (1, key_before)
+
+
+async def test_custom_kms_is_overridden_only_when_allowed(engine: Engine, sim: Simulator) -> None:
+    outcome = await check(engine, "kms-custom", ALLOW_CUSTOM_KMS_OVERRIDE="true")
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.REMEDIATED, "custom-kms-overridden")
+    assert state(sim, "kms-custom")["kmsHost"] == "azkms.core.windows.net:1688"
+
+
+async def test_busy_run_command_is_deferred_not_forced(engine: Engine, sim: Simulator) -> None:
+    outcome = await check(engine, "busy")
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.DEFERRED, "run-command-busy")
+    assert state(sim, "busy")["changed"] is False
+
+
+async def test_vanished_vm_is_skipped_not_found(engine: Engine, sim: Simulator) -> None:
+    sim.delete_vm(vm_id("avma-dc"))
+    outcome = await check(engine, "avma-dc")
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.SKIPPED, "not-found")
+
+
+async def test_vm_deleted_between_detection_and_remediation(engine: Engine, sim: Simulator) -> None:
+    remediator, gateway = engine()
+    real_run = gateway.run_command
+    calls = 0
+
+    async def run_then_delete(vm: VmId, body: dict[str, Any]) -> tuple[str, str]:
+        nonlocal calls
+        calls += 1
+        result = await real_run(vm, body)
+        if calls == 1:
+            sim.delete_vm(str(vm))
+        return result
+
+    gateway.run_command = run_then_delete  # type: ignore[method-assign]
+    outcome = await remediator.check(VmId.parse(vm_id("avma-dc")))
+    assert (outcome.kind, outcome.reason, outcome.details["phase"]) == (
+        OutcomeKind.SKIPPED,
+        "not-found",
+        "remediate",
+    )
+
+
+async def test_run_command_deadline_defers(engine: Engine, sim: Simulator) -> None:
+    outcome = await check(engine, "avma-dc", RUN_COMMAND_TIMEOUT_SECONDS="0.01")
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.DEFERRED, "run-command-timeout")
+
+
+async def test_a_wrong_catalog_key_is_refused_by_windows_and_reported(
+    engine: Engine, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulator's Windows knows its own edition's key: a catalog mistake cannot go unnoticed."""
+    import shared.decide
+    from shared.catalog import CATALOG
+
+    wrong = next(e for e in CATALOG if e.edition == "Windows Server 2022 Standard")
+    monkeypatch.setattr(shared.decide, "select_key", lambda os_facts: wrong)
+    outcome = await check(engine, "avma-dc")
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.FAILED, "key-install-error:0xC004F069")
+    assert state(sim, "avma-dc")["channel"] == "AVMA"
+
+
+async def test_sweep_takes_every_vm_to_one_outcome_and_never_overlaps_run_commands(
+    engine: Engine, sim: Simulator
+) -> None:
+    remediator, gateway = engine()
+    report = await sweep(remediator, gateway.list_vms, [SUB], concurrency=8)
+    by_name = {VmId.parse(o.vm_id).name: o for o in report.outcomes}
+    assert set(by_name) == {VmId.parse(v["id"]).name for v in ESTATE}
+    assert len(report.outcomes) == len(ESTATE)
+    assert by_name["avma-dc"].kind is OutcomeKind.REMEDIATED
+    assert by_name["lnx"].reason == "not-windows"
+    assert sim.max_concurrent_run_commands() <= 1
+    # the engine itself caused no 409: the only conflict is the foreign Run Command on "busy"
+    conflicts = {k.lower(): v for k, v in sim.counters()["conflicts"].items()}
+    assert set(conflicts) <= {vm_id("busy").lower()}
+    json.dumps([o.as_dict() for o in report.outcomes])  # every outcome is JSON-able
