@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
 
+import aiohttp
 from azure.core.async_paging import AsyncItemPaged
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceRequestError
 from azure.core.pipeline import PipelineRequest
 from azure.core.pipeline.policies import SansIOHTTPPolicy
+from azure.core.pipeline.transport import AioHttpTransport
 from azure.core.rest import HttpRequest
 from azure.mgmt.compute.aio import ComputeManagementClient
 from azure.mgmt.compute.models import RunCommandInput
@@ -125,7 +128,23 @@ class ComputeGateway:
         self._settings = settings
         self._clients: dict[str, ComputeManagementClient] = {}
         self._counter = RequestCounter()
+        self._session: aiohttp.ClientSession | None = None
+        self._transport: AioHttpTransport | None = None
         self.run_commands = 0
+
+    def _shared_transport(self) -> AioHttpTransport:
+        """One connection pool for every subscription's client, with one TLS context.
+
+        Passing a CA path as ``connection_verify`` makes azure-core build a new SSL context for
+        every request, which also defeats aiohttp's connection reuse (a new TLS handshake per
+        request); a session with the context on its connector keeps connections alive.
+        """
+        if self._transport is None:
+            context = ssl.create_default_context(cafile=self._settings.ca_bundle)
+            connector = aiohttp.TCPConnector(ssl=context, limit=max(100, 2 * self._settings.max_concurrency))
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=True)
+            self._transport = AioHttpTransport(session=self._session, session_owner=False)
+        return self._transport
 
     @property
     def requests(self) -> int:
@@ -136,15 +155,15 @@ class ComputeGateway:
         key = subscription_id.lower()
         client = self._clients.get(key)
         if client is None:
-            kwargs: dict[str, Any] = {
-                "base_url": self._settings.arm_endpoint,
-                "credential_scopes": [self._settings.cloud.arm_scope],
-                "polling_interval": self._settings.poll_interval_s,
-                "per_retry_policies": [self._counter],
-            }
-            if self._settings.ca_bundle:
-                kwargs["connection_verify"] = self._settings.ca_bundle
-            client = ComputeManagementClient(self._credential, subscription_id, **kwargs)
+            client = ComputeManagementClient(
+                self._credential,
+                subscription_id,
+                base_url=self._settings.arm_endpoint,
+                credential_scopes=[self._settings.cloud.arm_scope],
+                polling_interval=self._settings.poll_interval_s,
+                per_retry_policies=[self._counter],
+                transport=self._shared_transport(),
+            )
             self._clients[key] = client
         return client
 
@@ -152,6 +171,9 @@ class ComputeGateway:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.close()
+        session, self._session, self._transport = self._session, None, None
+        if session is not None:
+            await session.close()
 
     async def __aenter__(self) -> ComputeGateway:
         return self
