@@ -103,3 +103,81 @@ class Outcome:
             out["hint"] = self.hint
         out.update(self.details)
         return out
+
+
+class Trigger(enum.StrEnum):
+    """Why a VM is being checked (the work item's reason)."""
+
+    VM_CREATED = "vm-created"
+    ALERT = "alert"
+    LOG_SCAN = "log-scan"
+    SWEEP = "sweep"
+    MANUAL = "manual"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One VM to check: its id, or only its computer name (resolved later through the inventory).
+
+    This is the queue message of ``vm-checks`` (``to_json``/``from_json``); ``attempt`` counts
+    deferrals so that a VM that never becomes ready ends ``failed`` at the deadline instead of
+    cycling forever.
+    """
+
+    reason: Trigger
+    vm_id: VmId | None = None
+    computer: str | None = None
+    correlation_id: str = ""
+    source: str = ""  # the event id, alert id or query that produced it
+    attempt: int = 0
+    first_seen: str = ""  # ISO 8601 UTC, when the work item was first produced
+
+    def __post_init__(self) -> None:
+        if (self.vm_id is None) == (self.computer is None):
+            raise ValueError("a work item names exactly one of vm_id or computer")
+
+    @property
+    def target(self) -> str:
+        return str(self.vm_id) if self.vm_id is not None else f"computer:{self.computer}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"reason": self.reason.value}
+        if self.vm_id is not None:
+            out["vmId"] = str(self.vm_id)
+        else:
+            out["computer"] = self.computer
+        out.update(
+            {
+                "correlationId": self.correlation_id,
+                "source": self.source,
+                "attempt": self.attempt,
+                "firstSeen": self.first_seen,
+            }
+        )
+        return out
+
+    @classmethod
+    def from_dict(cls, data: object) -> WorkItem:
+        """Parse a queue message body; raise ``ValueError`` with a clear message when it is not one."""
+        if not isinstance(data, dict):
+            raise ValueError("a work item is a JSON object")
+        try:
+            reason = Trigger(str(data.get("reason")))
+        except ValueError as error:
+            raise ValueError(f"unknown work item reason {data.get('reason')!r}") from error
+        vm_text, computer = data.get("vmId"), data.get("computer")
+        vm_id = VmId.parse(vm_text) if vm_text is not None else None
+        if computer is not None and (not isinstance(computer, str) or not computer.strip()):
+            raise ValueError("computer must be a non-empty string")
+        attempt = data.get("attempt", 0)
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
+            raise ValueError("attempt must be a non-negative integer")
+        return cls(
+            reason=reason,
+            vm_id=vm_id,
+            computer=computer.strip() if isinstance(computer, str) else None,
+            correlation_id=str(data.get("correlationId") or ""),
+            source=str(data.get("source") or "")[:500],
+            attempt=attempt,
+            first_seen=str(data.get("firstSeen") or ""),
+        )

@@ -62,6 +62,25 @@ class Settings:
     max_concurrency: int = 16
     run_command_timeout_s: float = 900.0
     poll_interval_s: float = 10.0
+    # The event-driven app (Functions): storage, ledger, log scan, sweep, retries.
+    storage_connection: str | None = None  # AzureWebJobsStorage (Azurite / connection string)
+    queue_service_uri: str | None = None  # AzureWebJobsStorage__queueServiceUri (identity-based)
+    table_service_uri: str | None = None  # AzureWebJobsStorage__tableServiceUri (identity-based)
+    storage_client_id: str | None = None  # AzureWebJobsStorage__clientId (user-assigned identity)
+    ledger_table: str = "avmaledger"
+    workspace_id: str | None = None
+    log_analytics_endpoint: str = ""
+    log_scan_lookback_s: float = 3600.0
+    log_scan_overlap_s: float = 600.0
+    management_group: str | None = None
+    recheck_after_s: float = 86400.0
+    defer_delay_s: float = 300.0
+    defer_deadline_s: float = 86400.0
+
+    @property
+    def lease_s(self) -> float:
+        """A lease outlives the longest workflow (two Run Commands and their reads) with a margin."""
+        return 2 * self.run_command_timeout_s + 300.0
 
     @property
     def kms_target(self) -> str:
@@ -122,6 +141,32 @@ class Settings:
         )
         poll = _number(get("POLL_INTERVAL_SECONDS"), "POLL_INTERVAL_SECONDS", 10, 0.0, 300, problems)
 
+        storage_connection = get("AzureWebJobsStorage") or None
+        queue_uri = get("AzureWebJobsStorage__queueServiceUri") or None
+        table_uri = get("AzureWebJobsStorage__tableServiceUri") or None
+        for name, uri in (("queueServiceUri", queue_uri), ("tableServiceUri", table_uri)):
+            if uri is not None and not uri.startswith("https://"):
+                problems.append(f"AzureWebJobsStorage__{name}={uri!r}: must be an https:// URL")
+        ledger_table = get("LEDGER_TABLE", "avmaledger") or "avmaledger"
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{2,62}", ledger_table):
+            problems.append(f"LEDGER_TABLE={ledger_table!r}: 3-63 letters and digits, starting with a letter")
+        workspace_id = get("LOG_ANALYTICS_WORKSPACE_ID") or None
+        if workspace_id is not None and not _GUID.match(workspace_id):
+            problems.append(f"LOG_ANALYTICS_WORKSPACE_ID={workspace_id[:60]!r}: not a workspace id (GUID)")
+        la_endpoint = (get("LOG_ANALYTICS_ENDPOINT") or cloud.log_analytics_endpoint).rstrip("/")
+        if not la_endpoint.startswith("https://"):
+            problems.append(f"LOG_ANALYTICS_ENDPOINT={la_endpoint!r}: must be an https:// URL")
+        management_group = get("MANAGEMENT_GROUP_ID") or None
+        if management_group is not None and not re.fullmatch(r"[-\w.()]{1,90}", management_group):
+            problems.append(f"MANAGEMENT_GROUP_ID={management_group[:60]!r}: not a management group id")
+        lookback = _number(
+            get("LOG_SCAN_LOOKBACK_MINUTES"), "LOG_SCAN_LOOKBACK_MINUTES", 60, 1, 10080, problems
+        )
+        overlap = _number(get("LOG_SCAN_OVERLAP_MINUTES"), "LOG_SCAN_OVERLAP_MINUTES", 10, 0, 1440, problems)
+        recheck = _number(get("RECHECK_AFTER_HOURS"), "RECHECK_AFTER_HOURS", 24, 0, 8760, problems)
+        defer_delay = _number(get("DEFER_DELAY_SECONDS"), "DEFER_DELAY_SECONDS", 300, 0, 604800, problems)
+        deadline = _number(get("DEFER_DEADLINE_HOURS"), "DEFER_DEADLINE_HOURS", 24, 0, 720, problems)
+
         if problems:
             raise ConfigError(problems)
         return cls(
@@ -137,6 +182,19 @@ class Settings:
             max_concurrency=int(concurrency),
             run_command_timeout_s=float(timeout),
             poll_interval_s=float(poll),
+            storage_connection=storage_connection,
+            queue_service_uri=queue_uri,
+            table_service_uri=table_uri,
+            storage_client_id=get("AzureWebJobsStorage__clientId") or None,
+            ledger_table=ledger_table,
+            workspace_id=workspace_id,
+            log_analytics_endpoint=la_endpoint,
+            log_scan_lookback_s=lookback * 60,
+            log_scan_overlap_s=overlap * 60,
+            management_group=management_group,
+            recheck_after_s=recheck * 3600,
+            defer_delay_s=float(defer_delay),
+            defer_deadline_s=deadline * 3600,
         )
 
 
@@ -170,3 +228,8 @@ def _number(
         problems.append(f"{name}={text!r}: must be between {low:g} and {high:g}")
         return default
     return value
+
+
+# Names the Functions bindings, the infrastructure and the code must agree on.
+WORK_QUEUE = "vm-checks"
+POISON_QUEUE = "vm-checks-poison"  # the Functions host's "<queue>-poison" convention
