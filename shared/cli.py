@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from shared.azure.compute import ComputeError, ComputeGateway
 from shared.azure.credentials import make_credential
+from shared.intake_cli import run_intake
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
 from shared.report import as_json, as_table, summary
 from shared.settings import ConfigError, Mode, Settings, is_subscription_id
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_check.add_argument("vm_id", metavar="VM_ID")
     run_options(p_check)
 
+    p_intake = commands.add_parser(
+        "intake", help="show the work items an Event Grid, alert or Log Analytics payload gives"
+    )
+    p_intake.add_argument("file", metavar="FILE|-", help="a JSON payload file, or - for standard input")
+
     p_sim = commands.add_parser("simulator", help="the simulated Azure estate")
     sim_commands = p_sim.add_subparsers(dest="sim_command", required=True, metavar="SUBCOMMAND")
     p_serve = sim_commands.add_parser("serve", help="serve the simulator until interrupted")
@@ -99,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulator":
             return _serve(args)
+        if args.command == "intake":
+            return run_intake(args.file, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
         return _run(args)
     except (ConfigError, UsageError) as error:
         print(f"avma-remediator: {error}", file=sys.stderr)
