@@ -1,9 +1,85 @@
-"""Azure Functions app (Python v2 programming model): thin adapters around the ``shared`` engine.
+"""Azure Functions app (Python v2 programming model): thin adapters around ``shared.triggers``.
 
-The triggers (Event Grid, alerts, timers, the queue worker) are registered here; no logic lives in
-this file.
+Every trigger feeds the ``vm-checks`` queue; one queue-triggered worker runs the per-VM workflow;
+the poison queue's handler records what the host gave up on. No decisions are made here.
 """
+
+from __future__ import annotations
+
+import json
+import logging
 
 import azure.functions as func
 
-app = func.FunctionApp()
+from shared import triggers
+from shared.settings import POISON_QUEUE, WORK_QUEUE
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+STORAGE = "AzureWebJobsStorage"
+
+
+@app.function_name("vm_write_event")
+@app.event_grid_trigger(arg_name="event")
+async def vm_write_event(event: func.EventGridEvent) -> None:
+    """Event Grid: ``Microsoft.Resources.ResourceWriteSuccess`` for VM writes → queue."""
+    payload = {
+        "id": event.id,
+        "topic": event.topic,
+        "subject": event.subject,
+        "eventType": event.event_type,
+        "eventTime": event.event_time.isoformat() if event.event_time else None,
+        "dataVersion": event.data_version,
+        "data": event.get_json(),
+    }
+    result = await triggers.on_vm_event(payload)
+    logging.info("event %s: %d work items, %d ignored", event.id, len(result.items), len(result.ignored))
+
+
+@app.function_name("alert_webhook")
+@app.route(route="alerts", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+async def alert_webhook(req: func.HttpRequest) -> func.HttpResponse:
+    """Action group (common alert schema) → queue; 202 accepted, 400 malformed, 413 too large."""
+    status, body = await triggers.on_alert(req.get_body())
+    return func.HttpResponse(json.dumps(body), status_code=status, mimetype="application/json")
+
+
+@app.function_name("log_scan")
+@app.timer_trigger(arg_name="timer", schedule="%LOG_SCAN_SCHEDULE%", run_on_startup=False, use_monitor=True)
+async def log_scan(timer: func.TimerRequest) -> None:
+    """Log Analytics: VMs that logged 0xC004FD02 since the last scan → queue."""
+    summary = await triggers.log_scan()
+    logging.info("log scan (past due: %s): %s", timer.past_due, summary)
+
+
+@app.function_name("sweep")
+@app.timer_trigger(arg_name="timer", schedule="%SWEEP_SCHEDULE%", run_on_startup=False, use_monitor=True)
+async def sweep(timer: func.TimerRequest) -> None:
+    """Every Windows VM in scope not verified within RECHECK_AFTER_HOURS → queue."""
+    summary = await triggers.sweep_scope()
+    logging.info("sweep (past due: %s): %s", timer.past_due, summary)
+
+
+@app.function_name("vm_check")
+@app.queue_trigger(arg_name="msg", queue_name=WORK_QUEUE, connection=STORAGE)
+async def vm_check(msg: func.QueueMessage) -> None:
+    """The worker: one work item → the per-VM workflow under the VM's lease → ledger."""
+    await triggers.work(msg.get_body().decode("utf-8", errors="replace"))
+
+
+@app.function_name("vm_check_poison")
+@app.queue_trigger(arg_name="msg", queue_name=POISON_QUEUE, connection=STORAGE)
+async def vm_check_poison(msg: func.QueueMessage) -> None:
+    """Messages the host gave up on (``maxDequeueCount``): recorded as ``failed: poison``."""
+    await triggers.poison(msg.get_body().decode("utf-8", errors="replace"))
+
+
+@app.function_name("status")
+@app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+async def status(req: func.HttpRequest) -> func.HttpResponse:
+    """Counts by outcome and the most recent actions, from the ledger."""
+    try:
+        recent = max(0, min(int(req.params.get("recent", "20")), 200))
+    except ValueError:
+        return func.HttpResponse('{"error": "recent must be a whole number"}', status_code=400)
+    body = await triggers.status(recent=recent)
+    return func.HttpResponse(json.dumps(body, default=str), mimetype="application/json")

@@ -156,7 +156,7 @@ class Remediator:
         quiet = (OutcomeKind.HEALTHY, OutcomeKind.REMEDIATED, OutcomeKind.WOULD_REMEDIATE)
         hint = "" if kind in quiet else hint_for(reason, self._settings)
         outcome = Outcome(str(vm_id), kind, reason, hint, dict(details or {}))
-        log.info(
+        log.debug(
             "vm outcome",
             extra={"vm_id": str(vm_id), "outcome": kind.value, "reason": reason},
         )

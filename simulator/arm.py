@@ -82,6 +82,15 @@ class Operation:
         return self.started_at + timedelta(seconds=self.ends - self.started)
 
 
+@dataclass(frozen=True, slots=True)
+class VmView:
+    """A VM as the read-only services (Resource Graph, Log Analytics) see it at one moment."""
+
+    spec: VmSpec
+    power_state: str
+    channel: str | None  # the guest's licensing channel now; None for Linux
+
+
 @dataclass(slots=True)
 class VmState:
     """A VM's live state: power, agent, guest, and what Run Command did to it."""
@@ -254,6 +263,19 @@ class Compute:
                 },
             }
 
+    def snapshot(self) -> list[VmView]:
+        """Every VM that exists now (deleted ones left out), in estate order, Run Commands settled."""
+        with self._lock:
+            now = self._clock()
+            views: list[VmView] = []
+            for vm in self._vms.values():
+                if vm.deleted:
+                    continue
+                self._settle(vm, now)
+                channel = vm.guest.channel if vm.guest is not None else None
+                views.append(VmView(spec=vm.spec, power_state=vm.power_state, channel=channel))
+            return views
+
     def max_concurrent_run_commands(self) -> int:
         """The most Run Commands ever running at once on any one VM (never more than 1 here)."""
         with self._lock:
@@ -361,7 +383,7 @@ class Compute:
                 "dataDisks": [],
             },
             "osProfile": {
-                "computerName": spec.name[:15],
+                "computerName": spec.hostname,
                 "adminUsername": "azureadmin",
                 **os_config,
                 "secrets": [],
@@ -407,7 +429,7 @@ class Compute:
         view: dict[str, Any] = {}
         running = vm.power_state == "running"
         if running and vm.agent_ready:
-            view["computerName"] = spec.name[:15]
+            view["computerName"] = spec.hostname
             if vm.guest is not None:
                 view["osName"] = vm.guest.caption.removeprefix("Microsoft ")
                 view["osVersion"] = f"Microsoft Windows NT {nt_version(vm.guest.build)}.0"

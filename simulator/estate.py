@@ -34,6 +34,8 @@ _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
 _PARTIAL_KEY = re.compile(r"^[A-Z0-9]{5}$")
+# A Windows computer (NetBIOS) name: 1-15 letters, digits and hyphens, not all digits.
+_COMPUTER_NAME = re.compile(r"^(?![0-9]+$)[A-Za-z0-9-]{1,15}$")
 _LOCATION = re.compile(r"^[a-z0-9]{2,40}$")
 
 
@@ -98,11 +100,21 @@ class VmSpec:
     guest: GuestSpec | None = None
     busy_seconds: float = 0.0
     vm_size: str = "Standard_D2s_v5"
+    computer_name: str | None = None
+    log_resource_id: bool = True
 
     @property
     def key(self) -> str:
         """ARM ids compare case-insensitively."""
         return self.id.lower()
+
+    @property
+    def hostname(self) -> str:
+        """The guest's computer name: ``computerName``, else the VM name cut to 15 characters.
+
+        The portal does the same cut for Windows, whose computer names are NetBIOS names.
+        """
+        return self.computer_name or self.name[:15]
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -117,6 +129,10 @@ class VmSpec:
             out["vmSize"] = self.vm_size
         if self.busy_seconds:
             out["busySeconds"] = self.busy_seconds
+        if self.computer_name is not None:
+            out["computerName"] = self.computer_name
+        if not self.log_resource_id:
+            out["logResourceId"] = False
         if self.guest is not None:
             out["guest"] = self.guest.to_dict()
         return out
@@ -243,7 +259,7 @@ def _vm(raw: object, path: str) -> VmSpec:
         obj,
         path,
         required=("id", "os", "powerState", "agentReady", "tags"),
-        optional=("location", "guest", "busySeconds", "vmSize"),
+        optional=("location", "guest", "busySeconds", "vmSize", "computerName", "logResourceId"),
     )
     vm_id = _string(obj["id"], f"{path}.id")
     match = _VM_ID.match(vm_id)
@@ -270,6 +286,15 @@ def _vm(raw: object, path: str) -> VmSpec:
         raise EstateError(f"{path}.location", f"not an Azure region name: {location[:60]!r}")
     busy = _number(obj.get("busySeconds", 0), f"{path}.busySeconds", low=0.0, high=86_400.0)
     vm_size = _string(obj.get("vmSize", "Standard_D2s_v5"), f"{path}.vmSize")
+    computer_name: str | None = None
+    if "computerName" in obj:
+        computer_name = _string(obj["computerName"], f"{path}.computerName")
+        if not _COMPUTER_NAME.match(computer_name):
+            raise EstateError(
+                f"{path}.computerName",
+                f"not a Windows computer name (1-15 letters, digits, hyphens): {computer_name[:60]!r}",
+            )
+    log_resource_id = _bool(obj.get("logResourceId", True), f"{path}.logResourceId")
     guest: GuestSpec | None = None
     if os_type == "Windows":
         if "guest" not in obj:
@@ -290,6 +315,8 @@ def _vm(raw: object, path: str) -> VmSpec:
         guest=guest,
         busy_seconds=busy,
         vm_size=vm_size,
+        computer_name=computer_name,
+        log_resource_id=log_resource_id,
     )
 
 

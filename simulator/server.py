@@ -2,7 +2,9 @@
 
 ARM listens on loopback with a certificate from a throwaway trustme CA (the PEM is written to a
 temporary directory, ``ca_bundle``), so the real Azure SDK talks to it exactly as to Azure, bearer
-token policy included. The token endpoint is plain HTTP on its own port, as App Service's is.
+token policy included. The same HTTPS server also answers Resource Graph (an ARM provider) and the
+Log Analytics query API (``/v1/workspaces/…``), which checks the audience its tokens were issued
+for. The token endpoint is plain HTTP on its own port, as App Service's is.
 
 Two ways to run it: :class:`Simulator` runs both servers on a background thread with its own event
 loop (tests, the CLI's ``--simulate``); :func:`serve_forever` runs them in the caller's loop (a
@@ -30,10 +32,12 @@ from aiohttp import web
 from simulator.arm import ArmResponse, Compute, arm_error
 from simulator.estate import Estate
 from simulator.identity import TokenIssuer
+from simulator.monitor import LOG_ANALYTICS_AUDIENCES, LogAnalytics, ResourceGraph, default_workspace_id
 
 DEFAULT_LATENCY_S: Final = 0.05
 SERVE_LATENCY_S: Final = 0.5
 _MAX_BODY: Final = 1024 * 1024
+ARM_RESOURCE: Final = "https://management.azure.com"
 
 
 class SimulatorServer:
@@ -48,10 +52,20 @@ class SimulatorServer:
         identity_port: int = 0,
         latency_s: float = DEFAULT_LATENCY_S,
         page_size: int = 100,
+        workspace_id: str | None = None,
     ) -> None:
         self.estate = estate
         self.compute = Compute(estate, latency_s=latency_s, page_size=page_size)
+        self.graph = ResourceGraph(self.compute)
+        self.logs = LogAnalytics(
+            self.compute,
+            workspace_id=workspace_id or default_workspace_id(estate.subscriptions),
+            audience=LOG_ANALYTICS_AUDIENCES[estate.cloud],
+        )
         self.tokens = TokenIssuer()
+        # The resource each issued token was asked for: Log Analytics accepts only its own audience.
+        self._audiences: dict[str, str] = {}
+        self._audiences_lock = threading.Lock()
         self._host = host
         self._ports = (arm_port, identity_port)
         self._runners: list[web.AppRunner] = []
@@ -72,6 +86,8 @@ class SimulatorServer:
             "IDENTITY_ENDPOINT": self.identity_endpoint,
             "IDENTITY_HEADER": self.identity_header,
             "TARGET_SUBSCRIPTIONS": ",".join(self.estate.subscriptions),
+            "LOG_ANALYTICS_ENDPOINT": f"{self.arm_endpoint}/v1",
+            "LOG_ANALYTICS_WORKSPACE_ID": self.logs.workspace_id,
             # One status poll per Run Command: the first poll lands when the command is done.
             "POLL_INTERVAL_SECONDS": f"{max(self.compute.latency_s, 0.01):g}",
         }
@@ -122,7 +138,34 @@ class SimulatorServer:
         app.router.add_get("/msi/token", self._token)
         return app
 
+    def issue_token(self, resource: str = ARM_RESOURCE) -> str:
+        """A bearer token for ``resource`` (ARM by default), as the identity endpoint would give."""
+        answer = self.tokens.issue(resource)
+        self._remember(answer["access_token"], resource)
+        return answer["access_token"]
+
+    def _remember(self, token: str, resource: str) -> None:
+        with self._audiences_lock:
+            self._audiences[token] = resource
+
+    def _audience(self, header: str | None) -> str | None:
+        """The resource a valid simulator bearer token was issued for, or None."""
+        if header is None:
+            return None
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not self.tokens.is_valid(token):
+            return None
+        with self._audiences_lock:
+            return self._audiences.get(token)
+
     async def _arm(self, request: web.Request) -> web.Response:
+        body = await request.read() if request.can_read_body else b""
+        parts = [p for p in request.path.split("/") if p]
+        if parts and parts[0].lower() == "v1":
+            self.compute.count("log_query")
+            audience = self._audience(request.headers.get("Authorization"))
+            return _send(self.logs.handle(request.method, parts, body, token_audience=audience))
         header = request.headers.get("Authorization")
         if header is None:
             self.compute.count("unauthorized")
@@ -137,14 +180,30 @@ class SimulatorServer:
         if scheme.lower() != "bearer" or not self.tokens.is_valid(token.strip()):
             self.compute.count("unauthorized")
             return _send(arm_error(401, "InvalidAuthenticationToken", "The access token is invalid."))
-        body = await request.read() if request.can_read_body else b""
         query = dict(request.query.items())
+        if [p.lower() for p in parts] == ["providers", "microsoft.resourcegraph", "resources"]:
+            return _send(self._resource_graph(request.method, query, body))
         answer = self.compute.handle(request.method, request.path, query, body, base_url=self.arm_endpoint)
         return _send(answer)
 
+    def _resource_graph(self, method: str, query: dict[str, str], body: bytes) -> ArmResponse:
+        self.compute.count("resource_graph")
+        if method != "POST":
+            return arm_error(405, "MethodNotAllowed", f"{method} is not allowed on Resource Graph queries")
+        if not any(k.lower() == "api-version" and v for k, v in query.items()):
+            return arm_error(
+                400,
+                "MissingApiVersionParameter",
+                "The api-version query parameter (?api-version=) is required for all requests.",
+            )
+        return self.graph.handle(body)
+
     async def _token(self, request: web.Request) -> web.Response:
         self.compute.count("token")
-        answer = self.tokens.answer(dict(request.query.items()), request.headers.get("X-IDENTITY-HEADER"))
+        query = dict(request.query.items())
+        answer = self.tokens.answer(query, request.headers.get("X-IDENTITY-HEADER"))
+        if answer.status == 200:
+            self._remember(str(answer.body["access_token"]), str(answer.body["resource"]))
         return web.json_response(dict(answer.body), status=answer.status)
 
 
@@ -168,6 +227,7 @@ class Simulator:
         host: str = "127.0.0.1",
         arm_port: int = 0,
         identity_port: int = 0,
+        workspace_id: str | None = None,
     ) -> None:
         self.estate = estate if estate is not None else Estate.default()
         self.server = SimulatorServer(
@@ -177,6 +237,7 @@ class Simulator:
             identity_port=identity_port,
             latency_s=latency_s,
             page_size=page_size,
+            workspace_id=workspace_id,
         )
         self.compute = self.server.compute
         self._thread: threading.Thread | None = None
@@ -250,9 +311,13 @@ class Simulator:
     def env(self) -> dict[str, str]:
         return self.server.env()
 
-    def issue_token(self) -> str:
-        """A bearer token ARM accepts, for clients that bring their own credential."""
-        return self.server.tokens.issue()["access_token"]
+    @property
+    def workspace_id(self) -> str:
+        return self.server.logs.workspace_id
+
+    def issue_token(self, resource: str = ARM_RESOURCE) -> str:
+        """A bearer token for ``resource`` (ARM by default), for clients that bring their own credential."""
+        return self.server.issue_token(resource)
 
     # ------------------------------------------------------------------ test hooks
 
@@ -282,6 +347,22 @@ class Simulator:
 
     def set_busy(self, vm_id: str, seconds: float) -> None:
         self.compute.set_busy(vm_id, seconds)
+
+    def set_log_partial_error(self, on: bool) -> None:
+        """Log Analytics answers with half the rows and the PartialError body while ``on``."""
+        self.server.logs.set_partial_error(on)
+
+    def log_queries(self) -> list[dict[str, Any]]:
+        """Every Log Analytics query: workspace, query, timespan, start, end, audience, status, rows."""
+        return self.server.logs.queries()
+
+    def throttle_resource_graph(self, requests: int, *, resets_after_s: int = 5) -> None:
+        """The next ``requests`` Resource Graph queries get 429 ``RateLimiting`` (see docs/simulator.md)."""
+        self.server.graph.throttle(requests, resets_after_s=resets_after_s)
+
+    def graph_queries(self) -> list[dict[str, Any]]:
+        """Every Resource Graph query: kind, subscriptions, managementGroups, top, skipToken, rows, status."""
+        return self.server.graph.queries()
 
 
 async def start_server(

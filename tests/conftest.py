@@ -29,3 +29,17 @@ def sim_factory() -> Iterator[Callable[..., Simulator]]:
 def simulator(sim_factory: Callable[..., Simulator]) -> Simulator:
     """A running simulator of the default estate (fresh state for each test)."""
     return sim_factory()
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Any]:
+    """Azurite for the whole session (started on first use, on free ports): ``connection_string``,
+    ``queue_port``, ``table_port`` and ``restart()``. Tests isolate themselves by table/queue name."""
+    from tests.azurite import AzuriteError, start_azurite
+
+    try:
+        server = start_azurite()
+    except AzuriteError as error:
+        pytest.fail(f"cannot start Azurite: {error}", pytrace=False)
+    yield server
+    server.close()

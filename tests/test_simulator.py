@@ -609,3 +609,89 @@ def _estate_dict() -> dict[str, Any]:
             },
         ],
     }
+
+
+# ------------------------------------------------------------------ Log Analytics and Resource Graph
+
+
+def test_estate_takes_a_computer_name_and_logs_without_a_resource_id() -> None:
+    data = _estate_dict()
+    data["vms"][0].update(computerName="APP-A", logResourceId=False)
+    estate = Estate.from_dict(data)
+    vm = estate.vms[0]
+    assert (vm.hostname, vm.log_resource_id) == ("APP-A", False)
+    assert estate.vms[1].hostname == "b" and estate.vms[1].log_resource_id
+    assert Estate.from_dict(estate.to_dict()).to_dict() == estate.to_dict()
+    for bad, path in [
+        ({"computerName": "app.contoso"}, "$.vms[0].computerName"),
+        ({"computerName": "sixteen-chars-xx"}, "$.vms[0].computerName"),
+        ({"computerName": "12345"}, "$.vms[0].computerName"),
+        ({"logResourceId": "no"}, "$.vms[0].logResourceId"),
+    ]:
+        data = _estate_dict()
+        data["vms"][0].update(bad)
+        with pytest.raises(EstateError) as error:
+            Estate.from_dict(data)
+        assert error.value.path == path
+
+
+async def test_log_analytics_and_resource_graph_on_the_wire(simulator: Simulator) -> None:
+    """What the SDKs hide: audience checks, the PartialError body, $top limits, skip tokens, table format."""
+    tls = ssl.create_default_context(cafile=simulator.ca_bundle)
+    la_url = f"{simulator.env()['LOG_ANALYTICS_ENDPOINT']}/workspaces/{simulator.workspace_id}/query"
+    spp = {
+        "query": "Event | where Source == 'Microsoft-Windows-Security-SPP' and RenderedDescription contains '0xC004FD02'"
+    }
+    la = {"Authorization": f"Bearer {simulator.issue_token('https://api.loganalytics.io')}"}
+    arm = {"Authorization": f"Bearer {simulator.issue_token()}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(la_url, json=spp, ssl=tls) as anonymous:
+            assert anonymous.status == 401
+            assert (await anonymous.json())["error"]["code"] == "AuthorizationRequiredError"
+        async with http.post(la_url, json=spp, headers=arm, ssl=tls) as wrong_audience:
+            assert wrong_audience.status == 403
+        async with http.post(la_url, json={**spp, "timespan": "PT1H"}, headers=la, ssl=tls) as answered:
+            body = await answered.json()
+        table = body["tables"][0]
+        assert [c["type"] for c in table["columns"]] == ["string", "string", "datetime", "long"]
+        avma = {vm.id.lower() for vm in simulator.estate.vms if vm.guest and vm.guest.channel == "AVMA"}
+        assert {row[0] for row in table["rows"]} == avma and "error" not in body
+        async with http.post(
+            la_url, json={**spp, "timespan": "P1D/2020-01-01T00:00:00Z"}, headers=la, ssl=tls
+        ) as old:
+            assert (await old.json())["tables"][0]["rows"] == []
+        simulator.set_log_partial_error(True)
+        async with http.post(la_url, json=spp, headers=la, ssl=tls) as partial:
+            body = await partial.json()
+        assert (
+            body["error"]["code"] == "PartialError" and len(body["tables"][0]["rows"]) == (len(avma) + 1) // 2
+        )
+        async with http.post(la_url, json={"query": "Perf | take 2"}, headers=la, ssl=tls) as other:
+            assert other.status == 400 and (await other.json())["error"]["code"] == "BadArgumentError"
+
+        graph = f"{simulator.arm_endpoint}/providers/Microsoft.ResourceGraph/resources?api-version=2021-03-01"
+        query = "Resources | where type =~ 'microsoft.compute/virtualmachines' | where tostring(properties.storageProfile.osDisk.osType) =~ 'Windows' | project id, name | order by id asc"
+        async with http.post(
+            graph, json={"query": query, "options": {"$top": 1001}}, headers=arm, ssl=tls
+        ) as big:
+            assert big.status == 400
+        request = {
+            "query": query,
+            "subscriptions": [SUB_DEV],
+            "options": {"$top": 3, "resultFormat": "table"},
+        }
+        async with http.post(graph, json=request, headers=arm, ssl=tls) as first:
+            page = await first.json()
+        dev = sorted(
+            vm.id for vm in simulator.estate.vms if vm.os == "Windows" and vm.subscription_id == SUB_DEV
+        )
+        assert (page["totalRecords"], page["count"], page["resultTruncated"]) == (len(dev), 3, "false")
+        assert [c["name"] for c in page["data"]["columns"]] == ["id", "name"]
+        assert [row[0] for row in page["data"]["rows"]] == dev[:3]
+        request["options"] = {"$skipToken": page["$skipToken"]}
+        async with http.post(graph, json=request, headers=arm, ssl=tls) as second:
+            rest = await second.json()
+        assert [row["id"] for row in rest["data"]] == dev[3:] and "$skipToken" not in rest
+        async with http.post(graph, json={"query": "Resources | take 1"}, headers=arm, ssl=tls) as unknown:
+            assert unknown.status == 400
+    assert simulator.counters()["requests"]["resource_graph"] == 4

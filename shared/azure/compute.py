@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
@@ -24,6 +23,7 @@ from azure.core.rest import HttpRequest
 from azure.mgmt.compute.aio import ComputeManagementClient
 from azure.mgmt.compute.models import RunCommandInput
 
+from shared.azure.transport import shared_transport, tls_session
 from shared.model import VmId
 from shared.settings import Settings
 from shared.vm import VmFacts
@@ -133,17 +133,10 @@ class ComputeGateway:
         self.run_commands = 0
 
     def _shared_transport(self) -> AioHttpTransport:
-        """One connection pool for every subscription's client, with one TLS context.
-
-        Passing a CA path as ``connection_verify`` makes azure-core build a new SSL context for
-        every request, which also defeats aiohttp's connection reuse (a new TLS handshake per
-        request); a session with the context on its connector keeps connections alive.
-        """
+        """One connection pool for every subscription's client (see shared/azure/transport.py)."""
         if self._transport is None:
-            context = ssl.create_default_context(cafile=self._settings.ca_bundle)
-            connector = aiohttp.TCPConnector(ssl=context, limit=max(100, 2 * self._settings.max_concurrency))
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=True)
-            self._transport = AioHttpTransport(session=self._session, session_owner=False)
+            self._session = tls_session(self._settings, limit=max(100, 2 * self._settings.max_concurrency))
+            self._transport = shared_transport(self._session)
         return self._transport
 
     @property

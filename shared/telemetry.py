@@ -1,0 +1,41 @@
+"""One structured log record per outcome, readable by people and by Kusto.
+
+The message is ``avma-outcome `` followed by compact JSON, so Application Insights keeps every
+field whichever logging exporter carries it (``traces | where message startswith "avma-outcome"
+| extend o = parse_json(substring(message, 13))``); the same fields also go in ``extra`` as
+``custom_dimensions`` for exporters that map them. Hints and facts are logged; keys and
+tokens never are (no product key is ever part of an outcome).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from shared.model import Outcome
+
+log = logging.getLogger("avma_remediator.outcomes")
+PREFIX = "avma-outcome "
+
+
+def outcome_record(
+    outcome: Outcome, *, trigger: str, correlation_id: str, attempt: int = 0
+) -> dict[str, Any]:
+    return {
+        "vmId": outcome.vm_id,
+        "outcome": outcome.kind.value,
+        "reason": outcome.reason,
+        "trigger": trigger,
+        "correlationId": correlation_id,
+        "attempt": attempt,
+        "durationS": outcome.details.get("duration_s"),
+        "edition": outcome.details.get("edition"),
+    }
+
+
+def log_outcome(outcome: Outcome, *, trigger: str, correlation_id: str, attempt: int = 0) -> dict[str, Any]:
+    record = outcome_record(outcome, trigger=trigger, correlation_id=correlation_id, attempt=attempt)
+    level = logging.WARNING if outcome.kind.value == "failed" else logging.INFO
+    log.log(level, PREFIX + json.dumps(record, separators=(",", ":")), extra={"custom_dimensions": record})
+    return record

@@ -1,0 +1,240 @@
+"""What each Functions trigger does, as plain async functions (no ``azure.functions`` here).
+
+``function_app.py`` only converts the runtime's objects to these arguments and back. Each call
+builds its clients from the settings, uses them, and closes them: invocations share nothing, so a
+failure in one cannot leak into the next, and tests can call these directly against the simulator
+and Azurite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from azure.core.credentials_async import AsyncTokenCredential
+
+from shared.azure.compute import ComputeGateway
+from shared.azure.credentials import make_credential
+from shared.azure.inventory import Inventory
+from shared.azure.logs import LogScanner
+from shared.intake import (
+    MAX_ALERT_BYTES,
+    IntakeError,
+    IntakeResult,
+    from_alert,
+    from_event_grid,
+    from_log_rows,
+)
+from shared.ledger import Ledger
+from shared.model import Outcome, OutcomeKind, Trigger, WorkItem
+from shared.settings import POISON_QUEUE, WORK_QUEUE, Settings
+from shared.telemetry import log_outcome
+from shared.worker import Worker
+from shared.workflow import Remediator
+from shared.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+LOG_SCAN_MARKER = "log-scan"
+_created: set[str] = set()  # queues and tables this process has made sure exist
+
+
+@dataclass
+class Runtime:
+    """The clients one invocation needs, closed together when it ends."""
+
+    settings: Settings
+    credential: AsyncTokenCredential
+    stack: AsyncExitStack
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, env: Mapping[str, str] | None = None) -> AsyncIterator[Runtime]:
+        settings = Settings.from_env(env)
+        async with AsyncExitStack() as stack:
+            credential = make_credential(settings, env)
+            stack.push_async_callback(credential.close)
+            yield cls(settings, credential, stack)
+
+    async def queue(self, name: str = WORK_QUEUE) -> WorkQueue:
+        queue = WorkQueue.from_settings(self.settings, self.credential, name=name)
+        self.stack.push_async_callback(queue.close)
+        if f"queue:{name}" not in _created:  # infra creates it in Azure; Azurite starts empty
+            await queue.create_if_needed()
+            _created.add(f"queue:{name}")
+        return queue
+
+    async def ledger(self) -> Ledger:
+        ledger = Ledger.from_settings(self.settings, self.credential)
+        self.stack.push_async_callback(ledger.close)
+        key = f"table:{self.settings.ledger_table}"
+        if key not in _created:
+            await ledger.create_table_if_needed()
+            _created.add(key)
+        return ledger
+
+    async def inventory(self) -> Inventory:
+        inventory = Inventory(self.credential, self.settings)
+        self.stack.push_async_callback(inventory.close)
+        return inventory
+
+    async def compute(self) -> ComputeGateway:
+        gateway = ComputeGateway(self.credential, self.settings)
+        self.stack.push_async_callback(gateway.close)
+        return gateway
+
+
+async def enqueue(runtime: Runtime, result: IntakeResult) -> int:
+    for reason in result.ignored:
+        log.info("intake ignored: %s", reason)
+    if not result.items:
+        return 0
+    queue = await runtime.queue()
+    return await queue.send_many(result.items)
+
+
+async def on_vm_event(event: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> IntakeResult:
+    """Event Grid (either schema): a VM write becomes a ``vm-created`` work item."""
+    result = from_event_grid(dict(event), now=datetime.now(UTC))
+    async with Runtime.open(env) as runtime:
+        await enqueue(runtime, result)
+    return result
+
+
+async def on_alert(body: bytes, *, env: Mapping[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """Action-group webhook (common alert schema): 202 with the items, 400 malformed, 413 too big."""
+    if len(body) > MAX_ALERT_BYTES:
+        return 413, {"error": f"payload of {len(body)} bytes exceeds the {MAX_ALERT_BYTES}-byte alert limit"}
+    try:
+        payload = json.loads(body)
+        result = from_alert(payload, now=datetime.now(UTC))
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and IntakeError are ValueErrors
+        kind = "malformed alert" if isinstance(error, IntakeError) else "body is not JSON"
+        return 400, {"error": f"{kind}: {str(error)[:500]}"}
+    async with Runtime.open(env) as runtime:
+        accepted = await enqueue(runtime, result)
+    return 202, {
+        "accepted": accepted,
+        "items": [i.to_dict() for i in result.items],
+        "ignored": result.ignored,
+    }
+
+
+async def log_scan(*, now: datetime | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Query the workspace for 0xC004FD02 since the last scan (with overlap) and enqueue the VMs."""
+    now = now or datetime.now(UTC)
+    async with Runtime.open(env) as runtime:
+        ledger = await runtime.ledger()
+        since = await ledger.get_marker(LOG_SCAN_MARKER)
+        scanner = LogScanner(runtime.credential, runtime.settings)
+        runtime.stack.push_async_callback(scanner.close)
+        scan = await scanner.scan(since=since, now=now)
+        if scan.partial_error:
+            log.warning(
+                "log scan returned partial results (%d rows kept): %s", len(scan.rows), scan.partial_error
+            )
+        result = from_log_rows(scan.rows, now=now, source=f"log-scan:{scan.window[1].isoformat()}")
+        sent = await enqueue(runtime, result)
+        # A partial scan is not a complete one: keep the old marker so the next scan covers it again.
+        if not scan.partial_error:
+            await ledger.set_marker(LOG_SCAN_MARKER, scan.window[1])
+    return {"rows": len(scan.rows), "enqueued": sent, "partialError": scan.partial_error}
+
+
+async def sweep_scope(*, now: datetime | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Every Windows VM in scope not verified within RECHECK_AFTER goes to the queue, in batches."""
+    now = now or datetime.now(UTC)
+    async with Runtime.open(env) as runtime:
+        ledger = await runtime.ledger()
+        fresh = await ledger.verified_since(now - timedelta(seconds=runtime.settings.recheck_after_s))
+        inventory = await runtime.inventory()
+        queue = await runtime.queue()
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        batch: list[WorkItem] = []
+        seen = skipped = sent = 0
+        async for vm_id in inventory.windows_vms():
+            seen += 1
+            if vm_id in fresh:
+                skipped += 1
+                continue
+            batch.append(
+                WorkItem(
+                    Trigger.SWEEP,
+                    vm_id=vm_id,
+                    correlation_id=f"sweep:{stamp}",
+                    source="sweep",
+                    first_seen=stamp,
+                )
+            )
+            if len(batch) >= 256:
+                sent += await queue.send_many(batch)
+                batch = []
+        if batch:
+            sent += await queue.send_many(batch)
+    log.info("sweep: %d Windows VMs in scope, %d verified recently, %d enqueued", seen, skipped, sent)
+    return {"windowsVms": seen, "recentlyVerified": skipped, "enqueued": sent}
+
+
+async def work(body: str, *, env: Mapping[str, str] | None = None) -> list[Outcome]:
+    """The queue worker: one message → the workflow under the VM's lease → ledger."""
+    async with Runtime.open(env) as runtime:
+        settings = runtime.settings
+        gateway = await runtime.compute()
+        worker = Worker(
+            remediator=Remediator(gateway, settings),
+            ledger=await runtime.ledger(),
+            queue=await runtime.queue(),
+            resolver=await runtime.inventory(),
+            settings=settings,
+        )
+        return await worker.handle_message(body)
+
+
+async def poison(body: str, *, env: Mapping[str, str] | None = None) -> None:
+    """A message the host gave up on: record ``failed: poison`` so no work item disappears unrecorded."""
+    target, trigger, correlation, attempt = "unparsable-message", "queue", "", 0
+    try:
+        item = WorkItem.from_dict(json.loads(body))
+        target, trigger = item.target, item.reason.value
+        correlation, attempt = item.correlation_id, item.attempt
+    except (ValueError, TypeError):
+        pass
+    async with Runtime.open(env) as runtime:
+        ledger = await runtime.ledger()
+        await ledger.record_event(
+            target,
+            OutcomeKind.FAILED.value,
+            "poison",
+            hint="The worker failed on this item repeatedly; see the function's logs for the exception.",
+            details={"body": body[:1000]},
+            trigger=trigger,
+            correlation_id=correlation,
+            attempt=attempt,
+        )
+    outcome = Outcome(target, OutcomeKind.FAILED, "poison")
+    log_outcome(outcome, trigger=trigger, correlation_id=correlation, attempt=attempt)
+
+
+async def status(*, recent: int = 20, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    async with Runtime.open(env) as runtime:
+        ledger = await runtime.ledger()
+        return await ledger.status(recent=recent)
+
+
+__all__ = [
+    "POISON_QUEUE",
+    "WORK_QUEUE",
+    "Runtime",
+    "log_scan",
+    "on_alert",
+    "on_vm_event",
+    "poison",
+    "status",
+    "sweep_scope",
+    "work",
+]

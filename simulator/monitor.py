@@ -1,0 +1,472 @@
+"""Log Analytics and Resource Graph as the engine meets them: its own queries, answered from the estate.
+
+Neither service runs KQL here. Each recognises the engine's queries by what they mention (the SPP
+event query; the Windows-VM listing and the computer-name lookup of Resource Graph) and answers
+them from the live estate, so a VM fixed by Run Command stops logging 0xC004FD02 and a deleted VM
+leaves the inventory. Anything else is a 400, so an engine that changes its query notices here
+rather than in Azure. Shapes: the Log Analytics query API example (oms-post-example.json) and the
+Resource Graph paging examples (ResourcesFirstPageQuery.json, ResourcesNextPageQuery.json);
+departures from Azure are listed in docs/simulator.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from simulator.arm import ArmResponse, Compute, VmView, arm_error
+
+# The Log Analytics audience of each cloud (the token's ``aud``), as azure-monitor-query expects it.
+LOG_ANALYTICS_AUDIENCES: Final[Mapping[str, str]] = {
+    "AzureCloud": "https://api.loganalytics.io",
+    "AzureUSGovernment": "https://api.loganalytics.us",
+    "AzureChinaCloud": "https://api.loganalytics.azure.cn",
+}
+# An AVMA guest in Azure retries activation and logs 0xC004FD02 on this cadence (a model, not a
+# measured Windows interval): short enough that any scan window of 5 minutes or more sees each VM.
+SPP_EVENT_INTERVAL_S: Final = 300
+# The workspace's default retention: the oldest events are this old when the simulator starts, and
+# a query with no timespan covers it.
+RETENTION: Final = timedelta(days=30)
+LOG_COLUMNS: Final = (
+    {"name": "_ResourceId", "type": "string"},
+    {"name": "Computer", "type": "string"},
+    {"name": "LastSeen", "type": "datetime"},
+    {"name": "Events", "type": "long"},
+)
+# The body the query API adds to a 200 when part of the query failed (the SDK's LogsQueryPartialResult).
+PARTIAL_ERROR: Final = {
+    "code": "PartialError",
+    "message": "There were some errors when processing your query.",
+    "details": [{"code": "EngineError", "message": "Query exceeded limits"}],
+}
+GRAPH_MAX_TOP: Final = 1000
+# Resource Graph's throttling answer (Azure/azure-cli-extensions#3325) and quota headers
+# (guidance-for-throttled-requests.md).
+GRAPH_THROTTLED_MESSAGE: Final = (
+    "Client application has been throttled and should not attempt to repeat the request until an "
+    "amount of time has elapsed. Please see https://aka.ms/resourcegraph-throttling for help."
+)
+GRAPH_SUPPORT_MESSAGE: Final = "Please provide below info when asking for support: simulated request."
+_VM_TYPE: Final = "microsoft.compute/virtualmachines"
+_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
+_DURATION = re.compile(
+    r"^P(?:(?P<d>\d+(?:\.\d+)?)D)?(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?"
+    r"(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
+)
+_INSTANT = re.compile(
+    r"^(?P<date>\d{4}-\d{2}-\d{2})T(?P<time>\d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d{1,9}))?"
+    r"(?P<zone>Z|[+-]\d{2}:\d{2})?$"
+)
+_LITERAL = re.compile(r"=~\s*'([^'\\]*)'")
+_PROJECT = re.compile(r"\|\s*project\s+([A-Za-z_][\w\s,]*?)\s*(?:\||$)")
+_GRAPH_COLUMNS: Final[Mapping[str, Callable[[VmView], str]]] = {
+    "id": lambda v: v.spec.id,
+    "name": lambda v: v.spec.name,
+    "type": lambda v: _VM_TYPE,
+    "location": lambda v: v.spec.location,
+    "resourceGroup": lambda v: v.spec.resource_group.lower(),
+    "subscriptionId": lambda v: v.spec.subscription_id,
+}
+
+
+def default_workspace_id(subscriptions: Sequence[str]) -> str:
+    """A workspace GUID that is stable for an estate (same subscriptions, same id)."""
+    seed = "avma-remediator-simulator-workspace:" + ",".join(sorted(s.lower() for s in subscriptions))
+    digest = bytearray(hashlib.sha256(seed.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5 layout, so it reads as an ordinary GUID
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    hexed = digest.hex()
+    return f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}"
+
+
+def _la_error(
+    status: int, code: str, message: str, details: list[dict[str, str]] | None = None
+) -> ArmResponse:
+    """The Log Analytics error envelope ``{"error": {"code", "message", "details"?}}``."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        error["details"] = details
+    return ArmResponse(status, {"error": error})
+
+
+class LogAnalytics:
+    """One workspace's ``Event`` table, as far as the engine's SPP query can see it; thread-safe."""
+
+    def __init__(
+        self,
+        compute: Compute,
+        *,
+        workspace_id: str,
+        audience: str,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        interval_s: int = SPP_EVENT_INTERVAL_S,
+    ) -> None:
+        if not _GUID.match(workspace_id):
+            raise ValueError("workspace_id must be a GUID")
+        if interval_s < 1:
+            raise ValueError("interval_s must be 1 or more")
+        self.compute = compute
+        self.workspace_id = workspace_id
+        self.audience = audience.rstrip("/")
+        self.interval_s = interval_s
+        self._clock = clock
+        self._history_start = clock() - RETENTION
+        self._lock = threading.Lock()
+        self._partial = False
+        self._log: list[dict[str, Any]] = []
+
+    def set_partial_error(self, on: bool) -> None:
+        """From now on, answer with half the rows plus the PartialError body (or stop doing so)."""
+        with self._lock:
+            self._partial = on
+
+    def queries(self) -> list[dict[str, Any]]:
+        """Every query request: workspace, query, timespan, window, token audience, status, rows."""
+        with self._lock:
+            return [dict(entry) for entry in self._log]
+
+    def handle(
+        self, method: str, parts: Sequence[str], body: bytes, *, token_audience: str | None
+    ) -> ArmResponse:
+        """Answer ``POST /v1/workspaces/{id}/query``; ``token_audience`` is None without a valid token."""
+        entry: dict[str, Any] = {"workspace": parts[2] if len(parts) > 2 else None}
+        entry["audience"] = token_audience
+        answer = self._answer(method, parts, body, token_audience, entry)
+        entry["status"] = answer.status
+        with self._lock:
+            self._log.append(entry)
+        return answer
+
+    def _answer(
+        self,
+        method: str,
+        parts: Sequence[str],
+        body: bytes,
+        token_audience: str | None,
+        entry: dict[str, Any],
+    ) -> ArmResponse:
+        low = [p.lower() for p in parts]
+        if len(low) != 4 or low[0] != "v1" or low[1] != "workspaces" or low[3] != "query":
+            return _la_error(404, "PathNotFoundError", "The requested path does not exist")
+        if method != "POST":
+            return _la_error(405, "MethodNotAllowed", f"{method} is not allowed; the simulator takes POST")
+        if token_audience is None:
+            return _la_error(401, "AuthorizationRequiredError", "Valid authentication was not provided")
+        if token_audience.rstrip("/") != self.audience:
+            # A token for another resource (ARM, or the endpoint URL when no audience is set).
+            return _la_error(
+                403, "InvalidTokenError", "The provided authentication is not valid for this resource"
+            )
+        workspace = parts[2]
+        if not _GUID.match(workspace):
+            return _la_error(404, "PathNotFoundError", "The requested path does not exist")
+        if workspace.lower() != self.workspace_id.lower():
+            return _la_error(404, "WorkspaceNotFoundError", "The workspace could not be found")
+        try:
+            data = json.loads(body or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("query"), str) or not data["query"]:
+            return _la_error(400, "BadArgumentError", "The request had some invalid properties")
+        query = data["query"]
+        entry["query"] = query
+        timespan = data.get("timespan")
+        entry["timespan"] = timespan
+        if timespan is not None and not isinstance(timespan, str):
+            return _la_error(400, "BadArgumentError", "The request had some invalid properties")
+        low_query = query.lower()
+        if "microsoft-windows-security-spp" not in low_query or "0xc004fd02" not in low_query:
+            return _la_error(
+                400,
+                "BadArgumentError",
+                "The request had some invalid properties",
+                [
+                    {
+                        "code": "UnsupportedQuery",
+                        "message": "The simulator answers only the engine's Security-SPP 0xC004FD02 query "
+                        "(docs/simulator.md).",
+                    }
+                ],
+            )
+        now = self._clock()
+        window = _window(timespan or "", now)
+        if window is None:
+            return _la_error(
+                400,
+                "BadArgumentError",
+                "The request had some invalid properties",
+                [{"code": "InvalidTimespan", "message": f"Cannot parse timespan {str(timespan)[:80]!r}"}],
+            )
+        # No event is in the future, and none is older than the retention at start-up.
+        start, end = max(window[0], self._history_start), min(window[1], now)
+        entry["start"], entry["end"] = start, end
+        rows = [row for view in self.compute.snapshot() if (row := self._row(view, start, end)) is not None]
+        with self._lock:
+            partial = self._partial
+        body_out: dict[str, Any] = {"tables": [{"name": "PrimaryResult", "columns": list(LOG_COLUMNS)}]}
+        if partial:
+            rows = rows[: math.ceil(len(rows) / 2)]
+            body_out["error"] = PARTIAL_ERROR
+        body_out["tables"][0]["rows"] = rows
+        entry["rows"] = len(rows)
+        entry["partial"] = partial
+        return ArmResponse(200, body_out)
+
+    def _row(self, view: VmView, start: datetime, end: datetime) -> list[Any] | None:
+        """The summarised row of one VM, or None when it logged no 0xC004FD02 event in the window."""
+        if view.channel != "AVMA" or end <= start:
+            return None
+        spec = view.spec
+        interval = self.interval_s
+        phase = int.from_bytes(hashlib.sha256(spec.key.encode()).digest()[:4], "big") % interval
+        first = math.ceil((start.timestamp() - phase) / interval)
+        last = math.floor((end.timestamp() - phase) / interval)
+        if last < first:
+            return None
+        seen = datetime.fromtimestamp(phase + last * interval, UTC)
+        # The Event table keeps _ResourceId in lower case; an agent that does not know the VM leaves it empty.
+        resource_id = spec.id.lower() if spec.log_resource_id else ""
+        return [resource_id, spec.hostname, seen.strftime("%Y-%m-%dT%H:%M:%S.0000000Z"), last - first + 1]
+
+
+def _window(timespan: str, now: datetime) -> tuple[datetime, datetime] | None:
+    """An ISO 8601 timespan (``PT1H``, ``start/end``, ``start/PT1H``, ``PT1H/end``) as (start, end)."""
+    if not timespan:
+        return now - RETENTION, now
+    if "/" not in timespan:
+        duration = _duration(timespan)
+        return None if duration is None else (now - duration, now)
+    left, _, right = timespan.partition("/")
+    start, end = _instant(left), _instant(right)
+    if start is not None and end is not None:
+        return start, end
+    if start is not None and (span := _duration(right)) is not None:
+        return start, start + span
+    if end is not None and (span := _duration(left)) is not None:
+        return end - span, end
+    return None
+
+
+def _duration(text: str) -> timedelta | None:
+    match = _DURATION.match(text)
+    if match is None or not any(match.groupdict().values()):
+        return None
+    parts = {k: float(v) for k, v in match.groupdict().items() if v}
+    days, hours = parts.get("d", 0.0), parts.get("h", 0.0)
+    return timedelta(days=days, hours=hours, minutes=parts.get("m", 0.0), seconds=parts.get("s", 0.0))
+
+
+def _instant(text: str) -> datetime | None:
+    match = _INSTANT.match(text)
+    if match is None:
+        return None
+    zone = match["zone"] or "Z"
+    micro = (match["frac"] or "").ljust(6, "0")[:6]
+    try:
+        return datetime.fromisoformat(
+            f"{match['date']}T{match['time']}.{micro}{'+00:00' if zone == 'Z' else zone}"
+        )
+    except ValueError:
+        return None
+
+
+def _graph_error(status: int, code: str, message: str) -> ArmResponse:
+    """Resource Graph's error envelope: a generic outer error with the reason in ``details``."""
+    return ArmResponse(
+        status,
+        {
+            "error": {
+                "code": "BadRequest" if status == 400 else code,
+                "message": GRAPH_SUPPORT_MESSAGE,
+                "details": [{"code": code, "message": message}],
+            }
+        },
+    )
+
+
+class ResourceGraph:
+    """``POST /providers/Microsoft.ResourceGraph/resources`` for the engine's two queries; thread-safe."""
+
+    def __init__(self, compute: Compute) -> None:
+        self.compute = compute
+        self._lock = threading.Lock()
+        self._throttle = 0
+        self._resets_after_s = 5
+        self._log: list[dict[str, Any]] = []
+
+    def throttle(self, requests: int, *, resets_after_s: int = 5) -> None:
+        """The next ``requests`` queries get 429 ``RateLimiting``, quota back in ``resets_after_s``."""
+        if requests < 0 or not 0 <= resets_after_s < 86_400:
+            raise ValueError("requests must be 0 or more, resets_after_s within a day")
+        with self._lock:
+            self._throttle = requests
+            self._resets_after_s = resets_after_s
+
+    def queries(self) -> list[dict[str, Any]]:
+        """Every request: kind, scope, $top, $skipToken, rows returned, status."""
+        with self._lock:
+            return [dict(entry) for entry in self._log]
+
+    def handle(self, body: bytes) -> ArmResponse:
+        """Answer one authenticated, routed query (api-version already checked by the server)."""
+        entry: dict[str, Any] = {}
+        answer = self._answer(body, entry)
+        entry["status"] = answer.status
+        with self._lock:
+            self._log.append(entry)
+        return answer
+
+    def _answer(self, body: bytes, entry: dict[str, Any]) -> ArmResponse:
+        with self._lock:
+            if self._throttle > 0:
+                self._throttle -= 1
+                return ArmResponse(
+                    429,
+                    {
+                        "error": {
+                            "code": "RateLimiting",
+                            "message": GRAPH_SUPPORT_MESSAGE,
+                            "details": [{"code": "RateLimiting", "message": GRAPH_THROTTLED_MESSAGE}],
+                        }
+                    },
+                    {
+                        "x-ms-user-quota-remaining": "0",
+                        "x-ms-user-quota-resets-after": _hms(self._resets_after_s),
+                    },
+                )
+        parsed = _graph_request(body)
+        if isinstance(parsed, ArmResponse):
+            return parsed
+        query, subscriptions, groups, options = parsed
+        entry.update(subscriptions=subscriptions, managementGroups=groups, top=options.get("$top"))
+        entry["skipToken"] = options.get("$skipToken")
+        if subscriptions and groups:
+            return _graph_error(400, "InvalidScope", "Give subscriptions or managementGroups, not both.")
+        low = query.lower()
+        if _VM_TYPE not in low:
+            return _graph_error(400, "InvalidQuery", "The simulator answers only the engine's VM queries.")
+        vms = self.compute.snapshot()
+        # A management group (or no scope: the tenant) holds every subscription of the estate.
+        if subscriptions:
+            wanted = {s.lower() for s in subscriptions}
+            vms = [v for v in vms if v.spec.subscription_id.lower() in wanted]
+        if "computername" in low:
+            names = {n.lower() for n in _LITERAL.findall(query)} - {_VM_TYPE}
+            if not names:
+                return _graph_error(400, "InvalidQuery", "No computer name to look up in the query.")
+            entry["kind"] = "resolve_computer"
+            vms = [v for v in vms if v.spec.hostname.lower() in names or v.spec.name.lower() in names]
+        elif "ostype" in low and "'windows'" in low:
+            entry["kind"] = "windows_vms"
+            vms = [v for v in vms if v.spec.os == "Windows"]
+        else:
+            return _graph_error(400, "InvalidQuery", "The simulator answers only the engine's VM queries.")
+        columns = _projection(query)
+        if columns is None:
+            return _graph_error(400, "InvalidQuery", f"Project only {', '.join(_GRAPH_COLUMNS)}.")
+        vms.sort(key=lambda v: v.spec.id)
+        return self._page([[_GRAPH_COLUMNS[c](v) for c in columns] for v in vms], columns, options, entry)
+
+    def _page(
+        self, rows: list[list[str]], columns: list[str], options: Mapping[str, Any], entry: dict[str, Any]
+    ) -> ArmResponse:
+        top = options.get("$top", GRAPH_MAX_TOP)
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= GRAPH_MAX_TOP:
+            return _graph_error(400, "InvalidQueryOptions", f"$top must be between 1 and {GRAPH_MAX_TOP}.")
+        skip = options.get("$skip", 0)
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+            return _graph_error(400, "InvalidQueryOptions", "$skip must be 0 or more.")
+        offset = skip
+        token = options.get("$skipToken")
+        if token is not None:
+            decoded = _decode_token(token)
+            if decoded is None:
+                return _graph_error(400, "InvalidSkipToken", "The skip token is invalid.")
+            offset = decoded
+        page = rows[offset : offset + top]
+        entry["rows"] = len(page)
+        result_format = options.get("resultFormat", "objectArray")
+        data: Any
+        if result_format == "table":
+            data = {"columns": [{"name": c, "type": "string"} for c in columns], "rows": page}
+        else:
+            data = [dict(zip(columns, row, strict=True)) for row in page]
+        out: dict[str, Any] = {
+            "totalRecords": len(rows),
+            "count": len(page),
+            "resultTruncated": "false",
+            "facets": [],
+            "data": data,
+        }
+        if offset + top < len(rows):
+            out["$skipToken"] = _encode_token(offset + top)
+        return ArmResponse(200, out)
+
+
+def _hms(seconds: int) -> str:
+    """``hh:mm:ss``, the format of ``x-ms-user-quota-resets-after``."""
+    return f"{seconds // 3600:02}:{seconds % 3600 // 60:02}:{seconds % 60:02}"
+
+
+def _graph_request(
+    raw: bytes,
+) -> tuple[str, list[str], list[str], Mapping[str, Any]] | ArmResponse:
+    """Validate a QueryRequest body: ``query``, ``subscriptions``, ``managementGroups``, ``options``."""
+    try:
+        data = json.loads(raw or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        return arm_error(
+            400, "InvalidRequestContent", "The request content was invalid and could not be deserialized."
+        )
+    query = data.get("query")
+    if not isinstance(query, str) or not query.strip():
+        return _graph_error(400, "InvalidQuery", "Required property 'query' is missing.")
+    scopes: list[list[str]] = []
+    for key in ("subscriptions", "managementGroups"):
+        value = data.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return _graph_error(400, "InvalidRequestContent", f"'{key}' must be an array of strings.")
+        scopes.append(value)
+    options = data.get("options") or {}
+    if not isinstance(options, dict):
+        return _graph_error(400, "InvalidRequestContent", "'options' must be an object.")
+    return query, scopes[0], scopes[1], options
+
+
+def _projection(query: str) -> list[str] | None:
+    """The columns of the query's last ``| project``; None when one is not a column the simulator has."""
+    found = _PROJECT.findall(query)
+    if not found:
+        return ["id"]
+    columns = [c.strip() for c in found[-1].split(",") if c.strip()]
+    if not columns or any(c not in _GRAPH_COLUMNS for c in columns):
+        return None
+    return columns
+
+
+def _encode_token(offset: int) -> str:
+    return base64.b64encode(json.dumps({"offset": offset}).encode()).decode()
+
+
+def _decode_token(token: object) -> int | None:
+    if not isinstance(token, str):
+        return None
+    try:
+        data = json.loads(base64.b64decode(token, validate=True))
+    except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    offset = data.get("offset") if isinstance(data, dict) else None
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        return None
+    return offset

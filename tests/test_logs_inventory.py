@@ -1,0 +1,281 @@
+"""The log scan and the inventory, through the real SDK clients (azure-monitor-query, azure-mgmt-resourcegraph)
+and the real managed-identity credential, against the simulator over HTTPS.
+
+What matters: the scan finds exactly the VMs failing with 0xC004FD02 (by id, or by computer name
+only), over the right window, with the cloud's audience, and keeps partial data; the inventory
+pages through every Windows VM in scope and resolves computer names without ever building a query
+from an unchecked name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from azure.identity.aio import ManagedIdentityCredential
+
+from shared.azure.inventory import Inventory, InventoryError, resolve_query
+from shared.azure.logs import SPP_QUERY, LogScanError, LogScanner
+from shared.model import VmId
+from shared.settings import Settings
+from simulator import Estate, Simulator
+
+SUB_A = "11111111-2222-4333-8444-555555555555"
+SUB_B = "66666666-7777-4888-8999-000000000000"
+KMS_CLIENTS_B = 14
+
+
+def vm_id(sub: str, rg: str, name: str) -> str:
+    return f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{name}"
+
+
+def windows(sub: str, rg: str, name: str, channel: str, **extra: Any) -> dict[str, Any]:
+    kms = channel == "KMS_CLIENT"
+    return {
+        "id": vm_id(sub, rg, name),
+        "os": "Windows",
+        "powerState": extra.pop("powerState", "running"),
+        "agentReady": True,
+        "tags": {},
+        "guest": {
+            "caption": "Microsoft Windows Server 2022 Datacenter",
+            "build": 20348,
+            "productType": 3,
+            "editionId": "ServerDatacenter",
+            "sku": 8,
+            "channel": channel,
+            "licenseStatus": 1 if kms else 5,
+            "kmsHost": "azkms.core.windows.net:1688" if kms else None,
+            "kmsReachable": True,
+        },
+        **extra,
+    }
+
+
+AVMA_APP = vm_id(SUB_A, "rg-App", "avma-app-01")
+AVMA_LEGACY = vm_id(SUB_A, "rg-legacy", "avma-legacy-07")  # logs carry only its computer name
+AVMA_LONG = vm_id(SUB_B, "rg-b", "avma-with-a-long-name")  # computer name cut to 15 characters
+ESTATE = {
+    "subscriptions": [SUB_A, SUB_B],
+    "vms": [
+        windows(SUB_A, "rg-App", "avma-app-01", "AVMA"),
+        windows(
+            SUB_A,
+            "rg-legacy",
+            "avma-legacy-07",
+            "AVMA",
+            powerState="deallocated",
+            computerName="LEGACYAPP7",
+            logResourceId=False,
+        ),
+        windows(SUB_A, "rg-App", "kms-app-01", "KMS_CLIENT"),
+        windows(SUB_B, "rg-b", "avma-with-a-long-name", "AVMA"),
+        *[windows(SUB_B, "rg-b", f"kms-b-{i:02}", "KMS_CLIENT") for i in range(KMS_CLIENTS_B)],
+        {
+            "id": vm_id(SUB_B, "rg-b", "lnx-01"),
+            "os": "Linux",
+            "powerState": "running",
+            "agentReady": True,
+            "tags": {},
+        },
+    ],
+}
+WINDOWS_A = sorted(vm["id"] for vm in ESTATE["vms"] if vm["os"] == "Windows" and SUB_A in vm["id"])
+WINDOWS_ALL = sorted(vm["id"] for vm in ESTATE["vms"] if vm["os"] == "Windows")
+
+
+@pytest.fixture
+def sim(sim_factory: Callable[..., Simulator]) -> Simulator:
+    return sim_factory(Estate.from_dict(ESTATE))
+
+
+@pytest.fixture
+async def credential(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[ManagedIdentityCredential]:
+    """The real managed-identity credential, pointed at the simulator's token endpoint."""
+    monkeypatch.setenv("IDENTITY_ENDPOINT", sim.identity_endpoint)
+    monkeypatch.setenv("IDENTITY_HEADER", sim.identity_header)
+    async with ManagedIdentityCredential() as cred:
+        yield cred
+
+
+def settings(sim: Simulator, **env: str) -> Settings:
+    return Settings.from_env({**sim.env(), **env})
+
+
+# ------------------------------------------------------------------ log scan
+
+
+async def test_scan_finds_exactly_the_avma_vms_by_id_or_computer_name(
+    sim: Simulator, credential: ManagedIdentityCredential
+) -> None:
+    now = datetime.now(UTC)
+    async with LogScanner(credential, settings(sim)) as scanner:
+        result = await scanner.scan(since=None, now=now)
+    assert result.partial_error is None
+    assert {str(vm).lower() for vm in result.vm_ids()} == {AVMA_APP.lower(), AVMA_LONG.lower()}
+    assert VmId.parse(AVMA_APP) in result.vm_ids()  # the table's ids are lower case; VmId ignores case
+    assert result.computers_only() == ["LEGACYAPP7"]
+    by_computer = {row["Computer"]: row for row in result.rows}
+    assert set(by_computer) == {"avma-app-01", "LEGACYAPP7", "avma-with-a-lon"}
+    assert by_computer["LEGACYAPP7"]["_ResourceId"] == ""
+    for row in result.rows:
+        assert result.window[0] <= row["LastSeen"] <= now
+        assert row["LastSeen"].tzinfo is not None
+        assert row["Events"] >= 1
+
+
+async def test_scan_window_covers_the_overlap_and_the_lookback(
+    sim: Simulator, credential: ManagedIdentityCredential
+) -> None:
+    now = datetime.now(UTC)
+    since = now - timedelta(minutes=3)
+    env = {"LOG_SCAN_OVERLAP_MINUTES": "10", "LOG_SCAN_LOOKBACK_MINUTES": "120"}
+    async with LogScanner(credential, settings(sim, **env)) as scanner:
+        incremental = await scanner.scan(since=since, now=now)
+        first = await scanner.scan(since=None, now=now)
+        skewed = scanner.window(since=now + timedelta(hours=1), now=now)
+        with pytest.raises(ValueError, match="timezone"):
+            scanner.window(since=datetime(2024, 1, 1), now=now)  # naive: refused
+    assert incremental.window == (since - timedelta(minutes=10), now)
+    assert first.window == (now - timedelta(minutes=120), now)
+    assert skewed == (now - timedelta(minutes=10), now)
+    seen = sim.log_queries()
+    assert [q["status"] for q in seen] == [200, 200]
+    assert seen[0]["query"] == SPP_QUERY and sim.workspace_id == seen[0]["workspace"]
+    for query, result in zip(seen, (incremental, first), strict=True):
+        assert abs(query["start"] - result.window[0]) < timedelta(milliseconds=1)
+        assert abs(query["end"] - result.window[1]) < timedelta(milliseconds=1)
+    assert len(incremental.rows) == 3  # 13 minutes: every AVMA VM logs every 5 minutes
+
+
+async def test_a_partial_result_keeps_its_rows_and_reports_the_error(
+    sim: Simulator, credential: ManagedIdentityCredential, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = datetime.now(UTC)
+    async with LogScanner(credential, settings(sim)) as scanner:
+        full = await scanner.scan(since=None, now=now)
+        sim.set_log_partial_error(True)
+        with caplog.at_level(logging.WARNING, logger="shared.azure.logs"):
+            partial = await scanner.scan(since=None, now=now)
+    assert partial.partial_error is not None and partial.partial_error.startswith("PartialError")
+    assert 0 < len(partial.rows) < len(full.rows)
+    assert all(row in full.rows for row in partial.rows)
+    assert "partial results (2 rows kept)" in caplog.text
+
+
+async def test_the_token_is_asked_for_the_cloud_s_log_analytics_audience(
+    sim: Simulator, credential: ManagedIdentityCredential
+) -> None:
+    now = datetime.now(UTC)
+    async with LogScanner(credential, settings(sim)) as scanner:
+        await scanner.scan(since=None, now=now)
+    assert sim.log_queries()[-1]["audience"] == "https://api.loganalytics.io"
+    # Another cloud's audience (and so any token not meant for this workspace's API) is refused.
+    async with LogScanner(credential, settings(sim, AZURE_CLOUD="AzureUSGovernment")) as scanner:
+        with pytest.raises(LogScanError) as refused:
+            await scanner.scan(since=None, now=now)
+    assert (refused.value.status, refused.value.code) == (403, "InvalidTokenError")
+    assert sim.log_queries()[-1]["audience"] == "https://api.loganalytics.us"
+
+
+async def test_http_errors_become_log_scan_errors(
+    sim: Simulator, credential: ManagedIdentityCredential
+) -> None:
+    wrong = "00000000-1111-4222-8333-444444444444"
+    async with LogScanner(credential, settings(sim, LOG_ANALYTICS_WORKSPACE_ID=wrong)) as scanner:
+        with pytest.raises(LogScanError) as error:
+            await scanner.scan(since=None, now=datetime.now(UTC))
+    assert (error.value.status, error.value.code) == (404, "WorkspaceNotFoundError")
+
+
+async def test_deleted_vms_stop_showing(sim: Simulator, credential: ManagedIdentityCredential) -> None:
+    sim.delete_vm(AVMA_APP)
+    async with LogScanner(credential, settings(sim)) as scanner:
+        result = await scanner.scan(since=None, now=datetime.now(UTC))
+    assert [str(vm).lower() for vm in result.vm_ids()] == [AVMA_LONG.lower()]
+
+
+# ------------------------------------------------------------------ inventory
+
+
+async def test_windows_vms_pages_through_the_target_subscriptions(
+    sim: Simulator, credential: ManagedIdentityCredential
+) -> None:
+    async with Inventory(credential, settings(sim), page_size=4) as inventory:
+        found = [str(vm) async for vm in inventory.windows_vms()]
+    assert found == WINDOWS_ALL  # every Windows VM, once, in id order; never the Linux one
+    queries = sim.graph_queries()
+    assert len(queries) == math.ceil(len(WINDOWS_ALL) / 4) > 2
+    assert all(q["kind"] == "windows_vms" and q["top"] == 4 and q["status"] == 200 for q in queries)
+    assert queries[0]["skipToken"] is None and all(q["skipToken"] for q in queries[1:])
+    assert queries[0]["subscriptions"] == [SUB_A, SUB_B] and queries[0]["managementGroups"] == []
+
+
+async def test_windows_vms_in_one_subscription(sim: Simulator, credential: ManagedIdentityCredential) -> None:
+    async with Inventory(credential, settings(sim, TARGET_SUBSCRIPTIONS=SUB_A)) as inventory:
+        found = [str(vm) async for vm in inventory.windows_vms()]
+    assert found == WINDOWS_A
+    assert len(sim.graph_queries()) == 1 and sim.graph_queries()[0]["top"] == 1000
+
+
+async def test_a_management_group_scope_wins_over_subscriptions(
+    sim: Simulator, credential: ManagedIdentityCredential
+) -> None:
+    env = {"MANAGEMENT_GROUP_ID": "mg-servers", "TARGET_SUBSCRIPTIONS": SUB_A}
+    async with Inventory(credential, settings(sim, **env), page_size=10) as inventory:
+        found = [str(vm) async for vm in inventory.windows_vms()]
+    assert found == WINDOWS_ALL
+    assert {(tuple(q["managementGroups"]), tuple(q["subscriptions"])) for q in sim.graph_queries()} == {
+        (("mg-servers",), ())
+    }
+
+
+async def test_resolve_computer_by_computer_name_vm_name_or_fqdn(
+    sim: Simulator, credential: ManagedIdentityCredential
+) -> None:
+    async with Inventory(credential, settings(sim)) as inventory:
+        assert await inventory.resolve_computer("LEGACYAPP7") == [VmId.parse(AVMA_LEGACY)]
+        assert await inventory.resolve_computer("legacyapp7.contoso.local") == [VmId.parse(AVMA_LEGACY)]
+        assert await inventory.resolve_computer("AVMA-APP-01") == [VmId.parse(AVMA_APP)]
+        assert await inventory.resolve_computer("avma-with-a-lon") == [VmId.parse(AVMA_LONG)]
+        assert await inventory.resolve_computer("no-such-host") == []
+    assert {q["kind"] for q in sim.graph_queries()} == {"resolve_computer"}
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["x' or 1==1 //", "a'", "vm01\n| project secrets", "", "-leading-hyphen", "a" * 65, "vm 01", "vm01'//"],
+)
+async def test_resolve_computer_rejects_anything_but_a_host_name(
+    sim: Simulator, credential: ManagedIdentityCredential, hostile: str
+) -> None:
+    async with Inventory(credential, settings(sim)) as inventory:
+        with pytest.raises(ValueError, match="not a computer name"):
+            await inventory.resolve_computer(hostile)
+    with pytest.raises(ValueError, match="not a computer name"):
+        resolve_query(hostile)
+    assert sim.graph_queries() == []  # nothing was sent
+
+
+async def test_throttling_waits_for_the_quota_then_becomes_a_typed_error(
+    sim: Simulator, credential: ManagedIdentityCredential
+) -> None:
+    sim.throttle_resource_graph(1, resets_after_s=0)
+    async with Inventory(credential, settings(sim, TARGET_SUBSCRIPTIONS=SUB_A)) as inventory:
+        assert [str(vm) async for vm in inventory.windows_vms()] == WINDOWS_A  # waited, then went on
+        assert [q["status"] for q in sim.graph_queries()] == [429, 200]
+        sim.throttle_resource_graph(10, resets_after_s=0)
+        with pytest.raises(InventoryError) as error:
+            [vm async for vm in inventory.windows_vms()]
+    assert (error.value.reason, error.value.status, error.value.code) == ("throttled", 429, "RateLimiting")
+    assert [q["status"] for q in sim.graph_queries()][2:] == [429] * 4  # the first try and 3 retries
+    sim.throttle_resource_graph(1, resets_after_s=3600)  # too long to wait inside one run
+    async with Inventory(credential, settings(sim)) as inventory:
+        with pytest.raises(InventoryError, match="RateLimiting"):
+            [vm async for vm in inventory.windows_vms()]
