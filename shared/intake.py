@@ -418,6 +418,7 @@ def _from_query_response(payload: Mapping[str, object], *, now: datetime) -> Int
     """A Log Analytics query response: each table's rows, keyed by that table's own column names."""
     stamp = _stamp(now)
     result = IntakeResult()
+    seen: set[object] = set()
     for t, table in enumerate(_list(payload["tables"], "$.tables")):
         tpath = f"$.tables[{t}]"
         entry = _obj(table, tpath)
@@ -437,8 +438,14 @@ def _from_query_response(payload: Mapping[str, object], *, now: datetime) -> Int
                 raise IntakeError(f"{tpath}.rows[{r}]: {len(values)} values for {len(columns)} columns")
             records.append(dict(zip(columns, values, strict=True)))
         part = _log_rows(records, stamp=stamp, source=f"log-analytics:{name}", label=f"table {_short(name)} ")
-        result.items.extend(part.items)
         result.ignored.extend(part.ignored)
+        for item in part.items:  # a machine named in two tables is still one work item
+            key: object = item.vm_id if item.vm_id is not None else (item.computer or "").casefold()
+            if key in seen:
+                result.ignored.append(f"table {_short(name)}: {_short(item.target)} already listed")
+                continue
+            seen.add(key)
+            result.items.append(item)
     return result
 
 

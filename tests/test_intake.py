@@ -5,7 +5,6 @@ Variants of a sample change only the fields named in the test; everything else s
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 from datetime import UTC, datetime, timedelta, timezone
@@ -31,6 +30,8 @@ from shared.intake import (
 )
 from shared.intake_cli import run_intake
 from shared.model import Trigger, VmId, WorkItem
+from tests.payloads import as_cloud_event, dim, load, v2_alert
+from tests.payloads import as_vm_write as _as_vm_write
 
 SAMPLES = Path(__file__).parent / "data" / "samples"
 EG_WRITE = "eventgrid_ResourceWriteSuccess_eventgrid-schema_spec-example.json"
@@ -57,10 +58,6 @@ WORKSPACE_ID = (
 PLACEHOLDER_SUB = "12345a-1234b-123c-123d-12345678e"  # the alert docs' subscription placeholder (not a GUID)
 
 
-def load(name: str) -> Any:
-    return json.loads((SAMPLES / name).read_text(encoding="utf-8"))
-
-
 def vm(text: str) -> VmId:
     return VmId.parse(text)
 
@@ -73,31 +70,7 @@ def targets(result: IntakeResult) -> list[str]:
 
 
 def as_vm_write(event: dict[str, Any], resource: str = VM_ID) -> dict[str, Any]:
-    """The spec sample (a storage-account write) turned into a VM write: only the fields that differ.
-
-    Per the facts file: operationName, authorization.action, resourceProvider, resourceUri, subject.
-    """
-    event = copy.deepcopy(event)
-    data = event["data"]
-    data["operationName"] = VM_WRITE
-    data["authorization"]["action"] = VM_WRITE
-    data["resourceProvider"] = "Microsoft.Compute"
-    data["resourceUri"] = resource
-    event["subject"] = resource
-    return event
-
-
-def as_cloud_event(event: dict[str, Any]) -> dict[str, Any]:
-    """The Event Grid → CloudEvents 1.0 mapping: type, source = topic, subject, id, time, data."""
-    return {
-        "source": event["topic"],
-        "subject": event["subject"],
-        "type": event["eventType"],
-        "time": event["eventTime"],
-        "id": event["id"],
-        "data": copy.deepcopy(event["data"]),
-        "specversion": "1.0",
-    }
+    return _as_vm_write(event, resource)
 
 
 def test_the_cloudevents_mapping_reproduces_the_published_cloudevents_sample() -> None:
@@ -317,31 +290,6 @@ def test_resource_uri_and_subject_both_empty_is_malformed() -> None:
 
 
 # --- alerts --------------------------------------------------------------------------------------
-
-
-def v2_alert(
-    *,
-    dimensions: list[dict[str, Any]] | None = None,
-    targets: list[str] | None = None,
-    configuration_items: list[str] | None = None,
-    condition: str | None = None,
-) -> dict[str, Any]:
-    """The published Log Alerts V2 payload with only the named fields replaced."""
-    alert = load(ALERT_V2)
-    essentials = alert["data"]["essentials"]
-    if dimensions is not None:
-        alert["data"]["alertContext"]["condition"]["allOf"][0]["dimensions"] = dimensions
-    if targets is not None:
-        essentials["alertTargetIDs"] = targets
-    if configuration_items is not None:
-        essentials["configurationItems"] = configuration_items
-    if condition is not None:
-        essentials["monitorCondition"] = condition
-    return alert
-
-
-def dim(name: str, value: Any) -> dict[str, Any]:
-    return {"name": name, "value": value}
 
 
 def test_published_v2_alert_ids_use_a_placeholder_subscription_and_are_refused_with_reasons() -> None:
@@ -952,3 +900,12 @@ def test_cli_unreadable_file_exits_2(tmp_path: Path) -> None:
     assert code == 2
     assert "cannot read" in err
     assert run(str(tmp_path))[0] == 2  # a directory
+
+
+def test_a_machine_named_in_two_tables_of_a_query_response_is_one_work_item() -> None:
+    """Found by the property test: dedupe spans tables, not only rows of one table."""
+    table = {"name": "0", "columns": [{"name": "_ResourceId", "type": "string"}], "rows": [[VM_ID]]}
+    computers = {"name": "1", "columns": [{"name": "Computer", "type": "string"}], "rows": [["DB-01"], ["db-01"]]}
+    result = from_payload({"tables": [table, dict(table), computers, dict(computers)]}, now=NOW)
+    assert targets(result) == [VM_ID, "computer:DB-01"]
+    assert any("already listed" in reason for reason in result.ignored)
