@@ -905,7 +905,11 @@ def test_cli_unreadable_file_exits_2(tmp_path: Path) -> None:
 def test_a_machine_named_in_two_tables_of_a_query_response_is_one_work_item() -> None:
     """Found by the property test: dedupe spans tables, not only rows of one table."""
     table = {"name": "0", "columns": [{"name": "_ResourceId", "type": "string"}], "rows": [[VM_ID]]}
-    computers = {"name": "1", "columns": [{"name": "Computer", "type": "string"}], "rows": [["DB-01"], ["db-01"]]}
+    computers = {
+        "name": "1",
+        "columns": [{"name": "Computer", "type": "string"}],
+        "rows": [["DB-01"], ["db-01"]],
+    }
     result = from_payload({"tables": [table, dict(table), computers, dict(computers)]}, now=NOW)
     assert targets(result) == [VM_ID, "computer:DB-01"]
     assert any("already listed" in reason for reason in result.ignored)
