@@ -26,7 +26,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+# Azurite (the storage emulator the tests start) comes from npm, pinned in package-lock.json.
+node_modules/.package-lock.json: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+
+unit: $(STAMP) node_modules/.package-lock.json
 	$(BIN)/pytest -q
 
 test: lint typecheck unit

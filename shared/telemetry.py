@@ -20,9 +20,10 @@ PREFIX = "avma-outcome "
 
 
 def outcome_record(
-    outcome: Outcome, *, trigger: str, correlation_id: str, attempt: int = 0
+    outcome: Outcome, *, trigger: str, correlation_id: str, attempt: int = 0, first_seen: str = ""
 ) -> dict[str, Any]:
     return {
+        "firstSeen": first_seen,
         "vmId": outcome.vm_id,
         "outcome": outcome.kind.value,
         "reason": outcome.reason,
@@ -34,8 +35,13 @@ def outcome_record(
     }
 
 
-def log_outcome(outcome: Outcome, *, trigger: str, correlation_id: str, attempt: int = 0) -> dict[str, Any]:
-    record = outcome_record(outcome, trigger=trigger, correlation_id=correlation_id, attempt=attempt)
+def log_outcome(
+    outcome: Outcome, *, trigger: str, correlation_id: str, attempt: int = 0, first_seen: str = ""
+) -> dict[str, Any]:
+    """Log one outcome; ``first_seen`` (when the work item was produced) lets Kusto measure latency."""
+    record = outcome_record(
+        outcome, trigger=trigger, correlation_id=correlation_id, attempt=attempt, first_seen=first_seen
+    )
     level = logging.WARNING if outcome.kind.value == "failed" else logging.INFO
     log.log(level, PREFIX + json.dumps(record, separators=(",", ":")), extra={"custom_dimensions": record})
     return record

@@ -153,7 +153,13 @@ class Worker:
             await self._ledger.record(
                 vm_id, outcome=outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt
             )
-            log_outcome(outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt)
+            log_outcome(
+                outcome,
+                trigger=trigger,
+                correlation_id=correlation,
+                attempt=item.attempt,
+                first_seen=item.first_seen,
+            )
             return outcome
         finally:
             await self._ledger.release(lease, outcome)
