@@ -41,7 +41,18 @@ PS7_PARAMETERS = frozenset({"-parallel", "-asarray", "-ashashtable", "-enumsasst
 
 
 def source(name: str) -> bytes:
-    return resources.files("shared.guest").joinpath(f"{name}.ps1").read_bytes()
+    """The script exactly as Run Command receives it (common.ps1 included)."""
+    return ("\n".join(SCRIPTS[name].lines) + "\n").encode("ascii")
+
+
+def test_both_scripts_include_the_shared_helpers_once_and_nothing_is_left_unresolved() -> None:
+    common = resources.files("shared.guest").joinpath("common.ps1").read_text(encoding="utf-8").splitlines()
+    for name, script in SCRIPTS.items():
+        text = "\n".join(script.lines)
+        assert "@include" not in text, name
+        assert "\n".join(common) in text, name
+        raw = resources.files("shared.guest").joinpath(f"{name}.ps1").read_text(encoding="utf-8")
+        assert raw.count("# @include common.ps1") == 1
 
 
 def walk(node: Node) -> Iterator[Node]:

@@ -45,11 +45,27 @@ class GuestScript:
     lines: tuple[str, ...]  # a tuple so that no caller can change the shared copy
 
 
-def _load(name: str) -> GuestScript:
-    text = resources.files("shared.guest").joinpath(f"{name}.ps1").read_text(encoding="utf-8")
+INCLUDE = "# @include common.ps1"
+
+
+def _read(file_name: str) -> str:
+    text = resources.files("shared.guest").joinpath(file_name).read_text(encoding="utf-8")
     if not text.isascii():
-        raise RuntimeError(f"{name}.ps1 must be ASCII (Run Command and Windows PowerShell code pages)")
-    lines = tuple(text.splitlines())
+        raise RuntimeError(f"{file_name} must be ASCII (Run Command and Windows PowerShell code pages)")
+    return text
+
+
+def _load(name: str) -> GuestScript:
+    """The script as sent: ``<name>.ps1`` with its one include line replaced by ``common.ps1``.
+
+    Run Command takes one self-contained script, so the helpers both scripts need live once in
+    common.ps1 and are inserted here, at load time, never from caller input.
+    """
+    own = _read(f"{name}.ps1").splitlines()
+    if own.count(INCLUDE) != 1:
+        raise RuntimeError(f"{name}.ps1 must contain the line {INCLUDE!r} exactly once")
+    at = own.index(INCLUDE)
+    lines = tuple(own[:at] + _read("common.ps1").splitlines() + own[at + 1 :])
     marker = _MARKER_LINE.fullmatch(lines[0]) if lines else None
     if marker is None or marker.group(1) != name:
         raise RuntimeError(f"{name}.ps1 does not start with its marker line")

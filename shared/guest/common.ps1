@@ -1,0 +1,176 @@
+# --- helpers shared by detect.ps1 and remediate.ps1 (scripts.py inserts this file at their include line) ---
+
+function ConvertTo-HResultText {
+    # HResult is a signed Int32; print it as 0x + 8 upper-case hex digits of the unsigned value.
+    param($Code)
+    $value = [int64]$Code
+    if ($value -lt 0) { $value = $value + 4294967296 }
+    $value = $value % 4294967296
+    return ('0x{0:X8}' -f $value)
+}
+
+function Get-HResult {
+    # The innermost exception carries the code Windows returned (COMException for SPP/WMI).
+    param($ErrorRecord)
+    $code = $null
+    $exception = $ErrorRecord.Exception
+    while ($null -ne $exception) {
+        $candidate = $null
+        $typeName = $exception.GetType().FullName
+        if ($typeName -eq 'Microsoft.Management.Infrastructure.CimException') {
+            $data = $exception.ErrorData
+            if ($null -ne $data) {
+                $property = $data.CimInstanceProperties['error_Code']
+                if ($null -ne $property -and $null -ne $property.Value) { $candidate = [int64]$property.Value }
+            }
+        }
+        elseif ($typeName -eq 'System.Management.ManagementException') {
+            $candidate = [int64]$exception.ErrorCode
+        }
+        elseif ($exception -is [System.Runtime.InteropServices.ExternalException]) {
+            $candidate = [int64]$exception.ErrorCode
+        }
+        if ($null -eq $candidate -and $null -ne $exception.HResult) {
+            $candidate = [int64]$exception.HResult
+        }
+        if ($null -ne $candidate -and $candidate -ne 0) { $code = $candidate }
+        $exception = $exception.InnerException
+    }
+    if ($null -eq $code) { $code = 2147500037 }
+    return $code
+}
+
+function Get-ShortText {
+    # Cut text so that, once non-ASCII characters are escaped as \uXXXX, it stays within $Max.
+    param($Value, [int]$Max = 120)
+    if ($null -eq $Value) { return $null }
+    $text = [string]$Value
+    $length = 0
+    for ($i = 0; $i -lt $text.Length; $i++) {
+        $cost = 1
+        if ([int]$text[$i] -gt 126 -or [int]$text[$i] -lt 32) { $cost = 6 }
+        if ($length + $cost -gt $Max) { return $text.Substring(0, $i) }
+        $length = $length + $cost
+    }
+    return $text
+}
+
+function Get-ErrorText {
+    param($ErrorRecord)
+    $exception = $ErrorRecord.Exception
+    while ($null -ne $exception.InnerException) { $exception = $exception.InnerException }
+    $text = ($exception.GetType().Name + ': ' + $exception.Message) -replace '\s+', ' '
+    return (Get-ShortText $text 160)
+}
+
+function Get-OptionalString {
+    param($Value, [int]$Max = 120)
+    if ($null -eq $Value) { return $null }
+    return (Get-ShortText ([string]$Value) $Max)
+}
+
+function Get-OptionalInt {
+    param($Value)
+    if ($null -eq $Value) { return 0 }
+    return [int64]$Value
+}
+
+function Read-OsFacts {
+    $os = Get-CimInstance -ClassName Win32_OperatingSystem
+    $key = Get-ItemProperty -Path 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion' -Name EditionID
+    return [ordered]@{
+        caption     = Get-ShortText ([string]$os.Caption) 120
+        version     = Get-ShortText ([string]$os.Version) 40
+        build       = [int64]$os.BuildNumber
+        productType = [int64]$os.ProductType
+        sku         = [int64]$os.OperatingSystemSKU
+        editionId   = Get-ShortText ([string]$key.EditionID) 60
+    }
+}
+
+function Read-LicenseFacts {
+    # The Windows product that carries a key; add-ons (for example ESU) share the Windows
+    # ApplicationID, so they are left out as slmgr.vbs does (LicenseIsAddon).
+    $filter = "ApplicationID='" + $WindowsAppId + "' AND PartialProductKey IS NOT NULL"
+    $found = @(Get-CimInstance -ClassName SoftwareLicensingProduct -Filter $filter)
+    $products = @($found | Where-Object { -not $_.LicenseIsAddon })
+    if ($products.Count -eq 0) { return $null }
+    if ($products.Count -gt 1) {
+        throw (New-Object System.InvalidOperationException ([string]$products.Count + ' Windows products carry a product key'))
+    }
+    $product = $products[0]
+    $channel = $null
+    $channelProperty = $product.CimInstanceProperties['ProductKeyChannel']
+    if ($null -ne $channelProperty) { $channel = $channelProperty.Value }
+    return [ordered]@{
+        name                 = Get-OptionalString $product.Name 120
+        description          = Get-OptionalString $product.Description 120
+        productKeyChannel    = Get-OptionalString $channel 40
+        partialProductKey    = Get-OptionalString $product.PartialProductKey 10
+        licenseStatus        = [int64]$product.LicenseStatus
+        graceMinutes         = Get-OptionalInt $product.GracePeriodRemaining
+        kmsMachine           = Get-OptionalString $product.KeyManagementServiceMachine 255
+        kmsPort              = Get-OptionalInt $product.KeyManagementServicePort
+        discoveredKmsMachine = Get-OptionalString $product.DiscoveredKeyManagementServiceMachineName 255
+        discoveredKmsPort    = Get-OptionalInt $product.DiscoveredKeyManagementServiceMachinePort
+    }
+}
+
+function Test-KmsConnection {
+    # TCP connect with a 3 s wait; the socket is always closed.
+    param([string]$TargetHost, [int]$TargetPort)
+    $reachable = $false
+    $problem = $null
+    $client = $null
+    try {
+        $client = New-Object System.Net.Sockets.TcpClient
+        $pending = $client.BeginConnect($TargetHost, $TargetPort, $null, $null)
+        if ($pending.AsyncWaitHandle.WaitOne(3000, $false)) {
+            $client.EndConnect($pending)
+            $reachable = $true
+        }
+        else {
+            $problem = 'no answer within 3 s'
+        }
+    }
+    catch {
+        $inner = $_.Exception
+        while ($null -ne $inner.InnerException) { $inner = $inner.InnerException }
+        if ($inner -is [System.Net.Sockets.SocketException]) {
+            $problem = 'socket error ' + [string]$inner.SocketErrorCode
+        }
+        else {
+            $problem = Get-ErrorText $_
+        }
+    }
+    finally {
+        if ($null -ne $client) { $client.Close() }
+    }
+    return [ordered]@{
+        host      = $TargetHost
+        port      = $TargetPort
+        reachable = $reachable
+        error     = $problem
+    }
+}
+
+function New-ScriptError {
+    param([string]$Step, $Code, [string]$Message)
+    return [ordered]@{
+        step    = $Step
+        hresult = ConvertTo-HResultText $Code
+        message = Get-ShortText $Message 160
+    }
+}
+
+function Write-Result {
+    # The marked line is written last, as compact JSON with every non-ASCII character escaped.
+    param($Result)
+    $json = ConvertTo-Json -InputObject $Result -Compress -Depth 5
+    $builder = New-Object System.Text.StringBuilder
+    foreach ($character in $json.ToCharArray()) {
+        if ([int]$character -gt 126) { $null = $builder.AppendFormat('\u{0:x4}', [int]$character) }
+        else { $null = $builder.Append($character) }
+    }
+    Write-Output ($ResultMarker + $builder.ToString())
+}
