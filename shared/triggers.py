@@ -134,10 +134,6 @@ async def log_scan(*, now: datetime | None = None, env: Mapping[str, str] | None
         scanner = LogScanner(runtime.credential, runtime.settings)
         runtime.stack.push_async_callback(scanner.close)
         scan = await scanner.scan(since=since, now=now)
-        if scan.partial_error:
-            log.warning(
-                "log scan returned partial results (%d rows kept): %s", len(scan.rows), scan.partial_error
-            )
         result = from_log_rows(scan.rows, now=now, source=f"log-scan:{scan.window[1].isoformat()}")
         sent = await enqueue(runtime, result)
         # A partial scan is not a complete one: keep the old marker so the next scan covers it again.

@@ -21,10 +21,11 @@ from typing import Any, Final
 import aiohttp
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import HttpResponseError, ServiceRequestError
+from azure.core.pipeline.transport import AioHttpTransport
 from azure.mgmt.resourcegraph.aio import ResourceGraphClient
 from azure.mgmt.resourcegraph.models import QueryRequest, QueryRequestOptions
 
-from shared.azure.transport import shared_transport, tls_session
+from shared.azure.transport import PooledClient
 from shared.model import VmId
 from shared.settings import Settings
 
@@ -81,7 +82,7 @@ def resolve_query(computer: str) -> str:
     )
 
 
-class Inventory:
+class Inventory(PooledClient[ResourceGraphClient]):
     """Paged Resource Graph queries over one client and connection pool."""
 
     def __init__(
@@ -98,29 +99,17 @@ class Inventory:
         if throttle_retries < 0:
             raise ValueError("throttle_retries must be 0 or more")
         self._credential = credential
-        self._settings = settings
+        super().__init__(settings, session)
         self._page_size = page_size
-        self._session = session
-        self._owns_session = session is None
         self._throttle_retries = throttle_retries
-        self._client: ResourceGraphClient | None = None
 
-    def _graph(self) -> ResourceGraphClient:
-        """Built on first use inside the running loop, with one TLS context on a shared session.
-
-        (A CA path as ``connection_verify`` would build a context per request and defeat
-        connection reuse.)
-        """
-        if self._client is None:
-            if self._session is None:
-                self._session = tls_session(self._settings)
-            self._client = ResourceGraphClient(
-                self._credential,
-                base_url=self._settings.arm_endpoint,
-                credential_scopes=[self._settings.cloud.arm_scope],
-                transport=shared_transport(self._session),
-            )
-        return self._client
+    def _make_client(self, transport: AioHttpTransport) -> ResourceGraphClient:
+        return ResourceGraphClient(
+            self._credential,
+            base_url=self._settings.arm_endpoint,
+            credential_scopes=[self._settings.cloud.arm_scope],
+            transport=transport,
+        )
 
     def _scope(self) -> tuple[list[str] | None, list[str] | None]:
         """(subscriptions, management groups); neither means the tenant, all the identity can read."""
@@ -152,7 +141,7 @@ class Inventory:
 
     async def _rows(self, query: str) -> AsyncIterator[Mapping[str, Any]]:
         """Every row of ``query``, following ``$skipToken`` until the last page."""
-        client = self._graph()
+        client = self._sdk()
         subscriptions, groups = self._scope()
         skip_token: str | None = None
         throttled = 0
@@ -189,20 +178,6 @@ class Inventory:
             if not next_token or next_token == skip_token:
                 return
             skip_token = next_token
-
-    async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
-        if self._owns_session and self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
-
-    async def __aenter__(self) -> Inventory:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 def _vm_id(row: Mapping[str, Any]) -> VmId | None:

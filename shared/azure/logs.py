@@ -16,10 +16,11 @@ from typing import Final, TypedDict
 import aiohttp
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import HttpResponseError, ServiceRequestError
+from azure.core.pipeline.transport import AioHttpTransport
 from azure.monitor.query import LogsQueryPartialResult, LogsTable
 from azure.monitor.query.aio import LogsQueryClient
 
-from shared.azure.transport import shared_transport, tls_session
+from shared.azure.transport import PooledClient
 from shared.model import VmId
 from shared.settings import ConfigError, Settings
 
@@ -74,7 +75,7 @@ class ScanResult:
         return [row["Computer"] for row in self.rows if VmId.try_parse(row["_ResourceId"]) is None]
 
 
-class LogScanner:
+class LogScanner(PooledClient[LogsQueryClient]):
     """Runs :data:`SPP_QUERY` over the configured workspace; one client and connection pool per scanner."""
 
     def __init__(
@@ -87,30 +88,18 @@ class LogScanner:
         if not settings.workspace_id:
             raise ConfigError(["LOG_ANALYTICS_WORKSPACE_ID: required for the log scan"])
         self._credential = credential
-        self._settings = settings
+        super().__init__(settings, session)
         self._workspace_id = settings.workspace_id
-        self._session = session
-        self._owns_session = session is None
-        self._client: LogsQueryClient | None = None
 
-    def _logs_client(self) -> LogsQueryClient:
-        """Built on first use, inside the running loop (aiohttp sessions belong to one loop).
-
-        The session carries the one TLS context: a CA path as ``connection_verify`` would make
-        azure-core build a context per request and lose connection reuse. The audience is passed
-        explicitly because, with a custom endpoint, the SDK would otherwise ask for a token for the
-        endpoint URL, which Log Analytics rejects.
-        """
-        if self._client is None:
-            if self._session is None:
-                self._session = tls_session(self._settings)
-            self._client = LogsQueryClient(
-                self._credential,
-                endpoint=self._settings.log_analytics_endpoint,
-                audience=self._settings.cloud.log_analytics_audience,
-                transport=shared_transport(self._session),
-            )
-        return self._client
+    def _make_client(self, transport: AioHttpTransport) -> LogsQueryClient:
+        """The audience is passed explicitly: with a custom endpoint the SDK would otherwise ask for a
+        token for the endpoint URL, which Log Analytics rejects."""
+        return LogsQueryClient(
+            self._credential,
+            endpoint=self._settings.log_analytics_endpoint,
+            audience=self._settings.cloud.log_analytics_audience,
+            transport=transport,
+        )
 
     def window(self, *, since: datetime | None, now: datetime) -> tuple[datetime, datetime]:
         """From the last scan minus the overlap (late-arriving events), else the lookback, to ``now``.
@@ -128,9 +117,7 @@ class LogScanner:
         """The VMs whose SPP events mention 0xC004FD02 within :meth:`window`."""
         window = self.window(since=since, now=now)
         try:
-            response = await self._logs_client().query_workspace(
-                self._workspace_id, SPP_QUERY, timespan=window
-            )
+            response = await self._sdk().query_workspace(self._workspace_id, SPP_QUERY, timespan=window)
         except HttpResponseError as error:
             code = str(error.error.code) if error.error is not None and error.error.code else ""
             raise LogScanError(
@@ -155,20 +142,6 @@ class LogScanner:
                 partial_error,
             )
         return ScanResult(rows=rows, partial_error=partial_error, window=window)
-
-    async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
-        if self._owns_session and self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
-
-    async def __aenter__(self) -> LogScanner:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 def _rows(table: LogsTable) -> list[ScanRow]:
