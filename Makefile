@@ -30,7 +30,18 @@ typecheck: $(STAMP)
 node_modules/.package-lock.json: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 
-unit: $(STAMP) node_modules/.package-lock.json
+# checkov (the infra tests run it) pins pycep-parser 0.5.1 and packaging 23.2, which clash with .venv,
+# so it gets a venv of its own. About a minute, once per clone.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_VERSION := 3.3.30
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
+
+$(CHECKOV_STAMP):
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
+	touch $(CHECKOV_STAMP)
+
+unit: $(STAMP) node_modules/.package-lock.json $(CHECKOV_STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
@@ -39,4 +50,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/sweep.py --vms 2000 --avma-fraction 0.05 --latency 1 --concurrency 64
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,90 @@
+// Log Analytics (the app's logs and the VMs' Application log), Application Insights with local
+// (key-based) authentication off, and the data collection rule that brings the
+// Microsoft-Windows-Security-SPP events of Windows VMs into the workspace's Event table, where the
+// log scan (shared/azure/logs.py) and the log search alert (post/wiring.bicep) look for 0xC004FD02.
+param workspaceName string
+param applicationInsightsName string
+param dataCollectionRuleName string
+param location string
+param tags object
+
+@description('Days the workspace keeps data.')
+@minValue(30)
+@maxValue(730)
+param retentionInDays int = 30
+
+resource workspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
+  name: workspaceName
+  location: location
+  tags: tags
+  properties: {
+    sku: {
+      name: 'PerGB2018'
+    }
+    retentionInDays: retentionInDays
+    features: {
+      disableLocalAuth: true
+    }
+  }
+}
+
+resource applicationInsights 'Microsoft.Insights/components@2020-02-02' = {
+  name: applicationInsightsName
+  location: location
+  tags: tags
+  kind: 'web'
+  properties: {
+    Application_Type: 'web'
+    WorkspaceResourceId: workspace.id
+    DisableLocalAuth: true
+  }
+}
+
+// Azure Monitor Agent on a VM sends what this rule selects once the VM is associated with it (the
+// built-in policy in monitoring-policy.bicep does that at scale). Stream Microsoft-Event lands in
+// the Event table (learn.microsoft.com/azure/azure-monitor/agents/data-collection-windows-events).
+resource dataCollectionRule 'Microsoft.Insights/dataCollectionRules@2024-03-11' = {
+  name: dataCollectionRuleName
+  location: location
+  tags: tags
+  kind: 'Windows'
+  properties: {
+    description: 'Software Protection Platform events (Application log) of Windows VMs, for avma-remediator.'
+    dataSources: {
+      windowsEventLogs: [
+        {
+          name: 'security-spp-application'
+          streams: [
+            'Microsoft-Event'
+          ]
+          xPathQueries: [
+            'Application!*[System[Provider[@Name=\'Microsoft-Windows-Security-SPP\']]]'
+          ]
+        }
+      ]
+    }
+    destinations: {
+      logAnalytics: [
+        {
+          name: 'remediatorWorkspace'
+          workspaceResourceId: workspace.id
+        }
+      ]
+    }
+    dataFlows: [
+      {
+        streams: [
+          'Microsoft-Event'
+        ]
+        destinations: [
+          'remediatorWorkspace'
+        ]
+      }
+    ]
+  }
+}
+
+output workspaceName string = workspace.name
+output workspaceCustomerId string = workspace.properties.customerId
+output applicationInsightsName string = applicationInsights.name
+output dataCollectionRuleId string = dataCollectionRule.id
