@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--latency", type=float, default=DEFAULT_SIM_LATENCY_S, metavar="SECONDS")
     p_serve.add_argument("--arm-port", type=int, default=0)
     p_serve.add_argument("--identity-port", type=int, default=0)
+    p_serve.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KIND=VALUE",
+        help="inject a fault (repeatable): KIND=RATE, KIND=every:N[:burst:B], armThrottling=TIMESCALE; "
+        "adds to the estate file's faults (docs/simulator.md)",
+    )
+    p_serve.add_argument("--fault-seed", type=int, metavar="N", help="seed of the fault schedules")
     return parser
 
 
@@ -248,11 +257,18 @@ def _serve(args: argparse.Namespace) -> int:
         estate = Estate.load(Path(args.estate)) if args.estate else Estate.default()
     except (EstateError, OSError) as error:
         raise UsageError(f"estate file: {error}") from error
+    if args.fault or args.fault_seed is not None:
+        try:
+            estate = estate.with_faults(estate.faults.with_options(args.fault, seed=args.fault_seed))
+        except EstateError as error:
+            raise UsageError(str(error)) from error
 
     def announce(env: Mapping[str, str]) -> None:
         print("# The simulator is running. Point the CLI or a Functions host at it with:")
         for key, value in env.items():
             print(f"export {key}={value}")
+        if estate.faults.enabled:
+            print(f"# Faults on: {json.dumps(estate.faults.to_dict(), separators=(',', ':'))}")
         print("# Ctrl-C stops it.", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -100,6 +100,11 @@ class LeaseLost(LedgerError):
     """The lease expired and another worker took it over (or it was already released)."""
 
 
+class TableMissing(LedgerError):
+    """The ledger table does not exist: never deployed, deleted, or lost with the storage behind it
+    (an emulator restarted in memory). Creating it again is the cure (``create_table_if_needed``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """The last outcome stored for a VM; ``verified_at`` is the last time its state was observed."""
@@ -234,10 +239,19 @@ def _history_entry(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _table_missing(error: AzureError) -> bool:
+    """Table storage said ``TableNotFound``. The SDK sets ``error_code`` for reads but not for
+    inserts (``create_entity``), whose 404 body still names the code."""
+    if not isinstance(error, ResourceNotFoundError):
+        return False
+    code = getattr(error, "error_code", None)
+    return code == TableErrorCode.TABLE_NOT_FOUND or "TableNotFound" in str(error)
+
+
 def _no_table(error: ResourceNotFoundError, table: str) -> None:
     """A missing table is a deployment fault, not a missing row: never read it as "no lease/verdict"."""
-    if getattr(error, "error_code", None) == TableErrorCode.TABLE_NOT_FOUND:
-        raise LedgerError(
+    if _table_missing(error):
+        raise TableMissing(
             f"ledger table {table!r} does not exist (deploy the infrastructure, or create_table_if_needed)"
         ) from error
 
@@ -249,7 +263,8 @@ def _storage(operation: str, target: object) -> Iterator[None]:
         yield
     except AzureError as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise LedgerError(f"ledger {operation} failed for {str(target)[:200]}: {first_line}") from error
+        kind = TableMissing if _table_missing(error) else LedgerError
+        raise kind(f"ledger {operation} failed for {str(target)[:200]}: {first_line}") from error
 
 
 class Ledger:

@@ -117,8 +117,8 @@ class Settings:
         arm_endpoint = arm_endpoint.rstrip("/")
 
         ca_bundle = get("AZURE_CA_BUNDLE") or None
-        if ca_bundle is not None and not Path(ca_bundle).is_file():
-            problems.append(f"AZURE_CA_BUNDLE={ca_bundle!r}: no such file")
+        if ca_bundle is not None and not _is_file(ca_bundle):
+            problems.append(f"AZURE_CA_BUNDLE={ca_bundle[:200]!r}: no such file")
 
         subscriptions = tuple(s for s in re.split(r"[\s,;]+", get("TARGET_SUBSCRIPTIONS")) if s)
         for sub in subscriptions:
@@ -196,6 +196,14 @@ class Settings:
             defer_delay_s=float(defer_delay),
             defer_deadline_s=deadline * 3600,
         )
+
+
+def _is_file(path: str) -> bool:
+    """Whether ``path`` names a readable file; pathlib raises for some names (too long, no access)."""
+    try:
+        return Path(path).is_file()
+    except OSError:
+        return False
 
 
 def _bool(text: str, name: str, problems: list[str]) -> bool:

@@ -30,13 +30,13 @@ from shared.intake import (
     from_event_grid,
     from_log_rows,
 )
-from shared.ledger import Ledger
+from shared.ledger import Ledger, TableMissing
 from shared.model import Outcome, OutcomeKind, Trigger, WorkItem
 from shared.settings import POISON_QUEUE, WORK_QUEUE, Settings
 from shared.telemetry import log_outcome
 from shared.worker import Worker
 from shared.workflow import Remediator
-from shared.workqueue import WorkQueue
+from shared.workqueue import QueueMissing, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,14 @@ class Runtime:
         async with AsyncExitStack() as stack:
             credential = make_credential(settings, env)
             stack.push_async_callback(credential.close)
-            yield cls(settings, credential, stack)
+            try:
+                yield cls(settings, credential, stack)
+            except (TableMissing, QueueMissing):
+                # Storage no longer has what this process made sure exists (a table or queue deleted,
+                # an emulator restarted): check again on the next invocation rather than fail every
+                # invocation from now on. This one still fails, so the host retries its message.
+                _created.clear()
+                raise
 
     async def queue(self, name: str = WORK_QUEUE) -> WorkQueue:
         queue = WorkQueue.from_settings(self.settings, self.credential, name=name)
@@ -198,7 +205,7 @@ async def poison(body: str, *, env: Mapping[str, str] | None = None) -> None:
         item = WorkItem.from_dict(json.loads(body))
         target, trigger = item.target, item.reason.value
         correlation, attempt = item.correlation_id, item.attempt
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # not a work item: recorded under its body
         pass
     async with Runtime.open(env) as runtime:
         ledger = await runtime.ledger()

@@ -88,7 +88,9 @@ class Worker:
         """A raw queue message: a malformed one is recorded (never retried forever, never lost)."""
         try:
             item = WorkItem.from_dict(json.loads(body))
-        except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+        except (ValueError, TypeError, RecursionError) as error:
+            # JSONDecodeError is a ValueError. A deeply nested body ("[[[[…", a few KB) exhausts the
+            # decoder's recursion limit: malformed too, recorded here rather than raised five times.
             await self._ledger.record_event(
                 "unparsable-message",
                 kind=OutcomeKind.FAILED.value,

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable
 
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import AzureError, ResourceExistsError
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
 from azure.storage.queue.aio import QueueClient
 
@@ -26,6 +26,10 @@ MAX_VISIBILITY_DELAY_S = 7 * 24 * 3600  # Azure Queue storage's limit
 
 class QueueError(Exception):
     """A queue operation failed; the caller lets the Functions host retry the invocation."""
+
+
+class QueueMissing(QueueError):
+    """The queue does not exist (deleted, or lost with an emulator restarted in memory)."""
 
 
 class WorkQueue:
@@ -68,6 +72,8 @@ class WorkQueue:
         delay = int(min(max(delay_s, 0.0), MAX_VISIBILITY_DELAY_S))
         try:
             await self._client.send_message(json.dumps(item.to_dict()), visibility_timeout=delay or None)
+        except ResourceNotFoundError as error:  # QueueNotFound
+            raise QueueMissing(f"cannot enqueue {item.target}: the queue does not exist: {error}") from error
         except AzureError as error:
             raise QueueError(f"cannot enqueue {item.target}: {error}") from error
 

@@ -26,6 +26,7 @@ from typing import Any, Final
 from urllib.parse import urlencode
 
 from simulator.estate import Estate, VmSpec
+from simulator.faults import FaultInjector, ThrottleAnswer
 from simulator.guest import DETECT_FIRST_LINE, REMEDIATE_FIRST_LINE, WindowsGuest, nt_version
 
 OUTPUT_LIMIT_BYTES: Final = 4096
@@ -42,6 +43,15 @@ POWER_DISPLAY: Final[Mapping[str, str]] = {
 }
 _AGENT_VERSION: Final[Mapping[str, str]] = {"Windows": "2.7.41491.1102", "Linux": "2.10.0.8"}
 _CREATED: Final = "2024-05-14T09:12:33.4476541+00:00"
+# The principal named in throttling messages (ARM names the caller's object id; one identity here).
+THROTTLED_ACTOR: Final = "5b7e2c1a-0d4f-4e8a-9c3b-6f1d2e3a4b5c"
+AGENT_ERROR: Final = "VMAgentStatusCommunicationError"
+# An operation that failed inside the platform (fault ``operationFailed``); widely seen ARM wording.
+EXECUTION_ERROR: Final = {
+    "code": "InternalExecutionError",
+    "message": "An internal execution error occurred. Please retry later.",
+}
+_NOISE_LINE: Final = "WARNING: transcript of an unrelated module, line {:05d}, printed after the result."
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,17 @@ class Operation:
     status: str = "InProgress"
     output: str = ""
     error: dict[str, str] | None = None
+    # Faults: runs far past any client deadline; or the POST's answer was a 5xx although it was
+    # accepted (the client never learns the operation id); or it ends Failed, before or after the
+    # script ran in the guest.
+    hung: bool = False
+    ghost: bool = False
+    fail: str | None = None  # None | "before-script" | "after-script"
+
+    @property
+    def abandoned(self) -> bool:
+        """A fault made the client give up on this operation while it still runs."""
+        return self.hung or self.ghost
 
     @property
     def ended_at(self) -> datetime:
@@ -106,7 +127,10 @@ class VmState:
     deleted: bool = False
     run_commands: int = 0
     conflicts: int = 0
+    live_conflicts: int = 0  # 409s because one of the caller's own live (not abandoned) commands ran
     max_concurrent: int = 0
+    flapping: bool = False  # fault agentFlap: the agent alternates Ready / Not Ready
+    flap_phase: float = 0.0
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -120,6 +144,7 @@ class Compute:
         latency_s: float = 0.05,
         page_size: int = 100,
         clock: Callable[[], float] = time.monotonic,
+        faults: FaultInjector | None = None,
     ) -> None:
         if latency_s < 0:
             raise ValueError("latency_s must be 0 or more")
@@ -129,6 +154,8 @@ class Compute:
         self.latency_s = latency_s
         self.page_size = page_size
         self._clock = clock
+        self._started = clock()
+        self.faults = faults if faults is not None else FaultInjector(estate.faults, clock=clock)
         self._lock = threading.Lock()
         self._vms: dict[str, VmState] = {}
         self._by_sub: dict[str, list[str]] = {sub.lower(): [] for sub in estate.subscriptions}
@@ -147,6 +174,9 @@ class Compute:
                 initial=guest.licensing() if guest else None,
                 busy_pending=spec.busy_seconds,
             )
+            if guest is not None and self.faults.fire("agentFlap", spec.id, record=False):
+                self._vms[spec.key].flapping = True
+                self._vms[spec.key].flap_phase = 2 * self.faults.draw("agentFlap")
             self._by_sub.setdefault(spec.subscription_id.lower(), []).append(spec.key)
             self._by_rg.setdefault((spec.subscription_id.lower(), spec.resource_group.lower()), []).append(
                 spec.key
@@ -176,36 +206,67 @@ class Compute:
                 "MissingApiVersionParameter",
                 "The api-version query parameter (?api-version=) is required for all requests.",
             )
+        sub = parts[1]
+        # ARM throttles before the request reaches the resource provider.
+        throttle = self.faults.throttle(sub, write=expected_method != "GET")
+        if throttle is not None and not throttle.allowed:
+            return _with_remaining(_throttled(throttle, sub), throttle)
+        if self.faults.fire("serverError", path[:200]):
+            error = server_error(self.faults.draw("serverError"), sub, self.latency_s)
+            if kind == "run_command" and self.faults.draw("serverError") < self.faults.plan.after_accept:
+                # The resource provider accepted the command, but the caller gets the 5xx.
+                with self._lock:
+                    self._dispatch(
+                        kind, path, parts, low, query, q, body, base_url, self._clock(), ghost=True
+                    )
+            return _with_remaining(error, throttle)
         with self._lock:
-            now = self._clock()
-            if kind == "operation":
-                return self._operation(parts[7], monitor=q.get("monitor", "").lower() == "true", now=now)
-            sub = parts[1]
-            if sub.lower() not in self._by_sub:
-                return arm_error(404, "SubscriptionNotFound", f"The subscription '{sub}' could not be found.")
-            if kind == "list_all":
-                keys = self._by_sub[sub.lower()]
-                return self._list(keys, path, query, q, base_url, now)
-            rg = parts[3]
-            if (sub.lower(), rg.lower()) not in self._by_rg:
-                return arm_error(404, "ResourceGroupNotFound", f"Resource group '{rg}' could not be found.")
-            if kind == "list_by_resource_group":
-                return self._list(self._by_rg[(sub.lower(), rg.lower())], path, query, q, base_url, now)
-            vm = self._vms.get("/".join(["", *low[:8]]))
-            if vm is None or vm.deleted:
-                name = parts[7]
-                return arm_error(
-                    404,
-                    "ResourceNotFound",
-                    f"The Resource 'Microsoft.Compute/virtualMachines/{name}' under resource group '{rg}' "
-                    "was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix",
-                )
-            if kind == "get":
-                expand = q.get("$expand", "").lower() == "instanceview"
-                return ArmResponse(200, self._model(vm, now, instance_view=expand))
-            if kind == "instance_view":
-                return ArmResponse(200, self._instance_view(vm, now))
-            return self._run_command(vm, body, q["api-version"], base_url, now)
+            answer = self._dispatch(kind, path, parts, low, query, q, body, base_url, self._clock())
+        return _with_remaining(answer, throttle)
+
+    def _dispatch(
+        self,
+        kind: str,
+        path: str,
+        parts: list[str],
+        low: list[str],
+        query: Mapping[str, str],
+        q: Mapping[str, str],
+        body: bytes,
+        base_url: str,
+        now: float,
+        *,
+        ghost: bool = False,
+    ) -> ArmResponse:
+        """Answer a routed request (the caller holds the lock)."""
+        if kind == "operation":
+            return self._operation(parts[7], monitor=q.get("monitor", "").lower() == "true", now=now)
+        sub = parts[1]
+        if sub.lower() not in self._by_sub:
+            return arm_error(404, "SubscriptionNotFound", f"The subscription '{sub}' could not be found.")
+        if kind == "list_all":
+            keys = self._by_sub[sub.lower()]
+            return self._list(keys, path, query, q, base_url, now)
+        rg = parts[3]
+        if (sub.lower(), rg.lower()) not in self._by_rg:
+            return arm_error(404, "ResourceGroupNotFound", f"Resource group '{rg}' could not be found.")
+        if kind == "list_by_resource_group":
+            return self._list(self._by_rg[(sub.lower(), rg.lower())], path, query, q, base_url, now)
+        vm = self._vms.get("/".join(["", *low[:8]]))
+        if vm is None or vm.deleted:
+            name = parts[7]
+            return arm_error(
+                404,
+                "ResourceNotFound",
+                f"The Resource 'Microsoft.Compute/virtualMachines/{name}' under resource group '{rg}' "
+                "was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix",
+            )
+        if kind == "get":
+            expand = q.get("$expand", "").lower() == "instanceview"
+            return ArmResponse(200, self._model(vm, now, instance_view=expand))
+        if kind == "instance_view":
+            return ArmResponse(200, self._instance_view(vm, now))
+        return self._run_command(vm, body, q["api-version"], base_url, now, ghost=ghost)
 
     # ------------------------------------------------------------------ test hooks (any thread)
 
@@ -249,8 +310,31 @@ class Compute:
             self._settle(vm, self._clock())
             return [dict(entry) for entry in vm.log]
 
+    def run_logs(self) -> dict[str, list[dict[str, Any]]]:
+        """:meth:`run_log` of every VM that ran anything, deleted VMs included, keyed by estate id."""
+        with self._lock:
+            now = self._clock()
+            out: dict[str, list[dict[str, Any]]] = {}
+            for vm in self._vms.values():
+                self._settle(vm, now)
+                if vm.log:
+                    out[vm.spec.id] = [dict(entry) for entry in vm.log]
+            return out
+
+    def vanished(self) -> dict[str, str]:
+        """VMs gone or stopped since the start (hooks, faults): id → ``deleted`` or the power state."""
+        with self._lock:
+            out: dict[str, str] = {}
+            for vm in self._vms.values():
+                if vm.deleted:
+                    out[vm.spec.id] = "deleted"
+                elif vm.power_state != vm.spec.power_state:
+                    out[vm.spec.id] = vm.power_state
+            return out
+
     def counters(self) -> dict[str, Any]:
-        """Requests per route kind, and per VM: Run Commands started, 409 conflicts, max concurrency."""
+        """Requests per route kind, and per VM: Run Commands started, 409 conflicts (all, and those
+        against the caller's own live command), max concurrency."""
         with self._lock:
             return {
                 "requests": dict(self.requests),
@@ -258,6 +342,9 @@ class Compute:
                     v.spec.id: v.run_commands for v in self._vms.values() if v.run_commands
                 },
                 "conflicts": {v.spec.id: v.conflicts for v in self._vms.values() if v.conflicts},
+                "liveConflicts": {
+                    v.spec.id: v.live_conflicts for v in self._vms.values() if v.live_conflicts
+                },
                 "maxConcurrentRunCommands": {
                     v.spec.id: v.max_concurrent for v in self._vms.values() if v.max_concurrent
                 },
@@ -424,11 +511,21 @@ class Compute:
             },
         }
 
+    def _agent_ready(self, vm: VmState, at: float) -> bool:
+        """The agent's status at a moment: the estate's (or a hook's), unless the agent flaps."""
+        if not vm.agent_ready or not vm.flapping:
+            return vm.agent_ready
+        period = self.faults.plan.flap_period_s
+        return int((at - self._started) / period + vm.flap_phase) % 2 == 0
+
     def _instance_view(self, vm: VmState, now: float) -> dict[str, Any]:
         spec = vm.spec
         view: dict[str, Any] = {}
         running = vm.power_state == "running"
-        if running and vm.agent_ready:
+        agent_ready = self._agent_ready(vm, now)
+        if running and vm.agent_ready and not agent_ready:
+            self.faults.note("agentFlap", spec.id, "instance view: Not Ready")
+        if running and agent_ready:
             view["computerName"] = spec.hostname
             if vm.guest is not None:
                 view["osName"] = vm.guest.caption.removeprefix("Microsoft ")
@@ -479,7 +576,7 @@ class Compute:
         return view
 
     def _run_command(
-        self, vm: VmState, raw: bytes, api_version: str, base_url: str, now: float
+        self, vm: VmState, raw: bytes, api_version: str, base_url: str, now: float, *, ghost: bool = False
     ) -> ArmResponse:
         parsed = _run_command_input(raw)
         if isinstance(parsed, ArmResponse):
@@ -503,19 +600,31 @@ class Compute:
         active = (vm.running is not None) + (vm.foreign_until > now)
         if active:
             vm.conflicts += 1
+            if vm.running is not None and not vm.running.abandoned:
+                vm.live_conflicts += 1
             return arm_error(409, "Conflict", CONFLICT_MESSAGE)
+        if self.faults.fire("runCommandBusy", vm.spec.id):
+            vm.conflicts += 1
+            return arm_error(409, "Conflict", CONFLICT_MESSAGE)
+        hung = self.faults.fire("runCommandHang", vm.spec.id)
+        fail: str | None = None
+        if not hung and self.faults.fire("operationFailed", vm.spec.id):
+            fail = "after-script" if self.faults.draw("operationFailed") < 0.5 else "before-script"
         op = Operation(
             id=str(uuid.uuid4()),
             vm_key=vm.spec.key,
             subscription_id=vm.spec.subscription_id,
             location=vm.spec.location,
             started=now,
-            ends=now + self.latency_s,
+            ends=now + (self.faults.plan.hang_seconds if hung else self.latency_s),
             started_at=datetime.now(UTC),
             command_id=command_id,
             script=script,
             parameters=parameters,
-            agent_ok=vm.agent_ready,
+            agent_ok=self._agent_ready(vm, now),
+            hung=hung,
+            ghost=ghost,
+            fail=fail,
         )
         self._operations[op.id] = op
         vm.running = op
@@ -528,6 +637,12 @@ class Compute:
                 "script": _script_kind(script),
                 "parameters": {p["name"]: p["value"] for p in parameters},
                 "status": "InProgress",
+                "started": now,
+                "ended": None,
+                "ran": False,  # the guest ran the script (its effects applied)
+                "before": None,  # the guest's licensing when the script ran, and after it
+                "after": None,
+                "faults": [name for name, on in (("runCommandHang", hung), ("serverError", ghost)) if on],
             }
         )
         base = (
@@ -576,21 +691,61 @@ class Compute:
         if op is None or now < op.ends:
             return
         vm.running = None
-        if vm.deleted or vm.power_state != "running" or not op.agent_ok or not vm.agent_ready:
+        entry = next(e for e in reversed(vm.log) if e["operationId"] == op.id)
+        entry["ended"] = op.ends
+        agent_at_end = self._agent_ready(vm, op.ends)
+        if vm.deleted or vm.power_state != "running" or not op.agent_ok or not agent_at_end:
+            if not vm.deleted and vm.power_state == "running" and vm.agent_ready:
+                self.faults.note("agentFlap", vm.spec.id, "Run Command failed: agent Not Ready")
             op.status = "Failed"
             op.error = {
-                "code": "VMAgentStatusCommunicationError",
+                "code": AGENT_ERROR,
                 "message": f"VM '{vm.spec.name}' has not reported status for VM agent or extensions. "
                 "Please verify the VM has a running VM agent, and can establish outbound connections "
                 "to Azure storage.",
             }
+        elif op.fail == "before-script":
+            op.status, op.error = "Failed", dict(EXECUTION_ERROR)
+            entry["faults"].append("operationFailed")
         else:
-            output = vm.guest.run_script(op.script, op.parameters) if vm.guest is not None else ""
-            op.output = _last_bytes(output, OUTPUT_LIMIT_BYTES)
-            op.status = "Succeeded"
-        for entry in vm.log:
-            if entry["operationId"] == op.id:
-                entry["status"] = op.status
+            output = ""
+            if vm.guest is not None:
+                entry["before"] = _licensing(vm.guest)
+                output = vm.guest.run_script(op.script, op.parameters)
+                entry["after"] = _licensing(vm.guest)
+            entry["ran"] = True
+            if op.fail == "after-script":
+                op.status, op.error = "Failed", dict(EXECUTION_ERROR)
+                entry["faults"].append("operationFailed")
+            else:
+                op.output = self._delivered(vm, entry, output)
+                op.status = "Succeeded"
+                if entry["script"] == "detect" and self.faults.fire("vmVanish", vm.spec.id):
+                    deleted = self.faults.draw("vmVanish") < 0.5
+                    vm.deleted = vm.deleted or deleted
+                    if not deleted:
+                        vm.power_state = "deallocated"
+                    entry["faults"].append("vmVanish")
+        entry["status"] = op.status
+
+    def _delivered(self, vm: VmState, entry: dict[str, Any], output: str) -> str:
+        """What Run Command hands back: the last 4,096 bytes, after any output fault."""
+        if self.faults.fire("outputTruncated", vm.spec.id):
+            # The guest printed more after the result line (and maybe before it), so the 4,096-byte
+            # window ends after the marker line: kept whole, cut through, or lost altogether.
+            before = _noise(int(self.faults.draw("outputTruncated") * 2 * OUTPUT_LIMIT_BYTES))
+            after = _noise(int(self.faults.draw("outputTruncated") * (OUTPUT_LIMIT_BYTES + 1024)))
+            output = "\n".join(part for part in (before, output, after) if part)
+            entry["faults"].append("outputTruncated")
+        delivered = _last_bytes(output, OUTPUT_LIMIT_BYTES)
+        if delivered and self.faults.fire("outputGarbled", vm.spec.id):
+            # Bytes that are not UTF-8 any more (a code page mix-up), decoded with replacement.
+            data = bytearray(delivered.encode("utf-8"))
+            for _ in range(1 + int(self.faults.draw("outputGarbled") * 8)):
+                data[int(self.faults.draw("outputGarbled") * len(data))] = 0xFF
+            delivered = data.decode("utf-8", errors="replace")
+            entry["faults"].append("outputGarbled")
+        return delivered
 
 
 def _route(low: list[str]) -> tuple[str, str] | None:
@@ -692,3 +847,65 @@ def _last_bytes(text: str, limit: int) -> str:
 
 def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds")
+
+
+def _licensing(guest: WindowsGuest) -> dict[str, Any]:
+    return {
+        "channel": guest.channel,
+        "licenseStatus": guest.license_status,
+        "editionId": guest.edition_id,
+        "sku": guest.sku,
+        "kmsHost": guest.kms_target,
+    }
+
+
+def _noise(size: int) -> str:
+    """About ``size`` bytes of ASCII lines that are not the result line."""
+    lines: list[str] = []
+    total = 0
+    while total < size:
+        line = _NOISE_LINE.format(len(lines))
+        lines.append(line)
+        total += len(line) + 1
+    return "\n".join(lines)
+
+
+def server_error(draw: float, subscription: str, latency_s: float) -> ArmResponse:
+    """A 500 or a 503 from ARM (fault ``serverError``); the 503 carries a Retry-After, as ARM's do."""
+    if draw < 0.5:
+        return arm_error(
+            500,
+            "InternalServerError",
+            "Encountered internal server error. Diagnostic information: timestamp "
+            f"'{datetime.now(UTC):%Y%m%dT%H%M%SZ}', subscription id '{subscription}', "
+            f"tracking id '{uuid.uuid4()}', request correlation id '{uuid.uuid4()}'.",
+        )
+    error = arm_error(
+        503,
+        "ServiceUnavailable",
+        "The service is temporarily unavailable. Please retry the request after some time.",
+    )
+    return ArmResponse(error.status, error.body, {"Retry-After": f"{max(latency_s, 0.001):.3f}"})
+
+
+def _throttled(answer: ThrottleAnswer, subscription: str) -> ArmResponse:
+    """ARM's token-bucket refusal: 429 ``SubscriptionRequestsThrottled`` with Retry-After."""
+    kind = "write" if answer.header.endswith("writes") else "read"
+    wait = answer.retry_after_s + 0.0005
+    error = arm_error(
+        429,
+        "SubscriptionRequestsThrottled",
+        f"Number of '{kind}' requests for subscription '{subscription}' actor '{THROTTLED_ACTOR}' "
+        f"exceeded. Please try again after '{wait:.3f}' seconds after additional tokens are available. "
+        "Refer to https://aka.ms/arm-throttling for additional information.",
+    )
+    return ArmResponse(error.status, error.body, {"Retry-After": f"{wait:.3f}"})
+
+
+def _with_remaining(answer: ArmResponse, throttle: ThrottleAnswer | None) -> ArmResponse:
+    """Every answer carries the subscription's remaining reads or writes while throttling is on."""
+    if throttle is None:
+        return answer
+    return ArmResponse(
+        answer.status, answer.body, {**answer.headers, throttle.header: str(throttle.remaining)}
+    )

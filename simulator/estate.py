@@ -14,7 +14,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from simulator.faults import FaultPlan
 
 CHANNELS: Final = ("AVMA", "KMS_CLIENT", "RETAIL", "MAK", "OEM")
 POWER_STATES: Final = ("running", "deallocated", "stopped")
@@ -145,6 +148,7 @@ class Estate:
     vms: tuple[VmSpec, ...]
     subscriptions: tuple[str, ...]
     cloud: str = "AzureCloud"
+    faults: FaultPlan = field(default_factory=lambda: _no_faults())
     _by_key: Mapping[str, VmSpec] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -155,11 +159,18 @@ class Estate:
 
     def to_dict(self) -> dict[str, Any]:
         """The estate as an explicit estate file (a generated estate can be saved and edited)."""
-        return {
+        out: dict[str, Any] = {
             "cloud": self.cloud,
             "subscriptions": list(self.subscriptions),
             "vms": [vm.to_dict() for vm in self.vms],
         }
+        if self.faults.enabled:
+            out["faults"] = self.faults.to_dict()
+        return out
+
+    def with_faults(self, faults: FaultPlan) -> Estate:
+        """The same VMs with another fault plan (docs/simulator.md, "Faults")."""
+        return Estate(vms=self.vms, subscriptions=self.subscriptions, cloud=self.cloud, faults=faults)
 
     @classmethod
     def load(cls, path: str | Path) -> Estate:
@@ -181,8 +192,9 @@ class Estate:
     def from_dict(cls, data: object) -> Estate:
         """Validate ``data`` (the parsed JSON) and build the estate; raise :class:`EstateError`."""
         obj = _object(data, "$")
+        faults = _faults(obj.get("faults", {}))
         if "generate" in obj:
-            _keys(obj, "$", required=("generate",), optional=())
+            _keys(obj, "$", required=("generate",), optional=("faults",))
             gen = _object(obj["generate"], "$.generate")
             _keys(gen, "$.generate", required=("count", "seed"), optional=("mix", "subscriptions", "cloud"))
             count = _int(gen["count"], "$.generate.count", low=0, high=1_000_000)
@@ -191,8 +203,9 @@ class Estate:
             mix = {k: _number(v, f"$.generate.mix.{k}", low=0.0, high=1.0) for k, v in mix_obj.items()}
             subs = _int(gen.get("subscriptions", 2), "$.generate.subscriptions", low=1, high=100)
             cloud = _choice(gen.get("cloud", "AzureCloud"), "$.generate.cloud", CLOUDS)
-            return cls.generate(count=count, seed=seed, mix=mix, subscriptions=subs, cloud=cloud)
-        _keys(obj, "$", required=("vms",), optional=("subscriptions", "cloud"))
+            estate = cls.generate(count=count, seed=seed, mix=mix, subscriptions=subs, cloud=cloud)
+            return estate.with_faults(faults)
+        _keys(obj, "$", required=("vms",), optional=("subscriptions", "cloud", "faults"))
         cloud = _choice(obj.get("cloud", "AzureCloud"), "$.cloud", CLOUDS)
         declared: list[str] | None = None
         if "subscriptions" in obj:
@@ -225,7 +238,7 @@ class Estate:
             for vm in vms:
                 if vm.subscription_id.lower() not in {s.lower() for s in declared}:
                     declared.append(vm.subscription_id)
-        return cls(vms=tuple(vms), subscriptions=tuple(declared), cloud=cloud)
+        return cls(vms=tuple(vms), subscriptions=tuple(declared), cloud=cloud, faults=faults)
 
     @classmethod
     def generate(
@@ -251,6 +264,18 @@ class Estate:
 
 
 # ------------------------------------------------------------------ validation helpers
+
+
+def _no_faults() -> FaultPlan:
+    from simulator.faults import FaultPlan  # faults.py raises EstateError, so it imports this module
+
+    return FaultPlan()
+
+
+def _faults(raw: object) -> FaultPlan:
+    from simulator.faults import FaultPlan
+
+    return FaultPlan.from_dict(raw, "$.faults")
 
 
 def _vm(raw: object, path: str) -> VmSpec:

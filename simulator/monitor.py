@@ -212,6 +212,7 @@ class LogAnalytics:
         rows = [row for view in self.compute.snapshot() if (row := self._row(view, start, end)) is not None]
         with self._lock:
             partial = self._partial
+        partial = partial or self.compute.faults.fire("logPartialError", workspace)
         body_out: dict[str, Any] = {"tables": [{"name": "PrimaryResult", "columns": list(LOG_COLUMNS)}]}
         if partial:
             rows = rows[: math.ceil(len(rows) / 2)]

@@ -29,7 +29,7 @@ from typing import Any, Final
 import trustme
 from aiohttp import web
 
-from simulator.arm import ArmResponse, Compute, arm_error
+from simulator.arm import ArmResponse, Compute, arm_error, server_error
 from simulator.estate import Estate
 from simulator.identity import TokenIssuer
 from simulator.monitor import LOG_ANALYTICS_AUDIENCES, LogAnalytics, ResourceGraph, default_workspace_id
@@ -66,6 +66,9 @@ class SimulatorServer:
         # The resource each issued token was asked for: Log Analytics accepts only its own audience.
         self._audiences: dict[str, str] = {}
         self._audiences_lock = threading.Lock()
+        # Every request to the HTTPS server (ARM, Resource Graph, Log Analytics), in arrival order.
+        self._request_log: list[dict[str, Any]] = []
+        self._request_log_lock = threading.Lock()
         self._host = host
         self._ports = (arm_port, identity_port)
         self._runners: list[web.AppRunner] = []
@@ -159,7 +162,16 @@ class SimulatorServer:
         with self._audiences_lock:
             return self._audiences.get(token)
 
+    def request_log(self) -> list[dict[str, Any]]:
+        """Every request so far: method, path and query (what an RBAC check would see), oldest first."""
+        with self._request_log_lock:
+            return [dict(entry) for entry in self._request_log]
+
     async def _arm(self, request: web.Request) -> web.Response:
+        with self._request_log_lock:
+            self._request_log.append(
+                {"method": request.method, "path": request.path, "query": dict(request.query.items())}
+            )
         body = await request.read() if request.can_read_body else b""
         parts = [p for p in request.path.split("/") if p]
         if parts and parts[0].lower() == "v1":
@@ -196,11 +208,22 @@ class SimulatorServer:
                 "MissingApiVersionParameter",
                 "The api-version query parameter (?api-version=) is required for all requests.",
             )
+        faults = self.compute.faults
+        if faults.fire("serverError", "resource graph"):
+            return server_error(faults.draw("serverError"), "", self.compute.latency_s)
         return self.graph.handle(body)
 
     async def _token(self, request: web.Request) -> web.Response:
         self.compute.count("token")
         query = dict(request.query.items())
+        if self.compute.faults.fire("tokenError", query.get("resource", "")):
+            # The App Service identity endpoint's error shape; the wording is the simulator's own.
+            body = {
+                "statusCode": 500,
+                "message": "An unexpected error occurred while fetching the AAD Token.",
+                "correlationId": str(uuid.uuid4()),
+            }
+            return web.json_response(body, status=500)
         answer = self.tokens.answer(query, request.headers.get("X-IDENTITY-HEADER"))
         if answer.status == 200:
             self._remember(str(answer.body["access_token"]), str(answer.body["resource"]))
@@ -333,6 +356,22 @@ class Simulator:
     def run_log(self, vm_id: str) -> list[dict[str, Any]]:
         return self.compute.run_log(vm_id)
 
+    def run_logs(self) -> dict[str, list[dict[str, Any]]]:
+        """Every VM's run log (deleted VMs included), keyed by estate id."""
+        return self.compute.run_logs()
+
+    def vanished(self) -> dict[str, str]:
+        """VMs deleted or no longer in their estate power state: id → ``deleted`` or the state."""
+        return self.compute.vanished()
+
+    def faults(self) -> dict[str, int]:
+        """Faults the simulator injected so far, per kind (every kind listed; docs/simulator.md)."""
+        return self.compute.faults.counts()
+
+    def fault_events(self) -> list[dict[str, Any]]:
+        """The most recent injected faults: kind, target, detail, monotonic time."""
+        return self.compute.faults.events()
+
     def delete_vm(self, vm_id: str) -> None:
         self.compute.delete_vm(vm_id)
 
@@ -359,6 +398,10 @@ class Simulator:
     def throttle_resource_graph(self, requests: int, *, resets_after_s: int = 5) -> None:
         """The next ``requests`` Resource Graph queries get 429 ``RateLimiting`` (see docs/simulator.md)."""
         self.server.graph.throttle(requests, resets_after_s=resets_after_s)
+
+    def request_log(self) -> list[dict[str, Any]]:
+        """Every HTTPS request the simulator received: method, path and query, oldest first."""
+        return self.server.request_log()
 
     def graph_queries(self) -> list[dict[str, Any]]:
         """Every Resource Graph query: kind, subscriptions, managementGroups, top, skipToken, rows, status."""

@@ -16,8 +16,8 @@ import aiohttp
 from azure.core.async_paging import AsyncItemPaged
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceRequestError
-from azure.core.pipeline import PipelineRequest
-from azure.core.pipeline.policies import SansIOHTTPPolicy
+from azure.core.pipeline import PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import AsyncRetryPolicy, SansIOHTTPPolicy
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.core.rest import HttpRequest
 from azure.mgmt.compute.aio import ComputeManagementClient
@@ -120,6 +120,25 @@ class RequestCounter(SansIOHTTPPolicy[HttpRequest, Any]):
         self.count += 1
 
 
+class RunCommandRetryPolicy(AsyncRetryPolicy[Any, Any]):
+    """azure-core's retries, except for an answer to a POST that ARM may have acted on.
+
+    azure-core retries a POST after a 500, 503 or 504, and after any error that carries a
+    ``Retry-After``. For ``runCommand`` a 5xx does not mean the command was refused: ARM may have
+    started it and still answered 500 (the simulator's ``serverError`` fault does exactly that). A
+    retry that arrives after that command finished runs the script a second time, and for a
+    remediation without the detection that must come first. So a POST is retried only after a 429
+    (ARM refuses before the resource provider sees the request); any other error reaches the
+    workflow, which defers, and the next attempt detects the VM's state again before acting.
+    Connection errors of a POST are not retried by azure-core either; GETs keep every retry.
+    """
+
+    def is_retry(self, settings: dict[str, Any], response: PipelineResponse[Any, Any]) -> bool:
+        if response.http_request.method.upper() == "POST" and response.http_response.status_code != 429:
+            return False
+        return bool(super().is_retry(settings, response))
+
+
 class ComputeGateway:
     """One async compute client per subscription, sharing one credential."""
 
@@ -154,6 +173,7 @@ class ComputeGateway:
                 base_url=self._settings.arm_endpoint,
                 credential_scopes=[self._settings.cloud.arm_scope],
                 polling_interval=self._settings.poll_interval_s,
+                retry_policy=RunCommandRetryPolicy(),
                 per_retry_policies=[self._counter],
                 transport=self._shared_transport(),
             )

@@ -1,0 +1,978 @@
+"""Chaos run: the whole queue path under faults, at scale, with duplicates; figures and invariants.
+
+A generated estate (every category of docs/simulator.md) runs in a simulator process with every
+fault kind on (docs/reliability.md lists them). This process plays the Functions host as host.json
+configures it: it receives ``vm-checks`` messages from Azurite with a visibility lease, calls the
+``vm_check`` function's body (``shared.triggers.work``) once per message, deletes the message on
+success, lets it come back after a failed invocation, moves it to ``vm-checks-poison`` after
+``maxDequeueCount`` (5) and runs the poison handler (``shared.triggers.poison``) there. The
+producers are the real sweep timer (``shared.triggers.sweep_scope``: Resource Graph, then the
+queue), the real log-scan timer (``shared.triggers.log_scan``: Log Analytics, with partial
+errors), and this harness for what Event Grid and alerts would send: a vm-created item per Linux
+VM, alert items that name only a computer (some unknown), malformed messages, a few "poison pills"
+whose every invocation the harness crashes, and ten identical copies of the item of a share of the
+VMs (at-least-once redelivery). Azurite is restarted mid-run (in memory: queues and ledger are
+lost), after which the sweep timer fires again, as it would in Azure.
+
+Two passes: an audit pass (REMEDIATION_MODE=audit, its own smaller estate, no restart) proves that
+audit mode changes nothing; then the enforce pass. Invariants are computed from sources the engine
+does not control: the simulator's run log and state dump, the ledger table read directly, and this
+harness's record of what it sent. Progress goes to stderr; the last line printed is one JSON object.
+
+    python bench/chaos.py                       # defaults: 2,000 VMs, every fault, duplicates
+    python bench/chaos.py --vms 500 --fault serverError=0.05 --seed 3 --report-out report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from azure.core.exceptions import AzureError, ResourceExistsError  # noqa: E402
+from azure.data.tables.aio import TableClient  # noqa: E402
+from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy  # noqa: E402
+from azure.storage.queue.aio import QueueClient  # noqa: E402
+
+from shared import triggers  # noqa: E402
+from shared.model import Trigger, VmId, WorkItem  # noqa: E402
+from shared.settings import POISON_QUEUE, WORK_QUEUE  # noqa: E402
+from simulator import Estate, VmSpec  # noqa: E402
+from simulator.faults import KINDS, FaultPlan  # noqa: E402
+from simulator.guest import KMS_HOSTS, key_for  # noqa: E402
+from simulator.process import SimulatorProcess  # noqa: E402
+from tests.azurite import Azurite, _free_ports, azurite_binary  # noqa: E402
+
+log = logging.getLogger("chaos")
+
+RESTART_FAULT = "azuriteRestart"  # the one fault the harness injects itself (the simulator has no storage)
+POISON_POISON_QUEUE = POISON_QUEUE + "-poison"  # where the host would put poison messages that fail too
+POISON_PILL = "poison-pill"  # the correlation id of items whose invocations the harness crashes
+OPT_OUT_TAG = "avma-remediator-opt-out"
+SWEEP_ATTEMPTS = 30
+STORAGE_ERRORS = frozenset({"LedgerError", "TableMissing", "QueueError", "QueueMissing"})
+FINAL_KINDS = frozenset({"healthy", "remediated", "would-remediate", "skipped", "failed"})
+
+# Every category of the generator (docs/simulator.md); the rest are licensed KMS clients.
+CHAOS_MIX: dict[str, float] = {
+    "avma": 0.08,
+    "avma_unreachable": 0.01,
+    "avma_deallocated": 0.01,
+    "avma_agent_not_ready": 0.01,
+    "avma_opted_out": 0.01,
+    "avma_busy": 0.01,
+    "kms_unlicensed": 0.02,
+    "kms_custom": 0.01,
+    "retail": 0.01,
+    "mak": 0.01,
+    "oem": 0.01,
+    "multi_session": 0.01,
+    "unknown_edition": 0.01,
+    "client_kms": 0.02,
+    "linux": 0.05,
+    "deallocated": 0.02,
+}
+
+# The default fault plan (the estate's ``faults`` section). Rates are per opportunity (see
+# docs/simulator.md, "Faults"); the token endpoint fails in bursts of 5, longer than
+# azure-identity's retries, so that some invocations do see the error.
+DEFAULT_FAULTS: dict[str, Any] = {
+    "armThrottling": {"timeScale": 3},
+    "serverError": 0.004,
+    "runCommandBusy": 0.01,
+    "operationFailed": 0.005,
+    "runCommandHang": {"rate": 0.003, "seconds": 8},
+    "vmVanish": 0.004,
+    "agentFlap": {"rate": 0.01, "periodSeconds": 0.5},
+    "outputTruncated": 0.006,
+    "outputGarbled": 0.006,
+    "tokenError": {"every": 250, "burst": 5},
+    "logPartialError": 0.5,
+}
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """Everything a run depends on; the defaults are the documented chaos run."""
+
+    vms: int = 2000
+    audit_vms: int = 400
+    seed: int = 7
+    subscriptions: int = 3
+    mix: Mapping[str, float] = field(default_factory=lambda: dict(CHAOS_MIX))
+    workers: int = 32
+    latency_s: float = 0.05
+    faults: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_FAULTS))
+    dup_share: float = 0.10
+    dup_copies: int = 10
+    computer_items: int = 20
+    unknown_computers: int = 2
+    malformed: int = 6
+    poison_pills: int = 3  # valid items whose every invocation the harness crashes
+    restarts: int = 1
+    restart_after: float = 0.35  # of the first wave's messages handled
+    log_scan_every_s: float = 4.0
+    # Engine settings for compressed time (the run's env; docs/reliability.md).
+    defer_delay_s: int = 1
+    defer_deadline_h: float = 0.035  # 126 s: longer than the enforce pass's backlog after the restart
+    audit_defer_deadline_h: float = 0.0083  # 30 s: the audit pass's backlog is short
+    run_command_timeout_s: float = 3.0
+    # The Functions host (host.json: maxDequeueCount 5, visibilityTimeout 00:01:00 scaled down).
+    max_dequeue: int = 5
+    retry_visibility_s: int = 1
+    lease_visibility_s: int = 120
+    max_poll_s: float = 0.5
+    time_bound_s: float = 900.0
+    crash_grace_s: float = 10.0
+    report_out: str | None = None
+
+
+# ------------------------------------------------------------------ the Functions host
+
+
+@dataclass
+class HostStats:
+    invocations: int = 0
+    succeeded: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    failure_times: list[tuple[float, str, str]] = field(default_factory=list)  # (when, type, message)
+    poisoned: list[tuple[int, str]] = field(default_factory=list)  # (epoch, body)
+    completed_correlations: list[tuple[int, str]] = field(default_factory=list)
+    receive_errors: int = 0
+    lost_acks: int = 0  # deletes or visibility updates the storage refused (e.g. during a restart)
+
+
+class QueueHost:
+    """One queue trigger of the Functions host, as host.json configures it (see the module doc)."""
+
+    def __init__(
+        self,
+        connection: str,
+        queue: str,
+        poison_queue: str,
+        handler: Callable[[str], Awaitable[object]],
+        *,
+        config: ChaosConfig,
+        epoch: Callable[[], int],
+    ) -> None:
+        self.connection = connection
+        self.queue = queue
+        self.poison_queue = poison_queue
+        self.handler = handler
+        self.config = config
+        self.epoch = epoch
+        self.stats = HostStats()
+        self.in_flight = 0
+
+    def _client(self, name: str) -> QueueClient:
+        return QueueClient.from_connection_string(
+            self.connection,
+            name,
+            message_encode_policy=TextBase64EncodePolicy(),
+            message_decode_policy=TextBase64DecodePolicy(),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        idle = 0.02
+        async with self._client(self.queue) as queue, self._client(self.poison_queue) as poison:
+            while not stop.is_set():
+                free = self.config.workers - len(tasks)
+                if free <= 0:
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                batch = min(32, free)
+                try:
+                    messages = [
+                        m
+                        async for m in queue.receive_messages(
+                            messages_per_page=batch,
+                            max_messages=batch,
+                            visibility_timeout=self.config.lease_visibility_s,
+                        )
+                    ]
+                except AzureError as error:
+                    self.stats.receive_errors += 1  # storage down or queue gone: poll again later
+                    log.debug("receive failed: %s", str(error)[:300])
+                    await asyncio.sleep(self.config.max_poll_s)
+                    continue
+                if not messages:
+                    await asyncio.sleep(idle)
+                    idle = min(idle * 2, self.config.max_poll_s)
+                    continue
+                idle = 0.02
+                for message in messages:
+                    task = asyncio.create_task(self._invoke(queue, poison, message))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+
+    async def _invoke(self, queue: QueueClient, poison: QueueClient, message: Any) -> None:
+        self.in_flight += 1
+        try:
+            if message.dequeue_count > self.config.max_dequeue:
+                await self._to_poison(queue, poison, message)
+                return
+            self.stats.invocations += 1
+            body = str(message.content)
+            try:
+                await self.handler(body)
+            except Exception as error:  # noqa: BLE001 - the host: an invocation that raises failed, the message returns
+                name = type(error).__name__
+                self.stats.failures[name] += 1
+                self.stats.failure_times.append((time.monotonic(), name, str(error)[:300]))
+                log.debug("invocation failed: %s: %s", name, str(error)[:200])
+                if message.dequeue_count >= self.config.max_dequeue:
+                    await self._to_poison(queue, poison, message)
+                else:
+                    try:
+                        await queue.update_message(message, visibility_timeout=self.config.retry_visibility_s)
+                    except AzureError:
+                        self.stats.lost_acks += 1
+                return
+            self.stats.succeeded += 1
+            self.stats.completed_correlations.append((self.epoch(), _correlation(body)))
+            try:
+                await queue.delete_message(message)
+            except AzureError:
+                self.stats.lost_acks += 1
+        finally:
+            self.in_flight -= 1
+
+    async def _to_poison(self, queue: QueueClient, poison: QueueClient, message: Any) -> None:
+        try:
+            await poison.send_message(message.content)
+            await queue.delete_message(message)
+        except AzureError:
+            self.stats.lost_acks += 1  # it comes back and is moved on its next delivery
+            return
+        self.stats.poisoned.append((self.epoch(), str(message.content)))
+
+
+def _correlation(body: str) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    return str(data.get("correlationId") or "") if isinstance(data, dict) else ""
+
+
+# ------------------------------------------------------------------ what the harness sends
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One logical message (``copies`` identical queue messages) and the wave it went out in."""
+
+    kind: str  # linux | computer | unknown-computer | duplicate | poison-pill | malformed
+    target: str  # VM id, computer:NAME, or the malformed message's token
+    correlation: str
+    copies: int
+    epoch: int
+    body: str
+
+
+def plan_items(estate: Estate, config: ChaosConfig, rng: random.Random, now: str) -> list[Sent]:
+    """The harness's messages, before they are split into waves (epoch filled in later)."""
+    items: list[Sent] = []
+    for vm in estate.vms:
+        if vm.os != "Windows":
+            item = WorkItem(Trigger.VM_CREATED, vm_id=VmId.parse(vm.id), correlation_id=f"eg-{vm.name}")
+            items.append(_sent("linux", vm.id, item, 1))
+    hostnames = Counter(vm.hostname.lower() for vm in estate.vms)
+    named = [vm for vm in estate.vms if vm.os == "Windows" and hostnames[vm.hostname.lower()] == 1]
+    for i, vm in enumerate(rng.sample(named, min(config.computer_items, len(named)))):
+        item = WorkItem(Trigger.ALERT, computer=vm.hostname, correlation_id=f"alert-{i:03d}", first_seen=now)
+        items.append(_sent("computer", vm.id, item, 1))
+    for i in range(config.unknown_computers):
+        name = f"GHOST-{i:04d}"
+        item = WorkItem(Trigger.ALERT, computer=name, correlation_id=f"alert-ghost-{i:03d}", first_seen=now)
+        items.append(_sent("unknown-computer", f"computer:{name}", item, 1))
+    share = max(1, round(len(estate.vms) * config.dup_share)) if config.dup_share > 0 else 0
+    for vm in rng.sample(list(estate.vms), min(share, len(estate.vms))):
+        item = WorkItem(
+            Trigger.VM_CREATED,
+            vm_id=VmId.parse(vm.id),
+            correlation_id=f"redelivered-{vm.name}",
+            source="eventgrid-redelivery",
+            first_seen=now,
+        )
+        items.append(_sent("duplicate", vm.id, item, config.dup_copies))
+    for i, vm in enumerate(rng.sample(list(estate.vms), min(config.poison_pills, len(estate.vms)))):
+        item = WorkItem(Trigger.MANUAL, vm_id=VmId.parse(vm.id), correlation_id=f"{POISON_PILL}-{i}")
+        items.append(_sent("poison-pill", vm.id, item, 1))
+    for i in range(config.malformed):
+        token = f"chaos-malformed-{uuid.uuid4().hex[:12]}"
+        body = (
+            f"{token}: not a work item"
+            if i % 2 == 0
+            else json.dumps(
+                {"reason": "vm-created", "vmId": f"/subscriptions/{token}", "correlationId": token}
+            )
+        )
+        items.append(Sent("malformed", token, "", 1, 0, body))
+    rng.shuffle(items)
+    return items
+
+
+def _sent(kind: str, target: str, item: WorkItem, copies: int) -> Sent:
+    return Sent(kind, target, item.correlation_id, copies, 0, json.dumps(item.to_dict()))
+
+
+# ------------------------------------------------------------------ one pass
+
+
+@dataclass
+class PassResult:
+    name: str
+    mode: str
+    vms: int
+    report: dict[str, Any]
+    faults: dict[str, int]
+    outcomes: dict[str, int]
+    violations: dict[str, int]
+    examples: dict[str, list[str]]
+
+
+class ChaosPass:
+    """One run of the queue path against one estate (audit or enforce)."""
+
+    def __init__(
+        self, name: str, mode: str, estate: Estate, config: ChaosConfig, azurite: Azurite, restarts: int
+    ) -> None:
+        self.name = name
+        self.mode = mode
+        self.estate = estate
+        self.config = config
+        self.azurite = azurite
+        self.restarts = restarts
+        self.table = "chaos" + uuid.uuid4().hex[:12]
+        self.epoch = 0
+        self.sent: list[Sent] = []
+        self.sweeps: list[dict[str, Any]] = []
+        self.timer_failures: Counter[str] = Counter()
+        self.restart_times: list[float] = []
+        self.recovered_at: float | None = None
+        self.log_scans = 0
+        self.rng = random.Random(f"{config.seed}:{name}")
+
+    def _say(self, text: str) -> None:
+        print(f"[{self.name} {time.monotonic() - self._t0:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    async def run(self) -> PassResult:
+        self._t0 = time.monotonic()
+        with SimulatorProcess(self.estate, latency_s=self.config.latency_s) as sim:
+            env = {
+                **sim.env(),
+                "AzureWebJobsStorage": self.azurite.connection_string,
+                "REMEDIATION_MODE": self.mode,
+                "LEDGER_TABLE": self.table,
+                "DEFER_DELAY_SECONDS": str(self.config.defer_delay_s),
+                "DEFER_DEADLINE_HOURS": str(
+                    self.config.audit_defer_deadline_h
+                    if self.mode == "audit"
+                    else self.config.defer_deadline_h
+                ),
+                "RUN_COMMAND_TIMEOUT_SECONDS": str(self.config.run_command_timeout_s),
+                "LOG_SCAN_OVERLAP_MINUTES": "0",
+            }
+            saved = {key: os.environ.get(key) for key in env}
+            os.environ.update(env)  # azure-identity's ManagedIdentityCredential reads os.environ
+            self.env = env
+            try:
+                return await self._run(sim)
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+
+    async def _run(self, sim: SimulatorProcess) -> PassResult:
+        env = self.env
+        await self._create_queues()
+        work = QueueHost(
+            self.azurite.connection_string,
+            WORK_QUEUE,
+            POISON_QUEUE,
+            self._vm_check,
+            config=self.config,
+            epoch=lambda: self.epoch,
+        )
+        poison = QueueHost(
+            self.azurite.connection_string,
+            POISON_QUEUE,
+            POISON_POISON_QUEUE,
+            lambda body: triggers.poison(body, env=env),
+            config=replace(self.config, workers=4),
+            epoch=lambda: self.epoch,
+        )
+        self.hosts = (work, poison)
+        stop_hosts, stop_timer = asyncio.Event(), asyncio.Event()
+        runners = [
+            asyncio.create_task(work.run(stop_hosts)),
+            asyncio.create_task(poison.run(stop_hosts)),
+            asyncio.create_task(self._log_scan_timer(stop_timer)),
+        ]
+        finished = False
+        try:
+            await self._produce()
+            stop_timer.set()
+            self._say("all messages sent; draining")
+            finished = await self._drained()
+        finally:
+            stop_timer.set()
+            stop_hosts.set()
+            await asyncio.gather(*runners)
+        remaining = await self._remaining()
+        self._say(f"done (drained: {finished}); reading the simulator and the ledger")
+        evidence = {
+            "state": sim.call("state_dump"),
+            "runLogs": sim.call("run_logs"),
+            "counters": sim.call("counters"),
+            "faults": sim.call("faults"),
+            "vanished": sim.call("vanished"),
+        }
+        rows = await self._ledger_rows()
+        return self._judge(evidence, rows, remaining, finished)
+
+    async def _vm_check(self, body: str) -> None:
+        """The ``vm_check`` function; a poison pill crashes its invocation, as a worker killed for
+        memory or by the function timeout would, so that the host's poison path runs too."""
+        if f'"correlationId": "{POISON_PILL}-' in body:
+            raise RuntimeError("harness: this invocation crashed (poison pill)")
+        await triggers.work(body, env=self.env)
+
+    # -------------------------------------------------------------- producing
+
+    async def _produce(self) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        items = plan_items(self.estate, self.config, self.rng, stamp)
+        waves: list[list[Sent]] = [items[i :: self.restarts + 1] for i in range(self.restarts + 1)]
+        for wave, chunk in enumerate(waves):
+            if wave > 0:
+                await self._restart_storage()
+            start = self.hosts[0].stats.succeeded
+            # The harness's messages first, so that the ten copies of an item meet in one batch of
+            # the host and race for the lease; then the sweep timer (after a restart: its recovery).
+            queued = await self._send(chunk)
+            await self._sweep()
+            self._say(f"wave {wave}: sweep {self.sweeps[-1].get('enqueued')} + {queued} harness messages")
+            if wave < self.restarts:
+                target = int(self.config.restart_after * (self.sweeps[-1].get("enqueued", 0) + queued))
+                last = time.monotonic()
+                while self.hosts[0].stats.succeeded - start < target:
+                    await asyncio.sleep(0.05)
+                    if time.monotonic() - last > 5:
+                        last = time.monotonic()
+                        stats = self.hosts[0].stats
+                        done = stats.succeeded - start
+                        self._say(
+                            f"waiting for {target} handled before the restart: {done} done,"
+                            f" {self.hosts[0].in_flight} running, failures {dict(stats.failures)},"
+                            f" receive errors {stats.receive_errors}"
+                        )
+
+    async def _sweep(self) -> None:
+        """The sweep timer; a failed run (Resource Graph down, ledger gone) fires again shortly."""
+        for _ in range(SWEEP_ATTEMPTS):
+            try:
+                self.sweeps.append(await triggers.sweep_scope(env=self.env))
+            except Exception as error:  # noqa: BLE001 - the host: a timer invocation that raises failed; it fires again
+                self.timer_failures[f"sweep:{type(error).__name__}"] += 1
+                await asyncio.sleep(1.0)
+            else:
+                return
+        self.sweeps.append({"enqueued": 0, "failed": True})  # judged as a crash loop
+
+    async def _log_scan_timer(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await triggers.log_scan(env=self.env)
+                self.log_scans += 1
+            except Exception as error:  # noqa: BLE001 - the host: a timer invocation that raises failed; it fires again
+                self.timer_failures[f"log_scan:{type(error).__name__}"] += 1
+            with contextlib.suppress(TimeoutError):  # the next tick
+                await asyncio.wait_for(stop.wait(), timeout=self.config.log_scan_every_s)
+
+    async def _send(self, chunk: list[Sent]) -> int:
+        """Send every copy of every item (16 at a time); a storage hiccup is retried, never skipped."""
+
+        async def send(queue: QueueClient, body: str) -> None:
+            for _ in range(40):
+                try:
+                    await queue.send_message(body)
+                except AzureError:
+                    await asyncio.sleep(0.5)
+                else:
+                    return
+            raise RuntimeError("cannot send to the queue")
+
+        bodies = [item.body for item in chunk for _ in range(item.copies)]
+        async with self._queue(WORK_QUEUE) as queue:
+            for i in range(0, len(bodies), 16):
+                await asyncio.gather(*(send(queue, body) for body in bodies[i : i + 16]))
+        self.sent.extend(replace(item, epoch=self.epoch) for item in chunk)
+        return len(bodies)
+
+    async def _restart_storage(self) -> None:
+        self._say("restarting Azurite (in memory: queues and ledger are lost)")
+        await asyncio.to_thread(self.azurite.restart)
+        self.epoch += 1
+        self.restart_times.append(time.monotonic())
+        # The deployment made the queues in Azure; after a loss, the platform (here, the harness)
+        # makes them again. The engine re-creates its ledger table itself.
+        await self._create_queues()
+        self.recovered_at = time.monotonic()
+
+    def _queue(self, name: str) -> QueueClient:
+        return QueueClient.from_connection_string(
+            self.azurite.connection_string,
+            name,
+            message_encode_policy=TextBase64EncodePolicy(),
+            message_decode_policy=TextBase64DecodePolicy(),
+        )
+
+    async def _create_queues(self) -> None:
+        for name in (WORK_QUEUE, POISON_QUEUE, POISON_POISON_QUEUE):
+            async with self._queue(name) as queue:
+                for _ in range(50):
+                    try:
+                        await queue.create_queue()
+                    except ResourceExistsError:
+                        pass
+                    except AzureError:
+                        await asyncio.sleep(0.2)
+                        continue
+                    break
+
+    async def _counts(self) -> dict[str, int | None]:
+        counts: dict[str, int | None] = {}
+        for name in (WORK_QUEUE, POISON_QUEUE, POISON_POISON_QUEUE):
+            async with self._queue(name) as queue:
+                try:
+                    counts[name] = (await queue.get_queue_properties()).approximate_message_count
+                except AzureError:
+                    counts[name] = None
+        return counts
+
+    async def _drained(self) -> bool:
+        """Wait until no message is left, visible or not, and nothing runs; False at the time bound."""
+        quiet = 0
+        last_report = time.monotonic()
+        while time.monotonic() - self._t0 < self.config.time_bound_s:
+            counts = await self._counts()
+            busy = sum(host.in_flight for host in self.hosts)
+            if counts[WORK_QUEUE] == 0 and counts[POISON_QUEUE] == 0 and busy == 0:
+                quiet += 1
+                if quiet >= 3:
+                    return True
+            else:
+                quiet = 0
+            if time.monotonic() - last_report > 10:
+                last_report = time.monotonic()
+                self._say(f"queue {counts[WORK_QUEUE]}, poison {counts[POISON_QUEUE]}, running {busy}")
+            await asyncio.sleep(0.3)
+        return False
+
+    async def _remaining(self) -> dict[str, int]:
+        counts = await self._counts()
+        return {name: count or 0 for name, count in counts.items()}
+
+    async def _ledger_rows(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        async with TableClient.from_connection_string(self.azurite.connection_string, self.table) as table:
+            async for entity in table.list_entities():
+                if str(entity["PartitionKey"]).startswith("h-"):
+                    rows.append(dict(entity))
+        return rows
+
+    # -------------------------------------------------------------- judging
+
+    def _judge(
+        self, evidence: dict[str, Any], rows: list[dict[str, Any]], remaining: dict[str, int], finished: bool
+    ) -> PassResult:
+        violations: Counter[str] = Counter()
+        examples: defaultdict[str, list[str]] = defaultdict(list)
+
+        def violate(invariant: str, example: str) -> None:
+            violations[invariant] += 1
+            if len(examples[invariant]) < 5:
+                examples[invariant].append(example[:300])
+
+        specs = {vm.key: vm for vm in self.estate.vms}
+        by_target: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in rows:
+            by_target[_target_key(str(row.get("target", "")))].append(row)
+        for history in by_target.values():
+            history.sort(key=lambda r: str(r["RowKey"]), reverse=True)  # inverted ticks: oldest first
+
+        # 1. Nothing lost.
+        state: dict[str, dict[str, Any]] = evidence["state"]
+        finals: dict[str, dict[str, Any]] = {}
+        for key, history in by_target.items():
+            decided = [r for r in history if r.get("reason") != "duplicate"]
+            if decided:
+                finals[key] = decided[-1]
+        for vm_id, vm_state in state.items():
+            if vm_state["os"] != "Windows":
+                continue
+            final = finals.get(vm_id.lower())
+            if final is None:
+                violate("lost", f"{vm_id}: no outcome in the ledger")
+            elif final.get("outcome") not in FINAL_KINDS:
+                violate("lost", f"{vm_id}: last record is {final.get('outcome')}: {final.get('reason')}")
+        for key, final in finals.items():
+            if final.get("outcome") not in FINAL_KINDS and key not in {k.lower() for k in state}:
+                violate("lost", f"{key}: last record is {final.get('outcome')}: {final.get('reason')}")
+        first_tries: Counter[str] = Counter(
+            str(r.get("correlationId")) for r in rows if r.get("attempt", 0) == 0 and r.get("correlationId")
+        )
+        malformed_bodies = [
+            str(_details(r).get("body", ""))
+            for r in rows
+            if r.get("reason") in ("malformed-message", "poison")
+        ]
+        last_epoch = self.epoch
+        checked = Counter[str]()
+        for item in self.sent:
+            if item.epoch != last_epoch:
+                continue
+            checked[item.kind] += item.copies
+            if item.kind == "malformed":
+                if not any(item.target in body for body in malformed_bodies):
+                    violate("lost", f"malformed message {item.target}: no ledger event")
+            elif first_tries[item.correlation] < item.copies:
+                violate(
+                    "lost",
+                    f"{item.kind} {item.target} ({item.correlation}): {item.copies} sent, "
+                    f"{first_tries[item.correlation]} recorded",
+                )
+        poison_bodies = [str(_details(r).get("body", "")) for r in rows if r.get("reason") == "poison"]
+        for epoch, body in self.hosts[0].stats.poisoned:
+            if epoch == last_epoch and body[:1000] not in poison_bodies:
+                violate("poisonUnrecorded", f"poison message without a ledger event: {body[:120]}")
+        if remaining.get(POISON_POISON_QUEUE):
+            violate(
+                "poisonUnrecorded", f"{remaining[POISON_POISON_QUEUE]} poison messages failed their handler"
+            )
+        if not finished:
+            violate("unfinished", f"time bound reached with {remaining} messages and work still running")
+
+        # 2-5. From the simulator's own record.
+        run_logs: dict[str, list[dict[str, Any]]] = evidence["runLogs"]
+        cloud_hosts = KMS_HOSTS[self.estate.cloud]
+        remediated_vms = 0
+        for vm_id, entries in run_logs.items():
+            spec = specs[vm_id.lower()]
+            if _opted_out(spec):
+                violate("touchedOptedOut", f"{vm_id}: {len(entries)} Run Commands on an opted-out VM")
+            succeeded = 0
+            for entry in entries:
+                if entry["script"] == "remediate" and self.mode == "audit":
+                    violate("changedInAudit", f"{vm_id}: a remediation Run Command in audit mode")
+                if entry["script"] != "remediate" or not entry["ran"]:
+                    continue
+                cause = _why_remediable(spec, entry, cloud_hosts)
+                if cause is None:
+                    violate("remediatedWithoutCause", f"{vm_id}: remediation on {entry['before']}")
+                after = entry.get("after") or {}
+                if after.get("channel") == "KMS_CLIENT" and after.get("licenseStatus") == 1:
+                    succeeded += 1
+            if succeeded > 1:
+                violate("remediatedTwice", f"{vm_id}: {succeeded} successful remediations")
+            remediated_vms += succeeded > 0
+        remediated_rows = Counter(
+            _target_key(str(r.get("target"))) for r in rows if r.get("outcome") == "remediated"
+        )
+        for key, count in remediated_rows.items():
+            if count > 1:
+                violate("remediatedTwice", f"{key}: {count} 'remediated' records in the ledger")
+        counters = evidence["counters"]
+        for vm_id, most in counters["maxConcurrentRunCommands"].items():
+            if most > 1:
+                violate("concurrentRunCommands", f"{vm_id}: {most} Run Commands at once")
+        for vm_id, count in counters["liveConflicts"].items():
+            violate("concurrentRunCommands", f"{vm_id}: {count} Run Commands sent while its own one ran")
+        if self.mode == "audit":
+            for vm_id, vm_state in state.items():
+                if vm_state.get("changed"):
+                    violate("changedInAudit", f"{vm_id}: licensing changed in audit mode")
+            for key in remediated_rows:
+                violate("changedInAudit", f"{key}: 'remediated' recorded in audit mode")
+
+        # The worker must not crash-loop: storage errors must stop once storage is back.
+        if self.recovered_at is not None:
+            for at, name, message in self.hosts[0].stats.failure_times:
+                if at > self.recovered_at + self.config.crash_grace_s and _storage_missing(name, message):
+                    violate("crashLoop", f"{at - self.recovered_at:.1f} s after recovery: {name}: {message}")
+        for sweep in self.sweeps:
+            if sweep.get("failed"):
+                violate("crashLoop", f"the sweep timer failed {SWEEP_ATTEMPTS} times in a row")
+
+        outcomes = Counter(str(f.get("outcome")) for key, f in finals.items() if key.startswith("/"))
+        records = Counter(str(r.get("outcome")) for r in rows)
+        reasons = Counter(
+            f"{f.get('outcome')}: {f.get('reason')}" for key, f in finals.items() if key.startswith("/")
+        )
+        work = self.hosts[0].stats
+        sent_before = [s for s in self.sent if s.epoch < last_epoch]
+        done_before = {c for epoch, c in work.completed_correlations if epoch < last_epoch and c}
+        report = {
+            "vms": len(self.estate.vms),
+            "windowsVms": sum(vm.os == "Windows" for vm in self.estate.vms),
+            "messages": {
+                "sweeps": [s.get("enqueued") for s in self.sweeps],
+                "harness": dict(Counter(s.kind for s in self.sent for _ in range(s.copies))),
+                "checkedAfterLastRestart": dict(checked),
+            },
+            "invocations": {
+                "total": work.invocations,
+                "succeeded": work.succeeded,
+                "failed": dict(work.failures),
+                "failureSamples": {
+                    name: [f"{at - self._t0:.1f}s {m}" for at, n, m in work.failure_times if n == name][:3]
+                    for name in work.failures
+                },
+                "poisoned": len(work.poisoned),
+                "lostAcks": work.lost_acks,
+                "receiveErrors": work.receive_errors,
+                "poisonHandler": self.hosts[1].stats.invocations,
+            },
+            "timers": {"logScans": self.log_scans, "failures": dict(self.timer_failures)},
+            "storageLoss": {
+                "restarts": len(self.restart_times),
+                "harnessItemsBefore": len(sent_before),
+                "harnessItemsHandledBefore": sum(1 for s in sent_before if s.correlation in done_before),
+            },
+            "armRequests": counters["requests"],
+            "remediatedVms": remediated_vms,
+            "records": dict(records),
+            "vanishedVms": len(evidence["vanished"]),
+            "reasons": dict(reasons.most_common()),
+            "remaining": remaining,
+            "wallS": round(time.monotonic() - self._t0, 1),
+        }
+        faults = dict(evidence["faults"])
+        faults[RESTART_FAULT] = len(self.restart_times)
+        return PassResult(
+            self.name,
+            self.mode,
+            len(self.estate.vms),
+            report,
+            faults,
+            dict(outcomes),
+            dict(violations),
+            examples,
+        )
+
+
+def _storage_missing(name: str, message: str) -> bool:
+    """An invocation failed because a table or queue is missing (the signature of a crash loop
+    after a storage loss), as opposed to storage being slow or briefly unreachable."""
+    return name in ("TableMissing", "QueueMissing") or (
+        name in STORAGE_ERRORS and any(s in message for s in ("does not exist", "NotFound"))
+    )
+
+
+def _target_key(target: str) -> str:
+    vm = VmId.try_parse(target)
+    return str(vm).lower() if vm is not None else target.strip().lower()
+
+
+def _details(row: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        value = json.loads(str(row.get("details") or "{}"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _opted_out(spec: VmSpec) -> bool:
+    return any(
+        name.lower() == OPT_OUT_TAG and value.strip().lower() not in ("false", "no", "0")
+        for name, value in spec.tags.items()
+    )
+
+
+def _why_remediable(spec: VmSpec, entry: Mapping[str, Any], azure_kms: frozenset[str]) -> str | None:
+    """The decision table, written again from the safety rules alone, on the state the guest had
+    when the remediation script ran: a reason when it was allowed, None when it was not."""
+    before = entry.get("before") or {}
+    install_key = entry["parameters"].get("InstallKey")
+    if spec.os != "Windows" or spec.guest is None or _opted_out(spec):
+        return None
+    if str(before.get("editionId", "")).lower() == "serverrdsh" or before.get("sku") == 175:
+        return None  # multi-session: never re-keyed, never touched
+    channel = before.get("channel")
+    if channel == "AVMA" and install_key == "1":
+        known = key_for("KMS_CLIENT", str(before.get("editionId")), spec.guest.build) is not None
+        return "avma-channel" if known else None
+    if channel == "KMS_CLIENT" and install_key == "0" and before.get("licenseStatus") != 1:
+        host = before.get("kmsHost")
+        if host is None or str(host).split(":", 1)[0].lower() in azure_kms:
+            return "kms-client-unlicensed"
+    return None
+
+
+# ------------------------------------------------------------------ the whole run
+
+
+def build_estate(config: ChaosConfig, count: int, seed: int) -> Estate:
+    estate = Estate.generate(count=count, seed=seed, mix=config.mix, subscriptions=config.subscriptions)
+    return estate.with_faults(FaultPlan.from_dict({"seed": seed, **config.faults}))
+
+
+def start_azurite() -> Azurite:
+    """A private Azurite (in memory, free ports): the run restarts it, which loses all its data."""
+    blob, queue, table = _free_ports(3)
+    azurite = Azurite(blob, queue, table, binary=azurite_binary())
+    azurite.start()
+    return azurite
+
+
+async def run_chaos(config: ChaosConfig) -> dict[str, Any]:
+    """Both passes; the report whose JSON is the last line of ``bench/chaos.py``."""
+    started = time.monotonic()
+    azurite = start_azurite()
+    passes: list[PassResult] = []
+    try:
+        if config.audit_vms:
+            audit = build_estate(config, config.audit_vms, config.seed + 1)
+            passes.append(await ChaosPass("audit", "audit", audit, config, azurite, restarts=0).run())
+        if config.vms:
+            enforce = build_estate(config, config.vms, config.seed)
+            passes.append(
+                await ChaosPass(
+                    "enforce", "enforce", enforce, config, azurite, restarts=config.restarts
+                ).run()
+            )
+    finally:
+        azurite.close()
+    faults = Counter(dict.fromkeys((*KINDS, RESTART_FAULT), 0))
+    violations = Counter(
+        dict.fromkeys(
+            (
+                "lost",
+                "remediatedWithoutCause",
+                "touchedOptedOut",
+                "concurrentRunCommands",
+                "changedInAudit",
+                "remediatedTwice",
+                "poisonUnrecorded",
+                "unfinished",
+                "crashLoop",
+            ),
+            0,
+        )
+    )
+    for result in passes:
+        faults.update(result.faults)
+        violations.update(result.violations)
+    enforce_pass = next((p for p in passes if p.mode == "enforce"), None)
+    return {
+        "vms": config.vms,
+        "auditVms": config.audit_vms,
+        "faults": dict(faults),
+        "outcomes": enforce_pass.outcomes if enforce_pass else {},
+        "remediatedVms": enforce_pass.report["remediatedVms"] if enforce_pass else 0,
+        "violations": dict(violations),
+        "wallS": round(time.monotonic() - started, 1),
+        "passes": {
+            p.name: {
+                "mode": p.mode,
+                "faults": p.faults,
+                "outcomes": p.outcomes,
+                "violations": p.violations,
+                "examples": p.examples,
+                **p.report,
+            }
+            for p in passes
+        },
+        "settings": {
+            "seed": config.seed,
+            "workers": config.workers,
+            "latencyS": config.latency_s,
+            "dupShare": config.dup_share,
+            "dupCopies": config.dup_copies,
+            "restarts": config.restarts,
+            "deferDelayS": config.defer_delay_s,
+            "deferDeadlineH": config.defer_deadline_h,
+            "runCommandTimeoutS": config.run_command_timeout_s,
+            "faults": dict(config.faults),
+        },
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> ChaosConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    base = ChaosConfig()
+    p.add_argument("--vms", type=int, default=base.vms, help="VMs of the enforce pass")
+    p.add_argument("--audit-vms", type=int, default=base.audit_vms, help="VMs of the audit pass (0: none)")
+    p.add_argument("--seed", type=int, default=base.seed)
+    p.add_argument("--workers", type=int, default=base.workers, help="invocations at once")
+    p.add_argument("--latency", type=float, default=base.latency_s, help="simulated Run Command duration, s")
+    p.add_argument("--dup-share", type=float, default=base.dup_share, help="share of VMs sent again")
+    p.add_argument("--dup-copies", type=int, default=base.dup_copies, help="identical copies of each")
+    p.add_argument("--restarts", type=int, default=base.restarts, help="Azurite restarts in the enforce pass")
+    p.add_argument("--time-bound", type=float, default=base.time_bound_s, help="seconds per pass at most")
+    p.add_argument("--fault", action="append", default=[], metavar="KIND=VALUE", help="override a fault")
+    p.add_argument("--no-faults", action="store_true", help="turn every simulator fault off")
+    p.add_argument("--report-out", metavar="FILE", help="also write the whole report (both passes) here")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    faults: dict[str, Any] = {} if args.no_faults else dict(DEFAULT_FAULTS)
+    if args.fault:
+        faults = FaultPlan.from_dict(faults).with_options(args.fault).to_dict()
+        faults.pop("seed", None)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR, stream=sys.stderr)
+    logging.getLogger("azure").setLevel(logging.CRITICAL)
+    return replace(
+        base,
+        report_out=args.report_out,
+        vms=args.vms,
+        audit_vms=args.audit_vms,
+        seed=args.seed,
+        workers=args.workers,
+        latency_s=args.latency,
+        dup_share=args.dup_share,
+        dup_copies=args.dup_copies,
+        restarts=args.restarts,
+        time_bound_s=args.time_bound,
+        faults=faults,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    report = asyncio.run(run_chaos(config))
+    if config.report_out:
+        Path(config.report_out).write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+    for name, result in report["passes"].items():
+        for invariant, found in result["examples"].items():
+            for example in found:
+                print(f"[{name}] violation {invariant}: {example}", file=sys.stderr)
+    keys = ("vms", "auditVms", "faults", "outcomes", "remediatedVms", "violations", "wallS")
+    print(json.dumps({k: report[k] for k in keys}))
+    return 1 if any(report["violations"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

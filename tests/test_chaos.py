@@ -1,0 +1,513 @@
+"""Faults: each kind as the simulator injects it, the engine fixes they revealed, and a chaos run.
+
+The chaos run is bench/chaos.py at a smaller scale (a few hundred VMs, every fault kind on a
+schedule so that each one fires): it must end with zero violations of the invariants, every fault
+kind must have been injected (so the test fails if faults silently stop), and the invariant checks
+themselves are shown to fail on an engine that breaks a rule on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from azure.storage.queue.aio import QueueClient
+
+from shared import triggers
+from shared.azure.compute import ArmUnavailable, ComputeGateway
+from shared.azure.credentials import make_credential
+from shared.guest.scripts import detect_command
+from shared.ledger import Ledger, TableMissing
+from shared.model import VmId
+from shared.settings import ConfigError, Mode, Settings
+from simulator import Estate, EstateError, Simulator
+from simulator.faults import KINDS, FaultPlan, parse_option
+
+ROOT = Path(__file__).resolve().parent.parent
+SUB = "3f2c8a51-6b0e-4d7a-9c1e-2a5b7d9e4f10"
+API = "api-version=2025-04-01"
+
+
+def _load_chaos() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("chaos", ROOT / "bench" / "chaos.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["chaos"] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+chaos = _load_chaos()
+
+
+def estate(faults: dict[str, Any], **mix: float) -> Estate:
+    recipe = Estate.generate(count=4, seed=3, mix=mix or {"avma": 1.0}, subscriptions=1)
+    return recipe.with_faults(FaultPlan.from_dict(faults))
+
+
+class Arm:
+    """Plain HTTPS calls to the simulator (status, headers, JSON), as ARM answers them."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.tls = ssl.create_default_context(cafile=sim.ca_bundle)
+        self.token = sim.issue_token()
+
+    def __call__(self, method: str, path: str, body: Any = None) -> tuple[int, dict[str, str], Any]:
+        url = f"{self.sim.arm_endpoint}{path}{'&' if '?' in path else '?'}{API}"
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data=data, method=method)
+        request.add_header("Authorization", f"Bearer {self.token}")
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, context=self.tls) as response:
+                raw = response.read()
+                return response.status, dict(response.headers), json.loads(raw) if raw else None
+        except urllib.error.HTTPError as error:
+            raw = error.read()
+            return error.code, dict(error.headers), json.loads(raw) if raw else None
+
+    def detect(self, vm_id: str) -> tuple[int, dict[str, str], Any]:
+        return self("POST", vm_id + "/runCommand", detect_command("azkms.core.windows.net", 1688))
+
+
+def wait_done(sim: Simulator, vm_id: str) -> dict[str, Any]:
+    for _ in range(200):
+        last = sim.run_log(vm_id)[-1]
+        if last["status"] != "InProgress":
+            return last
+        time.sleep(0.01)
+    raise AssertionError("the Run Command never finished")
+
+
+def serve(
+    sim_factory: Callable[..., Simulator], faults: dict[str, Any], *, latency_s: float = 0.01, **mix: float
+) -> Simulator:
+    """A simulator (the conftest fixture stops it) of a few VMs with these faults."""
+    return sim_factory(estate(faults, **mix), latency_s=latency_s)
+
+
+# --- the fault plan: estate file and command line ------------------------------------------------
+
+
+def test_a_faults_section_round_trips_and_every_kind_is_known() -> None:
+    section = {
+        "seed": 5,
+        "armThrottling": {"timeScale": 3, "writes": {"size": 20, "perSecond": 2}},
+        "serverError": {"rate": 0.1, "afterAccept": 1},
+        "runCommandHang": {"every": 7, "seconds": 2},
+        "agentFlap": {"rate": 0.5, "periodSeconds": 0.2},
+        "tokenError": {"every": 10, "burst": 4},
+        "logPartialError": 0.5,
+    }
+    plan = FaultPlan.from_dict(section)
+    assert FaultPlan.from_dict(plan.to_dict()) == plan
+    assert plan.to_dict()["serverError"] == {"rate": 0.1, "afterAccept": 1.0}
+    loaded = Estate.from_dict({"generate": {"count": 2, "seed": 1}, "faults": section})
+    assert loaded.faults == plan and Estate.from_dict(loaded.to_dict()).faults == plan
+    assert set(FaultPlan().to_dict()) == {"seed"} and not FaultPlan().enabled
+
+
+@pytest.mark.parametrize(
+    ("section", "path"),
+    [
+        ({"serverErrors": 0.1}, "$.faults.serverErrors"),
+        ({"serverError": 1.5}, "$.faults.serverError"),
+        ({"serverError": {"rate": 0.1, "every": 3}}, "$.faults.serverError"),
+        ({"tokenError": {"every": 3, "burst": 4}}, "$.faults.tokenError.burst"),
+        ({"runCommandHang": {"rate": 0.1, "minutes": 3}}, "$.faults.runCommandHang.minutes"),
+        ({"armThrottling": {"scale": 2}}, "$.faults.armThrottling.scale"),
+        (
+            {"armThrottling": {"timeScale": 2, "reads": {"size": 0, "perSecond": 1}}},
+            "$.faults.armThrottling.reads.size",
+        ),
+        ({"seed": "x"}, "$.faults.seed"),
+    ],
+)
+def test_a_bad_faults_section_names_its_path(section: dict[str, Any], path: str) -> None:
+    with pytest.raises(EstateError) as caught:
+        Estate.from_dict({"vms": [], "faults": section})
+    assert caught.value.path == path
+
+
+def test_command_line_options() -> None:
+    assert parse_option("serverError=0.02") == ("serverError", 0.02)
+    assert parse_option("tokenError=every:150:burst:5") == ("tokenError", {"every": 150, "burst": 5})
+    assert parse_option("armThrottling=3") == ("armThrottling", {"timeScale": 3.0})
+    plan = FaultPlan.from_dict({"serverError": 0.5}).with_options(
+        ["serverError=off", "vmVanish=every:3"], seed=9
+    )
+    assert (plan.seed, plan.schedule("serverError").active, plan.schedule("vmVanish").every) == (9, False, 3)
+    for bad in (
+        "nope=1",
+        "serverError",
+        "serverError=lots",
+        "tokenError=every:x",
+        "tokenError=every:3:bursts:2",
+    ):
+        with pytest.raises(EstateError):
+            parse_option(bad)
+
+
+def test_simulator_serve_takes_fault_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from shared import cli
+
+    assert cli.main(["simulator", "serve", "--fault", "bogus=1"]) == 2
+    assert "bogus=1" in capsys.readouterr().err
+
+
+# --- each kind, as the simulator injects it ----------------------------------------------------
+
+
+def test_arm_throttling_is_a_token_bucket_per_subscription_with_retry_after_and_remaining_headers(
+    sim_factory: Callable[..., Simulator],
+) -> None:
+    sim = serve(sim_factory, {"armThrottling": {"timeScale": 1, "reads": {"size": 3, "perSecond": 2}}})
+    arm, vm = Arm(sim), sim.estate.vms[0].id
+    remaining = [arm("GET", vm)[1]["x-ms-ratelimit-remaining-subscription-reads"] for _ in range(3)]
+    assert remaining == ["2", "1", "0"]
+    status, headers, body = arm("GET", vm)
+    assert status == 429 and body["error"]["code"] == "SubscriptionRequestsThrottled"
+    assert "Number of 'read' requests for subscription" in body["error"]["message"]
+    assert (
+        0 < float(headers["Retry-After"]) <= 0.51
+        and headers["x-ms-ratelimit-remaining-subscription-reads"] == "0"
+    )
+    # Writes have their own bucket, and the bucket refills.
+    status, headers, _ = arm.detect(vm)
+    assert status == 202 and headers["x-ms-ratelimit-remaining-subscription-writes"] == "199"
+    time.sleep(0.55)
+    assert arm("GET", vm)[0] == 200
+    assert sim.faults()["armThrottling"] == 1
+
+
+def test_server_errors_and_a_5xx_that_still_started_the_command(
+    sim_factory: Callable[..., Simulator],
+) -> None:
+    sim = serve(sim_factory, {"serverError": {"every": 1, "afterAccept": 1}})
+    arm, vm = Arm(sim), sim.estate.vms[0].id
+    status, headers, body = arm("GET", vm)
+    assert status in (500, 503) and body["error"]["code"] in ("InternalServerError", "ServiceUnavailable")
+    assert (status == 503) == ("Retry-After" in headers)
+    status, _, _ = arm.detect(vm)
+    assert status in (500, 503)
+    assert sim.run_log(vm)[0]["faults"] == ["serverError"]  # accepted although the caller got a 5xx
+    assert sim.faults()["serverError"] == 2
+
+
+def test_run_command_busy_operation_failed_and_hang(sim_factory: Callable[..., Simulator]) -> None:
+    sim = serve(sim_factory, {"runCommandBusy": {"every": 2}})
+    arm, vm = Arm(sim), sim.estate.vms[0].id
+    assert arm.detect(vm)[0] == 202
+    wait_done(sim, vm)
+    status, _, body = arm.detect(vm)
+    assert status == 409 and body["error"]["code"] == "Conflict" and len(sim.run_log(vm)) == 1
+
+    sim = serve(sim_factory, {"operationFailed": {"every": 1}})
+    arm, vm = Arm(sim), sim.estate.vms[0].id
+    arm.detect(vm)
+    entry = wait_done(sim, vm)
+    assert entry["status"] == "Failed" and "operationFailed" in entry["faults"]
+    assert sim.faults()["operationFailed"] == 1
+
+    sim = serve(sim_factory, {"runCommandHang": {"every": 1, "seconds": 0.3}})
+    arm, vm = Arm(sim), sim.estate.vms[0].id
+    arm.detect(vm)
+    time.sleep(0.05)
+    assert sim.run_log(vm)[0]["status"] == "InProgress"
+    assert arm.detect(vm)[0] == 409  # the hung command still holds the VM
+    assert wait_done(sim, vm)["status"] == "Succeeded"
+    counters = sim.counters()
+    assert counters["conflicts"] and not counters["liveConflicts"]  # a hung command is abandoned, not live
+
+
+def test_a_second_command_against_a_live_one_is_counted(sim_factory: Callable[..., Simulator]) -> None:
+    sim = serve(sim_factory, {}, latency_s=0.3)
+    arm, vm = Arm(sim), sim.estate.vms[0].id
+    assert arm.detect(vm)[0] == 202
+    assert arm.detect(vm)[0] == 409
+    assert sim.counters()["liveConflicts"] == {vm: 1}
+    assert sim.max_concurrent_run_commands() == 1
+
+
+def test_vm_vanishes_after_detection(sim_factory: Callable[..., Simulator]) -> None:
+    sim = serve(sim_factory, {"vmVanish": {"every": 1}})
+    arm = Arm(sim)
+    for spec in sim.estate.vms:
+        arm.detect(spec.id)
+        wait_done(sim, spec.id)
+    gone = sim.vanished()
+    assert set(gone) == {vm.id for vm in sim.estate.vms} and set(gone.values()) <= {"deleted", "deallocated"}
+    assert sim.faults()["vmVanish"] == len(sim.estate.vms)
+    for vm_id, how in gone.items():
+        status, _, body = arm.detect(vm_id)
+        assert (status, body["error"]["code"]) == (
+            (404, "ResourceNotFound") if how == "deleted" else (409, "OperationNotAllowed")
+        )
+
+
+def test_a_flapping_agent_alternates(sim_factory: Callable[..., Simulator]) -> None:
+    sim = serve(sim_factory, {"agentFlap": {"rate": 1, "periodSeconds": 0.1}})
+    arm, vm = Arm(sim), sim.estate.vms[0].id
+    seen = set()
+    for _ in range(12):
+        view = arm("GET", vm + "/instanceView")[2]
+        seen.add(view["vmAgent"]["statuses"][0]["displayStatus"])
+        time.sleep(0.05)
+    assert seen == {"Ready", "Not Ready"} and sim.faults()["agentFlap"] >= 1
+
+
+def test_output_truncated_and_garbled(sim_factory: Callable[..., Simulator]) -> None:
+    sim = serve(sim_factory, {"outputTruncated": {"every": 1}, "outputGarbled": {"every": 1}})
+    arm = Arm(sim)
+    for spec in sim.estate.vms:
+        _, headers, _ = arm.detect(spec.id)
+        wait_done(sim, spec.id)
+        operation = headers["Location"].split(sim.arm_endpoint, 1)[1]
+        result = arm("GET", operation.split("?")[0] + "?monitor=true")[2]
+        stdout = result["value"][0]["message"]
+        assert len(stdout.encode("utf-8")) <= 4096 + 3 * 8  # U+FFFD is 3 bytes where 1 was
+        assert "\ufffd" in stdout
+    assert sim.faults()["outputTruncated"] == sim.faults()["outputGarbled"] == len(sim.estate.vms)
+
+
+def test_token_endpoint_errors_and_partial_log_results(sim_factory: Callable[..., Simulator]) -> None:
+    sim = serve(sim_factory, {"tokenError": {"every": 2}, "logPartialError": {"every": 1}})
+    url = f"{sim.identity_endpoint}?api-version=2019-08-01&resource=https://management.azure.com"
+    codes = []
+    for _ in range(4):
+        request = urllib.request.Request(url, headers={"X-IDENTITY-HEADER": sim.identity_header})
+        try:
+            with urllib.request.urlopen(request) as response:
+                codes.append(response.status)
+        except urllib.error.HTTPError as error:
+            codes.append(error.code)
+    assert codes == [200, 500, 200, 500] and sim.faults()["tokenError"] == 2
+    token = sim.issue_token("https://api.loganalytics.io")
+    request = urllib.request.Request(
+        f"{sim.arm_endpoint}/v1/workspaces/{sim.workspace_id}/query",
+        data=json.dumps({"query": "Microsoft-Windows-Security-SPP 0xC004FD02"}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(
+        request, context=ssl.create_default_context(cafile=sim.ca_bundle)
+    ) as response:
+        assert json.loads(response.read())["error"]["code"] == "PartialError"
+    assert sim.faults()["logPartialError"] == 1
+
+
+def test_no_faults_no_counts(sim_factory: Callable[..., Simulator]) -> None:
+    sim = serve(sim_factory, {})
+    arm, vm = Arm(sim), sim.estate.vms[0].id
+    _, headers, _ = arm("GET", vm)
+    assert not any(h.lower().startswith("x-ms-ratelimit") for h in headers)
+    assert sim.faults() == dict.fromkeys(KINDS, 0)
+
+
+# --- what the faults revealed in the engine ----------------------------------------------------
+
+
+def use_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> dict[str, str]:
+    """azure-identity's ManagedIdentityCredential reads the process environment."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+async def test_a_run_command_post_answered_5xx_is_never_sent_again_by_the_sdk(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ARM may accept a Run Command and still answer 500/503; azure-core would send the POST again,
+    and once the first command has finished the repeat runs the script a second time."""
+    sim = serve(sim_factory, {"serverError": {"every": 1, "afterAccept": 1}}, latency_s=0.0)
+    env = use_env(monkeypatch, sim.env())
+    settings = Settings.from_env(env)
+    vm = sim.estate.vms[0].id
+    credential = make_credential(settings, env)
+    async with credential, ComputeGateway(credential, settings) as gateway:
+        with pytest.raises(ArmUnavailable):
+            await gateway.run_command(VmId.parse(vm), detect_command(settings.kms_host, settings.kms_port))
+    assert len(sim.run_log(vm)) == 1
+
+
+async def test_a_throttled_run_command_post_is_still_retried(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = serve(sim_factory, {"armThrottling": {"timeScale": 1, "writes": {"size": 1, "perSecond": 20}}})
+    env = use_env(monkeypatch, sim.env())
+    settings = Settings.from_env(env)
+    credential = make_credential(settings, env)
+    async with credential, ComputeGateway(credential, settings) as gateway:
+        for spec in sim.estate.vms[:2]:  # the second POST finds the bucket empty, waits, succeeds
+            out, _ = await gateway.run_command(
+                VmId.parse(spec.id), detect_command(settings.kms_host, settings.kms_port)
+            )
+            assert "AVMA-REMEDIATOR-RESULT" in out
+    assert sim.faults()["armThrottling"] >= 1
+    assert sum(len(sim.run_log(spec.id)) for spec in sim.estate.vms) == 2
+
+
+def test_a_ca_bundle_name_too_long_for_the_file_system_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="AZURE_CA_BUNDLE"):
+        Settings.from_env({"AZURE_CA_BUNDLE": "x" * 5000})
+
+
+async def test_after_a_storage_loss_the_app_recreates_its_table_instead_of_failing_forever(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    azurite = chaos.start_azurite()
+    try:
+        sim = serve(sim_factory, {}, kms_healthy=1.0)
+        env = use_env(
+            monkeypatch,
+            {**sim.env(), "AzureWebJobsStorage": azurite.connection_string, "LEDGER_TABLE": "lossrecovery"},
+        )
+        body = json.dumps({"reason": "manual", "vmId": sim.estate.vms[0].id})
+        assert [o.kind.value for o in await triggers.work(body, env=env)] == ["healthy"]
+        await asyncio.to_thread(azurite.restart)  # in memory: the table and the queues are gone
+        with pytest.raises(TableMissing):
+            await triggers.work(body, env=env)  # this invocation fails: its message is retried
+        assert [o.kind.value for o in await triggers.work(body, env=env)] == ["healthy"]
+        # A message nested too deeply to decode still gets its poison record.
+        await triggers.poison("[" * 5000, env=env)
+        async with Ledger.from_settings(Settings.from_env(env)) as ledger:
+            rows = await ledger.history("unparsable-message")
+        assert [(r["outcome"], r["reason"]) for r in rows] == [("failed", "poison")]
+        async with QueueClient.from_connection_string(azurite.connection_string, "vm-checks") as queue:
+            await queue.get_queue_properties()  # the work queue was made again too
+    finally:
+        azurite.close()
+
+
+# --- the chaos run ---------------------------------------------------------------------------
+
+# Every kind on a schedule, so that each fires in a run of a few hundred VMs.
+TEST_FAULTS: dict[str, Any] = {
+    "armThrottling": {"timeScale": 2, "writes": {"size": 20, "perSecond": 8}},
+    "serverError": {"every": 151},
+    "runCommandBusy": {"every": 67},
+    "operationFailed": {"every": 89},
+    "runCommandHang": {"every": 131, "seconds": 4},
+    "vmVanish": {"every": 79},
+    "agentFlap": {"every": 37, "periodSeconds": 0.3},
+    "outputTruncated": {"every": 71},
+    "outputGarbled": {"every": 79},
+    "tokenError": {"every": 120, "burst": 5},
+    "logPartialError": {"every": 1},
+}
+SMALL = chaos.ChaosConfig(
+    vms=220,
+    audit_vms=50,
+    workers=24,
+    faults=TEST_FAULTS,
+    dup_share=0.05,
+    computer_items=6,
+    malformed=4,
+    log_scan_every_s=2.0,
+    defer_deadline_h=0.005,  # 18 s
+    audit_defer_deadline_h=0.002,
+    time_bound_s=150,
+)
+
+
+@pytest.mark.slow
+async def test_chaos_run_loses_nothing_and_breaks_no_rule() -> None:
+    report = await chaos.run_chaos(SMALL)
+    passes = report["passes"]
+    examples = {name: p["examples"] for name, p in passes.items() if p["examples"]}
+    assert report["violations"] == dict.fromkeys(report["violations"], 0), examples
+    assert set(report["violations"]) >= {
+        "lost",
+        "remediatedWithoutCause",
+        "concurrentRunCommands",
+        "changedInAudit",
+        "remediatedTwice",
+    }
+    never = [kind for kind, count in report["faults"].items() if count == 0]
+    assert never == [], f"fault kinds never injected: {never}"
+    assert set(report["faults"]) == {*KINDS, "azuriteRestart"}
+    enforce = passes["enforce"]
+    assert enforce["remediatedVms"] > 0 and report["outcomes"].get("remediated", 0) > 0
+    assert passes["audit"]["outcomes"].get("would-remediate", 0) > 0
+    assert enforce["storageLoss"]["restarts"] == 1
+    assert passes["audit"]["invocations"]["poisoned"] == SMALL.poison_pills  # the host's poison path ran
+    assert enforce["messages"]["harness"]["duplicate"] == SMALL.dup_copies * round(
+        SMALL.vms * SMALL.dup_share
+    )
+
+
+# --- the checks can fail: an engine that breaks a rule on purpose -----------------------------
+
+BROKEN = chaos.ChaosConfig(
+    vms=0,
+    audit_vms=0,
+    workers=16,
+    faults={},
+    mix={"avma": 1.0},
+    dup_share=1.0,
+    dup_copies=4,
+    computer_items=0,
+    unknown_computers=0,
+    malformed=0,
+    restarts=0,
+    defer_deadline_h=0.0015,
+    audit_defer_deadline_h=0.0015,
+    time_bound_s=60,
+)
+
+
+@pytest.mark.slow
+async def test_the_checks_catch_a_worker_without_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.ledger import Lease
+
+    async def no_lease(self: Ledger, vm_id: VmId, *, owner: str, now: Any = None) -> Lease:
+        return Lease(vm_id, owner, "t", None, None, "")  # type: ignore[arg-type]
+
+    async def no_release(self: Ledger, lease: Lease, outcome: Any, *, now: Any = None) -> None:
+        return None
+
+    monkeypatch.setattr(Ledger, "acquire", no_lease)
+    monkeypatch.setattr(Ledger, "release", no_release)
+    report = await chaos.run_chaos(chaos.replace(BROKEN, vms=16, latency_s=0.2))
+    assert report["violations"]["concurrentRunCommands"] > 0
+
+
+@pytest.mark.slow
+async def test_the_checks_catch_an_audit_mode_that_acts(monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = Settings.from_env
+
+    def enforce_always(env: Any = None) -> Settings:
+        return loaded(env).with_mode(Mode.ENFORCE)
+
+    monkeypatch.setattr(Settings, "from_env", staticmethod(enforce_always))
+    report = await chaos.run_chaos(chaos.replace(BROKEN, audit_vms=12, dup_share=0.0))
+    assert report["violations"]["changedInAudit"] > 0
+
+
+@pytest.mark.slow
+async def test_the_checks_catch_a_lost_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.workqueue import WorkQueue
+
+    sent = WorkQueue.send
+
+    async def drop_delayed(self: WorkQueue, item: Any, *, delay_s: float = 0.0) -> None:
+        if delay_s <= 0:
+            await sent(self, item, delay_s=delay_s)
+
+    monkeypatch.setattr(WorkQueue, "send", drop_delayed)
+    report = await chaos.run_chaos(
+        chaos.replace(BROKEN, vms=12, mix={"avma_agent_not_ready": 1.0}, dup_share=0.0)
+    )
+    assert report["violations"]["lost"] > 0
