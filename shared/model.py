@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 _VM_ID = re.compile(
     r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)"
@@ -16,6 +16,22 @@ _GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 # ARM resource group names: 1-90 chars of letters, digits, '_', '-', '.', '(', ')', not ending in '.'.
 _RG = re.compile(r"^[-\w._()]{1,90}$")
 _VM_NAME = re.compile(r"^[-\w.]{1,64}$")
+
+
+def is_guid(text: str) -> bool:
+    """Subscription, tenant and workspace ids are GUIDs."""
+    return bool(_GUID.match(text))
+
+
+# RFC 1123 host name (letters, digits, hyphens, dots): no spaces, quotes or shell characters.
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def is_host_name(text: object) -> TypeGuard[str]:
+    """A KMS host must be a plain host name before it goes anywhere near a VM."""
+    return isinstance(text, str) and _HOST_NAME.fullmatch(text) is not None
 
 
 class InvalidVmId(ValueError):

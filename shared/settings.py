@@ -14,12 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from shared.clouds import CLOUDS, CloudProfile
+from shared.model import is_guid, is_host_name
 
-_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
-# RFC 1123 host name (letters, digits, hyphens, dots); no spaces, quotes or shell characters.
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
 # Azure tag names may not contain < > % & \ ? /
 _TAG_NAME = re.compile(r"^[^<>%&\\?/]{1,512}$")
 _TRUE = {"1", "true", "yes", "on"}
@@ -28,7 +24,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 def is_subscription_id(text: str) -> bool:
     """Subscription ids are GUIDs."""
-    return bool(_GUID.match(text))
+    return is_guid(text)
 
 
 class ConfigError(ValueError):
@@ -122,7 +118,7 @@ class Settings:
 
         subscriptions = tuple(s for s in re.split(r"[\s,;]+", get("TARGET_SUBSCRIPTIONS")) if s)
         for sub in subscriptions:
-            if not _GUID.match(sub):
+            if not is_guid(sub):
                 problems.append(f"TARGET_SUBSCRIPTIONS: {sub[:60]!r} is not a subscription id (GUID)")
 
         opt_out_tag = get("OPT_OUT_TAG", "avma-remediator-opt-out")
@@ -132,7 +128,7 @@ class Settings:
         allow_override = _bool(get("ALLOW_CUSTOM_KMS_OVERRIDE"), "ALLOW_CUSTOM_KMS_OVERRIDE", problems)
 
         kms_host = get("KMS_HOST") or cloud.kms_host
-        if not _HOSTNAME.match(kms_host):
+        if not is_host_name(kms_host):
             problems.append(f"KMS_HOST={kms_host[:80]!r}: not a host name")
         kms_port = _number(get("KMS_PORT"), "KMS_PORT", cloud.kms_port, 1, 65535, problems, whole=True)
         concurrency = _number(get("MAX_CONCURRENCY"), "MAX_CONCURRENCY", 16, 1, 512, problems, whole=True)
@@ -151,7 +147,7 @@ class Settings:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{2,62}", ledger_table):
             problems.append(f"LEDGER_TABLE={ledger_table!r}: 3-63 letters and digits, starting with a letter")
         workspace_id = get("LOG_ANALYTICS_WORKSPACE_ID") or None
-        if workspace_id is not None and not _GUID.match(workspace_id):
+        if workspace_id is not None and not is_guid(workspace_id):
             problems.append(f"LOG_ANALYTICS_WORKSPACE_ID={workspace_id[:60]!r}: not a workspace id (GUID)")
         la_endpoint = (get("LOG_ANALYTICS_ENDPOINT") or cloud.log_analytics_endpoint).rstrip("/")
         if not la_endpoint.startswith("https://"):

@@ -26,6 +26,7 @@ from shared.ledger import Ledger
 from shared.model import VmId
 from shared.settings import POISON_QUEUE, WORK_QUEUE, Settings
 from simulator import Estate, Simulator
+from tests.estates import windows_vm
 from tests.payloads import EG_WRITE, as_cloud_event, as_vm_write, dim, load, v2_alert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,25 +38,7 @@ def vm_id(name: str) -> str:
 
 
 def avma(name: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "id": vm_id(name),
-        "os": "Windows",
-        "powerState": "running",
-        "agentReady": True,
-        "tags": {},
-        "guest": {
-            "caption": "Microsoft Windows Server 2022 Datacenter",
-            "build": 20348,
-            "productType": 3,
-            "editionId": "ServerDatacenter",
-            "sku": 8,
-            "channel": "AVMA",
-            "licenseStatus": 5,
-            "kmsHost": None,
-            "kmsReachable": True,
-        },
-        **extra,
-    }
+    return windows_vm(vm_id(name), **extra)
 
 
 ESTATE = [

@@ -27,6 +27,7 @@ from shared.azure.logs import LogScanner
 from shared.cli import main
 from shared.settings import Settings
 from simulator import Estate, Simulator
+from tests.estates import windows_vm
 from tests.test_infra_lib import resources, template
 
 SUB = "6f1d2c3b-4a5e-4f60-8a71-92b3c4d5e6f7"
@@ -96,26 +97,7 @@ def vm_id(rg: str, name: str) -> str:
 
 
 def windows(rg: str, name: str, channel: str, **extra: Any) -> dict[str, Any]:
-    kms = channel == "KMS_CLIENT"
-    return {
-        "id": vm_id(rg, name),
-        "os": "Windows",
-        "powerState": extra.pop("powerState", "running"),
-        "agentReady": True,
-        "tags": {},
-        "guest": {
-            "caption": "Microsoft Windows Server 2022 Datacenter",
-            "build": 20348,
-            "productType": 3,
-            "editionId": "ServerDatacenter",
-            "sku": 8,
-            "channel": channel,
-            "licenseStatus": 1 if kms else 5,
-            "kmsHost": "azkms.core.windows.net:1688" if kms else None,
-            "kmsReachable": True,
-        },
-        **extra,
-    }
+    return windows_vm(vm_id(rg, name), channel=channel, **extra)
 
 
 ESTATE = {

@@ -23,6 +23,7 @@ from shared.azure.logs import SPP_QUERY, LogScanError, LogScanner
 from shared.model import VmId
 from shared.settings import Settings
 from simulator import Estate, Simulator
+from tests.estates import windows_vm
 
 SUB_A = "11111111-2222-4333-8444-555555555555"
 SUB_B = "66666666-7777-4888-8999-000000000000"
@@ -34,26 +35,7 @@ def vm_id(sub: str, rg: str, name: str) -> str:
 
 
 def windows(sub: str, rg: str, name: str, channel: str, **extra: Any) -> dict[str, Any]:
-    kms = channel == "KMS_CLIENT"
-    return {
-        "id": vm_id(sub, rg, name),
-        "os": "Windows",
-        "powerState": extra.pop("powerState", "running"),
-        "agentReady": True,
-        "tags": {},
-        "guest": {
-            "caption": "Microsoft Windows Server 2022 Datacenter",
-            "build": 20348,
-            "productType": 3,
-            "editionId": "ServerDatacenter",
-            "sku": 8,
-            "channel": channel,
-            "licenseStatus": 1 if kms else 5,
-            "kmsHost": "azkms.core.windows.net:1688" if kms else None,
-            "kmsReachable": True,
-        },
-        **extra,
-    }
+    return windows_vm(vm_id(sub, rg, name), channel=channel, **extra)
 
 
 AVMA_APP = vm_id(SUB_A, "rg-App", "avma-app-01")

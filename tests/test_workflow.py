@@ -15,6 +15,7 @@ from shared.settings import Mode, Settings
 from shared.sweep import sweep
 from shared.workflow import Remediator
 from simulator import Estate, Simulator
+from tests.estates import windows_vm
 
 SUB = "5b0e8d2c-1f6a-4c39-9d7e-2a4b6c8d0e1f"
 GVLK_2022_DC_TAIL = "6VM33"  # WX4NM-KYWYW-QJJR4-XV3QB-6VM33, official table
@@ -24,42 +25,8 @@ def vm_id(name: str) -> str:
     return f"/subscriptions/{SUB}/resourceGroups/rg-app/providers/Microsoft.Compute/virtualMachines/{name}"
 
 
-def windows(
-    name: str,
-    *,
-    channel: str = "AVMA",
-    status: int = 5,
-    kms_host: str | None = None,
-    reachable: bool = True,
-    edition: str = "ServerDatacenter",
-    sku: int = 8,
-    build: int = 20348,
-    caption: str = "Microsoft Windows Server 2022 Datacenter",
-    product_type: int = 3,
-    power: str = "running",
-    agent: bool = True,
-    tags: dict[str, str] | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    return {
-        "id": vm_id(name),
-        "os": "Windows",
-        "powerState": power,
-        "agentReady": agent,
-        "tags": tags or {},
-        "guest": {
-            "caption": caption,
-            "build": build,
-            "productType": product_type,
-            "editionId": edition,
-            "sku": sku,
-            "channel": channel,
-            "licenseStatus": status,
-            "kmsHost": kms_host,
-            "kmsReachable": reachable,
-        },
-        **extra,
-    }
+def windows(name: str, **options: Any) -> dict[str, Any]:
+    return windows_vm(vm_id(name), **options)
 
 
 def linux(name: str) -> dict[str, Any]:

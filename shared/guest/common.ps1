@@ -174,3 +174,19 @@ function Write-Result {
     }
     Write-Output ($ResultMarker + $builder.ToString())
 }
+
+# Reads the OS and licensing facts and probes the KMS into $Result (both scripts end with this);
+# a fact that cannot be read becomes $Result.error naming the step.
+function Add-Facts($Result, [string]$HostName, [int]$Port) {
+    $step = 'read-os'
+    try {
+        $Result.os = Read-OsFacts
+        $step = 'read-license'
+        $Result.license = Read-LicenseFacts
+    }
+    catch {
+        Write-Output ('Could not ' + $step + ': ' + (Get-ErrorText $_))
+        $Result.error = New-ScriptError $step (Get-HResult $_) (Get-ErrorText $_)
+    }
+    $Result.kmsProbe = Test-KmsConnection $HostName $Port
+}

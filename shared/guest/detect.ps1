@@ -42,17 +42,7 @@ try {
         $result.error = New-ScriptError 'parameters' 2147942487 ($problems -join '; ')
     }
     else {
-        $step = 'read-os'
-        try {
-            $result.os = Read-OsFacts
-            $step = 'read-license'
-            $result.license = Read-LicenseFacts
-        }
-        catch {
-            Write-Output ('Could not ' + $step + ': ' + (Get-ErrorText $_))
-            $result.error = New-ScriptError $step (Get-HResult $_) (Get-ErrorText $_)
-        }
-        $result.kmsProbe = Test-KmsConnection $KmsHost ([int]$KmsPort)
+        Add-Facts $result $KmsHost ([int]$KmsPort)
     }
 }
 catch {

@@ -13,13 +13,10 @@ from importlib import resources
 from typing import TypedDict
 
 from shared.guest.facts import SCHEMA_VERSION
+from shared.model import is_host_name
 
 COMMAND_ID = "RunPowerShellScript"
 _MARKER_LINE = re.compile(r"# avma-remediator guest script: (detect|remediate) v([0-9]+)")
-# RFC 1123 host name, as in shared.settings: letters, digits, hyphens and dots only.
-_HOST_NAME = re.compile(
-    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
-)
 _PRODUCT_KEY = re.compile(r"[A-Z0-9]{5}(?:-[A-Z0-9]{5}){4}")
 
 
@@ -112,7 +109,7 @@ def _command(script: GuestScript, parameters: list[tuple[str, str]]) -> RunComma
 
 
 def _host(value: object) -> str:
-    if not isinstance(value, str) or not _HOST_NAME.fullmatch(value):
+    if not is_host_name(value):
         raise ValueError(f"KMS host {str(value)[:80]!r} is not a host name")
     return value
 
