@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import urlencode
 
-from simulator.estate import Estate, VmSpec
+from simulator.estate import POWER_STATES, Estate, VmSpec
 from simulator.faults import FaultInjector, ThrottleAnswer
 from simulator.guest import DETECT_FIRST_LINE, REMEDIATE_FIRST_LINE, WindowsGuest, nt_version
 
@@ -36,11 +36,9 @@ CONFLICT_MESSAGE: Final = (
 )
 NOT_RUNNING_MESSAGE: Final = "The operation requires the VM to be running (or set to run)."
 COMMAND_OS: Final[Mapping[str, str]] = {"RunPowerShellScript": "Windows", "RunShellScript": "Linux"}
-POWER_DISPLAY: Final[Mapping[str, str]] = {
-    "running": "VM running",
-    "deallocated": "VM deallocated",
-    "stopped": "VM stopped",
-}
+# The displayStatus next to each PowerState/<code> (``VM running`` is the spec example's; the others
+# follow its pattern, a guess noted in docs/simulator.md).
+POWER_DISPLAY: Final[Mapping[str, str]] = {state: f"VM {state}" for state in POWER_STATES}
 _AGENT_VERSION: Final[Mapping[str, str]] = {"Windows": "2.7.41491.1102", "Linux": "2.10.0.8"}
 _CREATED: Final = "2024-05-14T09:12:33.4476541+00:00"
 # The principal named in throttling messages (ARM names the caller's object id; one identity here).
@@ -458,7 +456,7 @@ class Compute:
                 "osDisk": {
                     "osType": spec.os,
                     "name": disk,
-                    "createOption": "Attach" if spec.os == "Windows" else "FromImage",
+                    "createOption": spec.create_option,
                     "caching": "ReadWrite",
                     "managedDisk": {
                         "storageAccountType": "Premium_LRS",
@@ -469,13 +467,6 @@ class Compute:
                 },
                 "dataDisks": [],
             },
-            "osProfile": {
-                "computerName": spec.hostname,
-                "adminUsername": "azureadmin",
-                **os_config,
-                "secrets": [],
-                "allowExtensionOperations": True,
-            },
             "networkProfile": {
                 "networkInterfaces": [
                     {"id": f"{rg_id}/providers/Microsoft.Network/networkInterfaces/{spec.name}-nic"}
@@ -484,6 +475,15 @@ class Compute:
             "provisioningState": "Succeeded",
             "timeCreated": _CREATED,
         }
+        if spec.create_option == "FromImage":
+            # Set at provisioning from the image; a VM created from an attached OS disk has none.
+            props["osProfile"] = {
+                "computerName": spec.hostname,
+                "adminUsername": "azureadmin",
+                **os_config,
+                "secrets": [],
+                "allowExtensionOperations": True,
+            }
         if spec.os == "Windows":
             props["licenseType"] = "Windows_Server"
         if instance_view:

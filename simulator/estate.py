@@ -20,7 +20,19 @@ if TYPE_CHECKING:
     from simulator.faults import FaultPlan
 
 CHANNELS: Final = ("AVMA", "KMS_CLIENT", "RETAIL", "MAK", "OEM")
-POWER_STATES: Final = ("running", "deallocated", "stopped")
+# Every PowerState/<code> ARM reports (states-billing.md; the SDKs' PowerState enums).
+POWER_STATES: Final = (
+    "starting",
+    "running",
+    "stopping",
+    "stopped",
+    "deallocating",
+    "deallocated",
+    "unknown",
+)
+# storageProfile.osDisk.createOption of a VM: from an image (osProfile set at provisioning) or an
+# attached, specialized OS disk (no osProfile at all: the usual migrated AVMA VM).
+CREATE_OPTIONS: Final = ("FromImage", "Attach")
 CLOUDS: Final = ("AzureCloud", "AzureUSGovernment", "AzureChinaCloud")
 DEFAULT_LOCATION: Final = "westeurope"
 OPT_OUT_TAG: Final = "avma-remediator-opt-out"
@@ -105,6 +117,7 @@ class VmSpec:
     vm_size: str = "Standard_D2s_v5"
     computer_name: str | None = None
     log_resource_id: bool = True
+    create_option: str = "FromImage"
 
     @property
     def key(self) -> str:
@@ -136,6 +149,8 @@ class VmSpec:
             out["computerName"] = self.computer_name
         if not self.log_resource_id:
             out["logResourceId"] = False
+        if self.create_option != "FromImage":
+            out["createOption"] = self.create_option
         if self.guest is not None:
             out["guest"] = self.guest.to_dict()
         return out
@@ -284,7 +299,15 @@ def _vm(raw: object, path: str) -> VmSpec:
         obj,
         path,
         required=("id", "os", "powerState", "agentReady", "tags"),
-        optional=("location", "guest", "busySeconds", "vmSize", "computerName", "logResourceId"),
+        optional=(
+            "location",
+            "guest",
+            "busySeconds",
+            "vmSize",
+            "computerName",
+            "logResourceId",
+            "createOption",
+        ),
     )
     vm_id = _string(obj["id"], f"{path}.id")
     match = _VM_ID.match(vm_id)
@@ -320,6 +343,7 @@ def _vm(raw: object, path: str) -> VmSpec:
                 f"not a Windows computer name (1-15 letters, digits, hyphens): {computer_name[:60]!r}",
             )
     log_resource_id = _bool(obj.get("logResourceId", True), f"{path}.logResourceId")
+    create_option = _choice(obj.get("createOption", "FromImage"), f"{path}.createOption", CREATE_OPTIONS)
     guest: GuestSpec | None = None
     if os_type == "Windows":
         if "guest" not in obj:
@@ -342,6 +366,7 @@ def _vm(raw: object, path: str) -> VmSpec:
         vm_size=vm_size,
         computer_name=computer_name,
         log_resource_id=log_resource_id,
+        create_option=create_option,
     )
 
 

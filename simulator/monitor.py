@@ -66,16 +66,15 @@ _INSTANT = re.compile(
     r"^(?P<date>\d{4}-\d{2}-\d{2})T(?P<time>\d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d{1,9}))?"
     r"(?P<zone>Z|[+-]\d{2}:\d{2})?$"
 )
-_LITERAL = re.compile(r"=~\s*'([^'\\]*)'")
-_PROJECT = re.compile(r"\|\s*project\s+([A-Za-z_][\w\s,]*?)\s*(?:\||$)")
-_GRAPH_COLUMNS: Final[Mapping[str, Callable[[VmView], str]]] = {
-    "id": lambda v: v.spec.id,
-    "name": lambda v: v.spec.name,
-    "type": lambda v: _VM_TYPE,
-    "location": lambda v: v.spec.location,
-    "resourceGroup": lambda v: v.spec.resource_group.lower(),
-    "subscriptionId": lambda v: v.spec.subscription_id,
-}
+# One comparison of a ``where``: ``tostring(path) op 'literal'`` or ``path op 'literal'``.
+_PREDICATE = re.compile(
+    r"^(?:tostring\(\s*(?P<wrapped>[A-Za-z_][\w.]*)\s*\)|(?P<bare>[A-Za-z_][\w.]*))"
+    r"\s*(?P<op>=~|!~|==|!=)\s*'(?P<literal>[^'\\]*)'$"
+)
+_ORDER = re.compile(r"^order\s+by\s+id(?:\s+asc)?$", re.IGNORECASE)
+# The columns a row of the Resources table has for a VM (properties hold the rest).
+GRAPH_COLUMNS: Final = ("id", "name", "type", "location", "resourceGroup", "subscriptionId")
+Predicate = tuple[str, str, str]  # (property path, operator, literal)
 
 
 def default_workspace_id(subscriptions: Sequence[str]) -> str:
@@ -353,29 +352,27 @@ class ResourceGraph:
         if subscriptions and groups:
             return _graph_error(400, "InvalidScope", "Give subscriptions or managementGroups, not both.")
         low = query.lower()
-        if _VM_TYPE not in low:
-            return _graph_error(400, "InvalidQuery", "The simulator answers only the engine's VM queries.")
-        vms = self.compute.snapshot()
+        parsed_query = _graph_query(query)
+        if isinstance(parsed_query, str):
+            return _graph_error(400, "InvalidQuery", parsed_query)
+        filters, columns = parsed_query
+        if not any(clause == [("type", "=~", _VM_TYPE)] for clause in filters):
+            return _graph_error(400, "InvalidQuery", "The simulator holds only VMs: filter on their type.")
+        if "computername" in low:
+            entry["kind"] = "resolve_computer"
+        elif "ostype" in low:
+            entry["kind"] = "windows_vms"
+        else:
+            entry["kind"] = "query"
+        views = self.compute.snapshot()
         # A management group (or no scope: the tenant) holds every subscription of the estate.
         if subscriptions:
             wanted = {s.lower() for s in subscriptions}
-            vms = [v for v in vms if v.spec.subscription_id.lower() in wanted]
-        if "computername" in low:
-            names = {n.lower() for n in _LITERAL.findall(query)} - {_VM_TYPE}
-            if not names:
-                return _graph_error(400, "InvalidQuery", "No computer name to look up in the query.")
-            entry["kind"] = "resolve_computer"
-            vms = [v for v in vms if v.spec.hostname.lower() in names or v.spec.name.lower() in names]
-        elif "ostype" in low and "'windows'" in low:
-            entry["kind"] = "windows_vms"
-            vms = [v for v in vms if v.spec.os == "Windows"]
-        else:
-            return _graph_error(400, "InvalidQuery", "The simulator answers only the engine's VM queries.")
-        columns = _projection(query)
-        if columns is None:
-            return _graph_error(400, "InvalidQuery", f"Project only {', '.join(_GRAPH_COLUMNS)}.")
-        vms.sort(key=lambda v: v.spec.id)
-        return self._page([[_GRAPH_COLUMNS[c](v) for c in columns] for v in vms], columns, options, entry)
+            views = [v for v in views if v.spec.subscription_id.lower() in wanted]
+        docs = [_graph_document(v) for v in views]
+        docs = [d for d in docs if all(_holds(clause, d) for clause in filters)]
+        docs.sort(key=lambda d: str(d["id"]))
+        return self._page([[d[c] for c in columns] for d in docs], columns, options, entry)
 
     def _page(
         self, rows: list[list[str]], columns: list[str], options: Mapping[str, Any], entry: dict[str, Any]
@@ -445,15 +442,97 @@ def _graph_request(
     return query, scopes[0], scopes[1], options
 
 
-def _projection(query: str) -> list[str] | None:
-    """The columns of the query's last ``| project``; None when one is not a column the simulator has."""
-    found = _PROJECT.findall(query)
-    if not found:
-        return ["id"]
-    columns = [c.strip() for c in found[-1].split(",") if c.strip()]
-    if not columns or any(c not in _GRAPH_COLUMNS for c in columns):
-        return None
-    return columns
+def _graph_query(query: str) -> tuple[list[list[Predicate]], list[str]] | str:
+    """The ``where`` clauses (each a list of alternatives) and projected columns of a query, or why not.
+
+    The subset the simulator evaluates: ``Resources``, then ``| where`` comparisons joined by all
+    ``or`` or all ``and``, ``| project`` of table columns, ``| order by id asc``. Anything else is refused.
+    """
+    stages = [stage.strip() for stage in query.split("|")]
+    if stages[0].lower() != "resources":
+        return "The simulator answers queries of the Resources table only."
+    filters: list[list[Predicate]] = []
+    columns = ["id"]
+    for stage in stages[1:]:
+        word, _, rest = stage.partition(" ")
+        word = word.lower()
+        if word == "where":
+            parts = re.split(r"\s+(or|and)\s+", rest.strip())
+            joins = set(parts[1::2])
+            if len(joins) > 1:
+                return "Mixing 'and' and 'or' in one where is not supported by the simulator."
+            predicates: list[Predicate] = []
+            for text in parts[0::2]:
+                match = _PREDICATE.match(text.strip())
+                if match is None:
+                    return f"Unsupported comparison: {text.strip()[:80]!r}."
+                path = match["wrapped"] or match["bare"]
+                if path.split(".")[0] not in (*GRAPH_COLUMNS, "properties"):
+                    return f"Unknown column {path.split('.')[0]!r}."
+                predicates.append((path, match["op"], match["literal"]))
+            if joins == {"and"}:
+                filters.extend([p] for p in predicates)
+            else:
+                filters.append(predicates)
+        elif word == "project":
+            columns = [c.strip() for c in rest.split(",") if c.strip()]
+            if not columns or any(c not in GRAPH_COLUMNS for c in columns):
+                return f"Project only {', '.join(GRAPH_COLUMNS)}."
+        elif not _ORDER.match(stage):
+            return f"Unsupported operator: {stage[:80]!r}."
+    return filters, columns
+
+
+def _graph_document(view: VmView) -> dict[str, Any]:
+    """A VM as a row of Resource Graph's Resources table: the ARM model plus ``properties.extended``.
+
+    Only what the engine's queries can name is filled in. ``osProfile`` exists only for a VM created
+    from an image; ``extended.instanceView`` carries the guest-reported computer name and the power
+    state (fields-slow-updates.md; Resource Graph's sample queries on powerState.code).
+    """
+    spec = view.spec
+    props: dict[str, Any] = {
+        "storageProfile": {"osDisk": {"osType": spec.os, "createOption": spec.create_option}},
+        "extended": {
+            "instanceView": {
+                "computerName": spec.hostname,
+                "powerState": {
+                    "code": f"PowerState/{view.power_state}",
+                    "level": "Info",
+                    "displayStatus": f"VM {view.power_state}",
+                },
+            }
+        },
+    }
+    if spec.create_option == "FromImage":
+        props["osProfile"] = {"computerName": spec.hostname}
+    return {
+        "id": spec.id,
+        "name": spec.name,
+        "type": _VM_TYPE,
+        "location": spec.location,
+        "resourceGroup": spec.resource_group.lower(),
+        "subscriptionId": spec.subscription_id,
+        "properties": props,
+    }
+
+
+def _holds(clause: list[Predicate], doc: Mapping[str, Any]) -> bool:
+    """Whether any comparison of the clause holds; a property the document lacks is null ("")."""
+    for path, op, literal in clause:
+        value: Any = doc
+        for name in path.split("."):
+            value = value.get(name) if isinstance(value, Mapping) else None
+        text = "" if value is None else str(value)
+        if op == "=~" and text.lower() == literal.lower():
+            return True
+        if op == "==" and text == literal:
+            return True
+        if op == "!~" and text.lower() != literal.lower():
+            return True
+        if op == "!=" and text != literal:
+            return True
+    return False
 
 
 def _encode_token(offset: int) -> str:

@@ -261,3 +261,73 @@ async def test_throttling_waits_for_the_quota_then_becomes_a_typed_error(
     async with Inventory(credential, settings(sim)) as inventory:
         with pytest.raises(InventoryError, match="RateLimiting"):
             [vm async for vm in inventory.windows_vms()]
+
+
+# ------------------------------------------------------------------ VMs created from an attached OS disk
+
+MIGRATED = vm_id(SUB_A, "rg-migrated", "vm-erp-prod-01")  # guest host name ERPSRV01, no osProfile
+IMAGED = vm_id(SUB_A, "rg-migrated", "vm-web-01")  # from an image: osProfile.computerName WEB01
+ATTACHED_ESTATE = {
+    "subscriptions": [SUB_A],
+    "vms": [
+        windows(
+            SUB_A, "rg-migrated", "vm-erp-prod-01", "AVMA", createOption="Attach", computerName="ERPSRV01"
+        ),
+        windows(SUB_A, "rg-migrated", "vm-web-01", "AVMA", createOption="FromImage", computerName="WEB01"),
+    ],
+}
+
+
+async def test_resolve_computer_finds_an_attached_vm_by_its_guest_reported_name(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migrated VM has no osProfile: only the instance view's computerName (or the VM name) names it."""
+    sim = sim_factory(Estate.from_dict(ATTACHED_ESTATE))
+    monkeypatch.setenv("IDENTITY_ENDPOINT", sim.identity_endpoint)
+    monkeypatch.setenv("IDENTITY_HEADER", sim.identity_header)
+    async with ManagedIdentityCredential() as cred, Inventory(cred, settings(sim)) as inventory:
+        assert await inventory.resolve_computer("ERPSRV01") == [VmId.parse(MIGRATED)]
+        assert await inventory.resolve_computer("erpsrv01.corp.example") == [VmId.parse(MIGRATED)]
+        assert await inventory.resolve_computer("vm-erp-prod-01") == [VmId.parse(MIGRATED)]
+        assert await inventory.resolve_computer("WEB01") == [VmId.parse(IMAGED)]
+    assert "properties.extended.instanceView.computerName" in resolve_query("ERPSRV01")
+
+
+async def test_resource_graph_evaluates_only_the_property_a_query_names(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """osProfile.computerName matches only the VM created from an image; the guest-reported name both."""
+    from azure.mgmt.resourcegraph.aio import ResourceGraphClient
+    from azure.mgmt.resourcegraph.models import QueryRequest
+
+    sim = sim_factory(Estate.from_dict(ATTACHED_ESTATE))
+    monkeypatch.setenv("IDENTITY_ENDPOINT", sim.identity_endpoint)
+    monkeypatch.setenv("IDENTITY_HEADER", sim.identity_header)
+    base = "Resources\n| where type =~ 'microsoft.compute/virtualmachines'\n"
+
+    async def ids(cred: ManagedIdentityCredential, where: str) -> list[str]:
+        s = settings(sim)
+        async with ResourceGraphClient(
+            cred,
+            base_url=s.arm_endpoint,
+            credential_scopes=[s.cloud.arm_scope],
+            connection_verify=sim.ca_bundle,
+        ) as client:
+            response = await client.resources(QueryRequest(query=f"{base}| where {where}\n| project id"))
+        return sorted(row["id"] for row in response.data)
+
+    async with ManagedIdentityCredential() as cred:
+        assert await ids(cred, "tostring(properties.osProfile.computerName) =~ 'ERPSRV01'") == []
+        assert await ids(cred, "tostring(properties.osProfile.computerName) =~ 'WEB01'") == [IMAGED]
+        assert await ids(cred, "tostring(properties.extended.instanceView.computerName) =~ 'ERPSRV01'") == [
+            MIGRATED
+        ]
+        assert await ids(cred, "tostring(properties.storageProfile.osDisk.createOption) =~ 'Attach'") == [
+            MIGRATED
+        ]
+        assert await ids(cred, "name =~ 'ERPSRV01'") == []
+        # the query the engine sent before: osProfile or the VM name; the migrated VM is invisible to it
+        assert (
+            await ids(cred, "tostring(properties.osProfile.computerName) =~ 'ERPSRV01' or name =~ 'ERPSRV01'")
+            == []
+        )

@@ -162,6 +162,56 @@ async def test_get_with_instance_view_reports_power_agent_os_and_tags(
     assert view.statuses[1].code == "PowerState/deallocated" and view.vm_agent is None
 
 
+async def test_an_attached_vm_has_no_os_profile_and_reports_its_guest_name_in_the_instance_view(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """createOption Attach (a migrated VM): no osProfile; the guest host name is in the instance view."""
+    from tests.estates import windows_vm
+
+    attached = vm_id(SUB_PROD, "rg-p", "vm-erp-prod-01")
+    imaged = vm_id(SUB_PROD, "rg-p", "vm-web-01")
+    sim = sim_factory(
+        Estate.from_dict(
+            {
+                "vms": [
+                    windows_vm(attached, createOption="Attach", computerName="ERPSRV01"),
+                    windows_vm(imaged, computerName="WEB01"),
+                ]
+            }
+        )
+    )
+    async with compute(sim, monkeypatch, SUB_PROD) as client:
+        migrated = await client.virtual_machines.get("rg-p", "vm-erp-prod-01", expand="instanceView")
+        fresh = await client.virtual_machines.get("rg-p", "vm-web-01", expand="instanceView")
+    assert migrated.storage_profile.os_disk.create_option == "Attach"
+    assert migrated.os_profile is None
+    assert migrated.instance_view.computer_name == "ERPSRV01"
+    assert fresh.storage_profile.os_disk.create_option == "FromImage"
+    assert fresh.os_profile.computer_name == "WEB01" == fresh.instance_view.computer_name
+
+
+@pytest.mark.parametrize("state", ["starting", "stopping", "deallocating", "unknown"])
+async def test_the_estate_takes_every_power_state_arm_reports(
+    state: str, sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.estates import windows_vm
+
+    vm = vm_id(SUB_PROD, "rg-p", "avma-01")
+    sim = sim_factory(Estate.from_dict({"vms": [windows_vm(vm, power=state)]}))
+    async with compute(sim, monkeypatch, SUB_PROD) as client:
+        view = await client.virtual_machines.instance_view("rg-p", "avma-01")
+        listed = [item async for item in client.virtual_machines.list_all(status_only="true")]
+        with pytest.raises(HttpResponseError) as refused:
+            await client.virtual_machines.begin_run_command("rg-p", "avma-01", detect_body())
+    assert [s.code for s in view.statuses][1] == f"PowerState/{state}"
+    assert view.statuses[1].display_status == f"VM {state}"
+    assert view.vm_agent is None  # only a running VM reports its agent
+    assert listed[0].instance_view.statuses[1].code == f"PowerState/{state}"
+    assert refused.value.status_code == 409
+    sim.set_power_state(vm, "running")
+    assert sim.state_dump()[vm]["powerState"] == "running"
+
+
 async def test_unknown_vm_is_404_resource_not_found_and_ids_ignore_case(
     simulator: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -481,6 +531,7 @@ def _remediate_args(key: str | None) -> tuple[list[str], list[dict[str, str]]]:
         (lambda d: d["vms"][0]["guest"].pop("kmsReachable"), "$.vms[0].guest.kmsReachable"),
         (lambda d: d["vms"][0]["tags"].update(owner=3), "$.vms[0].tags.owner"),
         (lambda d: d["vms"][0].update(powerState="hibernated"), "$.vms[0].powerState"),
+        (lambda d: d["vms"][0].update(createOption="Empty"), "$.vms[0].createOption"),
         (lambda d: d["subscriptions"].pop(1), "$.vms[1].id"),
         (lambda d: d.update(vms={}), "$.vms"),
     ],

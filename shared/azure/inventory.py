@@ -63,15 +63,21 @@ class InventoryError(Exception):
 def resolve_query(computer: str) -> str:
     """The lookup query for a computer name (validated first: this is the only guard against injection).
 
-    Windows computer names have no dots, so an FQDN also matches on its first label; VM names may
-    contain dots, so the full text is tried against ``name`` too.
+    Three names can match: ``osProfile.computerName`` (set from an image at provisioning; absent on
+    a VM created from an attached OS disk, and never updated by a rename inside the guest), the
+    guest-reported ``extended.instanceView.computerName`` (what ``Event.Computer`` carries), and the
+    VM name. Windows computer names have no dots, so an FQDN also matches on its first label; VM
+    names may contain dots, so the full text is tried against ``name`` too.
     """
     if not isinstance(computer, str) or not _COMPUTER_NAME.fullmatch(computer):
         raise ValueError(
             f"not a computer name (letters, digits, '-', '.'; at most 64): {str(computer)[:80]!r}"
         )
     names = list(dict.fromkeys([computer.split(".")[0], computer]))
-    tests = [f"tostring(properties.osProfile.computerName) =~ '{names[0]}'"]
+    tests = [
+        f"tostring(properties.osProfile.computerName) =~ '{names[0]}'",
+        f"tostring(properties.extended.instanceView.computerName) =~ '{names[0]}'",
+    ]
     tests += [f"name =~ '{name}'" for name in names]
     return (
         "Resources\n"
