@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from shared.azure.compute import ComputeError, ComputeGateway
 from shared.azure.credentials import make_credential
+from shared.azure.inventory import Inventory, InventoryError, resolve_query
 from shared.intake_cli import run_intake
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
 from shared.report import as_json, as_table, summary
@@ -74,8 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_options(p_sweep)
 
-    p_check = commands.add_parser("check", help="one VM, by ARM resource id")
-    p_check.add_argument("vm_id", metavar="VM_ID")
+    p_check = commands.add_parser(
+        "check", help="one VM, by ARM resource id, or the VMs a computer name (an alert's Computer) names"
+    )
+    p_check.add_argument("vm_id", nargs="?", metavar="VM_ID")
+    p_check.add_argument(
+        "--computer",
+        metavar="NAME",
+        help="instead of VM_ID: the computer name of a log row or alert, resolved through Resource Graph "
+        "(guest-reported name, osProfile name or VM name; an FQDN matches on its first label)",
+    )
     run_options(p_check)
 
     p_intake = commands.add_parser(
@@ -153,17 +162,46 @@ async def _execute(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.concurrency is not None:
         settings = replace(settings, max_concurrency=args.concurrency)
     vm_id: VmId | None = None
+    computer: str | None = None
     if args.command == "check":
-        try:
-            vm_id = VmId.parse(args.vm_id)
-        except InvalidVmId as error:
-            raise UsageError(str(error)) from error
+        computer = args.computer
+        if (args.vm_id is None) == (computer is None):
+            raise UsageError("check takes a VM_ID or --computer NAME (one of them)")
+        if computer is not None:
+            try:
+                resolve_query(computer)
+            except ValueError as error:
+                raise UsageError(f"--computer: {error}") from error
+        else:
+            try:
+                vm_id = VmId.parse(args.vm_id)
+            except InvalidVmId as error:
+                raise UsageError(str(error)) from error
     subs = _subscriptions(args, settings)
 
     credential = make_credential(settings, env)
     async with credential, ComputeGateway(credential, settings) as gateway:
         remediator = Remediator(gateway, settings)
-        if vm_id is not None:
+        if computer is not None:
+            async with Inventory(credential, settings) as inventory:
+                try:
+                    found = await inventory.resolve_computer(computer)
+                except InventoryError as error:
+                    print(f"avma-remediator: cannot resolve {computer!r}: {error}", file=sys.stderr)
+                    return EXIT_FAILED
+            if not found:
+                outcomes = [
+                    Outcome(
+                        f"computer:{computer}",
+                        OutcomeKind.SKIPPED,
+                        "not-found",
+                        details={"computer": computer},
+                    )
+                ]
+            else:
+                outcomes = [await remediator.check(found_id) for found_id in found]
+            report = SweepReport(outcomes=outcomes)
+        elif vm_id is not None:
             outcomes = [await remediator.check(vm_id)]
             report = SweepReport(outcomes=outcomes)
         else:

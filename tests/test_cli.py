@@ -89,10 +89,49 @@ def test_check_one_vm(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["vms"][0]["id"] == vm["id"]
 
 
+def test_check_by_computer_name_resolves_an_attached_vm_and_remediates_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An admin holding an alert has only its Computer: the guest host name of a migrated VM."""
+    from tests.estates import windows_vm
+
+    sub = "3f2c8a51-6b0e-4d7a-9c1e-2a5b7d9e4f10"
+    erp = f"/subscriptions/{sub}/resourceGroups/rg-erp/providers/Microsoft.Compute/virtualMachines/vm-erp-prod-01"
+    other = f"/subscriptions/{sub}/resourceGroups/rg-erp/providers/Microsoft.Compute/virtualMachines/vm-erp-test-01"
+    estate = tmp_path / "estate.json"
+    estate.write_text(
+        json.dumps(
+            {
+                "vms": [
+                    windows_vm(erp, createOption="Attach", computerName="ERPSRV01"),
+                    windows_vm(other, createOption="Attach", computerName="ERPTEST01"),
+                ]
+            }
+        )
+    )
+    state = tmp_path / "state.json"
+    argv = ["check", "--computer", "erpsrv01.corp.example", "--simulate", str(estate), "--apply"]
+    assert main([*argv, "--output", "json", "--sim-state-out", str(state)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["summary"] == {"remediated": 1}
+    assert out["vms"][0]["id"] == erp
+    final = json.loads(state.read_text())
+    assert final[erp]["channel"] == "KMS_CLIENT" and final[other]["changed"] is False
+
+    assert main(["check", "--computer", "NOSUCHHOST", "--simulate", str(estate), "--output", "json"]) == 0
+    missing = json.loads(capsys.readouterr().out)
+    assert [(v["id"], v["outcome"], v["reason"]) for v in missing["vms"]] == [
+        ("computer:NOSUCHHOST", "skipped", "not-found")
+    ]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["check", "not-a-vm-id", "--simulate"], "not a virtual machine resource id"),
+        (["check", "--simulate"], "VM_ID or --computer"),
+        (["check", "/subscriptions/x", "--computer", "HOST1", "--simulate"], "VM_ID or --computer"),
+        (["check", "--computer", "x' or 1==1 //", "--simulate"], "not a computer name"),
         (["sweep", "--subscription", "abc", "--simulate"], "not a subscription id"),
         (["sweep", "--sim-state-out", "x.json"], "needs --simulate"),
         (["sweep", "--simulate", "--concurrency", "0"], "--concurrency"),
