@@ -43,18 +43,34 @@ class Decision:
         return cls(Action.NONE, kind, reason)
 
 
+# PowerState/<code> values ARM reports besides ``running`` (states-billing.md; the SDKs' PowerState):
+# on the way down or down, the VM is not ours to start; on the way up, or unknown, it soon may be.
+NOT_RUNNING_STATES = frozenset({"stopping", "stopped", "deallocating", "deallocated"})
+TRANSITIONAL_STATES = frozenset({"starting", "stopping", "deallocating", "unknown"})
+DEFERRED_POWER_REASONS = {"starting": "vm-starting", "unknown": "power-state-unknown"}
+
+
 def gate(vm: VmFacts, settings: Settings) -> Decision | None:
     """Rows decided from ARM alone; ``None`` means: run detection in the guest.
 
     A VM seen only in a listing has no agent status (``agent_ready is None``), and possibly no
-    power state; those rows are then left for the full read that precedes any Run Command.
+    power state; those rows are then left for the full read that precedes any Run Command, as is a
+    transitional power state in a listing (it may have settled by the time of the read). A VM that
+    is starting, or whose power state ARM does not know (or gives in a form not known here), is
+    deferred, never skipped: it is about to run, and a final verdict would keep it unfixed.
     """
     if (vm.os_type or "").lower() != "windows":
         return Decision.final(OutcomeKind.SKIPPED, "not-windows")
     if is_opted_out(vm, settings.opt_out_tag):
         return Decision.final(OutcomeKind.SKIPPED, "opted-out")
-    if vm.power_state is not None and vm.power_state != "running":
-        return Decision.final(OutcomeKind.SKIPPED, "not-running")
+    power = vm.power_state.lower() if vm.power_state is not None else None
+    if power is not None and power != "running":
+        listed = vm.agent_ready is None
+        if listed and (power in TRANSITIONAL_STATES or power not in NOT_RUNNING_STATES):
+            return None
+        if power in NOT_RUNNING_STATES:
+            return Decision.final(OutcomeKind.SKIPPED, "not-running")
+        return Decision.final(OutcomeKind.DEFERRED, DEFERRED_POWER_REASONS.get(power, "power-state-unknown"))
     if vm.agent_ready is False:
         return Decision.final(OutcomeKind.DEFERRED, "agent-not-ready")
     return None

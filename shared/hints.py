@@ -49,6 +49,11 @@ def hint_for(reason: str, settings: Settings) -> str:
             "ALLOW_CUSTOM_KMS_OVERRIDE=true to move such VMs to the Azure KMS."
         ),
         "agent-not-ready": "The VM agent is not Ready, so Run Command cannot work; it is retried later.",
+        "vm-starting": "The VM is starting (PowerState/starting); Run Command needs it running; retried.",
+        "power-state-unknown": (
+            "ARM reports the VM's power state as unknown (PowerState/unknown), usually briefly; "
+            "retried later. If it persists, check the VM's Resource Health."
+        ),
         "run-command-busy": "Another Run Command is running on the VM; retried later.",
         "run-command-timeout": "The Run Command did not finish in time; state is re-read on retry.",
         "throttled": "ARM throttled the requests (HTTP 429); retried later with back-off.",

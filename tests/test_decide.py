@@ -40,6 +40,11 @@ def vm(**kw: object) -> VmFacts:
         (vm(tags={"AVMA-Remediator-Opt-Out": ""}), OutcomeKind.SKIPPED, "opted-out"),
         (vm(power_state="deallocated"), OutcomeKind.SKIPPED, "not-running"),
         (vm(power_state="stopped"), OutcomeKind.SKIPPED, "not-running"),
+        (vm(power_state="stopping"), OutcomeKind.SKIPPED, "not-running"),
+        (vm(power_state="deallocating"), OutcomeKind.SKIPPED, "not-running"),
+        (vm(power_state="starting"), OutcomeKind.DEFERRED, "vm-starting"),
+        (vm(power_state="unknown"), OutcomeKind.DEFERRED, "power-state-unknown"),
+        (vm(power_state="hibernating"), OutcomeKind.DEFERRED, "power-state-unknown"),
         (vm(agent_ready=False), OutcomeKind.DEFERRED, "agent-not-ready"),
     ],
 )
@@ -56,6 +61,18 @@ def test_gate_passes_a_running_windows_vm_with_a_ready_agent() -> None:
 def test_gate_leaves_the_agent_and_power_rows_to_the_full_read_when_a_listing_does_not_say() -> None:
     assert gate(vm(agent_ready=None), SETTINGS) is None
     assert gate(vm(agent_ready=None, power_state=None), SETTINGS) is None
+
+
+@pytest.mark.parametrize("state", ["starting", "stopping", "deallocating", "unknown", "hibernating"])
+def test_a_listing_s_transitional_power_state_is_no_verdict(state: str) -> None:
+    """A statusOnly listing is read before the VM: a state in passing is left for the full read."""
+    assert gate(vm(agent_ready=None, power_state=state), SETTINGS) is None
+
+
+@pytest.mark.parametrize("state", ["stopped", "deallocated"])
+def test_a_listing_s_settled_power_state_still_skips(state: str) -> None:
+    decision = gate(vm(agent_ready=None, power_state=state), SETTINGS)
+    assert decision is not None and (decision.kind, decision.reason) == (OutcomeKind.SKIPPED, "not-running")
 
 
 def test_opt_out_tag_is_configurable_and_false_means_not_opted_out() -> None:

@@ -17,7 +17,7 @@ REASONS = [
     "not-windows", "opted-out", "not-running", "multi-session", "unknown-edition", "custom-kms",
     "channel-retail", "channel-mak", "channel-oem", "unknown-channel", "no-product-key", "not-found",
     # deferred
-    "agent-not-ready", "run-command-busy", "throttled", "arm-unavailable", "run-command-timeout", "in-progress",
+    "agent-not-ready", "vm-starting", "power-state-unknown", "run-command-busy", "throttled", "arm-unavailable", "run-command-timeout", "in-progress",
     # failed
     "activation-error:0xC004F074", "key-install-error:0xC004F069", "step-error:", "remediation-error:",
     "activation-not-attempted", "verify-failed:not-kms-client", "verify-failed:license-status-N",

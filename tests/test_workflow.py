@@ -191,6 +191,36 @@ async def test_busy_run_command_is_deferred_not_forced(engine: Engine, sim: Simu
     assert state(sim, "busy")["changed"] is False
 
 
+async def test_a_vm_read_while_it_boots_is_deferred_then_fixed_once_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PowerState/starting (just created) is deferred with a hint, never a final not-running."""
+    with Simulator(
+        Estate.from_dict(
+            {"vms": [windows("avma-new", power="starting"), windows("avma-odd-state", power="unknown")]}
+        ),
+        latency_s=0.02,
+    ) as booting:
+        for key, value in booting.env().items():
+            monkeypatch.setenv(key, value)
+        settings = Settings.from_env(booting.env()).with_mode(Mode.ENFORCE)
+        async with make_credential(settings) as credential, ComputeGateway(credential, settings) as gateway:
+            remediator = Remediator(gateway, settings)
+            first = await remediator.check(VmId.parse(vm_id("avma-new")))
+            odd = await remediator.check(VmId.parse(vm_id("avma-odd-state")))
+            listed = await sweep(remediator, gateway.list_vms, [SUB], concurrency=2)
+            booting.set_power_state(vm_id("avma-new"), "running")
+            then = await remediator.check(VmId.parse(vm_id("avma-new")))
+    assert (first.kind, first.reason) == (OutcomeKind.DEFERRED, "vm-starting")
+    assert "starting" in first.hint
+    assert (odd.kind, odd.reason) == (OutcomeKind.DEFERRED, "power-state-unknown")
+    assert {(o.kind, o.reason) for o in listed.outcomes} == {
+        (OutcomeKind.DEFERRED, "vm-starting"),
+        (OutcomeKind.DEFERRED, "power-state-unknown"),
+    }
+    assert (then.kind, then.reason) == (OutcomeKind.REMEDIATED, "avma-channel")
+
+
 async def test_vanished_vm_is_skipped_not_found(engine: Engine, sim: Simulator) -> None:
     sim.delete_vm(vm_id("avma-dc"))
     outcome = await check(engine, "avma-dc")
