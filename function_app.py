@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import azure.functions as func
 
@@ -21,8 +22,35 @@ STORAGE = "AzureWebJobsStorage"
 @app.function_name("vm_write_event")
 @app.event_grid_trigger(arg_name="event")
 async def vm_write_event(event: func.EventGridEvent) -> None:
-    """Event Grid: ``Microsoft.Resources.ResourceWriteSuccess`` for VM writes → queue."""
-    payload = {
+    """Event Grid: ``Microsoft.Resources.ResourceWriteSuccess`` for VM writes → queue.
+
+    The annotation must stay ``EventGridEvent`` (the worker accepts only a class here), but the
+    worker's converter hands a ``func.CloudEvent`` whenever the body has ``specversion`` (a
+    subscription with the CloudEvents 1.0 delivery schema), whatever the annotation says.
+    """
+    payload = event_payload(event)
+    result = await triggers.on_vm_event(payload)
+    logging.info("event %s: %d work items, %d ignored", event.id, len(result.items), len(result.ignored))
+
+
+def event_payload(event: func.EventGridEvent | func.CloudEvent) -> dict[str, Any]:
+    """The runtime object back as the wire JSON of its schema, which ``shared.intake`` parses."""
+    if isinstance(event, func.CloudEvent):
+        cloud: dict[str, Any] = {
+            **event.extension_attrs,
+            "specversion": event.specversion,
+            "id": event.id,
+            "source": event.source,
+            "type": event.type,
+            "subject": event.subject,
+            "time": event.time.isoformat() if event.time else None,
+            "data": event.get_json(),
+        }
+        for key, value in (("datacontenttype", event.datacontenttype), ("dataschema", event.dataschema)):
+            if value is not None:
+                cloud[key] = value
+        return cloud
+    return {
         "id": event.id,
         "topic": event.topic,
         "subject": event.subject,
@@ -31,8 +59,6 @@ async def vm_write_event(event: func.EventGridEvent) -> None:
         "dataVersion": event.data_version,
         "data": event.get_json(),
     }
-    result = await triggers.on_vm_event(payload)
-    logging.info("event %s: %d work items, %d ignored", event.id, len(result.items), len(result.ignored))
 
 
 @app.function_name("alert_webhook")

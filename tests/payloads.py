@@ -14,6 +14,7 @@ from shared.intake import VM_WRITE
 
 SAMPLES = Path(__file__).parent / "data" / "samples"
 EG_WRITE = "eventgrid_ResourceWriteSuccess_eventgrid-schema_spec-example.json"
+CE_WRITE = "eventgrid_ResourceWriteSuccess_cloudevents-schema_spec-example.json"
 ALERT_V2 = "common-alert-schema_log-alerts-v2_full-payload.json"
 
 

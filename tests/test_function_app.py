@@ -9,6 +9,7 @@ import datetime as dt
 import functools
 import json
 import os
+import typing
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import azure.functions as func
 import pytest
+from azure.functions.eventgrid import EventGridEventInConverter
 from azure.functions.queue import QueueMessage
 from azure.functions.timer import TimerRequest
 from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
@@ -27,7 +29,7 @@ from shared.model import VmId
 from shared.settings import POISON_QUEUE, WORK_QUEUE, Settings
 from simulator import Estate, Simulator
 from tests.estates import windows_vm
-from tests.payloads import EG_WRITE, as_cloud_event, as_vm_write, dim, load, v2_alert
+from tests.payloads import CE_WRITE, EG_WRITE, as_cloud_event, as_vm_write, dim, load, v2_alert
 
 ROOT = Path(__file__).resolve().parent.parent
 SUB = "6f1d2c3b-4a5e-4f60-8a71-92b3c4d5e6f7"
@@ -249,6 +251,44 @@ async def test_cloud_events_schema_is_accepted_too(app_env: dict[str, str], sim:
     assert [i.target for i in result.items] == [vm_id("app-02")]
     await drain(app_env)
     assert licensed(sim, "app-02")
+
+
+def delivered(body: dict[str, Any]) -> Any:
+    """The object the Python worker hands the function: its own converter decoding the JSON body."""
+    from azure.functions import meta
+    from azure.functions.eventgrid import EventGridEventInConverter
+
+    datum = meta.Datum(type="json", value=json.dumps(body))
+    return EventGridEventInConverter.decode(datum, trigger_metadata={})
+
+
+async def test_a_cloud_events_delivery_through_the_real_adapter_reaches_the_vm(
+    app_env: dict[str, str], sim: Simulator
+) -> None:
+    """A CloudEvents 1.0 subscription: the worker passes a func.CloudEvent (it has no ``topic``)."""
+    sample = as_vm_write(load(CE_WRITE), vm_id("app-02"))
+    sample["source"] = f"/subscriptions/{SUB}"
+    event = delivered(sample)
+    assert isinstance(event, func.CloudEvent)
+    assert EventGridEventInConverter.check_input_type_annotation(
+        typing.get_type_hints(user("vm_write_event"))["event"]
+    )  # the annotation stays one the worker accepts
+    await user("vm_write_event")(event)
+    async with queue_client(app_env) as queue:
+        peeked = await queue.peek_messages(max_messages=5)
+    assert [json.loads(m.content)["vmId"] for m in peeked] == [vm_id("app-02")]
+    await drain(app_env)
+    assert licensed(sim, "app-02")
+
+
+async def test_an_event_grid_schema_delivery_through_the_real_converter_still_works(
+    app_env: dict[str, str], sim: Simulator
+) -> None:
+    event = delivered(as_vm_write(load(EG_WRITE), vm_id("web-01")))
+    assert isinstance(event, func.EventGridEvent)
+    await user("vm_write_event")(event)
+    await drain(app_env)
+    assert licensed(sim, "web-01")
 
 
 async def test_alert_webhook_to_a_licensed_vm(app_env: dict[str, str], sim: Simulator) -> None:
