@@ -48,6 +48,32 @@ PARTIAL_ERROR: Final = {
     "message": "There were some errors when processing your query.",
     "details": [{"code": "EngineError", "message": "Query exceeded limits"}],
 }
+# The SPP event an AVMA guest logs when activation fails, as the Event table holds it.
+SPP_EVENT_ID: Final = 8198
+# The wording and the XML layout are modelled (no public capture of this event was found): what
+# matters is that the code appears in both, and only in EventData when descriptions are not rendered.
+SPP_DESCRIPTION: Final = "License Activation (slui.exe) failed with the following error code:\nhr=0xC004FD02"
+SPP_EVENT_DATA: Final = (
+    '<DataItem type="System.XmlData">'
+    '<EventData xmlns="http://schemas.microsoft.com/win/2004/08/events/event">'
+    "<Data>hr=0xC004FD02</Data>"
+    "</EventData></DataItem>"
+)
+# The columns of the Event table the simulator can filter on, and the one summary it computes.
+EVENT_COLUMNS: Final = (
+    "EventLog",
+    "Source",
+    "EventID",
+    "EventLevelName",
+    "Computer",
+    "_ResourceId",
+    "RenderedDescription",
+    "EventData",
+)
+EVENT_SUMMARY: Final = "summarize LastSeen=max(TimeGenerated), Events=count() by _ResourceId, Computer"
+_EVENT_PREDICATE = re.compile(
+    r'^(?P<column>[A-Za-z_]\w*)\s+(?P<op>==|=~|!=|contains|has)\s+"(?P<literal>[^"\\]*)"$'
+)
 GRAPH_MAX_TOP: Final = 1000
 # Resource Graph's throttling answer (Azure/azure-cli-extensions#3325) and quota headers
 # (guidance-for-throttled-requests.md).
@@ -108,6 +134,7 @@ class LogAnalytics:
         audience: str,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         interval_s: int = SPP_EVENT_INTERVAL_S,
+        render_descriptions: bool = True,
     ) -> None:
         if not _GUID.match(workspace_id):
             raise ValueError("workspace_id must be a GUID")
@@ -117,6 +144,9 @@ class LogAnalytics:
         self.workspace_id = workspace_id
         self.audience = audience.rstrip("/")
         self.interval_s = interval_s
+        # False: the agent does not render event descriptions (RenderedDescription is empty) and the
+        # error code is only in EventData.
+        self.render_descriptions = render_descriptions
         self._clock = clock
         self._history_start = clock() - RETENTION
         self._lock = threading.Lock()
@@ -182,19 +212,13 @@ class LogAnalytics:
         entry["timespan"] = timespan
         if timespan is not None and not isinstance(timespan, str):
             return _la_error(400, "BadArgumentError", "The request had some invalid properties")
-        low_query = query.lower()
-        if "microsoft-windows-security-spp" not in low_query or "0xc004fd02" not in low_query:
+        filters = _event_query(query)
+        if isinstance(filters, str):
             return _la_error(
                 400,
                 "BadArgumentError",
                 "The request had some invalid properties",
-                [
-                    {
-                        "code": "UnsupportedQuery",
-                        "message": "The simulator answers only the engine's Security-SPP 0xC004FD02 query "
-                        "(docs/simulator.md).",
-                    }
-                ],
+                [{"code": "UnsupportedQuery", "message": f"{filters} (docs/simulator.md)."}],
             )
         now = self._clock()
         window = _window(timespan or "", now)
@@ -208,7 +232,13 @@ class LogAnalytics:
         # No event is in the future, and none is older than the retention at start-up.
         start, end = max(window[0], self._history_start), min(window[1], now)
         entry["start"], entry["end"] = start, end
-        rows = [row for view in self.compute.snapshot() if (row := self._row(view, start, end)) is not None]
+        rows = [
+            row
+            for view in self.compute.snapshot()
+            if view.channel == "AVMA"
+            and all(_event_holds(clause, self._event(view)) for clause in filters)
+            and (row := self._row(view, start, end)) is not None
+        ]
         with self._lock:
             partial = self._partial
         partial = partial or self.compute.faults.fire("logPartialError", workspace)
@@ -220,6 +250,25 @@ class LogAnalytics:
         entry["rows"] = len(rows)
         entry["partial"] = partial
         return ArmResponse(200, body_out)
+
+    def _event(self, view: VmView) -> dict[str, str]:
+        """The columns of the SPP event an AVMA VM logs (every one alike but for its time).
+
+        Event 8198 with its ``hr=0x…`` parameter, as the Event table stores it: the rendered text in
+        RenderedDescription (empty when the agent does not render it) and the raw parameters as XML
+        in EventData (the wording and the XML layout are modelled, docs/simulator.md).
+        """
+        spec = view.spec
+        return {
+            "EventLog": "Application",
+            "Source": "Microsoft-Windows-Security-SPP",
+            "EventID": str(SPP_EVENT_ID),
+            "EventLevelName": "Error",
+            "Computer": spec.hostname,
+            "_ResourceId": spec.id.lower() if spec.log_resource_id else "",
+            "RenderedDescription": SPP_DESCRIPTION if self.render_descriptions else "",
+            "EventData": SPP_EVENT_DATA,
+        }
 
     def _row(self, view: VmView, start: datetime, end: datetime) -> list[Any] | None:
         """The summarised row of one VM, or None when it logged no 0xC004FD02 event in the window."""
@@ -236,6 +285,57 @@ class LogAnalytics:
         # The Event table keeps _ResourceId in lower case; an agent that does not know the VM leaves it empty.
         resource_id = spec.id.lower() if spec.log_resource_id else ""
         return [resource_id, spec.hostname, seen.strftime("%Y-%m-%dT%H:%M:%S.0000000Z"), last - first + 1]
+
+
+def _event_query(query: str) -> list[list[tuple[str, str, str]]] | str:
+    """The ``where`` clauses (each a list of alternatives) of an Event query, or why it is not one.
+
+    The subset the simulator evaluates: ``Event``, ``| where`` comparisons ``Column op "literal"``
+    (``==``, ``=~``, ``!=``, ``contains``, ``has``) joined by all ``or`` or all ``and``, and last the
+    engine's summarize.
+    """
+    stages = [stage.strip() for stage in re.split(r'\|(?=(?:[^"]*"[^"]*")*[^"]*$)', query)]
+    if stages[0] != "Event":
+        return "The simulator answers queries of the Event table only"
+    if len(stages) < 2 or " ".join(stages[-1].split()) != EVENT_SUMMARY:
+        return f"The simulator computes only '{EVENT_SUMMARY}'"
+    filters: list[list[tuple[str, str, str]]] = []
+    for stage in stages[1:-1]:
+        word, _, rest = stage.partition(" ")
+        if word != "where":
+            return f"Unsupported operator: {stage[:80]!r}"
+        parts = re.split(r'\s+(or|and)\s+(?=(?:[^"]*"[^"]*")*[^"]*$)', rest.strip())
+        joins = set(parts[1::2])
+        if len(joins) > 1:
+            return "Mixing 'and' and 'or' in one where is not supported"
+        predicates: list[tuple[str, str, str]] = []
+        for text in parts[0::2]:
+            match = _EVENT_PREDICATE.match(text.strip())
+            if match is None:
+                return f"Unsupported comparison: {text.strip()[:80]!r}"
+            if match["column"] not in EVENT_COLUMNS:
+                return f"Failed to resolve column {match['column']!r}"
+            predicates.append((match["column"], match["op"], match["literal"]))
+        if joins == {"and"}:
+            filters.extend([p] for p in predicates)
+        else:
+            filters.append(predicates)
+    return filters
+
+
+def _event_holds(clause: list[tuple[str, str, str]], event: Mapping[str, str]) -> bool:
+    """Whether any comparison of the clause holds on the event (``has`` is taken as ``contains``)."""
+    for column, op, literal in clause:
+        value = event.get(column, "")
+        if op == "==" and value == literal:
+            return True
+        if op == "=~" and value.lower() == literal.lower():
+            return True
+        if op == "!=" and value != literal:
+            return True
+        if op in ("contains", "has") and literal.lower() in value.lower():
+            return True
+    return False
 
 
 def _window(timespan: str, now: datetime) -> tuple[datetime, datetime] | None:

@@ -53,6 +53,7 @@ class SimulatorServer:
         latency_s: float = DEFAULT_LATENCY_S,
         page_size: int = 100,
         workspace_id: str | None = None,
+        render_descriptions: bool = True,
     ) -> None:
         self.estate = estate
         self.compute = Compute(estate, latency_s=latency_s, page_size=page_size)
@@ -61,6 +62,7 @@ class SimulatorServer:
             self.compute,
             workspace_id=workspace_id or default_workspace_id(estate.subscriptions),
             audience=LOG_ANALYTICS_AUDIENCES[estate.cloud],
+            render_descriptions=render_descriptions,
         )
         self.tokens = TokenIssuer()
         # The resource each issued token was asked for: Log Analytics accepts only its own audience.
@@ -251,6 +253,7 @@ class Simulator:
         arm_port: int = 0,
         identity_port: int = 0,
         workspace_id: str | None = None,
+        render_descriptions: bool = True,
     ) -> None:
         self.estate = estate if estate is not None else Estate.default()
         self.server = SimulatorServer(
@@ -261,6 +264,7 @@ class Simulator:
             latency_s=latency_s,
             page_size=page_size,
             workspace_id=workspace_id,
+            render_descriptions=render_descriptions,
         )
         self.compute = self.server.compute
         self._thread: threading.Thread | None = None

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from azure.core.exceptions import HttpResponseError
 from azure.identity.aio import ManagedIdentityCredential
 
 from shared.azure.inventory import Inventory, InventoryError, resolve_query
@@ -181,6 +182,62 @@ async def test_deleted_vms_stop_showing(sim: Simulator, credential: ManagedIdent
     async with LogScanner(credential, settings(sim)) as scanner:
         result = await scanner.scan(since=None, now=datetime.now(UTC))
     assert [str(vm).lower() for vm in result.vm_ids()] == [AVMA_LONG.lower()]
+
+
+async def test_the_scan_finds_the_code_in_event_data_when_descriptions_are_not_rendered(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent that does not render descriptions leaves RenderedDescription empty; EventData has the code."""
+    sim = sim_factory(Estate.from_dict(ESTATE), render_descriptions=False)
+    monkeypatch.setenv("IDENTITY_ENDPOINT", sim.identity_endpoint)
+    monkeypatch.setenv("IDENTITY_HEADER", sim.identity_header)
+    async with ManagedIdentityCredential() as cred, LogScanner(cred, settings(sim)) as scanner:
+        result = await scanner.scan(since=None, now=datetime.now(UTC))
+    assert {str(vm).lower() for vm in result.vm_ids()} == {AVMA_APP.lower(), AVMA_LONG.lower()}
+    assert result.computers_only() == ["LEGACYAPP7"]
+    assert 'EventData contains "0xC004FD02"' in SPP_QUERY
+
+
+@pytest.mark.parametrize("rendered", [True, False])
+async def test_log_analytics_evaluates_the_predicates_a_query_names(
+    rendered: bool, sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from azure.monitor.query.aio import LogsQueryClient
+
+    sim = sim_factory(Estate.from_dict(ESTATE), render_descriptions=rendered)
+    monkeypatch.setenv("IDENTITY_ENDPOINT", sim.identity_endpoint)
+    monkeypatch.setenv("IDENTITY_HEADER", sim.identity_header)
+    head = 'Event\n| where EventLog == "Application"\n| where Source == "Microsoft-Windows-Security-SPP"\n'
+    tail = "\n| summarize LastSeen=max(TimeGenerated), Events=count() by _ResourceId, Computer"
+    s = settings(sim)
+
+    async def computers(client: LogsQueryClient, where: str) -> set[str]:
+        response = await client.query_workspace(
+            s.workspace_id, f"{head}| where {where}{tail}", timespan=timedelta(hours=1)
+        )
+        return {str(row[1]) for table in response.tables for row in table.rows}
+
+    avma = {"avma-app-01", "LEGACYAPP7", "avma-with-a-lon"}
+    async with (
+        ManagedIdentityCredential() as cred,
+        LogsQueryClient(
+            cred,
+            endpoint=s.log_analytics_endpoint,
+            audience=s.cloud.log_analytics_audience,
+            connection_verify=sim.ca_bundle,
+        ) as client,
+    ):
+        assert await computers(client, 'RenderedDescription contains "0xC004FD02"') == (
+            avma if rendered else set()
+        )
+        assert await computers(client, 'EventData contains "0xc004fd02"') == avma
+        assert await computers(client, 'EventData contains "0xC004F074"') == set()  # another code
+        assert await computers(client, 'Computer =~ "legacyapp7" and EventData contains "0xC004FD02"') == {
+            "LEGACYAPP7"
+        }
+        with pytest.raises(HttpResponseError) as unknown:
+            await computers(client, 'NoSuchColumn contains "0xC004FD02"')
+    assert unknown.value.status_code == 400
 
 
 # ------------------------------------------------------------------ inventory

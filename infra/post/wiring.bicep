@@ -58,7 +58,7 @@ var sppErrorQuery = '''
 Event
 | where EventLog == "Application"
 | where Source == "Microsoft-Windows-Security-SPP"
-| where RenderedDescription contains "0xC004FD02"
+| where RenderedDescription contains "0xC004FD02" or EventData contains "0xC004FD02"
 | project TimeGenerated, Computer, _ResourceId
 '''
 

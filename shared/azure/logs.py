@@ -27,11 +27,13 @@ from shared.settings import ConfigError, Settings
 log = logging.getLogger(__name__)
 
 # The whole query; the workspace goes in the request path, never in here. The scan window is the
-# request's timespan. ``contains`` is case-insensitive in KQL, so "0xc004fd02" matches too.
+# request's timespan. ``contains`` is case-insensitive in KQL, so "0xc004fd02" matches too. The code
+# is looked for in EventData (the event's parameters, as XML) as well as in RenderedDescription,
+# which stays empty when the agent does not render descriptions.
 SPP_QUERY: Final = """Event
 | where EventLog == "Application"
 | where Source == "Microsoft-Windows-Security-SPP"
-| where RenderedDescription contains "0xC004FD02"
+| where RenderedDescription contains "0xC004FD02" or EventData contains "0xC004FD02"
 | summarize LastSeen=max(TimeGenerated), Events=count() by _ResourceId, Computer"""
 
 
