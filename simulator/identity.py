@@ -4,6 +4,13 @@ azure-identity's ``ManagedIdentityCredential`` reads ``IDENTITY_ENDPOINT``/``IDE
 sends ``GET <endpoint>?api-version=2019-08-01&resource=…`` with the ``X-IDENTITY-HEADER`` secret, as on
 App Service and Functions. Only tokens issued here open the simulated ARM, so a client that forgot
 its credential (or sends another one) fails as it would in Azure.
+
+The endpoint serves one identity, as the app's would: system-assigned (``client_id=None``), or the
+user-assigned identity with that client id. As documented for the 2019-08-01 endpoint, a request
+names a user-assigned identity with one of ``client_id``, ``principal_id``/``object_id`` or
+``mi_res_id`` and names none for the system-assigned one; a request for an identity the app does
+not have is 400 ``Unable to load the proper Managed Identity.`` (the body seen from Functions), so
+a wrong ``AZURE_CLIENT_ID`` fails here as it does in Azure.
 """
 
 from __future__ import annotations
@@ -11,11 +18,15 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 TOKEN_LIFETIME_S = 3600
+# The query parameters that select a user-assigned identity (overview-managed-identity.md).
+IDENTITY_SELECTORS = ("client_id", "principal_id", "object_id", "mi_res_id")
+UNKNOWN_IDENTITY_MESSAGE = "Unable to load the proper Managed Identity."
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +40,9 @@ class TokenAnswer:
 class TokenIssuer:
     """Issues opaque bearer tokens and recognises them; safe to call from any thread."""
 
-    def __init__(self, header_secret: str | None = None) -> None:
+    def __init__(self, header_secret: str | None = None, *, client_id: str | None = None) -> None:
         self.header_secret = header_secret or secrets.token_urlsafe(24)
+        self.client_id = client_id
         self._tokens: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -65,4 +77,20 @@ class TokenIssuer:
         resource = query.get("resource") or ""
         if not resource:
             return TokenAnswer(400, {"error": "invalid_request", "error_description": "resource is required"})
+        if not self._is_our_identity(query):
+            return TokenAnswer(
+                400,
+                {"statusCode": 400, "message": UNKNOWN_IDENTITY_MESSAGE, "correlationId": str(uuid.uuid4())},
+            )
         return TokenAnswer(200, self.issue(resource))
+
+    def _is_our_identity(self, query: Mapping[str, str]) -> bool:
+        """Whether the request names this endpoint's one identity (none named: the system-assigned one).
+
+        The simulator knows a user-assigned identity by its client id only, so a principal/object id
+        or a resource id never matches (documented in docs/simulator.md).
+        """
+        named = {key: query[key] for key in IDENTITY_SELECTORS if query.get(key)}
+        if self.client_id is None:
+            return not named
+        return list(named) == ["client_id"] and named["client_id"].lower() == self.client_id.lower()

@@ -54,6 +54,7 @@ class SimulatorServer:
         page_size: int = 100,
         workspace_id: str | None = None,
         render_descriptions: bool = True,
+        client_id: str | None = None,
     ) -> None:
         self.estate = estate
         self.compute = Compute(estate, latency_s=latency_s, page_size=page_size)
@@ -64,7 +65,8 @@ class SimulatorServer:
             audience=LOG_ANALYTICS_AUDIENCES[estate.cloud],
             render_descriptions=render_descriptions,
         )
-        self.tokens = TokenIssuer()
+        # The app's identity: system-assigned (None) or the user-assigned one with this client id.
+        self.tokens = TokenIssuer(client_id=client_id)
         # The resource each issued token was asked for: Log Analytics accepts only its own audience.
         self._audiences: dict[str, str] = {}
         self._audiences_lock = threading.Lock()
@@ -90,6 +92,7 @@ class SimulatorServer:
             "AZURE_CA_BUNDLE": self.ca_bundle,
             "IDENTITY_ENDPOINT": self.identity_endpoint,
             "IDENTITY_HEADER": self.identity_header,
+            **({"AZURE_CLIENT_ID": self.tokens.client_id} if self.tokens.client_id else {}),
             "TARGET_SUBSCRIPTIONS": ",".join(self.estate.subscriptions),
             "LOG_ANALYTICS_ENDPOINT": f"{self.arm_endpoint}/v1",
             "LOG_ANALYTICS_WORKSPACE_ID": self.logs.workspace_id,
@@ -254,6 +257,7 @@ class Simulator:
         identity_port: int = 0,
         workspace_id: str | None = None,
         render_descriptions: bool = True,
+        client_id: str | None = None,
     ) -> None:
         self.estate = estate if estate is not None else Estate.default()
         self.server = SimulatorServer(
@@ -265,6 +269,7 @@ class Simulator:
             page_size=page_size,
             workspace_id=workspace_id,
             render_descriptions=render_descriptions,
+            client_id=client_id,
         )
         self.compute = self.server.compute
         self._thread: threading.Thread | None = None

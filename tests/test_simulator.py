@@ -255,6 +255,57 @@ async def test_only_tokens_from_the_identity_endpoint_open_arm(simulator: Simula
             assert response.status == 401
 
 
+USER_ASSIGNED = "7c1e9a52-3b4d-4f6e-8a9b-0c1d2e3f4a5b"
+OTHER_CLIENT = "0f9e8d7c-6b5a-4c3d-9e2f-1a0b9c8d7e6f"
+
+
+async def _token_with(sim: Simulator, monkeypatch: pytest.MonkeyPatch, client_id: str | None) -> str:
+    """What the engine's credential (make_credential with AZURE_CLIENT_ID) gets from the endpoint."""
+    from shared.azure.credentials import make_credential
+    from shared.settings import Settings
+
+    env = {k: v for k, v in sim.env().items() if k != "AZURE_CLIENT_ID"}
+    if client_id is not None:
+        env["AZURE_CLIENT_ID"] = client_id
+    for key in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER"):
+        monkeypatch.setenv(key, env[key])
+    credential = make_credential(Settings.from_env(env), env)
+    async with credential:
+        return (await credential.get_token("https://management.azure.com/.default")).token
+
+
+async def test_the_identity_endpoint_serves_only_the_app_s_own_identity(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong AZURE_CLIENT_ID fails locally as in Azure: 400 "Unable to load the proper Managed Identity"."""
+    system = sim_factory()
+    assert "AZURE_CLIENT_ID" not in system.env()
+    assert await _token_with(system, monkeypatch, None)
+    with pytest.raises(ClientAuthenticationError, match="Unable to load the proper Managed Identity"):
+        await _token_with(system, monkeypatch, USER_ASSIGNED)  # the app has no user-assigned identity
+
+    user = sim_factory(client_id=USER_ASSIGNED)
+    assert user.env()["AZURE_CLIENT_ID"] == USER_ASSIGNED  # what a local run needs
+    assert await _token_with(user, monkeypatch, USER_ASSIGNED)
+    assert await _token_with(user, monkeypatch, USER_ASSIGNED.upper())
+    with pytest.raises(ClientAuthenticationError, match="Unable to load the proper Managed Identity"):
+        await _token_with(user, monkeypatch, OTHER_CLIENT)
+    with pytest.raises(ClientAuthenticationError, match="Unable to load the proper Managed Identity"):
+        await _token_with(user, monkeypatch, None)  # no system-assigned identity to fall back on
+
+    async with aiohttp.ClientSession() as http:
+        base = f"{user.identity_endpoint}?api-version=2019-08-01&resource=https://management.azure.com"
+        headers = {"X-IDENTITY-HEADER": user.identity_header}
+        async with http.get(f"{base}&client_id={OTHER_CLIENT}", headers=headers) as response:
+            body = await response.json()
+        assert response.status == 400
+        assert body["statusCode"] == 400 and body["message"] == "Unable to load the proper Managed Identity."
+        async with http.get(
+            f"{base}&mi_res_id=/subscriptions/x/resourcegroups/y", headers=headers
+        ) as response:
+            assert response.status == 400
+
+
 # ------------------------------------------------------------------ Run Command
 
 
