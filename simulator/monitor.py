@@ -72,7 +72,8 @@ EVENT_COLUMNS: Final = (
 )
 EVENT_SUMMARY: Final = "summarize LastSeen=max(TimeGenerated), Events=count() by _ResourceId, Computer"
 _EVENT_PREDICATE = re.compile(
-    r'^(?P<column>[A-Za-z_]\w*)\s+(?P<op>==|=~|!=|contains|has)\s+"(?P<literal>[^"\\]*)"$'
+    r"^(?P<column>[A-Za-z_]\w*)\s+(?P<op>==|=~|!=|contains|has)\s+"
+    r"(?:\"(?P<double>[^\"\\]*)\"|'(?P<single>[^'\\]*)')$"
 )
 GRAPH_MAX_TOP: Final = 1000
 # Resource Graph's throttling answer (Azure/azure-cli-extensions#3325) and quota headers
@@ -291,6 +292,7 @@ def _event_query(query: str) -> list[list[tuple[str, str, str]]] | str:
     """The ``where`` clauses (each a list of alternatives) of an Event query, or why it is not one.
 
     The subset the simulator evaluates: ``Event``, ``| where`` comparisons ``Column op "literal"``
+    (or ``'literal'``)
     (``==``, ``=~``, ``!=``, ``contains``, ``has``) joined by all ``or`` or all ``and``, and last the
     engine's summarize.
     """
@@ -315,7 +317,8 @@ def _event_query(query: str) -> list[list[tuple[str, str, str]]] | str:
                 return f"Unsupported comparison: {text.strip()[:80]!r}"
             if match["column"] not in EVENT_COLUMNS:
                 return f"Failed to resolve column {match['column']!r}"
-            predicates.append((match["column"], match["op"], match["literal"]))
+            literal = match["double"] if match["double"] is not None else match["single"]
+            predicates.append((match["column"], match["op"], literal))
         if joins == {"and"}:
             filters.extend([p] for p in predicates)
         else:

@@ -27,6 +27,7 @@ from azure.storage.queue.aio import QueueClient
 from shared import triggers
 from shared.azure.compute import ArmUnavailable, ComputeGateway
 from shared.azure.credentials import make_credential
+from shared.azure.logs import SPP_QUERY
 from shared.guest.scripts import detect_command
 from shared.ledger import Ledger, TableMissing
 from shared.model import VmId
@@ -297,7 +298,7 @@ def test_token_endpoint_errors_and_partial_log_results(sim_factory: Callable[...
     token = sim.issue_token("https://api.loganalytics.io")
     request = urllib.request.Request(
         f"{sim.arm_endpoint}/v1/workspaces/{sim.workspace_id}/query",
-        data=json.dumps({"query": "Microsoft-Windows-Security-SPP 0xC004FD02"}).encode(),
+        data=json.dumps({"query": SPP_QUERY}).encode(),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         method="POST",
     )

@@ -232,6 +232,7 @@ async def test_log_analytics_evaluates_the_predicates_a_query_names(
         )
         assert await computers(client, 'EventData contains "0xc004fd02"') == avma
         assert await computers(client, 'EventData contains "0xC004F074"') == set()  # another code
+        assert await computers(client, "EventData contains '0xC004FD02'") == avma  # KQL's other quotes
         assert await computers(client, 'Computer =~ "legacyapp7" and EventData contains "0xC004FD02"') == {
             "LEGACYAPP7"
         }

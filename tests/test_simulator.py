@@ -21,6 +21,7 @@ from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, 
 from azure.identity.aio import ManagedIdentityCredential
 from azure.mgmt.compute.aio import ComputeManagementClient
 
+from shared.azure.logs import SPP_QUERY
 from simulator import Estate, EstateError, Simulator
 from simulator.arm import CONFLICT_MESSAGE
 from simulator.guest import KEYS, WindowsGuest, base_edition, key_for
@@ -741,9 +742,7 @@ async def test_log_analytics_and_resource_graph_on_the_wire(simulator: Simulator
     """What the SDKs hide: audience checks, the PartialError body, $top limits, skip tokens, table format."""
     tls = ssl.create_default_context(cafile=simulator.ca_bundle)
     la_url = f"{simulator.env()['LOG_ANALYTICS_ENDPOINT']}/workspaces/{simulator.workspace_id}/query"
-    spp = {
-        "query": "Event | where Source == 'Microsoft-Windows-Security-SPP' and RenderedDescription contains '0xC004FD02'"
-    }
+    spp = {"query": SPP_QUERY}  # the engine's scan
     la = {"Authorization": f"Bearer {simulator.issue_token('https://api.loganalytics.io')}"}
     arm = {"Authorization": f"Bearer {simulator.issue_token()}"}
     async with aiohttp.ClientSession() as http:
