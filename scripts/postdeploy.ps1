@@ -27,6 +27,7 @@ $systemTopic = Get-Required 'AZURE_SYSTEM_TOPIC_NAME'
 $workspace = Get-Required 'AZURE_LOG_ANALYTICS_WORKSPACE_NAME'
 $storageAccount = Get-Required 'AZURE_STORAGE_ACCOUNT_NAME'
 $deadLetterContainer = Get-Required 'AZURE_DEAD_LETTER_CONTAINER'
+$location = Get-Required 'AZURE_LOCATION'
 $infra = Join-Path (Join-Path $PSScriptRoot '..') 'infra'
 
 Write-Host "Waiting for the functions of $functionApp to be indexed..."
@@ -55,6 +56,7 @@ az deployment group create `
         "functionAppName=$functionApp" `
         "systemTopicName=$systemTopic" `
         "workspaceName=$workspace" `
+        "location=$location" `
         "storageAccountName=$storageAccount" `
         "deadLetterContainerName=$deadLetterContainer" `
     --output none
@@ -65,7 +67,6 @@ if ($LASTEXITCODE -ne 0) {
 $managementGroup = [Environment]::GetEnvironmentVariable('AZURE_MANAGEMENT_GROUP_ID')
 if (-not [string]::IsNullOrEmpty($managementGroup)) {
     $principalId = Get-Required 'AZURE_IDENTITY_PRINCIPAL_ID'
-    $location = Get-Required 'AZURE_LOCATION'
     $environmentName = Get-Required 'AZURE_ENV_NAME'
     Write-Host "Granting the VM role at management group $managementGroup..."
     az deployment mg create `

@@ -22,6 +22,7 @@ set -eu
 : "${AZURE_LOG_ANALYTICS_WORKSPACE_NAME:?not set: run azd provision first}"
 : "${AZURE_STORAGE_ACCOUNT_NAME:?not set: run azd provision first}"
 : "${AZURE_DEAD_LETTER_CONTAINER:?not set: run azd provision first}"
+: "${AZURE_LOCATION:?not set: run azd provision first}"
 
 here=$(cd "$(dirname "$0")" && pwd)
 infra="$here/../infra"
@@ -59,13 +60,13 @@ az deployment group create \
     functionAppName="$AZURE_FUNCTION_APP_NAME" \
     systemTopicName="$AZURE_SYSTEM_TOPIC_NAME" \
     workspaceName="$AZURE_LOG_ANALYTICS_WORKSPACE_NAME" \
+    location="$AZURE_LOCATION" \
     storageAccountName="$AZURE_STORAGE_ACCOUNT_NAME" \
     deadLetterContainerName="$AZURE_DEAD_LETTER_CONTAINER" \
   --output none
 
 if [ -n "${AZURE_MANAGEMENT_GROUP_ID:-}" ]; then
   : "${AZURE_IDENTITY_PRINCIPAL_ID:?not set: run azd provision first}"
-  : "${AZURE_LOCATION:?not set: run azd provision first}"
   : "${AZURE_ENV_NAME:?not set: run through azd}"
   echo "Granting the VM role at management group $AZURE_MANAGEMENT_GROUP_ID..."
   az deployment mg create \
