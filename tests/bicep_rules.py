@@ -880,3 +880,193 @@ def load(root: Path) -> dict[str, BicepFile]:
         )
         for p in sorted(root.rglob("*.bicep"))
     }
+
+
+# --- a small evaluator, for the few expressions whose value a test pins -------------------------
+
+
+class _Eval:
+    """Evaluates literals, parameters, variables, ternaries, `!`, `==`, `!=`, array literals,
+    for-expressions without a filter, property access and the functions in FUNCTIONS. Anything
+    else raises, so a test never passes on a construct it does not understand."""
+
+    def __init__(self, f: BicepFile, params: dict[str, object], subscription_id: str) -> None:
+        self.f = f
+        self.params = params
+        self.subscription_id = subscription_id
+
+    def var(self, name: str, local: dict[str, object] | None = None) -> object:
+        d = self.f.symbols()[name]
+        if d.kind == "param":
+            return self.params[name] if name in self.params else self.expr(d.value, {})
+        if d.kind != "var":
+            raise NotImplementedError(f"{name} is a {d.kind}")
+        return self.expr(d.value, {})
+
+    def expr(self, toks: list[Tok], local: dict[str, object]) -> object:
+        self.toks = toks
+        self.i = 0
+        value = self._ternary(local)
+        self._skip_nl()
+        if self.i != len(self.toks):
+            raise NotImplementedError(f"unparsed: {[t.text for t in self.toks[self.i :]]}")
+        return value
+
+    def _skip_nl(self) -> None:
+        while self.i < len(self.toks) and self.toks[self.i].kind == "nl":
+            self.i += 1
+
+    def _peek(self) -> Tok | None:
+        self._skip_nl()
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def _take(self, text: str) -> None:
+        t = self._peek()
+        if t is None or t.text != text:
+            raise NotImplementedError(f"expected {text!r}, got {t.text if t else 'end'!r}")
+        self.i += 1
+
+    def _ternary(self, local: dict[str, object]) -> object:
+        cond = self._compare(local)
+        t = self._peek()
+        if t is not None and t.kind == "op" and t.text == "?":
+            self.i += 1
+            a = self._ternary(local)
+            self._take(":")
+            b = self._ternary(local)
+            return a if cond else b
+        return cond
+
+    def _compare(self, local: dict[str, object]) -> object:
+        left = self._unary(local)
+        t = self._peek()
+        if t is not None and t.kind == "op" and t.text in ("==", "!="):
+            self.i += 1
+            right = self._unary(local)
+            return (left == right) == (t.text == "==")
+        return left
+
+    def _unary(self, local: dict[str, object]) -> object:
+        t = self._peek()
+        if t is not None and t.kind == "op" and t.text == "!":
+            self.i += 1
+            return not self._unary(local)
+        return self._postfix(local)
+
+    def _postfix(self, local: dict[str, object]) -> object:
+        value = self._primary(local)
+        while (t := self._peek()) is not None and t.kind == "op" and t.text == ".":
+            self.i += 1
+            name = self.toks[self.i].text
+            self.i += 1
+            if not isinstance(value, dict):
+                raise NotImplementedError(f".{name} on {value!r}")
+            value = value[name]
+        return value
+
+    def _args(self, local: dict[str, object]) -> list[object]:
+        self._take("(")
+        args: list[object] = []
+        while (t := self._peek()) is not None and t.text != ")":
+            args.append(self._ternary(local))
+            if (t := self._peek()) is not None and t.text == ",":
+                self.i += 1
+        self._take(")")
+        return args
+
+    def _primary(self, local: dict[str, object]) -> object:
+        t = self._peek()
+        if t is None:
+            raise NotImplementedError("unexpected end")
+        self.i += 1
+        at = self.i - 1
+        if t.kind == "str":
+            if t.parts:
+                raise NotImplementedError("interpolation")
+            return t.text.replace("\\'", "'").replace("\\\\", "\\")
+        if t.kind == "num":
+            return int(t.text)
+        if t.kind == "id" and t.text in ("true", "false"):
+            return t.text == "true"
+        if t.text == "(":
+            value = self._ternary(local)
+            self._take(")")
+            return value
+        if t.text == "[":
+            nxt = self._peek()
+            if nxt is not None and nxt.text == "for":
+                return self._for(local, at)
+            items: list[object] = []
+            while (n := self._peek()) is not None and n.text != "]":
+                items.append(self._ternary(local))
+                if (n := self._peek()) is not None and n.text == ",":
+                    self.i += 1
+            self._take("]")
+            return items
+        if t.kind == "id":
+            nxt = self.toks[self.i] if self.i < len(self.toks) else None
+            if nxt is not None and nxt.text == "(":
+                return self._call(t.text, self._args(local))
+            if t.text in local:
+                return local[t.text]
+            saved = (self.toks, self.i)
+            value = self.var(t.text)
+            self.toks, self.i = saved
+            return value
+        raise NotImplementedError(f"token {t.text!r}")
+
+    def _for(self, local: dict[str, object], open_at: int) -> object:
+        close = matching(self.toks, open_at)
+        self._take("for")
+        name = self.toks[self.i].text
+        self.i += 1
+        self._take("in")
+        source = self._ternary(local)
+        self._take(":")
+        if not isinstance(source, list):
+            raise NotImplementedError("loop over a non-array")
+        start = self.i
+        out: list[object] = []
+        for item in source:
+            self.i = start
+            out.append(self._ternary({**local, name: item}))
+            if self._peek() is not self.toks[close]:
+                raise NotImplementedError("for-body not understood")
+        self.i = close + 1
+        return out
+
+    def _call(self, name: str, args: list[object]) -> object:
+        if name == "subscription" and not args:
+            return {"subscriptionId": self.subscription_id, "id": f"/subscriptions/{self.subscription_id}"}
+        if name == "split":
+            s, sep = args
+            assert isinstance(s, str) and isinstance(sep, str)
+            return s.split(sep)
+        if name == "replace":
+            text, old, new = args
+            assert isinstance(text, str) and isinstance(old, str) and isinstance(new, str)
+            return text.replace(old, new)
+        if name == "trim":
+            assert isinstance(args[0], str)
+            return args[0].strip(" ")
+        if name == "toLower":
+            assert isinstance(args[0], str)
+            return args[0].lower()
+        if name == "empty":
+            return not args[0]
+        if name == "join":
+            items, sep = args
+            assert isinstance(items, list) and isinstance(sep, str)
+            return sep.join(str(x) for x in items)
+        if name == "union":
+            merged: list[object] = []
+            for arr in args:
+                assert isinstance(arr, list)
+                merged.extend(x for x in arr if x not in merged)
+            return merged
+        raise NotImplementedError(f"function {name}()")
+
+
+def evaluate(f: BicepFile, name: str, params: dict[str, object], subscription_id: str) -> object:
+    """The value of variable `name` of `f` for the given parameters."""
+    return _Eval(f, params, subscription_id).var(name)

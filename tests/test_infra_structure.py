@@ -21,6 +21,7 @@ from tree_sitter import Language, Node, Parser
 
 from shared.clouds import CLOUDS
 from shared.settings import ConfigError, Settings
+from tests import bicep_rules
 from tests.test_infra_lib import (
     INFRA,
     ROOT,
@@ -38,6 +39,10 @@ from tests.test_infra_lib import (
     unwrap,
     walk,
 )
+
+HOME = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+SUB_A = "11111111-2222-4333-8444-555555555555"
+SUB_B = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee"
 
 SCOPES = {
     "main.bicep": "subscription",
@@ -171,9 +176,36 @@ def test_the_vm_role_goes_to_every_target_subscription() -> None:
     assert render(body["scope"]) == f"subscription({loop['item_name']})"
     targets = render(template("main.bicep")["variables"]["targetSubscriptions"]["value"])
     # this subscription first, then the extra ones from the parameter
-    assert targets == "union([subscription().subscriptionId], extraSubscriptions)"
-    extra = render(template("main.bicep")["variables"]["extraSubscriptions"]["value"])
-    assert "targetSubscriptionIds" in extra
+    assert targets == "union([to_lower(subscription().subscriptionId)], extraSubscriptions)"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("", [HOME]),
+        (f"{SUB_A}", [HOME, SUB_A]),
+        (f"{SUB_A},{SUB_B},", [HOME, SUB_A, SUB_B]),  # a trailing comma
+        (f" {SUB_A} , , {SUB_B.upper()} ,", [HOME, SUB_A, SUB_B]),  # spaces, an empty entry, case
+        (",", [HOME]),
+        (f"{HOME},{SUB_A},{SUB_A}", [HOME, SUB_A]),  # this subscription and repeats once each
+    ],
+)
+def test_target_subscriptions_drop_empty_entries(given: str, expected: list[str]) -> None:
+    """A trailing comma in TARGET_SUBSCRIPTION_IDS must not deploy to subscription('')."""
+    main = bicep_rules.load(INFRA)["main.bicep"]
+    value = bicep_rules.evaluate(main, "targetSubscriptions", {"targetSubscriptionIds": given}, HOME)
+    assert value == expected
+
+
+def test_location_is_limited_to_the_flex_consumption_regions() -> None:
+    data = json.loads((ROOT / "tests" / "data" / "flex-consumption-regions.json").read_text())
+    assert "Get-AzFunctionAppAvailableLocation" in data["source"] and data["read_on"]
+    shown = {n.lower().replace(" ", "") for n in data["display_names"] if n not in data["left_out"]}
+    assert set(data["regions"]) == shown
+    allowed = decorators(param("main.bicep", "location"))["allowed"]
+    assert sorted(allowed) == data["regions"]
+    assert {"westeurope", "eastus", "swedencentral"} <= set(allowed)
+    assert "westindia" not in allowed and "eastus2euap" not in allowed  # no Flex Consumption / canary
 
 
 def test_the_monitoring_policy_is_only_assigned_when_asked() -> None:
