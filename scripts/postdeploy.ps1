@@ -8,9 +8,20 @@
 #      role at that management group).
 #
 # Idempotent: every deployment and resource name is fixed, so running it again changes nothing.
-# Needs the Azure CLI signed in to the same tenant (az login). By hand, load the azd values first:
+# Needs the Azure CLI signed in to the same tenant (az login): checked first, in one line. By hand, load the azd values first:
 #   azd env get-values | ForEach-Object { $k, $v = $_ -split '=', 2; Set-Item "env:$k" $v.Trim('"') }
 $ErrorActionPreference = 'Stop'
+
+# First, before anything else: every step below is an `az` call.
+if (-not (Get-Command az -ErrorAction SilentlyContinue)) {
+    [Console]::Error.WriteLine('postdeploy: the Azure CLI (az) is not installed or not on PATH; install it, run az login, then azd deploy again.')
+    exit 1
+}
+az account show --output none 2>$null | Out-Null
+if ($LASTEXITCODE -ne 0) {
+    [Console]::Error.WriteLine('postdeploy: the Azure CLI is not signed in; run az login (same tenant as azd), then azd deploy again.')
+    exit 1
+}
 
 function Get-Required([string] $Name) {
     $value = [Environment]::GetEnvironmentVariable($Name)

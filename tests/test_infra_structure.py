@@ -506,7 +506,12 @@ def test_azure_yaml_deploys_this_repository_as_a_python_function_with_bicep() ->
     ):
         assert expected in lines, expected
     runs = [line.split("run:", 1)[1].strip() for line in lines if line.strip().startswith("run:")]
-    assert runs == ["./scripts/postdeploy.sh", "./scripts/postdeploy.ps1"]
+    assert runs == [
+        "./scripts/preprovision.sh",
+        "./scripts/preprovision.ps1",
+        "./scripts/postdeploy.sh",
+        "./scripts/postdeploy.ps1",
+    ]
     for run in runs:
         assert (ROOT / run).is_file()
     assert (ROOT / "function_app.py").is_file() and (ROOT / "requirements.txt").is_file()
@@ -565,7 +570,8 @@ def test_pwsh_hook_parses_and_stops_on_errors() -> None:
     assert _errors(tree.root_node) == []
     text = script.read_text()
     assert "$ErrorActionPreference = 'Stop'" in text
-    assert text.count("$LASTEXITCODE -ne 0") == len(re.findall(r"^\s*az deployment", text, re.M)) == 2
+    # each deployment, and the sign-in check (`az account show`) before everything
+    assert text.count("$LASTEXITCODE -ne 0") == len(re.findall(r"^\s*az deployment", text, re.M)) + 1 == 3
 
 
 def test_infra_readme_lists_every_bicep_file() -> None:
