@@ -613,3 +613,30 @@ def test_readme_deploy_section_uses_what_the_templates_declare() -> None:
     }
     manual_main = deploy.split("az deployment sub create", 1)[1].split("\n", 2)[1]
     assert set(re.findall(r"\b([a-zA-Z]+)=", manual_main)) == main_required
+
+
+def _grants(actions: list[str], wanted: str) -> bool:
+    return any(re.fullmatch(re.escape(a).replace(r"\*", ".*"), wanted, re.I) for a in actions)
+
+
+def test_readme_names_rights_that_can_create_the_custom_role() -> None:
+    """The deployment writes role definitions (vm-access.bicep, management-group.bicep) and role
+    assignments: the roles the README says are enough must grant both (built-in role definitions
+    in tests/data/builtin-roles.json, from MicrosoftDocs/azure-docs)."""
+    kinds = {r.type for r in resources()}
+    assert {"Microsoft.Authorization/roleDefinitions", "Microsoft.Authorization/roleAssignments"} <= kinds
+    needed = [
+        "Microsoft.Authorization/roleDefinitions/write",
+        "Microsoft.Authorization/roleAssignments/write",
+    ]
+    roles = json.loads((ROOT / "tests" / "data" / "builtin-roles.json").read_text())["roles"]
+    deploy = (ROOT / "README.md").read_text().split("## Deploy", 1)[1].split("\n## ", 1)[0]
+    text = " ".join(deploy.split())
+    assert "**Owner**, or **Contributor and User Access Administrator**, on each target subscription" in text
+    assert "on that management group" in text
+    for role in ("Owner", "User Access Administrator"):
+        assert all(_grants(roles[role]["actions"], action) for action in needed), role
+    rbac_admin = roles["Role Based Access Control Administrator"]["actions"]
+    assert not _grants(rbac_admin, needed[0])
+    assert "Role Based Access Control Administrator is not enough" in text
+    assert text.count("Role Based Access Control Administrator") == 1
