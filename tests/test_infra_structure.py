@@ -640,3 +640,20 @@ def test_readme_names_rights_that_can_create_the_custom_role() -> None:
     assert not _grants(rbac_admin, needed[0])
     assert "Role Based Access Control Administrator is not enough" in text
     assert text.count("Role Based Access Control Administrator") == 1
+
+
+def test_the_action_group_key_is_the_alert_function_s_own_and_its_readers_are_documented() -> None:
+    """The httpTriggerUrl (a plain, required string in the ARM schema) carries the key; the
+    security doc says exactly who can read it and what it opens."""
+    (group,) = [r for r in resources("post/wiring.bicep") if r.type == "Microsoft.Insights/actionGroups"]
+    (receiver,) = group.body["properties"]["azureFunctionReceivers"]
+    url = render(receiver["httpTriggerUrl"])
+    assert "/functions/" in url and "alertFunctionName" in url, url
+    assert receiver["functionName"] == "alertFunctionName"
+    schema = json.loads((ROOT / "tests/data/arm-schemas/2023-01-01/Microsoft.Insights.json").read_text())
+    prop = schema["definitions"]["AzureFunctionReceiver"]["properties"]["httpTriggerUrl"]
+    assert prop == {"description": "The http trigger url where http request sent to.", "type": "string"}
+    doc = " ".join((ROOT / "docs" / "security.md").read_text().split())
+    assert "## The alert function's key in the action group" in (ROOT / "docs" / "security.md").read_text()
+    for needed in ("Microsoft.Insights/actionGroups/read", "Reader, Monitoring Reader", "rotate the key"):
+        assert needed in doc, needed
