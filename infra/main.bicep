@@ -16,8 +16,56 @@ targetScope = 'subscription'
 @description('Name of the azd environment: names the resource group and seeds the resource token.')
 param environmentName string
 
+// The regions that offer Flex Consumption (Get-AzFunctionAppAvailableLocation -PlanType
+// FlexConsumption, as listed by Azure/azure-powershell; tests/data/flex-consumption-regions.json).
 @minLength(1)
 @description('Region of the resource group and its resources; it must offer the Flex Consumption plan.')
+@allowed([
+  'australiaeast'
+  'australiasoutheast'
+  'brazilsouth'
+  'canadacentral'
+  'canadaeast'
+  'centralindia'
+  'centralus'
+  'eastasia'
+  'eastus'
+  'eastus2'
+  'francecentral'
+  'francesouth'
+  'germanywestcentral'
+  'indonesiacentral'
+  'israelcentral'
+  'italynorth'
+  'japaneast'
+  'japanwest'
+  'koreacentral'
+  'malaysiawest'
+  'mexicocentral'
+  'newzealandnorth'
+  'northcentralus'
+  'northeurope'
+  'norwayeast'
+  'polandcentral'
+  'southafricanorth'
+  'southcentralus'
+  'southeastasia'
+  'southindia'
+  'spaincentral'
+  'swedencentral'
+  'switzerlandnorth'
+  'switzerlandwest'
+  'taiwannorth'
+  'taiwannorthwest'
+  'uaenorth'
+  'uksouth'
+  'ukwest'
+  'westcentralus'
+  'westeurope'
+  'westus'
+  'westus2'
+  'westus3'
+])
 @metadata({
   azd: {
     type: 'location'
@@ -70,9 +118,12 @@ var resourceToken = toLower(uniqueString(subscription().id, environmentName, loc
 var tags = {
   'azd-env-name': environmentName
 }
-var extraSubscriptions = empty(targetSubscriptionIds) ? [] : split(replace(targetSubscriptionIds, ' ', ''), ',')
+// Each comma-separated entry, trimmed; an empty one (a trailing comma, ' , ') becomes this
+// subscription, which union() then folds into the first entry, so no subscription('') is ever
+// deployed to. A loop with a filter or filter() would say it shorter, but pycep cannot parse those.
+var extraSubscriptions = [for entry in split(targetSubscriptionIds, ','): empty(trim(entry)) ? toLower(subscription().subscriptionId) : toLower(trim(entry))]
 var targetSubscriptions = union([
-  subscription().subscriptionId
+  toLower(subscription().subscriptionId)
 ], extraSubscriptions)
 var functionAppName = 'func-${resourceToken}'
 var deploymentContainerName = 'app-package-${take(functionAppName, 32)}-${take(resourceToken, 7)}'

@@ -8,9 +8,20 @@
 #      role at that management group).
 #
 # Idempotent: every deployment and resource name is fixed, so running it again changes nothing.
-# Needs the Azure CLI signed in to the same tenant (az login). By hand, load the azd values first:
+# Needs the Azure CLI signed in to the same tenant (az login): checked first, in one line. By hand, load the azd values first:
 #   azd env get-values | ForEach-Object { $k, $v = $_ -split '=', 2; Set-Item "env:$k" $v.Trim('"') }
 $ErrorActionPreference = 'Stop'
+
+# First, before anything else: every step below is an `az` call.
+if (-not (Get-Command az -ErrorAction SilentlyContinue)) {
+    [Console]::Error.WriteLine('postdeploy: the Azure CLI (az) is not installed or not on PATH; install it, run az login, then azd deploy again.')
+    exit 1
+}
+az account show --output none 2>$null | Out-Null
+if ($LASTEXITCODE -ne 0) {
+    [Console]::Error.WriteLine('postdeploy: the Azure CLI is not signed in; run az login (same tenant as azd), then azd deploy again.')
+    exit 1
+}
 
 function Get-Required([string] $Name) {
     $value = [Environment]::GetEnvironmentVariable($Name)
@@ -27,6 +38,7 @@ $systemTopic = Get-Required 'AZURE_SYSTEM_TOPIC_NAME'
 $workspace = Get-Required 'AZURE_LOG_ANALYTICS_WORKSPACE_NAME'
 $storageAccount = Get-Required 'AZURE_STORAGE_ACCOUNT_NAME'
 $deadLetterContainer = Get-Required 'AZURE_DEAD_LETTER_CONTAINER'
+$location = Get-Required 'AZURE_LOCATION'
 $infra = Join-Path (Join-Path $PSScriptRoot '..') 'infra'
 
 Write-Host "Waiting for the functions of $functionApp to be indexed..."
@@ -55,6 +67,7 @@ az deployment group create `
         "functionAppName=$functionApp" `
         "systemTopicName=$systemTopic" `
         "workspaceName=$workspace" `
+        "location=$location" `
         "storageAccountName=$storageAccount" `
         "deadLetterContainerName=$deadLetterContainer" `
     --output none
@@ -65,7 +78,6 @@ if ($LASTEXITCODE -ne 0) {
 $managementGroup = [Environment]::GetEnvironmentVariable('AZURE_MANAGEMENT_GROUP_ID')
 if (-not [string]::IsNullOrEmpty($managementGroup)) {
     $principalId = Get-Required 'AZURE_IDENTITY_PRINCIPAL_ID'
-    $location = Get-Required 'AZURE_LOCATION'
     $environmentName = Get-Required 'AZURE_ENV_NAME'
     Write-Host "Granting the VM role at management group $managementGroup..."
     az deployment mg create `

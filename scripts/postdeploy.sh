@@ -10,10 +10,20 @@
 #      role and its assignment at that management group.
 #
 # Idempotent: every deployment and resource name is fixed, so running it again changes nothing.
-# Needs the Azure CLI signed in to the same tenant (az login). azd passes its environment values
+# Needs the Azure CLI signed in to the same tenant (az login): checked first, in one line. azd passes its environment values
 # (the outputs of infra/main.bicep) as environment variables; by hand, export them first:
 #   eval "$(azd env get-values)" && sh scripts/postdeploy.sh
 set -eu
+
+# First, before anything else: every step below is an `az` call.
+if ! command -v az >/dev/null 2>&1; then
+  echo "postdeploy: the Azure CLI (az) is not installed or not on PATH; install it, run az login, then azd deploy again." >&2
+  exit 1
+fi
+if ! az account show --output none >/dev/null 2>&1; then
+  echo "postdeploy: the Azure CLI is not signed in; run az login (same tenant as azd), then azd deploy again." >&2
+  exit 1
+fi
 
 : "${AZURE_SUBSCRIPTION_ID:?not set: run through azd, or eval \"\$(azd env get-values)\" first}"
 : "${AZURE_RESOURCE_GROUP:?not set: run azd provision first}"
@@ -22,6 +32,7 @@ set -eu
 : "${AZURE_LOG_ANALYTICS_WORKSPACE_NAME:?not set: run azd provision first}"
 : "${AZURE_STORAGE_ACCOUNT_NAME:?not set: run azd provision first}"
 : "${AZURE_DEAD_LETTER_CONTAINER:?not set: run azd provision first}"
+: "${AZURE_LOCATION:?not set: run azd provision first}"
 
 here=$(cd "$(dirname "$0")" && pwd)
 infra="$here/../infra"
@@ -59,13 +70,13 @@ az deployment group create \
     functionAppName="$AZURE_FUNCTION_APP_NAME" \
     systemTopicName="$AZURE_SYSTEM_TOPIC_NAME" \
     workspaceName="$AZURE_LOG_ANALYTICS_WORKSPACE_NAME" \
+    location="$AZURE_LOCATION" \
     storageAccountName="$AZURE_STORAGE_ACCOUNT_NAME" \
     deadLetterContainerName="$AZURE_DEAD_LETTER_CONTAINER" \
   --output none
 
 if [ -n "${AZURE_MANAGEMENT_GROUP_ID:-}" ]; then
   : "${AZURE_IDENTITY_PRINCIPAL_ID:?not set: run azd provision first}"
-  : "${AZURE_LOCATION:?not set: run azd provision first}"
   : "${AZURE_ENV_NAME:?not set: run through azd}"
   echo "Granting the VM role at management group $AZURE_MANAGEMENT_GROUP_ID..."
   az deployment mg create \

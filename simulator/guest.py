@@ -22,8 +22,8 @@ from typing import Any, Final
 
 from simulator.estate import GuestSpec
 
-DETECT_FIRST_LINE: Final = "# avma-remediator guest script: detect v1"
-REMEDIATE_FIRST_LINE: Final = "# avma-remediator guest script: remediate v1"
+DETECT_FIRST_LINE: Final = "# avma-remediator guest script: detect v2"
+REMEDIATE_FIRST_LINE: Final = "# avma-remediator guest script: remediate v2"
 RESULT_MARKER: Final = "AVMA-REMEDIATOR-RESULT "
 
 S_OK: Final = 0x00000000
@@ -350,7 +350,7 @@ class WindowsGuest:
 
     def _facts(self, script: str, host: str, port: int) -> dict[str, Any]:
         return {
-            "schema": 1,
+            "schema": 2,
             "script": script,
             "os": {
                 "caption": self.caption,
@@ -373,6 +373,7 @@ class WindowsGuest:
                 "discoveredKmsPort": self.discovered_port,
             },
             "kmsProbe": self._probe(host, port),
+            "attestation": None,
             "steps": [],
             "error": None,
         }
@@ -404,11 +405,12 @@ def _kms_param_problems(params: Mapping[str, str]) -> list[str]:
 
 def _error_result(script: str, problems: list[str]) -> dict[str, Any]:
     return {
-        "schema": 1,
+        "schema": 2,
         "script": script,
         "os": None,
         "license": None,
         "kmsProbe": None,
+        "attestation": None,
         "steps": [],
         "error": {"step": "parameters", "hresult": hresult(E_INVALIDARG), "message": "; ".join(problems)},
     }

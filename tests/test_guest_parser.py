@@ -27,7 +27,7 @@ CONTRACT = Path(__file__).resolve().parents[1] / "docs" / "guest-contract.md"
 def detect_doc() -> dict[str, Any]:
     """A detection result as a Server 2022 Datacenter VM on AVMA prints it."""
     return {
-        "schema": 1,
+        "schema": 2,
         "script": "detect",
         "os": {
             "caption": "Microsoft Windows Server 2022 Datacenter",
@@ -50,6 +50,7 @@ def detect_doc() -> dict[str, Any]:
             "discoveredKmsPort": 0,
         },
         "kmsProbe": {"host": "azkms.core.windows.net", "port": 1688, "reachable": True, "error": None},
+        "attestation": None,
         "steps": [],
         "error": None,
     }
@@ -207,11 +208,11 @@ def test_no_marker_line(output: str) -> None:
     "payload",
     [
         "{",
-        '{"schema":1,"script":"detect"',
+        '{"schema":2,"script":"detect"',
         "not json",
         "",
         "[1,2,3",
-        '{"schema":1}}',
+        '{"schema":2}}',
         '{"schema":NaN}',
         '{"schema":Infinity}',
         "[" * 5000 + "]" * 5000,
@@ -223,12 +224,12 @@ def test_garbled_json(payload: str) -> None:
 
 
 def test_duplicate_keys_are_rejected() -> None:
-    text = line(detect_doc()).replace('"schema":1,', '"schema":1,"schema":1,', 1)
+    text = line(detect_doc()).replace('"schema":2,', '"schema":2,"schema":2,', 1)
     with pytest.raises(GuestOutputError, match="duplicate"):
         parse_detect(text)
 
 
-@pytest.mark.parametrize("schema", [0, 2, "1", 1.0, True, None])
+@pytest.mark.parametrize("schema", [0, 1, 3, "2", 2.0, True, None])
 def test_wrong_schema(schema: object) -> None:
     doc = detect_doc()
     doc["schema"] = schema
@@ -412,7 +413,7 @@ def test_any_text_gives_a_result_or_guest_output_error(text: str) -> None:
 
 @settings(max_examples=300)
 @given(
-    key=st.sampled_from(["schema", "script", "os", "license", "kmsProbe", "steps", "error"]),
+    key=st.sampled_from(["schema", "script", "os", "license", "kmsProbe", "attestation", "steps", "error"]),
     value=JSON_VALUES,
     script=st.sampled_from(["detect", "remediate"]),
 )

@@ -209,9 +209,9 @@ def test_script_is_ascii_and_uses_no_slmgr_or_dynamic_code(name: str) -> None:
 @pytest.mark.parametrize("name", ["detect", "remediate"])
 def test_first_line_is_the_marker(name: str) -> None:
     first = source(name).decode("ascii").splitlines()[0]
-    assert first == f"# avma-remediator guest script: {name} v1"
+    assert first == f"# avma-remediator guest script: {name} v2"
     assert SCRIPTS[name].name == name
-    assert SCRIPTS[name].version == 1
+    assert SCRIPTS[name].version == 2
     assert SCRIPTS[name].lines[0] == first
 
 
@@ -479,7 +479,7 @@ def test_worst_case_result_line_stays_well_under_4_kb() -> None:
     assert "return (Get-ShortText $text 160)" in code_text(source("detect"))
     filler = "x"
     document = {
-        "schema": 1,
+        "schema": 2,
         "script": "remediate",
         "os": {
             "caption": filler * limits["caption"],
@@ -502,6 +502,7 @@ def test_worst_case_result_line_stays_well_under_4_kb() -> None:
             "discoveredKmsPort": 65535,
         },
         "kmsProbe": {"host": "h" * 253, "port": 65535, "reachable": False, "error": filler * error_text},
+        "attestation": None,
         "steps": [{"name": name, "hresult": "0x00000000"} for name in STEP_NAMES],
         "error": {"step": "read-license", "hresult": "0x80004005", "message": filler * limits["message"]},
     }

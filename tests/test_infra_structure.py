@@ -21,6 +21,7 @@ from tree_sitter import Language, Node, Parser
 
 from shared.clouds import CLOUDS
 from shared.settings import ConfigError, Settings
+from tests import bicep_rules
 from tests.test_infra_lib import (
     INFRA,
     ROOT,
@@ -38,6 +39,10 @@ from tests.test_infra_lib import (
     unwrap,
     walk,
 )
+
+HOME = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+SUB_A = "11111111-2222-4333-8444-555555555555"
+SUB_B = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee"
 
 SCOPES = {
     "main.bicep": "subscription",
@@ -171,9 +176,36 @@ def test_the_vm_role_goes_to_every_target_subscription() -> None:
     assert render(body["scope"]) == f"subscription({loop['item_name']})"
     targets = render(template("main.bicep")["variables"]["targetSubscriptions"]["value"])
     # this subscription first, then the extra ones from the parameter
-    assert targets == "union([subscription().subscriptionId], extraSubscriptions)"
-    extra = render(template("main.bicep")["variables"]["extraSubscriptions"]["value"])
-    assert "targetSubscriptionIds" in extra
+    assert targets == "union([to_lower(subscription().subscriptionId)], extraSubscriptions)"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("", [HOME]),
+        (f"{SUB_A}", [HOME, SUB_A]),
+        (f"{SUB_A},{SUB_B},", [HOME, SUB_A, SUB_B]),  # a trailing comma
+        (f" {SUB_A} , , {SUB_B.upper()} ,", [HOME, SUB_A, SUB_B]),  # spaces, an empty entry, case
+        (",", [HOME]),
+        (f"{HOME},{SUB_A},{SUB_A}", [HOME, SUB_A]),  # this subscription and repeats once each
+    ],
+)
+def test_target_subscriptions_drop_empty_entries(given: str, expected: list[str]) -> None:
+    """A trailing comma in TARGET_SUBSCRIPTION_IDS must not deploy to subscription('')."""
+    main = bicep_rules.load(INFRA)["main.bicep"]
+    value = bicep_rules.evaluate(main, "targetSubscriptions", {"targetSubscriptionIds": given}, HOME)
+    assert value == expected
+
+
+def test_location_is_limited_to_the_flex_consumption_regions() -> None:
+    data = json.loads((ROOT / "tests" / "data" / "flex-consumption-regions.json").read_text())
+    assert "Get-AzFunctionAppAvailableLocation" in data["source"] and data["read_on"]
+    shown = {n.lower().replace(" ", "") for n in data["display_names"] if n not in data["left_out"]}
+    assert set(data["regions"]) == shown
+    allowed = decorators(param("main.bicep", "location"))["allowed"]
+    assert sorted(allowed) == data["regions"]
+    assert {"westeurope", "eastus", "swedencentral"} <= set(allowed)
+    assert "westindia" not in allowed and "eastus2euap" not in allowed  # no Flex Consumption / canary
 
 
 def test_the_monitoring_policy_is_only_assigned_when_asked() -> None:
@@ -474,7 +506,12 @@ def test_azure_yaml_deploys_this_repository_as_a_python_function_with_bicep() ->
     ):
         assert expected in lines, expected
     runs = [line.split("run:", 1)[1].strip() for line in lines if line.strip().startswith("run:")]
-    assert runs == ["./scripts/postdeploy.sh", "./scripts/postdeploy.ps1"]
+    assert runs == [
+        "./scripts/preprovision.sh",
+        "./scripts/preprovision.ps1",
+        "./scripts/postdeploy.sh",
+        "./scripts/postdeploy.ps1",
+    ]
     for run in runs:
         assert (ROOT / run).is_file()
     assert (ROOT / "function_app.py").is_file() and (ROOT / "requirements.txt").is_file()
@@ -533,7 +570,8 @@ def test_pwsh_hook_parses_and_stops_on_errors() -> None:
     assert _errors(tree.root_node) == []
     text = script.read_text()
     assert "$ErrorActionPreference = 'Stop'" in text
-    assert text.count("$LASTEXITCODE -ne 0") == len(re.findall(r"^\s*az deployment", text, re.M)) == 2
+    # each deployment, and the sign-in check (`az account show`) before everything
+    assert text.count("$LASTEXITCODE -ne 0") == len(re.findall(r"^\s*az deployment", text, re.M)) + 1 == 3
 
 
 def test_infra_readme_lists_every_bicep_file() -> None:
@@ -575,3 +613,47 @@ def test_readme_deploy_section_uses_what_the_templates_declare() -> None:
     }
     manual_main = deploy.split("az deployment sub create", 1)[1].split("\n", 2)[1]
     assert set(re.findall(r"\b([a-zA-Z]+)=", manual_main)) == main_required
+
+
+def _grants(actions: list[str], wanted: str) -> bool:
+    return any(re.fullmatch(re.escape(a).replace(r"\*", ".*"), wanted, re.I) for a in actions)
+
+
+def test_readme_names_rights_that_can_create_the_custom_role() -> None:
+    """The deployment writes role definitions (vm-access.bicep, management-group.bicep) and role
+    assignments: the roles the README says are enough must grant both (built-in role definitions
+    in tests/data/builtin-roles.json, from MicrosoftDocs/azure-docs)."""
+    kinds = {r.type for r in resources()}
+    assert {"Microsoft.Authorization/roleDefinitions", "Microsoft.Authorization/roleAssignments"} <= kinds
+    needed = [
+        "Microsoft.Authorization/roleDefinitions/write",
+        "Microsoft.Authorization/roleAssignments/write",
+    ]
+    roles = json.loads((ROOT / "tests" / "data" / "builtin-roles.json").read_text())["roles"]
+    deploy = (ROOT / "README.md").read_text().split("## Deploy", 1)[1].split("\n## ", 1)[0]
+    text = " ".join(deploy.split())
+    assert "**Owner**, or **Contributor and User Access Administrator**, on each target subscription" in text
+    assert "on that management group" in text
+    for role in ("Owner", "User Access Administrator"):
+        assert all(_grants(roles[role]["actions"], action) for action in needed), role
+    rbac_admin = roles["Role Based Access Control Administrator"]["actions"]
+    assert not _grants(rbac_admin, needed[0])
+    assert "Role Based Access Control Administrator is not enough" in text
+    assert text.count("Role Based Access Control Administrator") == 1
+
+
+def test_the_action_group_key_is_the_alert_function_s_own_and_its_readers_are_documented() -> None:
+    """The httpTriggerUrl (a plain, required string in the ARM schema) carries the key; the
+    security doc says exactly who can read it and what it opens."""
+    (group,) = [r for r in resources("post/wiring.bicep") if r.type == "Microsoft.Insights/actionGroups"]
+    (receiver,) = group.body["properties"]["azureFunctionReceivers"]
+    url = render(receiver["httpTriggerUrl"])
+    assert "/functions/" in url and "alertFunctionName" in url, url
+    assert receiver["functionName"] == "alertFunctionName"
+    schema = json.loads((ROOT / "tests/data/arm-schemas/2023-01-01/Microsoft.Insights.json").read_text())
+    prop = schema["definitions"]["AzureFunctionReceiver"]["properties"]["httpTriggerUrl"]
+    assert prop == {"description": "The http trigger url where http request sent to.", "type": "string"}
+    doc = " ".join((ROOT / "docs" / "security.md").read_text().split())
+    assert "## The alert function's key in the action group" in (ROOT / "docs" / "security.md").read_text()
+    for needed in ("Microsoft.Insights/actionGroups/read", "Reader, Monitoring Reader", "rotate the key"):
+        assert needed in doc, needed

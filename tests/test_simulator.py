@@ -46,7 +46,7 @@ AVMA_2022_NOKMS = vm_id(SUB_LEGACY, "rg-migrated-dmz", "avma-2022-dc-nokms")
 def detect_body(host: str = AZ_KMS, port: str = "1688") -> dict[str, Any]:
     return {
         "commandId": "RunPowerShellScript",
-        "script": ["# avma-remediator guest script: detect v1", "param([string]$KmsHost, [string]$KmsPort)"],
+        "script": ["# avma-remediator guest script: detect v2", "param([string]$KmsHost, [string]$KmsPort)"],
         "parameters": [{"name": "KmsHost", "value": host}, {"name": "KmsPort", "value": port}],
     }
 
@@ -60,7 +60,7 @@ def remediate_body(key: str | None, host: str = AZ_KMS, port: str = "1688") -> d
     ]
     return {
         "commandId": "RunPowerShellScript",
-        "script": ["# avma-remediator guest script: remediate v1", "param()"],
+        "script": ["# avma-remediator guest script: remediate v2", "param()"],
         "parameters": params,
     }
 
@@ -516,13 +516,13 @@ async def test_kms_client_repair_sets_the_host_and_activates(
 def test_guest_checks_parameters_like_the_script() -> None:
     guest = _guest(Estate.default(), AVMA_2022_DC)
     bad = result_line(
-        guest.run_script(["# avma-remediator guest script: detect v1"], [{"name": "KmsHost", "value": "a b"}])
+        guest.run_script(["# avma-remediator guest script: detect v2"], [{"name": "KmsHost", "value": "a b"}])
     )
     assert bad["os"] is None and bad["error"]["step"] == "parameters"
     assert bad["error"]["hresult"] == "0x80070057"
     assert bad["error"]["message"] == "KmsHost is not a host name; KmsPort is not a port number"
     lower = remediate_body(KEY_2022_DC.lower())["parameters"]
-    refused = result_line(guest.run_script(["# avma-remediator guest script: remediate v1"], lower))
+    refused = result_line(guest.run_script(["# avma-remediator guest script: remediate v2"], lower))
     assert refused["error"]["message"] == "ProductKey is not a product key" and refused["steps"] == []
     assert guest.channel == "AVMA"
     assert guest.run_script(["Write-Output hello"], []) == ""  # not ours: no marker line

@@ -19,6 +19,11 @@ param systemTopicName string
 @description('The Log Analytics workspace the VMs send their Application log to (AZURE_LOG_ANALYTICS_WORKSPACE_NAME).')
 param workspaceName string
 
+// Not workspace.location: a resource's location must be known when the deployment starts, and of
+// another resource only id, name, type and apiVersion are (Bicep BCP120; tests/bicep_rules.py).
+@description('Region of the log search alert: the region of the workspace (azd output AZURE_LOCATION).')
+param location string = resourceGroup().location
+
 @description('The app storage account that holds the dead-letter container (AZURE_STORAGE_ACCOUNT_NAME).')
 param storageAccountName string
 
@@ -144,7 +149,7 @@ resource remediatorActionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = {
 
 resource activationErrorAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
   name: 'alert-avma-0xC004FD02-${uniqueString(resourceGroup().id, functionAppName)}'
-  location: workspace.location
+  location: location
   kind: 'LogAlert'
   properties: {
     displayName: 'Windows activation error 0xC004FD02 (AVMA key on an Azure VM)'

@@ -1,4 +1,4 @@
-# avma-remediator guest script: detect v1
+# avma-remediator guest script: detect v2
 # Reads the licensing facts of this Windows VM and prints them as one marked JSON line, as
 # docs/guest-contract.md describes. It changes nothing. Windows PowerShell 4.0 and 5.1.
 # Facts come from CIM/WMI and the registry only (never slmgr text, which is localized).
@@ -22,11 +22,12 @@ $PortPattern = '\A[0-9]{1,5}\z'
 # --- detection -------------------------------------------------------------------------------
 
 $result = [ordered]@{
-    schema   = 1
+    schema   = 2
     script   = 'detect'
     os       = $null
     license  = $null
     kmsProbe = $null
+    attestation = $null
     steps    = @()
     error    = $null
 }

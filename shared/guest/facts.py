@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 RESULT_MARKER = "AVMA-REMEDIATOR-RESULT "
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 WINDOWS_APPLICATION_ID = "55c92734-d682-4d71-983e-d6ec3f16059f"
 
 
@@ -82,6 +82,20 @@ class KmsProbe:
 
 
 @dataclass(frozen=True, slots=True)
+class AttestationFacts:
+    """Azure Edition only: can the guest fetch IMDS's attested document and build its chain?
+
+    Datacenter: Azure Edition shows the activation watermark, even after a good KMS activation,
+    when IMDS (169.254.169.254) is unreachable or the signing certificate's chain cannot be built
+    (missing intermediate certificates). ``chain_valid`` is None when the document was not fetched.
+    """
+
+    imds_reachable: bool
+    chain_valid: bool | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
     name: str
     hresult: str  # "0x" + 8 upper-case hex digits
@@ -108,6 +122,7 @@ class GuestResult:
     kms_probe: KmsProbe | None
     steps: tuple[Step, ...] = field(default_factory=tuple)
     error: ScriptError | None = None
+    attestation: AttestationFacts | None = None  # reported for Azure Edition (EditionID ServerTurbine*) only
 
 
 def channel_of(description: str) -> Channel:
@@ -127,12 +142,15 @@ def channel_of(description: str) -> Channel:
 
 
 SCRIPT_NAMES = ("detect", "remediate")
+# error.step values (docs/guest-contract.md); the parser accepts any text, the engine reads these.
+POWERSHELL_VERSION_STEP = "powershell-version"  # the guard: Windows PowerShell older than 3.0
+WRITE_RESULT_STEP = "write-result"  # building or writing the result line failed
 # The remediation steps in the order the script runs them (docs/guest-contract.md).
 STEP_NAMES = ("install-key", "clear-kms-cache", "set-kms-host", "set-kms-port", "refresh", "activate")
 _HRESULT = re.compile(r"0x[0-9A-F]{8}")
 _T = TypeVar("_T")
 
-_TOP_KEYS = frozenset({"schema", "script", "os", "license", "kmsProbe", "steps", "error"})
+_TOP_KEYS = frozenset({"schema", "script", "os", "license", "kmsProbe", "attestation", "steps", "error"})
 _OS_KEYS = frozenset({"caption", "version", "build", "productType", "sku", "editionId"})
 _LICENSE_KEYS = frozenset(
     {
@@ -149,6 +167,7 @@ _LICENSE_KEYS = frozenset(
     }
 )
 _PROBE_KEYS = frozenset({"host", "port", "reachable", "error"})
+_ATTESTATION_KEYS = frozenset({"imdsReachable", "chainValid", "error"})
 _STEP_KEYS = frozenset({"name", "hresult"})
 _ERROR_KEYS = frozenset({"step", "hresult", "message"})
 
@@ -277,11 +296,18 @@ def _result(document: object, expected_script: str) -> GuestResult:
     os_facts = _optional(top["os"], "os", _os)
     license_facts = _optional(top["license"], "license", _license)
     probe = _optional(top["kmsProbe"], "kmsProbe", _probe)
+    attestation = _optional(top["attestation"], "attestation", _attestation)
     steps = _steps(top["steps"], script)
     if error is None and (os_facts is None or probe is None):
         raise GuestOutputError("os and kmsProbe may only be null when error is set")
     return GuestResult(
-        script=script, os=os_facts, license=license_facts, kms_probe=probe, steps=steps, error=error
+        script=script,
+        os=os_facts,
+        license=license_facts,
+        kms_probe=probe,
+        steps=steps,
+        error=error,
+        attestation=attestation,
     )
 
 
@@ -320,6 +346,19 @@ def _probe(value: object, where: str) -> KmsProbe:
         host=_str(data["host"], f"{where}.host"),
         port=_int(data["port"], f"{where}.port", 0, 65535),
         reachable=_bool(data["reachable"], f"{where}.reachable"),
+        error=_optional(data["error"], f"{where}.error", _str),
+    )
+
+
+def _attestation(value: object, where: str) -> AttestationFacts:
+    data = _object(value, where, _ATTESTATION_KEYS)
+    reachable = _bool(data["imdsReachable"], f"{where}.imdsReachable")
+    chain = _optional(data["chainValid"], f"{where}.chainValid", _bool)
+    if not reachable and chain is not None:
+        raise GuestOutputError(f"{where}.chainValid: must be null when IMDS was not reached")
+    return AttestationFacts(
+        imds_reachable=reachable,
+        chain_valid=chain,
         error=_optional(data["error"], f"{where}.error", _str),
     )
 

@@ -1,4 +1,4 @@
-# avma-remediator guest script: remediate v1
+# avma-remediator guest script: remediate v2
 # Moves this Windows VM to KMS activation against the cloud's KMS host (install the KMS client
 # setup key when asked, clear the KMS cache, set host and port, refresh, activate), then reads the
 # facts again and prints them with each step's HRESULT as one marked JSON line
@@ -66,11 +66,12 @@ function Invoke-Step {
 }
 
 $result = [ordered]@{
-    schema   = 1
+    schema   = 2
     script   = 'remediate'
     os       = $null
     license  = $null
     kmsProbe = $null
+    attestation = $null
     steps    = @()
     error    = $null
 }

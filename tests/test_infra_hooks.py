@@ -1,0 +1,167 @@
+"""The azd hooks, run for real with a stub `az` on PATH (a tiny sh script that logs its arguments).
+
+What matters: a hook that runs without a signed-in Azure CLI says so in one line and stops, before
+it reads anything or calls anything else (it used to complain about AZURE_SUBSCRIPTION_ID, or wait
+five minutes for functions it could not list); TARGET_SUBSCRIPTION_IDS with a trailing comma or
+spaces is read as the ids it holds; the wiring deployment gets the alert's region.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import tree_sitter_powershell
+from tree_sitter import Language, Node, Parser
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+SUB_A = "11111111-2222-4333-8444-555555555555"
+SUB_B = "AAAAAAAA-bbbb-4ccc-8ddd-eeeeeeeeeeee"
+
+# The stub: `az account show` exits with $STUB_SIGNED_IN (0 signed in, 1 not, as the real CLI does
+# with "Please run 'az login' to setup account."); `az functionapp function list` prints both
+# function names; everything is appended to $STUB_LOG.
+STUB = """#!/bin/sh
+echo "$*" >> "$STUB_LOG"
+case "$1 $2" in
+  "account show")
+    if [ "$STUB_SIGNED_IN" = 0 ]; then exit 0; fi
+    echo "ERROR: Please run 'az login' to setup account." >&2
+    exit 1 ;;
+  "functionapp function")
+    printf 'vm_write_event\\nalert_webhook\\n'
+    exit 0 ;;
+esac
+exit 0
+"""
+
+DEPLOYED = {
+    "AZURE_SUBSCRIPTION_ID": SUB_A,
+    "AZURE_RESOURCE_GROUP": "rg-test",
+    "AZURE_FUNCTION_APP_NAME": "func-x",
+    "AZURE_SYSTEM_TOPIC_NAME": "evgt-x",
+    "AZURE_LOG_ANALYTICS_WORKSPACE_NAME": "log-x",
+    "AZURE_STORAGE_ACCOUNT_NAME": "stx",
+    "AZURE_DEAD_LETTER_CONTAINER": "eventgrid-deadletter",
+    "AZURE_LOCATION": "swedencentral",
+}
+
+
+def _run(
+    tmp_path: Path, script: str, signed_in: bool, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stub = bin_dir / "az"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    log = tmp_path / "az.log"
+    log.write_text("")
+    full_env = {
+        "PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        "HOME": str(tmp_path),
+        "STUB_LOG": str(log),
+        "STUB_SIGNED_IN": "0" if signed_in else "1",
+        **env,
+    }
+    result = subprocess.run(
+        ["sh", str(SCRIPTS / script)], env=full_env, capture_output=True, text=True, timeout=60, check=False
+    )
+    return result, log.read_text().splitlines()
+
+
+@pytest.mark.parametrize("script", ["postdeploy.sh", "preprovision.sh"])
+@pytest.mark.parametrize("env", [{}, DEPLOYED], ids=["nothing-set", "all-set"])
+def test_not_signed_in_stops_first_in_one_line(tmp_path: Path, script: str, env: dict[str, str]) -> None:
+    result, calls = _run(tmp_path, script, signed_in=False, env=env)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "az login" in result.stderr, result.stderr
+    assert "not signed in" in result.stderr
+    assert calls == ["account show --output none"]  # nothing else was tried
+
+
+def test_no_az_at_all_stops_in_one_line(tmp_path: Path) -> None:
+    env = {"PATH": "/nonexistent", **DEPLOYED}
+    result = subprocess.run(
+        ["/bin/sh", str(SCRIPTS / "postdeploy.sh")], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode != 0 and result.stderr.count("\n") == 1 and "az" in result.stderr
+
+
+def test_postdeploy_signed_in_deploys_the_wiring_with_its_region(tmp_path: Path) -> None:
+    result, calls = _run(tmp_path, "postdeploy.sh", signed_in=True, env=DEPLOYED)
+    assert result.returncode == 0, result.stderr
+    assert calls[0] == "account show --output none"
+    (wiring,) = [c for c in calls if c.startswith("deployment group create")]
+    assert "location=swedencentral" in wiring and "workspaceName=log-x" in wiring
+    assert not any(c.startswith("deployment mg create") for c in calls)  # no management group set
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        ("", "none"),
+        (f"{SUB_A},", SUB_A),  # a trailing comma
+        (f" {SUB_A} , , {SUB_B} ,", f"{SUB_A},{SUB_B}"),  # spaces and an empty entry
+        (",", "none"),
+    ],
+)
+def test_preprovision_reads_target_subscriptions_without_empty_entries(
+    tmp_path: Path, given: str, shown: str
+) -> None:
+    result, _ = _run(tmp_path, "preprovision.sh", signed_in=True, env={"TARGET_SUBSCRIPTION_IDS": given})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(f"extra target subscriptions: {shown}.")
+
+
+@pytest.mark.parametrize("bad", ["not-a-guid", f"{SUB_A};{SUB_B}", f"{SUB_A},{SUB_A[:-1]}"])
+def test_preprovision_rejects_an_entry_that_is_not_a_subscription_id(tmp_path: Path, bad: str) -> None:
+    result, _ = _run(tmp_path, "preprovision.sh", signed_in=True, env={"TARGET_SUBSCRIPTION_IDS": bad})
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "TARGET_SUBSCRIPTION_IDS" in result.stderr
+
+
+def _errors(node: Node) -> list[str]:
+    found = [f"{node.type} at {node.start_point}"] if node.type == "ERROR" or node.is_missing else []
+    for child in node.children:
+        found += _errors(child)
+    return found
+
+
+@pytest.mark.parametrize("script", ["postdeploy.ps1", "preprovision.ps1"])
+def test_pwsh_hooks_check_az_first_and_exit_non_zero(script: str) -> None:
+    """No pwsh here (tooling notes §3): the PowerShell twins are parsed and read."""
+    source = (SCRIPTS / script).read_bytes()
+    assert _errors(Parser(Language(tree_sitter_powershell.language())).parse(source).root_node) == []
+    text = source.decode()
+    body = text[text.index("$ErrorActionPreference = 'Stop'") :]
+    first_az = body.index("az account show --output none")
+    before = body[:first_az]
+    assert "Get-Required" not in before and "GetEnvironmentVariable" not in before
+    assert re.findall(r"^\s*az ", before, re.M) == []
+    check = body[first_az : body.index("}", first_az) + 1]
+    assert "$LASTEXITCODE -ne 0" in check and "exit 1" in check and "az login" in check
+
+
+def test_pwsh_preprovision_drops_empty_entries_and_checks_the_rest() -> None:
+    text = (SCRIPTS / "preprovision.ps1").read_text()
+    assert ".Split(',')" in text and ".Trim()" in text and "if ($id -eq '') { continue }" in text
+    sh_guid = re.search(r"guid='(.+)'", (SCRIPTS / "preprovision.sh").read_text())
+    ps_guid = re.search(r"\$guid = '(.+)'", text)
+    assert sh_guid and ps_guid and sh_guid.group(1) == ps_guid.group(1)
+
+
+def test_azure_yaml_runs_both_hooks() -> None:
+    text = (ROOT / "azure.yaml").read_text()
+    for line in (
+        "  preprovision:",
+        "      run: ./scripts/preprovision.sh",
+        "      run: ./scripts/preprovision.ps1",
+        "      run: ./scripts/postdeploy.sh",
+    ):
+        assert line in text.splitlines()
+    assert os.access(SCRIPTS / "preprovision.sh", os.X_OK) and os.access(SCRIPTS / "postdeploy.sh", os.X_OK)
