@@ -54,6 +54,13 @@ MULTI_SESSION_SKUS = frozenset({ENTERPRISE_FOR_VIRTUAL_DESKTOPS})
 
 # Exact server builds: 2008 R2 SP1, 2012, 2012 R2, 2016, 2019, 2022, 2025.
 WS2008R2, WS2012, WS2012R2, WS2016, WS2019, WS2022, WS2025 = 7601, 9200, 9600, 14393, 17763, 20348, 26100
+# AVMA guests are Windows Server 2012 R2 and later (Microsoft's "Automatic Virtual Machine Activation
+# in Windows Server", MicrosoftDocs/windowsserverdocs WindowsServerDocs/get-started/
+# automatic-vm-activation.md: the guest columns stop at 2012 R2, and there are no AVMA keys for
+# older versions). An AVMA channel reported on an older build contradicts itself and is never
+# re-keyed; the 2008 R2 and 2012 rows below serve only to name the edition of a KMS client that is
+# repaired (a repair installs no key).
+AVMA_MIN_BUILD = WS2012R2
 # Released Windows 10 (1507 .. 22H2) and Windows 11 (21H2 .. 25H2) builds; an Insider or unknown
 # build gives None.
 WINDOWS10_BUILDS = (

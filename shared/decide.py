@@ -4,6 +4,9 @@ Every row is unit-tested without a server. The safety rules of DESIGN.md live he
 else: never re-key a multi-session VM, never touch retail/MAK/OEM, never act on an edition the
 catalog does not know, never act in audit mode (the workflow turns a planned action into
 ``would-remediate``), and a custom KMS host is left alone unless the operator allows overriding it.
+Never make a VM worse: an AVMA VM that is still Licensed is not re-keyed while the KMS is
+unreachable (the GVLK would drop its activation at once, with no way back); that row is the only
+one whose answer depends on the mode, so that the audit shows the plan.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from shared.catalog import CatalogEntry, select_key
 from shared.guest.facts import Channel, GuestResult, LicenseStatus
 from shared.model import OutcomeKind
-from shared.settings import Settings
+from shared.settings import Mode, Settings
 from shared.vm import VmFacts
 
 MULTI_SESSION_EDITION = "serverrdsh"
@@ -85,6 +88,18 @@ def decide(guest: GuestResult, settings: Settings) -> Decision:
         entry = select_key(os_facts)
         if entry is None:
             return Decision.final(OutcomeKind.SKIPPED, "unknown-edition")
+        reachable = guest.kms_probe is not None and guest.kms_probe.reachable
+        if not reachable:
+            audit = settings.mode is Mode.AUDIT
+            if licensed:
+                # Still activated by its host: a GVLK now would drop that at once, and nothing
+                # activates it until the route works. Wait; the retry re-detects.
+                if audit:
+                    return Decision(Action.REKEY, None, "avma-licensed-kms-unreachable", entry)
+                return Decision(Action.NONE, OutcomeKind.DEFERRED, "kms-unreachable", entry)
+            if audit:
+                # Not licensed: no worse off after the re-key; the GVLK activates once routed.
+                return Decision(Action.REKEY, None, "avma-kms-unreachable", entry)
         return Decision(Action.REKEY, None, "avma-channel", entry)
 
     if channel is Channel.KMS_CLIENT:

@@ -35,7 +35,32 @@ def hint_for(reason: str, settings: Settings) -> str:
         )
     if reason.startswith(("step-error:", "remediation-error:", "verify-failed")):
         return "The remediation did not complete; the VM keeps its previous channel. Re-run check on it."
+    route = (
+        f"The VM must reach {settings.kms_target} from an Azure public IP: with forced tunnelling, an "
+        f"NVA or a firewall, add routes for {', '.join(f'{ip}/32' for ip in cloud.kms_ips)} with next "
+        f"hop Internet and allow TCP {settings.kms_port} outbound."
+    )
     hints = {
+        "kms-unreachable": (
+            "The VM is still activated through AVMA but cannot reach the KMS. Installing the KMS client "
+            "key now would drop that activation at once, so the re-key waits (it is retried) until the "
+            f"route works. {route}"
+        ),
+        "avma-licensed-kms-unreachable": (
+            "Still activated through AVMA, and the KMS is unreachable: --apply would not re-key it yet "
+            f"(deferred: kms-unreachable) but wait for the route. {route}"
+        ),
+        "avma-kms-unreachable": (
+            "Not activated, and the KMS is unreachable: --apply would install the KMS client key, and "
+            "activation would fail with 0xC004F074 until the route works; then Windows activates on its "
+            f"own. {route}"
+        ),
+        "powershell-version": (
+            "The VM runs Windows PowerShell older than 3.0 (e.g. Windows Server 2008 R2 as shipped), "
+            "which the scripts cannot use; nothing was changed. Install WMF 5.1 (Windows Management "
+            "Framework 5.1) or upgrade Windows; Run Command does not officially support that Windows "
+            "version, so this is best effort only."
+        ),
         "unknown-edition": (
             "AVMA key on an edition the catalog does not know; never guessed. Install the right "
             "KMS client setup key by hand or file an issue with the edition facts."

@@ -153,7 +153,9 @@ class Remediator:
     def _outcome(
         self, vm_id: VmId, kind: OutcomeKind, reason: str, details: dict[str, Any] | None = None
     ) -> Outcome:
-        quiet = (OutcomeKind.HEALTHY, OutcomeKind.REMEDIATED, OutcomeKind.WOULD_REMEDIATE)
+        # A would-remediate row is the plan: some need a person first (the KMS route), so their
+        # reasons carry a hint; plain ones ("avma-channel") have none.
+        quiet = (OutcomeKind.HEALTHY, OutcomeKind.REMEDIATED)
         hint = "" if kind in quiet else hint_for(reason, self._settings)
         outcome = Outcome(str(vm_id), kind, reason, hint, dict(details or {}))
         log.debug(

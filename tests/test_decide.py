@@ -6,8 +6,9 @@ import pytest
 
 from shared.decide import Action, decide, gate, is_opted_out
 from shared.guest.facts import ScriptError
+from shared.hints import hint_for
 from shared.model import OutcomeKind, VmId
-from shared.settings import Settings
+from shared.settings import Mode, Settings
 from shared.verify import judge
 from shared.vm import VmFacts
 from tests.guestfacts import MULTI_SESSION, ODD_EDITION, SERVER_2019_STD, detected, license_facts, remediated
@@ -80,6 +81,37 @@ def test_avma_with_a_known_edition_is_rekeyed_with_that_editions_key() -> None:
 
 def test_avma_is_rekeyed_even_when_the_kms_probe_fails_so_it_self_heals_once_routed() -> None:
     assert decide(detected(reachable=False), SETTINGS).action is Action.REKEY
+
+
+ENFORCE = SETTINGS.with_mode(Mode.ENFORCE)
+AUDIT = SETTINGS.with_mode(Mode.AUDIT)
+
+
+def test_a_licensed_avma_vm_is_not_rekeyed_while_the_kms_is_unreachable() -> None:
+    """A GVLK would drop the host's activation at once and nothing would activate it: wait."""
+    guest = detected(lic=license_facts("AVMA", 1), reachable=False)
+    decision = decide(guest, ENFORCE)
+    assert (decision.action, decision.kind, decision.reason) == (
+        Action.NONE,
+        OutcomeKind.DEFERRED,
+        "kms-unreachable",
+    )
+    # reachable again: re-keyed as any AVMA VM
+    assert decide(detected(lic=license_facts("AVMA", 1)), ENFORCE).action is Action.REKEY
+    # not licensed: no worse off after the re-key, so it goes ahead and self-heals once routed
+    unlicensed = decide(detected(lic=license_facts("AVMA", 5), reachable=False), ENFORCE)
+    assert (unlicensed.action, unlicensed.reason) == (Action.REKEY, "avma-channel")
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [(1, "avma-licensed-kms-unreachable"), (5, "avma-kms-unreachable"), (0, "avma-kms-unreachable")],
+)
+def test_audit_shows_an_unreachable_kms_with_its_own_reason(status: int, reason: str) -> None:
+    decision = decide(detected(lic=license_facts("AVMA", status), reachable=False), AUDIT)
+    assert (decision.action, decision.kind, decision.reason) == (Action.REKEY, None, reason)
+    assert decide(detected(lic=license_facts("AVMA", status)), AUDIT).reason == "avma-channel"
+    assert "next hop Internet" in hint_for(reason, AUDIT)
 
 
 def test_avma_with_an_unknown_edition_is_never_guessed() -> None:

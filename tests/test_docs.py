@@ -13,11 +13,13 @@ REASONS = [
     # healthy / remediated / would-remediate
     "kms-client-licensed", "retail-licensed", "mak-licensed", "oem-licensed",
     "avma-channel", "kms-client-unlicensed", "custom-kms-overridden",
+    "avma-licensed-kms-unreachable", "avma-kms-unreachable",
     # skipped
     "not-windows", "opted-out", "not-running", "multi-session", "unknown-edition", "custom-kms",
     "channel-retail", "channel-mak", "channel-oem", "unknown-channel", "no-product-key", "not-found",
     # deferred
     "agent-not-ready", "run-command-busy", "throttled", "arm-unavailable", "run-command-timeout", "in-progress",
+    "kms-unreachable",
     # failed
     "activation-error:0xC004F074", "key-install-error:0xC004F069", "step-error:", "remediation-error:",
     "activation-not-attempted", "verify-failed:not-kms-client", "verify-failed:license-status-N",

@@ -36,6 +36,7 @@ def linux(name: str) -> dict[str, Any]:
 ESTATE = [
     windows("avma-dc"),
     windows("avma-unreachable", reachable=False),
+    windows("avma-licensed-unreachable", status=1, reachable=False),
     windows("avma-off", power="deallocated"),
     windows("avma-agent-down", agent=False),
     windows("avma-opted-out", tags={"avma-remediator-opt-out": "true"}),
@@ -140,6 +141,35 @@ async def test_unreachable_kms_fails_with_the_route_hint(engine: Engine, sim: Si
         GVLK_2022_DC_TAIL,
         5,
     )
+
+
+async def test_a_licensed_avma_vm_keeps_its_activation_while_the_kms_is_unreachable(
+    engine: Engine, sim: Simulator
+) -> None:
+    before = state(sim, "avma-licensed-unreachable")
+    outcome = await check(engine, "avma-licensed-unreachable")
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.DEFERRED, "kms-unreachable")
+    assert "20.118.99.224/32" in outcome.hint and "next hop Internet" in outcome.hint
+    after = state(sim, "avma-licensed-unreachable")
+    assert after["changed"] is False and after["runCommands"] == 1  # detection only
+    assert (after["channel"], after["licenseStatus"], after["partialProductKey"]) == (
+        "AVMA",
+        1,
+        before["partialProductKey"],
+    )
+
+
+async def test_audit_shows_the_kms_route_as_part_of_the_plan(engine: Engine, sim: Simulator) -> None:
+    licensed = await check(engine, "avma-licensed-unreachable", Mode.AUDIT)
+    assert (licensed.kind, licensed.reason) == (OutcomeKind.WOULD_REMEDIATE, "avma-licensed-kms-unreachable")
+    assert "next hop Internet" in licensed.hint
+    unlicensed = await check(engine, "avma-unreachable", Mode.AUDIT)
+    assert (unlicensed.kind, unlicensed.reason) == (OutcomeKind.WOULD_REMEDIATE, "avma-kms-unreachable")
+    assert "0xC004F074" in unlicensed.hint
+    plain = await check(engine, "avma-dc", Mode.AUDIT)
+    assert (plain.kind, plain.reason, plain.hint) == (OutcomeKind.WOULD_REMEDIATE, "avma-channel", "")
+    for name in ("avma-licensed-unreachable", "avma-unreachable", "avma-dc"):
+        assert state(sim, name)["changed"] is False
 
 
 @pytest.mark.parametrize(
