@@ -15,7 +15,7 @@ import enum
 from dataclasses import dataclass
 
 from shared.catalog import CatalogEntry, select_key
-from shared.guest.facts import Channel, GuestResult, LicenseStatus
+from shared.guest.facts import POWERSHELL_VERSION_STEP, Channel, GuestResult, LicenseStatus
 from shared.model import OutcomeKind
 from shared.settings import Mode, Settings
 from shared.vm import VmFacts
@@ -73,8 +73,10 @@ def is_opted_out(vm: VmFacts, tag_name: str) -> bool:
 
 def decide(guest: GuestResult, settings: Settings) -> Decision:
     """Rows decided from the detection result."""
+    if guest.error is not None and guest.error.step == POWERSHELL_VERSION_STEP:
+        return Decision.final(OutcomeKind.FAILED, "powershell-version")
     if guest.error is not None or guest.os is None:
-        return Decision.final(OutcomeKind.FAILED, "detection-error")
+        return Decision.final(OutcomeKind.FAILED, "detection-error")  # incl. write-result
     os_facts = guest.os
     if os_facts.edition_id.lower() == MULTI_SESSION_EDITION or os_facts.sku == MULTI_SESSION_SKU:
         return Decision.final(OutcomeKind.SKIPPED, "multi-session")

@@ -78,7 +78,10 @@ def hint_for(reason: str, settings: Settings) -> str:
         "run-command-timeout": "The Run Command did not finish in time; state is re-read on retry.",
         "throttled": "ARM throttled the requests (HTTP 429); retried later with back-off.",
         "arm-unavailable": "ARM answered with a server error; retried later.",
-        "detection-error": "The detection script could not read the licensing facts; see the details.",
+        "detection-error": (
+            "The detection script could not read the licensing facts, or could not write its result "
+            "(error step write-result); nothing was changed. See the error field (step and HRESULT)."
+        ),
         "bad-output": "The guest output had no valid result line (truncated or garbled); see the details.",
         "run-command-failed": "The Run Command operation failed in Azure; see the details.",
         "forbidden": "The identity lacks a permission (see the custom role in infra/).",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.guest.facts import Channel, GuestResult, LicenseStatus
+from shared.guest.facts import POWERSHELL_VERSION_STEP, Channel, GuestResult, LicenseStatus
 from shared.model import OutcomeKind
 
 _STEP_REASON = {"install-key": "key-install-error", "activate": "activation-error"}
@@ -11,6 +11,10 @@ _STEP_REASON = {"install-key": "key-install-error", "activate": "activation-erro
 def judge(after: GuestResult) -> tuple[OutcomeKind, str]:
     """``remediated`` only when every step succeeded and Windows now says Licensed on the KMS channel."""
     if after.error is not None:
+        if after.error.step == POWERSHELL_VERSION_STEP:
+            return OutcomeKind.FAILED, "powershell-version"
+        # incl. write-result (0x80004005): the result could not be built, so the state after the
+        # steps is unknown; the hint says so (shared.hints.remediation_hint).
         return OutcomeKind.FAILED, f"remediation-error:{after.error.hresult}"
     for step in after.steps:
         if not step.ok:

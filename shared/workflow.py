@@ -91,7 +91,7 @@ class Remediator:
             decision = decide(before, settings)
             facts = _facts(before, "")
             if decision.action is Action.NONE:
-                extra = {"error": _error_text(before)} if decision.reason == "detection-error" else {}
+                extra = {"error": _error_text(before)} if before.error is not None else {}
                 return self._final(vm_id, decision, {**facts, **extra})
             if decision.entry is not None:
                 facts["edition"] = decision.entry.edition
@@ -114,6 +114,8 @@ class Remediator:
             kind, reason = judge(after)
             details = {**facts, **_facts(after, "After"), "steps": [[s.name, s.hresult] for s in after.steps]}
             details["action"] = decision.action.value
+            if after.error is not None:
+                details["error"] = _error_text(after)
             return self._outcome(vm_id, kind, reason or decision.reason, details)
         except VmNotFound:
             return self._outcome(vm_id, OutcomeKind.SKIPPED, "not-found", {"phase": phase})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.decide import Action, decide, gate, is_opted_out
-from shared.guest.facts import ScriptError
+from shared.guest.facts import ScriptError, parse_result
 from shared.hints import hint_for
 from shared.model import OutcomeKind, VmId
 from shared.settings import Mode, Settings
@@ -200,6 +200,37 @@ def test_a_detection_script_error_fails_without_action() -> None:
         OutcomeKind.FAILED,
         "detection-error",
     )
+
+
+GUARD_LINE = (
+    'AVMA-REMEDIATOR-RESULT {"schema":2,"script":"%s","os":null,"license":null,"kmsProbe":null,'
+    '"attestation":null,"steps":[],"error":{"step":"powershell-version","hresult":"0x80070032",'
+    '"message":"Windows PowerShell 2.0 is older than 3.0"}}'
+)
+
+
+def test_an_old_windows_powershell_fails_with_its_own_reason_and_the_wmf_hint() -> None:
+    guest = parse_result(GUARD_LINE % "detect", expected_script="detect")
+    decision = decide(guest, SETTINGS)
+    assert (decision.action, decision.kind, decision.reason) == (
+        Action.NONE,
+        OutcomeKind.FAILED,
+        "powershell-version",
+    )
+    hint = hint_for("powershell-version", SETTINGS)
+    assert "WMF 5.1" in hint and "Run Command does not officially support" in hint
+    after = parse_result(GUARD_LINE % "remediate", expected_script="remediate")
+    assert judge(after) == (OutcomeKind.FAILED, "powershell-version")
+
+
+def test_a_result_that_could_not_be_written_is_a_detection_or_remediation_error() -> None:
+    write_failed = ScriptError("write-result", "0x80004005", "the result line could not be built")
+    decision = decide(detected(error=write_failed), SETTINGS)
+    assert (decision.kind, decision.reason) == (OutcomeKind.FAILED, "detection-error")
+    assert "write-result" in hint_for("detection-error", SETTINGS)
+    after = remediated([])
+    after = type(after)("remediate", None, None, None, (), write_failed)
+    assert judge(after) == (OutcomeKind.FAILED, "remediation-error:0x80004005")
 
 
 OK = "0x00000000"

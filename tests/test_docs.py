@@ -23,7 +23,7 @@ REASONS = [
     # failed
     "activation-error:0xC004F074", "key-install-error:0xC004F069", "step-error:", "remediation-error:",
     "activation-not-attempted", "verify-failed:not-kms-client", "verify-failed:license-status-N",
-    "detection-error", "bad-output", "run-command-failed", "forbidden",
+    "detection-error", "powershell-version", "bad-output", "run-command-failed", "forbidden",
     # the Functions app
     "duplicate", "deadline-exceeded:", "poison", "malformed-message",
 ]  # fmt: skip

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -13,6 +13,7 @@ from shared.azure.credentials import make_credential
 from shared.model import OutcomeKind, VmId
 from shared.settings import Mode, Settings
 from shared.sweep import sweep
+from shared.vm import VmFacts
 from shared.workflow import Remediator
 from simulator import Estate, Simulator
 from tests.estates import windows_vm
@@ -283,3 +284,35 @@ async def test_sweep_takes_every_vm_to_one_outcome_and_never_overlaps_run_comman
     conflicts = {k.lower(): v for k, v in sim.counters()["conflicts"].items()}
     assert set(conflicts) <= {vm_id("busy").lower()}
     json.dumps([o.as_dict() for o in report.outcomes])  # every outcome is JSON-able
+
+
+class CannedCompute:
+    """A running, ready Windows VM whose Run Commands print the given lines, in order."""
+
+    def __init__(self, *outputs: str) -> None:
+        self.outputs = list(outputs)
+        self.bodies: list[Mapping[str, Any]] = []
+
+    async def get_vm(self, vm: VmId) -> VmFacts:
+        return VmFacts(vm_id=vm, os_type="Windows", power_state="running", agent_ready=True, tags={})
+
+    async def run_command(self, vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        self.bodies.append(body)
+        return self.outputs.pop(0), ""
+
+
+GUARD = (
+    'AVMA-REMEDIATOR-RESULT {"schema":2,"script":"detect","os":null,"license":null,"kmsProbe":null,'
+    '"attestation":null,"steps":[],"error":{"step":"powershell-version","hresult":"0x80070032",'
+    '"message":"Windows PowerShell 2.0 is older than 3.0"}}'
+)
+
+
+async def test_windows_powershell_2_ends_in_its_own_reason_and_nothing_is_run_after_detection() -> None:
+    compute = CannedCompute(GUARD)
+    settings = Settings.from_env({}).with_mode(Mode.ENFORCE)
+    outcome = await Remediator(compute, settings).check(VmId.parse(vm_id("ws2008r2")))
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.FAILED, "powershell-version")
+    assert "WMF 5.1" in outcome.hint
+    assert outcome.details["error"].startswith("powershell-version: 0x80070032")
+    assert len(compute.bodies) == 1
