@@ -15,11 +15,12 @@ import enum
 from dataclasses import dataclass
 
 from shared.catalog import CatalogEntry, select_key
-from shared.guest.facts import POWERSHELL_VERSION_STEP, Channel, GuestResult, LicenseStatus
+from shared.guest.facts import POWERSHELL_VERSION_STEP, Channel, GuestResult, LicenseStatus, OsFacts
 from shared.model import OutcomeKind
 from shared.settings import Mode, Settings
 from shared.vm import VmFacts
 
+AZURE_EDITION_PREFIX = "serverturbine"  # EditionID ServerTurbine / ServerTurbineCor
 MULTI_SESSION_EDITION = "serverrdsh"
 MULTI_SESSION_SKU = 175  # PRODUCT_SERVERRDSH
 
@@ -106,6 +107,9 @@ def decide(guest: GuestResult, settings: Settings) -> Decision:
 
     if channel is Channel.KMS_CLIENT:
         if licensed:
+            problem = attestation_problem(guest)
+            if problem is not None:
+                return Decision.final(OutcomeKind.FAILED, problem)
             return Decision.final(OutcomeKind.HEALTHY, "kms-client-licensed")
         custom = custom_kms_host(guest, settings)
         if custom is None:
@@ -133,4 +137,30 @@ def custom_kms_host(guest: GuestResult, settings: Settings) -> str | None:
         name = (host or "").strip().lower()
         if name and name.split(":", 1)[0] not in azure_hosts:
             return name
+    return None
+
+
+def is_azure_edition(os_facts: OsFacts) -> bool:
+    """Windows Server Datacenter: Azure Edition (registry EditionID ServerTurbine*)."""
+    return os_facts.edition_id.casefold().startswith(AZURE_EDITION_PREFIX)
+
+
+def attestation_problem(result: GuestResult) -> str | None:
+    """Why an Azure Edition VM would show the activation watermark despite its KMS activation.
+
+    Microsoft's "Windows activation watermark continues to be displayed" (MicrosoftDocs/
+    SupportArticles-docs support/azure/virtual-machines/windows/activation-watermark-appears.md):
+    Azure Edition needs IMDS's attested document (cause 1: IMDS unreachable) and the intermediate
+    certificates of its signing chain (cause 2). A result that does not report the check (null on
+    Azure Edition) is never taken as a pass. ``None``: not Azure Edition, or both checks passed.
+    """
+    if result.os is None or not is_azure_edition(result.os):
+        return None
+    facts = result.attestation
+    if facts is None:
+        return "attestation-not-reported"
+    if not facts.imds_reachable:
+        return "attestation-imds-unreachable"
+    if facts.chain_valid is not True:
+        return "attestation-chain-invalid"
     return None

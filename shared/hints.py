@@ -61,6 +61,28 @@ def hint_for(reason: str, settings: Settings) -> str:
             "Framework 5.1) or upgrade Windows; Run Command does not officially support that Windows "
             "version, so this is best effort only."
         ),
+        "attestation-imds-unreachable": (
+            "Datacenter: Azure Edition is KMS-activated but cannot reach IMDS (169.254.169.254), which it "
+            "needs for its activation token, so Windows keeps the activation watermark. Let HTTP clients "
+            "bypass web proxies for 169.254.169.254 (treat it as 168.63.129.16), and check with `route "
+            "print` that it goes through the primary network interface, whose MAC and IP must match what "
+            "Azure shows. Then re-run check. Source: Microsoft's 'Windows activation watermark continues "
+            "to be displayed'."
+        ),
+        "attestation-chain-invalid": (
+            "Datacenter: Azure Edition is KMS-activated and reaches IMDS, but the attested document's "
+            "certificate chain cannot be built (missing or expired intermediate certificates, e.g. "
+            "Microsoft Azure RSA TLS Issuing CA), so Windows keeps the activation watermark. On Server "
+            "2022 install "
+            "KB5036909 or a later cumulative update; let firewalls and proxies allow the certificate "
+            "downloads, or install the Azure CA chain in the Local Machine store; then run fclip.exe "
+            "(C:\\Windows\\System32) as administrator and sign out and in or restart. Then re-run check."
+        ),
+        "attestation-not-reported": (
+            "Datacenter: Azure Edition, but the guest script did not report the IMDS attestation check, "
+            "so whether Windows shows the activation watermark is unknown; never counted as healthy. "
+            "Re-run check; if it persists, the guest script is older than the contract (file an issue)."
+        ),
         "unknown-edition": (
             "AVMA key on an edition the catalog does not know; never guessed. Install the right "
             "KMS client setup key by hand or file an issue with the edition facts."

@@ -5,13 +5,24 @@ from __future__ import annotations
 import pytest
 
 from shared.decide import Action, decide, gate, is_opted_out
-from shared.guest.facts import ScriptError, parse_result
+from shared.guest.facts import AttestationFacts, ScriptError, parse_result
 from shared.hints import hint_for
 from shared.model import OutcomeKind, VmId
 from shared.settings import Mode, Settings
 from shared.verify import judge
 from shared.vm import VmFacts
-from tests.guestfacts import MULTI_SESSION, ODD_EDITION, SERVER_2019_STD, detected, license_facts, remediated
+from tests.guestfacts import (
+    ATTESTED,
+    AZURE_EDITION_2022,
+    BAD_CHAIN,
+    MULTI_SESSION,
+    NO_IMDS,
+    ODD_EDITION,
+    SERVER_2019_STD,
+    detected,
+    license_facts,
+    remediated,
+)
 
 VM = VmId.parse(
     "/subscriptions/11111111-1111-1111-1111-111111111111/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1"
@@ -259,3 +270,57 @@ def test_judge_names_the_failing_step_and_its_hresult() -> None:
         "step-error:clear-kms-cache:0x80070005"
     )
     assert judge(remediated([("install-key", OK)]))[1] == "activation-not-attempted"
+
+
+KMS_LICENSED = license_facts("KMS_CLIENT", 1, "azkms.core.windows.net:1688")
+
+
+@pytest.mark.parametrize(
+    ("attestation", "kind", "reason"),
+    [
+        (ATTESTED, OutcomeKind.HEALTHY, "kms-client-licensed"),
+        (NO_IMDS, OutcomeKind.FAILED, "attestation-imds-unreachable"),
+        (BAD_CHAIN, OutcomeKind.FAILED, "attestation-chain-invalid"),
+        (None, OutcomeKind.FAILED, "attestation-not-reported"),
+    ],
+)
+def test_a_licensed_azure_edition_kms_client_is_healthy_only_when_its_attestation_passes(
+    attestation: AttestationFacts | None, kind: OutcomeKind, reason: str
+) -> None:
+    guest = detected(AZURE_EDITION_2022, KMS_LICENSED, attestation=attestation)
+    decision = decide(guest, SETTINGS)
+    assert (decision.action, decision.kind, decision.reason) == (Action.NONE, kind, reason)
+    # other editions report no attestation and need none
+    assert decide(detected(lic=KMS_LICENSED), SETTINGS).kind is OutcomeKind.HEALTHY
+
+
+def test_attestation_hints_carry_the_documented_fix() -> None:
+    imds = hint_for("attestation-imds-unreachable", SETTINGS)
+    assert "169.254.169.254" in imds and "proxies" in imds and "route print" in imds
+    chain = hint_for("attestation-chain-invalid", SETTINGS)
+    assert "KB5036909" in chain and "fclip.exe" in chain and "Local Machine" in chain
+    assert "never counted as healthy" in hint_for("attestation-not-reported", SETTINGS)
+
+
+def test_an_avma_azure_edition_vm_is_rekeyed_whatever_its_attestation() -> None:
+    """The KMS activation is needed either way; the attestation is judged after it."""
+    for attestation in (ATTESTED, NO_IMDS, BAD_CHAIN, None):
+        decision = decide(detected(AZURE_EDITION_2022, attestation=attestation), SETTINGS)
+        assert decision.action is Action.REKEY
+        assert decision.entry is not None and decision.entry.product_key == "NTBV8-9K7Q8-V27C6-M2BTV-KHMXV"
+
+
+@pytest.mark.parametrize(
+    ("attestation", "verdict"),
+    [
+        (ATTESTED, (OutcomeKind.REMEDIATED, "")),
+        (NO_IMDS, (OutcomeKind.FAILED, "attestation-imds-unreachable")),
+        (BAD_CHAIN, (OutcomeKind.FAILED, "attestation-chain-invalid")),
+        (None, (OutcomeKind.FAILED, "attestation-not-reported")),
+    ],
+)
+def test_judge_never_says_remediated_on_azure_edition_when_the_attestation_fails(
+    attestation: AttestationFacts | None, verdict: tuple[OutcomeKind, str]
+) -> None:
+    after = remediated([(s, OK) for s in ALL_STEPS], os_facts=AZURE_EDITION_2022, attestation=attestation)
+    assert judge(after) == verdict

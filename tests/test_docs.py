@@ -23,7 +23,8 @@ REASONS = [
     # failed
     "activation-error:0xC004F074", "key-install-error:0xC004F069", "step-error:", "remediation-error:",
     "activation-not-attempted", "verify-failed:not-kms-client", "verify-failed:license-status-N",
-    "detection-error", "powershell-version", "bad-output", "run-command-failed", "forbidden",
+    "detection-error", "powershell-version", "bad-output",
+    "attestation-imds-unreachable", "attestation-chain-invalid", "attestation-not-reported", "run-command-failed", "forbidden",
     # the Functions app
     "duplicate", "deadline-exceeded:", "poison", "malformed-message",
 ]  # fmt: skip

@@ -316,3 +316,83 @@ async def test_windows_powershell_2_ends_in_its_own_reason_and_nothing_is_run_af
     assert "WMF 5.1" in outcome.hint
     assert outcome.details["error"].startswith("powershell-version: 0x80070032")
     assert len(compute.bodies) == 1
+
+
+def result_line(script: str, channel: str, status: int, attestation: dict[str, Any] | None, **kw: Any) -> str:
+    """A contract-v2 result line of an Azure Edition 2022 VM (values as Windows reports them)."""
+    token = {"AVMA": "VIRTUAL_MACHINE_ACTIVATION", "KMS_CLIENT": "VOLUME_KMSCLIENT"}[channel]
+    doc = {
+        "schema": 2,
+        "script": script,
+        "os": {
+            "caption": "Microsoft Windows Server 2022 Datacenter: Azure Edition",
+            "version": "10.0.20348",
+            "build": 20348,
+            "productType": 3,
+            "sku": 407,
+            "editionId": "ServerTurbine",
+        },
+        "license": {
+            "name": "Windows(R), ServerTurbine edition",
+            "description": f"Windows(R) Operating System, {token} channel",
+            "productKeyChannel": None,
+            "partialProductKey": "VMK3J" if channel == "AVMA" else "KHMXV",
+            "licenseStatus": status,
+            "graceMinutes": 0,
+            "kmsMachine": None,
+            "kmsPort": 0,
+            "discoveredKmsMachine": None,
+            "discoveredKmsPort": 0,
+        },
+        "kmsProbe": {"host": "azkms.core.windows.net", "port": 1688, "reachable": True, "error": None},
+        "attestation": attestation,
+        "steps": [],
+        "error": None,
+    }
+    doc.update(kw)
+    return "AVMA-REMEDIATOR-RESULT " + json.dumps(doc, separators=(",", ":"))
+
+
+ALL_OK = [
+    {"name": n, "hresult": "0x00000000"}
+    for n in ("install-key", "clear-kms-cache", "set-kms-host", "set-kms-port", "refresh", "activate")
+]
+
+
+@pytest.mark.parametrize(
+    ("attestation", "kind", "reason", "in_hint"),
+    [
+        (
+            {"imdsReachable": True, "chainValid": True, "error": None},
+            OutcomeKind.REMEDIATED,
+            "avma-channel",
+            "",
+        ),
+        (
+            {"imdsReachable": False, "chainValid": None, "error": "timed out"},
+            OutcomeKind.FAILED,
+            "attestation-imds-unreachable",
+            "169.254.169.254",
+        ),
+        (
+            {"imdsReachable": True, "chainValid": False, "error": "PartialChain"},
+            OutcomeKind.FAILED,
+            "attestation-chain-invalid",
+            "fclip.exe",
+        ),
+        (None, OutcomeKind.FAILED, "attestation-not-reported", "never counted as healthy"),
+    ],
+)
+async def test_azure_edition_is_remediated_only_when_its_attestation_passes_after_the_rekey(
+    attestation: dict[str, Any] | None, kind: OutcomeKind, reason: str, in_hint: str
+) -> None:
+    compute = CannedCompute(
+        result_line("detect", "AVMA", 1, attestation),
+        result_line("remediate", "KMS_CLIENT", 1, attestation, steps=ALL_OK),
+    )
+    settings = Settings.from_env({}).with_mode(Mode.ENFORCE)
+    outcome = await Remediator(compute, settings).check(VmId.parse(vm_id("azure-edition")))
+    assert (outcome.kind, outcome.reason) == (kind, reason)
+    assert in_hint in outcome.hint
+    assert outcome.details["edition"] == "Windows Server 2022 Datacenter: Azure Edition"
+    assert len(compute.bodies) == 2
