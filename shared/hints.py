@@ -6,7 +6,11 @@ reason at length.
 
 from __future__ import annotations
 
+from shared.guest.facts import Channel, GuestResult
 from shared.settings import Settings
+
+# Reasons of a remediation that stopped or did not verify; their hint depends on what happened.
+_UNFINISHED = ("step-error:", "remediation-error:", "verify-failed", "activation-not-attempted")
 
 
 def hint_for(reason: str, settings: Settings) -> str:
@@ -33,8 +37,8 @@ def hint_for(reason: str, settings: Settings) -> str:
             "Windows refused the KMS client setup key: the VM's edition does not match the catalog "
             "entry (0xC004F069) or the key is invalid (0xC004F050). Nothing else was changed."
         )
-    if reason.startswith(("step-error:", "remediation-error:", "verify-failed")):
-        return "The remediation did not complete; the VM keeps its previous channel. Re-run check on it."
+    if reason.startswith(_UNFINISHED):
+        return "The remediation did not complete. Re-run check on it: it detects the state first."
     route = (
         f"The VM must reach {settings.kms_target} from an Azure public IP: with forced tunnelling, an "
         f"NVA or a firewall, add routes for {', '.join(f'{ip}/32' for ip in cloud.kms_ips)} with next "
@@ -109,3 +113,37 @@ def hint_for(reason: str, settings: Settings) -> str:
         "forbidden": "The identity lacks a permission (see the custom role in infra/).",
     }
     return hints.get(reason, "")
+
+
+def remediation_hint(reason: str, settings: Settings, before: GuestResult, after: GuestResult) -> str:
+    """The hint after a remediation, told from its steps and the facts the script re-read.
+
+    A partial remediation may already have changed the channel (the key installed, a later step or
+    the verification failed): the hint must say so rather than claim the VM kept its channel.
+    """
+    if not reason.startswith(_UNFINISHED):
+        return hint_for(reason, settings)
+    state = state_after(before, after)
+    return f"The remediation did not complete. {state} Re-run check on it: it detects first."
+
+
+def state_after(before: GuestResult, after: GuestResult) -> str:
+    """One sentence on the VM's licensing state after a remediation attempt."""
+    was = before.license.channel.value if before.license is not None else "unknown"
+    key_installed = any(step.name == "install-key" and step.ok for step in after.steps)
+    lic = after.license
+    if lic is None:
+        if key_installed:
+            return "The KMS client key was installed, but the state after it could not be read."
+        return "What the script changed is not known: it could not report the state after its steps."
+    now = lic.channel
+    status = int(lic.license_status)
+    if now is Channel.KMS_CLIENT and was != Channel.KMS_CLIENT.value:
+        return (
+            f"The KMS client key is installed: the VM is now a KMS client (it was {was}), license status "
+            f"{status}, so it no longer uses its previous channel. A re-run repairs it as a KMS client "
+            "(sets the Azure KMS and activates)."
+        )
+    if now.value == was:
+        return f"The VM keeps its previous channel ({was}, license status {status})."
+    return f"The VM is now on the {now.value} channel (it was {was}), license status {status}."

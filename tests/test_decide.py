@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from shared.decide import Action, decide, gate, is_opted_out
-from shared.guest.facts import AttestationFacts, ScriptError, parse_result
-from shared.hints import hint_for
+from shared.guest.facts import AttestationFacts, GuestResult, ScriptError, parse_result
+from shared.hints import hint_for, remediation_hint
 from shared.model import OutcomeKind, VmId
 from shared.settings import Mode, Settings
 from shared.verify import judge
@@ -324,3 +324,30 @@ def test_judge_never_says_remediated_on_azure_edition_when_the_attestation_fails
 ) -> None:
     after = remediated([(s, OK) for s in ALL_STEPS], os_facts=AZURE_EDITION_2022, attestation=attestation)
     assert judge(after) == verdict
+
+
+def test_the_hint_after_a_partial_remediation_tells_the_channel_the_vm_is_really_on() -> None:
+    avma = detected()
+    # the key went in, a later step failed: the VM is a KMS client now, not on its old channel
+    partial = remediated([("install-key", OK), ("clear-kms-cache", "0x80070005")], status=5)
+    reason = judge(partial)[1]
+    assert reason == "step-error:clear-kms-cache:0x80070005"
+    hint = remediation_hint(reason, SETTINGS, avma, partial)
+    assert "now a KMS client (it was AVMA)" in hint and "keeps its previous channel" not in hint
+    # every step passed but the verification did not: same truth
+    unverified = remediated([(s, OK) for s in ALL_STEPS], status=5)
+    hint = remediation_hint(judge(unverified)[1], SETTINGS, avma, unverified)
+    assert "now a KMS client (it was AVMA)" in hint
+    # nothing took: the channel really is the old one
+    untouched = remediated([(s, OK) for s in ALL_STEPS], channel="AVMA", status=5)
+    hint = remediation_hint(judge(untouched)[1], SETTINGS, avma, untouched)
+    assert "keeps its previous channel (AVMA" in hint
+    # the result could not be written: the state is unknown, and the hint does not guess
+    lost = GuestResult("remediate", None, None, None, (), ScriptError("write-result", "0x80004005", "x"))
+    hint = remediation_hint(judge(lost)[1], SETTINGS, avma, lost)
+    assert "not known" in hint and "previous channel" not in hint
+    # a repair keeps the KMS client channel, and says so
+    repair_before = detected(lic=license_facts("KMS_CLIENT", 5))
+    failed_repair = remediated([("clear-kms-cache", OK), ("set-kms-host", "0x80070005")], status=5)
+    hint = remediation_hint(judge(failed_repair)[1], SETTINGS, repair_before, failed_repair)
+    assert "keeps its previous channel (KMS_CLIENT" in hint

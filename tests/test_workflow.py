@@ -396,3 +396,20 @@ async def test_azure_edition_is_remediated_only_when_its_attestation_passes_afte
     assert in_hint in outcome.hint
     assert outcome.details["edition"] == "Windows Server 2022 Datacenter: Azure Edition"
     assert len(compute.bodies) == 2
+
+
+async def test_a_partial_remediation_says_the_vm_is_now_a_kms_client() -> None:
+    attested = {"imdsReachable": True, "chainValid": True, "error": None}
+    steps = [
+        {"name": "install-key", "hresult": "0x00000000"},
+        {"name": "clear-kms-cache", "hresult": "0x80070005"},
+    ]
+    compute = CannedCompute(
+        result_line("detect", "AVMA", 5, attested),
+        result_line("remediate", "KMS_CLIENT", 5, attested, steps=steps),
+    )
+    settings = Settings.from_env({}).with_mode(Mode.ENFORCE)
+    outcome = await Remediator(compute, settings).check(VmId.parse(vm_id("partial")))
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.FAILED, "step-error:clear-kms-cache:0x80070005")
+    assert (outcome.details["channel"], outcome.details["channelAfter"]) == ("AVMA", "KMS_CLIENT")
+    assert "now a KMS client" in outcome.hint and "keeps its previous channel" not in outcome.hint
