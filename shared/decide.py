@@ -86,6 +86,9 @@ def decide(guest: GuestResult, settings: Settings) -> Decision:
         return Decision.final(OutcomeKind.SKIPPED, "no-product-key")
     channel = lic.channel
     licensed = lic.license_status == LicenseStatus.LICENSED
+    acts = channel is Channel.AVMA or (channel is Channel.KMS_CLIENT and not licensed)
+    if acts and key_channel_contradicts(channel, lic.product_key_channel):
+        return Decision.final(OutcomeKind.SKIPPED, "channel-mismatch")
 
     if channel is Channel.AVMA:
         entry = select_key(os_facts)
@@ -164,3 +167,36 @@ def attestation_problem(result: GuestResult) -> str | None:
     if facts.chain_valid is not True:
         return "attestation-chain-invalid"
     return None
+
+
+# SoftwareLicensingProduct.ProductKeyChannel values that clearly name a channel (slmgr /dlv prints
+# them as "Product Key Channel"; public captures in docs/guest-contract.md). An AVMA key's value is
+# not documented, so no value is expected of AVMA; only a value naming ANOTHER channel contradicts.
+_KEY_CHANNELS = {
+    "retail": "RETAIL",
+    "volume:gvlk": "KMS_CLIENT",
+    "volume:mak": "MAK",
+    "volume:csvlk": "KMS_HOST",
+}
+
+
+def key_channel(product_key_channel: str | None) -> str | None:
+    """The channel a ProductKeyChannel value clearly names, or None (absent or not known)."""
+    text = (product_key_channel or "").strip().casefold()
+    if text.startswith("oem:"):
+        return "OEM"
+    return _KEY_CHANNELS.get(text)
+
+
+def key_channel_contradicts(channel: Channel, product_key_channel: str | None) -> bool:
+    """True when ProductKeyChannel clearly names another channel than the Description does.
+
+    Volume:GVLK next to an AVMA Description does not count: AVMA's own value is undocumented, and
+    a GVLK in place of a GVLK changes nothing, so the re-key is safe either way.
+    """
+    named = key_channel(product_key_channel)
+    if named is None or channel is Channel.UNKNOWN:
+        return False
+    if channel is Channel.AVMA and named == "KMS_CLIENT":
+        return False
+    return named != channel.value

@@ -87,6 +87,11 @@ def hint_for(reason: str, settings: Settings) -> str:
             "so whether Windows shows the activation watermark is unknown; never counted as healthy. "
             "Re-run check; if it persists, the guest script is older than the contract (file an issue)."
         ),
+        "channel-mismatch": (
+            "The licensing Description and the Product Key Channel name different channels (compare "
+            "description and productKeyChannel, or `slmgr /dlv`), so which key is installed is "
+            "unclear; never touched. Look at the VM by hand; if the values look right, file an issue."
+        ),
         "unknown-edition": (
             "AVMA key on an edition the catalog does not know; never guessed. Install the right "
             "KMS client setup key by hand or file an issue with the edition facts."

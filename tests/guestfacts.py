@@ -47,11 +47,12 @@ def license_facts(
     status: int = 5,
     kms_machine: str | None = None,
     discovered: str | None = None,
+    key_channel: str | None = None,
 ) -> LicenseFacts:
     return LicenseFacts(
         name="Windows(R), ServerDatacenter edition",
         description=DESCRIPTIONS[channel],
-        product_key_channel=None,
+        product_key_channel=key_channel,
         partial_product_key="DV9BG",
         license_status=LicenseStatus(status),
         grace_minutes=0,

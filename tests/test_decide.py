@@ -351,3 +351,44 @@ def test_the_hint_after_a_partial_remediation_tells_the_channel_the_vm_is_really
     failed_repair = remediated([("clear-kms-cache", OK), ("set-kms-host", "0x80070005")], status=5)
     hint = remediation_hint(judge(failed_repair)[1], SETTINGS, repair_before, failed_repair)
     assert "keeps its previous channel (KMS_CLIENT" in hint
+
+
+@pytest.mark.parametrize("value", [None, "", "Volume:AVMA", "Volume:Something-New", "Volume:GVLK"])
+def test_avma_is_never_rejected_for_an_unknown_or_absent_product_key_channel(value: str | None) -> None:
+    decision = decide(detected(lic=license_facts("AVMA", 5, key_channel=value)), SETTINGS)
+    assert (decision.action, decision.reason) == (Action.REKEY, "avma-channel")
+
+
+@pytest.mark.parametrize(
+    ("channel", "status", "value"),
+    [
+        ("AVMA", 5, "Retail"),
+        ("AVMA", 1, "OEM:DM"),
+        ("AVMA", 5, "OEM:SLP"),
+        ("AVMA", 5, "OEM:NONSLP"),
+        ("AVMA", 5, "Volume:MAK"),
+        ("AVMA", 5, "volume:csvlk"),
+        ("KMS_CLIENT", 5, "Volume:MAK"),
+        ("KMS_CLIENT", 0, "Retail"),
+    ],
+)
+def test_a_product_key_channel_naming_another_channel_is_never_touched(
+    channel: str, status: int, value: str
+) -> None:
+    decision = decide(detected(lic=license_facts(channel, status, key_channel=value)), SETTINGS)
+    assert (decision.action, decision.kind, decision.reason) == (
+        Action.NONE,
+        OutcomeKind.SKIPPED,
+        "channel-mismatch",
+    )
+    assert "never touched" in hint_for("channel-mismatch", SETTINGS)
+
+
+def test_a_product_key_channel_that_agrees_changes_nothing() -> None:
+    repair = decide(detected(lic=license_facts("KMS_CLIENT", 5, key_channel="Volume:GVLK")), SETTINGS)
+    assert repair.action is Action.REPAIR
+    licensed = decide(detected(lic=license_facts("KMS_CLIENT", 1, key_channel="Volume:GVLK")), SETTINGS)
+    assert licensed.kind is OutcomeKind.HEALTHY
+    assert (
+        decide(detected(lic=license_facts("OEM", 1, key_channel="OEM:DM")), SETTINGS).reason == "oem-licensed"
+    )

@@ -16,7 +16,8 @@ REASONS = [
     "avma-licensed-kms-unreachable", "avma-kms-unreachable",
     # skipped
     "not-windows", "opted-out", "not-running", "multi-session", "unknown-edition", "custom-kms",
-    "channel-retail", "channel-mak", "channel-oem", "unknown-channel", "no-product-key", "not-found",
+    "channel-retail", "channel-mak", "channel-oem", "unknown-channel", "no-product-key",
+    "channel-mismatch", "not-found",
     # deferred
     "agent-not-ready", "run-command-busy", "throttled", "arm-unavailable", "run-command-timeout", "in-progress",
     "kms-unreachable",
