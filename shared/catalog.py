@@ -24,7 +24,10 @@ SOURCE = (
 # Datacenter: Azure Edition. GetProductInfo (MicrosoftDocs/sdk-api nf-sysinfoapi-getproductinfo.md)
 # adds 125/126 Enterprise LTSB/LTSC (S) and S N, and says that from Server 2012 on, Server Core
 # reports the full-installation value (7/8), so both are accepted. 408 (Azure Edition core) is
-# PRODUCT_DATACENTER_SERVER_CORE_AZURE_EDITION in the Windows SDK headers (winnt.h copies).
+# PRODUCT_DATACENTER_SERVER_CORE_AZURE_EDITION and 409 (0x199)
+# PRODUCT_DATACENTER_WS_SERVER_CORE_AZURE_EDITION in the Windows SDK headers (winnt.h copies, and
+# the win32metadata projections of them: 407/408/409 next to each other); 409 is what Azure Edition
+# Server Core can report, as 147 is for Datacenter Server Core.
 ENTERPRISE = 4
 STANDARD = 7
 DATACENTER = 8
@@ -40,6 +43,7 @@ STANDARD_WS_CORE = 148
 ENTERPRISE_FOR_VIRTUAL_DESKTOPS = 175
 DATACENTER_AZURE_EDITION = 407
 DATACENTER_AZURE_EDITION_CORE = 408
+DATACENTER_WS_AZURE_EDITION_CORE = 409
 
 # Registry EditionID values. The edition-name table that pairs each EditionID with its PRODUCT_*
 # value (public copies of the Windows SKU list, e.g. "serverturbine,PRODUCT_DATACENTER_SERVER_
@@ -149,7 +153,7 @@ def _azure_edition(version: str, key: str, build: int) -> CatalogEntry:
         key,
         build,
         ("ServerTurbine", "ServerTurbineCor"),
-        (DATACENTER_AZURE_EDITION, DATACENTER_AZURE_EDITION_CORE),
+        (DATACENTER_AZURE_EDITION, DATACENTER_AZURE_EDITION_CORE, DATACENTER_WS_AZURE_EDITION_CORE),
     )
 
 
