@@ -62,8 +62,9 @@ WS2008R2, WS2012, WS2012R2, WS2016, WS2019, WS2022, WS2025 = 7601, 9200, 9600, 1
 # in Windows Server", MicrosoftDocs/windowsserverdocs WindowsServerDocs/get-started/
 # automatic-vm-activation.md: the guest columns stop at 2012 R2, and there are no AVMA keys for
 # older versions). An AVMA channel reported on an older build contradicts itself and is never
-# re-keyed; the 2008 R2 and 2012 rows below serve only to name the edition of a KMS client that is
-# repaired (a repair installs no key).
+# re-keyed (shared.decide checks the build before it asks for a key). The 2008 R2 and 2012 rows
+# below stay for the repair path only: those versions are KMS clients there, and a repair sets the
+# Azure KMS without installing a key; select_key still returns them so that the table stays whole.
 AVMA_MIN_BUILD = WS2012R2
 # Released Windows 10 (1507 .. 22H2) and Windows 11 (21H2 .. 25H2) builds; an Insider or unknown
 # build gives None.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from shared.catalog import CatalogEntry, select_key
+from shared.catalog import AVMA_MIN_BUILD, CatalogEntry, select_key
 from shared.guest.facts import POWERSHELL_VERSION_STEP, Channel, GuestResult, LicenseStatus, OsFacts
 from shared.model import OutcomeKind
 from shared.settings import Mode, Settings
@@ -91,6 +91,9 @@ def decide(guest: GuestResult, settings: Settings) -> Decision:
         return Decision.final(OutcomeKind.SKIPPED, "channel-mismatch")
 
     if channel is Channel.AVMA:
+        if os_facts.build < AVMA_MIN_BUILD:
+            # AVMA guests start at 2012 R2: these facts contradict themselves; never re-keyed.
+            return Decision.final(OutcomeKind.SKIPPED, "avma-before-2012r2")
         entry = select_key(os_facts)
         if entry is None:
             return Decision.final(OutcomeKind.SKIPPED, "unknown-edition")

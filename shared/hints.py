@@ -92,6 +92,11 @@ def hint_for(reason: str, settings: Settings) -> str:
             "description and productKeyChannel, or `slmgr /dlv`), so which key is installed is "
             "unclear; never touched. Look at the VM by hand; if the values look right, file an issue."
         ),
+        "avma-before-2012r2": (
+            "The VM reports the AVMA channel on a Windows older than Server 2012 R2, where AVMA does not "
+            "exist: the facts contradict themselves, so it is never re-keyed. Look at it by hand "
+            "(slmgr /dlv); a KMS client setup key from Microsoft's table can be installed by hand."
+        ),
         "unknown-edition": (
             "AVMA key on an edition the catalog does not know; never guessed. Install the right "
             "KMS client setup key by hand or file an issue with the edition facts."

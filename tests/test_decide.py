@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from shared.catalog import select_key
 from shared.decide import Action, decide, gate, is_opted_out
-from shared.guest.facts import AttestationFacts, GuestResult, ScriptError, parse_result
+from shared.guest.facts import AttestationFacts, GuestResult, OsFacts, ScriptError, parse_result
 from shared.hints import hint_for, remediation_hint
 from shared.model import OutcomeKind, VmId
 from shared.settings import Mode, Settings
@@ -392,3 +393,29 @@ def test_a_product_key_channel_that_agrees_changes_nothing() -> None:
     assert (
         decide(detected(lic=license_facts("OEM", 1, key_channel="OEM:DM")), SETTINGS).reason == "oem-licensed"
     )
+
+
+@pytest.mark.parametrize(
+    "os_facts",
+    [
+        OsFacts("Microsoft Windows Server 2008 R2 Datacenter", "6.1.7601", 7601, 3, 8, "ServerDatacenter"),
+        OsFacts("Microsoft Windows Server 2012 Standard", "6.2.9200", 9200, 3, 7, "ServerStandard"),
+    ],
+)
+def test_an_avma_channel_before_2012_r2_is_impossible_and_never_rekeyed(os_facts: OsFacts) -> None:
+    assert select_key(os_facts) is not None  # the catalog row exists, for the repair path
+    for status in (1, 5):
+        decision = decide(detected(os_facts, license_facts("AVMA", status)), SETTINGS)
+        assert (decision.action, decision.kind, decision.reason) == (
+            Action.NONE,
+            OutcomeKind.SKIPPED,
+            "avma-before-2012r2",
+        )
+    assert "2012 R2" in hint_for("avma-before-2012r2", SETTINGS)
+    # the same VM as an unlicensed KMS client is repaired (no key is installed)
+    assert decide(detected(os_facts, license_facts("KMS_CLIENT", 5)), SETTINGS).action is Action.REPAIR
+
+
+def test_avma_from_2012_r2_on_is_rekeyed() -> None:
+    r2 = OsFacts("Microsoft Windows Server 2012 R2 Datacenter", "6.3.9600", 9600, 3, 8, "ServerDatacenter")
+    assert decide(detected(r2), SETTINGS).action is Action.REKEY

@@ -17,7 +17,7 @@ REASONS = [
     # skipped
     "not-windows", "opted-out", "not-running", "multi-session", "unknown-edition", "custom-kms",
     "channel-retail", "channel-mak", "channel-oem", "unknown-channel", "no-product-key",
-    "channel-mismatch", "not-found",
+    "channel-mismatch", "avma-before-2012r2", "not-found",
     # deferred
     "agent-not-ready", "run-command-busy", "throttled", "arm-unavailable", "run-command-timeout", "in-progress",
     "kms-unreachable",
