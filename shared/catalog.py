@@ -24,7 +24,10 @@ SOURCE = (
 # Datacenter: Azure Edition. GetProductInfo (MicrosoftDocs/sdk-api nf-sysinfoapi-getproductinfo.md)
 # adds 125/126 Enterprise LTSB/LTSC (S) and S N, and says that from Server 2012 on, Server Core
 # reports the full-installation value (7/8), so both are accepted. 408 (Azure Edition core) is
-# PRODUCT_DATACENTER_SERVER_CORE_AZURE_EDITION in the Windows SDK headers (winnt.h copies).
+# PRODUCT_DATACENTER_SERVER_CORE_AZURE_EDITION and 409 (0x199)
+# PRODUCT_DATACENTER_WS_SERVER_CORE_AZURE_EDITION in the Windows SDK headers (winnt.h copies, and
+# the win32metadata projections of them: 407/408/409 next to each other); 409 is what Azure Edition
+# Server Core can report, as 147 is for Datacenter Server Core.
 ENTERPRISE = 4
 STANDARD = 7
 DATACENTER = 8
@@ -40,6 +43,7 @@ STANDARD_WS_CORE = 148
 ENTERPRISE_FOR_VIRTUAL_DESKTOPS = 175
 DATACENTER_AZURE_EDITION = 407
 DATACENTER_AZURE_EDITION_CORE = 408
+DATACENTER_WS_AZURE_EDITION_CORE = 409
 
 # Registry EditionID values. The edition-name table that pairs each EditionID with its PRODUCT_*
 # value (public copies of the Windows SKU list, e.g. "serverturbine,PRODUCT_DATACENTER_SERVER_
@@ -54,6 +58,14 @@ MULTI_SESSION_SKUS = frozenset({ENTERPRISE_FOR_VIRTUAL_DESKTOPS})
 
 # Exact server builds: 2008 R2 SP1, 2012, 2012 R2, 2016, 2019, 2022, 2025.
 WS2008R2, WS2012, WS2012R2, WS2016, WS2019, WS2022, WS2025 = 7601, 9200, 9600, 14393, 17763, 20348, 26100
+# AVMA guests are Windows Server 2012 R2 and later (Microsoft's "Automatic Virtual Machine Activation
+# in Windows Server", MicrosoftDocs/windowsserverdocs WindowsServerDocs/get-started/
+# automatic-vm-activation.md: the guest columns stop at 2012 R2, and there are no AVMA keys for
+# older versions). An AVMA channel reported on an older build contradicts itself and is never
+# re-keyed (shared.decide checks the build before it asks for a key). The 2008 R2 and 2012 rows
+# below stay for the repair path only: those versions are KMS clients there, and a repair sets the
+# Azure KMS without installing a key; select_key still returns them so that the table stays whole.
+AVMA_MIN_BUILD = WS2012R2
 # Released Windows 10 (1507 .. 22H2) and Windows 11 (21H2 .. 25H2) builds; an Insider or unknown
 # build gives None.
 WINDOWS10_BUILDS = (
@@ -142,7 +154,7 @@ def _azure_edition(version: str, key: str, build: int) -> CatalogEntry:
         key,
         build,
         ("ServerTurbine", "ServerTurbineCor"),
-        (DATACENTER_AZURE_EDITION, DATACENTER_AZURE_EDITION_CORE),
+        (DATACENTER_AZURE_EDITION, DATACENTER_AZURE_EDITION_CORE, DATACENTER_WS_AZURE_EDITION_CORE),
     )
 
 

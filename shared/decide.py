@@ -4,6 +4,9 @@ Every row is unit-tested without a server. The safety rules of DESIGN.md live he
 else: never re-key a multi-session VM, never touch retail/MAK/OEM, never act on an edition the
 catalog does not know, never act in audit mode (the workflow turns a planned action into
 ``would-remediate``), and a custom KMS host is left alone unless the operator allows overriding it.
+Never make a VM worse: an AVMA VM that is still Licensed is not re-keyed while the KMS is
+unreachable (the GVLK would drop its activation at once, with no way back); that row is the only
+one whose answer depends on the mode, so that the audit shows the plan.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from shared.catalog import CatalogEntry, select_key
-from shared.guest.facts import Channel, GuestResult, LicenseStatus
+from shared.catalog import AVMA_MIN_BUILD, CatalogEntry, select_key
+from shared.guest.facts import POWERSHELL_VERSION_STEP, Channel, GuestResult, LicenseStatus, OsFacts
 from shared.model import OutcomeKind
-from shared.settings import Settings
+from shared.settings import Mode, Settings
 from shared.vm import VmFacts
 
+AZURE_EDITION_PREFIX = "serverturbine"  # EditionID ServerTurbine / ServerTurbineCor
 MULTI_SESSION_EDITION = "serverrdsh"
 MULTI_SESSION_SKU = 175  # PRODUCT_SERVERRDSH
 
@@ -86,8 +90,10 @@ def is_opted_out(vm: VmFacts, tag_name: str) -> bool:
 
 def decide(guest: GuestResult, settings: Settings) -> Decision:
     """Rows decided from the detection result."""
+    if guest.error is not None and guest.error.step == POWERSHELL_VERSION_STEP:
+        return Decision.final(OutcomeKind.FAILED, "powershell-version")
     if guest.error is not None or guest.os is None:
-        return Decision.final(OutcomeKind.FAILED, "detection-error")
+        return Decision.final(OutcomeKind.FAILED, "detection-error")  # incl. write-result
     os_facts = guest.os
     if os_facts.edition_id.lower() == MULTI_SESSION_EDITION or os_facts.sku == MULTI_SESSION_SKU:
         return Decision.final(OutcomeKind.SKIPPED, "multi-session")
@@ -96,15 +102,36 @@ def decide(guest: GuestResult, settings: Settings) -> Decision:
         return Decision.final(OutcomeKind.SKIPPED, "no-product-key")
     channel = lic.channel
     licensed = lic.license_status == LicenseStatus.LICENSED
+    acts = channel is Channel.AVMA or (channel is Channel.KMS_CLIENT and not licensed)
+    if acts and key_channel_contradicts(channel, lic.product_key_channel):
+        return Decision.final(OutcomeKind.SKIPPED, "channel-mismatch")
 
     if channel is Channel.AVMA:
+        if os_facts.build < AVMA_MIN_BUILD:
+            # AVMA guests start at 2012 R2: these facts contradict themselves; never re-keyed.
+            return Decision.final(OutcomeKind.SKIPPED, "avma-before-2012r2")
         entry = select_key(os_facts)
         if entry is None:
             return Decision.final(OutcomeKind.SKIPPED, "unknown-edition")
+        reachable = guest.kms_probe is not None and guest.kms_probe.reachable
+        if not reachable:
+            audit = settings.mode is Mode.AUDIT
+            if licensed:
+                # Still activated by its host: a GVLK now would drop that at once, and nothing
+                # activates it until the route works. Wait; the retry re-detects.
+                if audit:
+                    return Decision(Action.REKEY, None, "avma-licensed-kms-unreachable", entry)
+                return Decision(Action.NONE, OutcomeKind.DEFERRED, "kms-unreachable", entry)
+            if audit:
+                # Not licensed: no worse off after the re-key; the GVLK activates once routed.
+                return Decision(Action.REKEY, None, "avma-kms-unreachable", entry)
         return Decision(Action.REKEY, None, "avma-channel", entry)
 
     if channel is Channel.KMS_CLIENT:
         if licensed:
+            problem = attestation_problem(guest)
+            if problem is not None:
+                return Decision.final(OutcomeKind.FAILED, problem)
             return Decision.final(OutcomeKind.HEALTHY, "kms-client-licensed")
         custom = custom_kms_host(guest, settings)
         if custom is None:
@@ -133,3 +160,62 @@ def custom_kms_host(guest: GuestResult, settings: Settings) -> str | None:
         if name and name.split(":", 1)[0] not in azure_hosts:
             return name
     return None
+
+
+def is_azure_edition(os_facts: OsFacts) -> bool:
+    """Windows Server Datacenter: Azure Edition (registry EditionID ServerTurbine*)."""
+    return os_facts.edition_id.casefold().startswith(AZURE_EDITION_PREFIX)
+
+
+def attestation_problem(result: GuestResult) -> str | None:
+    """Why an Azure Edition VM would show the activation watermark despite its KMS activation.
+
+    Microsoft's "Windows activation watermark continues to be displayed" (MicrosoftDocs/
+    SupportArticles-docs support/azure/virtual-machines/windows/activation-watermark-appears.md):
+    Azure Edition needs IMDS's attested document (cause 1: IMDS unreachable) and the intermediate
+    certificates of its signing chain (cause 2). A result that does not report the check (null on
+    Azure Edition) is never taken as a pass. ``None``: not Azure Edition, or both checks passed.
+    """
+    if result.os is None or not is_azure_edition(result.os):
+        return None
+    facts = result.attestation
+    if facts is None:
+        return "attestation-not-reported"
+    if not facts.imds_reachable:
+        return "attestation-imds-unreachable"
+    if facts.chain_valid is not True:
+        return "attestation-chain-invalid"
+    return None
+
+
+# SoftwareLicensingProduct.ProductKeyChannel values that clearly name a channel (slmgr /dlv prints
+# them as "Product Key Channel"; public captures in docs/guest-contract.md). An AVMA key's value is
+# not documented, so no value is expected of AVMA; only a value naming ANOTHER channel contradicts.
+_KEY_CHANNELS = {
+    "retail": "RETAIL",
+    "volume:gvlk": "KMS_CLIENT",
+    "volume:mak": "MAK",
+    "volume:csvlk": "KMS_HOST",
+}
+
+
+def key_channel(product_key_channel: str | None) -> str | None:
+    """The channel a ProductKeyChannel value clearly names, or None (absent or not known)."""
+    text = (product_key_channel or "").strip().casefold()
+    if text.startswith("oem:"):
+        return "OEM"
+    return _KEY_CHANNELS.get(text)
+
+
+def key_channel_contradicts(channel: Channel, product_key_channel: str | None) -> bool:
+    """True when ProductKeyChannel clearly names another channel than the Description does.
+
+    Volume:GVLK next to an AVMA Description does not count: AVMA's own value is undocumented, and
+    a GVLK in place of a GVLK changes nothing, so the re-key is safe either way.
+    """
+    named = key_channel(product_key_channel)
+    if named is None or channel is Channel.UNKNOWN:
+        return False
+    if channel is Channel.AVMA and named == "KMS_CLIENT":
+        return False
+    return named != channel.value

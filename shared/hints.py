@@ -6,7 +6,11 @@ reason at length.
 
 from __future__ import annotations
 
+from shared.guest.facts import Channel, GuestResult
 from shared.settings import Settings
+
+# Reasons of a remediation that stopped or did not verify; their hint depends on what happened.
+_UNFINISHED = ("step-error:", "remediation-error:", "verify-failed", "activation-not-attempted")
 
 
 def hint_for(reason: str, settings: Settings) -> str:
@@ -33,9 +37,66 @@ def hint_for(reason: str, settings: Settings) -> str:
             "Windows refused the KMS client setup key: the VM's edition does not match the catalog "
             "entry (0xC004F069) or the key is invalid (0xC004F050). Nothing else was changed."
         )
-    if reason.startswith(("step-error:", "remediation-error:", "verify-failed")):
-        return "The remediation did not complete; the VM keeps its previous channel. Re-run check on it."
+    if reason.startswith(_UNFINISHED):
+        return "The remediation did not complete. Re-run check on it: it detects the state first."
+    route = (
+        f"The VM must reach {settings.kms_target} from an Azure public IP: with forced tunnelling, an "
+        f"NVA or a firewall, add routes for {', '.join(f'{ip}/32' for ip in cloud.kms_ips)} with next "
+        f"hop Internet and allow TCP {settings.kms_port} outbound."
+    )
     hints = {
+        "kms-unreachable": (
+            "The VM is still activated through AVMA but cannot reach the KMS. Installing the KMS client "
+            "key now would drop that activation at once, so the re-key waits (it is retried) until the "
+            f"route works. {route}"
+        ),
+        "avma-licensed-kms-unreachable": (
+            "Still activated through AVMA, and the KMS is unreachable: --apply would not re-key it yet "
+            f"(deferred: kms-unreachable) but wait for the route. {route}"
+        ),
+        "avma-kms-unreachable": (
+            "Not activated, and the KMS is unreachable: --apply would install the KMS client key, and "
+            "activation would fail with 0xC004F074 until the route works; then Windows activates on its "
+            f"own. {route}"
+        ),
+        "powershell-version": (
+            "The VM runs Windows PowerShell older than 3.0 (e.g. Windows Server 2008 R2 as shipped), "
+            "which the scripts cannot use; nothing was changed. Install WMF 5.1 (Windows Management "
+            "Framework 5.1) or upgrade Windows; Run Command does not officially support that Windows "
+            "version, so this is best effort only."
+        ),
+        "attestation-imds-unreachable": (
+            "Datacenter: Azure Edition is KMS-activated but cannot reach IMDS (169.254.169.254), which it "
+            "needs for its activation token, so Windows keeps the activation watermark. Let HTTP clients "
+            "bypass web proxies for 169.254.169.254 (treat it as 168.63.129.16), and check with `route "
+            "print` that it goes through the primary network interface, whose MAC and IP must match what "
+            "Azure shows. Then re-run check. Source: Microsoft's 'Windows activation watermark continues "
+            "to be displayed'."
+        ),
+        "attestation-chain-invalid": (
+            "Datacenter: Azure Edition is KMS-activated and reaches IMDS, but the attested document's "
+            "certificate chain cannot be built (missing or expired intermediate certificates, e.g. "
+            "Microsoft Azure RSA TLS Issuing CA), so Windows keeps the activation watermark. On Server "
+            "2022 install "
+            "KB5036909 or a later cumulative update; let firewalls and proxies allow the certificate "
+            "downloads, or install the Azure CA chain in the Local Machine store; then run fclip.exe "
+            "(C:\\Windows\\System32) as administrator and sign out and in or restart. Then re-run check."
+        ),
+        "attestation-not-reported": (
+            "Datacenter: Azure Edition, but the guest script did not report the IMDS attestation check, "
+            "so whether Windows shows the activation watermark is unknown; never counted as healthy. "
+            "Re-run check; if it persists, the guest script is older than the contract (file an issue)."
+        ),
+        "channel-mismatch": (
+            "The licensing Description and the Product Key Channel name different channels (compare "
+            "description and productKeyChannel, or `slmgr /dlv`), so which key is installed is "
+            "unclear; never touched. Look at the VM by hand; if the values look right, file an issue."
+        ),
+        "avma-before-2012r2": (
+            "The VM reports the AVMA channel on a Windows older than Server 2012 R2, where AVMA does not "
+            "exist: the facts contradict themselves, so it is never re-keyed. Look at it by hand "
+            "(slmgr /dlv); a KMS client setup key from Microsoft's table can be installed by hand."
+        ),
         "unknown-edition": (
             "AVMA key on an edition the catalog does not know; never guessed. Install the right "
             "KMS client setup key by hand or file an issue with the edition facts."
@@ -58,9 +119,46 @@ def hint_for(reason: str, settings: Settings) -> str:
         "run-command-timeout": "The Run Command did not finish in time; state is re-read on retry.",
         "throttled": "ARM throttled the requests (HTTP 429); retried later with back-off.",
         "arm-unavailable": "ARM answered with a server error; retried later.",
-        "detection-error": "The detection script could not read the licensing facts; see the details.",
+        "detection-error": (
+            "The detection script could not read the licensing facts, or could not write its result "
+            "(error step write-result); nothing was changed. See the error field (step and HRESULT)."
+        ),
         "bad-output": "The guest output had no valid result line (truncated or garbled); see the details.",
         "run-command-failed": "The Run Command operation failed in Azure; see the details.",
         "forbidden": "The identity lacks a permission (see the custom role in infra/).",
     }
     return hints.get(reason, "")
+
+
+def remediation_hint(reason: str, settings: Settings, before: GuestResult, after: GuestResult) -> str:
+    """The hint after a remediation, told from its steps and the facts the script re-read.
+
+    A partial remediation may already have changed the channel (the key installed, a later step or
+    the verification failed): the hint must say so rather than claim the VM kept its channel.
+    """
+    if not reason.startswith(_UNFINISHED):
+        return hint_for(reason, settings)
+    state = state_after(before, after)
+    return f"The remediation did not complete. {state} Re-run check on it: it detects first."
+
+
+def state_after(before: GuestResult, after: GuestResult) -> str:
+    """One sentence on the VM's licensing state after a remediation attempt."""
+    was = before.license.channel.value if before.license is not None else "unknown"
+    key_installed = any(step.name == "install-key" and step.ok for step in after.steps)
+    lic = after.license
+    if lic is None:
+        if key_installed:
+            return "The KMS client key was installed, but the state after it could not be read."
+        return "What the script changed is not known: it could not report the state after its steps."
+    now = lic.channel
+    status = int(lic.license_status)
+    if now is Channel.KMS_CLIENT and was != Channel.KMS_CLIENT.value:
+        return (
+            f"The KMS client key is installed: the VM is now a KMS client (it was {was}), license status "
+            f"{status}, so it no longer uses its previous channel. A re-run repairs it as a KMS client "
+            "(sets the Azure KMS and activates)."
+        )
+    if now.value == was:
+        return f"The VM keeps its previous channel ({was}, license status {status})."
+    return f"The VM is now on the {now.value} channel (it was {was}), license status {status}."

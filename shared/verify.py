@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from shared.guest.facts import Channel, GuestResult, LicenseStatus
+from shared.decide import attestation_problem
+from shared.guest.facts import POWERSHELL_VERSION_STEP, Channel, GuestResult, LicenseStatus
 from shared.model import OutcomeKind
 
 _STEP_REASON = {"install-key": "key-install-error", "activate": "activation-error"}
 
 
 def judge(after: GuestResult) -> tuple[OutcomeKind, str]:
-    """``remediated`` only when every step succeeded and Windows now says Licensed on the KMS channel."""
+    """``remediated`` only when every step succeeded and Windows now says Licensed on the KMS channel
+    (and, on Azure Edition, the re-read attestation check passed: without it the watermark stays)."""
     if after.error is not None:
+        if after.error.step == POWERSHELL_VERSION_STEP:
+            return OutcomeKind.FAILED, "powershell-version"
+        # incl. write-result (0x80004005): the result could not be built, so the state after the
+        # steps is unknown; the hint says so (shared.hints.remediation_hint).
         return OutcomeKind.FAILED, f"remediation-error:{after.error.hresult}"
     for step in after.steps:
         if not step.ok:
@@ -23,4 +29,7 @@ def judge(after: GuestResult) -> tuple[OutcomeKind, str]:
         return OutcomeKind.FAILED, "verify-failed:not-kms-client"
     if lic.license_status != LicenseStatus.LICENSED:
         return OutcomeKind.FAILED, f"verify-failed:license-status-{int(lic.license_status)}"
+    problem = attestation_problem(after)
+    if problem is not None:
+        return OutcomeKind.FAILED, problem
     return OutcomeKind.REMEDIATED, ""

@@ -24,7 +24,7 @@ from shared.azure.compute import (
 from shared.decide import Action, Decision, decide, gate
 from shared.guest.facts import GuestOutputError, GuestResult, parse_result
 from shared.guest.scripts import detect_command, remediate_command
-from shared.hints import hint_for
+from shared.hints import hint_for, remediation_hint
 from shared.model import Outcome, OutcomeKind, VmId
 from shared.settings import Mode, Settings
 from shared.verify import judge
@@ -91,7 +91,7 @@ class Remediator:
             decision = decide(before, settings)
             facts = _facts(before, "")
             if decision.action is Action.NONE:
-                extra = {"error": _error_text(before)} if decision.reason == "detection-error" else {}
+                extra = {"error": _error_text(before)} if before.error is not None else {}
                 return self._final(vm_id, decision, {**facts, **extra})
             if decision.entry is not None:
                 facts["edition"] = decision.entry.edition
@@ -114,7 +114,11 @@ class Remediator:
             kind, reason = judge(after)
             details = {**facts, **_facts(after, "After"), "steps": [[s.name, s.hresult] for s in after.steps]}
             details["action"] = decision.action.value
-            return self._outcome(vm_id, kind, reason or decision.reason, details)
+            if after.error is not None:
+                details["error"] = _error_text(after)
+            reason = reason or decision.reason
+            hint = remediation_hint(reason, settings, before, after)
+            return self._outcome(vm_id, kind, reason, details, hint=hint)
         except VmNotFound:
             return self._outcome(vm_id, OutcomeKind.SKIPPED, "not-found", {"phase": phase})
         except VmNotRunning as error:
@@ -151,10 +155,21 @@ class Remediator:
         return self._outcome(vm_id, decision.kind, decision.reason, details)
 
     def _outcome(
-        self, vm_id: VmId, kind: OutcomeKind, reason: str, details: dict[str, Any] | None = None
+        self,
+        vm_id: VmId,
+        kind: OutcomeKind,
+        reason: str,
+        details: dict[str, Any] | None = None,
+        *,
+        hint: str | None = None,
     ) -> Outcome:
-        quiet = (OutcomeKind.HEALTHY, OutcomeKind.REMEDIATED, OutcomeKind.WOULD_REMEDIATE)
-        hint = "" if kind in quiet else hint_for(reason, self._settings)
+        # A would-remediate row is the plan: some need a person first (the KMS route), so their
+        # reasons carry a hint; plain ones ("avma-channel") have none.
+        quiet = (OutcomeKind.HEALTHY, OutcomeKind.REMEDIATED)
+        if kind in quiet:
+            hint = ""
+        elif hint is None:
+            hint = hint_for(reason, self._settings)
         outcome = Outcome(str(vm_id), kind, reason, hint, dict(details or {}))
         log.debug(
             "vm outcome",

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import pytest
 
+from shared.catalog import select_key
 from shared.decide import Action, decide, gate, is_opted_out
-from shared.guest.facts import ScriptError
+from shared.guest.facts import AttestationFacts, GuestResult, OsFacts, ScriptError, parse_result
+from shared.hints import hint_for, remediation_hint
 from shared.model import OutcomeKind, VmId
-from shared.settings import Settings
+from shared.settings import Mode, Settings
 from shared.verify import judge
 from shared.vm import VmFacts
-from tests.guestfacts import MULTI_SESSION, ODD_EDITION, SERVER_2019_STD, detected, license_facts, remediated
+from tests.guestfacts import (
+    ATTESTED,
+    AZURE_EDITION_2022,
+    BAD_CHAIN,
+    MULTI_SESSION,
+    NO_IMDS,
+    ODD_EDITION,
+    SERVER_2019_STD,
+    detected,
+    license_facts,
+    remediated,
+)
 
 VM = VmId.parse(
     "/subscriptions/11111111-1111-1111-1111-111111111111/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1"
@@ -97,6 +110,37 @@ def test_avma_with_a_known_edition_is_rekeyed_with_that_editions_key() -> None:
 
 def test_avma_is_rekeyed_even_when_the_kms_probe_fails_so_it_self_heals_once_routed() -> None:
     assert decide(detected(reachable=False), SETTINGS).action is Action.REKEY
+
+
+ENFORCE = SETTINGS.with_mode(Mode.ENFORCE)
+AUDIT = SETTINGS.with_mode(Mode.AUDIT)
+
+
+def test_a_licensed_avma_vm_is_not_rekeyed_while_the_kms_is_unreachable() -> None:
+    """A GVLK would drop the host's activation at once and nothing would activate it: wait."""
+    guest = detected(lic=license_facts("AVMA", 1), reachable=False)
+    decision = decide(guest, ENFORCE)
+    assert (decision.action, decision.kind, decision.reason) == (
+        Action.NONE,
+        OutcomeKind.DEFERRED,
+        "kms-unreachable",
+    )
+    # reachable again: re-keyed as any AVMA VM
+    assert decide(detected(lic=license_facts("AVMA", 1)), ENFORCE).action is Action.REKEY
+    # not licensed: no worse off after the re-key, so it goes ahead and self-heals once routed
+    unlicensed = decide(detected(lic=license_facts("AVMA", 5), reachable=False), ENFORCE)
+    assert (unlicensed.action, unlicensed.reason) == (Action.REKEY, "avma-channel")
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [(1, "avma-licensed-kms-unreachable"), (5, "avma-kms-unreachable"), (0, "avma-kms-unreachable")],
+)
+def test_audit_shows_an_unreachable_kms_with_its_own_reason(status: int, reason: str) -> None:
+    decision = decide(detected(lic=license_facts("AVMA", status), reachable=False), AUDIT)
+    assert (decision.action, decision.kind, decision.reason) == (Action.REKEY, None, reason)
+    assert decide(detected(lic=license_facts("AVMA", status)), AUDIT).reason == "avma-channel"
+    assert "next hop Internet" in hint_for(reason, AUDIT)
 
 
 def test_avma_with_an_unknown_edition_is_never_guessed() -> None:
@@ -187,6 +231,37 @@ def test_a_detection_script_error_fails_without_action() -> None:
     )
 
 
+GUARD_LINE = (
+    'AVMA-REMEDIATOR-RESULT {"schema":2,"script":"%s","os":null,"license":null,"kmsProbe":null,'
+    '"attestation":null,"steps":[],"error":{"step":"powershell-version","hresult":"0x80070032",'
+    '"message":"Windows PowerShell 2.0 is older than 3.0"}}'
+)
+
+
+def test_an_old_windows_powershell_fails_with_its_own_reason_and_the_wmf_hint() -> None:
+    guest = parse_result(GUARD_LINE % "detect", expected_script="detect")
+    decision = decide(guest, SETTINGS)
+    assert (decision.action, decision.kind, decision.reason) == (
+        Action.NONE,
+        OutcomeKind.FAILED,
+        "powershell-version",
+    )
+    hint = hint_for("powershell-version", SETTINGS)
+    assert "WMF 5.1" in hint and "Run Command does not officially support" in hint
+    after = parse_result(GUARD_LINE % "remediate", expected_script="remediate")
+    assert judge(after) == (OutcomeKind.FAILED, "powershell-version")
+
+
+def test_a_result_that_could_not_be_written_is_a_detection_or_remediation_error() -> None:
+    write_failed = ScriptError("write-result", "0x80004005", "the result line could not be built")
+    decision = decide(detected(error=write_failed), SETTINGS)
+    assert (decision.kind, decision.reason) == (OutcomeKind.FAILED, "detection-error")
+    assert "write-result" in hint_for("detection-error", SETTINGS)
+    after = remediated([])
+    after = type(after)("remediate", None, None, None, (), write_failed)
+    assert judge(after) == (OutcomeKind.FAILED, "remediation-error:0x80004005")
+
+
 OK = "0x00000000"
 ALL_STEPS = ["install-key", "clear-kms-cache", "set-kms-host", "set-kms-port", "refresh", "activate"]
 
@@ -213,3 +288,151 @@ def test_judge_names_the_failing_step_and_its_hresult() -> None:
         "step-error:clear-kms-cache:0x80070005"
     )
     assert judge(remediated([("install-key", OK)]))[1] == "activation-not-attempted"
+
+
+KMS_LICENSED = license_facts("KMS_CLIENT", 1, "azkms.core.windows.net:1688")
+
+
+@pytest.mark.parametrize(
+    ("attestation", "kind", "reason"),
+    [
+        (ATTESTED, OutcomeKind.HEALTHY, "kms-client-licensed"),
+        (NO_IMDS, OutcomeKind.FAILED, "attestation-imds-unreachable"),
+        (BAD_CHAIN, OutcomeKind.FAILED, "attestation-chain-invalid"),
+        (None, OutcomeKind.FAILED, "attestation-not-reported"),
+    ],
+)
+def test_a_licensed_azure_edition_kms_client_is_healthy_only_when_its_attestation_passes(
+    attestation: AttestationFacts | None, kind: OutcomeKind, reason: str
+) -> None:
+    guest = detected(AZURE_EDITION_2022, KMS_LICENSED, attestation=attestation)
+    decision = decide(guest, SETTINGS)
+    assert (decision.action, decision.kind, decision.reason) == (Action.NONE, kind, reason)
+    # other editions report no attestation and need none
+    assert decide(detected(lic=KMS_LICENSED), SETTINGS).kind is OutcomeKind.HEALTHY
+
+
+def test_attestation_hints_carry_the_documented_fix() -> None:
+    imds = hint_for("attestation-imds-unreachable", SETTINGS)
+    assert "169.254.169.254" in imds and "proxies" in imds and "route print" in imds
+    chain = hint_for("attestation-chain-invalid", SETTINGS)
+    assert "KB5036909" in chain and "fclip.exe" in chain and "Local Machine" in chain
+    assert "never counted as healthy" in hint_for("attestation-not-reported", SETTINGS)
+
+
+def test_an_avma_azure_edition_vm_is_rekeyed_whatever_its_attestation() -> None:
+    """The KMS activation is needed either way; the attestation is judged after it."""
+    for attestation in (ATTESTED, NO_IMDS, BAD_CHAIN, None):
+        decision = decide(detected(AZURE_EDITION_2022, attestation=attestation), SETTINGS)
+        assert decision.action is Action.REKEY
+        assert decision.entry is not None and decision.entry.product_key == "NTBV8-9K7Q8-V27C6-M2BTV-KHMXV"
+
+
+@pytest.mark.parametrize(
+    ("attestation", "verdict"),
+    [
+        (ATTESTED, (OutcomeKind.REMEDIATED, "")),
+        (NO_IMDS, (OutcomeKind.FAILED, "attestation-imds-unreachable")),
+        (BAD_CHAIN, (OutcomeKind.FAILED, "attestation-chain-invalid")),
+        (None, (OutcomeKind.FAILED, "attestation-not-reported")),
+    ],
+)
+def test_judge_never_says_remediated_on_azure_edition_when_the_attestation_fails(
+    attestation: AttestationFacts | None, verdict: tuple[OutcomeKind, str]
+) -> None:
+    after = remediated([(s, OK) for s in ALL_STEPS], os_facts=AZURE_EDITION_2022, attestation=attestation)
+    assert judge(after) == verdict
+
+
+def test_the_hint_after_a_partial_remediation_tells_the_channel_the_vm_is_really_on() -> None:
+    avma = detected()
+    # the key went in, a later step failed: the VM is a KMS client now, not on its old channel
+    partial = remediated([("install-key", OK), ("clear-kms-cache", "0x80070005")], status=5)
+    reason = judge(partial)[1]
+    assert reason == "step-error:clear-kms-cache:0x80070005"
+    hint = remediation_hint(reason, SETTINGS, avma, partial)
+    assert "now a KMS client (it was AVMA)" in hint and "keeps its previous channel" not in hint
+    # every step passed but the verification did not: same truth
+    unverified = remediated([(s, OK) for s in ALL_STEPS], status=5)
+    hint = remediation_hint(judge(unverified)[1], SETTINGS, avma, unverified)
+    assert "now a KMS client (it was AVMA)" in hint
+    # nothing took: the channel really is the old one
+    untouched = remediated([(s, OK) for s in ALL_STEPS], channel="AVMA", status=5)
+    hint = remediation_hint(judge(untouched)[1], SETTINGS, avma, untouched)
+    assert "keeps its previous channel (AVMA" in hint
+    # the result could not be written: the state is unknown, and the hint does not guess
+    lost = GuestResult("remediate", None, None, None, (), ScriptError("write-result", "0x80004005", "x"))
+    hint = remediation_hint(judge(lost)[1], SETTINGS, avma, lost)
+    assert "not known" in hint and "previous channel" not in hint
+    # a repair keeps the KMS client channel, and says so
+    repair_before = detected(lic=license_facts("KMS_CLIENT", 5))
+    failed_repair = remediated([("clear-kms-cache", OK), ("set-kms-host", "0x80070005")], status=5)
+    hint = remediation_hint(judge(failed_repair)[1], SETTINGS, repair_before, failed_repair)
+    assert "keeps its previous channel (KMS_CLIENT" in hint
+
+
+@pytest.mark.parametrize("value", [None, "", "Volume:AVMA", "Volume:Something-New", "Volume:GVLK"])
+def test_avma_is_never_rejected_for_an_unknown_or_absent_product_key_channel(value: str | None) -> None:
+    decision = decide(detected(lic=license_facts("AVMA", 5, key_channel=value)), SETTINGS)
+    assert (decision.action, decision.reason) == (Action.REKEY, "avma-channel")
+
+
+@pytest.mark.parametrize(
+    ("channel", "status", "value"),
+    [
+        ("AVMA", 5, "Retail"),
+        ("AVMA", 1, "OEM:DM"),
+        ("AVMA", 5, "OEM:SLP"),
+        ("AVMA", 5, "OEM:NONSLP"),
+        ("AVMA", 5, "Volume:MAK"),
+        ("AVMA", 5, "volume:csvlk"),
+        ("KMS_CLIENT", 5, "Volume:MAK"),
+        ("KMS_CLIENT", 0, "Retail"),
+    ],
+)
+def test_a_product_key_channel_naming_another_channel_is_never_touched(
+    channel: str, status: int, value: str
+) -> None:
+    decision = decide(detected(lic=license_facts(channel, status, key_channel=value)), SETTINGS)
+    assert (decision.action, decision.kind, decision.reason) == (
+        Action.NONE,
+        OutcomeKind.SKIPPED,
+        "channel-mismatch",
+    )
+    assert "never touched" in hint_for("channel-mismatch", SETTINGS)
+
+
+def test_a_product_key_channel_that_agrees_changes_nothing() -> None:
+    repair = decide(detected(lic=license_facts("KMS_CLIENT", 5, key_channel="Volume:GVLK")), SETTINGS)
+    assert repair.action is Action.REPAIR
+    licensed = decide(detected(lic=license_facts("KMS_CLIENT", 1, key_channel="Volume:GVLK")), SETTINGS)
+    assert licensed.kind is OutcomeKind.HEALTHY
+    assert (
+        decide(detected(lic=license_facts("OEM", 1, key_channel="OEM:DM")), SETTINGS).reason == "oem-licensed"
+    )
+
+
+@pytest.mark.parametrize(
+    "os_facts",
+    [
+        OsFacts("Microsoft Windows Server 2008 R2 Datacenter", "6.1.7601", 7601, 3, 8, "ServerDatacenter"),
+        OsFacts("Microsoft Windows Server 2012 Standard", "6.2.9200", 9200, 3, 7, "ServerStandard"),
+    ],
+)
+def test_an_avma_channel_before_2012_r2_is_impossible_and_never_rekeyed(os_facts: OsFacts) -> None:
+    assert select_key(os_facts) is not None  # the catalog row exists, for the repair path
+    for status in (1, 5):
+        decision = decide(detected(os_facts, license_facts("AVMA", status)), SETTINGS)
+        assert (decision.action, decision.kind, decision.reason) == (
+            Action.NONE,
+            OutcomeKind.SKIPPED,
+            "avma-before-2012r2",
+        )
+    assert "2012 R2" in hint_for("avma-before-2012r2", SETTINGS)
+    # the same VM as an unlicensed KMS client is repaired (no key is installed)
+    assert decide(detected(os_facts, license_facts("KMS_CLIENT", 5)), SETTINGS).action is Action.REPAIR
+
+
+def test_avma_from_2012_r2_on_is_rekeyed() -> None:
+    r2 = OsFacts("Microsoft Windows Server 2012 R2 Datacenter", "6.3.9600", 9600, 3, 8, "ServerDatacenter")
+    assert decide(detected(r2), SETTINGS).action is Action.REKEY

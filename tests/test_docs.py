@@ -13,15 +13,19 @@ REASONS = [
     # healthy / remediated / would-remediate
     "kms-client-licensed", "retail-licensed", "mak-licensed", "oem-licensed",
     "avma-channel", "kms-client-unlicensed", "custom-kms-overridden",
+    "avma-licensed-kms-unreachable", "avma-kms-unreachable",
     # skipped
     "not-windows", "opted-out", "not-running", "multi-session", "unknown-edition", "custom-kms",
-    "channel-retail", "channel-mak", "channel-oem", "unknown-channel", "no-product-key", "not-found",
+    "channel-retail", "channel-mak", "channel-oem", "unknown-channel", "no-product-key",
+    "channel-mismatch", "avma-before-2012r2", "not-found",
     # deferred
-    "agent-not-ready", "vm-starting", "power-state-unknown", "run-command-busy", "throttled", "arm-unavailable", "run-command-timeout", "in-progress",
+    "agent-not-ready", "vm-starting", "power-state-unknown", "run-command-busy", "throttled",
+    "arm-unavailable", "run-command-timeout", "in-progress", "kms-unreachable",
     # failed
     "activation-error:0xC004F074", "key-install-error:0xC004F069", "step-error:", "remediation-error:",
     "activation-not-attempted", "verify-failed:not-kms-client", "verify-failed:license-status-N",
-    "detection-error", "bad-output", "run-command-failed", "forbidden",
+    "detection-error", "powershell-version", "bad-output",
+    "attestation-imds-unreachable", "attestation-chain-invalid", "attestation-not-reported", "run-command-failed", "forbidden",
     # the Functions app
     "duplicate", "deadline-exceeded:", "poison", "malformed-message",
 ]  # fmt: skip

@@ -95,13 +95,14 @@ GVLK_TAIL = {
 def _audit(expected: tuple[str, str]) -> tuple[str, str]:
     """Audit mode: whatever --apply would try to remediate becomes would-remediate, same reason.
 
-    The unreachable-KMS VMs are decided for remediation too (the failure happens only when
-    activating), so in audit they are would-remediate avma-channel.
+    The unreachable-KMS VMs (not licensed) are decided for remediation too (the failure happens
+    only when activating), so in audit they are would-remediate avma-kms-unreachable, the plan
+    with its route hint (docs/troubleshooting.md, row 8).
     """
     if expected in (AVMA, KMS_REPAIR):
         return ("would-remediate", expected[1])
     if expected == NO_KMS:
-        return ("would-remediate", "avma-channel")
+        return ("would-remediate", "avma-kms-unreachable")
     return expected
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -13,6 +13,7 @@ from shared.azure.credentials import make_credential
 from shared.model import OutcomeKind, VmId
 from shared.settings import Mode, Settings
 from shared.sweep import sweep
+from shared.vm import VmFacts
 from shared.workflow import Remediator
 from simulator import Estate, Simulator
 from tests.estates import windows_vm
@@ -36,6 +37,7 @@ def linux(name: str) -> dict[str, Any]:
 ESTATE = [
     windows("avma-dc"),
     windows("avma-unreachable", reachable=False),
+    windows("avma-licensed-unreachable", status=1, reachable=False),
     windows("avma-off", power="deallocated"),
     windows("avma-agent-down", agent=False),
     windows("avma-opted-out", tags={"avma-remediator-opt-out": "true"}),
@@ -140,6 +142,35 @@ async def test_unreachable_kms_fails_with_the_route_hint(engine: Engine, sim: Si
         GVLK_2022_DC_TAIL,
         5,
     )
+
+
+async def test_a_licensed_avma_vm_keeps_its_activation_while_the_kms_is_unreachable(
+    engine: Engine, sim: Simulator
+) -> None:
+    before = state(sim, "avma-licensed-unreachable")
+    outcome = await check(engine, "avma-licensed-unreachable")
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.DEFERRED, "kms-unreachable")
+    assert "20.118.99.224/32" in outcome.hint and "next hop Internet" in outcome.hint
+    after = state(sim, "avma-licensed-unreachable")
+    assert after["changed"] is False and after["runCommands"] == 1  # detection only
+    assert (after["channel"], after["licenseStatus"], after["partialProductKey"]) == (
+        "AVMA",
+        1,
+        before["partialProductKey"],
+    )
+
+
+async def test_audit_shows_the_kms_route_as_part_of_the_plan(engine: Engine, sim: Simulator) -> None:
+    licensed = await check(engine, "avma-licensed-unreachable", Mode.AUDIT)
+    assert (licensed.kind, licensed.reason) == (OutcomeKind.WOULD_REMEDIATE, "avma-licensed-kms-unreachable")
+    assert "next hop Internet" in licensed.hint
+    unlicensed = await check(engine, "avma-unreachable", Mode.AUDIT)
+    assert (unlicensed.kind, unlicensed.reason) == (OutcomeKind.WOULD_REMEDIATE, "avma-kms-unreachable")
+    assert "0xC004F074" in unlicensed.hint
+    plain = await check(engine, "avma-dc", Mode.AUDIT)
+    assert (plain.kind, plain.reason, plain.hint) == (OutcomeKind.WOULD_REMEDIATE, "avma-channel", "")
+    for name in ("avma-licensed-unreachable", "avma-unreachable", "avma-dc"):
+        assert state(sim, name)["changed"] is False
 
 
 @pytest.mark.parametrize(
@@ -283,3 +314,132 @@ async def test_sweep_takes_every_vm_to_one_outcome_and_never_overlaps_run_comman
     conflicts = {k.lower(): v for k, v in sim.counters()["conflicts"].items()}
     assert set(conflicts) <= {vm_id("busy").lower()}
     json.dumps([o.as_dict() for o in report.outcomes])  # every outcome is JSON-able
+
+
+class CannedCompute:
+    """A running, ready Windows VM whose Run Commands print the given lines, in order."""
+
+    def __init__(self, *outputs: str) -> None:
+        self.outputs = list(outputs)
+        self.bodies: list[Mapping[str, Any]] = []
+
+    async def get_vm(self, vm: VmId) -> VmFacts:
+        return VmFacts(vm_id=vm, os_type="Windows", power_state="running", agent_ready=True, tags={})
+
+    async def run_command(self, vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        self.bodies.append(body)
+        return self.outputs.pop(0), ""
+
+
+GUARD = (
+    'AVMA-REMEDIATOR-RESULT {"schema":2,"script":"detect","os":null,"license":null,"kmsProbe":null,'
+    '"attestation":null,"steps":[],"error":{"step":"powershell-version","hresult":"0x80070032",'
+    '"message":"Windows PowerShell 2.0 is older than 3.0"}}'
+)
+
+
+async def test_windows_powershell_2_ends_in_its_own_reason_and_nothing_is_run_after_detection() -> None:
+    compute = CannedCompute(GUARD)
+    settings = Settings.from_env({}).with_mode(Mode.ENFORCE)
+    outcome = await Remediator(compute, settings).check(VmId.parse(vm_id("ws2008r2")))
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.FAILED, "powershell-version")
+    assert "WMF 5.1" in outcome.hint
+    assert outcome.details["error"].startswith("powershell-version: 0x80070032")
+    assert len(compute.bodies) == 1
+
+
+def result_line(script: str, channel: str, status: int, attestation: dict[str, Any] | None, **kw: Any) -> str:
+    """A contract-v2 result line of an Azure Edition 2022 VM (values as Windows reports them)."""
+    token = {"AVMA": "VIRTUAL_MACHINE_ACTIVATION", "KMS_CLIENT": "VOLUME_KMSCLIENT"}[channel]
+    doc = {
+        "schema": 2,
+        "script": script,
+        "os": {
+            "caption": "Microsoft Windows Server 2022 Datacenter: Azure Edition",
+            "version": "10.0.20348",
+            "build": 20348,
+            "productType": 3,
+            "sku": 407,
+            "editionId": "ServerTurbine",
+        },
+        "license": {
+            "name": "Windows(R), ServerTurbine edition",
+            "description": f"Windows(R) Operating System, {token} channel",
+            "productKeyChannel": None,
+            "partialProductKey": "VMK3J" if channel == "AVMA" else "KHMXV",
+            "licenseStatus": status,
+            "graceMinutes": 0,
+            "kmsMachine": None,
+            "kmsPort": 0,
+            "discoveredKmsMachine": None,
+            "discoveredKmsPort": 0,
+        },
+        "kmsProbe": {"host": "azkms.core.windows.net", "port": 1688, "reachable": True, "error": None},
+        "attestation": attestation,
+        "steps": [],
+        "error": None,
+    }
+    doc.update(kw)
+    return "AVMA-REMEDIATOR-RESULT " + json.dumps(doc, separators=(",", ":"))
+
+
+ALL_OK = [
+    {"name": n, "hresult": "0x00000000"}
+    for n in ("install-key", "clear-kms-cache", "set-kms-host", "set-kms-port", "refresh", "activate")
+]
+
+
+@pytest.mark.parametrize(
+    ("attestation", "kind", "reason", "in_hint"),
+    [
+        (
+            {"imdsReachable": True, "chainValid": True, "error": None},
+            OutcomeKind.REMEDIATED,
+            "avma-channel",
+            "",
+        ),
+        (
+            {"imdsReachable": False, "chainValid": None, "error": "timed out"},
+            OutcomeKind.FAILED,
+            "attestation-imds-unreachable",
+            "169.254.169.254",
+        ),
+        (
+            {"imdsReachable": True, "chainValid": False, "error": "PartialChain"},
+            OutcomeKind.FAILED,
+            "attestation-chain-invalid",
+            "fclip.exe",
+        ),
+        (None, OutcomeKind.FAILED, "attestation-not-reported", "never counted as healthy"),
+    ],
+)
+async def test_azure_edition_is_remediated_only_when_its_attestation_passes_after_the_rekey(
+    attestation: dict[str, Any] | None, kind: OutcomeKind, reason: str, in_hint: str
+) -> None:
+    compute = CannedCompute(
+        result_line("detect", "AVMA", 1, attestation),
+        result_line("remediate", "KMS_CLIENT", 1, attestation, steps=ALL_OK),
+    )
+    settings = Settings.from_env({}).with_mode(Mode.ENFORCE)
+    outcome = await Remediator(compute, settings).check(VmId.parse(vm_id("azure-edition")))
+    assert (outcome.kind, outcome.reason) == (kind, reason)
+    assert in_hint in outcome.hint
+    assert outcome.details["edition"] == "Windows Server 2022 Datacenter: Azure Edition"
+    assert len(compute.bodies) == 2
+
+
+async def test_a_partial_remediation_says_the_vm_is_now_a_kms_client() -> None:
+    attested = {"imdsReachable": True, "chainValid": True, "error": None}
+    steps = [
+        {"name": "install-key", "hresult": "0x00000000"},
+        {"name": "clear-kms-cache", "hresult": "0x80070005"},
+    ]
+    compute = CannedCompute(
+        result_line("detect", "AVMA", 5, attested),
+        result_line("remediate", "KMS_CLIENT", 5, attested, steps=steps),
+    )
+    settings = Settings.from_env({}).with_mode(Mode.ENFORCE)
+    outcome = await Remediator(compute, settings).check(VmId.parse(vm_id("partial")))
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.FAILED, "step-error:clear-kms-cache:0x80070005")
+    assert (outcome.details["channel"], outcome.details["channelAfter"]) == ("AVMA", "KMS_CLIENT")
+    assert "now a KMS client" in outcome.hint and "keeps its previous channel" not in outcome.hint
