@@ -48,7 +48,15 @@ _VM_NAME = re.compile(r"^[A-Za-z0-9][-\w.]{0,63}$")
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
-_PARTIAL_KEY = re.compile(r"^[A-Z0-9]{5}$")
+# The last five characters of a product key: Windows's key alphabet (BCDFGHJKMPQRTVWXY2346789) and
+# the N that keys since Windows 8 carry once (so N may be among the last five).
+_PARTIAL_KEY = re.compile(r"^[BCDFGHJKMNPQRTVWXY2346789]{5}$")
+UINT32_MAX: Final = 0xFFFF_FFFF
+# BuildNumber: NT 6.0 (Server 2008, build 6000-6003) is the oldest Windows the guest model knows;
+# OSVERSIONINFOEX.dwBuildNumber is a DWORD, but Windows builds have stayed below 65536.
+MIN_BUILD: Final = 6000
+MAX_BUILD: Final = 65_535
+PS_VERSIONS: Final = ("1.0", "2.0", "3.0", "4.0", "5.0", "5.1")
 # A Windows computer (NetBIOS) name: 1-15 letters, digits and hyphens, not all digits.
 _COMPUTER_NAME = re.compile(r"^(?![0-9]+$)[A-Za-z0-9-]{1,15}$")
 _LOCATION = re.compile(r"^[a-z0-9]{2,40}$")
@@ -79,6 +87,11 @@ class GuestSpec:
     kms_reachable: bool
     partial_product_key: str | None = None
     grace_minutes: int | None = None
+    ps_version: str | None = None  # None: the version the OS ships with (simulator.guest.default_ps_version)
+    imds_reachable: bool = True  # Azure Edition only
+    imds_chain_valid: bool = True  # Azure Edition only
+    null_name: bool = False  # SoftwareLicensingProduct.Name is null
+    null_description: bool = False  # SoftwareLicensingProduct.Description is null
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -96,6 +109,16 @@ class GuestSpec:
             out["partialProductKey"] = self.partial_product_key
         if self.grace_minutes is not None:
             out["graceMinutes"] = self.grace_minutes
+        if self.ps_version is not None:
+            out["psVersion"] = self.ps_version
+        if not self.imds_reachable:
+            out["imdsReachable"] = False
+        if not self.imds_chain_valid:
+            out["imdsChainValid"] = False
+        if self.null_name:
+            out["productName"] = None
+        if self.null_description:
+            out["productDescription"] = None
         return out
 
 
@@ -386,7 +409,15 @@ def _guest(raw: object, path: str) -> GuestSpec:
             "kmsHost",
             "kmsReachable",
         ),
-        optional=("partialProductKey", "graceMinutes"),
+        optional=(
+            "partialProductKey",
+            "graceMinutes",
+            "psVersion",
+            "imdsReachable",
+            "imdsChainValid",
+            "productName",
+            "productDescription",
+        ),
     )
     kms_host: str | None = None
     kms_port = 0
@@ -405,16 +436,29 @@ def _guest(raw: object, path: str) -> GuestSpec:
     if "partialProductKey" in obj:
         partial = _string(obj["partialProductKey"], f"{path}.partialProductKey")
         if not _PARTIAL_KEY.match(partial):
-            raise EstateError(f"{path}.partialProductKey", "expected 5 upper-case letters or digits")
+            raise EstateError(
+                f"{path}.partialProductKey",
+                "expected 5 characters of Windows's product-key alphabet (BCDFGHJKMNPQRTVWXY2346789)",
+            )
     grace: int | None = None
     if "graceMinutes" in obj:
-        grace = _int(obj["graceMinutes"], f"{path}.graceMinutes", low=0, high=10_000_000)
-    return GuestSpec(
+        grace = _int(obj["graceMinutes"], f"{path}.graceMinutes", low=0, high=UINT32_MAX)
+    ps_version: str | None = None
+    if "psVersion" in obj:
+        ps_version = _choice(obj["psVersion"], f"{path}.psVersion", PS_VERSIONS)
+    for name in ("productName", "productDescription"):
+        if name in obj and obj[name] is not None:
+            raise EstateError(
+                f"{path}.{name}",
+                "only null is accepted (a product whose WMI property is null); "
+                "Windows's own text is derived from the edition and channel",
+            )
+    spec = GuestSpec(
         caption=_string(obj["caption"], f"{path}.caption"),
-        build=_int(obj["build"], f"{path}.build", low=6000, high=99_999),
+        build=_int(obj["build"], f"{path}.build", low=MIN_BUILD, high=MAX_BUILD),
         product_type=_int(obj["productType"], f"{path}.productType", low=1, high=3),
         edition_id=_string(obj["editionId"], f"{path}.editionId"),
-        sku=_int(obj["sku"], f"{path}.sku", low=0, high=1000),
+        sku=_int(obj["sku"], f"{path}.sku", low=0, high=UINT32_MAX),
         channel=_choice(obj["channel"], f"{path}.channel", CHANNELS),
         license_status=_int(obj["licenseStatus"], f"{path}.licenseStatus", low=0, high=6),
         kms_host=kms_host,
@@ -422,7 +466,19 @@ def _guest(raw: object, path: str) -> GuestSpec:
         kms_reachable=_bool(obj["kmsReachable"], f"{path}.kmsReachable"),
         partial_product_key=partial,
         grace_minutes=grace,
+        ps_version=ps_version,
+        imds_reachable=_bool(obj.get("imdsReachable", True), f"{path}.imdsReachable"),
+        imds_chain_valid=_bool(obj.get("imdsChainValid", True), f"{path}.imdsChainValid"),
+        null_name="productName" in obj,
+        null_description="productDescription" in obj,
     )
+    from simulator.guest import spec_problem  # guest.py imports GuestSpec from this module
+
+    problem = spec_problem(spec, present=frozenset(obj))
+    if problem is not None:
+        key, message = problem
+        raise EstateError(f"{path}.{key}", message)
+    return spec
 
 
 def _keys(obj: Mapping[str, Any], path: str, *, required: Sequence[str], optional: Sequence[str]) -> None:

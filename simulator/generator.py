@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from simulator.estate import OPT_OUT_TAG, EstateError
+from simulator.guest import PRODUCT_UNLICENSED
 
 # (caption, build, productType, EditionID, OperatingSystemSKU)
 OsProfile = tuple[str, int, int, str, int]
@@ -45,12 +46,15 @@ MULTI_SESSION: Final[OsProfile] = (
     "ServerRdsh",
     175,
 )
+# AVMA exists only on editions with an AVMA key (simulator.guest.avma_problem), and those the
+# catalog knows; what it cannot match is a VM whose facts disagree: here OperatingSystemSKU reads
+# PRODUCT_UNLICENSED (0xABCDABCD), GetProductInfo's value for an invalid or expired license.
 UNKNOWN_EDITION: Final[OsProfile] = (
-    "Microsoft Windows Storage Server 2016 Standard",
-    14393,
+    "Microsoft Windows Server 2019 Datacenter",
+    17763,
     3,
-    "ServerStorageStandard",
-    21,
+    "ServerDatacenter",
+    PRODUCT_UNLICENSED,
 )
 
 AZURE_KMS: Final = "azkms.core.windows.net:1688"
@@ -149,7 +153,9 @@ def _vm(index: int, category: str, sub: str, rng: random.Random) -> dict[str, An
     elif category in ("retail", "mak", "oem"):
         channel, status, kms = category.upper(), rng.choice([1, 1, 1, 5]), None
     elif category == "multi_session":
-        profile, channel, status, kms = MULTI_SESSION, "AVMA", 5, None
+        # AVMA is for Windows Server guests only: a multi-session VM is a KMS client, its key the
+        # one that must never be replaced by Enterprise's.
+        profile, status, kms = MULTI_SESSION, rng.choice([1, 5]), rng.choice([None, AZURE_KMS])
     elif category == "unknown_edition":
         profile, channel, status, kms = UNKNOWN_EDITION, "AVMA", 5, None
     elif category == "client_kms":

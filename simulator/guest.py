@@ -8,7 +8,13 @@ in the engine's catalog shows up as Windows would show it, with ``install-key`` 
 Contract: docs/guest-contract.md. HRESULTs (slerror.h): 0xC004F050 SL_E_INVALID_PRODUCT_KEY,
 0xC004F069 SL_E_MISMATCHED_PRODUCT_SKU ("the product SKU is not found"), 0xC004F074 no KMS could be
 contacted, 0xC004FD02 AVMA parent partition not activated (every Azure host), 0x8007232B DNS name
-does not exist (no KMS host set and none discovered), 0xC004C003 online activation refused.
+does not exist (no KMS host set and none discovered), 0xC004C003 online activation refused,
+0x80070032 HRESULT_FROM_WIN32(ERROR_NOT_SUPPORTED) (the scripts' version guard).
+
+Which states Windows can be in (AVMA only on Server 2012 R2 and later editions that have an AVMA
+key, the Windows PowerShell versions each Windows can run) is checked here too, by
+:func:`spec_problem`, so that an estate cannot describe a VM Windows could not be. Sources:
+docs/simulator.md, "The Windows guest model".
 """
 
 from __future__ import annotations
@@ -34,6 +40,14 @@ SL_E_KMS_UNREACHABLE: Final = 0xC004F074
 SL_E_IA_PARENT_PARTITION_NOT_ACTIVATED: Final = 0xC004FD02
 DNS_ERROR_RCODE_NAME_ERROR: Final = 0x8007232B
 SL_E_ONLINE_ACTIVATION_REFUSED: Final = 0xC004C003
+HRESULT_NOT_SUPPORTED: Final = 0x80070032  # HRESULT_FROM_WIN32(ERROR_NOT_SUPPORTED)
+POWERSHELL_VERSION_STEP: Final = "powershell-version"
+PRODUCT_UNLICENSED: Final = 0xABCDABCD  # OperatingSystemSKU of an invalid or expired license
+UINT32_MAX: Final = 0xFFFF_FFFF
+
+# Windows PowerShell versions there are (powershell.exe; PowerShell 6+ is another program that Run
+# Command does not use). "1.0" is what the guard reports when $PSVersionTable does not exist.
+PS_VERSIONS: Final = ("1.0", "2.0", "3.0", "4.0", "5.0", "5.1")
 
 # KMS hosts that answer in each cloud (troubleshoot-activation-problems.md, custom-routes article).
 KMS_HOSTS: Final[Mapping[str, frozenset[str]]] = {
@@ -90,6 +104,10 @@ _SERVER = {
     "2025": frozenset({26100}),
 }
 _CLIENT_10_11 = frozenset(range(10240, 100_000))
+# Windows Server semi-annual channel builds the AVMA page lists: 1709, 1803 (the 2016 keys) and
+# 1903, 1909 (the 2019 keys; 1809 is 17763, Server 2019's own build).
+_SAC_1709_1803 = frozenset({16299, 17134})
+_SAC_1903_1909 = frozenset({18362, 18363})
 
 # MicrosoftDocs/windowsserverdocs kms-client-activation-keys.md (ms.date 10/01/2024) and
 # automatic-vm-activation.md (ms.date 09/19/2023).
@@ -124,15 +142,20 @@ KEYS: Final[Mapping[str, KeyInfo]] = {
     "DCPHK-NFMTC-H88MJ-PFHPY-QJ4BJ": KeyInfo("KMS_CLIENT", "EnterpriseS", frozenset({14393})),
     # Multi-session: not on Microsoft's page; Windows still accepts this widely published key.
     "CPWHC-NT2C7-VYW78-DHDB2-PG3GK": KeyInfo("KMS_CLIENT", "ServerRdsh", frozenset(range(17763, 100_000))),
-    # AVMA keys
+    # AVMA keys. 2025: the page's current "Windows Server 2025" tab (learn.microsoft.com
+    # automatic-vm-activation?tabs=server2025), known here from public copies of it; the stored
+    # page (ms.date 09/19/2023) stops at 2022.
+    "YQB4H-NKHHJ-Q6K4R-4VMY6-VCH67": KeyInfo("AVMA", "ServerDatacenter", _SERVER["2025"]),
+    "6NMQ9-T38WF-6MFGM-QYGYM-88J4F": KeyInfo("AVMA", "ServerTurbine", _SERVER["2025"]),
+    "WWVGQ-PNHV9-B89P4-8GGM9-9HPQ4": KeyInfo("AVMA", "ServerStandard", _SERVER["2025"]),
     "W3GNR-8DDXR-2TFRP-H8P33-DV9BG": KeyInfo("AVMA", "ServerDatacenter", _SERVER["2022"]),
     "F7TB6-YKN8Y-FCC6R-KQ484-VMK3J": KeyInfo("AVMA", "ServerTurbine", _SERVER["2022"]),
     "YDFWN-MJ9JR-3DYRK-FXXRW-78VHK": KeyInfo("AVMA", "ServerStandard", _SERVER["2022"]),
-    "H3RNG-8C32Q-Q8FRX-6TDXV-WMBMW": KeyInfo("AVMA", "ServerDatacenter", _SERVER["2019"]),
-    "TNK62-RXVTB-4P47B-2D623-4GF74": KeyInfo("AVMA", "ServerStandard", _SERVER["2019"]),
+    "H3RNG-8C32Q-Q8FRX-6TDXV-WMBMW": KeyInfo("AVMA", "ServerDatacenter", _SERVER["2019"] | _SAC_1903_1909),
+    "TNK62-RXVTB-4P47B-2D623-4GF74": KeyInfo("AVMA", "ServerStandard", _SERVER["2019"] | _SAC_1903_1909),
     "2CTP7-NHT64-BP62M-FV6GG-HFV28": KeyInfo("AVMA", "ServerSolution", _SERVER["2019"]),
-    "TMJ3Y-NTRTM-FJYXT-T22BY-CWG3J": KeyInfo("AVMA", "ServerDatacenter", _SERVER["2016"]),
-    "C3RCX-M6NRP-6CXC9-TW2F2-4RHYD": KeyInfo("AVMA", "ServerStandard", _SERVER["2016"]),
+    "TMJ3Y-NTRTM-FJYXT-T22BY-CWG3J": KeyInfo("AVMA", "ServerDatacenter", _SERVER["2016"] | _SAC_1709_1803),
+    "C3RCX-M6NRP-6CXC9-TW2F2-4RHYD": KeyInfo("AVMA", "ServerStandard", _SERVER["2016"] | _SAC_1709_1803),
     "B4YNW-62DX9-W8V6M-82649-MHBKQ": KeyInfo("AVMA", "ServerSolution", _SERVER["2016"]),
     "Y4TGP-NPTV9-HTC2H-7MGQ3-DV4TW": KeyInfo("AVMA", "ServerDatacenter", _SERVER["2012R2"]),
     "DBGBW-NPF86-BJVTX-K3WKJ-MTB6V": KeyInfo("AVMA", "ServerStandard", _SERVER["2012R2"]),
@@ -147,6 +170,98 @@ def base_edition(edition_id: str) -> str:
             if edition_id.endswith(suffix) and len(edition_id) > len(suffix) + 6:
                 return edition_id[: -len(suffix)]
     return edition_id
+
+
+# EditionIDs Windows has, besides those in KEYS, that no AVMA key fits: Storage Server (OEM only)
+# and the evaluation editions (TIMEBASED_EVAL channel; they take a key only through DISM
+# /Set-Edition). An EditionID in neither list is one the tables do not know (it stands for an
+# edition newer than Microsoft's pages) and is not judged.
+_NO_AVMA_EDITIONS: Final = frozenset(
+    {"ServerStorageStandard", "ServerStorageWorkgroup", "ServerWeb", "ServerHyper", "ServerSolutionsPremium"}
+)
+_KNOWN_EDITIONS: Final = frozenset(info.edition for info in KEYS.values()) | _NO_AVMA_EDITIONS
+AVMA_SOURCE: Final = "Microsoft's AVMA page, automatic-vm-activation.md"
+
+
+def known_edition(edition_id: str) -> bool:
+    """Whether Microsoft's key tables (or the list of editions without keys) know this EditionID."""
+    edition = base_edition(edition_id)
+    return edition in _KNOWN_EDITIONS or edition.endswith("Eval")
+
+
+def ps_versions(build: int, product_type: int) -> tuple[str, ...]:
+    """The Windows PowerShell versions this Windows can have (the WMF availability table).
+
+    wmf-overview.md: 2008 SP2 takes WMF 2.0 and 3.0 (1.0 was an optional feature of Server 2008);
+    2008 R2 / 7 ship 2.0 and take 3.0-5.1 only with SP1 (build 7601); 2012 ships 3.0 and takes
+    4.0-5.1 (Windows 8, the client, takes none); 2012 R2 / 8.1 ship 4.0 and take 5.0, 5.1;
+    Windows 10 ships 5.0 before 1607 and 5.1 from 1607 (build 14393) on, as do Server 2016 and later.
+    """
+    server = product_type != 1
+    if build < 7600:
+        return ("1.0", "2.0", "3.0") if server and build >= 6002 else ("1.0", "2.0")
+    if build < 7601:
+        return ("2.0",)
+    if build < 9200:
+        return ("2.0", "3.0", "4.0", "5.0", "5.1")
+    if build < 9600:
+        return ("3.0", "4.0", "5.0", "5.1") if server else ("3.0",)
+    if build < 10240:
+        return ("4.0", "5.0", "5.1")
+    if build < 14393:
+        return ("5.0",)
+    return ("5.1",)
+
+
+def default_ps_version(build: int, product_type: int) -> str:
+    """What the OS ships with: 2008 R2 2.0, 2012 3.0, 2012 R2 4.0, Windows 10 before 1607 5.0, 2016+ 5.1."""
+    return ps_versions(build, product_type)[0]
+
+
+def avma_problem(edition_id: str, build: int, product_type: int) -> str | None:
+    """Why Windows cannot be on the AVMA channel in this state, or None if it can."""
+    if build < 9600:
+        return (
+            f"AVMA exists only on Windows Server 2012 R2 (build 9600) and later; build {build} cannot "
+            f"have an AVMA key ({AVMA_SOURCE}: the guest VM versions a host activates)"
+        )
+    if product_type == 1:
+        return f"AVMA activates only Windows Server guests; productType 1 is a workstation ({AVMA_SOURCE})"
+    if known_edition(edition_id) and key_for("AVMA", edition_id, build) is None:
+        return (
+            f"no AVMA key fits EditionID {edition_id} on build {build}: AVMA keys exist for Datacenter, "
+            f"Standard, Essentials (2012 R2-2019) and Datacenter: Azure Edition (2022, 2025) only "
+            f"({AVMA_SOURCE}, AVMA keys)"
+        )
+    return None
+
+
+def is_azure_edition(edition_id: str) -> bool:
+    """Windows Server Datacenter: Azure Edition (EditionID ServerTurbine, ServerTurbineCor)."""
+    return edition_id.startswith("ServerTurbine")
+
+
+def spec_problem(spec: GuestSpec, *, present: frozenset[str] = frozenset()) -> tuple[str, str] | None:
+    """The first estate key (and why) that describes a state Windows cannot be in, or None.
+
+    ``present`` is the set of keys the estate file gave (a default is never the culprit).
+    """
+    if spec.channel == "AVMA":
+        problem = avma_problem(spec.edition_id, spec.build, spec.product_type)
+        if problem is not None:
+            return "channel", problem
+    if spec.ps_version is not None:
+        allowed = ps_versions(spec.build, spec.product_type)
+        if spec.ps_version not in allowed:
+            return "psVersion", (
+                f"Windows PowerShell {spec.ps_version} cannot run on build {spec.build} "
+                f"(productType {spec.product_type}); it can have {', '.join(allowed)} "
+                "(wmf-overview.md, WMF availability across Windows operating systems)"
+            )
+    for key in ("imdsReachable", "imdsChainValid"):
+        if key in present and not is_azure_edition(spec.edition_id):
+            return key, "only Azure Edition (EditionID ServerTurbine*) reports attestation"
+    return None
 
 
 def key_for(channel: str, edition_id: str, build: int) -> str | None:
@@ -181,6 +296,11 @@ class WindowsGuest:
     discovered_port: int
     kms_reachable: bool
     cloud: str = "AzureCloud"
+    ps_version: str = "5.1"
+    imds_reachable: bool = True
+    imds_chain_valid: bool = True
+    null_name: bool = False
+    null_description: bool = False
 
     @classmethod
     def from_spec(cls, spec: GuestSpec, *, cloud: str, seed: str) -> WindowsGuest:
@@ -211,6 +331,11 @@ class WindowsGuest:
             discovered_port=spec.kms_port if licensed_kms else 0,
             kms_reachable=spec.kms_reachable,
             cloud=cloud,
+            ps_version=spec.ps_version or default_ps_version(spec.build, spec.product_type),
+            imds_reachable=spec.imds_reachable,
+            imds_chain_valid=spec.imds_chain_valid,
+            null_name=spec.null_name,
+            null_description=spec.null_description,
         )
 
     # ------------------------------------------------------------------ what state_dump shows
@@ -238,11 +363,23 @@ class WindowsGuest:
         """Run a Run Command script as Windows would; give its stdout and apply its effects."""
         first = _first_line(script)
         params = {str(p.get("name", "")).lower(): str(p.get("value", "")) for p in parameters}
+        if first in (DETECT_FIRST_LINE, REMEDIATE_FIRST_LINE) and self.ps_version in ("1.0", "2.0"):
+            # The version guard, the scripts' first statement: one line, nothing changed.
+            return self._version_guard("detect" if first == DETECT_FIRST_LINE else "remediate")
         if first == DETECT_FIRST_LINE:
             return self._detect(params)
         if first == REMEDIATE_FIRST_LINE:
             return self._remediate(params)
         return ""  # a script that is not ours: it ran and printed nothing we model
+
+    def _version_guard(self, script: str) -> str:
+        """Exactly the line of guest contract v2: built by concatenation, as PowerShell 2.0 has no JSON."""
+        return (
+            f'{RESULT_MARKER}{{"schema":2,"script":"{script}","os":null,"license":null,"kmsProbe":null,'
+            f'"attestation":null,"steps":[],"error":{{"step":"{POWERSHELL_VERSION_STEP}",'
+            f'"hresult":"{hresult(HRESULT_NOT_SUPPORTED)}",'
+            f'"message":"Windows PowerShell {self.ps_version} is older than 3.0"}}}}'
+        )
 
     def _detect(self, params: Mapping[str, str]) -> str:
         problems = _kms_param_problems(params)
@@ -361,8 +498,8 @@ class WindowsGuest:
                 "editionId": self.edition_id,
             },
             "license": {
-                "name": self._product_name(),
-                "description": DESCRIPTIONS[self.channel],
+                "name": "" if self.null_name else self._product_name(),
+                "description": "" if self.null_description else DESCRIPTIONS[self.channel],
                 "productKeyChannel": PRODUCT_KEY_CHANNELS[self.channel] if self.build >= 9200 else None,
                 "partialProductKey": self.partial_product_key,
                 "licenseStatus": self.license_status,
@@ -373,10 +510,25 @@ class WindowsGuest:
                 "discoveredKmsPort": self.discovered_port,
             },
             "kmsProbe": self._probe(host, port),
-            "attestation": None,
+            "attestation": self._attestation(),
             "steps": [],
             "error": None,
         }
+
+    def _attestation(self) -> dict[str, Any] | None:
+        """Azure Edition's attestation check (guest contract v2); null on every other edition."""
+        if not is_azure_edition(self.edition_id):
+            return None
+        if not self.imds_reachable:
+            # The simulator's wording; the engine reads only that there is an error.
+            return {"imdsReachable": False, "chainValid": None, "error": "IMDS attested document: no answer"}
+        if not self.imds_chain_valid:
+            return {
+                "imdsReachable": True,
+                "chainValid": False,
+                "error": "X509Chain.Build failed: PartialChain",
+            }
+        return {"imdsReachable": True, "chainValid": True, "error": None}
 
     def _product_name(self) -> str:
         if self.build < 9200:
@@ -428,10 +580,16 @@ def _emit(printed: list[str], result: Mapping[str, Any]) -> str:
 
 
 def nt_version(build: int) -> str:
-    """Win32_OperatingSystem.Version for a build number."""
+    """Win32_OperatingSystem.Version of a build: NT 6.0 2008, 6.1 2008 R2, 6.2 2012, 6.3 2012 R2, 10.0."""
     if build >= 10240:
         return f"10.0.{build}"
-    return {7600: "6.1.7600", 7601: "6.1.7601", 9200: "6.2.9200", 9600: "6.3.9600"}.get(build, f"6.3.{build}")
+    if build >= 9600:
+        return f"6.3.{build}"
+    if build >= 9200:
+        return f"6.2.{build}"
+    if build >= 7600:
+        return f"6.1.{build}"
+    return f"6.0.{build}"
 
 
 def _default_grace(channel: str, status: int) -> int:

@@ -50,10 +50,10 @@ EXPECTED_APPLY: dict[str, tuple[str, str]] = {
     "avma-2016-dc-optout-yes": OPTED_OUT,
     # Linux.
     "lnx-web-01": ("skipped", "not-windows"),
-    # Multi-session on AVMA: never re-keyed.
+    # Multi-session (a KMS client: AVMA is for Windows Server guests only): never re-keyed.
     "avd-ms-01": ("skipped", "multi-session"),
-    # AVMA edition with no published KMS client setup key.
-    "avma-storage-2016": ("skipped", "unknown-edition"),
+    # AVMA, but OperatingSystemSKU reads PRODUCT_UNLICENSED: no catalog row matches every fact.
+    "avma-2016-std-sku-unlicensed": ("skipped", "unknown-edition"),
     # A foreign Run Command that lasts an hour: every attempt gets 409 Conflict.
     "avma-2019-dc-busy": ("deferred", "run-command-busy"),
     # KMS clients.

@@ -22,9 +22,19 @@ from azure.identity.aio import ManagedIdentityCredential
 from azure.mgmt.compute.aio import ComputeManagementClient
 
 from shared.azure.logs import SPP_QUERY
+from shared.guest.facts import parse_result
 from simulator import Estate, EstateError, Simulator
 from simulator.arm import CONFLICT_MESSAGE
-from simulator.guest import KEYS, WindowsGuest, base_edition, key_for
+from simulator.generator import CATEGORIES
+from simulator.guest import (
+    KEYS,
+    PRODUCT_UNLICENSED,
+    WindowsGuest,
+    avma_problem,
+    base_edition,
+    default_ps_version,
+    key_for,
+)
 
 SUB_PROD = "3f2c8a51-6b0e-4d7a-9c1e-2a5b7d9e4f10"
 SUB_LEGACY = "8d41f6b2-95c3-4a8e-b7d0-1c6e2f3a9b54"
@@ -538,17 +548,17 @@ def test_guest_key_rules_are_windows_rules() -> None:
     multi = _guest(estate, vm_id(SUB_DEV, "rg-avd", "avd-multisession-01"))
     result_line(multi.run_script(*_remediate_args("NPPR9-FWDCX-D2C8J-H872K-2YT43")))
     assert (multi.edition_id, multi.sku) == ("Enterprise", 4)  # the irreversible change Microsoft warns of
-    old = _guest(estate, vm_id(SUB_LEGACY, "rg-migrated-legacy", "avma-2008r2-dc"))
-    facts = result_line(old.run_script(*_remediate_args("74YFP-3QFB3-KQT8W-PMXWJ-7M648")))
+    old = _guest(estate, vm_id(SUB_LEGACY, "rg-migrated-legacy", "kms-2008r2-std-unlic"))
+    facts = result_line(old.run_script(*_remediate_args("YC6KT-GKW9T-YTKYR-T4X34-R7VHC")))
     assert facts["license"]["productKeyChannel"] is None  # no such property before Windows 8
-    assert facts["license"]["name"] == "Windows Server(R), ServerDatacenter edition"
+    assert facts["license"]["name"] == "Windows Server(R), ServerStandard edition"
     assert facts["license"]["licenseStatus"] == 1
     assert (
         base_edition("ServerDatacenterCor") == "ServerDatacenter"
         and base_edition("ServerRdsh") == "ServerRdsh"
     )
     assert key_for("KMS_CLIENT", "ServerTurbine", 26100) == "XGN3F-F394H-FD2MY-PP6FD-8MCRC"
-    assert sum(info.channel == "AVMA" for info in KEYS.values()) == 12  # 2012 R2 to 2022, as published
+    assert sum(info.channel == "AVMA" for info in KEYS.values()) == 15  # 2012 R2 to 2025, as published
 
 
 def _guest(estate: Estate, vm: str) -> WindowsGuest:
@@ -644,7 +654,7 @@ def test_default_estate_covers_every_case_the_engine_must_meet() -> None:
     def editions(vms: list[Any]) -> set[tuple[int, str]]:
         return {(vm.guest.build, vm.guest.edition_id) for vm in vms}
 
-    for build in (7601, 9200, 9600, 14393, 17763, 20348, 26100):
+    for build in (9600, 14393, 17763, 20348, 26100):
         assert {(build, "ServerStandard"), (build, "ServerDatacenter")} <= editions(fixable)
     assert {(20348, "ServerTurbine"), (26100, "ServerTurbine")} <= editions(fixable)
     assert {(14393, "ServerSolution"), (17763, "ServerSolution")} & editions(fixable)
@@ -654,11 +664,25 @@ def test_default_estate_covers_every_case_the_engine_must_meet() -> None:
     assert any(vm.power_state == "running" and not vm.agent_ready for vm in avma)
     assert any(vm.tags.get("avma-remediator-opt-out") == "true" for vm in avma)
     assert any(vm.busy_seconds > 0 for vm in avma)
-    multi = [vm.guest for vm in avma if vm.guest.edition_id == "ServerRdsh"]
-    assert multi and (multi[0].sku, multi[0].product_type) == (175, 3)
+    # Windows has no AVMA before 2012 R2, nor on a client or multi-session edition.
+    assert all(vm.guest.build >= 9600 and vm.guest.product_type != 1 for vm in avma)
+    assert all(
+        avma_problem(vm.guest.edition_id, vm.guest.build, vm.guest.product_type) is None for vm in avma
+    )
+    guests = [vm.guest for vm in estate.vms if vm.guest is not None]
+    multi = [g for g in guests if g.edition_id == "ServerRdsh"]
+    assert multi and (multi[0].sku, multi[0].product_type, multi[0].channel) == (175, 3, "KMS_CLIENT")
     assert multi[0].caption == "Microsoft Windows 11 Enterprise multi-session"
-    unknown = [vm for vm in avma if key_for("KMS_CLIENT", vm.guest.edition_id, vm.guest.build) is None]
-    assert {vm.guest.edition_id for vm in unknown} == {"ServerStorageStandard", "ServerDatacenterEval"}
+    unknown = [vm.guest for vm in avma if vm.guest.sku == PRODUCT_UNLICENSED]
+    assert [g.edition_id for g in unknown] == ["ServerStandard"]  # the catalog cannot match it
+    # 2008 R2 and 2012: KMS clients to repair, and a stock 2008 R2 on Windows PowerShell 2.0.
+    old = [g for g in guests if g.build in (7601, 9200)]
+    assert {(g.build, g.channel) for g in old if g.license_status != 1} == {
+        (7601, "KMS_CLIENT"),
+        (9200, "KMS_CLIENT"),
+    }
+    assert [g.ps_version for g in old if g.build == 7601] == ["5.1", None]  # None: the stock 2.0
+    assert any(g.edition_id == "ServerTurbine" and not g.imds_chain_valid for g in guests)
     kms = [vm.guest for vm in estate.vms if vm.guest is not None and vm.guest.channel == "KMS_CLIENT"]
     assert any(g.license_status == 1 and g.kms_host == AZ_KMS for g in kms)
     assert any(g.license_status != 1 and g.kms_host is None for g in kms)
@@ -796,3 +820,189 @@ async def test_log_analytics_and_resource_graph_on_the_wire(simulator: Simulator
         async with http.post(graph, json={"query": "Resources | take 1"}, headers=arm, ssl=tls) as unknown:
             assert unknown.status == 400
     assert simulator.counters()["requests"]["resource_graph"] == 4
+
+
+# ------------------------------------------------------------------ what Windows can be
+
+
+def _estate_with(**guest: Any) -> Estate:
+    data = _estate_dict()
+    data["vms"][0]["guest"].update(guest)
+    return Estate.from_dict(data)
+
+
+def _rejected(**guest: Any) -> EstateError:
+    with pytest.raises(EstateError) as error:
+        _estate_with(**guest)
+    return error.value
+
+
+def _first_guest(estate: Estate) -> WindowsGuest:
+    vm = estate.vms[0]
+    assert vm.guest is not None
+    return WindowsGuest.from_spec(vm.guest, cloud=estate.cloud, seed=vm.key)
+
+
+SERVER_2008R2_DC = {
+    "caption": "Microsoft Windows Server 2008 R2 Datacenter ",
+    "build": 7601,
+    "editionId": "ServerDatacenter",
+    "sku": 8,
+}
+
+
+@pytest.mark.parametrize(
+    "guest",
+    [
+        SERVER_2008R2_DC,  # AVMA came with Server 2012 R2
+        {"caption": "Microsoft Windows Server 2012 Standard", "build": 9200},
+        {"caption": "Microsoft Windows Storage Server 2016 Standard", "build": 14393,
+         "editionId": "ServerStorageStandard", "sku": 21},
+        {"caption": "Microsoft Windows Server 2022 Datacenter Evaluation", "build": 20348,
+         "editionId": "ServerDatacenterEval", "sku": 80},
+        {"caption": "Microsoft Windows Server 2022 Essentials", "build": 20348,
+         "editionId": "ServerSolution", "sku": 50},  # no AVMA key for Essentials after 2019
+        {"caption": "Microsoft Windows 11 Enterprise multi-session", "build": 22631,
+         "editionId": "ServerRdsh", "sku": 175},
+        {"caption": "Microsoft Windows 11 Enterprise", "build": 22631, "productType": 1,
+         "editionId": "Enterprise", "sku": 4},
+    ],
+)  # fmt: skip
+def test_the_estate_refuses_avma_where_windows_has_none(guest: dict[str, Any]) -> None:
+    error = _rejected(channel="AVMA", **guest)
+    assert error.path == "$.vms[0].guest.channel"
+    assert "automatic-vm-activation.md" in error.message
+    _estate_with(
+        **dict(guest, channel="KMS_CLIENT", productType=guest.get("productType", 3), psVersion="5.1")
+    )
+
+
+def test_avma_is_accepted_on_every_edition_the_avma_page_lists() -> None:
+    for build, edition in [(9600, "ServerSolution"), (16299, "ServerDatacenter"), (18363, "ServerStandard"),
+                           (20348, "ServerTurbine"), (26100, "ServerTurbine"), (26100, "ServerStandard"),
+                           (17763, "ServerDatacenterCor"), (20348, "ServerHypothetical")]:  # fmt: skip
+        # ServerHypothetical: an EditionID no table knows (a newer edition) is not judged.
+        _estate_with(channel="AVMA", build=build, editionId=edition)
+    every = {name: 1 / len(CATEGORIES) for name in CATEGORIES}
+    generated = Estate.generate(count=len(CATEGORIES) * 40, seed=11, mix=every)
+    avma = [vm.guest for vm in generated.vms if vm.guest is not None and vm.guest.channel == "AVMA"]
+    assert len(avma) >= 6 * 40
+    assert all(avma_problem(g.edition_id, g.build, g.product_type) is None for g in avma)
+    assert not any(g.edition_id == "ServerRdsh" for g in avma)
+
+
+def _guard(script: str, version: str) -> str:
+    return (
+        'AVMA-REMEDIATOR-RESULT {"schema":2,"script":"' + script + '","os":null,"license":null,'
+        '"kmsProbe":null,"attestation":null,"steps":[],"error":{"step":"powershell-version",'
+        '"hresult":"0x80070032","message":"Windows PowerShell ' + version + ' is older than 3.0"}}'
+    )
+
+
+def test_windows_powershell_older_than_3_answers_with_the_guard_line_and_changes_nothing() -> None:
+    guest = _first_guest(_estate_with(**SERVER_2008R2_DC, channel="KMS_CLIENT"))
+    assert guest.ps_version == "2.0"  # a stock 2008 R2
+    before = guest.licensing()
+    assert guest.run_script(*_remediate_args(None)) == _guard("remediate", "2.0")
+    assert guest.run_script(*_remediate_args("74YFP-3QFB3-KQT8W-PMXWJ-7M648")) == _guard("remediate", "2.0")
+    body = detect_body(host="not a host")  # the guard runs before the parameter checks
+    assert guest.run_script(body["script"], body["parameters"]) == _guard("detect", "2.0")
+    assert guest.licensing() == before
+    server_2008 = {
+        "caption": "Microsoft Windows Server (R) 2008 Standard ",
+        "build": 6002,
+        "editionId": "ServerStandard",
+    }
+    old = _first_guest(_estate_with(**server_2008, channel="KMS_CLIENT"))  # no $PSVersionTable in 1.0
+    assert (old.ps_version, old.run_script(body["script"], body["parameters"])) == (
+        "1.0",
+        _guard("detect", "1.0"),
+    )
+    parsed = parse_result(_guard("detect", "2.0"), expected_script="detect")  # the engine reads it
+    assert parsed.error is not None and parsed.error.step == "powershell-version"
+    updated = _first_guest(_estate_with(**SERVER_2008R2_DC, channel="KMS_CLIENT", psVersion="5.1"))
+    assert result_line(updated.run_script(*_remediate_args(None)))["steps"][-1]["name"] == "activate"
+
+
+def test_powershell_versions_are_those_each_windows_can_have() -> None:
+    assert [default_ps_version(b, 3) for b in (7601, 9200, 9600, 14393, 26100)] == [
+        "2.0",
+        "3.0",
+        "4.0",
+        "5.1",
+        "5.1",
+    ]
+    assert default_ps_version(10240, 1) == "5.0"  # Windows 10 before 1607
+    for build, product_type, version in [(7600, 3, "3.0"), (7601, 3, "6.0"), (9200, 3, "2.0"),
+                                         (9200, 1, "4.0"), (9600, 3, "3.0"), (14393, 3, "5.0"),
+                                         (17763, 3, "7.4"), (6002, 3, "4.0")]:  # fmt: skip
+        error = _rejected(build=build, productType=product_type, channel="KMS_CLIENT", psVersion=version)
+        assert error.path == "$.vms[0].guest.psVersion", (build, version)
+    for build, version in [(7601, "5.1"), (7601, "3.0"), (9200, "5.1"), (9600, "5.0"), (6002, "3.0")]:
+        assert _estate_with(build=build, channel="KMS_CLIENT", psVersion=version).vms[0].guest is not None
+
+
+AZURE_2022 = {
+    "caption": "Microsoft Windows Server 2022 Datacenter: Azure Edition",
+    "build": 20348,
+    "editionId": "ServerTurbine",
+    "sku": 407,
+}
+
+
+def test_azure_edition_reports_attestation_and_other_editions_null() -> None:
+    def attestation(**guest: Any) -> Any:
+        body = detect_body()
+        output = _first_guest(_estate_with(**guest)).run_script(body["script"], body["parameters"])
+        parse_result(output, expected_script="detect")  # the engine's parser takes it
+        return result_line(output)["attestation"]
+
+    assert attestation(**AZURE_2022) == {"imdsReachable": True, "chainValid": True, "error": None}
+    assert attestation(**dict(AZURE_2022, editionId="ServerTurbineCor", sku=408))["chainValid"] is True
+    no_imds = attestation(**AZURE_2022, imdsReachable=False)
+    assert (no_imds["imdsReachable"], no_imds["chainValid"]) == (False, None) and no_imds["error"]
+    broken = attestation(**AZURE_2022, imdsChainValid=False)
+    assert (broken["imdsReachable"], broken["chainValid"]) == (True, False) and broken["error"]
+    assert attestation() is None  # 2019 Standard
+    assert _rejected(imdsReachable=False).path == "$.vms[0].guest.imdsReachable"
+    assert _rejected(**AZURE_2022, imdsChainValid="no").path == "$.vms[0].guest.imdsChainValid"
+
+
+def test_a_product_with_a_null_name_or_description_is_reported_with_empty_text() -> None:
+    body = detect_body()
+    guest = _first_guest(_estate_with(productName=None, productDescription=None))
+    license_ = result_line(guest.run_script(body["script"], body["parameters"]))["license"]
+    assert (license_["name"], license_["description"]) == ("", "")
+    named = _first_guest(_estate_with(productDescription=None))
+    license_ = result_line(named.run_script(body["script"], body["parameters"]))["license"]
+    assert license_["name"] == "Windows(R), ServerStandard edition" and license_["description"] == ""
+    assert _rejected(productName="Windows").path == "$.vms[0].guest.productName"
+    estate = _estate_with(productName=None)
+    assert Estate.from_dict(estate.to_dict()).to_dict() == estate.to_dict()
+
+
+def test_the_estate_takes_every_value_windows_can_report_and_nothing_more() -> None:
+    unlicensed = _estate_with(sku=PRODUCT_UNLICENSED, graceMinutes=0xFFFFFFFF)
+    body = detect_body()
+    facts = result_line(_first_guest(unlicensed).run_script(body["script"], body["parameters"]))
+    assert (facts["os"]["sku"], facts["license"]["graceMinutes"]) == (0xABCDABCD, 0xFFFFFFFF)
+    old = _first_guest(_estate_with(build=6002, channel="KMS_CLIENT", psVersion="3.0"))
+    assert result_line(old.run_script(body["script"], body["parameters"]))["os"]["version"] == "6.0.6002"
+    for guest, key in [
+        ({"sku": 2**32}, "sku"),
+        ({"sku": -1}, "sku"),
+        ({"graceMinutes": 2**32}, "graceMinutes"),
+        ({"licenseStatus": 7}, "licenseStatus"),
+        ({"productType": 0}, "productType"),
+        ({"productType": 4}, "productType"),
+        ({"kmsHost": "azkms.core.windows.net:0"}, "kmsHost"),
+        ({"kmsHost": "azkms.core.windows.net:65536"}, "kmsHost"),
+        (
+            {"partialProductKey": "AAAAA"},
+            "partialProductKey",
+        ),  # A, E, I, L, O, S, U, Z, 0, 1, 5: never in a key
+        ({"partialProductKey": "6VM3"}, "partialProductKey"),
+        ({"psVersion": 5.1}, "psVersion"),
+        ({"build": 70000}, "build"),
+    ]:
+        assert _rejected(**guest).path == f"$.vms[0].guest.{key}", guest

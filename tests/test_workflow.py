@@ -44,6 +44,7 @@ ESTATE = [
     windows("avma-odd", edition="ServerHypothetical", sku=999),
     windows(
         "multi-session",
+        channel="KMS_CLIENT",  # AVMA is for Windows Server guests only
         edition="ServerRdsh",
         sku=175,
         build=22631,
