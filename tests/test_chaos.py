@@ -346,7 +346,9 @@ async def test_a_run_command_post_answered_5xx_is_never_sent_again_by_the_sdk(
 async def test_a_throttled_run_command_post_is_still_retried(
     sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sim = serve(sim_factory, {"armThrottling": {"timeScale": 1, "writes": {"size": 1, "perSecond": 20}}})
+    # One token, refilled after 2 s: the second POST comes sooner than that however slow the
+    # machine is (a 20/s refill let a loaded machine's second POST find the bucket full again).
+    sim = serve(sim_factory, {"armThrottling": {"timeScale": 1, "writes": {"size": 1, "perSecond": 0.5}}})
     env = use_env(monkeypatch, sim.env())
     settings = Settings.from_env(env)
     credential = make_credential(settings, env)
