@@ -510,7 +510,9 @@ def test_an_existing_system_topic_is_used_and_no_topic_is_created() -> None:
     assert main_outputs["AZURE_SYSTEM_TOPIC_RESOURCE_GROUP"]["value"] == "systemTopicResourceGroup"
     given_azd = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
     assert given_azd["existingSystemTopicName"]["value"] == "${EXISTING_SYSTEM_TOPIC_NAME=}"
-    assert given_azd["existingSystemTopicResourceGroup"]["value"] == "${EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP=}"
+    assert (
+        given_azd["existingSystemTopicResourceGroup"]["value"] == "${EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP=}"
+    )
 
 
 def test_the_event_subscription_is_made_in_the_topic_s_resource_group() -> None:
@@ -523,7 +525,9 @@ def test_the_event_subscription_is_made_in_the_topic_s_resource_group() -> None:
     assert render(body["scope"]) == "resource_group(systemTopicResourceGroup)"
     assert body["params"]["systemTopicName"] == "systemTopicName"
     assert render(body["params"]["deadLetterStorageAccountId"]) == "storage.id"
-    assert render(param("post/wiring.bicep", "systemTopicResourceGroup")["default"]) == "resource_group().name"
+    assert (
+        render(param("post/wiring.bicep", "systemTopicResourceGroup")["default"]) == "resource_group().name"
+    )
     (topic,) = [r for r in resources("post/event-subscription.bicep") if r.existing]
     assert topic.type == "Microsoft.EventGrid/systemTopics" and topic.body["name"] == "systemTopicName"
     assert "scope" not in topic.body  # the module's own resource group, the topic's
