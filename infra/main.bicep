@@ -111,6 +111,12 @@ param optOutTag string = 'avma-remediator-opt-out'
 @description('Also move unlicensed KMS clients that point at a custom KMS host to the Azure KMS.')
 param allowCustomKmsOverride bool = false
 
+@description('An Event Grid system topic this subscription already has for its resource events (topic type Microsoft.Resources.Subscriptions; a subscription can have only one): the event subscription goes there and no topic is created. It needs a system-assigned identity. Empty: create one.')
+param existingSystemTopicName string = ''
+
+@description('Resource group of existingSystemTopicName (in this subscription).')
+param existingSystemTopicResourceGroup string = ''
+
 @description('Assign the built-in policy that associates every Windows VM of this subscription with the data collection rule (Azure Monitor Agent must be on the VMs).')
 param assignMonitoringPolicies bool = false
 
@@ -132,10 +138,13 @@ var deadLetterContainerName = 'eventgrid-deadletter'
 var workQueueName = 'vm-checks'
 var poisonQueueName = 'vm-checks-poison'
 var ledgerTableName = 'avmaledger'
-var systemTopicName = 'evgt-${resourceToken}'
+var resourceGroupName = 'rg-${environmentName}'
+var useExistingSystemTopic = !empty(existingSystemTopicName)
+var systemTopicName = useExistingSystemTopic ? existingSystemTopicName : 'evgt-${resourceToken}'
+var systemTopicResourceGroup = useExistingSystemTopic ? existingSystemTopicResourceGroup : resourceGroupName
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-07-01' = {
-  name: 'rg-${environmentName}'
+  name: resourceGroupName
   location: location
   tags: tags
   properties: {}
@@ -183,6 +192,8 @@ module events 'app/events.bicep' = {
   scope: rg
   params: {
     systemTopicName: systemTopicName
+    createSystemTopic: !useExistingSystemTopic
+    systemTopicResourceGroup: systemTopicResourceGroup
     tags: tags
   }
 }
@@ -264,6 +275,7 @@ output AZURE_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
 output AZURE_LOG_ANALYTICS_WORKSPACE_NAME string = monitoring.outputs.workspaceName
 output AZURE_SYSTEM_TOPIC_NAME string = systemTopicName
+output AZURE_SYSTEM_TOPIC_RESOURCE_GROUP string = systemTopicResourceGroup
 output AZURE_DEAD_LETTER_CONTAINER string = deadLetterContainerName
 output AZURE_MANAGEMENT_GROUP_ID string = managementGroupId
 output REMEDIATION_MODE string = remediationMode

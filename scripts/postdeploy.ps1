@@ -39,6 +39,10 @@ $workspace = Get-Required 'AZURE_LOG_ANALYTICS_WORKSPACE_NAME'
 $storageAccount = Get-Required 'AZURE_STORAGE_ACCOUNT_NAME'
 $deadLetterContainer = Get-Required 'AZURE_DEAD_LETTER_CONTAINER'
 $location = Get-Required 'AZURE_LOCATION'
+# The topic's resource group: another one when the subscription already had a topic; an
+# environment provisioned before that output existed has its topic in its own resource group.
+$topicGroup = [Environment]::GetEnvironmentVariable('AZURE_SYSTEM_TOPIC_RESOURCE_GROUP')
+if ([string]::IsNullOrEmpty($topicGroup)) { $topicGroup = $resourceGroup }
 $infra = Join-Path (Join-Path $PSScriptRoot '..') 'infra'
 
 Write-Host "Waiting for the functions of $functionApp to be indexed..."
@@ -66,6 +70,7 @@ az deployment group create `
     --parameters `
         "functionAppName=$functionApp" `
         "systemTopicName=$systemTopic" `
+        "systemTopicResourceGroup=$topicGroup" `
         "workspaceName=$workspace" `
         "location=$location" `
         "storageAccountName=$storageAccount" `

@@ -4,7 +4,7 @@
 #   1. waits until the Functions host lists vm_write_event and alert_webhook (Flex Consumption
 #      indexes the functions a little after `azd deploy` returns);
 #   2. deploys infra/post/wiring.bicep: the Event Grid subscription (VM writes -> vm_write_event,
-#      retries, dead-lettering), the action group (alert_webhook, common alert schema) and the
+#      retries, dead-lettering; in the topic's resource group), the action group (alert_webhook, common alert schema) and the
 #      log search alert for 0xC004FD02;
 #   3. when AZURE_MANAGEMENT_GROUP_ID is set, deploys infra/management-group.bicep: the custom VM
 #      role and its assignment at that management group.
@@ -33,6 +33,10 @@ fi
 : "${AZURE_STORAGE_ACCOUNT_NAME:?not set: run azd provision first}"
 : "${AZURE_DEAD_LETTER_CONTAINER:?not set: run azd provision first}"
 : "${AZURE_LOCATION:?not set: run azd provision first}"
+
+# The topic's resource group: another one when the subscription already had a topic; an
+# environment provisioned before that output existed has its topic in its own resource group.
+topic_group=${AZURE_SYSTEM_TOPIC_RESOURCE_GROUP:-$AZURE_RESOURCE_GROUP}
 
 here=$(cd "$(dirname "$0")" && pwd)
 infra="$here/../infra"
@@ -69,6 +73,7 @@ az deployment group create \
   --parameters \
     functionAppName="$AZURE_FUNCTION_APP_NAME" \
     systemTopicName="$AZURE_SYSTEM_TOPIC_NAME" \
+    systemTopicResourceGroup="$topic_group" \
     workspaceName="$AZURE_LOG_ANALYTICS_WORKSPACE_NAME" \
     location="$AZURE_LOCATION" \
     storageAccountName="$AZURE_STORAGE_ACCOUNT_NAME" \

@@ -1,7 +1,11 @@
 # azd preprovision hook (azure.yaml), the PowerShell twin of preprovision.sh: fails in one line,
 # before anything is deployed, when the Azure CLI is not signed in (the postdeploy hook needs it),
 # or when TARGET_SUBSCRIPTION_IDS holds something that is not a subscription id. Empty entries (a
-# trailing comma, ' , ') are dropped, as infra/main.bicep drops them.
+# trailing comma, ' , ') are dropped, as infra/main.bicep drops them. Like preprovision.sh, it
+# checks the Event Grid system topic of the subscription's resource events: one that already exists
+# (not this environment's own, in rg-<env>) must be named with EXISTING_SYSTEM_TOPIC_NAME and
+# EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP, and a named one must exist, be of that topic type, and have a
+# system-assigned identity (it dead-letters into the app's storage, which takes no shared key).
 $ErrorActionPreference = 'Stop'
 
 if (-not (Get-Command az -ErrorAction SilentlyContinue)) {
@@ -27,5 +31,51 @@ foreach ($entry in $raw.Split(',')) {
     }
     $targets += $id
 }
+$topicType = 'microsoft.resources.subscriptions'
+$subscriptionArgs = @()
+$subscription = [Environment]::GetEnvironmentVariable('AZURE_SUBSCRIPTION_ID')
+if (-not [string]::IsNullOrEmpty($subscription)) { $subscriptionArgs = @('--subscription', $subscription) }
+$topicName = [Environment]::GetEnvironmentVariable('EXISTING_SYSTEM_TOPIC_NAME')
+$topicGroup = [Environment]::GetEnvironmentVariable('EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP')
+if (-not [string]::IsNullOrEmpty($topicName) -or -not [string]::IsNullOrEmpty($topicGroup)) {
+    if ([string]::IsNullOrEmpty($topicName) -or [string]::IsNullOrEmpty($topicGroup)) {
+        [Console]::Error.WriteLine('preprovision: set both EXISTING_SYSTEM_TOPIC_NAME and EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP (azd env set), or neither.')
+        exit 1
+    }
+    $foundType = az eventgrid system-topic show @subscriptionArgs --name $topicName --resource-group $topicGroup `
+        --query topicType --output tsv 2>$null
+    if ($LASTEXITCODE -ne 0) {
+        [Console]::Error.WriteLine("preprovision: no Event Grid system topic '$topicName' in resource group '$topicGroup'; list them with az eventgrid system-topic list --query `"[?topicType=='Microsoft.Resources.Subscriptions']`".")
+        exit 1
+    }
+    if ("$foundType".Trim().ToLowerInvariant() -ne $topicType) {
+        [Console]::Error.WriteLine("preprovision: the system topic '$topicName' is of type '$foundType', not Microsoft.Resources.Subscriptions (the subscription's resource events); set EXISTING_SYSTEM_TOPIC_NAME to that one.")
+        exit 1
+    }
+    $identity = az eventgrid system-topic show @subscriptionArgs --name $topicName --resource-group $topicGroup `
+        --query identity.type --output tsv 2>$null
+    if (-not "$identity".ToLowerInvariant().Contains('systemassigned')) {
+        [Console]::Error.WriteLine("preprovision: the system topic '$topicName' has no system-assigned identity, which dead-letters into the app's storage; add one (az eventgrid system-topic update --name $topicName --resource-group $topicGroup --identity systemassigned, or beside its user-assigned ones: see the README, Deploy).")
+        exit 1
+    }
+    Write-Host "preprovision: the existing Event Grid system topic $topicName ($topicGroup) gets the event subscription."
+}
+else {
+    # name, resource group and topic type of each system topic; this environment's own is in rg-<env>.
+    $own = "rg-$([Environment]::GetEnvironmentVariable('AZURE_ENV_NAME'))".ToLowerInvariant()
+    $rows = az eventgrid system-topic list @subscriptionArgs --query '[].[name, resourceGroup, topicType]' --output tsv 2>$null
+    if ($LASTEXITCODE -ne 0) { $rows = @() }
+    foreach ($row in @($rows)) {
+        $fields = "$row".Split("`t")
+        if ($fields.Count -lt 3) { continue }
+        if ($fields[2].Trim().ToLowerInvariant() -eq $topicType -and $fields[1].ToLowerInvariant() -ne $own) {
+            $name = $fields[0]
+            $group = $fields[1]
+            [Console]::Error.WriteLine("preprovision: this subscription already has the Event Grid system topic $name (resource group $group) for its resource events, and can have only one; use it: azd env set EXISTING_SYSTEM_TOPIC_NAME $name && azd env set EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP $group")
+            exit 1
+        }
+    }
+}
+
 $shown = if ($targets.Count -gt 0) { $targets -join ',' } else { 'none' }
 Write-Host "preprovision: az is signed in; extra target subscriptions: $shown."

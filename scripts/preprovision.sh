@@ -4,7 +4,13 @@
 #
 #   1. the Azure CLI must be signed in: the postdeploy hook runs `az` after provisioning;
 #   2. TARGET_SUBSCRIPTION_IDS (optional, comma-separated) must hold subscription ids only. Empty
-#      entries (a trailing comma, ' , ') are dropped, as infra/main.bicep drops them.
+#      entries (a trailing comma, ' , ') are dropped, as infra/main.bicep drops them;
+#   3. the Event Grid system topic of the subscription's resource events: a subscription can have
+#      only one, so when it already has one that is not this environment's own (in rg-<env>), the
+#      deployment must use it (EXISTING_SYSTEM_TOPIC_NAME and EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP)
+#      instead of creating a second, which fails at `events`; a named topic must exist, be of
+#      that topic type, and have a system-assigned identity, which dead-letters undeliverable events
+#      into the app's storage account (it takes no shared key).
 #
 # Prints the subscriptions the VM role will be granted at besides the deployment's own.
 set -eu
@@ -34,5 +40,47 @@ for entry in ${TARGET_SUBSCRIPTION_IDS:-}; do
 done
 IFS=$old_ifs
 set +f
+
+topic_type='microsoft.resources.subscriptions'
+lower() { printf '%s' "$1" | tr '[:upper:]' '[:lower:]'; }
+if [ -n "${AZURE_SUBSCRIPTION_ID:-}" ]; then set -- --subscription "$AZURE_SUBSCRIPTION_ID"; else set --; fi
+topic_name=${EXISTING_SYSTEM_TOPIC_NAME:-}
+topic_group=${EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP:-}
+if [ -n "$topic_name" ] || [ -n "$topic_group" ]; then
+  if [ -z "$topic_name" ] || [ -z "$topic_group" ]; then
+    echo "preprovision: set both EXISTING_SYSTEM_TOPIC_NAME and EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP (azd env set), or neither." >&2
+    exit 1
+  fi
+  if ! found_type=$(az eventgrid system-topic show "$@" --name "$topic_name" --resource-group "$topic_group" \
+    --query topicType --output tsv 2>/dev/null); then
+    echo "preprovision: no Event Grid system topic '$topic_name' in resource group '$topic_group'; list them with az eventgrid system-topic list --query \"[?topicType=='Microsoft.Resources.Subscriptions']\"." >&2
+    exit 1
+  fi
+  if [ "$(lower "$found_type")" != "$topic_type" ]; then
+    echo "preprovision: the system topic '$topic_name' is of type '$found_type', not Microsoft.Resources.Subscriptions (the subscription's resource events); set EXISTING_SYSTEM_TOPIC_NAME to that one." >&2
+    exit 1
+  fi
+  identity=$(az eventgrid system-topic show "$@" --name "$topic_name" --resource-group "$topic_group" \
+    --query identity.type --output tsv 2>/dev/null || true)
+  case "$(lower "$identity")" in
+    *systemassigned*) ;;
+    *)
+      echo "preprovision: the system topic '$topic_name' has no system-assigned identity, which dead-letters into the app's storage; add one (az eventgrid system-topic update --name $topic_name --resource-group $topic_group --identity systemassigned, or beside its user-assigned ones: see the README, Deploy)." >&2
+      exit 1
+      ;;
+  esac
+  echo "preprovision: the existing Event Grid system topic $topic_name ($topic_group) gets the event subscription."
+else
+  # name, resource group and topic type of each system topic; this environment's own is in rg-<env>.
+  topics=$(az eventgrid system-topic list "$@" --query "[].[name, resourceGroup, topicType]" --output tsv 2>/dev/null || true)
+  other=$(printf '%s\n' "$topics" | awk -F '\t' -v own="$(lower "rg-${AZURE_ENV_NAME:-}")" -v kind="$topic_type" \
+    'NF >= 3 && tolower($3) == kind && tolower($2) != own { print $1 " " $2; exit }')
+  if [ -n "$other" ]; then
+    name=${other% *}
+    group=${other#* }
+    echo "preprovision: this subscription already has the Event Grid system topic $name (resource group $group) for its resource events, and can have only one; use it: azd env set EXISTING_SYSTEM_TOPIC_NAME $name && azd env set EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP $group" >&2
+    exit 1
+  fi
+fi
 
 echo "preprovision: az is signed in; extra target subscriptions: ${targets:-none}."

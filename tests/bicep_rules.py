@@ -886,14 +886,17 @@ def load(root: Path) -> dict[str, BicepFile]:
 
 
 class _Eval:
-    """Evaluates literals, parameters, variables, ternaries, `!`, `==`, `!=`, array literals,
-    for-expressions without a filter, property access and the functions in FUNCTIONS. Anything
-    else raises, so a test never passes on a construct it does not understand."""
+    """Evaluates literals, parameters, variables, ternaries, `!`, `==`, `!=`, array and object
+    literals, for-expressions without a filter, property access, string interpolation and the functions in
+    _call. A ternary evaluates only the branch its condition picks, as ARM's if() does (the other
+    is parsed, not evaluated), so `useX ? x : 'evgt-${uniqueString(...)}'` has a value when useX
+    holds. Anything else raises, so a test never passes on a construct it does not understand."""
 
     def __init__(self, f: BicepFile, params: dict[str, object], subscription_id: str) -> None:
         self.f = f
         self.params = params
         self.subscription_id = subscription_id
+        self.skipping = 0  # > 0 while parsing a branch a ternary did not pick
 
     def var(self, name: str, local: dict[str, object] | None = None) -> object:
         d = self.f.symbols()[name]
@@ -911,6 +914,27 @@ class _Eval:
         if self.i != len(self.toks):
             raise NotImplementedError(f"unparsed: {[t.text for t in self.toks[self.i :]]}")
         return value
+
+    def _skipped(self, local: dict[str, object]) -> None:
+        self.skipping += 1
+        try:
+            self._ternary(local)
+        finally:
+            self.skipping -= 1
+
+    def _interpolate(self, t: Tok, local: dict[str, object]) -> object:
+        pieces = t.text.replace("\\'", "'").replace("\\\\", "\\").split("${}")
+        out = pieces[0]
+        for part, piece in zip(t.parts, pieces[1:], strict=True):
+            saved = (self.toks, self.i)
+            value = self.expr(part, local)
+            self.toks, self.i = saved
+            if self.skipping:
+                continue
+            if not isinstance(value, str | int | bool):
+                raise NotImplementedError(f"interpolation of {value!r}")
+            out += (str(value).lower() if isinstance(value, bool) else str(value)) + piece
+        return None if self.skipping else out
 
     def _skip_nl(self) -> None:
         while self.i < len(self.toks) and self.toks[self.i].kind == "nl":
@@ -931,10 +955,14 @@ class _Eval:
         t = self._peek()
         if t is not None and t.kind == "op" and t.text == "?":
             self.i += 1
-            a = self._ternary(local)
+            if cond or self.skipping:
+                a = self._ternary(local)
+                self._take(":")
+                self._skipped(local)
+                return a
+            self._skipped(local)
             self._take(":")
-            b = self._ternary(local)
-            return a if cond else b
+            return self._ternary(local)
         return cond
 
     def _compare(self, local: dict[str, object]) -> object:
@@ -959,6 +987,8 @@ class _Eval:
             self.i += 1
             name = self.toks[self.i].text
             self.i += 1
+            if self.skipping:
+                continue
             if not isinstance(value, dict):
                 raise NotImplementedError(f".{name} on {value!r}")
             value = value[name]
@@ -982,7 +1012,7 @@ class _Eval:
         at = self.i - 1
         if t.kind == "str":
             if t.parts:
-                raise NotImplementedError("interpolation")
+                return self._interpolate(t, local)
             return t.text.replace("\\'", "'").replace("\\\\", "\\")
         if t.kind == "num":
             return int(t.text)
@@ -992,6 +1022,17 @@ class _Eval:
             value = self._ternary(local)
             self._take(")")
             return value
+        if t.text == "{":
+            close = matching(self.toks, at)
+            obj: dict[str, object] = {}
+            for entry in split_top(self.toks[at + 1 : close], {"nl", ","}):
+                colon = _top_colon(entry)
+                key = entry[0].text
+                saved = (self.toks, self.i)
+                obj[key] = self.expr(entry[colon + 1 :], local)
+                self.toks, self.i = saved
+            self.i = close + 1
+            return None if self.skipping else obj
         if t.text == "[":
             nxt = self._peek()
             if nxt is not None and nxt.text == "for":
@@ -1009,6 +1050,8 @@ class _Eval:
                 return self._call(t.text, self._args(local))
             if t.text in local:
                 return local[t.text]
+            if self.skipping:
+                return None
             saved = (self.toks, self.i)
             value = self.var(t.text)
             self.toks, self.i = saved
@@ -1023,6 +1066,9 @@ class _Eval:
         self._take("in")
         source = self._ternary(local)
         self._take(":")
+        if self.skipping:
+            self.i = close + 1
+            return None
         if not isinstance(source, list):
             raise NotImplementedError("loop over a non-array")
         start = self.i
@@ -1036,6 +1082,8 @@ class _Eval:
         return out
 
     def _call(self, name: str, args: list[object]) -> object:
+        if self.skipping:
+            return None
         if name == "subscription" and not args:
             return {"subscriptionId": self.subscription_id, "id": f"/subscriptions/{self.subscription_id}"}
         if name == "split":
@@ -1070,3 +1118,21 @@ class _Eval:
 def evaluate(f: BicepFile, name: str, params: dict[str, object], subscription_id: str) -> object:
     """The value of variable `name` of `f` for the given parameters."""
     return _Eval(f, params, subscription_id).var(name)
+
+
+def module_params(
+    f: BicepFile, module: str, params: dict[str, object], subscription_id: str
+) -> dict[str, object]:
+    """What module `module` of `f` is given, evaluated for the given parameters of `f` (every
+    property of its `params` object must be a value the evaluator understands)."""
+    d = f.symbols()[module]
+    assert d.kind == "module" and d.body is not None
+    given = d.body.get("params")
+    assert given is not None, f"{module} has no params"
+    toks = given.value
+    assert toks[0].text == "{" and matching(toks, 0) == len(toks) - 1
+    out: dict[str, object] = {}
+    for entry in split_top(toks[1:-1], {"nl", ","}):
+        colon = _top_colon(entry)
+        out[entry[0].text] = _Eval(f, params, subscription_id).expr(entry[colon + 1 :], {})
+    return out

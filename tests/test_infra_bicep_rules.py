@@ -66,13 +66,13 @@ MUTANTS = [
     # BCP120: an existing resource named by a runtime value loses its id (ResourceTypeResolver).
     ("app/rbac.bicep", "existing = {\n  name: storageAccountName\n}", "existing = {\n  name: applicationInsights.properties.AppId\n}", "BCP120", '"id" of storage'),
     # BCP120: the whole resource where a string is expected.
-    ("post/wiring.bicep", "name: 'avma-vm-writes'", "name: '${functionApp}'", "BCP120", "whole resource functionApp"),
+    ("post/event-subscription.bicep", "name: eventSubscriptionName", "name: '${systemTopic}'", "BCP120", "whole resource systemTopic"),
     # BCP177: if-condition.
     ("main.bicep", "'app/monitoring-policy.bicep' = if (assignMonitoringPolicies)", "'app/monitoring-policy.bicep' = if (!empty(identity.outputs.principalId))", "BCP177", "if-condition of monitoringPolicy"),
     # BCP178: loop source.
     ("main.bicep", "[for sub in targetSubscriptions:", "[for sub in [identity.outputs.principalId]:", "BCP178", "for-expression of vmAccess"),
     # BCP178: a property loop's source.
-    ("post/wiring.bicep", "          values: [\n            'Microsoft.Compute/virtualMachines/write'\n          ]", "          values: [for v in functionApp.properties.hostNames: v]", "BCP178", "for-expression"),
+    ("post/event-subscription.bicep", "          values: [\n            'Microsoft.Compute/virtualMachines/write'\n          ]", "          values: [for v in systemTopic.properties.topicTypes: v]", "BCP178", "for-expression"),
     # BCP182: a variable's for-body.
     ("post/wiring.bicep", "", "\nvar hosts = [for i in range(0, 2): functionApp.properties.defaultHostName]\noutput hosts array = hosts\n", "BCP182", "for-body of variable hosts"),
     # BCP028 / BCP145 / BCP353: names.
@@ -80,7 +80,7 @@ MUTANTS = [
     ("post/wiring.bicep", "", "\noutput alertRuleId string = activationErrorAlert.id\n", "BCP145", "alertRuleId"),
     ("post/wiring.bicep", "", "\noutput AlertRuleID string = activationErrorAlert.id\n", "BCP353", "casing"),
     # BCP057: a name that is not declared.
-    ("post/wiring.bicep", "resourceId: storage.id", "resourceId: storageAccount.id", "BCP057", "storageAccount"),
+    ("post/wiring.bicep", "deadLetterStorageAccountId: storage.id", "deadLetterStorageAccountId: storageAccount.id", "BCP057", "storageAccount"),
     # Linter no-unused-params / no-unused-vars.
     ("post/wiring.bicep", "", "\nparam unusedThing string = ''\n", "no-unused-params", "unusedThing"),
     ("post/wiring.bicep", "", "\nvar unusedThing = 1\n", "no-unused-vars", "unusedThing"),
@@ -92,7 +92,10 @@ MUTANTS = [
     ("app/subscription-roles.bicep", "guid(subscription().id, principalId, roleId)", "guid(subscription().id, principalId)", "BCP179", "assignments"),
     # BCP037 / BCP035: module parameters.
     ("main.bicep", "    name: 'id-${resourceToken}'\n", "    name: 'id-${resourceToken}'\n    colour: 'blue'\n", "BCP037", "colour"),
-    ("main.bicep", "    systemTopicName: systemTopicName\n    tags: tags\n", "    tags: tags\n", "BCP035", "systemTopicName"),
+    ("main.bicep", "    systemTopicName: systemTopicName\n    createSystemTopic", "    createSystemTopic", "BCP035", "systemTopicName"),
+    # BCP120: the event subscription's module goes to the topic's resource group, which must be
+    # known at the start: not read from the topic or the app at deployment time.
+    ("post/wiring.bicep", "scope: resourceGroup(systemTopicResourceGroup)", "scope: resourceGroup(functionApp.properties.resourceGroup)", "BCP120", '"scope" of vmWrites'),
     # BCP134: a resource-group module deployed at the subscription.
     ("main.bicep", "  name: 'identity'\n  scope: rg\n", "  name: 'identity'\n  scope: subscription()\n", "BCP134", "identity targets resourceGroup"),
     # BCP053: a module output that the module does not declare.

@@ -284,11 +284,11 @@ def test_event_grid_and_the_action_group_call_functions_that_exist() -> None:
     host = json.loads((ROOT / "host.json").read_text())
     prefix = host.get("extensions", {}).get("http", {}).get("routePrefix", "api")
     assert wiring["alertRoute"]["value"] == f"{prefix}/{functions[alert_function]['route']}"
-    sub = next(r.body for r in resources("post/wiring.bicep") if r.symbol == "vmWrites")
-    assert (
-        sub["properties"]["destination"]["properties"]["resourceId"]
-        == "${functionApp.id}/functions/${eventFunctionName}"
-    )
+    # the wiring gives its event-subscription module the function's id, which the subscription targets
+    given = unwrap(template("post/wiring.bicep")["modules"]["vmWrites"]["config"])["params"]
+    assert given["functionResourceId"] == "${functionApp.id}/functions/${eventFunctionName}"
+    sub = next(r.body for r in resources("post/event-subscription.bicep") if r.symbol == "vmWrites")
+    assert sub["properties"]["destination"]["properties"]["resourceId"] == "functionResourceId"
     # what Event Grid lets through is exactly what the intake turns into work items
     assert sub["properties"]["filter"]["includedEventTypes"] == [shared.intake.WRITE_SUCCESS]
     assert sub["properties"]["filter"]["advancedFilters"][0]["values"] == [shared.intake.VM_WRITE]

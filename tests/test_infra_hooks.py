@@ -24,7 +24,10 @@ SUB_B = "AAAAAAAA-bbbb-4ccc-8ddd-eeeeeeeeeeee"
 
 # The stub: `az account show` exits with $STUB_SIGNED_IN (0 signed in, 1 not, as the real CLI does
 # with "Please run 'az login' to setup account."); `az functionapp function list` prints both
-# function names; everything is appended to $STUB_LOG.
+# function names; `az eventgrid system-topic list` prints $STUB_TOPICS (tsv rows), `show` prints
+# the topic's $STUB_TOPIC_TYPE or $STUB_TOPIC_IDENTITY for the --query asked, or fails with exit 3
+# (the CLI's code for a missing resource) when $STUB_TOPIC_TYPE is unset; everything is appended to
+# $STUB_LOG.
 STUB = """#!/bin/sh
 echo "$*" >> "$STUB_LOG"
 case "$1 $2" in
@@ -35,6 +38,17 @@ case "$1 $2" in
   "functionapp function")
     printf 'vm_write_event\\nalert_webhook\\n'
     exit 0 ;;
+  "eventgrid system-topic")
+    case "$3" in
+      list) printf '%b' "${STUB_TOPICS:-}"; exit 0 ;;
+      show)
+        if [ -z "${STUB_TOPIC_TYPE:-}" ]; then echo "(ResourceNotFound)" >&2; exit 3; fi
+        case "$*" in
+          *"--query topicType"*) echo "$STUB_TOPIC_TYPE" ;;
+          *"--query identity.type"*) echo "${STUB_TOPIC_IDENTITY:-}" ;;
+        esac
+        exit 0 ;;
+    esac ;;
 esac
 exit 0
 """
@@ -99,6 +113,134 @@ def test_postdeploy_signed_in_deploys_the_wiring_with_its_region(tmp_path: Path)
     (wiring,) = [c for c in calls if c.startswith("deployment group create")]
     assert "location=swedencentral" in wiring and "workspaceName=log-x" in wiring
     assert not any(c.startswith("deployment mg create") for c in calls)  # no management group set
+
+
+def test_postdeploy_wires_the_topic_in_its_own_resource_group(tmp_path: Path) -> None:
+    env = {
+        **DEPLOYED,
+        "AZURE_SYSTEM_TOPIC_NAME": "evgt-shared",
+        "AZURE_SYSTEM_TOPIC_RESOURCE_GROUP": "rg-events",
+    }
+    result, calls = _run(tmp_path, "postdeploy.sh", signed_in=True, env=env)
+    assert result.returncode == 0, result.stderr
+    (wiring,) = [c for c in calls if c.startswith("deployment group create")]
+    assert "systemTopicName=evgt-shared systemTopicResourceGroup=rg-events" in wiring
+    assert "--resource-group rg-test " in wiring  # the wiring itself stays in the app's group
+
+
+def test_postdeploy_of_an_older_environment_finds_the_topic_in_the_app_s_group(tmp_path: Path) -> None:
+    """An environment provisioned before AZURE_SYSTEM_TOPIC_RESOURCE_GROUP existed: `azd deploy`
+    alone must still wire up its own topic."""
+    result, calls = _run(tmp_path, "postdeploy.sh", signed_in=True, env=DEPLOYED)
+    assert result.returncode == 0, result.stderr
+    (wiring,) = [c for c in calls if c.startswith("deployment group create")]
+    assert "systemTopicResourceGroup=rg-test" in wiring
+
+
+TOPIC_ROWS = "evgt-mine\trg-avma\tMicrosoft.Resources.Subscriptions\nstoragetopic\trg-data\tMicrosoft.Storage.StorageAccounts\n"
+
+
+@pytest.mark.parametrize(
+    "topics",
+    [
+        "",
+        TOPIC_ROWS,  # this environment's own topic (rg-avma) and one of another kind
+        "evgt-mine\tRG-AVMA\tmicrosoft.resources.subscriptions\n",  # the CLI's casing varies
+    ],
+    ids=["none", "own-and-other-kind", "own-other-casing"],
+)
+def test_preprovision_goes_on_without_a_foreign_topic(tmp_path: Path, topics: str) -> None:
+    env = {"AZURE_ENV_NAME": "avma", "AZURE_SUBSCRIPTION_ID": SUB_A, "STUB_TOPICS": topics}
+    result, calls = _run(tmp_path, "preprovision.sh", signed_in=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"eventgrid system-topic list --subscription {SUB_A} --query [].[name, resourceGroup, topicType] --output tsv"
+        in calls
+    )
+
+
+def test_preprovision_stops_on_a_topic_the_subscription_already_has_and_says_what_to_set(
+    tmp_path: Path,
+) -> None:
+    topics = TOPIC_ROWS + "evgt-corp\trg-events\tMicrosoft.Resources.Subscriptions\n"
+    env = {"AZURE_ENV_NAME": "avma", "STUB_TOPICS": topics}
+    result, _ = _run(tmp_path, "preprovision.sh", signed_in=True, env=env)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert (
+        "azd env set EXISTING_SYSTEM_TOPIC_NAME evgt-corp && azd env set EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP rg-events"
+        in result.stderr
+    )
+
+
+EXISTING = {"EXISTING_SYSTEM_TOPIC_NAME": "evgt-corp", "EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP": "rg-events"}
+
+
+@pytest.mark.parametrize("identity", ["SystemAssigned", "SystemAssigned, UserAssigned"])
+def test_preprovision_accepts_a_named_topic_with_a_system_identity(tmp_path: Path, identity: str) -> None:
+    env = {
+        **EXISTING,
+        "STUB_TOPIC_TYPE": "Microsoft.Resources.Subscriptions",
+        "STUB_TOPIC_IDENTITY": identity,
+    }
+    result, calls = _run(tmp_path, "preprovision.sh", signed_in=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "existing Event Grid system topic evgt-corp (rg-events)" in result.stdout
+    assert not any(c.startswith("eventgrid system-topic list") for c in calls)  # no search when named
+
+
+@pytest.mark.parametrize(
+    ("env", "needed"),
+    [
+        ({"EXISTING_SYSTEM_TOPIC_NAME": "evgt-corp"}, "set both"),
+        ({"EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP": "rg-events"}, "set both"),
+        (EXISTING, "no Event Grid system topic 'evgt-corp' in resource group 'rg-events'"),
+        (
+            {**EXISTING, "STUB_TOPIC_TYPE": "Microsoft.Storage.StorageAccounts"},
+            "not Microsoft.Resources.Subscriptions",
+        ),
+        (
+            {**EXISTING, "STUB_TOPIC_TYPE": "Microsoft.Resources.Subscriptions", "STUB_TOPIC_IDENTITY": ""},
+            "az eventgrid system-topic update --name evgt-corp --resource-group rg-events --identity systemassigned",
+        ),
+        (
+            {
+                **EXISTING,
+                "STUB_TOPIC_TYPE": "Microsoft.Resources.Subscriptions",
+                "STUB_TOPIC_IDENTITY": "UserAssigned",
+            },
+            "no system-assigned identity",
+        ),
+    ],
+    ids=["name-only", "group-only", "missing", "other-kind", "no-identity", "user-assigned-only"],
+)
+def test_preprovision_rejects_a_named_topic_it_cannot_use(
+    tmp_path: Path, env: dict[str, str], needed: str
+) -> None:
+    result, _ = _run(tmp_path, "preprovision.sh", signed_in=True, env=env)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and needed in result.stderr, result.stderr
+
+
+def test_pwsh_preprovision_checks_the_topic_like_the_sh_one() -> None:
+    """No pwsh here: the twin is read for the same checks and the same advice."""
+    text = (SCRIPTS / "preprovision.ps1").read_text()
+    sh = (SCRIPTS / "preprovision.sh").read_text()
+    for needed in (
+        "EXISTING_SYSTEM_TOPIC_NAME",
+        "EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP",
+        "az eventgrid system-topic show",
+        "--query topicType",
+        "--query identity.type",
+        "az eventgrid system-topic list",
+        "[].[name, resourceGroup, topicType]",
+        "systemassigned",
+        "microsoft.resources.subscriptions",
+        "rg-$",
+        "azd env set EXISTING_SYSTEM_TOPIC_NAME $name && azd env set EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP $group",
+    ):
+        assert needed in text, needed
+        assert needed.replace("rg-$", "rg-${") in sh, needed
 
 
 @pytest.mark.parametrize(

@@ -447,7 +447,7 @@ def test_the_real_bodies_pass_so_the_failures_below_are_the_mutations() -> None:
     for file, symbol in (
         ("app/storage.bicep", "storage"),
         ("app/api.bicep", "functionApp"),
-        ("post/wiring.bicep", "vmWrites"),
+        ("post/event-subscription.bicep", "vmWrites"),
     ):
         assert check_resource(_resource(file, symbol)) == []
 
@@ -466,7 +466,7 @@ def test_the_real_bodies_pass_so_the_failures_below_are_the_mutations() -> None:
             "verison",
         ),
         (
-            "post/wiring.bicep",
+            "post/event-subscription.bicep",
             "vmWrites",
             ["properties", "destination", "properties"],
             "maxEventPerBatch",
@@ -474,7 +474,7 @@ def test_the_real_bodies_pass_so_the_failures_below_are_the_mutations() -> None:
             "maxEventPerBatch",
         ),
         (
-            "post/wiring.bicep",
+            "post/event-subscription.bicep",
             "vmWrites",
             ["properties", "retryPolicy"],
             "maxDeliveryAttempt",

@@ -57,6 +57,7 @@ SCOPES = {
     "app/rbac.bicep": "resourceGroup",
     "app/storage.bicep": "resourceGroup",
     "post/wiring.bicep": "resourceGroup",
+    "post/event-subscription.bicep": "resourceGroup",
 }
 
 # Built-in roles (learn.microsoft.com/azure/role-based-access-control/built-in-roles).
@@ -437,7 +438,7 @@ def test_system_topic_on_the_subscription_with_retries_and_dead_lettering() -> N
     assert topic["properties"]["topicType"] == "Microsoft.Resources.Subscriptions"
     assert render(topic["properties"]["source"]) == "subscription().id"
     assert topic["identity"]["type"] == "SystemAssigned"
-    sub = res("post/wiring.bicep", "vmWrites")["properties"]
+    sub = res("post/event-subscription.bicep", "vmWrites")["properties"]
     assert sub["destination"]["endpointType"] == "AzureFunction"
     assert sub["filter"]["includedEventTypes"] == ["Microsoft.Resources.ResourceWriteSuccess"]
     assert sub["filter"]["advancedFilters"] == [
@@ -453,6 +454,89 @@ def test_system_topic_on_the_subscription_with_retries_and_dead_lettering() -> N
     assert dead["identity"]["type"] == "SystemAssigned"  # the topic's identity: shared keys are off
     assert dead["deadLetterDestination"]["endpointType"] == "StorageBlob"
     assert dead["deadLetterDestination"]["properties"]["blobContainerName"] == "deadLetterContainerName"
+
+
+ENV = "avma"
+EXISTING = {"existingSystemTopicName": "evgt-shared", "existingSystemTopicResourceGroup": "rg-events"}
+
+
+def _main_value(name: str, params: dict[str, str]) -> object:
+    main = bicep_rules.load(INFRA)["main.bicep"]
+    return bicep_rules.evaluate(main, name, {"environmentName": ENV, **params}, HOME)
+
+
+def test_by_default_the_topic_is_created_in_the_app_s_resource_group() -> None:
+    assert _main_value("useExistingSystemTopic", {}) is False
+    assert _main_value("systemTopicResourceGroup", {}) == f"rg-{ENV}"
+    assert render(res("main.bicep", "rg")["name"]) == "resourceGroupName"
+    assert render(template("main.bicep")["variables"]["systemTopicName"]["value"]) == (
+        "conditional(useExistingSystemTopic, existingSystemTopicName, evgt-${resourceToken})"
+    )
+
+
+def test_an_existing_system_topic_is_used_and_no_topic_is_created() -> None:
+    """A subscription has at most one system topic for its resource events: with one named, the
+    deployment creates none and wires the event subscription to that one, in its resource group."""
+    assert param("main.bicep", "existingSystemTopicName")["default"] == ""
+    assert param("main.bicep", "existingSystemTopicResourceGroup")["default"] == ""
+    assert _main_value("useExistingSystemTopic", EXISTING) is True
+    assert _main_value("systemTopicName", EXISTING) == "evgt-shared"
+    assert _main_value("systemTopicResourceGroup", EXISTING) == "rg-events"
+    # main gives the events module what it evaluates to
+    main = bicep_rules.load(INFRA)["main.bicep"]
+    given = bicep_rules.module_params(main, "events", {"environmentName": ENV, **EXISTING}, HOME)
+    assert {k: given[k] for k in ("systemTopicName", "createSystemTopic", "systemTopicResourceGroup")} == {
+        "systemTopicName": "evgt-shared",
+        "createSystemTopic": False,
+        "systemTopicResourceGroup": "rg-events",
+    }
+    # the events module creates the topic only when asked, and otherwise reads the named one there
+    (created,) = [r for r in resources("app/events.bicep") if not r.existing]
+    assert created.type == "Microsoft.EventGrid/systemTopics"
+    assert created.wrapper.get("condition") == "createSystemTopic"
+    (used,) = [r for r in resources("app/events.bicep") if r.existing]
+    assert used.type == created.type
+    assert used.body["name"] == "systemTopicName"
+    assert render(used.body["scope"]) == "resource_group(systemTopicResourceGroup)"
+    outputs = template("app/events.bicep")["outputs"]
+    assert render(outputs["principalId"]["value"]) == (
+        "conditional(createSystemTopic, systemTopic.identity.principalId,"
+        " existingSystemTopic.identity.principalId)"
+    )
+    assert outputs["resourceGroupName"]["value"] == "systemTopicResourceGroup"
+    # azd gets the topic and its resource group, for the postdeploy hook
+    main_outputs = template("main.bicep")["outputs"]
+    assert main_outputs["AZURE_SYSTEM_TOPIC_NAME"]["value"] == "systemTopicName"
+    assert main_outputs["AZURE_SYSTEM_TOPIC_RESOURCE_GROUP"]["value"] == "systemTopicResourceGroup"
+    given_azd = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert given_azd["existingSystemTopicName"]["value"] == "${EXISTING_SYSTEM_TOPIC_NAME=}"
+    assert (
+        given_azd["existingSystemTopicResourceGroup"]["value"] == "${EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP=}"
+    )
+
+
+def test_the_event_subscription_is_made_in_the_topic_s_resource_group() -> None:
+    """A child resource cannot be declared under a parent of another resource group (BCP165): the
+    wiring deploys the event subscription as a module scoped to the topic's resource group."""
+    assert not [r for r in resources("post/wiring.bicep") if r.type.startswith("Microsoft.EventGrid/")]
+    module = modules("post/wiring.bicep")["vmWrites"]
+    assert module["detail"]["path"] == "event-subscription.bicep"
+    body = unwrap(module["config"])
+    assert render(body["scope"]) == "resource_group(systemTopicResourceGroup)"
+    assert body["params"]["systemTopicName"] == "systemTopicName"
+    assert render(body["params"]["deadLetterStorageAccountId"]) == "storage.id"
+    assert (
+        render(param("post/wiring.bicep", "systemTopicResourceGroup")["default"]) == "resource_group().name"
+    )
+    (topic,) = [r for r in resources("post/event-subscription.bicep") if r.existing]
+    assert topic.type == "Microsoft.EventGrid/systemTopics" and topic.body["name"] == "systemTopicName"
+    assert "scope" not in topic.body  # the module's own resource group, the topic's
+    sub = res("post/event-subscription.bicep", "vmWrites")
+    assert sub["parent"] == "systemTopic"
+    # on a topic of another resource group the name carries this resource group's token, so two
+    # deployments that share one topic keep one event subscription each
+    name = render(template("post/wiring.bicep")["variables"]["eventSubscriptionName"]["value"])
+    assert "avma-vm-writes-${uniqueString(resourceGroup().id)}" in name
 
 
 def test_log_alert_splits_by_resource_and_calls_the_function_with_the_common_schema() -> None:
@@ -583,7 +667,7 @@ def test_infra_readme_lists_every_bicep_file() -> None:
 def test_every_template_file_is_reached() -> None:
     """main.bicep reaches every app/ module; the hook reaches the other two top-level files."""
     reached = {"main.bicep", "post/wiring.bicep", "management-group.bicep"}
-    frontier = ["main.bicep"]
+    frontier = sorted(reached)
     while frontier:
         file = frontier.pop()
         for module in modules(file).values():
@@ -602,12 +686,16 @@ def test_readme_deploy_section_uses_what_the_templates_declare() -> None:
     given = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
     variables = {re.match(r"\$\{([A-Z_]+)", entry["value"]).group(1) for entry in given.values()}  # type: ignore[union-attr]
     assert set(re.findall(r"azd env set ([A-Z_]+)", deploy)) <= variables
-    # the manual wiring command passes exactly the template's required parameters
+    # the manual wiring command passes what the hook passes: every required parameter, and the
+    # topic's resource group and the alert's region, whose defaults are not always right
     manual = deploy.split("az deployment group create", 1)[1].split("```", 1)[0]
     wiring = {
         n for n, spec in template("post/wiring.bicep")["parameters"].items() if spec.get("default") is None
     }
-    assert set(re.findall(r"\b([a-zA-Z]+)=<", manual)) == wiring
+    hook = (ROOT / "scripts" / "postdeploy.sh").read_text().split('/post/wiring.bicep"', 1)[1]
+    passed = _script_parameters(hook.split("--output", 1)[0] + "--output")
+    assert wiring | {"systemTopicResourceGroup", "location"} <= passed
+    assert set(re.findall(r"\b([a-zA-Z]+)=<", manual)) == passed
     main_required = {
         n for n, spec in template("main.bicep")["parameters"].items() if spec.get("default") is None
     }

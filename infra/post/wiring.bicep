@@ -3,6 +3,7 @@
 //
 //   - the Event Grid subscription on the subscription's system topic that sends VM writes to the
 //     vm_write_event function (the AzureFunction destination is checked against the live function),
+//     in post/event-subscription.bicep, deployed into the topic's resource group,
 //   - the action group that calls the alert_webhook function with the common alert schema (its URL
 //     carries the function's key, which exists only once the function is deployed),
 //   - the log search alert for 0xC004FD02, split by _ResourceId, that uses the action group.
@@ -15,6 +16,9 @@ param functionAppName string
 
 @description('The Event Grid system topic of the subscription (azd output AZURE_SYSTEM_TOPIC_NAME).')
 param systemTopicName string
+
+@description('Resource group of the system topic (azd output AZURE_SYSTEM_TOPIC_RESOURCE_GROUP): another one when the subscription already had a topic.')
+param systemTopicResourceGroup string = resourceGroup().name
 
 @description('The Log Analytics workspace the VMs send their Application log to (AZURE_LOG_ANALYTICS_WORKSPACE_NAME).')
 param workspaceName string
@@ -55,6 +59,7 @@ param alertFrequency string = 'PT15M'
 var eventFunctionName = 'vm_write_event'
 var alertFunctionName = 'alert_webhook'
 var alertRoute = 'api/alerts'
+var eventSubscriptionName = (systemTopicResourceGroup =~ resourceGroup().name) ? 'avma-vm-writes' : 'avma-vm-writes-${uniqueString(resourceGroup().id)}'
 
 // The log scan's filter (shared/azure/logs.py SPP_QUERY) without its summarize: one row per event,
 // counted per VM by the _ResourceId dimension, which the projection keeps in the result.
@@ -71,10 +76,6 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' existing = {
   name: functionAppName
 }
 
-resource systemTopic 'Microsoft.EventGrid/systemTopics@2025-02-15' existing = {
-  name: systemTopicName
-}
-
 resource workspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' existing = {
   name: workspaceName
 }
@@ -83,49 +84,18 @@ resource storage 'Microsoft.Storage/storageAccounts@2025-01-01' existing = {
   name: storageAccountName
 }
 
-resource vmWrites 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2025-02-15' = {
-  parent: systemTopic
-  name: 'avma-vm-writes'
-  properties: {
-    eventDeliverySchema: 'EventGridSchema'
-    destination: {
-      endpointType: 'AzureFunction'
-      properties: {
-        resourceId: '${functionApp.id}/functions/${eventFunctionName}'
-        maxEventsPerBatch: 1
-        preferredBatchSizeInKilobytes: 64
-      }
-    }
-    filter: {
-      includedEventTypes: [
-        'Microsoft.Resources.ResourceWriteSuccess'
-      ]
-      advancedFilters: [
-        {
-          operatorType: 'StringIn'
-          key: 'data.operationName'
-          values: [
-            'Microsoft.Compute/virtualMachines/write'
-          ]
-        }
-      ]
-    }
-    retryPolicy: {
-      maxDeliveryAttempts: 30
-      eventTimeToLiveInMinutes: 1440
-    }
-    deadLetterWithResourceIdentity: {
-      identity: {
-        type: 'SystemAssigned'
-      }
-      deadLetterDestination: {
-        endpointType: 'StorageBlob'
-        properties: {
-          resourceId: storage.id
-          blobContainerName: deadLetterContainerName
-        }
-      }
-    }
+// In the topic's resource group, which is not this one when the topic already existed. The name is
+// the same on every run; on a topic of another resource group it carries this resource group's
+// token, so two deployments that share one topic do not overwrite each other's subscription.
+module vmWrites 'event-subscription.bicep' = {
+  name: 'avma-vm-writes-${uniqueString(resourceGroup().id)}'
+  scope: resourceGroup(systemTopicResourceGroup)
+  params: {
+    systemTopicName: systemTopicName
+    eventSubscriptionName: eventSubscriptionName
+    functionResourceId: '${functionApp.id}/functions/${eventFunctionName}'
+    deadLetterStorageAccountId: storage.id
+    deadLetterContainerName: deadLetterContainerName
   }
 }
 
@@ -194,6 +164,6 @@ resource activationErrorAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01
   }
 }
 
-output eventSubscriptionName string = vmWrites.name
+output eventSubscriptionName string = vmWrites.outputs.name
 output actionGroupId string = remediatorActionGroup.id
 output alertRuleId string = activationErrorAlert.id
