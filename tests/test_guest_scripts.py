@@ -1,5 +1,5 @@
-"""The guest scripts: valid Windows PowerShell 4.0/5.1 syntax, the contract's parameters and marker,
-and Run Command bodies in which caller text can only ever be a parameter value."""
+"""The guest scripts: valid Windows PowerShell 3.0-5.1 syntax, the version guard, the contract's
+parameters and marker, and Run Command bodies in which caller text can only ever be a parameter value."""
 
 from __future__ import annotations
 
@@ -17,7 +17,14 @@ from tree_sitter import Language, Node, Parser
 
 from shared.catalog import CATALOG
 from shared.guest import scripts
-from shared.guest.facts import RESULT_MARKER, STEP_NAMES, WINDOWS_APPLICATION_ID, parse_result
+from shared.guest.facts import (
+    POWERSHELL_VERSION_STEP,
+    RESULT_MARKER,
+    STEP_NAMES,
+    WINDOWS_APPLICATION_ID,
+    WRITE_RESULT_STEP,
+    parse_result,
+)
 from shared.guest.scripts import DETECT, REMEDIATE, RunCommandInput, detect_command, remediate_command
 
 PARSER = Parser(Language(tsp.language()))
@@ -239,7 +246,9 @@ def test_script_prints_the_marker_and_reads_the_windows_product(name: str) -> No
     assert "LicenseIsAddon" in code
     assert "ConvertTo-Json -InputObject $Result -Compress -Depth 5" in code
     # The marker line is the script's last output.
-    assert code.rstrip().splitlines()[-1] == "Write-Result $result"
+    assert code.rstrip().splitlines()[-1] == (
+        "Write-Result $result $steps" if name == "remediate" else "Write-Result $result"
+    )
     for fact in (
         "Win32_OperatingSystem",
         "EditionID",
@@ -509,3 +518,222 @@ def test_worst_case_result_line_stays_well_under_4_kb() -> None:
     line = RESULT_MARKER + json.dumps(document, separators=(",", ":"))
     assert len(line.encode("ascii")) < 3000
     assert parse_result(line, expected_script="remediate").license is not None
+
+
+# --- AST helpers for the behaviour checks below ----------------------------------------------------
+
+
+def top_statements(src: bytes) -> list[Node]:
+    """The script's top-level statements after the param block, in order (comments left out)."""
+    root = PARSER.parse(src).root_node
+    lists = [child for child in root.children if child.type == "statement_list"]
+    assert len(lists) == 1
+    return [node for node in lists[0].children if node.type != "comment"]
+
+
+def function_node(src: bytes, name: str) -> Node:
+    found = [
+        node
+        for node in walk(PARSER.parse(src).root_node)
+        if node.type == "function_statement"
+        and any(child.type == "function_name" and text(child) == name for child in node.children)
+    ]
+    assert len(found) == 1, name
+    return found[0]
+
+
+def commands(node: Node, name: str) -> list[Node]:
+    return [
+        n
+        for n in walk(node)
+        if n.type == "command"
+        and any(c.type == "command_name" and text(c).lower() == name.lower() for c in n.children)
+    ]
+
+
+def concatenation(node: Node, variables: dict[str, str]) -> str:
+    """Value of an expression made only of single-quoted strings, known variables and ``+``."""
+    parts: list[str] = []
+
+    def visit(n: Node) -> None:
+        if n.type == "string_literal":
+            raw = text(n)
+            assert raw.startswith("'") and raw.endswith("'"), f"not a verbatim string: {raw[:40]}"
+            parts.append(raw[1:-1].replace("''", "'"))
+            return
+        if n.type == "variable":
+            parts.append(variables[text(n)])
+            return
+        if n.child_count == 0:
+            assert text(n) in ("+", "(", ")", " ", ""), f"not plain concatenation: {text(n)!r}"
+            return
+        for child in n.children:
+            visit(child)
+
+    visit(node)
+    return "".join(parts)
+
+
+def written_line(command: Node, variables: dict[str, str]) -> str:
+    """The one value a ``Write-Output (...)`` command writes."""
+    elements = [c for c in command.children if c.type == "command_elements"]
+    assert len(elements) == 1
+    return concatenation(elements[0], variables)
+
+
+# --- item 1: the PowerShell version guard ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_first_statement_after_param_is_the_version_guard(name: str) -> None:
+    guard = top_statements(source(name))[0]
+    assert guard.type == "if_statement"
+    condition = text(guard)[: text(guard).index("{")]
+    assert condition == "if ($null -eq $PSVersionTable -or $PSVersionTable.PSVersion.Major -lt 3) "
+    body = [n for n in guard.children if n.type == "statement_block"][0]
+    statements = [n for n in body.children[1].children if n.type != "comment"]
+    # prints exactly one line, then exits: nothing else runs, nothing is changed
+    assert len(commands(guard, "Write-Output")) == 1
+    assert text(statements[-1]) == "exit"
+    assert [n.type for n in walk(guard) if n.type in ("function_statement", "try_statement")] == []
+
+
+@pytest.mark.parametrize("version", ["2.0", "1.0"])
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_the_guard_line_is_a_valid_result_naming_the_version(name: str, version: str) -> None:
+    guard = top_statements(source(name))[0]
+    line = written_line(commands(guard, "Write-Output")[0], {"$guardVersion": version})
+    assert line.isascii()
+    assert line == (
+        RESULT_MARKER + '{"schema":2,"script":"' + name + '","os":null,"license":null,"kmsProbe":null,'
+        '"attestation":null,"steps":[],"error":{"step":"powershell-version","hresult":"0x80070032",'
+        '"message":"Windows PowerShell ' + version + ' is older than 3.0"}}'
+    )
+    result = parse_result("some text\n" + line + "\n", expected_script=name)
+    assert result.error is not None
+    assert (result.error.step, result.error.hresult) == (POWERSHELL_VERSION_STEP, "0x80070032")
+    assert result.error.message == f"Windows PowerShell {version} is older than 3.0"
+    assert (result.os, result.license, result.kms_probe, result.attestation, result.steps) == (
+        None,
+        None,
+        None,
+        None,
+        (),
+    )
+
+
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_the_guard_reads_major_and_minor_and_falls_back_to_1_0(name: str) -> None:
+    guard = text(top_statements(source(name))[0])
+    assert "$guardVersion = '1.0'" in guard
+    assert (
+        "$guardVersion = [string]$PSVersionTable.PSVersion.Major + '.' + [string]$PSVersionTable.PSVersion.Minor"
+        in guard
+    )
+
+
+# --- item 9: null product names and the write-result fallback ---------------------------------------
+
+
+def test_a_product_without_name_or_description_reports_empty_strings() -> None:
+    body = text(function_node(source("detect"), "Read-LicenseFacts"))
+    # [string]$null is '' in PowerShell; Get-OptionalString would give $null, which the parser rejects.
+    assert re.search(r"^\s+name\s+= Get-ShortText \(\[string\]\$product\.Name\) 120$", body, re.MULTILINE)
+    assert re.search(
+        r"^\s+description\s+= Get-ShortText \(\[string\]\$product\.Description\) 120$", body, re.MULTILINE
+    )
+    template = {"name": "", "description": ""}
+    assert set(template) <= set(re.findall(r"^\s+(\w+)\s+=", body, re.MULTILINE))
+
+
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_write_result_writes_inside_try_and_falls_back_to_a_fixed_line(name: str) -> None:
+    src = source(name)
+    assert f"$ScriptName = '{name}'" in code_text(src)
+    function = function_node(src, "Write-Result")
+    tries = [n for n in walk(function) if n.type == "try_statement"]
+    assert len(tries) == 1
+    body = [n for n in tries[0].children if n.type == "statement_block"][0]
+    catch = [n for n in walk(tries[0]) if n.type == "catch_clause"][0]
+    assert "ConvertTo-Json" in text(body)
+    assert len(commands(body, "Write-Output")) == 1, "the normal line is written inside try"
+    assert len(commands(function, "Write-Output")) == 2
+    fallback = written_line(
+        commands(catch, "Write-Output")[0], {"$ResultMarker": RESULT_MARKER, "$ScriptName": name}
+    )
+    result = parse_result(fallback, expected_script=name)
+    assert result.error is not None
+    assert (result.error.step, result.error.hresult) == (WRITE_RESULT_STEP, "0x80004005")
+    message = result.error.message
+    assert message.isascii() and message and not set(message) & set("\"\\'")
+    assert (result.os, result.license, result.kms_probe, result.attestation, result.steps) == (
+        None,
+        None,
+        None,
+        None,
+        (),
+    )
+
+
+# --- item 3: activate as slmgr /ato does -------------------------------------------------------------
+
+
+def _step_block(name: str) -> str:
+    for command in commands(PARSER.parse(source("remediate")).root_node, "Invoke-Step"):
+        if f"Invoke-Step '{name}'" in text(command):
+            return text(command)
+    raise AssertionError(name)
+
+
+def test_activate_refreshes_the_license_status_after_activate_like_slmgr_ato() -> None:
+    block = _step_block("activate")
+    assert "$products[0].Activate()" in block
+    assert "(Get-LicensingService).RefreshLicenseStatus()" in block
+    assert block.index("Activate()") < block.index("RefreshLicenseStatus()")
+    # a failed Activate() is reported as such, not hidden behind the refresh
+    assert "if ($activated -ne 0) { return $activated }" in block
+    assert block.index("return $activated") < block.index("RefreshLicenseStatus()")
+
+
+# --- item 8: the attestation fact on Azure Edition ---------------------------------------------------
+
+
+def test_attestation_is_read_only_on_azure_edition() -> None:
+    add_facts = text(function_node(source("detect"), "Add-Facts"))
+    assert (
+        "if ($null -ne $Result.os -and [string]$Result.os.editionId -clike 'ServerTurbine*') {" in add_facts
+    )
+    assert "$Result.attestation = Test-Attestation" in add_facts
+    for name in ("detect", "remediate"):
+        assert re.search(r"^    attestation\s+= \$null$", code_text(source(name)), re.MULTILINE)
+
+
+def test_attestation_fetches_the_attested_document_without_proxy_and_builds_the_chain() -> None:
+    function = text(function_node(source("detect"), "Test-Attestation"))
+    assert "'http://169.254.169.254/metadata/attested/document?api-version=2020-09-01'" in function
+    assert "$request.Headers.Add('Metadata', 'true')" in function
+    assert "$request.Proxy = $null" in function
+    assert "$request.Timeout = 5000" in function
+    assert "New-Object System.Security.Cryptography.X509Certificates.X509Chain" in function
+    assert "$chain.Build($certificate)" in function
+    keys = re.findall(r"^\s+(\w+)\s+=", function[function.rindex("[ordered]@{") :], re.MULTILINE)
+    assert keys == ["imdsReachable", "chainValid", "error"]
+    # chainValid stays null until IMDS answered
+    assert (
+        function.index("$chainValid = $null")
+        < function.index("$reachable = $true")
+        < function.index("$chainValid = $false")
+    )
+
+
+# --- item 10: the versions the headers claim ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_header_states_the_supported_powershell_versions(name: str) -> None:
+    raw = resources.files("shared.guest").joinpath(f"{name}.ps1").read_text(encoding="utf-8")
+    header = raw[: raw.index("param(")]
+    assert "Needs Windows PowerShell 3.0 or later" in header
+    assert "5.1 is the tested shape" in header
+    assert "2.0 it only prints the powershell-version error line" in header
+    assert "4.0 and 5.1" not in header
