@@ -590,7 +590,7 @@ def test_first_statement_after_param_is_the_version_guard(name: str) -> None:
     assert guard.type == "if_statement"
     condition = text(guard)[: text(guard).index("{")]
     assert condition == "if ($null -eq $PSVersionTable -or $PSVersionTable.PSVersion.Major -lt 3) "
-    body = [n for n in guard.children if n.type == "statement_block"][0]
+    body = next(n for n in guard.children if n.type == "statement_block")
     statements = [n for n in body.children[1].children if n.type != "comment"]
     # prints exactly one line, then exits: nothing else runs, nothing is changed
     assert len(commands(guard, "Write-Output")) == 1
@@ -653,8 +653,8 @@ def test_write_result_writes_inside_try_and_falls_back_to_a_fixed_line(name: str
     function = function_node(src, "Write-Result")
     tries = [n for n in walk(function) if n.type == "try_statement"]
     assert len(tries) == 1
-    body = [n for n in tries[0].children if n.type == "statement_block"][0]
-    catch = [n for n in walk(tries[0]) if n.type == "catch_clause"][0]
+    body = next(n for n in tries[0].children if n.type == "statement_block")
+    catch = next(n for n in walk(tries[0]) if n.type == "catch_clause")
     assert "ConvertTo-Json" in text(body)
     assert len(commands(body, "Write-Output")) == 1, "the normal line is written inside try"
     assert len(commands(function, "Write-Output")) == 2
