@@ -481,43 +481,152 @@ def _limits(name: str) -> dict[str, int]:
     return {field: int(limit) for field, limit in found}
 
 
-def test_worst_case_result_line_stays_well_under_4_kb() -> None:
+# Windows PowerShell 5.1's ConvertTo-Json serialises with JavaScriptSerializer, whose strings go through
+# HttpUtility.JavaScriptStringEncode (PowerShell/PowerShell 60b3b304 ConvertToJsonCommand.cs, Full CLR
+# branch; .NET reference source System.Web/Util/HttpEncoder.cs); Write-Result then writes every
+# character above 126 as \uXXXX. This is that output, byte for byte, for the values the scripts emit.
+_SHORT_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
+
+
+def ps51_escape(character: str) -> str:
+    code = ord(character)
+    if character in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[character]
+    if code < 0x20 or character in "'<>&" or code in (0x85, 0x2028, 0x2029) or code > 126:
+        return f"\\u{code:04x}"
+    return character
+
+
+def ps51_json(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + "".join(ps51_escape(c) for c in value) + '"'
+    if isinstance(value, list):
+        return "[" + ",".join(ps51_json(v) for v in value) + "]"
+    assert isinstance(value, dict)
+    return "{" + ",".join(ps51_json(k) + ":" + ps51_json(v) for k, v in value.items()) + "}"
+
+
+def script_cost() -> Callable[[str], int]:
+    """Get-JsonCost as the script writes it, read from its source."""
+    body = text(function_node(source("detect"), "Get-JsonCost"))
+    rules: list[tuple[list[tuple[str, int]], int]] = []
+    for condition, cost in re.findall(r"if \((.*)\) \{ return (\d+) \}", body):
+        terms = [(op, int(n)) for op, n in re.findall(r"\$Code -(lt|gt|eq) (\d+)", condition)]
+        assert " -or ".join(f"$Code -{op} {n}" for op, n in terms) == condition, condition
+        rules.append((terms, int(cost)))
+    default = re.findall(r"^\s+return (\d+)\s*$", body, re.MULTILINE)
+    assert len(rules) >= 3 and len(default) == 1
+
+    def cost(character: str) -> int:
+        code = ord(character)
+        for terms, value in rules:
+            if any({"lt": code < n, "gt": code > n, "eq": code == n}[op] for op, n in terms):
+                return value
+        return int(default[0])
+
+    return cost
+
+
+def short_text(value: str, limit: int, cost: Callable[[str], int]) -> str:
+    """Get-ShortText: cut where the next character's cost would pass the limit."""
+    length = 0
+    for index, character in enumerate(value):
+        if length + cost(character) > limit:
+            return value[:index]
+        length += cost(character)
+    return value
+
+
+def test_the_scripts_charge_at_least_what_powershell_5_1_writes_for_every_character() -> None:
+    cost = script_cost()
+    short = [chr(c) for c in range(0x10000) if cost(chr(c)) < len(ps51_escape(chr(c)))]
+    assert short == []
+    # the characters item 6 is about
+    assert [cost(c) for c in "'<>&"] == [6, 6, 6, 6]
+    assert [cost(c) for c in '"\\'] == [2, 2]
+    assert cost("x") == 1
+
+
+FILLERS = ["x", "<", "'", "&", '"', "\\", "\x01", "\u00e9", "\U0001f600", "a<b\"c\\d&e'f\u00e9"]
+
+
+def _worst_document(filler: str, script: str) -> dict[str, object]:
     limits = _limits("remediate")
-    assert limits == _limits("detect")
-    error_text = 160  # Get-ErrorText cuts at 160; KmsHost is at most 253 ASCII characters
-    assert "return (Get-ShortText $text 160)" in code_text(source("detect"))
-    filler = "x"
-    document = {
+    cost = script_cost()
+
+    def cut(field: str) -> str:
+        return short_text(filler * 400, limits[field], cost)
+
+    error_text = short_text(filler * 400, 160, cost)  # Get-ErrorText cuts at 160
+    return {
         "schema": 2,
-        "script": "remediate",
+        "script": script,
         "os": {
-            "caption": filler * limits["caption"],
-            "version": filler * limits["version"],
+            "caption": cut("caption"),
+            "version": cut("version"),
             "build": 4294967295,
             "productType": 4294967295,
             "sku": 4294967295,
-            "editionId": filler * limits["editionId"],
+            "editionId": cut("editionId"),
         },
         "license": {
-            "name": filler * limits["name"],
-            "description": filler * limits["description"],
-            "productKeyChannel": filler * limits["productKeyChannel"],
-            "partialProductKey": filler * limits["partialProductKey"],
+            "name": cut("name"),
+            "description": cut("description"),
+            "productKeyChannel": cut("productKeyChannel"),
+            "partialProductKey": cut("partialProductKey"),
             "licenseStatus": 6,
             "graceMinutes": 4294967295,
-            "kmsMachine": filler * limits["kmsMachine"],
+            "kmsMachine": cut("kmsMachine"),
             "kmsPort": 65535,
-            "discoveredKmsMachine": filler * limits["discoveredKmsMachine"],
+            "discoveredKmsMachine": cut("discoveredKmsMachine"),
             "discoveredKmsPort": 65535,
         },
-        "kmsProbe": {"host": "h" * 253, "port": 65535, "reachable": False, "error": filler * error_text},
-        "attestation": None,
-        "steps": [{"name": name, "hresult": "0x00000000"} for name in STEP_NAMES],
-        "error": {"step": "read-license", "hresult": "0x80004005", "message": filler * limits["message"]},
+        # KmsHost passed the host-name check: at most 253 ASCII characters, none escaped
+        "kmsProbe": {"host": "h" * 253, "port": 65535, "reachable": False, "error": error_text},
+        "attestation": {"imdsReachable": True, "chainValid": False, "error": cut("error")},
+        "steps": [{"name": name, "hresult": "0x00000000"} for name in STEP_NAMES]
+        if script == "remediate"
+        else [],
+        "error": {"step": "read-license", "hresult": "0x80004005", "message": cut("message")},
     }
-    line = RESULT_MARKER + json.dumps(document, separators=(",", ":"))
-    assert len(line.encode("ascii")) < 3000
-    assert parse_result(line, expected_script="remediate").license is not None
+
+
+WORST_CASE_BYTES = 2831  # measured below; docs/guest-contract.md states it
+
+
+def test_worst_case_result_line_with_escape_heavy_content_stays_well_under_4_kb() -> None:
+    limits = _limits("remediate")
+    assert limits == _limits("detect")
+    assert limits["error"] == limits["message"] == 160
+    assert "return (Get-ShortText $text 160)" in code_text(source("detect"))
+    sizes: dict[str, int] = {}
+    for filler in FILLERS:
+        for script in ("detect", "remediate"):
+            line = RESULT_MARKER + ps51_json(_worst_document(filler, script))
+            assert line.isascii()
+            parsed = parse_result(line, expected_script=script)
+            assert parsed.license is not None and parsed.attestation is not None
+            sizes[f"{script} {filler!r}"] = len(line.encode("ascii"))
+    worst = max(sizes.values())
+    assert worst == WORST_CASE_BYTES, sizes
+    assert worst + 2 < 3000  # CRLF included: far from Run Command's 4,096-byte tail
+
+
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_error_only_lines_are_short(name: str) -> None:
+    guard = top_statements(source(name))[0]
+    version_line = written_line(commands(guard, "Write-Output")[0], {"$guardVersion": "2.0"})
+    catch = next(n for n in walk(function_node(source(name), "Write-Result")) if n.type == "catch_clause")
+    fallback = written_line(
+        commands(catch, "Write-Output")[0], {"$ResultMarker": RESULT_MARKER, "$ScriptName": name}
+    )
+    assert len(version_line) < 300 and len(fallback) < 300
 
 
 # --- AST helpers for the behaviour checks below ----------------------------------------------------
