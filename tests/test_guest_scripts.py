@@ -846,3 +846,36 @@ def test_header_states_the_supported_powershell_versions(name: str) -> None:
     assert "5.1 is the tested shape" in header
     assert "2.0 it only prints the powershell-version error line" in header
     assert "4.0 and 5.1" not in header
+
+
+def test_contract_states_the_versions_and_the_version_table() -> None:
+    contract = CONTRACT.read_text(encoding="utf-8")
+    assert (
+        "The\nscripts need Windows PowerShell 3.0 or later; 5.1 is the shape the tests hold them to"
+        in contract
+    )
+    assert "## PowerShell versions" in contract
+    table = json.loads((Path(__file__).parent / "data" / "ps-min-versions.json").read_text(encoding="utf-8"))
+    three = sorted(k for k, row in table["commands"].items() if row[1] == "3.0" and k != "invoke-restmethod")
+    assert three == ["convertfrom-json", "convertto-json", "get-ciminstance", "remove-typedata"]
+    for command in (
+        "ConvertTo-Json",
+        "ConvertFrom-Json",
+        "Get-CimInstance",
+        "Remove-TypeData",
+        "[ordered]",
+        "-NoProxy",
+    ):
+        assert command in contract[contract.index("## PowerShell versions") :], command
+    assert "**2,831 bytes**" in contract and "4.0 and 5.1" not in contract
+
+
+def test_readme_states_which_windows_versions_run_command_and_the_product_support() -> None:
+    readme = (CONTRACT.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Windows versions") : readme.index("## Outcomes")]
+    assert readme.index("## Using it on a real estate") < readme.index("## Windows versions")
+    assert "articles/virtual-machines/windows/run-command.md" in section
+    assert "Windows Server 2016, 2019, 2022 and 2025" in section
+    assert "2012, 2012 R2 and 2008 R2 are not on that list" in section
+    assert "| Server 2012 R2, 2012 | 4.0, 3.0 as shipped | best effort" in section
+    assert "`failed: powershell-version`" in section
