@@ -169,6 +169,21 @@ def test_bad_configuration_exits_2(
     assert "AZURE_CLOUD" in capsys.readouterr().err
 
 
+STRAY_CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+
+
+def test_a_client_id_left_in_the_shell_does_not_break_a_simulated_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The simulator checks client_id as the platform does; the user's own one must not leak in."""
+    monkeypatch.setenv("AZURE_CLIENT_ID", STRAY_CLIENT_ID)
+    vm = next(v for v in Estate.default().to_dict()["vms"] if _expected_remediation(v) == "remediated")
+    code = main(["check", vm["id"], "--simulate", "--output", "json"])
+    assert json.loads(capsys.readouterr().out)["vms"][0]["outcome"] == "would-remediate"
+    assert code == 0
+    assert os.environ["AZURE_CLIENT_ID"] == STRAY_CLIENT_ID  # restored afterwards
+
+
 def test_standalone_simulator_serves_another_process() -> None:
     """`simulator serve` prints settings; a separate `avma-remediator check` uses them as a user would."""
     serve = subprocess.Popen(
@@ -178,12 +193,16 @@ def test_standalone_simulator_serves_another_process() -> None:
         text=True,
     )
     try:
-        env = dict(os.environ)
+        # A client id of the user's own service principal is in the shell; the printed lines
+        # (export and unset, as a shell runs them) must leave the simulated app's identity.
+        env = {**os.environ, "AZURE_CLIENT_ID": STRAY_CLIENT_ID}
         assert serve.stdout is not None
         for line in serve.stdout:
             if line.startswith("export "):
                 key, _, value = line[7:].strip().partition("=")
                 env[key] = value
+            if line.startswith("unset "):
+                env.pop(line[6:].strip(), None)
             if line.startswith("# Ctrl-C"):
                 break
         assert env["ARM_ENDPOINT"].startswith("https://127.0.0.1:")
