@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"estate file: {error}") from error
     if args.sim_latency < 0:
         raise UsageError("--sim-latency must not be negative")
-    with Simulator(estate, latency_s=args.sim_latency) as sim, _environ(sim.env()):
+    with Simulator(estate, latency_s=args.sim_latency) as sim, _environ(_simulated_env(sim.env())):
         code = asyncio.run(_execute(args, dict(os.environ)))
         if args.sim_state_out:
             Path(args.sim_state_out).write_text(json.dumps(sim.state_dump(), indent=2) + "\n")
@@ -273,11 +273,27 @@ def _progress(stream: TextIO, *, every_s: float = 2.0) -> Iterator[Any]:
             stream.flush()
 
 
+def _simulated_env(values: Mapping[str, str]) -> dict[str, str | None]:
+    """The simulator's settings, with ``AZURE_CLIENT_ID`` unset unless the simulator names one.
+
+    The simulator checks ``client_id`` as the platform does; a client id left in the user's shell
+    (for their own service principal) is not the simulated app's identity and must not leak in.
+    """
+    return {"AZURE_CLIENT_ID": None, **values}
+
+
 @contextlib.contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    """Point this process (and azure-identity, which reads os.environ) at the simulator, then restore."""
+def _environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Point this process (and azure-identity, which reads os.environ) at the simulator, then restore.
+
+    A value of None unsets the variable for the duration.
+    """
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     try:
         yield
     finally:
@@ -303,8 +319,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     def announce(env: Mapping[str, str]) -> None:
         print("# The simulator is running. Point the CLI or a Functions host at it with:")
-        for key, value in env.items():
-            print(f"export {key}={value}")
+        for key, value in _simulated_env(env).items():
+            print(f"unset {key}" if value is None else f"export {key}={value}")
         if estate.faults.enabled:
             print(f"# Faults on: {json.dumps(estate.faults.to_dict(), separators=(',', ':'))}")
         print("# Ctrl-C stops it.", flush=True)

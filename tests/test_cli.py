@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ def _expected_remediation(vm: dict[str, Any]) -> str | None:
     )
     if guest["editionId"].lower() == "serverrdsh" or select_key(facts) is None:
         return None
+    if not guest["kmsReachable"] and guest["licenseStatus"] == 1:
+        return None  # never made worse: a Licensed AVMA VM keeps its activation while the KMS is unreachable
     return "remediated" if guest["kmsReachable"] else "failed"
 
 
@@ -69,6 +72,12 @@ def test_demo_sweep_remediates_what_it_should_and_nothing_else(
             continue
         assert final[key].get("changed") is False, (by_id[key], final[key])
     assert code == 1  # some VMs failed (unreachable KMS)
+    # The README quotes the demo's summary line: it must be what the demo prints.
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    quoted = re.search(r"^(\d+) VMs, mode enforce: (.+)$", readme, re.MULTILINE)
+    assert quoted is not None, "README lost the demo's summary line"
+    counts = {kind: int(n) for n, kind in (part.split(" ")[::-1] for part in quoted.group(2).split(", "))}
+    assert (int(quoted.group(1)), counts) == (len(estate), out["summary"])
 
 
 def test_audit_is_the_default_and_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -160,6 +169,21 @@ def test_bad_configuration_exits_2(
     assert "AZURE_CLOUD" in capsys.readouterr().err
 
 
+STRAY_CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+
+
+def test_a_client_id_left_in_the_shell_does_not_break_a_simulated_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The simulator checks client_id as the platform does; the user's own one must not leak in."""
+    monkeypatch.setenv("AZURE_CLIENT_ID", STRAY_CLIENT_ID)
+    vm = next(v for v in Estate.default().to_dict()["vms"] if _expected_remediation(v) == "remediated")
+    code = main(["check", vm["id"], "--simulate", "--output", "json"])
+    assert json.loads(capsys.readouterr().out)["vms"][0]["outcome"] == "would-remediate"
+    assert code == 0
+    assert os.environ["AZURE_CLIENT_ID"] == STRAY_CLIENT_ID  # restored afterwards
+
+
 def test_standalone_simulator_serves_another_process() -> None:
     """`simulator serve` prints settings; a separate `avma-remediator check` uses them as a user would."""
     serve = subprocess.Popen(
@@ -169,12 +193,16 @@ def test_standalone_simulator_serves_another_process() -> None:
         text=True,
     )
     try:
-        env = dict(os.environ)
+        # A client id of the user's own service principal is in the shell; the printed lines
+        # (export and unset, as a shell runs them) must leave the simulated app's identity.
+        env = {**os.environ, "AZURE_CLIENT_ID": STRAY_CLIENT_ID}
         assert serve.stdout is not None
         for line in serve.stdout:
             if line.startswith("export "):
                 key, _, value = line[7:].strip().partition("=")
                 env[key] = value
+            if line.startswith("unset "):
+                env.pop(line[6:].strip(), None)
             if line.startswith("# Ctrl-C"):
                 break
         assert env["ARM_ENDPOINT"].startswith("https://127.0.0.1:")

@@ -1,5 +1,5 @@
-"""The guest scripts: valid Windows PowerShell 4.0/5.1 syntax, the contract's parameters and marker,
-and Run Command bodies in which caller text can only ever be a parameter value."""
+"""The guest scripts: valid Windows PowerShell 3.0-5.1 syntax, the version guard, the contract's
+parameters and marker, and Run Command bodies in which caller text can only ever be a parameter value."""
 
 from __future__ import annotations
 
@@ -17,7 +17,14 @@ from tree_sitter import Language, Node, Parser
 
 from shared.catalog import CATALOG
 from shared.guest import scripts
-from shared.guest.facts import RESULT_MARKER, STEP_NAMES, WINDOWS_APPLICATION_ID, parse_result
+from shared.guest.facts import (
+    POWERSHELL_VERSION_STEP,
+    RESULT_MARKER,
+    STEP_NAMES,
+    WINDOWS_APPLICATION_ID,
+    WRITE_RESULT_STEP,
+    parse_result,
+)
 from shared.guest.scripts import DETECT, REMEDIATE, RunCommandInput, detect_command, remediate_command
 
 PARSER = Parser(Language(tsp.language()))
@@ -239,7 +246,9 @@ def test_script_prints_the_marker_and_reads_the_windows_product(name: str) -> No
     assert "LicenseIsAddon" in code
     assert "ConvertTo-Json -InputObject $Result -Compress -Depth 5" in code
     # The marker line is the script's last output.
-    assert code.rstrip().splitlines()[-1] == "Write-Result $result"
+    assert code.rstrip().splitlines()[-1] == (
+        "Write-Result $result $steps" if name == "remediate" else "Write-Result $result"
+    )
     for fact in (
         "Win32_OperatingSystem",
         "EditionID",
@@ -472,40 +481,401 @@ def _limits(name: str) -> dict[str, int]:
     return {field: int(limit) for field, limit in found}
 
 
-def test_worst_case_result_line_stays_well_under_4_kb() -> None:
+# Windows PowerShell 5.1's ConvertTo-Json serialises with JavaScriptSerializer, whose strings go through
+# HttpUtility.JavaScriptStringEncode (PowerShell/PowerShell 60b3b304 ConvertToJsonCommand.cs, Full CLR
+# branch; .NET reference source System.Web/Util/HttpEncoder.cs); Write-Result then writes every
+# character above 126 as \uXXXX. This is that output, byte for byte, for the values the scripts emit.
+_SHORT_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
+
+
+def ps51_escape(character: str) -> str:
+    code = ord(character)
+    if character in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[character]
+    if code < 0x20 or character in "'<>&" or code in (0x85, 0x2028, 0x2029) or code > 126:
+        return f"\\u{code:04x}"
+    return character
+
+
+def ps51_json(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + "".join(ps51_escape(c) for c in value) + '"'
+    if isinstance(value, list):
+        return "[" + ",".join(ps51_json(v) for v in value) + "]"
+    assert isinstance(value, dict)
+    return "{" + ",".join(ps51_json(k) + ":" + ps51_json(v) for k, v in value.items()) + "}"
+
+
+def script_cost() -> Callable[[str], int]:
+    """Get-JsonCost as the script writes it, read from its source."""
+    body = text(function_node(source("detect"), "Get-JsonCost"))
+    rules: list[tuple[list[tuple[str, int]], int]] = []
+    for condition, cost in re.findall(r"if \((.*)\) \{ return (\d+) \}", body):
+        terms = [(op, int(n)) for op, n in re.findall(r"\$Code -(lt|gt|eq) (\d+)", condition)]
+        assert " -or ".join(f"$Code -{op} {n}" for op, n in terms) == condition, condition
+        rules.append((terms, int(cost)))
+    default = re.findall(r"^\s+return (\d+)\s*$", body, re.MULTILINE)
+    assert len(rules) >= 3 and len(default) == 1
+
+    def cost(character: str) -> int:
+        code = ord(character)
+        for terms, value in rules:
+            if any({"lt": code < n, "gt": code > n, "eq": code == n}[op] for op, n in terms):
+                return value
+        return int(default[0])
+
+    return cost
+
+
+def short_text(value: str, limit: int, cost: Callable[[str], int]) -> str:
+    """Get-ShortText: cut where the next character's cost would pass the limit."""
+    length = 0
+    for index, character in enumerate(value):
+        if length + cost(character) > limit:
+            return value[:index]
+        length += cost(character)
+    return value
+
+
+def test_the_scripts_charge_at_least_what_powershell_5_1_writes_for_every_character() -> None:
+    cost = script_cost()
+    short = [chr(c) for c in range(0x10000) if cost(chr(c)) < len(ps51_escape(chr(c)))]
+    assert short == []
+    # the characters item 6 is about
+    assert [cost(c) for c in "'<>&"] == [6, 6, 6, 6]
+    assert [cost(c) for c in '"\\'] == [2, 2]
+    assert cost("x") == 1
+
+
+FILLERS = ["x", "<", "'", "&", '"', "\\", "\x01", "\u00e9", "\U0001f600", "a<b\"c\\d&e'f\u00e9"]
+
+
+def _worst_document(filler: str, script: str) -> dict[str, object]:
     limits = _limits("remediate")
-    assert limits == _limits("detect")
-    error_text = 160  # Get-ErrorText cuts at 160; KmsHost is at most 253 ASCII characters
-    assert "return (Get-ShortText $text 160)" in code_text(source("detect"))
-    filler = "x"
-    document = {
+    cost = script_cost()
+
+    def cut(field: str) -> str:
+        return short_text(filler * 400, limits[field], cost)
+
+    error_text = short_text(filler * 400, 160, cost)  # Get-ErrorText cuts at 160
+    return {
         "schema": 2,
-        "script": "remediate",
+        "script": script,
         "os": {
-            "caption": filler * limits["caption"],
-            "version": filler * limits["version"],
+            "caption": cut("caption"),
+            "version": cut("version"),
             "build": 4294967295,
             "productType": 4294967295,
             "sku": 4294967295,
-            "editionId": filler * limits["editionId"],
+            "editionId": cut("editionId"),
         },
         "license": {
-            "name": filler * limits["name"],
-            "description": filler * limits["description"],
-            "productKeyChannel": filler * limits["productKeyChannel"],
-            "partialProductKey": filler * limits["partialProductKey"],
+            "name": cut("name"),
+            "description": cut("description"),
+            "productKeyChannel": cut("productKeyChannel"),
+            "partialProductKey": cut("partialProductKey"),
             "licenseStatus": 6,
             "graceMinutes": 4294967295,
-            "kmsMachine": filler * limits["kmsMachine"],
+            "kmsMachine": cut("kmsMachine"),
             "kmsPort": 65535,
-            "discoveredKmsMachine": filler * limits["discoveredKmsMachine"],
+            "discoveredKmsMachine": cut("discoveredKmsMachine"),
             "discoveredKmsPort": 65535,
         },
-        "kmsProbe": {"host": "h" * 253, "port": 65535, "reachable": False, "error": filler * error_text},
-        "attestation": None,
-        "steps": [{"name": name, "hresult": "0x00000000"} for name in STEP_NAMES],
-        "error": {"step": "read-license", "hresult": "0x80004005", "message": filler * limits["message"]},
+        # KmsHost passed the host-name check: at most 253 ASCII characters, none escaped
+        "kmsProbe": {"host": "h" * 253, "port": 65535, "reachable": False, "error": error_text},
+        "attestation": {"imdsReachable": True, "chainValid": False, "error": cut("error")},
+        "steps": [{"name": name, "hresult": "0x00000000"} for name in STEP_NAMES]
+        if script == "remediate"
+        else [],
+        "error": {"step": "read-license", "hresult": "0x80004005", "message": cut("message")},
     }
-    line = RESULT_MARKER + json.dumps(document, separators=(",", ":"))
-    assert len(line.encode("ascii")) < 3000
-    assert parse_result(line, expected_script="remediate").license is not None
+
+
+WORST_CASE_BYTES = 2831  # measured below; docs/guest-contract.md states it
+
+
+def test_worst_case_result_line_with_escape_heavy_content_stays_well_under_4_kb() -> None:
+    limits = _limits("remediate")
+    assert limits == _limits("detect")
+    assert limits["error"] == limits["message"] == 160
+    assert "return (Get-ShortText $text 160)" in code_text(source("detect"))
+    sizes: dict[str, int] = {}
+    for filler in FILLERS:
+        for script in ("detect", "remediate"):
+            line = RESULT_MARKER + ps51_json(_worst_document(filler, script))
+            assert line.isascii()
+            parsed = parse_result(line, expected_script=script)
+            assert parsed.license is not None and parsed.attestation is not None
+            sizes[f"{script} {filler!r}"] = len(line.encode("ascii"))
+    worst = max(sizes.values())
+    assert worst == WORST_CASE_BYTES, sizes
+    assert worst + 2 < 3000  # CRLF included: far from Run Command's 4,096-byte tail
+
+
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_error_only_lines_are_short(name: str) -> None:
+    guard = top_statements(source(name))[0]
+    version_line = written_line(commands(guard, "Write-Output")[0], {"$guardVersion": "2.0"})
+    catch = next(n for n in walk(function_node(source(name), "Write-Result")) if n.type == "catch_clause")
+    fallback = written_line(
+        commands(catch, "Write-Output")[0], {"$ResultMarker": RESULT_MARKER, "$ScriptName": name}
+    )
+    assert len(version_line) < 300 and len(fallback) < 300
+
+
+# --- AST helpers for the behaviour checks below ----------------------------------------------------
+
+
+def top_statements(src: bytes) -> list[Node]:
+    """The script's top-level statements after the param block, in order (comments left out)."""
+    root = PARSER.parse(src).root_node
+    lists = [child for child in root.children if child.type == "statement_list"]
+    assert len(lists) == 1
+    return [node for node in lists[0].children if node.type != "comment"]
+
+
+def function_node(src: bytes, name: str) -> Node:
+    found = [
+        node
+        for node in walk(PARSER.parse(src).root_node)
+        if node.type == "function_statement"
+        and any(child.type == "function_name" and text(child) == name for child in node.children)
+    ]
+    assert len(found) == 1, name
+    return found[0]
+
+
+def commands(node: Node, name: str) -> list[Node]:
+    return [
+        n
+        for n in walk(node)
+        if n.type == "command"
+        and any(c.type == "command_name" and text(c).lower() == name.lower() for c in n.children)
+    ]
+
+
+def concatenation(node: Node, variables: dict[str, str]) -> str:
+    """Value of an expression made only of single-quoted strings, known variables and ``+``."""
+    parts: list[str] = []
+
+    def visit(n: Node) -> None:
+        if n.type == "string_literal":
+            raw = text(n)
+            assert raw.startswith("'") and raw.endswith("'"), f"not a verbatim string: {raw[:40]}"
+            parts.append(raw[1:-1].replace("''", "'"))
+            return
+        if n.type == "variable":
+            parts.append(variables[text(n)])
+            return
+        if n.child_count == 0:
+            assert text(n) in ("+", "(", ")", " ", ""), f"not plain concatenation: {text(n)!r}"
+            return
+        for child in n.children:
+            visit(child)
+
+    visit(node)
+    return "".join(parts)
+
+
+def written_line(command: Node, variables: dict[str, str]) -> str:
+    """The one value a ``Write-Output (...)`` command writes."""
+    elements = [c for c in command.children if c.type == "command_elements"]
+    assert len(elements) == 1
+    return concatenation(elements[0], variables)
+
+
+# --- item 1: the PowerShell version guard ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_first_statement_after_param_is_the_version_guard(name: str) -> None:
+    guard = top_statements(source(name))[0]
+    assert guard.type == "if_statement"
+    condition = text(guard)[: text(guard).index("{")]
+    assert condition == "if ($null -eq $PSVersionTable -or $PSVersionTable.PSVersion.Major -lt 3) "
+    body = next(n for n in guard.children if n.type == "statement_block")
+    statements = [n for n in body.children[1].children if n.type != "comment"]
+    # prints exactly one line, then exits: nothing else runs, nothing is changed
+    assert len(commands(guard, "Write-Output")) == 1
+    assert text(statements[-1]) == "exit"
+    assert [n.type for n in walk(guard) if n.type in ("function_statement", "try_statement")] == []
+
+
+@pytest.mark.parametrize("version", ["2.0", "1.0"])
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_the_guard_line_is_a_valid_result_naming_the_version(name: str, version: str) -> None:
+    guard = top_statements(source(name))[0]
+    line = written_line(commands(guard, "Write-Output")[0], {"$guardVersion": version})
+    assert line.isascii()
+    assert line == (
+        RESULT_MARKER + '{"schema":2,"script":"' + name + '","os":null,"license":null,"kmsProbe":null,'
+        '"attestation":null,"steps":[],"error":{"step":"powershell-version","hresult":"0x80070032",'
+        '"message":"Windows PowerShell ' + version + ' is older than 3.0"}}'
+    )
+    result = parse_result("some text\n" + line + "\n", expected_script=name)
+    assert result.error is not None
+    assert (result.error.step, result.error.hresult) == (POWERSHELL_VERSION_STEP, "0x80070032")
+    assert result.error.message == f"Windows PowerShell {version} is older than 3.0"
+    assert (result.os, result.license, result.kms_probe, result.attestation, result.steps) == (
+        None,
+        None,
+        None,
+        None,
+        (),
+    )
+
+
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_the_guard_reads_major_and_minor_and_falls_back_to_1_0(name: str) -> None:
+    guard = text(top_statements(source(name))[0])
+    assert "$guardVersion = '1.0'" in guard
+    assert (
+        "$guardVersion = [string]$PSVersionTable.PSVersion.Major + '.' + [string]$PSVersionTable.PSVersion.Minor"
+        in guard
+    )
+
+
+# --- item 9: null product names and the write-result fallback ---------------------------------------
+
+
+def test_a_product_without_name_or_description_reports_empty_strings() -> None:
+    body = text(function_node(source("detect"), "Read-LicenseFacts"))
+    # [string]$null is '' in PowerShell; Get-OptionalString would give $null, which the parser rejects.
+    assert re.search(r"^\s+name\s+= Get-ShortText \(\[string\]\$product\.Name\) 120$", body, re.MULTILINE)
+    assert re.search(
+        r"^\s+description\s+= Get-ShortText \(\[string\]\$product\.Description\) 120$", body, re.MULTILINE
+    )
+    template = {"name": "", "description": ""}
+    assert set(template) <= set(re.findall(r"^\s+(\w+)\s+=", body, re.MULTILINE))
+
+
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_write_result_writes_inside_try_and_falls_back_to_a_fixed_line(name: str) -> None:
+    src = source(name)
+    assert f"$ScriptName = '{name}'" in code_text(src)
+    function = function_node(src, "Write-Result")
+    tries = [n for n in walk(function) if n.type == "try_statement"]
+    assert len(tries) == 1
+    body = next(n for n in tries[0].children if n.type == "statement_block")
+    catch = next(n for n in walk(tries[0]) if n.type == "catch_clause")
+    assert "ConvertTo-Json" in text(body)
+    assert len(commands(body, "Write-Output")) == 1, "the normal line is written inside try"
+    assert len(commands(function, "Write-Output")) == 2
+    fallback = written_line(
+        commands(catch, "Write-Output")[0], {"$ResultMarker": RESULT_MARKER, "$ScriptName": name}
+    )
+    result = parse_result(fallback, expected_script=name)
+    assert result.error is not None
+    assert (result.error.step, result.error.hresult) == (WRITE_RESULT_STEP, "0x80004005")
+    message = result.error.message
+    assert message.isascii() and message and not set(message) & set("\"\\'")
+    assert (result.os, result.license, result.kms_probe, result.attestation, result.steps) == (
+        None,
+        None,
+        None,
+        None,
+        (),
+    )
+
+
+# --- item 3: activate as slmgr /ato does -------------------------------------------------------------
+
+
+def _step_block(name: str) -> str:
+    for command in commands(PARSER.parse(source("remediate")).root_node, "Invoke-Step"):
+        if f"Invoke-Step '{name}'" in text(command):
+            return text(command)
+    raise AssertionError(name)
+
+
+def test_activate_refreshes_the_license_status_after_activate_like_slmgr_ato() -> None:
+    block = _step_block("activate")
+    assert "$products[0].Activate()" in block
+    assert "(Get-LicensingService).RefreshLicenseStatus()" in block
+    assert block.index("Activate()") < block.index("RefreshLicenseStatus()")
+    # a failed Activate() is reported as such, not hidden behind the refresh
+    assert "if ($activated -ne 0) { return $activated }" in block
+    assert block.index("return $activated") < block.index("RefreshLicenseStatus()")
+
+
+# --- item 8: the attestation fact on Azure Edition ---------------------------------------------------
+
+
+def test_attestation_is_read_only_on_azure_edition() -> None:
+    add_facts = text(function_node(source("detect"), "Add-Facts"))
+    assert (
+        "if ($null -ne $Result.os -and [string]$Result.os.editionId -clike 'ServerTurbine*') {" in add_facts
+    )
+    assert "$Result.attestation = Test-Attestation" in add_facts
+    for name in ("detect", "remediate"):
+        assert re.search(r"^    attestation\s+= \$null$", code_text(source(name)), re.MULTILINE)
+
+
+def test_attestation_fetches_the_attested_document_without_proxy_and_builds_the_chain() -> None:
+    function = text(function_node(source("detect"), "Test-Attestation"))
+    assert "'http://169.254.169.254/metadata/attested/document?api-version=2020-09-01'" in function
+    assert "$request.Headers.Add('Metadata', 'true')" in function
+    assert "$request.Proxy = $null" in function
+    assert "$request.Timeout = 5000" in function
+    assert "New-Object System.Security.Cryptography.X509Certificates.X509Chain" in function
+    assert "$chain.Build($certificate)" in function
+    keys = re.findall(r"^\s+(\w+)\s+=", function[function.rindex("[ordered]@{") :], re.MULTILINE)
+    assert keys == ["imdsReachable", "chainValid", "error"]
+    # chainValid stays null until IMDS answered
+    assert (
+        function.index("$chainValid = $null")
+        < function.index("$reachable = $true")
+        < function.index("$chainValid = $false")
+    )
+
+
+# --- item 10: the versions the headers claim ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_header_states_the_supported_powershell_versions(name: str) -> None:
+    raw = resources.files("shared.guest").joinpath(f"{name}.ps1").read_text(encoding="utf-8")
+    header = raw[: raw.index("param(")]
+    assert "Needs Windows PowerShell 3.0 or later" in header
+    assert "5.1 is the tested shape" in header
+    assert "2.0 it only prints the powershell-version error line" in header
+    assert "4.0 and 5.1" not in header
+
+
+def test_contract_states_the_versions_and_the_version_table() -> None:
+    contract = CONTRACT.read_text(encoding="utf-8")
+    assert (
+        "The\nscripts need Windows PowerShell 3.0 or later; 5.1 is the shape the tests hold them to"
+        in contract
+    )
+    assert "## PowerShell versions" in contract
+    table = json.loads((Path(__file__).parent / "data" / "ps-min-versions.json").read_text(encoding="utf-8"))
+    three = sorted(k for k, row in table["commands"].items() if row[1] == "3.0" and k != "invoke-restmethod")
+    assert three == ["convertfrom-json", "convertto-json", "get-ciminstance", "remove-typedata"]
+    for command in (
+        "ConvertTo-Json",
+        "ConvertFrom-Json",
+        "Get-CimInstance",
+        "Remove-TypeData",
+        "[ordered]",
+        "-NoProxy",
+    ):
+        assert command in contract[contract.index("## PowerShell versions") :], command
+    assert "**2,831 bytes**" in contract and "4.0 and 5.1" not in contract
+
+
+def test_readme_states_which_windows_versions_run_command_and_the_product_support() -> None:
+    readme = (CONTRACT.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Windows versions") : readme.index("## Outcomes")]
+    assert readme.index("## Using it on a real estate") < readme.index("## Windows versions")
+    assert "articles/virtual-machines/windows/run-command.md" in section
+    assert "Windows Server 2016, 2019, 2022 and 2025" in section
+    assert "2012, 2012 R2 and 2008 R2 are not on that list" in section
+    assert "| Server 2012 R2, 2012 | 4.0, 3.0 as shipped | best effort" in section
+    assert "`failed: powershell-version`" in section

@@ -40,15 +40,26 @@ function Get-HResult {
     return $code
 }
 
+function Get-JsonCost {
+    # Bytes one character takes in the result line. Windows PowerShell 5.1's ConvertTo-Json
+    # (JavaScriptSerializer, HttpUtility.JavaScriptStringEncode) writes " and \ as two bytes and
+    # ' < > & and control characters as \u00XX; Write-Result writes every character above 126 as
+    # \uXXXX. Control characters are charged 6 even where the encoder writes \n (2).
+    param([int]$Code)
+    if ($Code -lt 32 -or $Code -gt 126) { return 6 }
+    if ($Code -eq 39 -or $Code -eq 60 -or $Code -eq 62 -or $Code -eq 38) { return 6 }
+    if ($Code -eq 34 -or $Code -eq 92) { return 2 }
+    return 1
+}
+
 function Get-ShortText {
-    # Cut text so that, once non-ASCII characters are escaped as \uXXXX, it stays within $Max.
+    # Cut text so that, once written into the result line (escapes included), it takes at most $Max bytes.
     param($Value, [int]$Max = 120)
     if ($null -eq $Value) { return $null }
     $text = [string]$Value
     $length = 0
     for ($i = 0; $i -lt $text.Length; $i++) {
-        $cost = 1
-        if ([int]$text[$i] -gt 126 -or [int]$text[$i] -lt 32) { $cost = 6 }
+        $cost = Get-JsonCost ([int]$text[$i])
         if ($length + $cost -gt $Max) { return $text.Substring(0, $i) }
         $length = $length + $cost
     }
@@ -103,8 +114,9 @@ function Read-LicenseFacts {
     $channelProperty = $product.CimInstanceProperties['ProductKeyChannel']
     if ($null -ne $channelProperty) { $channel = $channelProperty.Value }
     return [ordered]@{
-        name                 = Get-OptionalString $product.Name 120
-        description          = Get-OptionalString $product.Description 120
+        # [string]$null is '': a product without a Name or Description still gives a readable line.
+        name                 = Get-ShortText ([string]$product.Name) 120
+        description          = Get-ShortText ([string]$product.Description) 120
         productKeyChannel    = Get-OptionalString $channel 40
         partialProductKey    = Get-OptionalString $product.PartialProductKey 10
         licenseStatus        = [int64]$product.LicenseStatus
@@ -154,6 +166,55 @@ function Test-KmsConnection {
     }
 }
 
+function Test-Attestation {
+    # Azure Edition only: fetch IMDS's attested document (no proxy, 5 s) and build its signing
+    # certificate's chain from the machine's stores, as Microsoft's IMDSCertCheck.ps1 does.
+    $reachable = $false
+    $chainValid = $null
+    $problem = $null
+    $response = $null
+    $reader = $null
+    try {
+        $uri = 'http://169.254.169.254/metadata/attested/document?api-version=2020-09-01'
+        $request = [System.Net.WebRequest]::Create($uri)
+        $request.Method = 'GET'
+        $request.Headers.Add('Metadata', 'true')
+        $request.Proxy = $null
+        $request.Timeout = 5000
+        $request.ReadWriteTimeout = 5000
+        $response = $request.GetResponse()
+        $reader = New-Object System.IO.StreamReader ($response.GetResponseStream())
+        $body = $reader.ReadToEnd()
+        $reachable = $true
+        $chainValid = $false
+        $document = ConvertFrom-Json -InputObject $body
+        $signature = [System.Convert]::FromBase64String([string]$document.signature)
+        # A PKCS#7 blob loads as the certificate that signed it.
+        $certificate = [System.Security.Cryptography.X509Certificates.X509Certificate2]$signature
+        $chain = New-Object System.Security.Cryptography.X509Certificates.X509Chain
+        if ($chain.Build($certificate)) {
+            $chainValid = $true
+        }
+        else {
+            $status = @($chain.ChainStatus)
+            $problem = 'certificate chain not built'
+            if ($status.Count -gt 0) { $problem = $problem + ': ' + [string]$status[0].Status }
+        }
+    }
+    catch {
+        $problem = Get-ErrorText $_
+    }
+    finally {
+        if ($null -ne $reader) { $reader.Close() }
+        if ($null -ne $response) { $response.Close() }
+    }
+    return [ordered]@{
+        imdsReachable = $reachable
+        chainValid    = $chainValid
+        error         = Get-ShortText $problem 160
+    }
+}
+
 function New-ScriptError {
     param([string]$Step, $Code, [string]$Message)
     return [ordered]@{
@@ -164,19 +225,27 @@ function New-ScriptError {
 }
 
 function Write-Result {
-    # The marked line is written last, as compact JSON with every non-ASCII character escaped.
-    param($Result)
-    $json = ConvertTo-Json -InputObject $Result -Compress -Depth 5
-    $builder = New-Object System.Text.StringBuilder
-    foreach ($character in $json.ToCharArray()) {
-        if ([int]$character -gt 126) { $null = $builder.AppendFormat('\u{0:x4}', [int]$character) }
-        else { $null = $builder.Append($character) }
+    # The marked line is written last, as compact JSON with every non-ASCII character escaped. If
+    # building or writing it fails, a fixed line built from plain strings is written instead.
+    param($Result, $Steps)
+    try {
+        if ($null -ne $Steps) { $Result.steps = [object[]]$Steps.ToArray() }
+        $json = ConvertTo-Json -InputObject $Result -Compress -Depth 5
+        $builder = New-Object System.Text.StringBuilder
+        foreach ($character in $json.ToCharArray()) {
+            if ([int]$character -gt 126) { $null = $builder.AppendFormat('\u{0:x4}', [int]$character) }
+            else { $null = $builder.Append($character) }
+        }
+        Write-Output ($ResultMarker + $builder.ToString())
     }
-    Write-Output ($ResultMarker + $builder.ToString())
+    catch {
+        Write-Output ($ResultMarker + '{"schema":2,"script":"' + $ScriptName + '","os":null,"license":null,"kmsProbe":null,"attestation":null,"steps":[],"error":{"step":"write-result","hresult":"0x80004005","message":"the result line could not be built or written"}}')
+    }
 }
 
-# Reads the OS and licensing facts and probes the KMS into $Result (both scripts end with this);
-# a fact that cannot be read becomes $Result.error naming the step.
+# Reads the OS and licensing facts, probes the KMS and, on Azure Edition (EditionID ServerTurbine*),
+# checks the IMDS attestation into $Result (both scripts end with this); a fact that cannot be read
+# becomes $Result.error naming the step.
 function Add-Facts($Result, [string]$HostName, [int]$Port) {
     $step = 'read-os'
     try {
@@ -189,4 +258,7 @@ function Add-Facts($Result, [string]$HostName, [int]$Port) {
         $Result.error = New-ScriptError $step (Get-HResult $_) (Get-ErrorText $_)
     }
     $Result.kmsProbe = Test-KmsConnection $HostName $Port
+    if ($null -ne $Result.os -and [string]$Result.os.editionId -clike 'ServerTurbine*') {
+        $Result.attestation = Test-Attestation
+    }
 }

@@ -2,7 +2,8 @@
 # Moves this Windows VM to KMS activation against the cloud's KMS host (install the KMS client
 # setup key when asked, clear the KMS cache, set host and port, refresh, activate), then reads the
 # facts again and prints them with each step's HRESULT as one marked JSON line
-# (docs/guest-contract.md). Windows PowerShell 4.0 and 5.1. Steps stop at the first failure.
+# (docs/guest-contract.md). Steps stop at the first failure. Needs Windows PowerShell 3.0 or later
+# (5.1 is the tested shape); on 2.0 it only prints the powershell-version error line.
 param(
     [string]$ProductKey = '',
     [string]$KmsHost = '',
@@ -10,12 +11,24 @@ param(
     [string]$InstallKey = ''
 )
 
+# Windows PowerShell 2.0 (Server 2008 R2) parses this file but cannot run the rest of it: before
+# anything else, print one marked line built from plain strings and stop, changing nothing.
+if ($null -eq $PSVersionTable -or $PSVersionTable.PSVersion.Major -lt 3) {
+    $guardVersion = '1.0'
+    if ($null -ne $PSVersionTable) {
+        $guardVersion = [string]$PSVersionTable.PSVersion.Major + '.' + [string]$PSVersionTable.PSVersion.Minor
+    }
+    Write-Output ('AVMA-REMEDIATOR-RESULT {"schema":2,"script":"remediate","os":null,"license":null,"kmsProbe":null,"attestation":null,"steps":[],"error":{"step":"powershell-version","hresult":"0x80070032","message":"Windows PowerShell ' + $guardVersion + ' is older than 3.0"}}')
+    exit
+}
+
 $ErrorActionPreference = 'Stop'
 $ProgressPreference = 'SilentlyContinue'
 # Windows PowerShell 5.1 gives arrays an extra Count member that ConvertTo-Json would print.
 try { Remove-TypeData -TypeName System.Array -ErrorAction Stop } catch { $null = $_ }
 
 $ResultMarker = 'AVMA-REMEDIATOR-RESULT '
+$ScriptName = 'remediate'
 $WindowsAppId = '55c92734-d682-4d71-983e-d6ec3f16059f'
 $HostPattern = '\A(?=.{1,253}\z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\z'
 $PortPattern = '\A[0-9]{1,5}\z'
@@ -67,7 +80,7 @@ function Invoke-Step {
 
 $result = [ordered]@{
     schema   = 2
-    script   = 'remediate'
+    script   = $ScriptName
     os       = $null
     license  = $null
     kmsProbe = $null
@@ -118,7 +131,10 @@ try {
             $products = @(Get-WmiObject -Class SoftwareLicensingProduct -Filter $filter | Where-Object { -not $_.LicenseIsAddon })
             # 0x80070490 (element not found): no single Windows product with a key to activate.
             if ($products.Count -ne 1) { return [int64]2147943568 }
-            Get-ReturnValue ($products[0].Activate())
+            $activated = Get-ReturnValue ($products[0].Activate())
+            if ($activated -ne 0) { return $activated }
+            # slmgr.vbs /ato refreshes the license status after Activate() before reading it.
+            Get-ReturnValue ((Get-LicensingService).RefreshLicenseStatus())
         }
 
         Add-Facts $result $KmsHost ([int]$KmsPort)
@@ -128,5 +144,4 @@ catch {
     $result.error = New-ScriptError 'script' (Get-HResult $_) (Get-ErrorText $_)
 }
 
-$result.steps = [object[]]$steps.ToArray()
-Write-Result $result
+Write-Result $result $steps
