@@ -229,9 +229,9 @@ def avma_problem(edition_id: str, build: int, product_type: int) -> str | None:
         return f"AVMA activates only Windows Server guests; productType 1 is a workstation ({AVMA_SOURCE})"
     if known_edition(edition_id) and key_for("AVMA", edition_id, build) is None:
         return (
-            f"no AVMA key fits EditionID {edition_id} on build {build}: AVMA keys exist for Datacenter, "
-            f"Standard, Essentials (2012 R2-2019) and Datacenter: Azure Edition (2022, 2025) only "
-            f"({AVMA_SOURCE}, AVMA keys)"
+            f"no AVMA key fits EditionID {edition_id} on build {build}: AVMA keys exist for Datacenter "
+            f"and Standard (2012 R2 and later), Essentials (2012 R2-2019) and Datacenter: Azure Edition "
+            f"(2022, 2025) only ({AVMA_SOURCE}, AVMA keys)"
         )
     return None
 
