@@ -363,7 +363,8 @@ def _vm(raw: object, path: str) -> VmSpec:
         if not _COMPUTER_NAME.match(computer_name):
             raise EstateError(
                 f"{path}.computerName",
-                f"not a Windows computer name (1-15 letters, digits, hyphens, not all digits): {computer_name[:60]!r}",
+                "not a Windows computer name (1-15 letters, digits, hyphens, not all digits): "
+                f"{computer_name[:60]!r}",
             )
     log_resource_id = _bool(obj.get("logResourceId", True), f"{path}.logResourceId")
     create_option = _choice(obj.get("createOption", "FromImage"), f"{path}.createOption", CREATE_OPTIONS)
