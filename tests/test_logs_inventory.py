@@ -407,3 +407,24 @@ async def test_resource_graph_evaluates_only_the_property_a_query_names(
             await ids(cred, "tostring(properties.osProfile.computerName) =~ 'ERPSRV01' or name =~ 'ERPSRV01'")
             == []
         )
+
+
+async def test_resolve_computer_finds_a_vm_whose_name_has_dots_by_that_whole_name(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VM names may contain dots; the whole text is tried against ``name``, not only its first label."""
+    dotted = vm_id(SUB_A, "rg-migrated", "erp.prod-01")
+    estate = {
+        "subscriptions": [SUB_A],
+        "vms": [
+            windows(
+                SUB_A, "rg-migrated", "erp.prod-01", "AVMA", createOption="Attach", computerName="ERPSRV09"
+            )
+        ],
+    }
+    sim = sim_factory(Estate.from_dict(estate))
+    monkeypatch.setenv("IDENTITY_ENDPOINT", sim.identity_endpoint)
+    monkeypatch.setenv("IDENTITY_HEADER", sim.identity_header)
+    async with ManagedIdentityCredential() as cred, Inventory(cred, settings(sim)) as inventory:
+        assert await inventory.resolve_computer("erp.prod-01") == [VmId.parse(dotted)]
+        assert await inventory.resolve_computer("erp") == []
