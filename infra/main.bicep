@@ -261,8 +261,8 @@ module monitoringPolicy 'app/monitoring-policy.bicep' = if (assignMonitoringPoli
 module monitoringPolicyRoles 'app/subscription-roles.bicep' = if (assignMonitoringPolicies) {
   name: 'monitoring-policy-roles-${resourceToken}'
   params: {
-    principalId: assignMonitoringPolicies ? monitoringPolicy.outputs.principalId : ''
-    roleDefinitionIds: assignMonitoringPolicies ? monitoringPolicy.outputs.roleDefinitionIds : []
+    principalId: assignMonitoringPolicies ? monitoringPolicy!.outputs.principalId : ''
+    roleDefinitionIds: assignMonitoringPolicies ? monitoringPolicy!.outputs.roleDefinitionIds : []
   }
 }
 

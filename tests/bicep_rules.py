@@ -29,6 +29,9 @@ Source: github.com/Azure/bicep at commit 9beb0fee60ca53458f41492b699af440367b240
 - src/Bicep.Core/TypeSystem/Providers/ResourceTypeResolver.cs: an `existing` resource whose name,
   scope or parent is itself not a deploy-time constant loses `id` (and that identifier) from its
   readable properties.
+- src/Bicep.Core/TypeSystem/TypeAssignmentVisitor.cs (IsPotentiallyDisabledResourceOrModule, since
+  commit cc79971cfd): BCP318, a warning, for a property of a conditional resource or module read
+  with `.` rather than `.?` or after a non-null assertion `!` (id, name, type, apiVersion exempt).
 - src/Bicep.Core/Emit/EmitLimitationCalculator.cs: duplicate resource names (BCP121) and module
   deployment names (BCP122) at one scope, loop names that do not vary (BCP179), names that differ
   only in case (BCP353).
@@ -861,9 +864,53 @@ class Checker:
                         )
         return found
 
+    # possibly-null access ------------------------------------------------------------------------
+
+    def null_access(self, f: BicepFile) -> list[Finding]:
+        """BCP318 (a warning): a property of a resource or module whose condition is not literally
+        true, read with `.` (TypeAssignmentVisitor.cs, IsPotentiallyDisabledResourceOrModule): the
+        compiler does not narrow through a ternary on the same condition. `.?` and a non-null
+        assertion (`res!.x`) are the compiler's fixes; id, name, type and apiVersion of a resource
+        (EmitConstants.ResourceInfoProperties) and a module's name are exempt. Not modelled: the
+        condition of a parent resource, and `@nullIfNotFound()` existing resources."""
+        conditional = {
+            d.name: d
+            for d in [*f.all_resources(), *(m for m in f.decls if m.kind == "module")]
+            if d.body is not None and d.body.condition is not None and self._text(d.body.condition) != "true"
+        }
+        found: list[Finding] = []
+        for value in self._every_expression(f):
+            toks = [t for t in flatten(value) if t.kind != "nl"]
+            bound = _bound_names(toks)
+            for j, t in enumerate(toks):
+                d = conditional.get(t.text) if t.kind == "id" else None
+                if d is None or t.text in bound:
+                    continue
+                if j and toks[j - 1].kind == "op" and toks[j - 1].text in (".", ".?", "::"):
+                    continue
+                k = j + 1
+                if d.collection and k < len(toks) and toks[k].text == "[":
+                    k = matching(toks, k) + 1
+                if k + 1 >= len(toks) or toks[k].text != "." or toks[k + 1].kind != "id":
+                    continue  # `.?`, `!`, a whole reference or a key
+                prop = toks[k + 1].text
+                exempt = {"name"} if d.kind == "module" else {"id", "name", "type", "apiVersion"}
+                if prop not in exempt:
+                    found.append(
+                        Finding(
+                            f.name,
+                            t.line,
+                            "BCP318",
+                            f"{d.name}.{prop}: {d.name} may be null (condition "
+                            f"{self._text(d.body.condition if d.body else None)}); use .? or {d.name}!",
+                        )
+                    )
+        return found
+
     def all(self, f: BicepFile) -> list[Finding]:
         return [
             *self.deploy_time_constants(f),
+            *self.null_access(f),
             *self.names(f),
             *self.undeclared(f),
             *self.unused(f),

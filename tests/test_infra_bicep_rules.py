@@ -100,6 +100,9 @@ MUTANTS = [
     ("main.bicep", "  name: 'identity'\n  scope: rg\n", "  name: 'identity'\n  scope: subscription()\n", "BCP134", "identity targets resourceGroup"),
     # BCP053: a module output that the module does not declare.
     ("main.bicep", "output AZURE_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId", "output AZURE_IDENTITY_PRINCIPAL_ID string = identity.outputs.objectId", "BCP053", "objectId"),
+    # BCP318: a conditional resource's or module's property read with `.`, even in a ternary on its condition.
+    ("app/events.bicep", "createSystemTopic ? systemTopic!.identity", "createSystemTopic ? systemTopic.identity", "BCP318", "systemTopic.identity"),
+    ("main.bicep", "monitoringPolicy!.outputs.principalId", "monitoringPolicy.outputs.principalId", "BCP318", "monitoringPolicy.outputs"),
 ]  # fmt: skip
 
 
@@ -154,3 +157,32 @@ resource rg 'Microsoft.Resources/resourceGroups@2024-07-01' = {
 """
     f = parse(src, "x.bicep")
     assert Checker({"x.bicep": f}).all(f) == []
+
+
+def test_a_conditional_resource_or_module_is_read_with_a_safe_access_or_an_assertion() -> None:
+    """BCP318 (TypeAssignmentVisitor.cs IsPotentiallyDisabledResourceOrModule; commit cc79971cfd):
+    `.` on a resource or module whose condition is not literally true warns, a ternary on the same
+    condition does not narrow it; `.?`, `!`, the resource's id/name/type/apiVersion and a module's
+    name do not warn, nor does a resource that is always deployed."""
+    src = """
+param c bool
+resource t 'Microsoft.EventGrid/systemTopics@2025-02-15' = if (c) {
+  name: 'topic'
+  location: 'global'
+}
+resource always 'Microsoft.EventGrid/systemTopics@2025-02-15' = if (true) {
+  name: 'other'
+  location: 'global'
+}
+module m 'm.bicep' = if (c) {
+  name: 'm'
+}
+output a string = c ? t.identity.principalId : ''
+output b string = t.?identity.principalId ?? ''
+output d string = c ? t!.identity.principalId : ''
+output e string = '${t.id}${t.name}${t.type}${t.apiVersion}${m.name}${always.identity.principalId}'
+output g string = c ? m.outputs.x : ''
+"""
+    f = parse(src, "x.bicep")
+    found = Checker({"x.bicep": f}).null_access(f)
+    assert [(x.code, x.line) for x in found] == [("BCP318", 14), ("BCP318", 18)]

@@ -351,6 +351,24 @@ async def test_resolve_computer_finds_an_attached_vm_by_its_guest_reported_name(
     assert "properties.extended.instanceView.computerName" in resolve_query("ERPSRV01")
 
 
+async def test_resolve_computer_takes_the_long_fqdn_of_a_domain_joined_vm(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Event.Computer of a domain-joined VM is its FQDN; an AD domain can take it past 64 characters."""
+    fqdn = "erpsrv01.emea.corp.contoso-international-holdings.example.com"
+    longer = "erpsrv01." + "finance-and-accounting-emea." * 4 + "example.com"  # 132 characters
+    assert len(fqdn) > 60 and len(longer) > 64
+    sim = sim_factory(Estate.from_dict(ATTACHED_ESTATE))
+    monkeypatch.setenv("IDENTITY_ENDPOINT", sim.identity_endpoint)
+    monkeypatch.setenv("IDENTITY_HEADER", sim.identity_header)
+    async with ManagedIdentityCredential() as cred, Inventory(cred, settings(sim)) as inventory:
+        assert await inventory.resolve_computer(fqdn) == [VmId.parse(MIGRATED)]
+        assert await inventory.resolve_computer(longer) == [VmId.parse(MIGRATED)]
+    for hostile in ("a" * 64 + ".example.com", "erpsrv01..example.com", "erpsrv01.", "x" * 250 + ".com"):
+        with pytest.raises(ValueError, match="not a computer name"):
+            resolve_query(hostile)
+
+
 async def test_resource_graph_evaluates_only_the_property_a_query_names(
     sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -389,3 +407,24 @@ async def test_resource_graph_evaluates_only_the_property_a_query_names(
             await ids(cred, "tostring(properties.osProfile.computerName) =~ 'ERPSRV01' or name =~ 'ERPSRV01'")
             == []
         )
+
+
+async def test_resolve_computer_finds_a_vm_whose_name_has_dots_by_that_whole_name(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VM names may contain dots; the whole text is tried against ``name``, not only its first label."""
+    dotted = vm_id(SUB_A, "rg-migrated", "erp.prod-01")
+    estate = {
+        "subscriptions": [SUB_A],
+        "vms": [
+            windows(
+                SUB_A, "rg-migrated", "erp.prod-01", "AVMA", createOption="Attach", computerName="ERPSRV09"
+            )
+        ],
+    }
+    sim = sim_factory(Estate.from_dict(estate))
+    monkeypatch.setenv("IDENTITY_ENDPOINT", sim.identity_endpoint)
+    monkeypatch.setenv("IDENTITY_HEADER", sim.identity_header)
+    async with ManagedIdentityCredential() as cred, Inventory(cred, settings(sim)) as inventory:
+        assert await inventory.resolve_computer("erp.prod-01") == [VmId.parse(dotted)]
+        assert await inventory.resolve_computer("erp") == []

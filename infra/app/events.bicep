@@ -38,4 +38,4 @@ output name string = systemTopicName
 output resourceGroupName string = systemTopicResourceGroup
 // Only the branch the condition picks is evaluated (ARM if()), so the existing topic is read only
 // when it is used; without a system-assigned identity it has no principalId and this fails.
-output principalId string = createSystemTopic ? systemTopic.identity.principalId : existingSystemTopic.identity.principalId
+output principalId string = createSystemTopic ? systemTopic!.identity.principalId : existingSystemTopic.identity.principalId

@@ -26,7 +26,7 @@ from azure.mgmt.resourcegraph.aio import ResourceGraphClient
 from azure.mgmt.resourcegraph.models import QueryRequest, QueryRequestOptions
 
 from shared.azure.transport import PooledClient
-from shared.model import VmId
+from shared.model import VmId, is_host_name
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,6 @@ WINDOWS_VMS_QUERY: Final = """Resources
 | where tostring(properties.storageProfile.osDisk.osType) =~ 'Windows'
 | project id
 | order by id asc"""
-# Resource Graph has no query parameters: names are validated against this (no quote can pass)
-# and only then placed between quotes. Event.Computer may be an FQDN, hence dots.
-_COMPUTER_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
 
 
 class InventoryError(Exception):
@@ -68,10 +65,15 @@ def resolve_query(computer: str) -> str:
     guest-reported ``extended.instanceView.computerName`` (what ``Event.Computer`` carries), and the
     VM name. Windows computer names have no dots, so an FQDN also matches on its first label; VM
     names may contain dots, so the full text is tried against ``name`` too.
+
+    Resource Graph has no query parameters: the name must be a host name (``is_host_name``: no
+    quote can pass) before it is placed between quotes. ``Event.Computer`` is the FQDN of a
+    domain-joined VM: labels of up to 63 characters, 253 in all (RFC 1123), which can exceed 64.
     """
-    if not isinstance(computer, str) or not _COMPUTER_NAME.fullmatch(computer):
+    if not is_host_name(computer):
         raise ValueError(
-            f"not a computer name (letters, digits, '-', '.'; at most 64): {str(computer)[:80]!r}"
+            "not a computer name (a host name: labels of letters, digits and inner hyphens, "
+            f"at most 63 each, joined by dots): {str(computer)[:80]!r}"
         )
     names = list(dict.fromkeys([computer.split(".")[0], computer]))
     tests = [
