@@ -457,3 +457,58 @@ async def test_sweep_timer_enqueues_windows_vms_not_verified_recently(
     assert ids == windows  # not web-01 (verified), not the Linux VM
     assert all(m["reason"] == "sweep" for m in queued)
     assert os.environ["REMEDIATION_MODE"] == "enforce"
+
+
+# --- issue 9, item 7: transient is not terminal --------------------------------------------------
+
+
+async def test_a_throttled_computer_lookup_is_deferred_then_resolved_never_poisoned(
+    app_env: dict[str, str], sim: Simulator
+) -> None:
+    """Resource Graph throttling while resolving a computer name used to raise on every delivery,
+    so after five the item ended ``failed: poison``; it is a recorded deferral, then resolved."""
+    alert = v2_alert(dimensions=[dim("Computer", "DB-03")], targets=[])
+    await user("alert_webhook")(
+        func.HttpRequest(method="POST", url="/api/alerts", body=json.dumps(alert).encode())
+    )
+    sim.throttle_resource_graph(100, resets_after_s=0)
+    handled = await drain(app_env, rounds=1)  # the host deletes the message: the invocation succeeded
+    assert [m["computer"] for m in handled] == ["DB-03"]
+    rows = await history(app_env, "computer:DB-03")
+    assert [(r["outcome"], r["reason"]) for r in rows] == [("deferred", "throttled")]
+    assert rows[0]["details"]["nextAttempt"] == 1
+    sim.throttle_resource_graph(0)
+    async with queue_client(app_env) as queue:
+        assert await queue.peek_messages() == []  # invisible for DEFER_DELAY_SECONDS
+    await asyncio.sleep(1.2)
+    retried = await drain(app_env)
+    assert (retried[0].get("computer"), retried[0]["attempt"]) == ("DB-03", 1)
+    assert licensed(sim, "db-03")
+    assert all(r["reason"] != "poison" for r in await history(app_env, "computer:DB-03"))
+
+
+async def test_a_long_retry_after_defers_the_item_by_at_least_that_long_without_holding_the_worker(
+    app_env: dict[str, str], sim: Simulator
+) -> None:
+    body = json.dumps({"reason": "alert", "computer": "DB-03", "correlationId": "ra-1"})
+    sim.throttle_resource_graph(1, resets_after_s=600, retry_after_s=600)
+    await asyncio.wait_for(user("vm_check")(QueueMessage(id="m1", body=body.encode())), timeout=15)
+    rows = await history(app_env, "computer:DB-03")
+    assert [(r["outcome"], r["reason"]) for r in rows] == [("deferred", "throttled")]
+    assert 600 <= rows[0]["details"]["retryInS"] <= 6 * 3600
+    assert [q["status"] for q in sim.graph_queries()] == [429]
+    async with queue_client(app_env) as queue:
+        assert await queue.peek_messages() == []  # the retry waits the 10 minutes the service asked for
+
+
+async def test_a_throttled_lookup_past_the_deadline_is_recorded_as_failed(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEFER_DEADLINE_HOURS", "0")
+    body = json.dumps({"reason": "alert", "computer": "DB-03", "correlationId": "dl-1", "attempt": 3})
+    sim.throttle_resource_graph(100, resets_after_s=0)
+    await user("vm_check")(QueueMessage(id="m1", body=body.encode()))
+    rows = await history(app_env, "computer:DB-03")
+    assert [(r["outcome"], r["reason"]) for r in rows] == [("failed", "deadline-exceeded:throttled")]
+    async with queue_client(app_env) as queue:
+        assert await queue.peek_messages() == []
