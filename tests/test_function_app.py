@@ -78,6 +78,7 @@ def test_every_function_and_its_trigger() -> None:
         "sweep",
         "vm_check",
         "vm_check_poison",
+        "poison_drain",
         "status",
     }
     assert bindings("vm_write_event")["event"]["type"] == "eventGridTrigger"
@@ -512,3 +513,86 @@ async def test_a_throttled_lookup_past_the_deadline_is_recorded_as_failed(
     assert [(r["outcome"], r["reason"]) for r in rows] == [("failed", "deadline-exceeded:throttled")]
     async with queue_client(app_env) as queue:
         assert await queue.peek_messages() == []
+
+
+# --- issue 9, item 6: nothing may end where nothing reads it -------------------------------------
+
+LAST_RESORT = POISON_QUEUE + "-poison"  # where the host moves what the poison handler failed on
+
+
+async def last_resort_queue(env: dict[str, str]) -> QueueClient:
+    queue = queue_client(env, LAST_RESORT)
+    try:
+        await queue.create_queue()
+    except Exception:  # there from an earlier test: empty it
+        await queue.clear_messages()
+    return queue
+
+
+def test_the_last_resort_queue_is_read_by_a_timer() -> None:
+    timer = bindings("poison_drain")["timer"]
+    assert timer["type"] == "timerTrigger" and timer["runOnStartup"] is False
+    assert timer["schedule"] == "0 */10 * * * *"  # every ten minutes, whatever the app settings say
+
+
+async def test_the_last_resort_queue_is_drained_into_the_ledger_once_storage_is_back(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Table outage long enough for the poison handler to fail five times leaves its messages in
+    vm-checks-poison-poison; the drain records each as failed: poison, and deletes only what it recorded."""
+    from shared import ledger as ledger_module
+
+    item = {"reason": "vm-created", "vmId": vm_id("web-01"), "correlationId": "lr-1", "attempt": 2}
+    async with await last_resort_queue(app_env) as queue:
+        await queue.send_message(json.dumps(item))
+        await queue.send_message("not a work item \x00")
+
+        # Storage still down (every ledger write fails): nothing is deleted, nothing recorded.
+        original = ledger_module.Ledger.record_event
+
+        async def down(*_: Any, **__: Any) -> None:
+            raise ledger_module.LedgerError("ledger write failed: table service unavailable")
+
+        monkeypatch.setattr(ledger_module.Ledger, "record_event", down)
+        from shared import triggers
+
+        summary = await triggers.drain_last_resort(visibility_s=1)
+        assert summary["recorded"] == 0 and "table service unavailable" in summary["stopped"]
+        monkeypatch.setattr(ledger_module.Ledger, "record_event", original)
+        async with Ledger.from_settings(Settings.from_env(app_env)) as ledger:
+            assert await ledger.history(VmId.parse(vm_id("web-01"))) == []
+        assert (await queue.get_queue_properties()).approximate_message_count == 2
+
+        # Back: the next run of the timer (the messages visible again) records both, empties the queue.
+        await asyncio.sleep(1.1)
+        await user("poison_drain")(TimerRequest(past_due=False))
+        assert await queue.peek_messages() == []
+    rows = await history(app_env, vm_id("web-01"))
+    assert [(r["outcome"], r["reason"], r["correlationId"]) for r in rows] == [("failed", "poison", "lr-1")]
+    assert rows[0]["details"]["lastResort"] is True
+    unparsable = await history(app_env, "unparsable-message")
+    assert [(r["outcome"], r["reason"]) for r in unparsable] == [("failed", "poison")]
+    assert "not a work item" in unparsable[0]["details"]["body"]
+
+
+async def test_a_poison_row_the_ledger_refuses_is_recorded_under_the_last_resort_target(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row refused for its target (not for storage being down) is never retried into the
+    last-resort queue: it is recorded under last-resort-message, with the body."""
+    from shared import ledger as ledger_module
+
+    original = ledger_module.Ledger.record_event
+
+    async def refuse_vm_rows(self: Any, target: str, *args: Any, **kwargs: Any) -> None:
+        if str(target).startswith("/subscriptions/"):
+            raise ledger_module.LedgerError("ledger record failed: OutOfRangeInput")
+        await original(self, target, *args, **kwargs)
+
+    monkeypatch.setattr(ledger_module.Ledger, "record_event", refuse_vm_rows)
+    body = json.dumps({"reason": "alert", "vmId": vm_id("app-02"), "correlationId": "rf-1"})
+    await user("vm_check_poison")(QueueMessage(id="p1", body=body.encode(), dequeue_count=1))
+    monkeypatch.setattr(ledger_module.Ledger, "record_event", original)
+    rows = await history(app_env, "last-resort-message")
+    assert [(r["outcome"], r["reason"], r["correlationId"]) for r in rows] == [("failed", "poison", "rf-1")]
+    assert rows[0]["details"]["target"].lower() == vm_id("app-02").lower()
