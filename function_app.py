@@ -101,7 +101,7 @@ async def vm_check_poison(msg: func.QueueMessage) -> None:
 
 
 # A fixed schedule, not an app setting: the last resort must not depend on a setting a deployment
-# could leave out (a timer whose %SETTING% is missing does not run), and one empty read every ten
+# could leave out (a timer whose schedule setting is missing does not run), and one empty read every ten
 # minutes costs nothing.
 LAST_RESORT_DRAIN_SCHEDULE = "0 */10 * * * *"
 
