@@ -9,6 +9,7 @@ import datetime as dt
 import functools
 import json
 import os
+import re
 import typing
 import uuid
 from collections.abc import Iterator
@@ -596,3 +597,14 @@ async def test_a_poison_row_the_ledger_refuses_is_recorded_under_the_last_resort
     rows = await history(app_env, "last-resort-message")
     assert [(r["outcome"], r["reason"], r["correlationId"]) for r in rows] == [("failed", "poison", "rf-1")]
     assert rows[0]["details"]["target"].lower() == vm_id("app-02").lower()
+
+
+def test_the_bicep_alerts_on_what_the_drain_logs_when_the_last_resort_queue_held_anything() -> None:
+    from tests.test_infra_contract import resources
+
+    rule = next(r.body for r in resources("app/monitoring.bicep") if r.symbol == "lastResortQueueAlert")
+    query = rule["properties"]["criteria"]["allOf"][0]["query"]
+    prefixes = re.findall(r'Message startswith "([^"]+)"', query)
+    source = (ROOT / "shared" / "lastresort.py").read_text()
+    assert prefixes and all(f'"{p}' in source for p in prefixes)  # the lines the drain logs
+    assert rule["properties"]["criteria"]["allOf"][0]["threshold"] == 0
