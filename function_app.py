@@ -1,7 +1,8 @@
 """Azure Functions app (Python v2 programming model): thin adapters around ``shared.triggers``.
 
 Every trigger feeds the ``vm-checks`` queue; one queue-triggered worker runs the per-VM workflow;
-the poison queue's handler records what the host gave up on. No decisions are made here.
+the poison queue's handler records what the host gave up on, and a timer records what that handler
+could not (the last-resort queue). No decisions are made here.
 """
 
 from __future__ import annotations
@@ -97,6 +98,22 @@ async def vm_check(msg: func.QueueMessage) -> None:
 async def vm_check_poison(msg: func.QueueMessage) -> None:
     """Messages the host gave up on (``maxDequeueCount``): recorded as ``failed: poison``."""
     await triggers.poison(msg.get_body().decode("utf-8", errors="replace"))
+
+
+# A fixed schedule, not an app setting: the last resort must not depend on a setting a deployment
+# could leave out (a timer whose schedule setting is missing does not run), and one empty read every ten
+# minutes costs nothing.
+LAST_RESORT_DRAIN_SCHEDULE = "0 */10 * * * *"
+
+
+@app.function_name("poison_drain")
+@app.timer_trigger(
+    arg_name="timer", schedule=LAST_RESORT_DRAIN_SCHEDULE, run_on_startup=False, use_monitor=True
+)
+async def poison_drain(timer: func.TimerRequest) -> None:
+    """``vm-checks-poison-poison`` (what the poison handler could not record) → ledger, then deleted."""
+    summary = await triggers.drain_last_resort()
+    logging.info("last-resort drain (past due: %s): %s", timer.past_due, summary)
 
 
 @app.function_name("status")

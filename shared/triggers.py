@@ -30,10 +30,10 @@ from shared.intake import (
     from_event_grid,
     from_log_rows,
 )
+from shared.lastresort import DrainQueue, drain, record_poison
 from shared.ledger import Ledger, TableMissing
-from shared.model import Outcome, OutcomeKind, Trigger, WorkItem
+from shared.model import Outcome, Trigger, WorkItem
 from shared.settings import POISON_QUEUE, WORK_QUEUE, Settings
-from shared.telemetry import log_outcome
 from shared.worker import Worker
 from shared.workflow import Remediator
 from shared.workqueue import QueueMissing, WorkQueue
@@ -199,28 +199,14 @@ async def work(body: str, *, env: Mapping[str, str] | None = None) -> list[Outco
 
 
 async def poison(body: str, *, env: Mapping[str, str] | None = None) -> None:
-    """A message the host gave up on: record ``failed: poison`` so no work item disappears unrecorded."""
-    target, trigger, correlation, attempt = "unparsable-message", "queue", "", 0
-    try:
-        item = WorkItem.from_dict(json.loads(body))
-        target, trigger = item.target, item.reason.value
-        correlation, attempt = item.correlation_id, item.attempt
-    except (ValueError, TypeError, RecursionError):  # not a work item: recorded under its body
-        pass
+    """A message the host gave up on: record ``failed: poison`` so no work item disappears unrecorded.
+
+    A row refused under the message's own target is written under ``last-resort-message`` instead;
+    if the ledger cannot be written at all this raises, and after ``maxDequeueCount`` the host moves
+    the message to ``vm-checks-poison-poison``, which :func:`drain_last_resort` reads."""
     async with Runtime.open(env) as runtime:
         ledger = await runtime.ledger()
-        await ledger.record_event(
-            target,
-            OutcomeKind.FAILED.value,
-            "poison",
-            hint="The worker failed on this item repeatedly; see the function's logs for the exception.",
-            details={"body": body[:1000]},
-            trigger=trigger,
-            correlation_id=correlation,
-            attempt=attempt,
-        )
-    outcome = Outcome(target, OutcomeKind.FAILED, "poison")
-    log_outcome(outcome, trigger=trigger, correlation_id=correlation, attempt=attempt)
+        await record_poison(ledger, body)
 
 
 async def status(*, recent: int = 20, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -229,10 +215,27 @@ async def status(*, recent: int = 20, env: Mapping[str, str] | None = None) -> d
         return await ledger.status(recent=recent)
 
 
+async def drain_last_resort(
+    *, env: Mapping[str, str] | None = None, visibility_s: int | None = None
+) -> dict[str, Any]:
+    """The last-resort queue (``vm-checks-poison-poison``): each message recorded as ``failed: poison``,
+    then deleted. Run on a timer; storage still down leaves the messages for the next run."""
+    async with Runtime.open(env) as runtime:
+        ledger = await runtime.ledger()
+        queue = DrainQueue.last_resort(runtime.settings, runtime.credential)
+        runtime.stack.push_async_callback(queue.close)
+        if visibility_s is None:
+            report = await drain(queue, ledger)
+        else:
+            report = await drain(queue, ledger, visibility_s=visibility_s)
+    return report.to_dict()
+
+
 __all__ = [
     "POISON_QUEUE",
     "WORK_QUEUE",
     "Runtime",
+    "drain_last_resort",
     "log_scan",
     "on_alert",
     "on_vm_event",

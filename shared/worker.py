@@ -16,6 +16,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from shared.azure.transient import TransientError
 from shared.model import Outcome, OutcomeKind, VmId, WorkItem
 from shared.settings import Settings
 from shared.telemetry import log_outcome
@@ -116,6 +117,33 @@ class Worker:
         except ValueError as error:  # a name the inventory refuses to query with
             vms = []
             log.warning("computer name %r rejected: %s", item.computer[:80], error)
+        except TransientError as error:
+            # Throttled or briefly down: no answer about the name. Deferred with a growing delay, at
+            # least the wait the service named, until the deadline; then failed. Recorded either way.
+            now = datetime.now(UTC)
+            first = _parse_time(item.first_seen) or now
+            details: dict[str, Any] = {"computer": item.computer, "error": str(error)[:300]}
+            if now - first >= timedelta(seconds=self._settings.defer_deadline_s):
+                kind, reason = OutcomeKind.FAILED, f"deadline-exceeded:{error.reason}"
+                details["attempts"] = item.attempt + 1
+            else:
+                backoff = self._settings.defer_delay_s * (2 ** min(max(item.attempt, 0), 30))
+                delay = min(max(backoff, error.retry_after_s or 0.0), MAX_DEFER_DELAY_S)
+                retry = replace(item, attempt=item.attempt + 1, first_seen=first.isoformat())
+                await self._queue.send(retry, delay_s=delay)
+                kind, reason = OutcomeKind.DEFERRED, error.reason
+                details.update(retryInS=delay, nextAttempt=item.attempt + 1)
+            deferred = Outcome(item.target, kind, reason, details=details)
+            log_outcome(deferred, trigger=item.reason.value, correlation_id=item.correlation_id)
+            await self._ledger.record_event(
+                item.target,
+                kind=kind.value,
+                reason=reason,
+                trigger=item.reason.value,
+                correlation_id=item.correlation_id,
+                details=details,
+            )
+            return [deferred]
         if not vms:
             outcome = Outcome(
                 item.target, OutcomeKind.SKIPPED, "not-found", details={"computer": item.computer}

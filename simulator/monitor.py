@@ -404,15 +404,24 @@ class ResourceGraph:
         self._lock = threading.Lock()
         self._throttle = 0
         self._resets_after_s = 5
+        self._retry_after_s: int | None = None
         self._log: list[dict[str, Any]] = []
 
-    def throttle(self, requests: int, *, resets_after_s: int = 5) -> None:
-        """The next ``requests`` queries get 429 ``RateLimiting``, quota back in ``resets_after_s``."""
+    def throttle(self, requests: int, *, resets_after_s: int = 5, retry_after_s: int | None = None) -> None:
+        """The next ``requests`` queries get 429 ``RateLimiting``, quota back in ``resets_after_s``.
+
+        ``retry_after_s`` adds a ``Retry-After`` header too (a guess: Resource Graph documents only
+        its quota headers; ARM's 429s carry ``Retry-After``, and request-limits-and-throttling.md
+        says its handling applies to Resource Graph as well).
+        """
         if requests < 0 or not 0 <= resets_after_s < 86_400:
             raise ValueError("requests must be 0 or more, resets_after_s within a day")
+        if retry_after_s is not None and not 0 <= retry_after_s < 86_400:
+            raise ValueError("retry_after_s within a day")
         with self._lock:
             self._throttle = requests
             self._resets_after_s = resets_after_s
+            self._retry_after_s = retry_after_s
 
     def queries(self) -> list[dict[str, Any]]:
         """Every request: kind, scope, $top, $skipToken, rows returned, status."""
@@ -444,6 +453,11 @@ class ResourceGraph:
                     {
                         "x-ms-user-quota-remaining": "0",
                         "x-ms-user-quota-resets-after": _hms(self._resets_after_s),
+                        **(
+                            {"Retry-After": str(self._retry_after_s)}
+                            if self._retry_after_s is not None
+                            else {}
+                        ),
                     },
                 )
         parsed = _graph_request(body)

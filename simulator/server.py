@@ -404,9 +404,11 @@ class Simulator:
         """Every Log Analytics query: workspace, query, timespan, start, end, audience, status, rows."""
         return self.server.logs.queries()
 
-    def throttle_resource_graph(self, requests: int, *, resets_after_s: int = 5) -> None:
+    def throttle_resource_graph(
+        self, requests: int, *, resets_after_s: int = 5, retry_after_s: int | None = None
+    ) -> None:
         """The next ``requests`` Resource Graph queries get 429 ``RateLimiting`` (see docs/simulator.md)."""
-        self.server.graph.throttle(requests, resets_after_s=resets_after_s)
+        self.server.graph.throttle(requests, resets_after_s=resets_after_s, retry_after_s=retry_after_s)
 
     def request_log(self) -> list[dict[str, Any]]:
         """Every HTTPS request the simulator received: method, path and query, oldest first."""

@@ -9,6 +9,7 @@ import datetime as dt
 import functools
 import json
 import os
+import re
 import typing
 import uuid
 from collections.abc import Iterator
@@ -78,6 +79,7 @@ def test_every_function_and_its_trigger() -> None:
         "sweep",
         "vm_check",
         "vm_check_poison",
+        "poison_drain",
         "status",
     }
     assert bindings("vm_write_event")["event"]["type"] == "eventGridTrigger"
@@ -457,3 +459,152 @@ async def test_sweep_timer_enqueues_windows_vms_not_verified_recently(
     assert ids == windows  # not web-01 (verified), not the Linux VM
     assert all(m["reason"] == "sweep" for m in queued)
     assert os.environ["REMEDIATION_MODE"] == "enforce"
+
+
+# --- issue 9, item 7: transient is not terminal --------------------------------------------------
+
+
+async def test_a_throttled_computer_lookup_is_deferred_then_resolved_never_poisoned(
+    app_env: dict[str, str], sim: Simulator
+) -> None:
+    """Resource Graph throttling while resolving a computer name used to raise on every delivery,
+    so after five the item ended ``failed: poison``; it is a recorded deferral, then resolved."""
+    alert = v2_alert(dimensions=[dim("Computer", "DB-03")], targets=[])
+    await user("alert_webhook")(
+        func.HttpRequest(method="POST", url="/api/alerts", body=json.dumps(alert).encode())
+    )
+    sim.throttle_resource_graph(100, resets_after_s=0)
+    handled = await drain(app_env, rounds=1)  # the host deletes the message: the invocation succeeded
+    assert [m["computer"] for m in handled] == ["DB-03"]
+    rows = await history(app_env, "computer:DB-03")
+    assert [(r["outcome"], r["reason"]) for r in rows] == [("deferred", "throttled")]
+    assert rows[0]["details"]["nextAttempt"] == 1
+    sim.throttle_resource_graph(0)
+    async with queue_client(app_env) as queue:
+        assert await queue.peek_messages() == []  # invisible for DEFER_DELAY_SECONDS
+    await asyncio.sleep(1.2)
+    retried = await drain(app_env)
+    assert (retried[0].get("computer"), retried[0]["attempt"]) == ("DB-03", 1)
+    assert licensed(sim, "db-03")
+    assert all(r["reason"] != "poison" for r in await history(app_env, "computer:DB-03"))
+
+
+async def test_a_long_retry_after_defers_the_item_by_at_least_that_long_without_holding_the_worker(
+    app_env: dict[str, str], sim: Simulator
+) -> None:
+    body = json.dumps({"reason": "alert", "computer": "DB-03", "correlationId": "ra-1"})
+    sim.throttle_resource_graph(1, resets_after_s=600, retry_after_s=600)
+    await asyncio.wait_for(user("vm_check")(QueueMessage(id="m1", body=body.encode())), timeout=15)
+    rows = await history(app_env, "computer:DB-03")
+    assert [(r["outcome"], r["reason"]) for r in rows] == [("deferred", "throttled")]
+    assert 600 <= rows[0]["details"]["retryInS"] <= 6 * 3600
+    assert [q["status"] for q in sim.graph_queries()] == [429]
+    async with queue_client(app_env) as queue:
+        assert await queue.peek_messages() == []  # the retry waits the 10 minutes the service asked for
+
+
+async def test_a_throttled_lookup_past_the_deadline_is_recorded_as_failed(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEFER_DEADLINE_HOURS", "0")
+    body = json.dumps({"reason": "alert", "computer": "DB-03", "correlationId": "dl-1", "attempt": 3})
+    sim.throttle_resource_graph(100, resets_after_s=0)
+    await user("vm_check")(QueueMessage(id="m1", body=body.encode()))
+    rows = await history(app_env, "computer:DB-03")
+    assert [(r["outcome"], r["reason"]) for r in rows] == [("failed", "deadline-exceeded:throttled")]
+    async with queue_client(app_env) as queue:
+        assert await queue.peek_messages() == []
+
+
+# --- issue 9, item 6: nothing may end where nothing reads it -------------------------------------
+
+LAST_RESORT = POISON_QUEUE + "-poison"  # where the host moves what the poison handler failed on
+
+
+async def last_resort_queue(env: dict[str, str]) -> QueueClient:
+    queue = queue_client(env, LAST_RESORT)
+    try:
+        await queue.create_queue()
+    except Exception:  # there from an earlier test: empty it
+        await queue.clear_messages()
+    return queue
+
+
+def test_the_last_resort_queue_is_read_by_a_timer() -> None:
+    timer = bindings("poison_drain")["timer"]
+    assert timer["type"] == "timerTrigger" and timer["runOnStartup"] is False
+    assert timer["schedule"] == "0 */10 * * * *"  # every ten minutes, whatever the app settings say
+
+
+async def test_the_last_resort_queue_is_drained_into_the_ledger_once_storage_is_back(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Table outage long enough for the poison handler to fail five times leaves its messages in
+    vm-checks-poison-poison; the drain records each as failed: poison, and deletes only what it recorded."""
+    from shared import ledger as ledger_module
+
+    item = {"reason": "vm-created", "vmId": vm_id("web-01"), "correlationId": "lr-1", "attempt": 2}
+    async with await last_resort_queue(app_env) as queue:
+        await queue.send_message(json.dumps(item))
+        await queue.send_message("not a work item \x00")
+
+        # Storage still down (every ledger write fails): nothing is deleted, nothing recorded.
+        original = ledger_module.Ledger.record_event
+
+        async def down(*_: Any, **__: Any) -> None:
+            raise ledger_module.LedgerError("ledger write failed: table service unavailable")
+
+        monkeypatch.setattr(ledger_module.Ledger, "record_event", down)
+        from shared import triggers
+
+        summary = await triggers.drain_last_resort(visibility_s=1)
+        assert summary["recorded"] == 0 and "table service unavailable" in summary["stopped"]
+        monkeypatch.setattr(ledger_module.Ledger, "record_event", original)
+        async with Ledger.from_settings(Settings.from_env(app_env)) as ledger:
+            assert await ledger.history(VmId.parse(vm_id("web-01"))) == []
+        assert (await queue.get_queue_properties()).approximate_message_count == 2
+
+        # Back: the next run of the timer (the messages visible again) records both, empties the queue.
+        await asyncio.sleep(1.1)
+        await user("poison_drain")(TimerRequest(past_due=False))
+        assert await queue.peek_messages() == []
+    rows = await history(app_env, vm_id("web-01"))
+    assert [(r["outcome"], r["reason"], r["correlationId"]) for r in rows] == [("failed", "poison", "lr-1")]
+    assert rows[0]["details"]["lastResort"] is True
+    unparsable = await history(app_env, "unparsable-message")
+    assert [(r["outcome"], r["reason"]) for r in unparsable] == [("failed", "poison")]
+    assert "not a work item" in unparsable[0]["details"]["body"]
+
+
+async def test_a_poison_row_the_ledger_refuses_is_recorded_under_the_last_resort_target(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row refused for its target (not for storage being down) is never retried into the
+    last-resort queue: it is recorded under last-resort-message, with the body."""
+    from shared import ledger as ledger_module
+
+    original = ledger_module.Ledger.record_event
+
+    async def refuse_vm_rows(self: Any, target: str, *args: Any, **kwargs: Any) -> None:
+        if str(target).startswith("/subscriptions/"):
+            raise ledger_module.LedgerError("ledger record failed: OutOfRangeInput")
+        await original(self, target, *args, **kwargs)
+
+    monkeypatch.setattr(ledger_module.Ledger, "record_event", refuse_vm_rows)
+    body = json.dumps({"reason": "alert", "vmId": vm_id("app-02"), "correlationId": "rf-1"})
+    await user("vm_check_poison")(QueueMessage(id="p1", body=body.encode(), dequeue_count=1))
+    monkeypatch.setattr(ledger_module.Ledger, "record_event", original)
+    rows = await history(app_env, "last-resort-message")
+    assert [(r["outcome"], r["reason"], r["correlationId"]) for r in rows] == [("failed", "poison", "rf-1")]
+    assert rows[0]["details"]["target"].lower() == vm_id("app-02").lower()
+
+
+def test_the_bicep_alerts_on_what_the_drain_logs_when_the_last_resort_queue_held_anything() -> None:
+    from tests.test_infra_contract import resources
+
+    rule = next(r.body for r in resources("app/monitoring.bicep") if r.symbol == "lastResortQueueAlert")
+    query = rule["properties"]["criteria"]["allOf"][0]["query"]
+    prefixes = re.findall(r'Message startswith "([^"]+)"', query)
+    source = (ROOT / "shared" / "lastresort.py").read_text()
+    assert prefixes and all(f'"{p}' in source for p in prefixes)  # the lines the drain logs
+    assert rule["properties"]["criteria"]["allOf"][0]["threshold"] == 0

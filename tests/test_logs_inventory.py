@@ -9,6 +9,8 @@ from an unchecked name.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
@@ -428,3 +430,63 @@ async def test_resolve_computer_finds_a_vm_whose_name_has_dots_by_that_whole_nam
     async with ManagedIdentityCredential() as cred, Inventory(cred, settings(sim)) as inventory:
         assert await inventory.resolve_computer("erp.prod-01") == [VmId.parse(dotted)]
         assert await inventory.resolve_computer("erp") == []
+
+
+# ------------------------------------------------------------------ transient is not terminal (issue 9, item 7)
+
+
+async def test_a_long_throttle_is_a_transient_error_carrying_the_wait_never_a_sleep(
+    sim: Simulator, credential: ManagedIdentityCredential
+) -> None:
+    """A 429 whose Retry-After (or quota reset) is longer than an invocation should sleep is handed
+    back at once, typed as transient and carrying the wait, so the worker can defer by that long.
+    (azure-core alone sleeps any Retry-After, however long, inside the invocation.)"""
+    sim.throttle_resource_graph(1, resets_after_s=3600, retry_after_s=3600)
+    async with Inventory(credential, settings(sim)) as inventory:
+        with pytest.raises(InventoryError) as error:
+            await asyncio.wait_for(inventory.resolve_computer("LEGACYAPP7"), timeout=10)
+    from shared.azure.inventory import InventoryUnavailable
+    from shared.azure.transient import TransientError
+
+    assert isinstance(error.value, InventoryUnavailable) and isinstance(error.value, TransientError)
+    assert (error.value.reason, error.value.status, error.value.retry_after_s) == ("throttled", 429, 3600)
+    assert [q["status"] for q in sim.graph_queries()] == [429]  # not retried inside the invocation
+
+
+async def test_a_short_retry_after_is_still_waited_inside_the_invocation(
+    sim: Simulator, credential: ManagedIdentityCredential
+) -> None:
+    sim.throttle_resource_graph(1, resets_after_s=0, retry_after_s=0)
+    async with Inventory(credential, settings(sim)) as inventory:
+        assert [str(vm) for vm in await inventory.resolve_computer("LEGACYAPP7")] == [AVMA_LEGACY]
+    assert [q["status"] for q in sim.graph_queries()] == [429, 200]
+
+
+async def test_a_forbidden_query_is_not_transient(
+    sim: Simulator, credential: ManagedIdentityCredential
+) -> None:
+    from shared.azure.transient import TransientError
+
+    error = _translate_for_test(403)
+    assert error.reason == "forbidden" and not isinstance(error, TransientError)
+    throttled = _translate_for_test(429, {"x-ms-user-quota-resets-after": "00:01:05"})
+    assert isinstance(throttled, TransientError) and throttled.retry_after_s == 65
+    unavailable = _translate_for_test(503, {"Retry-After": "7"})
+    assert isinstance(unavailable, TransientError)
+    assert (unavailable.reason, unavailable.retry_after_s) == ("arm-unavailable", 7)
+
+
+def _translate_for_test(status: int, headers: dict[str, str] | None = None) -> InventoryError:
+    """What the inventory makes of an HTTP error answer (a stand-in response: status, headers, body)."""
+    from shared.azure import inventory
+
+    class Answer:
+        status_code, reason, request = status, "", None
+
+        def __init__(self) -> None:
+            self.headers = headers or {}
+
+        def text(self) -> str:
+            return json.dumps({"error": {"code": "Code", "message": "message"}})
+
+    return inventory._translate(HttpResponseError(response=Answer()))

@@ -84,6 +84,44 @@ resource dataCollectionRule 'Microsoft.Insights/dataCollectionRules@2024-03-11' 
   }
 }
 
+// The last-resort queue (vm-checks-poison-poison) holds what the poison handler could not record.
+// Queue storage's QueueMessageCount has no per-queue dimension (and an hourly grain), so the rule
+// watches the line the poison_drain timer logs at error level whenever that queue held anything,
+// or whenever storage was still failing (docs/operations.md, "The last-resort queue"). It fires in
+// Azure Monitor; attach an operator's action group to be paged.
+resource lastResortQueueAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: 'alert-avma-last-resort-${uniqueString(resourceGroup().id, workspaceName)}'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'avma-remediator: messages in vm-checks-poison-poison'
+    description: 'The poison handler could not record some work items; the poison_drain timer recorded them, or could not because storage is still failing.'
+    severity: 2
+    enabled: true
+    scopes: [
+      workspace.id
+    ]
+    evaluationFrequency: 'PT15M'
+    windowSize: 'PT15M'
+    criteria: {
+      allOf: [
+        {
+          query: 'AppTraces\n| where Message startswith "last-resort queue " or Message startswith "last-resort drain stopped"'
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: true
+  }
+}
+
 output workspaceName string = workspace.name
 output workspaceCustomerId string = workspace.properties.customerId
 output applicationInsightsName string = applicationInsights.name

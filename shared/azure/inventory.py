@@ -4,27 +4,37 @@ Resource Graph (``azure.mgmt.resourcegraph.aio``) answers both in a few paged qu
 would need a list per subscription. Scope is the management group when one is set, else the target
 subscriptions, else everything the identity can read. Failures become :class:`InventoryError`
 whose ``reason`` is an outcome word (``throttled`` once the SDK's retries and ours are spent).
+Throttling and unavailability are :class:`InventoryUnavailable`, a
+:class:`~shared.azure.transient.TransientError` carrying the wait the service named: the worker
+defers the item by that long instead of failing it.
 
 azure-core does not retry a POST answered 429 unless it carries ``Retry-After``
 (Azure/azure-sdk-for-python#5412), and Resource Graph documents only its quota headers, so the
 inventory itself waits ``x-ms-user-quota-resets-after`` (a few seconds) a bounded number of times.
+A longer wait (over ``MAX_THROTTLE_WAIT_S``), from either header, is never slept in the invocation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 import aiohttp
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import HttpResponseError, ServiceRequestError
+from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.mgmt.resourcegraph.aio import ResourceGraphClient
 from azure.mgmt.resourcegraph.models import QueryRequest, QueryRequestOptions
 
+from shared.azure.transient import (
+    MAX_IN_PROCESS_WAIT_S,
+    BoundedRetryPolicy,
+    TransientError,
+    response_headers,
+    wait_from_headers,
+)
 from shared.azure.transport import PooledClient
 from shared.model import VmId, is_host_name
 from shared.settings import Settings
@@ -32,7 +42,7 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE: Final = 1000  # Resource Graph returns at most 1,000 rows per page
-MAX_THROTTLE_WAIT_S: Final = 30.0  # a longer wait is the next timer's job, not this one's
+MAX_THROTTLE_WAIT_S: Final = MAX_IN_PROCESS_WAIT_S  # a longer wait is a deferral, not a sleep
 DEFAULT_THROTTLE_WAIT_S: Final = 5.0  # the quota window of guidance-for-throttled-requests.md
 # ``order by id`` keeps paging stable (Resource Graph pages by skip token over a sorted result).
 WINDOWS_VMS_QUERY: Final = """Resources
@@ -49,12 +59,24 @@ class InventoryError(Exception):
     """
 
     def __init__(
-        self, message: str, *, reason: str = "arm-error", code: str = "", status: int | None = None
+        self,
+        message: str,
+        *,
+        reason: str = "arm-error",
+        code: str = "",
+        status: int | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.reason = reason
         self.code = code
         self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class InventoryUnavailable(InventoryError, TransientError):
+    """Resource Graph throttled (``throttled``) or could not answer (``arm-unavailable``) for now;
+    ``retry_after_s`` is the wait it named (quota reset or ``Retry-After``), None if it named none."""
 
 
 def resolve_query(computer: str) -> str:
@@ -117,6 +139,7 @@ class Inventory(PooledClient[ResourceGraphClient]):
             base_url=self._settings.arm_endpoint,
             credential_scopes=[self._settings.cloud.arm_scope],
             transport=transport,
+            retry_policy=BoundedRetryPolicy(max_wait_s=MAX_THROTTLE_WAIT_S),
         )
 
     def _scope(self) -> tuple[list[str] | None, list[str] | None]:
@@ -172,8 +195,8 @@ class Inventory(PooledClient[ResourceGraphClient]):
                 log.info("Resource Graph throttled the inventory; retrying in %.0f s", wait)
                 await asyncio.sleep(wait)
                 continue
-            except ServiceRequestError as error:
-                raise InventoryError(str(error)[:300], reason="arm-unavailable") from error
+            except (ServiceRequestError, ServiceResponseError) as error:
+                raise InventoryUnavailable(str(error)[:300], reason="arm-unavailable") from error
             if str(response.result_truncated).lower() == "true":
                 log.warning(
                     "Resource Graph truncated a result (%s rows); some VMs are missing", response.count
@@ -200,28 +223,19 @@ def _throttle_wait(error: HttpResponseError) -> float | None:
     if error.status_code != 429:
         return None
     # azure-core types ``response`` as its common base, which does not declare ``headers``.
-    headers: Mapping[str, str] = getattr(error.response, "headers", None) or {}
-    resets = str(headers.get("x-ms-user-quota-resets-after") or "")
-    match = re.fullmatch(r"(\d+):(\d{2}):(\d{2})(?:\.\d+)?", resets)
-    if match:
-        hours, minutes, seconds = (int(g) for g in match.groups())
-        return float(hours * 3600 + minutes * 60 + seconds)
-    retry_after = str(headers.get("Retry-After") or "")
-    if retry_after.isdigit():
-        return float(retry_after)
-    return DEFAULT_THROTTLE_WAIT_S
+    wait = wait_from_headers(response_headers(error))
+    return DEFAULT_THROTTLE_WAIT_S if wait is None else wait
 
 
 def _translate(error: HttpResponseError) -> InventoryError:
     status = error.status_code
     code = str(error.error.code) if error.error is not None and error.error.code else ""
     message = str(error.message or error)[:500]
-    if status == 429:
-        reason = "throttled"
-    elif status in (401, 403):
-        reason = "forbidden"
-    elif status is not None and status >= 500:
-        reason = "arm-unavailable"
-    else:
-        reason = "arm-error"
+    if status == 429 or (status is not None and status >= 500):
+        wait = wait_from_headers(response_headers(error))
+        if status == 429 and wait is None:
+            wait = DEFAULT_THROTTLE_WAIT_S
+        reason = "throttled" if status == 429 else "arm-unavailable"
+        return InventoryUnavailable(message, reason=reason, code=code, status=status, retry_after_s=wait)
+    reason = "forbidden" if status in (401, 403) else "arm-error"
     return InventoryError(message, reason=reason, code=code, status=status)
