@@ -32,6 +32,7 @@ from shared.intake import (
 )
 from shared.ledger import Ledger, TableMissing
 from shared.model import Outcome, OutcomeKind, Trigger, WorkItem
+from shared.scope import Scope
 from shared.settings import POISON_QUEUE, WORK_QUEUE, Settings
 from shared.telemetry import log_outcome
 from shared.worker import Worker
@@ -188,12 +189,14 @@ async def work(body: str, *, env: Mapping[str, str] | None = None) -> list[Outco
     async with Runtime.open(env) as runtime:
         settings = runtime.settings
         gateway = await runtime.compute()
+        inventory = await runtime.inventory()
         worker = Worker(
             remediator=Remediator(gateway, settings),
             ledger=await runtime.ledger(),
             queue=await runtime.queue(),
-            resolver=await runtime.inventory(),
+            resolver=inventory,
             settings=settings,
+            scope=Scope.from_settings(settings, inventory),
         )
         return await worker.handle_message(body)
 

@@ -457,3 +457,93 @@ async def test_sweep_timer_enqueues_windows_vms_not_verified_recently(
     assert ids == windows  # not web-01 (verified), not the Linux VM
     assert all(m["reason"] == "sweep" for m in queued)
     assert os.environ["REMEDIATION_MODE"] == "enforce"
+
+
+# --- scope: every path refuses a VM outside TARGET_SUBSCRIPTIONS / MANAGEMENT_GROUP_ID ----------
+
+OTHER_SUB = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+FOREIGN = f"/subscriptions/{OTHER_SUB}/resourceGroups/rg-else/providers/Microsoft.Compute/virtualMachines/foreign-07"
+
+
+@pytest.fixture
+async def scoped(azurite: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An estate over two subscriptions, a deployment whose TARGET_SUBSCRIPTIONS names only one."""
+    estate = Estate.from_dict({"subscriptions": [SUB, OTHER_SUB], "vms": [*ESTATE, windows_vm(FOREIGN)]})
+    with Simulator(estate, latency_s=0.02) as running:
+        env = {
+            **running.env(),
+            "TARGET_SUBSCRIPTIONS": SUB,
+            "AzureWebJobsStorage": azurite.connection_string,
+            "REMEDIATION_MODE": "enforce",
+            "LEDGER_TABLE": "ledger" + uuid.uuid4().hex[:12],
+        }
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        async with QueueClient.from_connection_string(azurite.connection_string, WORK_QUEUE) as queue:
+            try:
+                await queue.create_queue()
+            except Exception:
+                await queue.clear_messages()
+        yield env, running
+
+
+def _foreign_run_commands(sim: Simulator) -> int:
+    return len(sim.run_log(FOREIGN))
+
+
+async def test_an_event_for_a_vm_outside_target_subscriptions_is_refused_and_recorded(scoped: Any) -> None:
+    env, sim = scoped
+    await user("vm_write_event")(event_grid_event(FOREIGN))
+    await drain(env)
+    assert _foreign_run_commands(sim) == 0
+    rows = await history(env, FOREIGN)
+    assert [(r["outcome"], r["reason"], r["trigger"]) for r in rows] == [
+        ("skipped", "out-of-scope", "vm-created")
+    ]
+    async with Ledger.from_settings(Settings.from_env(env)) as ledger:
+        assert await ledger.last_verdict(VmId.parse(FOREIGN)) is None  # no lease was ever taken
+
+
+async def test_an_alert_for_a_vm_outside_target_subscriptions_is_refused_and_recorded(scoped: Any) -> None:
+    env, sim = scoped
+    alert = v2_alert(dimensions=[dim("_ResourceId", FOREIGN)], targets=[FOREIGN])
+    response = await user("alert_webhook")(
+        func.HttpRequest(method="POST", url="/api/alerts", body=json.dumps(alert).encode())
+    )
+    assert response.status_code == 202
+    await drain(env)
+    assert _foreign_run_commands(sim) == 0
+    assert [(r["outcome"], r["reason"]) for r in await history(env, FOREIGN)] == [("skipped", "out-of-scope")]
+
+
+@pytest.mark.parametrize("reason", ["log-scan", "sweep", "manual"])
+async def test_work_items_of_every_other_trigger_are_refused_outside_the_scope(
+    scoped: Any, reason: str
+) -> None:
+    _env, sim = scoped
+    from shared import triggers
+
+    outcomes = await triggers.work(json.dumps({"reason": reason, "vmId": FOREIGN, "correlationId": "c"}))
+    assert [(o.kind.value, o.reason) for o in outcomes] == [("skipped", "out-of-scope")]
+    assert _foreign_run_commands(sim) == 0
+    # and a VM in scope still goes through
+    inside = await triggers.work(json.dumps({"reason": reason, "vmId": vm_id("web-01")}))
+    assert [o.kind.value for o in inside] == ["remediated"]
+
+
+async def test_a_management_group_scope_is_asked_of_resource_graph_per_subscription(
+    scoped: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MANAGEMENT_GROUP_ID, a subscription outside the group (here: outside the estate) is refused."""
+    _env, sim = scoped
+    monkeypatch.setenv("MANAGEMENT_GROUP_ID", "mg-servers")
+    from shared import triggers
+
+    outside = "/subscriptions/99999999-9999-4999-8999-999999999999/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/x"
+    refused = await triggers.work(json.dumps({"reason": "alert", "vmId": outside}))
+    assert [(o.kind.value, o.reason) for o in refused] == [("skipped", "out-of-scope")]
+    # the group holds every subscription of the estate, the foreign one included
+    inside = await triggers.work(json.dumps({"reason": "alert", "vmId": FOREIGN}))
+    assert [o.kind.value for o in inside] == ["remediated"]
+    asked = [q for q in sim.server.graph.queries() if q.get("kind") == "subscriptions"]
+    assert len(asked) == 2 and all(q["managementGroups"] == ["mg-servers"] for q in asked)
