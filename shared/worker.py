@@ -109,6 +109,7 @@ class Worker:
 
     async def handle(self, item: WorkItem, *, now: datetime | None = None) -> list[Outcome]:
         now = now or datetime.now(UTC)
+        item = item.clamped(now)
         if item.vm_id is None:
             return await self._resolve(item)
         refused = await self._out_of_scope(item, item.vm_id)

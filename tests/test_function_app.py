@@ -547,3 +547,35 @@ async def test_a_management_group_scope_is_asked_of_resource_graph_per_subscript
     assert [o.kind.value for o in inside] == ["remediated"]
     asked = [q for q in sim.server.graph.queries() if q.get("kind") == "subscriptions"]
     assert len(asked) == 2 and all(q["managementGroups"] == ["mg-servers"] for q in asked)
+
+
+# --- issue 9, items 3 and 10: hostile queue messages end recorded, never in a retry loop ----------
+
+
+async def test_a_queue_message_with_a_control_character_in_its_id_is_recorded_not_retried(
+    app_env: dict[str, str], sim: Simulator
+) -> None:
+    body = json.dumps({"reason": "alert", "vmId": vm_id("web-01") + "\n/", "correlationId": "c-3"})
+    await user("vm_check")(QueueMessage(id="h1", body=body.encode(), dequeue_count=1))  # no exception
+    rows = await history(app_env, "unparsable-message")
+    assert [(r["outcome"], r["reason"]) for r in rows] == [("failed", "malformed-message")]
+    assert sim.run_log(vm_id("web-01")) == []
+
+
+async def test_a_huge_attempt_defers_instead_of_raising(app_env: dict[str, str], sim: Simulator) -> None:
+    from shared import triggers
+
+    body = json.dumps({"reason": "alert", "vmId": vm_id("busy-04"), "attempt": 1024})
+    outcomes = await triggers.work(body)
+    assert [(o.kind.value, o.reason) for o in outcomes] == [("deferred", "run-command-busy")]
+
+
+async def test_a_first_seen_in_the_future_still_reaches_the_deadline(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared import triggers
+
+    monkeypatch.setenv("DEFER_DEADLINE_HOURS", "0")
+    body = json.dumps({"reason": "alert", "vmId": vm_id("noagent-05"), "firstSeen": "2999-01-01T00:00:00Z"})
+    outcomes = await triggers.work(body)
+    assert [(o.kind.value, o.reason) for o in outcomes] == [("failed", "deadline-exceeded:agent-not-ready")]

@@ -913,3 +913,37 @@ def test_a_machine_named_in_two_tables_of_a_query_response_is_one_work_item() ->
     result = from_payload({"tables": [table, dict(table), computers, dict(computers)]}, now=NOW)
     assert targets(result) == [VM_ID, "computer:DB-01"]
     assert any("already listed" in reason for reason in result.ignored)
+
+
+# --- issue 9, item 3: hostile ids in events, alerts and log rows are ignored with a reason --------
+
+HOSTILE_VM_ID = VM_ID + "\n/"
+
+
+def test_an_event_for_a_hostile_id_is_ignored_with_a_reason() -> None:
+    result = from_event_grid(as_vm_write(load(EG_WRITE), resource=HOSTILE_VM_ID), now=NOW)
+    assert result.items == []
+    assert any("whitespace or control" in reason for reason in result.ignored)
+
+
+def test_an_alert_naming_hostile_ids_and_computers_gives_nothing_for_them() -> None:
+    alert = v2_alert(
+        dimensions=[dim("_ResourceId", HOSTILE_VM_ID), dim("Computer", "web-01\n")],
+        targets=[VM_ID.replace("web-01", "web\x0001")],
+    )
+    result = from_alert(alert, now=NOW)
+    assert result.items == []
+    assert any("whitespace or control" in reason for reason in result.ignored)
+    assert any("is not a computer name" in reason for reason in result.ignored)
+
+
+def test_log_rows_with_hostile_ids_and_names_are_ignored_with_a_reason() -> None:
+    rows = [
+        {"_ResourceId": HOSTILE_VM_ID, "Computer": "web-01\r"},
+        {"_ResourceId": "", "Computer": "web\x1b01"},
+    ]
+    result = from_log_rows(rows, now=NOW, source="s")
+    assert result.items == []
+    assert len(result.ignored) == 2
+    for item in from_log_rows([{"_ResourceId": VM_ID, "Computer": "x"}], now=NOW, source="s\n").items:
+        WorkItem.from_dict(json.loads(json.dumps(item.to_dict())))  # what intake emits, the queue accepts
