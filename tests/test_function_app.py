@@ -579,3 +579,34 @@ async def test_a_first_seen_in_the_future_still_reaches_the_deadline(
     body = json.dumps({"reason": "alert", "vmId": vm_id("noagent-05"), "firstSeen": "2999-01-01T00:00:00Z"})
     outcomes = await triggers.work(body)
     assert [(o.kind.value, o.reason) for o in outcomes] == [("failed", "deadline-exceeded:agent-not-ready")]
+
+
+# --- issue 9, item 8: the alert webhook answers 503 quickly when the queue is unreachable ---------
+
+
+async def test_alert_webhook_answers_503_with_retry_after_within_seconds_when_the_queue_is_down(
+    app_env: dict[str, str], azurite: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import re
+    import socket
+    import time
+
+    from shared import triggers
+
+    with socket.socket() as probe:  # a port nothing listens on: every queue request is refused
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    down = re.sub(
+        r"QueueEndpoint=http://[^/;]+", f"QueueEndpoint=http://127.0.0.1:{closed}", azurite.connection_string
+    )
+    monkeypatch.setenv("AzureWebJobsStorage", down)
+    monkeypatch.setattr(triggers, "_created", set())  # this process has not made sure the queue exists
+    monkeypatch.setattr(triggers, "ALERT_QUEUE_DEADLINE_S", 1.0)  # the real 5 s, made short for the test
+    alert = v2_alert(dimensions=[dim("_ResourceId", vm_id("web-01"))], targets=[vm_id("web-01")])
+    request = func.HttpRequest(method="POST", url="/api/alerts", body=json.dumps(alert).encode())
+    started = time.monotonic()
+    response = await asyncio.wait_for(user("alert_webhook")(request), timeout=15)
+    assert time.monotonic() - started < triggers.ALERT_QUEUE_DEADLINE_S + 2
+    assert response.status_code == 503  # retried by the action group; a 500 is not
+    assert int(response.headers["Retry-After"]) > 0
+    assert "unavailable" in json.loads(response.get_body())["error"]
