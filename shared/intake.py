@@ -280,7 +280,21 @@ def from_event_grid(payload: object, *, now: datetime) -> IntakeResult:
 # --- Azure Monitor alerts: common alert schema (Log Alerts V2, and the older Log Analytics shape) ---
 
 
-def from_alert(payload: object, *, now: datetime) -> IntakeResult:
+MAX_TARGETS_PER_ALERT = 100
+"""Default of ``MAX_TARGETS_PER_ALERT``: one 256 KB alert can name about 2,000 VM ids or 6,500
+computer names; past the cap each target is left out with a reason (logged, and in the 202 answer)."""
+
+
+def _cap_targets(items: list[WorkItem], ignored: list[str], label: str, cap: int) -> list[WorkItem]:
+    """The first ``cap`` items; every one past it recorded in ``ignored`` by name, never dropped silently."""
+    if len(items) <= cap:
+        return items
+    for item in items[cap:]:
+        ignored.append(f"{label}: {item.target} not queued: over the cap of {cap} targets per alert")
+    return items[:cap]
+
+
+def from_alert(payload: object, *, now: datetime, max_targets: int = MAX_TARGETS_PER_ALERT) -> IntakeResult:
     """VMs named by a ``Fired`` common-schema alert; a ``Resolved`` one does nothing.
 
     Where the VMs come from, in this order: the condition dimensions ``_ResourceId`` / ``ResourceId``
@@ -374,7 +388,8 @@ def from_alert(payload: object, *, now: datetime) -> IntakeResult:
             targets.add_computer(name, where)
     if not targets.vm_items and not targets.computer_items:
         targets.ignored.append(f"{label}: names no VM id and no Computer")
-    return IntakeResult(items=targets.vm_items + targets.computer_items, ignored=targets.ignored)
+    items = _cap_targets(targets.vm_items + targets.computer_items, targets.ignored, label, max_targets)
+    return IntakeResult(items=items, ignored=targets.ignored)
 
 
 # --- Log Analytics: rows of the log scan query (columns _ResourceId and Computer) ---

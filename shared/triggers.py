@@ -133,9 +133,10 @@ async def on_alert(
     if len(body) > MAX_ALERT_BYTES:
         limit = f"payload of {len(body)} bytes exceeds the {MAX_ALERT_BYTES}-byte alert limit"
         return 413, {"error": limit}, {}
+    settings = Settings.from_env(env)
     try:
         payload = json.loads(body)
-        result = from_alert(payload, now=datetime.now(UTC))
+        result = from_alert(payload, now=datetime.now(UTC), max_targets=settings.max_targets_per_alert)
     except (ValueError, RecursionError) as error:  # JSONDecodeError and IntakeError are ValueErrors
         kind = "malformed alert" if isinstance(error, IntakeError) else "body is not JSON"
         return 400, {"error": f"{kind}: {str(error)[:500]}"}, {}

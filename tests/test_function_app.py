@@ -610,3 +610,19 @@ async def test_alert_webhook_answers_503_with_retry_after_within_seconds_when_th
     assert response.status_code == 503  # retried by the action group; a 500 is not
     assert int(response.headers["Retry-After"]) > 0
     assert "unavailable" in json.loads(response.get_body())["error"]
+
+
+async def test_alert_webhook_queues_at_most_max_targets_per_alert_and_answers_the_rest(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAX_TARGETS_PER_ALERT", "2")
+    names = ["web-01", "app-02", "db-03"]
+    alert = v2_alert(dimensions=[], targets=[], configuration_items=[vm_id(n) for n in names])
+    response = await user("alert_webhook")(
+        func.HttpRequest(method="POST", url="/api/alerts", body=json.dumps(alert).encode())
+    )
+    body = json.loads(response.get_body())
+    assert (response.status_code, body["accepted"]) == (202, 2)
+    assert any(vm_id("db-03") in r and "over the cap of 2" in r for r in body["ignored"])
+    async with queue_client(app_env) as queue:
+        assert len(await queue.peek_messages(max_messages=32)) == 2
