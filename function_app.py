@@ -65,9 +65,12 @@ def event_payload(event: func.EventGridEvent | func.CloudEvent) -> dict[str, Any
 @app.function_name("alert_webhook")
 @app.route(route="alerts", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 async def alert_webhook(req: func.HttpRequest) -> func.HttpResponse:
-    """Action group (common alert schema) → queue; 202 accepted, 400 malformed, 413 too large."""
-    status, body = await triggers.on_alert(req.get_body())
-    return func.HttpResponse(json.dumps(body), status_code=status, mimetype="application/json")
+    """Action group (common alert schema) → queue; 202 accepted, 400 malformed, 413 too large,
+    503 with ``Retry-After`` within a few seconds when the queue is unreachable."""
+    status, body, headers = await triggers.on_alert(req.get_body())
+    return func.HttpResponse(
+        json.dumps(body), status_code=status, headers=headers, mimetype="application/json"
+    )
 
 
 @app.function_name("log_scan")

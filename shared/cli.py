@@ -25,8 +25,10 @@ from shared.azure.inventory import Inventory, InventoryError, resolve_query
 from shared.intake_cli import run_intake
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
 from shared.report import as_json, as_table, summary
+from shared.scope import Scope
 from shared.settings import ConfigError, Mode, Settings, is_subscription_id
 from shared.sweep import SweepReport, sweep
+from shared.vm import VmFacts
 from shared.workflow import Remediator
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -180,8 +182,12 @@ async def _execute(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     subs = _subscriptions(args, settings)
 
     credential = make_credential(settings, env)
-    async with credential, ComputeGateway(credential, settings) as gateway:
-        remediator = Remediator(gateway, settings)
+    async with (
+        credential,
+        ComputeGateway(credential, settings) as gateway,
+        Inventory(credential, settings) as scope_inventory,
+    ):
+        remediator = _Scoped(Remediator(gateway, settings), Scope.from_settings(settings, scope_inventory))
         if computer is not None:
             async with Inventory(credential, settings) as inventory:
                 try:
@@ -224,13 +230,35 @@ async def _execute(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_FAILED if failed or report.listing_errors else EXIT_OK
 
 
+class _Scoped:
+    """The workflow behind the scope check: a VM outside the scope ends ``skipped: out-of-scope``."""
+
+    def __init__(self, remediator: Remediator, scope: Scope) -> None:
+        self._remediator, self._scope = remediator, scope
+
+    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome:
+        try:
+            refused = await self._scope.check(vm_id)
+        except InventoryError as error:  # scope that cannot be checked is not assumed
+            return Outcome(
+                str(vm_id),
+                OutcomeKind.FAILED,
+                "scope-unknown",
+                hint=f"Not checked: cannot tell whether the VM is in scope: {error}",
+            )
+        return refused or await self._remediator.check(vm_id, listed=listed)
+
+
 def _subscriptions(args: argparse.Namespace, settings: Settings) -> list[str]:
     given = list(getattr(args, "subscription", []) or [])
     if not given:
         return list(settings.subscriptions)
+    in_scope = {s.lower() for s in settings.subscriptions}
     for sub in given:
         if not is_subscription_id(sub):
             raise UsageError(f"--subscription {sub!r} is not a subscription id (GUID)")
+        if in_scope and not settings.management_group and sub.lower() not in in_scope:
+            raise UsageError(f"--subscription {sub} is not in TARGET_SUBSCRIPTIONS (out of scope)")
     return given
 
 

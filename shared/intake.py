@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from shared.model import InvalidVmId, Trigger, VmId, WorkItem
+from shared.model import InvalidVmId, Trigger, VmId, WorkItem, is_computer_name, printable
 
 MAX_ALERT_BYTES = 256 * 1024
 """Azure Monitor's size cap for a common-schema alert; the HTTP adapter rejects bigger bodies."""
@@ -26,10 +26,8 @@ VM_WRITE = "Microsoft.Compute/virtualMachines/write"
 
 _RESOURCE_ID_DIMENSIONS = frozenset({"_resourceid", "resourceid"})
 _COMPUTER = "computer"
-_VM_SHAPED = re.compile(r"/providers/microsoft\.compute/virtualmachines/[^/]+/?$", re.IGNORECASE)
-_WORKSPACE = re.compile(r"/providers/microsoft\.operationalinsights/workspaces/[^/]+/?$", re.IGNORECASE)
-# A host name or FQDN as Log Analytics reports it: no whitespace or control characters, DNS length.
-_COMPUTER_NAME = re.compile(r"^[^\s\x00-\x1f\x7f]{1,255}$")
+_VM_SHAPED = re.compile(r"/providers/microsoft\.compute/virtualmachines/[^/]+/?\Z", re.IGNORECASE)
+_WORKSPACE = re.compile(r"/providers/microsoft\.operationalinsights/workspaces/[^/]+/?\Z", re.IGNORECASE)
 _MAX_TEXT = 500  # WorkItem.from_dict keeps at most this much of ``source``
 
 
@@ -121,10 +119,11 @@ def _stamp(now: datetime) -> str:
 
 
 def _computer_name(value: object) -> str | None:
+    """The name without surrounding spaces, or ``None`` when any whitespace or control is left in it."""
     if not isinstance(value, str):
         return None
-    name = value.strip()
-    return name if _COMPUTER_NAME.match(name) else None
+    name = value.strip(" ")
+    return name if is_computer_name(name) else None
 
 
 def _not_a_vm(text: str) -> str:
@@ -146,7 +145,8 @@ class _Targets:
         self, *, reason: Trigger, correlation_id: str, source: str, stamp: str, prefix: str = ""
     ) -> None:
         self._reason, self._stamp, self._prefix = reason, stamp, prefix
-        self._correlation_id, self._source = correlation_id[:_MAX_TEXT], source[:_MAX_TEXT]
+        self._correlation_id = printable(correlation_id)[:_MAX_TEXT]
+        self._source = printable(source)[:_MAX_TEXT]
         self._vm_from: dict[VmId, str] = {}
         self._computer_from: dict[str, str] = {}
         self.vm_items: list[WorkItem] = []
@@ -164,8 +164,8 @@ class _Targets:
             WorkItem(
                 reason=self._reason,
                 vm_id=vm,
-                correlation_id=(correlation_id or self._correlation_id)[:_MAX_TEXT],
-                source=(source or self._source)[:_MAX_TEXT],
+                correlation_id=printable(correlation_id or self._correlation_id)[:_MAX_TEXT],
+                source=printable(source or self._source)[:_MAX_TEXT],
                 first_seen=self._stamp,
             )
         )
@@ -280,7 +280,21 @@ def from_event_grid(payload: object, *, now: datetime) -> IntakeResult:
 # --- Azure Monitor alerts: common alert schema (Log Alerts V2, and the older Log Analytics shape) ---
 
 
-def from_alert(payload: object, *, now: datetime) -> IntakeResult:
+MAX_TARGETS_PER_ALERT = 100
+"""Default of ``MAX_TARGETS_PER_ALERT``: one 256 KB alert can name about 2,000 VM ids or 6,500
+computer names; past the cap each target is left out with a reason (logged, and in the 202 answer)."""
+
+
+def _cap_targets(items: list[WorkItem], ignored: list[str], label: str, cap: int) -> list[WorkItem]:
+    """The first ``cap`` items; every one past it recorded in ``ignored`` by name, never dropped silently."""
+    if len(items) <= cap:
+        return items
+    for item in items[cap:]:
+        ignored.append(f"{label}: {item.target} not queued: over the cap of {cap} targets per alert")
+    return items[:cap]
+
+
+def from_alert(payload: object, *, now: datetime, max_targets: int = MAX_TARGETS_PER_ALERT) -> IntakeResult:
     """VMs named by a ``Fired`` common-schema alert; a ``Resolved`` one does nothing.
 
     Where the VMs come from, in this order: the condition dimensions ``_ResourceId`` / ``ResourceId``
@@ -374,7 +388,8 @@ def from_alert(payload: object, *, now: datetime) -> IntakeResult:
             targets.add_computer(name, where)
     if not targets.vm_items and not targets.computer_items:
         targets.ignored.append(f"{label}: names no VM id and no Computer")
-    return IntakeResult(items=targets.vm_items + targets.computer_items, ignored=targets.ignored)
+    items = _cap_targets(targets.vm_items + targets.computer_items, targets.ignored, label, max_targets)
+    return IntakeResult(items=items, ignored=targets.ignored)
 
 
 # --- Log Analytics: rows of the log scan query (columns _ResourceId and Computer) ---

@@ -4,23 +4,45 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, TypeGuard
 
+# Every pattern here is used with ``fullmatch``: ``$`` also matches before a trailing newline, so
+# ``re.match(r"^…$")`` accepts ``"vm1\n"`` (issue 9, item 3).
 _VM_ID = re.compile(
-    r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)"
-    r"/providers/Microsoft\.Compute/virtualMachines/(?P<name>[^/]+)/?$",
+    r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)"
+    r"/providers/Microsoft\.Compute/virtualMachines/(?P<name>[^/]+)/?",
     re.IGNORECASE,
 )
-_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
+_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 # ARM resource group names: 1-90 chars of letters, digits, '_', '-', '.', '(', ')', not ending in '.'.
-_RG = re.compile(r"^[-\w._()]{1,90}$")
-_VM_NAME = re.compile(r"^[-\w.]{1,64}$")
+_RG = re.compile(r"[-\w._()]{1,90}")
+_VM_NAME = re.compile(r"[-\w.]{1,64}")
+# Whitespace, C0 and C1 control characters: in no id or name (Table keys refuse the controls too).
+_UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+# A computer name as Log Analytics or an alert reports it (host name or FQDN), before the inventory's
+# stricter check: printable, no whitespace, DNS length.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_COMPUTER = re.compile(r"[^\s\x00-\x1f\x7f-\x9f]{1,255}")
+MAX_ATTEMPT = 1000
+"""``attempt`` is clamped here: the worker's delay is ``DEFER_DELAY_SECONDS × 2**attempt`` (capped),
+and ``300.0 * 2**1024`` raises ``OverflowError``; 1,000 deferrals is beyond any real deadline."""
 
 
 def is_guid(text: str) -> bool:
     """Subscription, tenant and workspace ids are GUIDs."""
-    return bool(_GUID.match(text))
+    return isinstance(text, str) and _GUID.fullmatch(text) is not None
+
+
+def has_unprintable(text: str) -> bool:
+    """Whether ``text`` holds whitespace or a control character anywhere."""
+    return _UNPRINTABLE.search(text) is not None
+
+
+def is_computer_name(text: object) -> TypeGuard[str]:
+    """A computer name a work item may carry: 1-255 printable characters, no whitespace."""
+    return isinstance(text, str) and _COMPUTER.fullmatch(text) is not None
 
 
 # RFC 1123 host name (letters, digits, hyphens, dots): no spaces, quotes or shell characters.
@@ -51,15 +73,17 @@ class VmId:
         """Parse ``/subscriptions/…/resourceGroups/…/providers/Microsoft.Compute/virtualMachines/…``."""
         if not isinstance(text, str):
             raise InvalidVmId(f"a VM id must be a string, not {type(text).__name__}")
-        match = _VM_ID.match(text.strip())
+        if has_unprintable(text):
+            raise InvalidVmId(f"a VM id holds no whitespace or control characters: {text[:200]!r}")
+        match = _VM_ID.fullmatch(text)
         if match is None:
             raise InvalidVmId(f"not a virtual machine resource id: {text[:200]!r}")
         sub, rg, name = match["sub"], match["rg"], match["name"]
-        if not _GUID.match(sub):
+        if not _GUID.fullmatch(sub):
             raise InvalidVmId(f"subscription id is not a GUID: {sub[:60]!r}")
-        if not _RG.match(rg) or rg.endswith("."):
+        if not _RG.fullmatch(rg) or rg.endswith("."):
             raise InvalidVmId(f"invalid resource group name: {rg[:100]!r}")
-        if not _VM_NAME.match(name):
+        if not _VM_NAME.fullmatch(name):
             raise InvalidVmId(f"invalid virtual machine name: {name[:100]!r}")
         return cls(sub, rg, name)
 
@@ -151,6 +175,19 @@ class WorkItem:
     def __post_init__(self) -> None:
         if (self.vm_id is None) == (self.computer is None):
             raise ValueError("a work item names exactly one of vm_id or computer")
+        if self.computer is not None and not is_computer_name(self.computer):
+            raise ValueError(f"not a computer name (printable, no whitespace): {self.computer[:80]!r}")
+
+    def clamped(self, now: datetime) -> WorkItem:
+        """This item with a ``first_seen`` in the future brought back to ``now``.
+
+        A future ``firstSeen`` (a forged message, or a producer's clock ahead) would never reach
+        the deferral deadline, since each retry carries it forward unchanged.
+        """
+        first = parse_time(self.first_seen)
+        if first is None or first <= now:
+            return self
+        return replace(self, first_seen=now.astimezone(UTC).isoformat())
 
     @property
     def target(self) -> str:
@@ -183,17 +220,36 @@ class WorkItem:
             raise ValueError(f"unknown work item reason {data.get('reason')!r}") from error
         vm_text, computer = data.get("vmId"), data.get("computer")
         vm_id = VmId.parse(vm_text) if vm_text is not None else None
-        if computer is not None and (not isinstance(computer, str) or not computer.strip()):
-            raise ValueError("computer must be a non-empty string")
+        if computer is not None and not is_computer_name(computer):
+            raise ValueError("computer must be 1-255 printable characters without whitespace")
         attempt = data.get("attempt", 0)
         if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
             raise ValueError("attempt must be a non-negative integer")
+        first_seen = data.get("firstSeen") or ""
+        if not isinstance(first_seen, str) or (first_seen and parse_time(first_seen) is None):
+            raise ValueError(f"firstSeen must be an ISO 8601 time, not {str(first_seen)[:40]!r}")
         return cls(
             reason=reason,
             vm_id=vm_id,
-            computer=computer.strip() if isinstance(computer, str) else None,
-            correlation_id=str(data.get("correlationId") or ""),
-            source=str(data.get("source") or "")[:500],
-            attempt=attempt,
-            first_seen=str(data.get("firstSeen") or ""),
+            computer=computer,
+            correlation_id=printable(str(data.get("correlationId") or ""))[:500],
+            source=printable(str(data.get("source") or ""))[:500],
+            attempt=min(attempt, MAX_ATTEMPT),
+            first_seen=first_seen,
         )
+
+
+def printable(text: str) -> str:
+    """``text`` without control characters (free text such as a correlation id or a rule name)."""
+    return _CONTROL.sub("", text)
+
+
+def parse_time(text: str) -> datetime | None:
+    """An ISO 8601 time (naive means UTC), or ``None`` for anything else."""
+    if not text or len(text) > 64:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -72,6 +72,8 @@ class Settings:
     recheck_after_s: float = 86400.0
     defer_delay_s: float = 300.0
     defer_deadline_s: float = 86400.0
+    # Issue 9 (input and scope): caps on fan-out.
+    max_targets_per_alert: int = 100
 
     @property
     def lease_s(self) -> float:
@@ -162,6 +164,9 @@ class Settings:
         recheck = _number(get("RECHECK_AFTER_HOURS"), "RECHECK_AFTER_HOURS", 24, 0, 8760, problems)
         defer_delay = _number(get("DEFER_DELAY_SECONDS"), "DEFER_DELAY_SECONDS", 300, 0, 604800, problems)
         deadline = _number(get("DEFER_DEADLINE_HOURS"), "DEFER_DEADLINE_HOURS", 24, 0, 720, problems)
+        max_targets = _number(
+            get("MAX_TARGETS_PER_ALERT"), "MAX_TARGETS_PER_ALERT", 100, 1, 10000, problems, whole=True
+        )
 
         if problems:
             raise ConfigError(problems)
@@ -191,6 +196,7 @@ class Settings:
             recheck_after_s=recheck * 3600,
             defer_delay_s=float(defer_delay),
             defer_deadline_s=deadline * 3600,
+            max_targets_per_alert=int(max_targets),
         )
 
 

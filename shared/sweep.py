@@ -10,13 +10,19 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from shared.azure.compute import ComputeError
 from shared.model import Outcome, VmId
 from shared.vm import VmFacts
-from shared.workflow import Remediator
 
 log = logging.getLogger(__name__)
+
+
+class Checker(Protocol):
+    """``Remediator.check``, or the CLI's scope-checking wrapper around it."""
+
+    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome: ...
 
 
 @dataclass
@@ -28,7 +34,7 @@ class SweepReport:
 
 
 async def sweep(
-    remediator: Remediator,
+    remediator: Checker,
     list_vms: Callable[[str], AsyncIterator[VmFacts]],
     subscriptions: Iterable[str],
     *,

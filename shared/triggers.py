@@ -8,6 +8,7 @@ and Azurite.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -17,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import AzureError
 
 from shared.azure.compute import ComputeGateway
 from shared.azure.credentials import make_credential
@@ -33,10 +35,11 @@ from shared.intake import (
 from shared.lastresort import DrainQueue, drain, record_poison
 from shared.ledger import Ledger, TableMissing
 from shared.model import Outcome, Trigger, WorkItem
+from shared.scope import Scope
 from shared.settings import POISON_QUEUE, WORK_QUEUE, Settings
 from shared.worker import Worker
 from shared.workflow import Remediator
-from shared.workqueue import QueueMissing, WorkQueue
+from shared.workqueue import QueueError, QueueMissing, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -113,23 +116,45 @@ async def on_vm_event(event: Mapping[str, Any], *, env: Mapping[str, str] | None
     return result
 
 
-async def on_alert(body: bytes, *, env: Mapping[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-    """Action-group webhook (common alert schema): 202 with the items, 400 malformed, 413 too big."""
+ALERT_QUEUE_DEADLINE_S = 5.0
+"""How long the alert webhook may spend reaching the queue before it answers 503.
+
+An action group waits about 10 s for the first answer and retries only 408, 429, 503 and 504
+(MicrosoftDocs/azure-docs, articles/azure-monitor/alerts/action-groups.md, "Webhook"), so the
+answer must come well within 10 s and a queue outage must be a 503, never a 500."""
+ALERT_RETRY_AFTER_S = 20
+
+
+async def on_alert(
+    body: bytes, *, env: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Action-group webhook (common alert schema): 202 with the items, 400 malformed, 413 too big,
+    503 with ``Retry-After`` when the queue cannot be reached within ``ALERT_QUEUE_DEADLINE_S``."""
     if len(body) > MAX_ALERT_BYTES:
-        return 413, {"error": f"payload of {len(body)} bytes exceeds the {MAX_ALERT_BYTES}-byte alert limit"}
+        limit = f"payload of {len(body)} bytes exceeds the {MAX_ALERT_BYTES}-byte alert limit"
+        return 413, {"error": limit}, {}
+    settings = Settings.from_env(env)
     try:
         payload = json.loads(body)
-        result = from_alert(payload, now=datetime.now(UTC))
+        result = from_alert(payload, now=datetime.now(UTC), max_targets=settings.max_targets_per_alert)
     except (ValueError, RecursionError) as error:  # JSONDecodeError and IntakeError are ValueErrors
         kind = "malformed alert" if isinstance(error, IntakeError) else "body is not JSON"
-        return 400, {"error": f"{kind}: {str(error)[:500]}"}
-    async with Runtime.open(env) as runtime:
-        accepted = await enqueue(runtime, result)
-    return 202, {
-        "accepted": accepted,
-        "items": [i.to_dict() for i in result.items],
-        "ignored": result.ignored,
-    }
+        return 400, {"error": f"{kind}: {str(error)[:500]}"}, {}
+    try:
+        async with asyncio.timeout(ALERT_QUEUE_DEADLINE_S), Runtime.open(env) as runtime:
+            accepted = await enqueue(runtime, result)
+    except (QueueError, AzureError, TimeoutError) as error:
+        why = "timed out" if isinstance(error, TimeoutError) else str(error).splitlines()[0][:300]
+        # Logged with its targets, so an alert the action group gives up on is still on record.
+        log.error(
+            "alert not queued (%s); answering 503, the action group retries: %s",
+            why,
+            json.dumps([i.to_dict() for i in result.items])[:4000],
+        )
+        unavailable = {"error": f"the work queue is unavailable ({why}); retry later"}
+        return 503, unavailable, {"Retry-After": str(ALERT_RETRY_AFTER_S)}
+    answer = {"accepted": accepted, "items": [i.to_dict() for i in result.items], "ignored": result.ignored}
+    return 202, answer, {}
 
 
 async def log_scan(*, now: datetime | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -188,12 +213,14 @@ async def work(body: str, *, env: Mapping[str, str] | None = None) -> list[Outco
     async with Runtime.open(env) as runtime:
         settings = runtime.settings
         gateway = await runtime.compute()
+        inventory = await runtime.inventory()
         worker = Worker(
             remediator=Remediator(gateway, settings),
             ledger=await runtime.ledger(),
             queue=await runtime.queue(),
-            resolver=await runtime.inventory(),
+            resolver=inventory,
             settings=settings,
+            scope=Scope.from_settings(settings, inventory),
         )
         return await worker.handle_message(body)
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from shared.azure.transient import TransientError
 from shared.model import Outcome, OutcomeKind, VmId, WorkItem
+from shared.scope import Scope
 from shared.settings import Settings
 from shared.telemetry import log_outcome
 
@@ -77,6 +78,7 @@ class Worker:
         resolver: ResolverPort,
         settings: Settings,
         owner: str | None = None,
+        scope: Scope | None = None,
     ) -> None:
         self._remediator = remediator
         self._ledger = ledger
@@ -84,6 +86,8 @@ class Worker:
         self._resolver = resolver
         self._settings = settings
         self.owner = owner or f"worker-{uuid.uuid4().hex[:12]}"
+        # Without a lookup, a management-group scope refuses every VM: never assumed, always checked.
+        self._scope = scope or Scope.from_settings(settings)
 
     async def handle_message(self, body: str, *, now: datetime | None = None) -> list[Outcome]:
         """A raw queue message: a malformed one is recorded (never retried forever, never lost)."""
@@ -106,9 +110,25 @@ class Worker:
 
     async def handle(self, item: WorkItem, *, now: datetime | None = None) -> list[Outcome]:
         now = now or datetime.now(UTC)
+        item = item.clamped(now)
         if item.vm_id is None:
             return await self._resolve(item)
+        refused = await self._out_of_scope(item, item.vm_id)
+        if refused is not None:
+            return [refused]
         return [await self._check(item, item.vm_id, now)]
+
+    async def _out_of_scope(self, item: WorkItem, vm_id: VmId) -> Outcome | None:
+        """``skipped: out-of-scope``, recorded, for a VM this deployment must not touch; no lease taken."""
+        outcome = await self._scope.check(vm_id)
+        if outcome is None:
+            return None
+        trigger, correlation = item.reason.value, item.correlation_id
+        await self._ledger.record(
+            vm_id, outcome=outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt
+        )
+        log_outcome(outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt)
+        return outcome
 
     async def _resolve(self, item: WorkItem) -> list[Outcome]:
         assert item.computer is not None

@@ -76,6 +76,10 @@ _EVENT_PREDICATE = re.compile(
     r"(?:\"(?P<double>[^\"\\]*)\"|'(?P<single>[^'\\]*)')$"
 )
 GRAPH_MAX_TOP: Final = 1000
+_SUBSCRIPTION_TYPE: Final = "microsoft.resources/subscriptions"
+_CONTAINER_STAGE = re.compile(
+    r"^(?:where\s+(?P<column>type|subscriptionId)\s+=~\s+'(?P<literal>[^'\\]*)'|project\s+subscriptionId)$"
+)
 # Resource Graph's throttling answer (Azure/azure-cli-extensions#3325) and quota headers
 # (guidance-for-throttled-requests.md).
 GRAPH_THROTTLED_MESSAGE: Final = (
@@ -468,6 +472,8 @@ class ResourceGraph:
         entry["skipToken"] = options.get("$skipToken")
         if subscriptions and groups:
             return _graph_error(400, "InvalidScope", "Give subscriptions or managementGroups, not both.")
+        if query.strip().lower().startswith("resourcecontainers"):
+            return self._containers(query, subscriptions, options, entry)
         low = query.lower()
         parsed_query = _graph_query(query)
         if isinstance(parsed_query, str):
@@ -490,6 +496,33 @@ class ResourceGraph:
         docs = [d for d in docs if all(_holds(clause, d) for clause in filters)]
         docs.sort(key=lambda d: str(d["id"]))
         return self._page([[d[c] for c in columns] for d in docs], columns, options, entry)
+
+    def _containers(
+        self, query: str, subscriptions: list[str] | None, options: Mapping[str, Any], entry: dict[str, Any]
+    ) -> ArmResponse:
+        """``ResourceContainers`` of type ``microsoft.resources/subscriptions``: the estate's subscriptions.
+
+        Every subscription of the estate is in every management group (as for ``Resources``); one
+        that is not in the estate is in none. Only ``where`` comparisons on ``type`` and
+        ``subscriptionId`` and ``project subscriptionId`` are evaluated (the scope check's query).
+        """
+        entry["kind"] = "subscriptions"
+        stages = [stage.strip() for stage in query.split("|")]
+        wanted_type = _SUBSCRIPTION_TYPE
+        filters: list[tuple[str, str]] = []
+        for stage in stages[1:]:
+            match = _CONTAINER_STAGE.match(stage)
+            if match is None:
+                return _graph_error(400, "InvalidQuery", f"Unsupported stage: {stage[:80]!r}.")
+            if match["column"]:
+                filters.append((match["column"], match["literal"].lower()))
+        if ("type", wanted_type) not in filters:
+            return _graph_error(400, "InvalidQuery", "Filter ResourceContainers on the subscription type.")
+        subs = [s.lower() for s in self.compute.estate.subscriptions]
+        if subscriptions:
+            subs = [s for s in subs if s in {w.lower() for w in subscriptions}]
+        rows = [[s] for s in sorted(subs) if all(v == s for c, v in filters if c == "subscriptionId")]
+        return self._page(rows, ["subscriptionId"], options, entry)
 
     def _page(
         self, rows: list[list[str]], columns: list[str], options: Mapping[str, Any], entry: dict[str, Any]

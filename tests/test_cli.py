@@ -220,3 +220,44 @@ def test_standalone_simulator_serves_another_process() -> None:
     finally:
         serve.terminate()
         serve.wait(timeout=10)
+
+
+SCOPE_SUB = "6f1d2c3b-4a5e-4f60-8a71-92b3c4d5e6f7"
+OTHER_SUB = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+
+
+def _in(sub: str, name: str) -> str:
+    return f"/subscriptions/{sub}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{name}"
+
+
+@pytest.mark.parametrize(
+    "command", [["check", _in(OTHER_SUB, "foreign")], ["sweep", "--subscription", OTHER_SUB]]
+)
+def test_the_cli_refuses_vms_outside_target_subscriptions(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``check`` of a VM elsewhere ends ``skipped: out-of-scope`` with no Run Command; ``sweep`` of a
+    subscription outside TARGET_SUBSCRIPTIONS is a usage error."""
+    import asyncio
+
+    from shared.cli import UsageError, _execute, build_parser
+    from simulator import Simulator
+    from tests.estates import windows_vm
+
+    estate = Estate.from_dict(
+        {
+            "subscriptions": [SCOPE_SUB, OTHER_SUB],
+            "vms": [windows_vm(_in(SCOPE_SUB, "inside")), windows_vm(_in(OTHER_SUB, "foreign"))],
+        }
+    )
+    with Simulator(estate, latency_s=0.01) as sim:
+        env = {**sim.env(), "TARGET_SUBSCRIPTIONS": SCOPE_SUB}
+        args = build_parser().parse_args([*command, "--apply", "--output", "json"])
+        if command[0] == "sweep":
+            with pytest.raises(UsageError, match="not in TARGET_SUBSCRIPTIONS"):
+                asyncio.run(_execute(args, env))
+        else:
+            assert asyncio.run(_execute(args, env)) == 0
+            out = json.loads(capsys.readouterr().out)
+            assert [(v["outcome"], v["reason"]) for v in out["vms"]] == [("skipped", "out-of-scope")]
+        assert sim.run_log(_in(OTHER_SUB, "foreign")) == []

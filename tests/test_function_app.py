@@ -608,3 +608,172 @@ def test_the_bicep_alerts_on_what_the_drain_logs_when_the_last_resort_queue_held
     source = (ROOT / "shared" / "lastresort.py").read_text()
     assert prefixes and all(f'"{p}' in source for p in prefixes)  # the lines the drain logs
     assert rule["properties"]["criteria"]["allOf"][0]["threshold"] == 0
+
+
+# --- scope: every path refuses a VM outside TARGET_SUBSCRIPTIONS / MANAGEMENT_GROUP_ID ----------
+
+OTHER_SUB = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+FOREIGN = f"/subscriptions/{OTHER_SUB}/resourceGroups/rg-else/providers/Microsoft.Compute/virtualMachines/foreign-07"
+
+
+@pytest.fixture
+async def scoped(azurite: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An estate over two subscriptions, a deployment whose TARGET_SUBSCRIPTIONS names only one."""
+    estate = Estate.from_dict({"subscriptions": [SUB, OTHER_SUB], "vms": [*ESTATE, windows_vm(FOREIGN)]})
+    with Simulator(estate, latency_s=0.02) as running:
+        env = {
+            **running.env(),
+            "TARGET_SUBSCRIPTIONS": SUB,
+            "AzureWebJobsStorage": azurite.connection_string,
+            "REMEDIATION_MODE": "enforce",
+            "LEDGER_TABLE": "ledger" + uuid.uuid4().hex[:12],
+        }
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        async with QueueClient.from_connection_string(azurite.connection_string, WORK_QUEUE) as queue:
+            try:
+                await queue.create_queue()
+            except Exception:
+                await queue.clear_messages()
+        yield env, running
+
+
+def _foreign_run_commands(sim: Simulator) -> int:
+    return len(sim.run_log(FOREIGN))
+
+
+async def test_an_event_for_a_vm_outside_target_subscriptions_is_refused_and_recorded(scoped: Any) -> None:
+    env, sim = scoped
+    await user("vm_write_event")(event_grid_event(FOREIGN))
+    await drain(env)
+    assert _foreign_run_commands(sim) == 0
+    rows = await history(env, FOREIGN)
+    assert [(r["outcome"], r["reason"], r["trigger"]) for r in rows] == [
+        ("skipped", "out-of-scope", "vm-created")
+    ]
+    async with Ledger.from_settings(Settings.from_env(env)) as ledger:
+        assert await ledger.last_verdict(VmId.parse(FOREIGN)) is None  # no lease was ever taken
+
+
+async def test_an_alert_for_a_vm_outside_target_subscriptions_is_refused_and_recorded(scoped: Any) -> None:
+    env, sim = scoped
+    alert = v2_alert(dimensions=[dim("_ResourceId", FOREIGN)], targets=[FOREIGN])
+    response = await user("alert_webhook")(
+        func.HttpRequest(method="POST", url="/api/alerts", body=json.dumps(alert).encode())
+    )
+    assert response.status_code == 202
+    await drain(env)
+    assert _foreign_run_commands(sim) == 0
+    assert [(r["outcome"], r["reason"]) for r in await history(env, FOREIGN)] == [("skipped", "out-of-scope")]
+
+
+@pytest.mark.parametrize("reason", ["log-scan", "sweep", "manual"])
+async def test_work_items_of_every_other_trigger_are_refused_outside_the_scope(
+    scoped: Any, reason: str
+) -> None:
+    _env, sim = scoped
+    from shared import triggers
+
+    outcomes = await triggers.work(json.dumps({"reason": reason, "vmId": FOREIGN, "correlationId": "c"}))
+    assert [(o.kind.value, o.reason) for o in outcomes] == [("skipped", "out-of-scope")]
+    assert _foreign_run_commands(sim) == 0
+    # and a VM in scope still goes through
+    inside = await triggers.work(json.dumps({"reason": reason, "vmId": vm_id("web-01")}))
+    assert [o.kind.value for o in inside] == ["remediated"]
+
+
+async def test_a_management_group_scope_is_asked_of_resource_graph_per_subscription(
+    scoped: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MANAGEMENT_GROUP_ID, a subscription outside the group (here: outside the estate) is refused."""
+    _env, sim = scoped
+    monkeypatch.setenv("MANAGEMENT_GROUP_ID", "mg-servers")
+    from shared import triggers
+
+    outside = "/subscriptions/99999999-9999-4999-8999-999999999999/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/x"
+    refused = await triggers.work(json.dumps({"reason": "alert", "vmId": outside}))
+    assert [(o.kind.value, o.reason) for o in refused] == [("skipped", "out-of-scope")]
+    # the group holds every subscription of the estate, the foreign one included
+    inside = await triggers.work(json.dumps({"reason": "alert", "vmId": FOREIGN}))
+    assert [o.kind.value for o in inside] == ["remediated"]
+    asked = [q for q in sim.server.graph.queries() if q.get("kind") == "subscriptions"]
+    assert len(asked) == 2 and all(q["managementGroups"] == ["mg-servers"] for q in asked)
+
+
+# --- issue 9, items 3 and 10: hostile queue messages end recorded, never in a retry loop ----------
+
+
+async def test_a_queue_message_with_a_control_character_in_its_id_is_recorded_not_retried(
+    app_env: dict[str, str], sim: Simulator
+) -> None:
+    body = json.dumps({"reason": "alert", "vmId": vm_id("web-01") + "\n/", "correlationId": "c-3"})
+    await user("vm_check")(QueueMessage(id="h1", body=body.encode(), dequeue_count=1))  # no exception
+    rows = await history(app_env, "unparsable-message")
+    assert [(r["outcome"], r["reason"]) for r in rows] == [("failed", "malformed-message")]
+    assert sim.run_log(vm_id("web-01")) == []
+
+
+async def test_a_huge_attempt_defers_instead_of_raising(app_env: dict[str, str], sim: Simulator) -> None:
+    from shared import triggers
+
+    body = json.dumps({"reason": "alert", "vmId": vm_id("busy-04"), "attempt": 1024})
+    outcomes = await triggers.work(body)
+    assert [(o.kind.value, o.reason) for o in outcomes] == [("deferred", "run-command-busy")]
+
+
+async def test_a_first_seen_in_the_future_still_reaches_the_deadline(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared import triggers
+
+    monkeypatch.setenv("DEFER_DEADLINE_HOURS", "0")
+    body = json.dumps({"reason": "alert", "vmId": vm_id("noagent-05"), "firstSeen": "2999-01-01T00:00:00Z"})
+    outcomes = await triggers.work(body)
+    assert [(o.kind.value, o.reason) for o in outcomes] == [("failed", "deadline-exceeded:agent-not-ready")]
+
+
+# --- issue 9, item 8: the alert webhook answers 503 quickly when the queue is unreachable ---------
+
+
+async def test_alert_webhook_answers_503_with_retry_after_within_seconds_when_the_queue_is_down(
+    app_env: dict[str, str], azurite: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import re
+    import socket
+    import time
+
+    from shared import triggers
+
+    with socket.socket() as probe:  # a port nothing listens on: every queue request is refused
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    down = re.sub(
+        r"QueueEndpoint=http://[^/;]+", f"QueueEndpoint=http://127.0.0.1:{closed}", azurite.connection_string
+    )
+    monkeypatch.setenv("AzureWebJobsStorage", down)
+    monkeypatch.setattr(triggers, "_created", set())  # this process has not made sure the queue exists
+    monkeypatch.setattr(triggers, "ALERT_QUEUE_DEADLINE_S", 1.0)  # the real 5 s, made short for the test
+    alert = v2_alert(dimensions=[dim("_ResourceId", vm_id("web-01"))], targets=[vm_id("web-01")])
+    request = func.HttpRequest(method="POST", url="/api/alerts", body=json.dumps(alert).encode())
+    started = time.monotonic()
+    response = await asyncio.wait_for(user("alert_webhook")(request), timeout=15)
+    assert time.monotonic() - started < triggers.ALERT_QUEUE_DEADLINE_S + 2
+    assert response.status_code == 503  # retried by the action group; a 500 is not
+    assert int(response.headers["Retry-After"]) > 0
+    assert "unavailable" in json.loads(response.get_body())["error"]
+
+
+async def test_alert_webhook_queues_at_most_max_targets_per_alert_and_answers_the_rest(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAX_TARGETS_PER_ALERT", "2")
+    names = ["web-01", "app-02", "db-03"]
+    alert = v2_alert(dimensions=[], targets=[], configuration_items=[vm_id(n) for n in names])
+    response = await user("alert_webhook")(
+        func.HttpRequest(method="POST", url="/api/alerts", body=json.dumps(alert).encode())
+    )
+    body = json.loads(response.get_body())
+    assert (response.status_code, body["accepted"]) == (202, 2)
+    assert any(vm_id("db-03") in r and "over the cap of 2" in r for r in body["ignored"])
+    async with queue_client(app_env) as queue:
+        assert len(await queue.peek_messages(max_messages=32)) == 2

@@ -913,3 +913,55 @@ def test_a_machine_named_in_two_tables_of_a_query_response_is_one_work_item() ->
     result = from_payload({"tables": [table, dict(table), computers, dict(computers)]}, now=NOW)
     assert targets(result) == [VM_ID, "computer:DB-01"]
     assert any("already listed" in reason for reason in result.ignored)
+
+
+# --- issue 9, item 3: hostile ids in events, alerts and log rows are ignored with a reason --------
+
+HOSTILE_VM_ID = VM_ID + "\n/"
+
+
+def test_an_event_for_a_hostile_id_is_ignored_with_a_reason() -> None:
+    result = from_event_grid(as_vm_write(load(EG_WRITE), resource=HOSTILE_VM_ID), now=NOW)
+    assert result.items == []
+    assert any("whitespace or control" in reason for reason in result.ignored)
+
+
+def test_an_alert_naming_hostile_ids_and_computers_gives_nothing_for_them() -> None:
+    alert = v2_alert(
+        dimensions=[dim("_ResourceId", HOSTILE_VM_ID), dim("Computer", "web-01\n")],
+        targets=[VM_ID.replace("web-01", "web\x0001")],
+    )
+    result = from_alert(alert, now=NOW)
+    assert result.items == []
+    assert any("whitespace or control" in reason for reason in result.ignored)
+    assert any("is not a computer name" in reason for reason in result.ignored)
+
+
+def test_log_rows_with_hostile_ids_and_names_are_ignored_with_a_reason() -> None:
+    rows = [
+        {"_ResourceId": HOSTILE_VM_ID, "Computer": "web-01\r"},
+        {"_ResourceId": "", "Computer": "web\x1b01"},
+    ]
+    result = from_log_rows(rows, now=NOW, source="s")
+    assert result.items == []
+    assert len(result.ignored) == 2
+    for item in from_log_rows([{"_ResourceId": VM_ID, "Computer": "x"}], now=NOW, source="s\n").items:
+        WorkItem.from_dict(json.loads(json.dumps(item.to_dict())))  # what intake emits, the queue accepts
+
+
+# --- issue 9, item 9: the targets of one alert are capped, the rest recorded by name ---------------
+
+
+def test_an_alert_naming_more_targets_than_the_cap_queues_the_cap_and_names_the_rest() -> None:
+    from shared.intake import MAX_TARGETS_PER_ALERT
+
+    ids = [VM_ID.replace("web-01", f"web-{i:04}") for i in range(MAX_TARGETS_PER_ALERT + 50)]
+    alert = v2_alert(dimensions=[], targets=[], configuration_items=ids)
+    result = from_alert(alert, now=NOW)  # the default cap
+    assert [str(i.vm_id) for i in result.items] == ids[:MAX_TARGETS_PER_ALERT]
+    over = [r for r in result.ignored if "over the cap" in r]
+    assert len(over) == 50 and all(vm in r for vm, r in zip(ids[MAX_TARGETS_PER_ALERT:], over, strict=True))
+    names = v2_alert(dimensions=[dim("Computer", f"host-{i}") for i in range(5)], targets=[])
+    capped = from_alert(names, now=NOW, max_targets=2)
+    assert [i.computer for i in capped.items] == ["host-0", "host-1"]
+    assert sum("over the cap of 2" in r for r in capped.ignored) == 3

@@ -65,3 +65,79 @@ def test_outcome_as_dict_uses_the_outcome_words() -> None:
         "reason": "avma-channel",
         "edition": "Windows Server 2022 Datacenter",
     }
+
+
+# --- issue 9, items 3 and 10: hostile ids and hostile queue messages ------------------------------
+
+BASE = f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/"
+HOSTILE_IDS = [
+    BASE + "vm1\n",  # ``$`` matches before a trailing newline
+    BASE + "vm1\n/",
+    BASE + "vm1/\n",
+    BASE.replace("/rg/", "/rg\n/") + "vm1",
+    BASE.replace(SUB, SUB + "\n") + "vm1",
+    BASE + "vm\x001",
+    BASE + "vm1\x1b[2J",
+    BASE + "vm1\u0085",
+    " " + BASE + "vm1",
+    BASE + "vm1 ",
+    "\t" + BASE + "vm1",
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_IDS)
+def test_ids_with_whitespace_or_control_characters_are_refused(text: str) -> None:
+    with pytest.raises(InvalidVmId):
+        VmId.parse(text)
+    assert VmId.try_parse(text) is None
+
+
+def test_is_guid_full_matches() -> None:
+    from shared.model import is_guid
+
+    assert is_guid(SUB)
+    assert not is_guid(SUB + "\n")
+
+
+def _message(**fields: object) -> dict[str, object]:
+    return {"reason": "alert", "vmId": ID, **fields}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"vmId": BASE + "vm1\n/"},
+        {"vmId": None, "computer": "web-01\n"},
+        {"vmId": None, "computer": "web\x0001"},
+        {"vmId": None, "computer": "web 01"},
+        {"vmId": None, "computer": " web-01"},
+        {"firstSeen": "yesterday"},
+        {"firstSeen": 12},
+    ],
+)
+def test_a_hostile_queue_message_is_not_a_work_item(fields: dict[str, object]) -> None:
+    from shared.model import WorkItem
+
+    with pytest.raises(ValueError, match=r"whitespace|control|computer|firstSeen"):
+        WorkItem.from_dict(_message(**fields))
+
+
+def test_a_huge_attempt_is_clamped_and_free_text_loses_its_control_characters() -> None:
+    from shared.model import MAX_ATTEMPT, WorkItem
+
+    item = WorkItem.from_dict(_message(attempt=1024, correlationId="c\r\n1", source="rule\x1b x"))
+    assert item.attempt == MAX_ATTEMPT
+    assert (item.correlation_id, item.source) == ("c1", "rule x")
+    assert 300.0 * 2**item.attempt > 0  # the worker's delay formula no longer overflows
+
+
+def test_a_first_seen_in_the_future_is_brought_back_to_now() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from shared.model import WorkItem
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    future = WorkItem.from_dict(_message(firstSeen=(now + timedelta(days=3650)).isoformat()))
+    assert datetime.fromisoformat(future.clamped(now).first_seen) == now
+    past = WorkItem.from_dict(_message(firstSeen="2025-12-31T00:00:00Z"))
+    assert past.clamped(now) is past

@@ -101,3 +101,11 @@ def test_all_problems_are_reported_at_once() -> None:
     ]:
         assert name in text, name
     assert len(caught.value.problems) == 10
+
+
+def test_max_targets_per_alert_defaults_to_100_and_is_validated() -> None:
+    assert Settings.from_env({}).max_targets_per_alert == 100
+    assert Settings.from_env({"MAX_TARGETS_PER_ALERT": "7"}).max_targets_per_alert == 7
+    for bad in ("0", "-1", "many", "1.5"):
+        with pytest.raises(ConfigError, match="MAX_TARGETS_PER_ALERT"):
+            Settings.from_env({"MAX_TARGETS_PER_ALERT": bad})

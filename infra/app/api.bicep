@@ -195,6 +195,10 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           value: '24'
         }
         {
+          name: 'MAX_TARGETS_PER_ALERT'
+          value: '100'
+        }
+        {
           name: 'LEDGER_TABLE'
           value: ledgerTableName
         }

@@ -36,7 +36,7 @@ from shared.azure.transient import (
     wait_from_headers,
 )
 from shared.azure.transport import PooledClient
-from shared.model import VmId, is_host_name
+from shared.model import VmId, is_guid, is_host_name
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,28 @@ class Inventory(PooledClient[ResourceGraphClient]):
             if vm is not None and vm not in found:
                 found.append(vm)
         return found
+
+    async def in_scope(self, vm_id: VmId) -> bool:
+        """Whether the VM's subscription is in the configured scope (``shared.scope``, management group).
+
+        Management groups hold subscriptions, and a resource is in a group exactly when its
+        subscription is, so the question goes to ``ResourceContainers`` (subscriptions appear there
+        at once, where a VM just created may take a while to reach ``Resources``). The subscription
+        is a GUID (``VmId`` checked it): nothing else reaches the query.
+        """
+        sub = vm_id.subscription_id
+        if not is_guid(sub):  # unreachable for a VmId; kept next to the quoting it guards
+            raise ValueError(f"not a subscription id: {sub[:60]!r}")
+        query = (
+            "ResourceContainers\n"
+            "| where type =~ 'microsoft.resources/subscriptions'\n"
+            f"| where subscriptionId =~ '{sub}'\n"
+            "| project subscriptionId"
+        )
+        async for row in self._rows(query):
+            if str(row.get("subscriptionId", "")).lower() == sub.lower():
+                return True
+        return False
 
     async def _rows(self, query: str) -> AsyncIterator[Mapping[str, Any]]:
         """Every row of ``query``, following ``$skipToken`` until the last page."""
