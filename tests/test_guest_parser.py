@@ -380,6 +380,61 @@ def test_detect_reports_no_steps() -> None:
         parse_detect(line(doc))
 
 
+FIXED_LINE_ERRORS = [
+    {
+        "step": "powershell-version",
+        "hresult": "0x80070032",
+        "message": "Windows PowerShell 2.0 is older than 3.0",
+    },
+    {
+        "step": "write-result",
+        "hresult": "0x80004005",
+        "message": "the result line could not be built or written",
+    },
+]
+
+
+def _fixed_line(script: str, error: dict[str, str]) -> dict[str, Any]:
+    doc = detect_doc() if script == "detect" else remediate_doc()
+    doc.update(os=None, license=None, kmsProbe=None, attestation=None, steps=[], error=dict(error))
+    return doc
+
+
+@pytest.mark.parametrize("script", ["detect", "remediate"])
+@pytest.mark.parametrize("error", FIXED_LINE_ERRORS, ids=lambda e: e["step"])
+def test_the_two_plain_string_lines_parse_with_no_facts(script: str, error: dict[str, str]) -> None:
+    result = parse_result(line(_fixed_line(script, error)), expected_script=script)
+    assert result.error is not None and result.error.step == error["step"]
+    assert (result.os, result.license, result.kms_probe, result.attestation, result.steps) == (
+        None,
+        None,
+        None,
+        None,
+        (),
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "field"),
+    [(s, f) for s in ("detect", "remediate") for f in ("os", "license", "kmsProbe", "attestation")]
+    + [("remediate", "steps")],  # detect never reports steps (test_detect_reports_no_steps)
+)
+@pytest.mark.parametrize("error", FIXED_LINE_ERRORS, ids=lambda e: e["step"])
+def test_a_plain_string_error_line_with_facts_or_steps_is_rejected(
+    script: str, field: str, error: dict[str, str]
+) -> None:
+    """The guard and the write-result fallback print no facts and no steps (contract v2); a line
+    that has them as well contradicts itself, and the engine would tell the operator "nothing was
+    changed" (powershell-version) about a VM whose steps ran."""
+    doc = _fixed_line(script, error)
+    full = remediate_doc()
+    doc[field] = (
+        {"imdsReachable": True, "chainValid": True, "error": None} if field == "attestation" else full[field]
+    )
+    with pytest.raises(GuestOutputError, match="no facts and no steps"):
+        parse_result(line(doc), expected_script=script)
+
+
 def test_non_text_output() -> None:
     with pytest.raises(GuestOutputError, match="not text"):
         parse_detect(b"AVMA-REMEDIATOR-RESULT {}")  # type: ignore[arg-type]

@@ -145,6 +145,7 @@ SCRIPT_NAMES = ("detect", "remediate")
 # error.step values (docs/guest-contract.md); the parser accepts any text, the engine reads these.
 POWERSHELL_VERSION_STEP = "powershell-version"  # the guard: Windows PowerShell older than 3.0
 WRITE_RESULT_STEP = "write-result"  # building or writing the result line failed
+_FIXED_LINE_STEPS = frozenset({POWERSHELL_VERSION_STEP, WRITE_RESULT_STEP})  # the two plain-string lines
 # The remediation steps in the order the script runs them (docs/guest-contract.md).
 STEP_NAMES = ("install-key", "clear-kms-cache", "set-kms-host", "set-kms-port", "refresh", "activate")
 _HRESULT = re.compile(r"0x[0-9A-F]{8}")
@@ -300,6 +301,13 @@ def _result(document: object, expected_script: str) -> GuestResult:
     steps = _steps(top["steps"], script)
     if error is None and (os_facts is None or probe is None):
         raise GuestOutputError("os and kmsProbe may only be null when error is set")
+    # The two plain-string lines carry no facts and no steps (docs/guest-contract.md): facts next to
+    # them contradict the line, and a hint built on them ("nothing was changed") would lie.
+    reported = (os_facts, license_facts, probe, attestation) != (None, None, None, None) or steps
+    if error is not None and error.step in _FIXED_LINE_STEPS and reported:
+        raise GuestOutputError(
+            f"error.step {error.step}: the script writes this line with no facts and no steps"
+        )
     return GuestResult(
         script=script,
         os=os_facts,
