@@ -162,6 +162,25 @@ def test_multi_session_is_never_rekeyed_whatever_the_channel(channel: str) -> No
     )
 
 
+@pytest.mark.parametrize(
+    "os_facts",
+    [
+        OsFacts("Microsoft Windows 11 Enterprise multi-session", "10.0.22631", 22631, 3, 175, "Enterprise"),
+        OsFacts("Microsoft Windows 11 Enterprise multi-session", "10.0.22631", 22631, 3, 4, "ServerRdsh"),
+    ],
+    ids=["sku-175-only", "edition-serverrdsh-only"],
+)
+@pytest.mark.parametrize("channel", ["AVMA", "KMS_CLIENT"])
+def test_multi_session_is_known_by_its_sku_or_its_edition_id_alone(os_facts: OsFacts, channel: str) -> None:
+    """Either fact alone makes the VM multi-session: a re-key (or a KMS change) there cannot be undone."""
+    decision = decide(detected(os_facts, license_facts(channel, 5)), SETTINGS)
+    assert (decision.action, decision.kind, decision.reason) == (
+        Action.NONE,
+        OutcomeKind.SKIPPED,
+        "multi-session",
+    )
+
+
 def test_kms_client_licensed_is_healthy() -> None:
     decision = decide(detected(lic=license_facts("KMS_CLIENT", 1, "kms.contoso.local:1688")), SETTINGS)
     assert (decision.kind, decision.reason) == (OutcomeKind.HEALTHY, "kms-client-licensed")
