@@ -318,6 +318,8 @@ KMS_LICENSED = license_facts("KMS_CLIENT", 1, "azkms.core.windows.net:1688")
         (ATTESTED, OutcomeKind.HEALTHY, "kms-client-licensed"),
         (NO_IMDS, OutcomeKind.FAILED, "attestation-imds-unreachable"),
         (BAD_CHAIN, OutcomeKind.FAILED, "attestation-chain-invalid"),
+        # reached but no chain verdict (the parser refuses it; the judgement must not pass it either)
+        (AttestationFacts(True, None, None), OutcomeKind.FAILED, "attestation-chain-invalid"),
         (None, OutcomeKind.FAILED, "attestation-not-reported"),
     ],
 )

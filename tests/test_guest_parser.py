@@ -380,6 +380,56 @@ def test_detect_reports_no_steps() -> None:
         parse_detect(line(doc))
 
 
+def azure_edition_doc(attestation: object) -> dict[str, Any]:
+    doc = detect_doc()
+    doc["os"].update(editionId="ServerTurbine", sku=407)
+    doc["attestation"] = attestation
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("attestation", "expected"),
+    [
+        ({"imdsReachable": True, "chainValid": True, "error": None}, (True, True, None)),
+        (
+            {"imdsReachable": True, "chainValid": False, "error": "PartialChain"},
+            (True, False, "PartialChain"),
+        ),
+        ({"imdsReachable": False, "chainValid": None, "error": "timed out"}, (False, None, "timed out")),
+    ],
+)
+def test_attestation_is_parsed(attestation: dict[str, object], expected: tuple[object, ...]) -> None:
+    result = parse_detect(line(azure_edition_doc(attestation)))
+    assert result.attestation is not None
+    facts = result.attestation
+    assert (facts.imds_reachable, facts.chain_valid, facts.error) == expected
+
+
+@pytest.mark.parametrize(
+    ("attestation", "message"),
+    [
+        ({"imdsReachable": False, "chainValid": True, "error": None}, "null when IMDS was not reached"),
+        ({"imdsReachable": False, "chainValid": False, "error": None}, "null when IMDS was not reached"),
+        ({"imdsReachable": True, "chainValid": None, "error": None}, "true or false when IMDS was reached"),
+        (
+            {"imdsReachable": "true", "chainValid": True, "error": None},
+            "imdsReachable: expected true or false",
+        ),
+        ({"imdsReachable": 1, "chainValid": True, "error": None}, "imdsReachable: expected true or false"),
+        ({"imdsReachable": True, "chainValid": 1, "error": None}, "chainValid: expected true or false"),
+        ({"imdsReachable": True, "chainValid": "false", "error": None}, "chainValid: expected true or false"),
+        ({"imdsReachable": True, "chainValid": True, "error": 0}, "error: expected a string"),
+        ({"imdsReachable": True, "chainValid": True}, "missing field"),
+        ({"imdsReachable": True, "chainValid": True, "error": None, "token": "x"}, "unexpected field"),
+        (True, "expected an object"),
+        ([], "expected an object"),
+    ],
+)
+def test_hostile_attestation_is_rejected(attestation: object, message: str) -> None:
+    with pytest.raises(GuestOutputError, match=message):
+        parse_detect(line(azure_edition_doc(attestation)))
+
+
 FIXED_LINE_ERRORS = [
     {
         "step": "powershell-version",

@@ -364,6 +364,9 @@ def _attestation(value: object, where: str) -> AttestationFacts:
     chain = _optional(data["chainValid"], f"{where}.chainValid", _bool)
     if not reachable and chain is not None:
         raise GuestOutputError(f"{where}.chainValid: must be null when IMDS was not reached")
+    if reachable and chain is None:
+        # the script sets it false as soon as the document came (docs/guest-contract.md)
+        raise GuestOutputError(f"{where}.chainValid: must be true or false when IMDS was reached")
     return AttestationFacts(
         imds_reachable=reachable,
         chain_valid=chain,
