@@ -380,6 +380,22 @@ def test_detect_reports_no_steps() -> None:
         parse_detect(line(doc))
 
 
+@pytest.mark.parametrize(
+    ("escaped", "expected"),
+    [
+        ("abc\\ud83d", "abc\ufffd"),  # a text cut after the first half of a pair
+        ("\\ude00abc", "\ufffdabc"),  # a lone second half
+        ("\\ud83d\\ude00", "\U0001f600"),  # a whole pair stays one character
+    ],
+)
+def test_half_a_surrogate_pair_becomes_a_replacement_character(escaped: str, expected: str) -> None:
+    text = line(detect_doc()).replace('"Microsoft Windows Server 2022 Datacenter"', f'"{escaped}"')
+    result = parse_detect(text)
+    assert result.os is not None
+    assert result.os.caption == expected
+    result.os.caption.encode("utf-8")  # printable and loggable
+
+
 def azure_edition_doc(attestation: object) -> dict[str, Any]:
     doc = detect_doc()
     doc["os"].update(editionId="ServerTurbine", sku=407)

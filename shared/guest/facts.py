@@ -256,7 +256,9 @@ def _kind(value: object) -> str:
 def _str(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise GuestOutputError(f"{where}: expected a string, got {_kind(value)}")
-    return value
+    # JSON may carry half a surrogate pair ("\ud83d" alone: a cut text, or a registry value); such a
+    # str cannot be encoded, and printing or logging it would fail. It becomes U+FFFD.
+    return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _int(value: object, where: str, low: int = 0, high: int = 2**32 - 1) -> int:
