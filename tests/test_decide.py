@@ -333,6 +333,20 @@ def test_a_licensed_azure_edition_kms_client_is_healthy_only_when_its_attestatio
     assert decide(detected(lic=KMS_LICENSED), SETTINGS).kind is OutcomeKind.HEALTHY
 
 
+@pytest.mark.parametrize(("edition_id", "sku"), [("ServerTurbineCor", 408), ("ServerTurbineCor", 409)])
+def test_azure_edition_server_core_needs_the_attestation_too(edition_id: str, sku: int) -> None:
+    core = OsFacts(
+        "Microsoft Windows Server 2022 Datacenter: Azure Edition", "10.0.20348", 20348, 3, sku, edition_id
+    )
+    assert (
+        decide(detected(core, KMS_LICENSED, attestation=NO_IMDS), SETTINGS).reason
+        == "attestation-imds-unreachable"
+    )
+    assert decide(detected(core, KMS_LICENSED, attestation=ATTESTED), SETTINGS).kind is OutcomeKind.HEALTHY
+    after = remediated([("activate", "0x00000000")], os_facts=core, attestation=BAD_CHAIN)
+    assert judge(after) == (OutcomeKind.FAILED, "attestation-chain-invalid")
+
+
 def test_attestation_hints_carry_the_documented_fix() -> None:
     imds = hint_for("attestation-imds-unreachable", SETTINGS)
     assert "169.254.169.254" in imds and "proxies" in imds and "route print" in imds
