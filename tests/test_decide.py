@@ -6,7 +6,7 @@ import pytest
 
 from shared.catalog import select_key
 from shared.decide import Action, decide, gate, is_opted_out
-from shared.guest.facts import AttestationFacts, GuestResult, OsFacts, ScriptError, parse_result
+from shared.guest.facts import AttestationFacts, GuestResult, OsFacts, ScriptError, Step, parse_result
 from shared.hints import hint_for, remediation_hint
 from shared.model import OutcomeKind, VmId
 from shared.settings import Mode, Settings
@@ -20,6 +20,7 @@ from tests.guestfacts import (
     NO_IMDS,
     ODD_EDITION,
     SERVER_2019_STD,
+    SERVER_2022_DC,
     detected,
     license_facts,
     remediated,
@@ -399,6 +400,17 @@ def test_the_hint_after_a_partial_remediation_tells_the_channel_the_vm_is_really
     lost = GuestResult("remediate", None, None, None, (), ScriptError("write-result", "0x80004005", "x"))
     hint = remediation_hint(judge(lost)[1], SETTINGS, avma, lost)
     assert "not known" in hint and "previous channel" not in hint
+    # the key went in, then the facts could not be re-read: the hint still says the key is in
+    unread = GuestResult(
+        "remediate",
+        SERVER_2022_DC,
+        None,
+        None,
+        (Step("install-key", OK), Step("clear-kms-cache", OK)),
+        ScriptError("read-license", "0x80041010", "x"),
+    )
+    hint = remediation_hint(judge(unread)[1], SETTINGS, avma, unread)
+    assert "KMS client key was installed" in hint and "not known" not in hint
     # a repair keeps the KMS client channel, and says so
     repair_before = detected(lic=license_facts("KMS_CLIENT", 5))
     failed_repair = remediated([("clear-kms-cache", OK), ("set-kms-host", "0x80070005")], status=5)
