@@ -6,7 +6,7 @@ import pytest
 
 from shared.catalog import select_key
 from shared.decide import Action, decide, gate, is_opted_out
-from shared.guest.facts import AttestationFacts, GuestResult, OsFacts, ScriptError, parse_result
+from shared.guest.facts import AttestationFacts, GuestResult, OsFacts, ScriptError, Step, parse_result
 from shared.hints import hint_for, remediation_hint
 from shared.model import OutcomeKind, VmId
 from shared.settings import Mode, Settings
@@ -20,6 +20,7 @@ from tests.guestfacts import (
     NO_IMDS,
     ODD_EDITION,
     SERVER_2019_STD,
+    SERVER_2022_DC,
     detected,
     license_facts,
     remediated,
@@ -155,6 +156,25 @@ def test_avma_with_an_unknown_edition_is_never_guessed() -> None:
 @pytest.mark.parametrize("channel", ["AVMA", "KMS_CLIENT", "RETAIL"])
 def test_multi_session_is_never_rekeyed_whatever_the_channel(channel: str) -> None:
     decision = decide(detected(MULTI_SESSION, license_facts(channel, 5)), SETTINGS)
+    assert (decision.action, decision.kind, decision.reason) == (
+        Action.NONE,
+        OutcomeKind.SKIPPED,
+        "multi-session",
+    )
+
+
+@pytest.mark.parametrize(
+    "os_facts",
+    [
+        OsFacts("Microsoft Windows 11 Enterprise multi-session", "10.0.22631", 22631, 3, 175, "Enterprise"),
+        OsFacts("Microsoft Windows 11 Enterprise multi-session", "10.0.22631", 22631, 3, 4, "ServerRdsh"),
+    ],
+    ids=["sku-175-only", "edition-serverrdsh-only"],
+)
+@pytest.mark.parametrize("channel", ["AVMA", "KMS_CLIENT"])
+def test_multi_session_is_known_by_its_sku_or_its_edition_id_alone(os_facts: OsFacts, channel: str) -> None:
+    """Either fact alone makes the VM multi-session: a re-key (or a KMS change) there cannot be undone."""
+    decision = decide(detected(os_facts, license_facts(channel, 5)), SETTINGS)
     assert (decision.action, decision.kind, decision.reason) == (
         Action.NONE,
         OutcomeKind.SKIPPED,
@@ -299,6 +319,8 @@ KMS_LICENSED = license_facts("KMS_CLIENT", 1, "azkms.core.windows.net:1688")
         (ATTESTED, OutcomeKind.HEALTHY, "kms-client-licensed"),
         (NO_IMDS, OutcomeKind.FAILED, "attestation-imds-unreachable"),
         (BAD_CHAIN, OutcomeKind.FAILED, "attestation-chain-invalid"),
+        # reached but no chain verdict (the parser refuses it; the judgement must not pass it either)
+        (AttestationFacts(True, None, None), OutcomeKind.FAILED, "attestation-chain-invalid"),
         (None, OutcomeKind.FAILED, "attestation-not-reported"),
     ],
 )
@@ -310,6 +332,20 @@ def test_a_licensed_azure_edition_kms_client_is_healthy_only_when_its_attestatio
     assert (decision.action, decision.kind, decision.reason) == (Action.NONE, kind, reason)
     # other editions report no attestation and need none
     assert decide(detected(lic=KMS_LICENSED), SETTINGS).kind is OutcomeKind.HEALTHY
+
+
+@pytest.mark.parametrize(("edition_id", "sku"), [("ServerTurbineCor", 408), ("ServerTurbineCor", 409)])
+def test_azure_edition_server_core_needs_the_attestation_too(edition_id: str, sku: int) -> None:
+    core = OsFacts(
+        "Microsoft Windows Server 2022 Datacenter: Azure Edition", "10.0.20348", 20348, 3, sku, edition_id
+    )
+    assert (
+        decide(detected(core, KMS_LICENSED, attestation=NO_IMDS), SETTINGS).reason
+        == "attestation-imds-unreachable"
+    )
+    assert decide(detected(core, KMS_LICENSED, attestation=ATTESTED), SETTINGS).kind is OutcomeKind.HEALTHY
+    after = remediated([("activate", "0x00000000")], os_facts=core, attestation=BAD_CHAIN)
+    assert judge(after) == (OutcomeKind.FAILED, "attestation-chain-invalid")
 
 
 def test_attestation_hints_carry_the_documented_fix() -> None:
@@ -364,6 +400,17 @@ def test_the_hint_after_a_partial_remediation_tells_the_channel_the_vm_is_really
     lost = GuestResult("remediate", None, None, None, (), ScriptError("write-result", "0x80004005", "x"))
     hint = remediation_hint(judge(lost)[1], SETTINGS, avma, lost)
     assert "not known" in hint and "previous channel" not in hint
+    # the key went in, then the facts could not be re-read: the hint still says the key is in
+    unread = GuestResult(
+        "remediate",
+        SERVER_2022_DC,
+        None,
+        None,
+        (Step("install-key", OK), Step("clear-kms-cache", OK)),
+        ScriptError("read-license", "0x80041010", "x"),
+    )
+    hint = remediation_hint(judge(unread)[1], SETTINGS, avma, unread)
+    assert "KMS client key was installed" in hint and "not known" not in hint
     # a repair keeps the KMS client channel, and says so
     repair_before = detected(lic=license_facts("KMS_CLIENT", 5))
     failed_repair = remediated([("clear-kms-cache", OK), ("set-kms-host", "0x80070005")], status=5)

@@ -380,6 +380,127 @@ def test_detect_reports_no_steps() -> None:
         parse_detect(line(doc))
 
 
+@pytest.mark.parametrize(
+    ("escaped", "expected"),
+    [
+        ("abc\\ud83d", "abc\ufffd"),  # a text cut after the first half of a pair
+        ("\\ude00abc", "\ufffdabc"),  # a lone second half
+        ("\\ud83d\\ude00", "\U0001f600"),  # a whole pair stays one character
+    ],
+)
+def test_half_a_surrogate_pair_becomes_a_replacement_character(escaped: str, expected: str) -> None:
+    text = line(detect_doc()).replace('"Microsoft Windows Server 2022 Datacenter"', f'"{escaped}"')
+    result = parse_detect(text)
+    assert result.os is not None
+    assert result.os.caption == expected
+    result.os.caption.encode("utf-8")  # printable and loggable
+
+
+def azure_edition_doc(attestation: object) -> dict[str, Any]:
+    doc = detect_doc()
+    doc["os"].update(editionId="ServerTurbine", sku=407)
+    doc["attestation"] = attestation
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("attestation", "expected"),
+    [
+        ({"imdsReachable": True, "chainValid": True, "error": None}, (True, True, None)),
+        (
+            {"imdsReachable": True, "chainValid": False, "error": "PartialChain"},
+            (True, False, "PartialChain"),
+        ),
+        ({"imdsReachable": False, "chainValid": None, "error": "timed out"}, (False, None, "timed out")),
+    ],
+)
+def test_attestation_is_parsed(attestation: dict[str, object], expected: tuple[object, ...]) -> None:
+    result = parse_detect(line(azure_edition_doc(attestation)))
+    assert result.attestation is not None
+    facts = result.attestation
+    assert (facts.imds_reachable, facts.chain_valid, facts.error) == expected
+
+
+@pytest.mark.parametrize(
+    ("attestation", "message"),
+    [
+        ({"imdsReachable": False, "chainValid": True, "error": None}, "null when IMDS was not reached"),
+        ({"imdsReachable": False, "chainValid": False, "error": None}, "null when IMDS was not reached"),
+        ({"imdsReachable": True, "chainValid": None, "error": None}, "true or false when IMDS was reached"),
+        (
+            {"imdsReachable": "true", "chainValid": True, "error": None},
+            "imdsReachable: expected true or false",
+        ),
+        ({"imdsReachable": 1, "chainValid": True, "error": None}, "imdsReachable: expected true or false"),
+        ({"imdsReachable": True, "chainValid": 1, "error": None}, "chainValid: expected true or false"),
+        ({"imdsReachable": True, "chainValid": "false", "error": None}, "chainValid: expected true or false"),
+        ({"imdsReachable": True, "chainValid": True, "error": 0}, "error: expected a string"),
+        ({"imdsReachable": True, "chainValid": True}, "missing field"),
+        ({"imdsReachable": True, "chainValid": True, "error": None, "token": "x"}, "unexpected field"),
+        (True, "expected an object"),
+        ([], "expected an object"),
+    ],
+)
+def test_hostile_attestation_is_rejected(attestation: object, message: str) -> None:
+    with pytest.raises(GuestOutputError, match=message):
+        parse_detect(line(azure_edition_doc(attestation)))
+
+
+FIXED_LINE_ERRORS = [
+    {
+        "step": "powershell-version",
+        "hresult": "0x80070032",
+        "message": "Windows PowerShell 2.0 is older than 3.0",
+    },
+    {
+        "step": "write-result",
+        "hresult": "0x80004005",
+        "message": "the result line could not be built or written",
+    },
+]
+
+
+def _fixed_line(script: str, error: dict[str, str]) -> dict[str, Any]:
+    doc = detect_doc() if script == "detect" else remediate_doc()
+    doc.update(os=None, license=None, kmsProbe=None, attestation=None, steps=[], error=dict(error))
+    return doc
+
+
+@pytest.mark.parametrize("script", ["detect", "remediate"])
+@pytest.mark.parametrize("error", FIXED_LINE_ERRORS, ids=lambda e: e["step"])
+def test_the_two_plain_string_lines_parse_with_no_facts(script: str, error: dict[str, str]) -> None:
+    result = parse_result(line(_fixed_line(script, error)), expected_script=script)
+    assert result.error is not None and result.error.step == error["step"]
+    assert (result.os, result.license, result.kms_probe, result.attestation, result.steps) == (
+        None,
+        None,
+        None,
+        None,
+        (),
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "field"),
+    [(s, f) for s in ("detect", "remediate") for f in ("os", "license", "kmsProbe", "attestation")]
+    + [("remediate", "steps")],  # detect never reports steps (test_detect_reports_no_steps)
+)
+@pytest.mark.parametrize("error", FIXED_LINE_ERRORS, ids=lambda e: e["step"])
+def test_a_plain_string_error_line_with_facts_or_steps_is_rejected(
+    script: str, field: str, error: dict[str, str]
+) -> None:
+    """The guard and the write-result fallback print no facts and no steps (contract v2); a line
+    that has them as well contradicts itself, and the engine would tell the operator "nothing was
+    changed" (powershell-version) about a VM whose steps ran."""
+    doc = _fixed_line(script, error)
+    full = remediate_doc()
+    doc[field] = (
+        {"imdsReachable": True, "chainValid": True, "error": None} if field == "attestation" else full[field]
+    )
+    with pytest.raises(GuestOutputError, match="no facts and no steps"):
+        parse_result(line(doc), expected_script=script)
+
+
 def test_non_text_output() -> None:
     with pytest.raises(GuestOutputError, match="not text"):
         parse_detect(b"AVMA-REMEDIATOR-RESULT {}")  # type: ignore[arg-type]

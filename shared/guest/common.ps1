@@ -60,7 +60,13 @@ function Get-ShortText {
     $length = 0
     for ($i = 0; $i -lt $text.Length; $i++) {
         $cost = Get-JsonCost ([int]$text[$i])
-        if ($length + $cost -gt $Max) { return $text.Substring(0, $i) }
+        if ($length + $cost -gt $Max) {
+            # Never end on the first half of a surrogate pair (55296..56319): it is not text.
+            $before = 0
+            if ($i -gt 0) { $before = [int]$text[$i - 1] }
+            if ($before -gt 55295 -and $before -lt 56320) { return $text.Substring(0, $i - 1) }
+            return $text.Substring(0, $i)
+        }
         $length = $length + $cost
     }
     return $text

@@ -145,6 +145,7 @@ SCRIPT_NAMES = ("detect", "remediate")
 # error.step values (docs/guest-contract.md); the parser accepts any text, the engine reads these.
 POWERSHELL_VERSION_STEP = "powershell-version"  # the guard: Windows PowerShell older than 3.0
 WRITE_RESULT_STEP = "write-result"  # building or writing the result line failed
+_FIXED_LINE_STEPS = frozenset({POWERSHELL_VERSION_STEP, WRITE_RESULT_STEP})  # the two plain-string lines
 # The remediation steps in the order the script runs them (docs/guest-contract.md).
 STEP_NAMES = ("install-key", "clear-kms-cache", "set-kms-host", "set-kms-port", "refresh", "activate")
 _HRESULT = re.compile(r"0x[0-9A-F]{8}")
@@ -255,7 +256,9 @@ def _kind(value: object) -> str:
 def _str(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise GuestOutputError(f"{where}: expected a string, got {_kind(value)}")
-    return value
+    # JSON may carry half a surrogate pair ("\ud83d" alone: a cut text, or a registry value); such a
+    # str cannot be encoded, and printing or logging it would fail. It becomes U+FFFD.
+    return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _int(value: object, where: str, low: int = 0, high: int = 2**32 - 1) -> int:
@@ -300,6 +303,13 @@ def _result(document: object, expected_script: str) -> GuestResult:
     steps = _steps(top["steps"], script)
     if error is None and (os_facts is None or probe is None):
         raise GuestOutputError("os and kmsProbe may only be null when error is set")
+    # The two plain-string lines carry no facts and no steps (docs/guest-contract.md): facts next to
+    # them contradict the line, and a hint built on them ("nothing was changed") would lie.
+    reported = (os_facts, license_facts, probe, attestation) != (None, None, None, None) or steps
+    if error is not None and error.step in _FIXED_LINE_STEPS and reported:
+        raise GuestOutputError(
+            f"error.step {error.step}: the script writes this line with no facts and no steps"
+        )
     return GuestResult(
         script=script,
         os=os_facts,
@@ -356,6 +366,9 @@ def _attestation(value: object, where: str) -> AttestationFacts:
     chain = _optional(data["chainValid"], f"{where}.chainValid", _bool)
     if not reachable and chain is not None:
         raise GuestOutputError(f"{where}.chainValid: must be null when IMDS was not reached")
+    if reachable and chain is None:
+        # the script sets it false as soon as the document came (docs/guest-contract.md)
+        raise GuestOutputError(f"{where}.chainValid: must be true or false when IMDS was reached")
     return AttestationFacts(
         imds_reachable=reachable,
         chain_valid=chain,
