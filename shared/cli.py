@@ -187,7 +187,11 @@ async def _execute(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 try:
                     found = await inventory.resolve_computer(computer)
                 except InventoryError as error:
-                    print(f"avma-remediator: cannot resolve {computer!r}: {error}", file=sys.stderr)
+                    print(
+                        f"avma-remediator: cannot resolve {computer!r}: {_inventory_problem(error)}",
+                        file=sys.stderr,
+                    )
+                    logging.getLogger(__name__).info("Resource Graph answered: %s", error)
                     return EXIT_FAILED
             if not found:
                 outcomes = [
@@ -222,6 +226,18 @@ async def _execute(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     _print_report(report, args.output, settings.mode)
     failed = any(o.kind is OutcomeKind.FAILED for o in report.outcomes)
     return EXIT_FAILED if failed or report.listing_errors else EXIT_OK
+
+
+def _inventory_problem(error: InventoryError) -> str:
+    """One line for a failed Resource Graph lookup: the SDK's message spans several lines.
+
+    An HTTP answer is named by its reason, status and code (the full text is logged with -v); a
+    request that got no answer (DNS, TLS, connection) keeps its own text, flattened to one line.
+    """
+    if error.status is None:
+        return f"Resource Graph unreachable: {' '.join(str(error).split())[:200]}"
+    code = f" {error.code}" if error.code else ""
+    return f"Resource Graph answered HTTP {error.status}{code} ({error.reason}); -v shows the full answer"
 
 
 def _subscriptions(args: argparse.Namespace, settings: Settings) -> list[str]:
