@@ -55,7 +55,7 @@ if (-not [string]::IsNullOrEmpty($topicName) -or -not [string]::IsNullOrEmpty($t
     $identity = az eventgrid system-topic show @subscriptionArgs --name $topicName --resource-group $topicGroup `
         --query identity.type --output tsv 2>$null
     if (-not "$identity".ToLowerInvariant().Contains('systemassigned')) {
-        [Console]::Error.WriteLine("preprovision: the system topic '$topicName' has no system-assigned identity, which dead-letters into the app's storage; add one (az eventgrid system-topic update --name $topicName --resource-group $topicGroup --identity systemassigned, or beside its user-assigned ones: see the README, Deploy).")
+        [Console]::Error.WriteLine("preprovision: the system topic '$topicName' has no system-assigned identity, which dead-letters into the app's storage; add one (az eventgrid system-topic update --name $topicName --resource-group $topicGroup --mi-system-assigned, or beside its user-assigned ones: see the README, Deploy).")
         exit 1
     }
     Write-Host "preprovision: the existing Event Grid system topic $topicName ($topicGroup) gets the event subscription."

@@ -65,7 +65,7 @@ if [ -n "$topic_name" ] || [ -n "$topic_group" ]; then
   case "$(lower "$identity")" in
     *systemassigned*) ;;
     *)
-      echo "preprovision: the system topic '$topic_name' has no system-assigned identity, which dead-letters into the app's storage; add one (az eventgrid system-topic update --name $topic_name --resource-group $topic_group --identity systemassigned, or beside its user-assigned ones: see the README, Deploy)." >&2
+      echo "preprovision: the system topic '$topic_name' has no system-assigned identity, which dead-letters into the app's storage; add one (az eventgrid system-topic update --name $topic_name --resource-group $topic_group --mi-system-assigned, or beside its user-assigned ones: see the README, Deploy)." >&2
       exit 1
       ;;
   esac

@@ -193,7 +193,11 @@ async def _execute(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 try:
                     found = await inventory.resolve_computer(computer)
                 except InventoryError as error:
-                    print(f"avma-remediator: cannot resolve {computer!r}: {error}", file=sys.stderr)
+                    print(
+                        f"avma-remediator: cannot resolve {computer!r}: {_inventory_problem(error)}",
+                        file=sys.stderr,
+                    )
+                    logging.getLogger(__name__).info("Resource Graph answered: %s", error)
                     return EXIT_FAILED
             if not found:
                 outcomes = [
@@ -244,9 +248,21 @@ class _Scoped:
                 str(vm_id),
                 OutcomeKind.FAILED,
                 "scope-unknown",
-                hint=f"Not checked: cannot tell whether the VM is in scope: {error}",
+                hint=f"Not checked: cannot tell whether the VM is in scope: {_inventory_problem(error)}",
             )
         return refused or await self._remediator.check(vm_id, listed=listed)
+
+
+def _inventory_problem(error: InventoryError) -> str:
+    """One line for a failed Resource Graph lookup: the SDK's message spans several lines.
+
+    An HTTP answer is named by its reason, status and code (the full text is logged with -v); a
+    request that got no answer (DNS, TLS, connection) keeps its own text, flattened to one line.
+    """
+    if error.status is None:
+        return f"Resource Graph unreachable: {' '.join(str(error).split())[:200]}"
+    code = f" {error.code}" if error.code else ""
+    return f"Resource Graph answered HTTP {error.status}{code} ({error.reason}); -v shows the full answer"
 
 
 def _subscriptions(args: argparse.Namespace, settings: Settings) -> list[str]:

@@ -10,7 +10,9 @@ user-assigned identity with that client id. As documented for the 2019-08-01 end
 names a user-assigned identity with one of ``client_id``, ``principal_id``/``object_id`` or
 ``mi_res_id`` and names none for the system-assigned one; a request for an identity the app does
 not have is 400 ``Unable to load the proper Managed Identity.`` (the body seen from Functions), so
-a wrong ``AZURE_CLIENT_ID`` fails here as it does in Azure.
+a wrong ``AZURE_CLIENT_ID`` fails here as it does in Azure. A 200 carries ``access_token``,
+``expires_on``, ``resource``, ``token_type`` and ``client_id`` (the identity used), as the
+documented sample response does.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class TokenIssuer:
     def __init__(self, header_secret: str | None = None, *, client_id: str | None = None) -> None:
         self.header_secret = header_secret or secrets.token_urlsafe(24)
         self.client_id = client_id
+        # The 200 answer names the client id of the identity used (overview-managed-identity.md);
+        # a system-assigned identity has one too, which the app is never told: a fresh GUID.
+        self.identity_client_id = client_id or str(uuid.uuid4())
         self._tokens: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -57,6 +62,7 @@ class TokenIssuer:
             "expires_on": str(int(expires)),
             "resource": resource,
             "token_type": "Bearer",
+            "client_id": self.identity_client_id,
         }
 
     def is_valid(self, token: str) -> bool:

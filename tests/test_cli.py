@@ -15,7 +15,7 @@ import pytest
 from shared.catalog import select_key
 from shared.cli import main
 from shared.guest.facts import OsFacts
-from simulator import Estate
+from simulator import Estate, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,6 +132,65 @@ def test_check_by_computer_name_resolves_an_attached_vm_and_remediates_it(
     assert [(v["id"], v["outcome"], v["reason"]) for v in missing["vms"]] == [
         ("computer:NOSUCHHOST", "skipped", "not-found")
     ]
+
+
+def test_check_by_computer_name_checks_every_vm_that_carries_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Computer names are not unique (a clone, a rebuilt VM beside its old disk): every match is checked."""
+    from tests.estates import windows_vm
+
+    sub_a = "3f2c8a51-6b0e-4d7a-9c1e-2a5b7d9e4f10"
+    sub_b = "8d41f6b2-95c3-4a8e-b7d0-1c6e2f3a9b54"
+    base = "providers/Microsoft.Compute/virtualMachines"
+    first = f"/subscriptions/{sub_a}/resourceGroups/rg-app/{base}/vm-app-01"
+    clone = f"/subscriptions/{sub_b}/resourceGroups/rg-dr/{base}/vm-app-01-dr"
+    other = f"/subscriptions/{sub_a}/resourceGroups/rg-app/{base}/vm-app-02"
+    estate = tmp_path / "estate.json"
+    estate.write_text(
+        json.dumps(
+            {
+                "vms": [
+                    windows_vm(first, createOption="Attach", computerName="APPSRV01"),
+                    windows_vm(clone, createOption="Attach", computerName="APPSRV01"),
+                    windows_vm(other, createOption="Attach", computerName="APPSRV02"),
+                ]
+            }
+        )
+    )
+    state = tmp_path / "state.json"
+    argv = ["check", "--computer", "APPSRV01", "--simulate", str(estate), "--apply", "--output", "json"]
+    assert main([*argv, "--sim-state-out", str(state)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sorted(v["id"] for v in out["vms"]) == sorted([first, clone])
+    assert out["summary"] == {"remediated": 2}
+    final = json.loads(state.read_text())
+    assert final[first]["channel"] == final[clone]["channel"] == "KMS_CLIENT"
+    assert final[other]["changed"] is False
+
+
+def test_check_by_computer_name_fails_with_one_line_when_resource_graph_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Resource Graph throttled past the inventory's retries: no verdict, exit 1, one clear line."""
+    from shared.cli import _simulated_env
+
+    with Simulator(Estate.default(), latency_s=0.01) as sim:
+        for key, value in _simulated_env(sim.env()).items():
+            if value is None:
+                monkeypatch.delenv(key, raising=False)
+            else:
+                monkeypatch.setenv(key, value)
+        sim.throttle_resource_graph(100, resets_after_s=0)
+        code = main(["check", "--computer", "APPSRV01", "--output", "json"])
+        statuses = [q["status"] for q in sim.graph_queries()]
+    captured = capsys.readouterr()
+    assert code == 1
+    assert statuses and set(statuses) == {429}  # it did ask, and was refused every time
+    assert captured.out == ""  # no report: "not found" would be a false verdict
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("avma-remediator: cannot resolve 'APPSRV01'") and "throttled" in lines[0]
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,31 @@ def test_opt_out_tag_is_configurable_and_false_means_not_opted_out() -> None:
     assert decision is not None and decision.reason == "opted-out"
 
 
+@pytest.mark.parametrize("value", ["false", "no", "0", "False", "NO"])
+def test_an_opt_out_tag_of_false_no_or_0_is_not_an_opt_out(value: str) -> None:
+    """README: any value but false/no/0 opts out; those three (in any case) leave the VM in scope."""
+    assert not is_opted_out(vm(tags={"avma-remediator-opt-out": value}), SETTINGS.opt_out_tag)
+    assert gate(vm(tags={"avma-remediator-opt-out": value}), SETTINGS) is None
+
+
+@pytest.mark.parametrize("value", ["true", "yes", "1", "", "off", "n"])
+def test_any_other_opt_out_value_opts_out(value: str) -> None:
+    decision = gate(vm(tags={"avma-remediator-opt-out": value}), SETTINGS)
+    assert decision is not None and decision.reason == "opted-out"
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [("Running", None), ("RUNNING", None), ("Deallocated", "not-running"), ("Starting", "vm-starting")],
+)
+def test_a_power_state_code_is_read_whatever_its_case(state: str, reason: str | None) -> None:
+    """ARM writes the codes in lower case (``PowerState/running``: states-billing.md, the SDKs'
+    PowerState enums); the gate does not depend on it: a running VM read as ``Running`` is not
+    deferred as an unknown state (which would leave it unfixed for good)."""
+    decision = gate(vm(power_state=state), SETTINGS)
+    assert (decision.reason if decision is not None else None) == reason
+
+
 def test_avma_with_a_known_edition_is_rekeyed_with_that_editions_key() -> None:
     decision = decide(detected(), SETTINGS)
     assert decision.action is Action.REKEY

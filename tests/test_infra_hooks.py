@@ -201,7 +201,7 @@ def test_preprovision_accepts_a_named_topic_with_a_system_identity(tmp_path: Pat
         ),
         (
             {**EXISTING, "STUB_TOPIC_TYPE": "Microsoft.Resources.Subscriptions", "STUB_TOPIC_IDENTITY": ""},
-            "az eventgrid system-topic update --name evgt-corp --resource-group rg-events --identity systemassigned",
+            "az eventgrid system-topic update --name evgt-corp --resource-group rg-events --mi-system-assigned",
         ),
         (
             {

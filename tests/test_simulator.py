@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -266,6 +267,7 @@ async def test_only_tokens_from_the_identity_endpoint_open_arm(simulator: Simula
             assert response.status == 401
 
 
+GUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 USER_ASSIGNED = "7c1e9a52-3b4d-4f6e-8a9b-0c1d2e3f4a5b"
 OTHER_CLIENT = "0f9e8d7c-6b5a-4c3d-9e2f-1a0b9c8d7e6f"
 
@@ -307,6 +309,20 @@ async def test_the_identity_endpoint_serves_only_the_app_s_own_identity(
     async with aiohttp.ClientSession() as http:
         base = f"{user.identity_endpoint}?api-version=2019-08-01&resource=https://management.azure.com"
         headers = {"X-IDENTITY-HEADER": user.identity_header}
+        # The documented 200 (overview-managed-identity.md) names the client id of the identity used.
+        async with http.get(f"{base}&client_id={USER_ASSIGNED.upper()}", headers=headers) as response:
+            granted = await response.json()
+        assert response.status == 200
+        assert set(granted) == {"access_token", "expires_on", "resource", "token_type", "client_id"}
+        assert granted["client_id"] == USER_ASSIGNED and granted["token_type"] == "Bearer"
+        system_base = (
+            f"{system.identity_endpoint}?api-version=2019-08-01&resource=https://management.azure.com"
+        )
+        system_headers = {"X-IDENTITY-HEADER": system.identity_header}
+        async with http.get(system_base, headers=system_headers) as response:
+            own = await response.json()
+        assert response.status == 200 and re.fullmatch(GUID, own["client_id"]), own
+        assert own["client_id"] != USER_ASSIGNED
         async with http.get(f"{base}&client_id={OTHER_CLIENT}", headers=headers) as response:
             body = await response.json()
         assert response.status == 400
