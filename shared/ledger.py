@@ -39,17 +39,18 @@ history by day      ``d-<inverted day>``       the same RowKey                re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 from azure.core import MatchConditions
@@ -64,7 +65,9 @@ from azure.data.tables import TableErrorCode, UpdateMode
 from azure.data.tables.aio import TableClient
 
 from shared.model import Outcome, OutcomeKind, VmId
-from shared.settings import Settings
+from shared.settings import LEDGER_BACKOFF_S, LEDGER_TRIES, LEDGER_TRY_TIMEOUT_S, Settings
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,7 @@ class Verdict:
     runs: int
     consecutive_deferrals: int
     consecutive_failures: int
+    os_disk_id: str = ""  # the OS disk the VM had when this verdict was reached ("" if not read)
 
 
 @dataclass(slots=True)
@@ -131,6 +135,9 @@ class Lease:
     previous: Verdict | None  # the verdict stored before this lease (None for a VM never seen)
     etag: str = field(repr=False)
     released: bool = False
+    # The intent a previous holder announced before a Run Command and never closed with a verdict:
+    # it died (or could not record) mid-workflow, so the stored verdict may not be the VM's state.
+    interrupted: dict[str, Any] | None = None
 
 
 def vm_key(vm_id: VmId) -> str:
@@ -221,7 +228,24 @@ def _verdict(row: Mapping[str, Any]) -> Verdict | None:
         runs=_int(row.get("runs")),
         consecutive_deferrals=_int(row.get("consecutiveDeferrals")),
         consecutive_failures=_int(row.get("consecutiveFailures")),
+        os_disk_id=str(row.get("osDiskId") or ""),
     )
+
+
+def _pending(row: Mapping[str, Any]) -> dict[str, Any] | None:
+    text = row.get("pendingIntent")
+    if not isinstance(text, str) or not text:
+        return None
+    return {**_details(text), "at": _iso(row.get("pendingAt"))}
+
+
+def _transient(error: BaseException) -> bool:
+    """Worth another try: a timeout or a storage failure that is not a definite answer."""
+    if isinstance(error, TimeoutError):
+        return True
+    if isinstance(error, ResourceExistsError | ResourceModifiedError | ResourceNotFoundError):
+        return False
+    return isinstance(error, AzureError)
 
 
 def _history_entry(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -269,6 +293,10 @@ def _storage(operation: str, target: object) -> Iterator[None]:
 
 class Ledger:
     """Async access to the ledger table. Safe to share between tasks; one per worker process."""
+
+    # Writes that must not be lost (history rows, the release with its verdict) are tried
+    # LEDGER_TRIES times, each within LEDGER_TRY_TIMEOUT_S, with doubling backoff from this.
+    retry_backoff_s: float = LEDGER_BACKOFF_S
 
     def __init__(
         self,
@@ -339,6 +367,29 @@ class Ledger:
         with _storage("create table", self._table.table_name), contextlib.suppress(ResourceExistsError):
             await self._table.create_table()
 
+    async def _retrying(self, operation: str, target: object, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run one storage write, retried with backoff on transient failures (never on a definite
+        answer such as 409 or 412); the last failure is raised as a :class:`LedgerError`."""
+        delay = self.retry_backoff_s
+        for tries in range(1, LEDGER_TRIES + 1):
+            try:
+                with _storage(operation, target):
+                    try:
+                        async with asyncio.timeout(LEDGER_TRY_TIMEOUT_S):
+                            return await attempt()
+                    except TimeoutError as error:
+                        raise AzureError(f"no answer within {LEDGER_TRY_TIMEOUT_S:g} s") from error
+            except TableMissing:
+                raise
+            except LedgerError as error:
+                cause = error.__cause__
+                if tries == LEDGER_TRIES or cause is None or not _transient(cause):
+                    raise
+                log.warning("%s (try %d of %d); retrying in %.2g s", error, tries, LEDGER_TRIES, delay)
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
     # ------------------------------------------------------------------ lease
 
     async def acquire(self, vm_id: VmId, *, owner: str, now: datetime | None = None) -> Lease | None:
@@ -366,6 +417,7 @@ class Ledger:
                     log.info("lease on %s: lost the race to create it", vm_id)
                     return None
                 return Lease(vm_id, owner, token, expires, None, str(written["etag"]))
+            interrupted = _pending(row)
             if _lease_is_live(row, now):
                 log.info("lease on %s is held by %s", vm_id, row.get("leaseOwner"))
                 return None
@@ -382,18 +434,37 @@ class Ledger:
             except ResourceModifiedError:
                 log.info("lease on %s: another worker claimed it first", vm_id)
                 return None
-        return Lease(vm_id, owner, token, expires, _verdict(row), str(written["etag"]))
+        if interrupted is not None:
+            log.warning(
+                "lease on %s: the previous workflow ended without a verdict after %s", vm_id, interrupted
+            )
+        return Lease(
+            vm_id, owner, token, expires, _verdict(row), str(written["etag"]), interrupted=interrupted
+        )
 
-    async def renew(self, lease: Lease, *, now: datetime | None = None) -> None:
-        """Extend a held lease by the full lease length; :class:`LeaseLost` if it is no longer ours."""
+    async def renew(
+        self, lease: Lease, *, intent: Mapping[str, Any] | None = None, now: datetime | None = None
+    ) -> None:
+        """Extend a held lease by the full lease length; :class:`LeaseLost` if it is no longer ours.
+
+        ``intent`` (what is about to be done, e.g. before a remediation Run Command) is kept on the
+        state row until a verdict is stored: a later holder then knows this workflow never finished.
+        """
         if lease.released:
             raise LeaseLost(f"lease on {lease.vm_id} was already released")
         now = _utc(now)
         expires = now + self._lease
+        columns: dict[str, Any] = {
+            "PartitionKey": STATE_PARTITION,
+            "RowKey": vm_key(lease.vm_id),
+            "leaseUntil": expires,
+        }
+        if intent is not None:
+            columns.update({"pendingIntent": _details_json(intent) or "{}", "pendingAt": now})
         with _storage("renew", lease.vm_id):
             try:
                 written = await self._table.update_entity(
-                    {"PartitionKey": STATE_PARTITION, "RowKey": vm_key(lease.vm_id), "leaseUntil": expires},
+                    columns,
                     mode=UpdateMode.MERGE,
                     etag=lease.etag,
                     match_condition=MatchConditions.IfNotModified,
@@ -428,21 +499,32 @@ class Ledger:
         }
         if outcome is not None:
             row.update(self._verdict_columns(lease.previous, outcome, now))
-        with _storage("release", lease.vm_id):
+            row["pendingIntent"] = ""  # the verdict closes any intent announced under this lease
+
+        async def write() -> dict[str, Any] | None:
             try:
-                written = await self._table.update_entity(
-                    row, mode=UpdateMode.MERGE, etag=lease.etag, match_condition=MatchConditions.IfNotModified
+                return dict(
+                    await self._table.update_entity(
+                        row,
+                        mode=UpdateMode.MERGE,
+                        etag=lease.etag,
+                        match_condition=MatchConditions.IfNotModified,
+                    )
                 )
             except (ResourceModifiedError, ResourceNotFoundError) as error:
                 if isinstance(error, ResourceNotFoundError):
                     _no_table(error, self._table.table_name)
-                lease.released = True
-                log.warning(
-                    "lease on %s expired and was taken over before release; verdict %s not stored",
-                    lease.vm_id,
-                    outcome.kind.value if outcome else None,
-                )
-                return
+                return None
+
+        written = await self._retrying("release", lease.vm_id, write)
+        if written is None:
+            lease.released = True
+            log.warning(
+                "lease on %s expired and was taken over before release; verdict %s not stored",
+                lease.vm_id,
+                outcome.kind.value if outcome else None,
+            )
+            return
         lease.released = True
         lease.etag = str(written["etag"])
 
@@ -464,6 +546,9 @@ class Ledger:
         }
         if kind in VERIFYING:
             columns["verifiedAt"] = now
+        disk = outcome.details.get("osDiskId")
+        if isinstance(disk, str) and disk:
+            columns["osDiskId"] = _cap(disk)
         return columns
 
     # ------------------------------------------------------------------ history
@@ -486,6 +571,33 @@ class Ledger:
             reason=outcome.reason,
             hint=outcome.hint,
             details=outcome.details,
+            trigger=trigger,
+            correlation_id=correlation_id,
+            attempt=attempt,
+            now=now,
+        )
+
+    async def record_intent(
+        self,
+        vm_id: VmId,
+        *,
+        phase: str,
+        reason: str,
+        details: Mapping[str, Any] | None = None,
+        trigger: str,
+        correlation_id: str,
+        attempt: int,
+        now: datetime | None = None,
+    ) -> None:
+        """Append an ``intent`` row before a Run Command that may change the VM: a crash after the
+        POST then still leaves evidence of what was sent, when, and why."""
+        await self._append(
+            vm_id,
+            entry="intent",
+            kind="intent",
+            reason=f"{phase}:{reason}" if reason else phase,
+            hint="",
+            details=details,
             trigger=trigger,
             correlation_id=correlation_id,
             attempt=attempt,
@@ -561,10 +673,16 @@ class Ledger:
             "attempt": _int(attempt),
         }
         day = f"{_DAY_PREFIX}{(_LAST_DAY - at.date()).days:07d}"
-        with _storage("record", target):
-            # The target's copy first: it is the one an operator reads for a VM.
-            await self._table.create_entity({**row, "PartitionKey": _HISTORY_PREFIX + target_key(target)})
-            await self._table.create_entity({**row, "PartitionKey": day})
+        # The target's copy first: it is the one an operator reads for a VM. The RowKey is fixed
+        # before the tries, so a try whose answer was lost makes the next one meet 409: written.
+        for partition in (_HISTORY_PREFIX + target_key(target), day):
+            entity = {**row, "PartitionKey": partition}
+
+            async def write(entity: dict[str, Any] = entity) -> None:
+                with contextlib.suppress(ResourceExistsError):
+                    await self._table.create_entity(entity)
+
+            await self._retrying("record", target, write)
 
     # ------------------------------------------------------------------ markers
 
