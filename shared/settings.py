@@ -18,6 +18,19 @@ from shared.model import is_guid, is_host_name
 
 # Azure tag names may not contain < > % & \ ? /
 _TAG_NAME = re.compile(r"^[^<>%&\\?/]{1,512}$")
+# Ledger writes (history rows, lease release) are retried with backoff before the invocation gives
+# up and lets the host retry the message; each try has its own deadline. Their worst case counts in
+# the workflow's budget (Settings.workflow_worst_case_s).
+LEDGER_TRIES = 3
+LEDGER_TRY_TIMEOUT_S = 10.0
+LEDGER_BACKOFF_S = 0.5  # then doubled: 0.5 s, 1 s
+LEDGER_WRITE_BUDGET_S = LEDGER_TRIES * LEDGER_TRY_TIMEOUT_S + LEDGER_BACKOFF_S * (
+    (1 << (LEDGER_TRIES - 1)) - 1
+)
+# Ledger operations of one workflow: acquire, renew before each of two Run Commands, the intent row,
+# the outcome row and the release.
+LEDGER_OPS_PER_WORKFLOW = 6
+HOST_FUNCTION_TIMEOUT_S = 3600.0  # host.json "functionTimeout" (checked by tests/test_settings.py)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -58,6 +71,9 @@ class Settings:
     max_concurrency: int = 16
     run_command_timeout_s: float = 900.0
     poll_interval_s: float = 10.0
+    arm_timeout_s: float = 60.0  # deadline of every other ARM call (a VM read, a list page), retries included
+    lease_seconds: float | None = None  # LEASE_SECONDS; None: derived from the Run Command timeout
+    function_timeout_s: float = HOST_FUNCTION_TIMEOUT_S  # the host's functionTimeout
     # The event-driven app (Functions): storage, ledger, log scan, sweep, retries.
     storage_connection: str | None = None  # AzureWebJobsStorage (Azurite / connection string)
     queue_service_uri: str | None = None  # AzureWebJobsStorage__queueServiceUri (identity-based)
@@ -78,7 +94,19 @@ class Settings:
     @property
     def lease_s(self) -> float:
         """A lease outlives the longest workflow (two Run Commands and their reads) with a margin."""
+        if self.lease_seconds is not None:
+            return self.lease_seconds
         return 2 * self.run_command_timeout_s + 300.0
+
+    @property
+    def workflow_worst_case_s(self) -> float:
+        """The longest one work item can take: a VM read, two Run Commands (each bounded by its
+        deadline) and every ledger operation at its worst (all tries, all backoff)."""
+        return (
+            self.arm_timeout_s
+            + 2 * self.run_command_timeout_s
+            + LEDGER_OPS_PER_WORKFLOW * LEDGER_WRITE_BUDGET_S
+        )
 
     @property
     def kms_target(self) -> str:
@@ -138,6 +166,14 @@ class Settings:
             get("RUN_COMMAND_TIMEOUT_SECONDS"), "RUN_COMMAND_TIMEOUT_SECONDS", 900, 0.01, 5400, problems
         )
         poll = _number(get("POLL_INTERVAL_SECONDS"), "POLL_INTERVAL_SECONDS", 10, 0.0, 300, problems)
+        arm_timeout = _number(
+            get("ARM_CALL_TIMEOUT_SECONDS"), "ARM_CALL_TIMEOUT_SECONDS", 60, 0.01, 900, problems
+        )
+        lease_text = get("LEASE_SECONDS")
+        lease = _number(lease_text, "LEASE_SECONDS", 0, 1, 86400, problems) if lease_text else None
+        function_timeout = _host_timespan(
+            get("AzureFunctionsJobHost__functionTimeout"), "AzureFunctionsJobHost__functionTimeout", problems
+        )
 
         storage_connection = get("AzureWebJobsStorage") or None
         queue_uri = get("AzureWebJobsStorage__queueServiceUri") or None
@@ -168,6 +204,28 @@ class Settings:
             get("MAX_TARGETS_PER_ALERT"), "MAX_TARGETS_PER_ALERT", 100, 1, 10000, problems, whole=True
         )
 
+        if not problems:
+            # The worst-case workflow must end before its lease does (or a second delivery could take
+            # the VM while this one still runs a command) and before the host kills the invocation.
+            budget = replace(
+                cls(cloud=cloud),
+                run_command_timeout_s=float(timeout),
+                arm_timeout_s=float(arm_timeout),
+                lease_seconds=lease,
+                function_timeout_s=function_timeout,
+            )
+            worst = budget.workflow_worst_case_s
+            if worst > budget.lease_s:
+                problems.append(
+                    f"LEASE_SECONDS={budget.lease_s:g}: shorter than the worst-case workflow ({worst:g} s: "
+                    "ARM_CALL_TIMEOUT_SECONDS + 2 x RUN_COMMAND_TIMEOUT_SECONDS + the ledger's retries)"
+                )
+            if worst > function_timeout:
+                problems.append(
+                    f"functionTimeout ({function_timeout:g} s, host.json or "
+                    f"AzureFunctionsJobHost__functionTimeout) is shorter than the worst-case workflow "
+                    f"({worst:g} s): lower RUN_COMMAND_TIMEOUT_SECONDS"
+                )
         if problems:
             raise ConfigError(problems)
         return cls(
@@ -183,6 +241,9 @@ class Settings:
             max_concurrency=int(concurrency),
             run_command_timeout_s=float(timeout),
             poll_interval_s=float(poll),
+            arm_timeout_s=float(arm_timeout),
+            lease_seconds=lease,
+            function_timeout_s=function_timeout,
             storage_connection=storage_connection,
             queue_service_uri=queue_uri,
             table_service_uri=table_uri,
@@ -206,6 +267,18 @@ def _is_file(path: str) -> bool:
         return Path(path).is_file()
     except OSError:
         return False
+
+
+def _host_timespan(text: str, name: str, problems: list[str]) -> float:
+    """A host.json timespan (``hh:mm:ss``, as ``functionTimeout``); empty: host.json's own value."""
+    if not text:
+        return HOST_FUNCTION_TIMEOUT_S
+    match = re.fullmatch(r"(\d{1,2}):([0-5]\d):([0-5]\d)", text)
+    if match is None:
+        problems.append(f"{name}={text[:40]!r}: expected hh:mm:ss")
+        return HOST_FUNCTION_TIMEOUT_S
+    hours, minutes, seconds = (int(part) for part in match.groups())
+    return float(hours * 3600 + minutes * 60 + seconds)
 
 
 def _bool(text: str, name: str, problems: list[str]) -> bool:

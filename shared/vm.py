@@ -19,13 +19,16 @@ class VmFacts:
     agent_ready: bool | None  # None when the instance view was not read
     tags: Mapping[str, str] = field(default_factory=dict)
     location: str = ""
+    os_disk_id: str = ""  # the managed OS disk's id (or its name): a re-image or disk swap changes it
 
     @classmethod
     def from_arm(cls, vm: Mapping[str, Any]) -> VmFacts:
         """Build from the wire JSON of a VM (``GET …?$expand=instanceView`` or a ``statusOnly`` list item)."""
         vm_id = VmId.parse(str(vm.get("id", "")))
         props = _obj(vm.get("properties"))
-        os_type = _obj(_obj(props.get("storageProfile")).get("osDisk")).get("osType")
+        os_disk = _obj(_obj(props.get("storageProfile")).get("osDisk"))
+        os_type = os_disk.get("osType")
+        disk_id = _obj(os_disk.get("managedDisk")).get("id") or os_disk.get("name") or ""
         view = props.get("instanceView")
         power: str | None = None
         agent: bool | None = None
@@ -49,6 +52,7 @@ class VmFacts:
             agent_ready=agent,
             tags=tags,
             location=str(vm.get("location", "")),
+            os_disk_id=str(disk_id) if isinstance(disk_id, str) else "",
         )
 
 

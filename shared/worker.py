@@ -3,28 +3,46 @@
 Per message: resolve a computer name to VM ids, take the VM's lease in the ledger (so duplicate or
 concurrent deliveries never run two workflows on one VM), run the workflow, re-enqueue a deferral
 with a growing delay until its deadline, record the verdict and the history row, release the lease.
-Anything that cannot be recorded raises, so the Functions host retries the message and, after
-``maxDequeueCount``, moves it to the poison queue, whose handler records ``failed: poison``.
+
+Delivery guarantees (docs/reliability.md, "Delivery guarantees"):
+
+- A delivery that finds the VM leased by another workflow is never dropped: it is re-enqueued with
+  a delay no longer than the lease (``deferred: lease-held``, recorded) and runs afresh once the
+  lease is released or has expired.
+- Before every Run Command the lease is renewed (ETag); if it was lost, nothing is POSTed. Before a
+  remediation POST an ``intent`` row goes to the history and the intent onto the VM's state row, so
+  a worker killed after the POST leaves evidence, and the next holder re-detects the VM whatever its
+  stored verdict says.
+- The outcome is logged before the ledger write; the write is retried with backoff; if it still
+  fails the invocation raises, so the Functions host retries the message rather than deleting it
+  and, after ``maxDequeueCount``, moves it to the poison queue, whose handler records ``failed: poison``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import uuid
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from shared.azure.transient import TransientError
-from shared.model import Outcome, OutcomeKind, VmId, WorkItem
+from shared.ledger import LeaseLost
+from shared.model import Outcome, OutcomeKind, Trigger, VmId, WorkItem
 from shared.scope import Scope
 from shared.settings import Settings
 from shared.telemetry import log_outcome
+from shared.workflow import BeforeRunCommand, Recent
 
 log = logging.getLogger(__name__)
 
 MAX_DEFER_DELAY_S = 6 * 3600
+# Triggers whose item says "something may have changed on this VM": a fresh verdict answers them
+# unless their evidence is newer than it. The sweep already skips fresh VMs; manual means "check now".
+_EVIDENCE_TRIGGERS = frozenset({Trigger.VM_CREATED, Trigger.ALERT, Trigger.LOG_SCAN})
 
 
 class Lease(Protocol):
@@ -37,6 +55,20 @@ class LedgerPort(Protocol):
     async def acquire(self, vm_id: VmId, *, owner: str, now: datetime | None = None) -> Any: ...
 
     async def release(self, lease: Any, outcome: Outcome | None) -> None: ...
+
+    async def renew(self, lease: Any, *, intent: Mapping[str, Any] | None = None) -> None: ...
+
+    async def record_intent(
+        self,
+        vm_id: VmId,
+        *,
+        phase: str,
+        reason: str,
+        details: Mapping[str, Any] | None,
+        trigger: str,
+        correlation_id: str,
+        attempt: int,
+    ) -> None: ...
 
     async def record(
         self, vm_id: VmId, *, outcome: Outcome, trigger: str, correlation_id: str, attempt: int
@@ -63,7 +95,13 @@ class ResolverPort(Protocol):
 
 
 class CheckPort(Protocol):
-    async def check(self, vm_id: VmId) -> Outcome: ...
+    async def check(
+        self,
+        vm_id: VmId,
+        *,
+        before_run_command: BeforeRunCommand | None = None,
+        recent: Recent | None = None,
+    ) -> Outcome: ...
 
 
 class Worker:
@@ -186,23 +224,25 @@ class Worker:
         trigger, correlation = item.reason.value, item.correlation_id
         lease = await self._ledger.acquire(vm_id, owner=self.owner, now=now)
         if lease is None:
-            # Another delivery of the same VM is being worked on; it records the outcome.
-            duplicate = Outcome(
-                str(vm_id), OutcomeKind.SKIPPED, "duplicate", details={"attempt": item.attempt}
-            )
-            await self._ledger.record(
-                vm_id, outcome=duplicate, trigger=trigger, correlation_id=correlation, attempt=item.attempt
-            )
-            log_outcome(duplicate, trigger=trigger, correlation_id=correlation, attempt=item.attempt)
-            return duplicate
+            # Another workflow holds the VM. It may be a worker that died after its POST, whose lease
+            # only time frees: come back when it is free and detect again, never drop the delivery.
+            return await self._wait_for_lease(item, vm_id, "lease-held")
         outcome: Outcome | None = None
         try:
-            outcome = await self._remediator.check(vm_id)
+            interrupted: dict[str, Any] | None = getattr(lease, "interrupted", None)
+            recent = None if interrupted else self._recent(item, lease, now)
+            try:
+                outcome = await self._remediator.check(
+                    vm_id, before_run_command=self._guard(item, vm_id, lease), recent=recent
+                )
+            except LeaseLost:
+                # Renewal found the lease taken over (it had expired): nothing was POSTed.
+                return await self._wait_for_lease(item, vm_id, "lease-lost")
+            if interrupted:
+                outcome.details["interrupted"] = interrupted
             if outcome.kind is OutcomeKind.DEFERRED:
                 outcome = await self._defer(item, vm_id, outcome, now)
-            await self._ledger.record(
-                vm_id, outcome=outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt
-            )
+            # The log line first: if the ledger cannot take the row, the outcome is still on record.
             log_outcome(
                 outcome,
                 trigger=trigger,
@@ -210,9 +250,80 @@ class Worker:
                 attempt=item.attempt,
                 first_seen=item.first_seen,
             )
+            try:
+                await self._ledger.record(
+                    vm_id, outcome=outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt
+                )
+            except Exception:
+                # No history row: store no verdict either, keep the intent on the state row, and let
+                # the message be retried; the next delivery detects the VM's real state again.
+                outcome = None
+                raise
             return outcome
         finally:
-            await self._ledger.release(lease, outcome)
+            stored = outcome
+            if outcome is not None and outcome.reason == "recently-verified":
+                stored = None  # the verdict it relied on stays as it was (verifiedAt included)
+            await self._ledger.release(lease, stored)
+
+    def _guard(self, item: WorkItem, vm_id: VmId, lease: Any) -> BeforeRunCommand:
+        """The hook the workflow awaits before each Run Command POST."""
+
+        async def before(phase: str, details: Mapping[str, Any]) -> None:
+            intent = {"phase": phase, "owner": self.owner, "correlationId": item.correlation_id}
+            # LeaseLost here means another delivery may be running: abort without POSTing.
+            await self._ledger.renew(lease, intent=intent if phase == "remediate" else None)
+            if phase == "remediate":
+                await self._ledger.record_intent(
+                    vm_id,
+                    phase=phase,
+                    reason=str(details.get("reason", "")),
+                    details=dict(details),
+                    trigger=item.reason.value,
+                    correlation_id=item.correlation_id,
+                    attempt=item.attempt,
+                )
+
+        return before
+
+    def _recent(self, item: WorkItem, lease: Any, now: datetime) -> Recent | None:
+        """The stored verdict, when it makes a Run Command for this item needless (issue 9)."""
+        if item.reason not in _EVIDENCE_TRIGGERS:
+            return None
+        previous = getattr(lease, "previous", None)
+        verified = getattr(previous, "verified_at", None)
+        disk = getattr(previous, "os_disk_id", "")
+        if not isinstance(verified, datetime) or not disk:
+            return None
+        if getattr(previous, "outcome", None) not in (OutcomeKind.HEALTHY, OutcomeKind.REMEDIATED):
+            return None  # only a good state is worth trusting; anything else is looked at again
+        age = (now - verified).total_seconds()
+        if age < 0 or age >= self._settings.recheck_after_s:
+            return None
+        evidence = _parse_time(item.first_seen)
+        if evidence is None or evidence > verified:
+            return None  # the alert, log row or write came after the verdict: look again
+        return Recent(verified_at=verified, os_disk_id=disk)
+
+    async def _wait_for_lease(self, item: WorkItem, vm_id: VmId, reason: str) -> Outcome:
+        """Re-enqueue until the lease holder is done (or its lease expired), recording the retry."""
+        trigger, correlation = item.reason.value, item.correlation_id
+        # Not a deferral of this item's own (the attempt count and deadline stay as they are): one
+        # DEFER_DELAY, spread by jitter so that duplicates do not meet again, never past the lease.
+        delay = max(1.0, min(self._settings.defer_delay_s * random.uniform(1.0, 2.0), self._settings.lease_s))  # noqa: S311 (jitter)
+        retry = replace(item, vm_id=vm_id, computer=None)
+        await self._queue.send(retry, delay_s=delay)
+        waiting = Outcome(
+            str(vm_id),
+            OutcomeKind.DEFERRED,
+            reason,
+            details={"attempt": item.attempt, "retryInS": round(delay, 3)},
+        )
+        log_outcome(waiting, trigger=trigger, correlation_id=correlation, attempt=item.attempt)
+        await self._ledger.record(
+            vm_id, outcome=waiting, trigger=trigger, correlation_id=correlation, attempt=item.attempt
+        )
+        return waiting
 
     async def _defer(self, item: WorkItem, vm_id: VmId, outcome: Outcome, now: datetime) -> Outcome:
         """Re-enqueue with exponential delay until the deadline; then the deferral becomes a failure."""

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from shared.azure.compute import (
     AgentNotReady,
+    ArmTimeout,
     ArmUnavailable,
     ComputeError,
     RunCommandBusy,
@@ -32,7 +35,19 @@ from shared.vm import VmFacts
 
 log = logging.getLogger(__name__)
 
-_DEFERRING = (RunCommandBusy, Throttled, ArmUnavailable, RunCommandTimeout, AgentNotReady)
+_DEFERRING = (RunCommandBusy, Throttled, ArmUnavailable, ArmTimeout, RunCommandTimeout, AgentNotReady)
+
+# Called before each Run Command POST with the phase ("detect" or "remediate") and what is about to
+# be sent; it may raise (a lost lease, a ledger that cannot record the intent) and then nothing is POSTed.
+BeforeRunCommand = Callable[[str, Mapping[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Recent:
+    """A verdict fresh enough to skip detection when the VM's OS disk is the one it was reached on."""
+
+    verified_at: datetime
+    os_disk_id: str
 
 
 class Compute(Protocol):
@@ -44,52 +59,72 @@ class Compute(Protocol):
 
 
 class Remediator:
-    """Runs the workflow for one VM at a time per VM id (never two Run Commands on one VM)."""
+    """Runs the workflow for one VM. It holds no state between checks: keeping two workflows off
+    one VM is the ledger's lease (queue path) or the caller's de-duplication (the CLI's sweep)."""
 
     def __init__(self, compute: Compute, settings: Settings) -> None:
         self._compute = compute
         self._settings = settings
-        self._in_flight: set[VmId] = set()
 
     @property
     def settings(self) -> Settings:
         return self._settings
 
-    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome:
-        """Take one VM to an outcome. ``listed`` lets a sweep skip the read for VMs it can rule out."""
-        if vm_id in self._in_flight:
-            return self._outcome(vm_id, OutcomeKind.DEFERRED, "in-progress")
-        self._in_flight.add(vm_id)
+    async def check(
+        self,
+        vm_id: VmId,
+        *,
+        listed: VmFacts | None = None,
+        before_run_command: BeforeRunCommand | None = None,
+        recent: Recent | None = None,
+    ) -> Outcome:
+        """Take one VM to an outcome. ``listed`` lets a sweep skip the read for VMs it can rule out;
+        ``before_run_command`` is awaited before every POST (the worker renews its lease there);
+        with ``recent``, a VM whose OS disk is unchanged ends ``skipped: recently-verified`` after
+        its read, with no Run Command."""
         started = time.monotonic()
-        try:
-            outcome = await self._check(vm_id, listed)
-        finally:
-            self._in_flight.discard(vm_id)
+        outcome = await self._check(vm_id, listed, before_run_command, recent)
         outcome.details["duration_s"] = round(time.monotonic() - started, 3)
         return outcome
 
-    async def _check(self, vm_id: VmId, listed: VmFacts | None) -> Outcome:
+    async def _check(
+        self,
+        vm_id: VmId,
+        listed: VmFacts | None,
+        hook: BeforeRunCommand | None,
+        recent: Recent | None,
+    ) -> Outcome:
         settings = self._settings
         phase = "read"
+        disk: dict[str, Any] = {}
         try:
             if listed is not None:
                 early = gate(listed, settings)
                 if early is not None:
                     return self._final(vm_id, early)
             vm = await self._compute.get_vm(vm_id)
+            disk = {"osDiskId": vm.os_disk_id} if vm.os_disk_id else {}
             ruled = gate(vm, settings)
             if ruled is not None:
-                return self._final(vm_id, ruled)
+                return self._final(vm_id, ruled, dict(disk))
+            if recent is not None and vm.os_disk_id and vm.os_disk_id.lower() == recent.os_disk_id.lower():
+                return self._outcome(
+                    vm_id,
+                    OutcomeKind.SKIPPED,
+                    "recently-verified",
+                    {**disk, "verifiedAt": recent.verified_at.isoformat()},
+                )
 
             phase = "detect"
-            detect_out, detect_err = await self._compute.run_command(
-                vm_id, detect_command(settings.kms_host, settings.kms_port)
-            )
+            detect = detect_command(settings.kms_host, settings.kms_port)
+            if hook is not None:
+                await hook(phase, {})
+            detect_out, detect_err = await self._compute.run_command(vm_id, detect)
             before = self._parse(detect_out, "detect")
             if isinstance(before, Outcome):
                 return self._bad_output(vm_id, before, detect_err)
             decision = decide(before, settings)
-            facts = _facts(before, "")
+            facts = {**disk, **_facts(before, "")}
             if decision.action is Action.NONE:
                 extra = {"error": _error_text(before)} if before.error is not None else {}
                 return self._final(vm_id, decision, {**facts, **extra})
@@ -107,6 +142,8 @@ class Remediator:
                 kms_host=settings.kms_host,
                 kms_port=settings.kms_port,
             )
+            if hook is not None:
+                await hook(phase, {"action": decision.action.value, "reason": decision.reason, **facts})
             fix_out, fix_err = await self._compute.run_command(vm_id, body)
             after = self._parse(fix_out, "remediate")
             if isinstance(after, Outcome):

@@ -487,8 +487,12 @@ async def test_the_checks_catch_a_worker_without_leases(monkeypatch: pytest.Monk
     async def no_release(self: Ledger, lease: Lease, outcome: Any, *, now: Any = None) -> None:
         return None
 
+    async def no_renew(self: Ledger, lease: Lease, *, intent: Any = None, now: Any = None) -> None:
+        return None  # no lease, so nothing to renew before a Run Command
+
     monkeypatch.setattr(Ledger, "acquire", no_lease)
     monkeypatch.setattr(Ledger, "release", no_release)
+    monkeypatch.setattr(Ledger, "renew", no_renew)
     report = await chaos.run_chaos(chaos.replace(BROKEN, vms=16, latency_s=0.2))
     assert report["violations"]["concurrentRunCommands"] > 0
 

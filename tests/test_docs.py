@@ -20,14 +20,14 @@ REASONS = [
     "channel-mismatch", "avma-before-2012r2", "not-found",
     # deferred
     "agent-not-ready", "vm-starting", "power-state-unknown", "run-command-busy", "throttled",
-    "arm-unavailable", "run-command-timeout", "in-progress", "kms-unreachable",
+    "arm-unavailable", "run-command-timeout", "arm-timeout", "kms-unreachable", "lease-held", "lease-lost",
     # failed
     "activation-error:0xC004F074", "key-install-error:0xC004F069", "step-error:", "remediation-error:",
     "activation-not-attempted", "verify-failed:not-kms-client", "verify-failed:license-status-N",
     "detection-error", "powershell-version", "bad-output",
     "attestation-imds-unreachable", "attestation-chain-invalid", "attestation-not-reported", "run-command-failed", "forbidden",
     # the Functions app
-    "duplicate", "deadline-exceeded:", "poison", "malformed-message", "out-of-scope", "scope-unknown",
+    "recently-verified", "deadline-exceeded:", "poison", "malformed-message", "out-of-scope", "scope-unknown",
 ]  # fmt: skip
 
 

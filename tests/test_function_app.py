@@ -239,10 +239,13 @@ async def test_vm_created_event_to_queue_to_worker_to_a_licensed_vm_and_a_ledger
     assert len(await drain(app_env)) == 1
     assert licensed(sim, "web-01")
     rows = await history(app_env, vm_id("web-01"))
+    # newest first: the outcome, and before it the intent written before the remediation POST
     assert [(r["outcome"], r["reason"], r["trigger"]) for r in rows] == [
-        ("remediated", "avma-channel", "vm-created")
+        ("remediated", "avma-channel", "vm-created"),
+        ("intent", "remediate:avma-channel", "vm-created"),
     ]
     assert rows[0]["correlationId"]
+    assert rows[1]["entry"] == "intent" and rows[1]["correlationId"] == rows[0]["correlationId"]
 
 
 async def test_cloud_events_schema_is_accepted_too(app_env: dict[str, str], sim: Simulator) -> None:
@@ -375,9 +378,18 @@ async def test_ten_duplicate_deliveries_cause_exactly_one_remediation(
     assert sim.max_concurrent_run_commands() <= 1
     conflicts = {k.lower(): v for k, v in sim.counters()["conflicts"].items()}
     assert vm_id("web-01").lower() not in conflicts  # the lease kept Run Commands apart
-    outcomes = [r["outcome"] for r in await history(app_env, vm_id("web-01"))]
-    assert outcomes.count("remediated") == 1
-    assert set(outcomes) <= {"remediated", "skipped", "healthy"}
+    rows = await history(app_env, vm_id("web-01"))
+    outcomes = [r["outcome"] + ":" + r["reason"] for r in rows]
+    assert outcomes.count("remediated:avma-channel") == 1
+    # the nine that met the lease are not dropped: each is recorded and comes back after a delay
+    assert outcomes.count("deferred:lease-held") == 9
+    await asyncio.sleep(2.1)  # DEFER_DELAY_SECONDS, with up to as much again of jitter
+    assert len(await drain(app_env)) == 9  # one at a time (at once, they would meet each other's lease)
+    rows = await history(app_env, vm_id("web-01"))
+    later = [r["outcome"] + ":" + r["reason"] for r in rows[:9]]
+    # the same write, seen before the verdict: answered by the verdict, no Run Command (issue 9)
+    assert later == ["skipped:recently-verified"] * 9
+    assert [e["script"] for e in sim.run_log(vm_id("web-01"))] == ["detect", "remediate"]
 
 
 async def test_two_workers_racing_on_one_vm_run_one_workflow(app_env: dict[str, str], sim: Simulator) -> None:
@@ -386,7 +398,8 @@ async def test_two_workers_racing_on_one_vm_run_one_workflow(app_env: dict[str, 
     body = json.dumps({"reason": "manual", "vmId": vm_id("app-02"), "correlationId": "race"})
     outcomes = await asyncio.gather(triggers.work(body), triggers.work(body))
     words = sorted(o.kind.value + ":" + o.reason for batch in outcomes for o in batch)
-    assert words == ["remediated:avma-channel", "skipped:duplicate"]
+    # the loser is re-enqueued (a recorded retry), never dropped as a duplicate
+    assert words == ["deferred:lease-held", "remediated:avma-channel"]
     assert remediations(sim, "app-02") == 1
 
 

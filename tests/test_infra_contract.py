@@ -30,6 +30,9 @@ NOT_IN_AZURE = {
     "LOG_ANALYTICS_ENDPOINT": "derived from AZURE_CLOUD; an override for the simulator",
     "AZURE_CA_BUNDLE": "the simulator's test CA; Azure endpoints use public certificates",
     "IDENTITY_ENDPOINT": "set by the platform on every Function App with a managed identity",
+    "LEASE_SECONDS": "derived from RUN_COMMAND_TIMEOUT_SECONDS unless overridden",
+    "AzureFunctionsJobHost__functionTimeout": "host.json's functionTimeout applies in Azure; this app "
+    "setting would override it (learn.microsoft.com/azure/azure-functions/functions-host-json)",
 }
 # Read by the Functions host itself: the identity-based connection named in function_app.py
 # (learn.microsoft.com/azure/azure-functions/functions-reference, "Connecting to host storage with an

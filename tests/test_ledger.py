@@ -454,3 +454,28 @@ async def test_the_ledger_recovers_after_azurite_restarts(azurite: Any) -> None:
             assert await ledger.acquire(vm("vm1"), owner="w", now=T0) is not None
     finally:
         private.close()
+
+
+async def test_a_verdict_keeps_the_os_disk_it_was_reached_on_and_an_interrupted_intent_is_seen(
+    ledger: Ledger,
+) -> None:
+    disk = f"/subscriptions/{SUB}/resourceGroups/rg-app/providers/Microsoft.Compute/disks/vm1_OsDisk_1"
+    lease = await ledger.acquire(vm("vm1"), owner="w", now=T0)
+    assert lease is not None
+    await ledger.release(
+        lease, outcome(vm("vm1"), OutcomeKind.HEALTHY, "kms-licensed", osDiskId=disk), now=T0
+    )
+    stored = await ledger.last_verdict(vm("vm1"))
+    assert stored is not None and stored.os_disk_id == disk  # issue 9: recorded with each verdict
+
+    # A holder announces a remediation and dies: the next holder is told, whatever the verdict says.
+    dying = await ledger.acquire(vm("vm1"), owner="w1", now=T0 + timedelta(hours=1))
+    assert dying is not None and dying.interrupted is None
+    await ledger.renew(dying, intent={"phase": "remediate"}, now=T0 + timedelta(hours=1))
+    later = T0 + timedelta(hours=3)  # its lease has run out
+    next_holder = await ledger.acquire(vm("vm1"), owner="w2", now=later)
+    assert next_holder is not None
+    assert next_holder.interrupted is not None and next_holder.interrupted["phase"] == "remediate"
+    await ledger.release(next_holder, outcome(vm("vm1"), OutcomeKind.HEALTHY), now=later)
+    after = await ledger.acquire(vm("vm1"), owner="w3", now=later + timedelta(seconds=1))
+    assert after is not None and after.interrupted is None  # a verdict closes the intent

@@ -447,7 +447,13 @@ class Recorder:
         self.resolved.append(computer)
         return [VM] if computer.lower().startswith("app") else []
 
-    async def check(self, vm_id: VmId) -> Outcome:
+    async def renew(self, lease: Any, *, intent: Any = None) -> None:
+        return None
+
+    async def record_intent(self, vm_id: VmId, **fields: Any) -> None:
+        self.events.append({"target": str(vm_id), "intent": True, **fields})
+
+    async def check(self, vm_id: VmId, **hooks: Any) -> Outcome:
         self.checked.append(vm_id)
         return Outcome(str(vm_id), OutcomeKind.HEALTHY, "kms-client-licensed")
 

@@ -109,3 +109,49 @@ def test_max_targets_per_alert_defaults_to_100_and_is_validated() -> None:
     for bad in ("0", "-1", "many", "1.5"):
         with pytest.raises(ConfigError, match="MAX_TARGETS_PER_ALERT"):
             Settings.from_env({"MAX_TARGETS_PER_ALERT": bad})
+
+
+# --- the lease and the host's functionTimeout (issue 9, item 2) ------------------------------------
+
+
+def _host_function_timeout_s() -> float:
+    import json
+    from pathlib import Path
+
+    text = json.loads((Path(__file__).resolve().parent.parent / "host.json").read_text())["functionTimeout"]
+    hours, minutes, seconds = (int(part) for part in text.split(":"))
+    return float(hours * 3600 + minutes * 60 + seconds)
+
+
+def test_the_default_worst_case_workflow_fits_the_lease_and_host_json_function_timeout() -> None:
+    s = Settings.from_env({})
+    assert s.function_timeout_s == _host_function_timeout_s()  # the default is host.json's own value
+    # a VM read, two Run Commands at their deadlines and every ledger write at its worst
+    assert s.workflow_worst_case_s >= s.arm_timeout_s + 2 * s.run_command_timeout_s
+    assert s.workflow_worst_case_s <= s.lease_s <= s.function_timeout_s
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"LEASE_SECONDS": "600"}, "LEASE_SECONDS=600: shorter than the worst-case workflow"),
+        ({"RUN_COMMAND_TIMEOUT_SECONDS": "1700"}, "functionTimeout (3600 s"),
+        ({"AzureFunctionsJobHost__functionTimeout": "00:10:00"}, "functionTimeout (600 s"),
+        ({"ARM_CALL_TIMEOUT_SECONDS": "900", "LEASE_SECONDS": "2100"}, "LEASE_SECONDS=2100"),
+        ({"AzureFunctionsJobHost__functionTimeout": "forever"}, "expected hh:mm:ss"),
+    ],
+)
+def test_settings_whose_worst_case_workflow_outlives_the_lease_or_the_host_are_refused(
+    env: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(env)
+    assert any(problem in p for p in raised.value.problems), raised.value.problems
+
+
+def test_a_longer_function_timeout_admits_a_longer_run_command_timeout() -> None:
+    s = Settings.from_env(
+        {"RUN_COMMAND_TIMEOUT_SECONDS": "1700", "AzureFunctionsJobHost__functionTimeout": "02:00:00"}
+    )
+    assert s.function_timeout_s == 7200
+    assert s.workflow_worst_case_s <= s.lease_s <= 7200

@@ -183,6 +183,10 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           value: '900'
         }
         {
+          name: 'ARM_CALL_TIMEOUT_SECONDS'
+          value: '60'
+        }
+        {
           name: 'POLL_INTERVAL_SECONDS'
           value: '10'
         }

@@ -7,6 +7,7 @@ word, so the workflow never inspects HTTP details itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
@@ -80,6 +81,12 @@ class AgentNotReady(ComputeError):
 
 class RunCommandTimeout(ComputeError):
     reason = "run-command-timeout"
+
+
+class ArmTimeout(ComputeError):
+    """An ARM call (retries included) did not finish within ARM_CALL_TIMEOUT_SECONDS."""
+
+    reason = "arm-timeout"
 
 
 # Error codes ARM and the Run Command extension use when the VM agent cannot take the command.
@@ -201,10 +208,11 @@ class ComputeGateway:
         found: list[str] = []
         while url:
             try:
-                response = await client.send_request(HttpRequest("GET", url))
-                response.raise_for_status()
-                await response.read()
-                page = response.json()
+                async with self._deadline("list subscriptions"):
+                    response = await client.send_request(HttpRequest("GET", url))
+                    response.raise_for_status()
+                    await response.read()
+                    page = response.json()
             except HttpResponseError as error:
                 raise translate(error) from error
             except ServiceRequestError as error:
@@ -224,7 +232,10 @@ class ComputeGateway:
         """The VM model with its instance view (power state, agent status) in one call."""
         client = self._client(vm_id.subscription_id)
         try:
-            vm = await client.virtual_machines.get(vm_id.resource_group, vm_id.name, expand="instanceView")
+            async with self._deadline(f"read of {vm_id.name}"):
+                vm = await client.virtual_machines.get(
+                    vm_id.resource_group, vm_id.name, expand="instanceView"
+                )
         except HttpResponseError as error:
             raise translate(error) from error
         except ServiceRequestError as error:
@@ -250,14 +261,25 @@ class ComputeGateway:
             if facts is not None:
                 yield replace(facts, power_state=power.get(str(facts.vm_id).lower()), agent_ready=None)
 
-    @staticmethod
-    async def _pages(pager: AsyncItemPaged[Any]) -> AsyncIterator[Any]:
-        """Iterate a pager, turning ARM errors into :class:`ComputeError`."""
+    @contextlib.asynccontextmanager
+    async def _deadline(self, what: str) -> AsyncIterator[None]:
+        """Bound one ARM call, azure-core's retries and ``Retry-After`` waits included: a call that
+        hangs (a connection that never answers) would otherwise hold the lease and the invocation."""
+        limit = self._settings.arm_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                yield
+        except TimeoutError as error:
+            raise ArmTimeout(f"{what}: no answer within {limit:g} s (ARM_CALL_TIMEOUT_SECONDS)") from error
+
+    async def _pages(self, pager: AsyncItemPaged[Any]) -> AsyncIterator[Any]:
+        """Iterate a pager, turning ARM errors into :class:`ComputeError`; each page has a deadline."""
         pages = pager.by_page()
         while True:
             try:
-                page = await pages.__anext__()
-                items = [item async for item in page]
+                async with self._deadline("list page"):
+                    page = await pages.__anext__()
+                    items = [item async for item in page]
             except StopAsyncIteration:
                 return
             except HttpResponseError as error:

@@ -1,0 +1,307 @@
+"""Delivery guarantees of the queue worker under crashes and storage trouble (issue 9, items 1, 2, 5).
+
+Against the real function code (``shared.triggers.work``), the simulator and Azurite. A "crash" is a
+``BaseException`` raised right after a Run Command returned, with every later ledger call of that
+process refused, as a killed worker makes none; a "Table outage" fails Table requests in the
+ledger's own HTTP pipeline while the queue keeps working. "Time passes" is the lease's expiry
+written into the state row, rather than a wait for a real lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from azure.core.exceptions import ServiceRequestError
+from azure.core.pipeline import PipelineRequest
+from azure.core.pipeline.policies import SansIOHTTPPolicy
+from azure.data.tables import UpdateMode
+from azure.data.tables.aio import TableClient
+
+from shared import triggers
+from shared.azure.compute import ComputeGateway
+from shared.ledger import STATE_PARTITION, Ledger, vm_key
+from shared.model import VmId
+from shared.settings import Settings
+from simulator import Simulator
+from tests.test_function_app import app_env, drain, history, queue_client, remediations, sim, vm_id
+
+__all__ = ["app_env", "sim"]  # fixtures shared with tests/test_function_app.py
+
+
+class Killed(BaseException):
+    """The worker process died (an out-of-memory kill, a host recycle): nothing after it runs."""
+
+
+def is_remediation(body: Mapping[str, Any]) -> bool:
+    return any("guest script: remediate" in line for line in body.get("script", []))
+
+
+def item(name: str, correlation: str) -> str:
+    return json.dumps(
+        {
+            "reason": "vm-created",
+            "vmId": vm_id(name),
+            "correlationId": correlation,
+            "firstSeen": "2026-01-01T00:00:00+00:00",
+        }
+    )
+
+
+async def expire_lease(env: dict[str, str], name: str) -> None:
+    """Let the lease's time run out: the state row's ``leaseUntil`` moves into the past."""
+    settings = Settings.from_env(env)
+    key = vm_key(VmId.parse(vm_id(name)))
+    async with TableClient.from_connection_string(env["AzureWebJobsStorage"], settings.ledger_table) as table:
+        row = await table.get_entity(STATE_PARTITION, key)
+        assert row["leaseOwner"], "the dead worker's lease should still be held"
+        await table.update_entity(
+            {
+                "PartitionKey": STATE_PARTITION,
+                "RowKey": key,
+                "leaseUntil": datetime.now(UTC) - timedelta(seconds=1),
+            },
+            mode=UpdateMode.MERGE,
+        )
+
+
+async def verdict(env: dict[str, str], name: str) -> Any:
+    async with Ledger.from_settings(Settings.from_env(env)) as ledger:
+        return await ledger.last_verdict(VmId.parse(vm_id(name)))
+
+
+async def wait_for_retry(env: dict[str, str]) -> list[dict[str, Any]]:
+    """The re-enqueued delivery, once its delay is over (DEFER_DELAY_SECONDS=1)."""
+    async with queue_client(env) as queue:
+        assert await queue.peek_messages() == []  # invisible for its delay, but there
+    for _ in range(30):
+        await asyncio.sleep(0.2)
+        async with queue_client(env) as queue:
+            peeked = await queue.peek_messages(max_messages=5)
+        if peeked:
+            return [json.loads(m.content) for m in peeked]
+    raise AssertionError("the delivery that met the lease was not re-enqueued")
+
+
+@pytest.fixture
+def crash_after_remediation(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """The first remediation Run Command completes on the VM, then its worker dies."""
+    state = {"dead": False, "crashed": False}
+    real_run, real_release, real_record = ComputeGateway.run_command, Ledger.release, Ledger.record
+
+    async def run_command(self: ComputeGateway, vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        result = await real_run(self, vm, body)
+        if is_remediation(body) and not state["crashed"]:
+            state["dead"] = state["crashed"] = True
+            raise Killed
+        return result
+
+    async def release(self: Ledger, *args: Any, **kwargs: Any) -> None:
+        if state["dead"]:
+            raise Killed
+        await real_release(self, *args, **kwargs)
+
+    async def record(self: Ledger, *args: Any, **kwargs: Any) -> None:
+        if state["dead"]:
+            raise Killed
+        await real_record(self, *args, **kwargs)
+
+    monkeypatch.setattr(ComputeGateway, "run_command", run_command)
+    monkeypatch.setattr(Ledger, "release", release)
+    monkeypatch.setattr(Ledger, "record", record)
+    return state
+
+
+async def test_a_worker_killed_after_its_remediation_post_leaves_evidence_and_the_redelivery_converges(
+    app_env: dict[str, str], sim: Simulator, crash_after_remediation: dict[str, bool]
+) -> None:
+    body = item("web-01", "crash-1")
+    with pytest.raises(Killed):
+        await triggers.work(body)
+    crash_after_remediation["dead"] = False  # the host redelivers to a new process
+    assert remediations(sim, "web-01") == 1  # the VM was re-keyed ...
+    rows = await history(app_env, vm_id("web-01"))
+    # ... and the history says so, although the worker never recorded an outcome
+    assert [(r["entry"], r["reason"]) for r in rows] == [("intent", "remediate:avma-channel")]
+
+    # The redelivery meets the dead worker's live lease: not dropped as a duplicate, but retried.
+    [outcome] = await triggers.work(body)
+    assert (outcome.kind.value, outcome.reason) == ("deferred", "lease-held")
+    [retry] = await wait_for_retry(app_env)
+    assert (retry["vmId"], retry["correlationId"], retry["attempt"]) == (vm_id("web-01"), "crash-1", 0)
+    assert (await history(app_env, vm_id("web-01")))[0]["reason"] == "lease-held"
+
+    # While the lease lives the retry keeps coming back; once it expired, the workflow runs afresh.
+    await expire_lease(app_env, "web-01")
+    assert len(await drain(app_env)) == 1
+    rows = await history(app_env, vm_id("web-01"))
+    assert rows[0]["outcome"] == "healthy"
+    assert rows[0]["details"]["interrupted"]["phase"] == "remediate"  # detection saw what the POST did
+    stored = await verdict(app_env, "web-01")
+    assert stored is not None and stored.outcome.value == "healthy"  # the VM's real state
+    assert remediations(sim, "web-01") == 1  # never re-keyed twice
+
+
+class TableOutage(SansIOHTTPPolicy[Any, Any]):
+    """Fails Table requests (in the ledger's pipeline, before azure-core's retries) while on."""
+
+    def __init__(self) -> None:
+        self.planned = 0  # how many requests fail once the outage starts
+        self.failures_left = 0
+        self.failed = 0
+
+    def on_request(self, request: PipelineRequest[Any]) -> None:
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            self.failed += 1
+            raise ServiceRequestError("table storage unreachable (test outage)")
+
+
+@pytest.fixture
+def table_outage(monkeypatch: pytest.MonkeyPatch) -> TableOutage:
+    """A Table outage that starts right after the first remediation Run Command completes."""
+    outage = TableOutage()
+    real_from_settings = Ledger.from_settings.__func__  # type: ignore[attr-defined]
+
+    def from_settings(
+        cls: type[Ledger], settings: Settings, credential: Any = None, **options: Any
+    ) -> Ledger:
+        return real_from_settings(cls, settings, credential, per_call_policies=[outage], **options)  # type: ignore[no-any-return]
+
+    real_run = ComputeGateway.run_command
+    started = {"done": False}
+
+    async def run_command(self: ComputeGateway, vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        result = await real_run(self, vm, body)
+        if is_remediation(body) and not started["done"]:
+            started["done"] = True
+            outage.failures_left = outage.planned
+        return result
+
+    monkeypatch.setattr(Ledger, "from_settings", classmethod(from_settings))
+    monkeypatch.setattr(ComputeGateway, "run_command", run_command)
+    monkeypatch.setattr(Ledger, "retry_backoff_s", 0.05, raising=False)
+    return outage
+
+
+async def test_a_short_table_outage_right_after_a_remediation_is_ridden_out_by_retrying_the_write(
+    app_env: dict[str, str], sim: Simulator, table_outage: TableOutage
+) -> None:
+    table_outage.planned = 2  # the first two tries of the outcome row
+    [outcome] = await triggers.work(item("web-01", "outage-1"))
+    assert table_outage.failed == 2
+    assert (outcome.kind.value, outcome.reason) == ("remediated", "avma-channel")
+    rows = await history(app_env, vm_id("web-01"))
+    assert [(r["outcome"], r["reason"]) for r in rows] == [
+        ("remediated", "avma-channel"),
+        ("intent", "remediate:avma-channel"),
+    ]
+    stored = await verdict(app_env, "web-01")
+    assert stored is not None and stored.outcome.value == "remediated"
+
+
+async def test_a_long_table_outage_after_a_remediation_logs_the_outcome_and_keeps_the_message(
+    app_env: dict[str, str], sim: Simulator, table_outage: TableOutage, caplog: pytest.LogCaptureFixture
+) -> None:
+    table_outage.planned = 10**6  # for the rest of this invocation
+    body = item("web-01", "outage-2")
+    # raised: the host retries the message, never deletes it
+    with (
+        caplog.at_level(logging.INFO, logger="avma_remediator.outcomes"),
+        pytest.raises(Exception, match="unreachable"),
+    ):
+        await triggers.work(body)
+    logged = [
+        json.loads(r.getMessage().split(" ", 1)[1])
+        for r in caplog.records
+        if r.name == "avma_remediator.outcomes"
+    ]
+    assert [(o["outcome"], o["reason"], o["correlationId"]) for o in logged] == [
+        ("remediated", "avma-channel", "outage-2")
+    ]
+
+    table_outage.failures_left = 0  # storage is back; the host delivers the message again
+    [outcome] = await triggers.work(body)
+    assert (outcome.kind.value, outcome.reason) == ("deferred", "lease-held")  # not `skipped: duplicate`
+    await wait_for_retry(app_env)
+    await expire_lease(app_env, "web-01")
+    assert len(await drain(app_env)) == 1
+    rows = await history(app_env, vm_id("web-01"))
+    assert rows[0]["outcome"] == "healthy"
+    assert rows[0]["details"]["interrupted"]["phase"] == "remediate"
+    assert "intent" in [r["outcome"] for r in rows]  # written before the POST, before the outage
+    assert remediations(sim, "web-01") == 1
+
+
+async def test_a_lease_lost_before_the_remediation_post_sends_nothing(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease expired during detection and another worker took the VM: no remediation POST."""
+    settings = Settings.from_env(app_env)
+    key = vm_key(VmId.parse(vm_id("web-01")))
+    real_run = ComputeGateway.run_command
+
+    async def run_command(self: ComputeGateway, vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        result = await real_run(self, vm, body)
+        if not is_remediation(body):  # detection done; meanwhile the lease passes to another worker
+            async with TableClient.from_connection_string(
+                app_env["AzureWebJobsStorage"], settings.ledger_table
+            ) as table:
+                await table.update_entity(
+                    {
+                        "PartitionKey": STATE_PARTITION,
+                        "RowKey": key,
+                        "leaseOwner": "worker-other",
+                        "leaseToken": "other",
+                        "leaseUntil": datetime.now(UTC) + timedelta(minutes=30),
+                    },
+                    mode=UpdateMode.MERGE,
+                )
+        return result
+
+    monkeypatch.setattr(ComputeGateway, "run_command", run_command)
+    [outcome] = await triggers.work(item("web-01", "lost-1"))
+    assert (outcome.kind.value, outcome.reason) == ("deferred", "lease-lost")
+    assert [e["script"] for e in sim.run_log(vm_id("web-01"))] == ["detect"]  # nothing POSTed after
+    rows = await history(app_env, vm_id("web-01"))
+    assert [(r["outcome"], r["reason"]) for r in rows] == [("deferred", "lease-lost")]
+    [retry] = await wait_for_retry(app_env)
+    assert retry["correlationId"] == "lost-1"
+
+
+async def test_a_vm_read_that_never_answers_ends_at_its_deadline(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ARM accepts the connection and never answers: the read ends at ARM_CALL_TIMEOUT_SECONDS."""
+    from shared.azure.compute import ComputeError
+    from shared.azure.credentials import make_credential
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def tarpit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never a byte back, not even the TLS handshake
+
+    server = await asyncio.start_server(tarpit, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    env = {**app_env, "ARM_ENDPOINT": f"https://127.0.0.1:{port}", "ARM_CALL_TIMEOUT_SECONDS": "0.5"}
+    settings = Settings.from_env(env)
+    credential = make_credential(settings, env)
+    try:
+        async with ComputeGateway(credential, settings) as gateway:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(ComputeError) as raised:
+                await asyncio.wait_for(gateway.get_vm(VmId.parse(vm_id("web-01"))), 10)
+            elapsed = asyncio.get_running_loop().time() - started
+        assert raised.value.reason == "arm-timeout"
+        assert elapsed < 5
+    finally:
+        await credential.close()
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
