@@ -32,8 +32,19 @@ foreach ($entry in $raw.Split(',')) {
     $targets += $id
 }
 $topicType = 'microsoft.resources.subscriptions'
+# The subscription checked: azd's (AZURE_SUBSCRIPTION_ID), which azd sets "right before an
+# environment is provisioned for the first time" (azd's environment-variable docs), so a fresh
+# environment's first hook may run before it is set: then az's default, said so in the output.
 $subscriptionArgs = @()
 $subscription = [Environment]::GetEnvironmentVariable('AZURE_SUBSCRIPTION_ID')
+if (-not [string]::IsNullOrEmpty($subscription)) {
+    $checked = "subscription $subscription (AZURE_SUBSCRIPTION_ID)"
+}
+else {
+    $subscription = "$(az account show --query id --output tsv 2>$null)".Trim()
+    $shownDefault = if ($subscription -eq '') { 'unknown' } else { $subscription }
+    $checked = "subscription $shownDefault (az's default: AZURE_SUBSCRIPTION_ID is not set yet; if azd deploys to another one, azd env set AZURE_SUBSCRIPTION_ID <id> and run again)"
+}
 if (-not [string]::IsNullOrEmpty($subscription)) { $subscriptionArgs = @('--subscription', $subscription) }
 $topicName = [Environment]::GetEnvironmentVariable('EXISTING_SYSTEM_TOPIC_NAME')
 $topicGroup = [Environment]::GetEnvironmentVariable('EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP')
@@ -63,8 +74,27 @@ if (-not [string]::IsNullOrEmpty($topicName) -or -not [string]::IsNullOrEmpty($t
 else {
     # name, resource group and topic type of each system topic; this environment's own is in rg-<env>.
     $own = "rg-$([Environment]::GetEnvironmentVariable('AZURE_ENV_NAME'))".ToLowerInvariant()
-    $rows = az eventgrid system-topic list @subscriptionArgs --query '[].[name, resourceGroup, topicType]' --output tsv 2>$null
-    if ($LASTEXITCODE -ne 0) { $rows = @() }
+    # A subscription whose Microsoft.EventGrid provider is not registered has no topic (the list fails
+    # with MissingSubscriptionRegistration); any other failure (no right to read, a network error)
+    # would leave the check unmade, so it stops here, in one line. az's stderr is kept apart from its
+    # rows ('Continue': Windows PowerShell turns redirected native stderr into errors under 'Stop').
+    $ErrorActionPreference = 'Continue'
+    $output = @(az eventgrid system-topic list @subscriptionArgs --query '[].[name, resourceGroup, topicType]' --output tsv 2>&1)
+    $listExit = $LASTEXITCODE
+    $ErrorActionPreference = 'Stop'
+    $rows = @($output | Where-Object { $_ -isnot [System.Management.Automation.ErrorRecord] })
+    $said = @($output | Where-Object { $_ -is [System.Management.Automation.ErrorRecord] } | ForEach-Object { "$_".Trim() } | Where-Object { $_ -ne '' })
+    if ($listExit -ne 0) {
+        if (($said -join ' ') -match 'MissingSubscriptionRegistration|not registered') {
+            $rows = @()
+        }
+        else {
+            $first = if ($said.Count -gt 0) { $said[0] } else { 'az failed with no message' }
+            if ($first.Length -gt 300) { $first = $first.Substring(0, 300) }
+            [Console]::Error.WriteLine("preprovision: cannot list the Event Grid system topics of ${checked}: $first")
+            exit 1
+        }
+    }
     foreach ($row in @($rows)) {
         $fields = "$row".Split("`t")
         if ($fields.Count -lt 3) { continue }
@@ -78,4 +108,4 @@ else {
 }
 
 $shown = if ($targets.Count -gt 0) { $targets -join ',' } else { 'none' }
-Write-Host "preprovision: az is signed in; extra target subscriptions: $shown."
+Write-Host "preprovision: az is signed in; checked $checked; extra target subscriptions: $shown."

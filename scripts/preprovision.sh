@@ -43,7 +43,17 @@ set +f
 
 topic_type='microsoft.resources.subscriptions'
 lower() { printf '%s' "$1" | tr '[:upper:]' '[:lower:]'; }
-if [ -n "${AZURE_SUBSCRIPTION_ID:-}" ]; then set -- --subscription "$AZURE_SUBSCRIPTION_ID"; else set --; fi
+# The subscription checked: azd's (AZURE_SUBSCRIPTION_ID), which azd sets "right before an
+# environment is provisioned for the first time" (azd's environment-variable docs), so a fresh
+# environment's first hook may run before it is set: then az's default, said so in the output.
+if [ -n "${AZURE_SUBSCRIPTION_ID:-}" ]; then
+  subscription=$AZURE_SUBSCRIPTION_ID
+  checked="subscription $subscription (AZURE_SUBSCRIPTION_ID)"
+else
+  subscription=$(az account show --query id --output tsv 2>/dev/null | tr -d '\r\n' || true)
+  checked="subscription ${subscription:-unknown} (az's default: AZURE_SUBSCRIPTION_ID is not set yet; if azd deploys to another one, azd env set AZURE_SUBSCRIPTION_ID <id> and run again)"
+fi
+if [ -n "$subscription" ]; then set -- --subscription "$subscription"; else set --; fi
 topic_name=${EXISTING_SYSTEM_TOPIC_NAME:-}
 topic_group=${EXISTING_SYSTEM_TOPIC_RESOURCE_GROUP:-}
 if [ -n "$topic_name" ] || [ -n "$topic_group" ]; then
@@ -72,7 +82,21 @@ if [ -n "$topic_name" ] || [ -n "$topic_group" ]; then
   echo "preprovision: the existing Event Grid system topic $topic_name ($topic_group) gets the event subscription."
 else
   # name, resource group and topic type of each system topic; this environment's own is in rg-<env>.
-  topics=$(az eventgrid system-topic list "$@" --query "[].[name, resourceGroup, topicType]" --output tsv 2>/dev/null || true)
+  # A subscription whose Microsoft.EventGrid provider is not registered has no topic (the list fails
+  # with MissingSubscriptionRegistration); any other failure (no right to read, a network error)
+  # would leave the check unmade, so it stops here, in one line.
+  errors=$(mktemp)
+  if ! topics=$(az eventgrid system-topic list "$@" --query "[].[name, resourceGroup, topicType]" --output tsv 2>"$errors"); then
+    if grep -Eqi 'MissingSubscriptionRegistration|not registered' "$errors"; then
+      topics=""
+    else
+      said=$(grep -v '^[[:space:]]*$' "$errors" | head -n 1 | tr -d '\r' | cut -c 1-300)
+      rm -f "$errors"
+      echo "preprovision: cannot list the Event Grid system topics of $checked: ${said:-az failed with no message}" >&2
+      exit 1
+    fi
+  fi
+  rm -f "$errors"
   other=$(printf '%s\n' "$topics" | awk -F '\t' -v own="$(lower "rg-${AZURE_ENV_NAME:-}")" -v kind="$topic_type" \
     'NF >= 3 && tolower($3) == kind && tolower($2) != own { print $1 " " $2; exit }')
   if [ -n "$other" ]; then
@@ -83,4 +107,4 @@ else
   fi
 fi
 
-echo "preprovision: az is signed in; extra target subscriptions: ${targets:-none}."
+echo "preprovision: az is signed in; checked $checked; extra target subscriptions: ${targets:-none}."

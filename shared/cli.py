@@ -122,6 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:
         logging.getLogger("azure").setLevel(logging.ERROR)
+        for handler in logging.getLogger().handlers:  # the one basicConfig made on stderr
+            if getattr(handler, "stream", None) is sys.stderr and not isinstance(
+                handler.formatter, _FirstLine
+            ):
+                handler.setFormatter(_FirstLine(handler.formatter))
+    # The CLI names a subscription it could not list itself, in one line (_print_report).
+    sweep_log = logging.getLogger("shared.sweep")
+    sweep_level = sweep_log.level
+    sweep_log.setLevel(sweep_level if args.verbose else logging.CRITICAL)
     try:
         if args.command == "simulator":
             return _serve(args)
@@ -134,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("avma-remediator: interrupted", file=sys.stderr)
         return 130
+    finally:
+        sweep_log.setLevel(sweep_level)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -219,7 +230,10 @@ async def _execute(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 try:
                     subs = await gateway.list_subscriptions()
                 except ComputeError as error:
-                    print(f"avma-remediator: cannot list subscriptions: {error}", file=sys.stderr)
+                    print(
+                        f"avma-remediator: cannot list subscriptions: {_arm_problem(error)}", file=sys.stderr
+                    )
+                    logging.getLogger(__name__).info("ARM answered: %s", error)
                     return EXIT_FAILED
             with _progress(sys.stderr) as on_outcome:
                 report = await sweep(
@@ -265,6 +279,35 @@ def _inventory_problem(error: InventoryError) -> str:
     return f"Resource Graph answered HTTP {error.status}{code} ({error.reason}); -v shows the full answer"
 
 
+def _arm_problem(error: ComputeError) -> str:
+    """One line for a failed ARM call, as ``_inventory_problem`` for Resource Graph: the SDK's
+    message spans lines (``(Code) message``, then ``Code:`` and ``Message:``); -v logs it whole."""
+    if error.status is None:
+        return f"ARM unreachable: {_one_line(str(error))}"
+    code = f" {error.code}" if error.code else ""
+    return f"ARM answered HTTP {error.status}{code} ({error.reason}); -v shows the full answer"
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """The first non-empty line of ``text``, at most ``limit`` characters, marked when cut."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if len(first) > limit:
+        return first[:limit] + " …"
+    return first + (" (-v shows the rest)" if len(lines) > 1 else "")
+
+
+class _FirstLine(logging.Formatter):
+    """Without -v, a log record on stderr is one line: its first, the rest under -v."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self._inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _one_line(self._inner.format(record), limit=500)
+
+
 def _subscriptions(args: argparse.Namespace, settings: Settings) -> list[str]:
     given = list(getattr(args, "subscription", []) or [])
     if not given:
@@ -287,7 +330,8 @@ def _print_report(report: SweepReport, output: str, mode: Mode) -> None:
     else:
         print(as_table(report.outcomes, mode=mode.value))
     for sub, text in report.listing_errors.items():
-        print(f"avma-remediator: subscription {sub} could not be listed: {text}", file=sys.stderr)
+        print(f"avma-remediator: subscription {sub} could not be listed: {_one_line(text)}", file=sys.stderr)
+        logging.getLogger(__name__).info("listing subscription %s: %s", sub, text)
 
 
 @contextlib.contextmanager

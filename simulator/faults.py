@@ -50,7 +50,8 @@ DEFAULT_AFTER_ACCEPT: Final = 0.5
 # Kind-specific options (besides rate / every / burst) and their range.
 _OPTIONS: Final[Mapping[str, Mapping[str, tuple[float, float]]]] = {
     "serverError": {"afterAccept": (0.0, 1.0)},
-    "runCommandHang": {"seconds": (0.001, 86_400.0)},
+    # Run Command's documented maximum run time is 90 minutes, then it times out (run-command.md).
+    "runCommandHang": {"seconds": (0.001, 5_400.0)},
     "agentFlap": {"periodSeconds": (0.001, 86_400.0)},
 }
 _EVENT_LOG_SIZE: Final = 20_000

@@ -142,6 +142,19 @@ def test_a_bad_faults_section_names_its_path(section: dict[str, Any], path: str)
     assert caught.value.path == path
 
 
+@pytest.mark.parametrize(("seconds", "accepted"), [(5_400, True), (5_400.5, False), (86_400, False)])
+def test_a_hang_is_no_longer_than_run_command_s_90_minutes(seconds: float, accepted: bool) -> None:
+    """Run Command times out after 90 minutes (MicrosoftDocs/azure-compute-docs run-command.md,
+    Restrictions): a command that hangs longer is one Azure cannot give."""
+    section = {"runCommandHang": {"rate": 0.1, "seconds": seconds}}
+    if accepted:
+        assert Estate.from_dict({"vms": [], "faults": section}).faults.hang_seconds == seconds
+        return
+    with pytest.raises(EstateError) as caught:
+        Estate.from_dict({"vms": [], "faults": section})
+    assert caught.value.path == "$.faults.runCommandHang.seconds"
+
+
 def test_command_line_options() -> None:
     assert parse_option("serverError=0.02") == ("serverError", 0.02)
     assert parse_option("tokenError=every:150:burst:5") == ("tokenError", {"every": 150, "burst": 5})

@@ -193,6 +193,81 @@ def test_check_by_computer_name_fails_with_one_line_when_resource_graph_fails(
     assert lines[0].startswith("avma-remediator: cannot resolve 'APPSRV01'") and "throttled" in lines[0]
 
 
+def _simulated(monkeypatch: pytest.MonkeyPatch, sim: Simulator) -> None:
+    from shared.cli import _simulated_env
+
+    for key, value in _simulated_env(sim.env()).items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+
+
+UNKNOWN_SUB = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["plain", "verbose"])
+def test_a_subscription_that_cannot_be_listed_is_one_line_that_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    verbose: bool,
+) -> None:
+    """ARM's answer spans three lines in the SDK's text ("(Code) message", "Code:", "Message:"):
+    the line names the subscription and what ARM said first; -v logs the whole answer."""
+    with Simulator(Estate.default(), latency_s=0.01) as sim:
+        _simulated(monkeypatch, sim)
+        monkeypatch.setenv("TARGET_SUBSCRIPTIONS", UNKNOWN_SUB)  # 404 SubscriptionNotFound
+        code = main([*(["-v"] if verbose else []), "sweep", "--output", "json"])
+    captured = capsys.readouterr()
+    assert code == 1
+    errors = [line for line in captured.err.splitlines() if line.startswith("avma-remediator:")]
+    assert errors == [
+        f"avma-remediator: subscription {UNKNOWN_SUB} could not be listed: not-found: (SubscriptionNotFound)"
+        f" The subscription '{UNKNOWN_SUB}' could not be found. (-v shows the rest)"
+    ]
+    assert captured.err.splitlines() == errors, captured.err
+    sweep_records = [r for r in caplog.records if r.name == "shared.sweep"]
+    if verbose:
+        assert "Code: SubscriptionNotFound" in caplog.text  # the whole answer, logged
+        assert sweep_records
+    else:
+        assert sweep_records == []  # the sweep's own multi-line record is not repeated on stderr
+    listed = json.loads(captured.out)["listingErrors"][UNKNOWN_SUB]
+    assert "Code: SubscriptionNotFound" in listed  # the report keeps the whole answer
+
+
+def test_subscriptions_that_cannot_be_listed_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No TARGET_SUBSCRIPTIONS: the sweep lists the visible subscriptions (GET /subscriptions),
+    which the simulator does not serve (404 NotFound, as any route it does not know)."""
+    with Simulator(Estate.default(), latency_s=0.01) as sim:
+        _simulated(monkeypatch, sim)
+        monkeypatch.delenv("TARGET_SUBSCRIPTIONS")
+        code = main(["sweep", "--output", "json"])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert captured.err.splitlines() == [
+        "avma-remediator: cannot list subscriptions: ARM answered HTTP 404 NotFound (not-found);"
+        " -v shows the full answer"
+    ], captured.err
+
+
+def test_without_v_a_log_record_on_stderr_is_one_line() -> None:
+    """Whatever logs an SDK message (Resource Graph's first line is "Please provide below info when
+    asking for support"), the CLI's stderr shows one line of it; -v leaves records whole."""
+    import logging
+
+    from shared.cli import _FirstLine
+
+    record = logging.LogRecord(
+        "shared.x", logging.WARNING, __file__, 1, "lookup failed: %s", ("(BadRequest) first\nCode: x",), None
+    )
+    line = _FirstLine(logging.Formatter("%(levelname)s %(name)s: %(message)s")).format(record)
+    assert line == "WARNING shared.x: lookup failed: (BadRequest) first (-v shows the rest)"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -8,6 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "troubleshooting.md").read_text()
+README = (ROOT / "README.md").read_text()
 
 REASONS = [
     # healthy / remediated / would-remediate
@@ -88,3 +89,35 @@ def test_every_setting_the_code_reads_is_documented_and_in_the_local_example() -
     example = json.loads((ROOT / "local.settings.json.example").read_text())["Values"]
     assert sorted(n for n in read if f"`{n}" not in readme and n not in readme) == []
     assert sorted(n for n in read if n not in example and not n.startswith("AzureWebJobsStorage__")) == []
+
+
+def test_the_readme_s_opt_out_row_says_exactly_the_rule_the_gate_applies() -> None:
+    """README, Settings, OPT_OUT_TAG: the values that keep a VM in scope are those the row names
+    between "except" and the colon, in any case and with spaces around them; anything else opts
+    out, an empty value too; the tag name matches in any case."""
+    from shared.decide import is_opted_out
+    from shared.model import VmId
+    from shared.vm import VmFacts
+
+    vm_id = VmId.parse(
+        "/subscriptions/11111111-2222-4333-8444-555555555555/resourceGroups/rg"
+        "/providers/Microsoft.Compute/virtualMachines/vm"
+    )
+
+    (row,) = [line for line in README.splitlines() if line.startswith("| `OPT_OUT_TAG` |")]
+    meaning = row.split(" | ")[2]
+    kept = re.findall(r"`([^`]+)`", meaning[meaning.index("except") : meaning.index(":")])
+    assert kept == ["false", "no", "0"]
+    assert "in any case and with spaces around the value ignored" in meaning
+    assert "an empty one too" in meaning and "its name in any case" in meaning
+
+    def opted(name: str, value: str) -> bool:
+        facts = VmFacts(vm_id, "Windows", "running", True, tags={name: value})
+        return is_opted_out(facts, "avma-remediator-opt-out")
+
+    for value in kept:
+        for written in (value, value.upper(), f" {value} ", f"\t{value.title()}  "):
+            assert not opted("avma-remediator-opt-out", written), repr(written)
+    for value in ("", " ", "true", "yes", "1", "off", "n", "no!", "0.0"):
+        assert opted("avma-remediator-opt-out", value), repr(value)
+    assert opted("AVMA-Remediator-Opt-Out", "true")

@@ -23,8 +23,9 @@ SUB_A = "11111111-2222-4333-8444-555555555555"
 SUB_B = "AAAAAAAA-bbbb-4ccc-8ddd-eeeeeeeeeeee"
 
 # The stub: `az account show` exits with $STUB_SIGNED_IN (0 signed in, 1 not, as the real CLI does
-# with "Please run 'az login' to setup account."); `az functionapp function list` prints both
-# function names; `az eventgrid system-topic list` prints $STUB_TOPICS (tsv rows), `show` prints
+# with "Please run 'az login' to setup account.") and prints $STUB_DEFAULT_SUB for `--query id`;
+# `az functionapp function list` prints both function names; `az eventgrid system-topic list`
+# prints $STUB_TOPICS (tsv rows), or $STUB_LIST_ERROR on stderr with exit 1, `show` prints
 # the topic's $STUB_TOPIC_TYPE or $STUB_TOPIC_IDENTITY for the --query asked, or fails with exit 3
 # (the CLI's code for a missing resource) when $STUB_TOPIC_TYPE is unset; everything is appended to
 # $STUB_LOG.
@@ -32,7 +33,10 @@ STUB = """#!/bin/sh
 echo "$*" >> "$STUB_LOG"
 case "$1 $2" in
   "account show")
-    if [ "$STUB_SIGNED_IN" = 0 ]; then exit 0; fi
+    if [ "$STUB_SIGNED_IN" = 0 ]; then
+      case "$*" in *"--query id"*) echo "${STUB_DEFAULT_SUB:-}" ;; esac
+      exit 0
+    fi
     echo "ERROR: Please run 'az login' to setup account." >&2
     exit 1 ;;
   "functionapp function")
@@ -40,7 +44,9 @@ case "$1 $2" in
     exit 0 ;;
   "eventgrid system-topic")
     case "$3" in
-      list) printf '%b' "${STUB_TOPICS:-}"; exit 0 ;;
+      list)
+        if [ -n "${STUB_LIST_ERROR:-}" ]; then printf '%b' "$STUB_LIST_ERROR" >&2; exit 1; fi
+        printf '%b' "${STUB_TOPICS:-}"; exit 0 ;;
       show)
         if [ -z "${STUB_TOPIC_TYPE:-}" ]; then echo "(ResourceNotFound)" >&2; exit 3; fi
         case "$*" in
@@ -157,6 +163,84 @@ def test_preprovision_goes_on_without_a_foreign_topic(tmp_path: Path, topics: st
         f"eventgrid system-topic list --subscription {SUB_A} --query [].[name, resourceGroup, topicType] --output tsv"
         in calls
     )
+
+
+def test_preprovision_checks_azd_s_subscription_and_says_so(tmp_path: Path) -> None:
+    env = {"AZURE_ENV_NAME": "avma", "AZURE_SUBSCRIPTION_ID": SUB_A, "STUB_DEFAULT_SUB": SUB_B}
+    result, calls = _run(tmp_path, "preprovision.sh", signed_in=True, env=env)
+    assert result.returncode == 0, result.stderr
+    (listed,) = [c for c in calls if c.startswith("eventgrid system-topic list")]
+    assert f"--subscription {SUB_A} " in listed  # azd's, not az's default
+    assert f"checked subscription {SUB_A} (AZURE_SUBSCRIPTION_ID)" in result.stdout
+
+
+def test_preprovision_of_a_fresh_environment_checks_az_s_default_subscription_by_id_and_says_so(
+    tmp_path: Path,
+) -> None:
+    """azd sets AZURE_SUBSCRIPTION_ID "right before an environment is provisioned for the first
+    time" (MicrosoftDocs/azure-dev-docs manage-environment-variables.md): a fresh environment's hook
+    may run without it. The check then names the subscription it read, and how to point it at azd's."""
+    env = {"AZURE_ENV_NAME": "avma", "STUB_DEFAULT_SUB": SUB_B}
+    result, calls = _run(tmp_path, "preprovision.sh", signed_in=True, env=env)
+    assert result.returncode == 0, result.stderr
+    (listed,) = [c for c in calls if c.startswith("eventgrid system-topic list")]
+    assert f"--subscription {SUB_B} " in listed
+    assert (
+        f"checked subscription {SUB_B} (az's default: AZURE_SUBSCRIPTION_ID is not set yet" in result.stdout
+    )
+    assert "azd env set AZURE_SUBSCRIPTION_ID" in result.stdout
+
+
+# What az prints for an ARM error: azure-core's "(Code) Message", then Code: and Message: lines.
+# The texts: AuthorizationFailed as ARM words it; MissingSubscriptionRegistration as in
+# Azure/data-product-streaming#12 and OfficeDev/microsoft-teams-apps-company-communicator#1530.
+DENIED = (
+    "ERROR: (AuthorizationFailed) The client 'me@contoso.com' with object id '00000000-0000-0000-0000-000000000001'"
+    " does not have authorization to perform action 'Microsoft.EventGrid/systemTopics/read' over scope"
+    f" '/subscriptions/{SUB_A}' or the scope is invalid.\\nCode: AuthorizationFailed\\nMessage: The client ...\\n"
+)
+UNREGISTERED = (
+    "ERROR: (MissingSubscriptionRegistration) The subscription is not registered to use namespace"
+    " 'Microsoft.EventGrid'. See https://aka.ms/rps-not-found for how to register subscriptions.\\n"
+    "Code: MissingSubscriptionRegistration\\n"
+)
+
+
+def test_preprovision_stops_in_one_line_when_the_topics_cannot_be_listed(tmp_path: Path) -> None:
+    """The check used to pass silently when the list failed (`|| true`), whatever the reason."""
+    env = {"AZURE_ENV_NAME": "avma", "AZURE_SUBSCRIPTION_ID": SUB_A, "STUB_LIST_ERROR": DENIED}
+    result, _ = _run(tmp_path, "preprovision.sh", signed_in=True, env=env)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        f"preprovision: cannot list the Event Grid system topics of subscription {SUB_A} (AZURE_SUBSCRIPTION_ID): "
+        "ERROR: (AuthorizationFailed)"
+    ), result.stderr
+
+
+def test_preprovision_goes_on_when_event_grid_is_not_registered_in_the_subscription(tmp_path: Path) -> None:
+    """No provider registered, no topic: the deployment registers it and creates the topic."""
+    env = {"AZURE_ENV_NAME": "avma", "AZURE_SUBSCRIPTION_ID": SUB_A, "STUB_LIST_ERROR": UNREGISTERED}
+    result, _ = _run(tmp_path, "preprovision.sh", signed_in=True, env=env)
+    assert result.returncode == 0, result.stderr
+
+
+def test_pwsh_preprovision_checks_the_same_subscription_and_stops_on_a_failed_list() -> None:
+    """No pwsh here: the twin is read for the same subscription choice and the same failure line."""
+    text = (SCRIPTS / "preprovision.ps1").read_text()
+    sh = (SCRIPTS / "preprovision.sh").read_text()
+    for needed in (
+        "az account show --query id --output tsv",
+        "(AZURE_SUBSCRIPTION_ID)",
+        "(az's default: AZURE_SUBSCRIPTION_ID is not set yet; if azd deploys to another one, azd env set AZURE_SUBSCRIPTION_ID <id> and run again)",
+        "MissingSubscriptionRegistration|not registered",
+        "preprovision: cannot list the Event Grid system topics of ",
+        "checked $checked; extra target subscriptions",
+    ):
+        assert needed in text, needed
+        assert needed in sh, needed
+    assert "2>$null\n    if ($LASTEXITCODE -ne 0) { $rows = @() }" not in text  # errors no longer dropped
+    assert "$listExit -ne 0" in text and "exit 1" in text[text.index("$listExit -ne 0") :]
 
 
 def test_preprovision_stops_on_a_topic_the_subscription_already_has_and_says_what_to_set(
