@@ -871,7 +871,8 @@ def _noise(size: int) -> str:
 
 
 def server_error(draw: float, subscription: str, latency_s: float) -> ArmResponse:
-    """A 500 or a 503 from ARM (fault ``serverError``); the 503 carries a Retry-After, as ARM's do."""
+    """A 500 or a 503 from ARM (fault ``serverError``); the 503 carries a Retry-After (a guess:
+    docs/simulator.md, Faults)."""
     if draw < 0.5:
         return arm_error(
             500,
