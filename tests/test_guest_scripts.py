@@ -814,6 +814,121 @@ def test_write_result_writes_inside_try_and_falls_back_to_a_fixed_line(name: str
     )
 
 
+FALLBACK_VARIABLES = ("$ResultMarker", "$ScriptName")  # set at the top of each script, from constants
+
+
+def statements(block: Node) -> list[Node]:
+    """The statements of a statement_block or script_block_body, comments left out."""
+    lists = [child for child in block.children if child.type == "statement_list"]
+    return [node for statement_list in lists for node in statement_list.children if node.type != "comment"]
+
+
+def fallback_problems(src: bytes, name: str) -> list[str]:
+    """Why Write-Result's fallback line might not be written when building the normal line throws.
+
+    Structure (not text): the function body is one try statement (nothing before it can throw
+    uncaught), with one untyped catch and no finally; the catch's first statement is the fallback
+    ``Write-Output (...)``, built only from single-quoted strings, ``$ResultMarker``/``$ScriptName``
+    and ``+`` (nothing in it can throw: no call, cast, member access, sub-expression or other
+    variable), so nothing in the catch runs before it.
+    """
+    function = function_node(src, "Write-Result")
+    block = next(child for child in function.children if child.type == "script_block")
+    bodies = [child for child in block.children if child.type == "script_block_body"]
+    if len(bodies) != 1:
+        return ["Write-Result has no body"]
+    body = statements(bodies[0])
+    if [node.type for node in body] != ["try_statement"]:
+        return [f"the body is {[text(node)[:30] for node in body]}, not one try statement"]
+    clauses = [n for n in walk(body[0]) if n.type == "catch_clause"]
+    problems: list[str] = []
+    if len(clauses) != 1:
+        return [f"{len(clauses)} catch clauses"]
+    if any(child.type == "finally_clause" for child in body[0].children):
+        problems.append("a finally clause runs after the fallback and may throw")
+    catch = clauses[0]
+    if [child.type for child in catch.children] != ["catch", "statement_block"]:
+        problems.append(f"the catch is typed or odd: {text(catch)[: text(catch).index('{')]!r}")
+    handler = next(child for child in catch.children if child.type == "statement_block")
+    inside = statements(handler)
+    if not inside:
+        return [*problems, "the catch is empty"]
+    first = inside[0]
+    written = commands(first, "Write-Output")
+    if first.type != "pipeline" or len(written) != 1 or text(first) != text(written[0]):
+        return [
+            *problems,
+            f"the catch's first statement is {text(first)[:60]!r}, not the fallback Write-Output",
+        ]
+    try:
+        line = written_line(written[0], {"$ResultMarker": RESULT_MARKER, "$ScriptName": name})
+    except (AssertionError, KeyError) as exc:
+        return [*problems, f"the fallback is not built from constants only: {exc}"]
+    used = {text(n) for n in walk(written[0]) if n.type == "variable"}
+    if not used <= set(FALLBACK_VARIABLES):
+        problems.append(f"the fallback reads {sorted(used - set(FALLBACK_VARIABLES))}")
+    try:
+        parse_result(line, expected_script=name)
+    except ValueError as exc:
+        problems.append(f"the fallback line is not a valid result: {exc}")
+    return problems
+
+
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_the_write_result_fallback_is_the_first_statement_of_its_catch_and_cannot_throw(name: str) -> None:
+    assert fallback_problems(source(name), name) == []
+    # the two variables are plain constants, assigned once at the top of the script
+    code = code_text(source(name))
+    assert code.count("$ResultMarker = ") == 1 and code.count("$ScriptName = ") == 1
+    assert f"$ResultMarker = '{RESULT_MARKER}'" in code and f"$ScriptName = '{name}'" in code
+
+
+FALLBACK = '        Write-Output ($ResultMarker + \'{"schema":2,'
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s.replace(FALLBACK, "        throw 'again'\n" + FALLBACK),
+        lambda s: s.replace(FALLBACK, "        $null = $Result.steps.Count\n" + FALLBACK),
+        lambda s: s.replace(FALLBACK, "        Write-Output (Get-ErrorText $_)\n" + FALLBACK),
+        lambda s: s.replace(FALLBACK, FALLBACK.replace("$ResultMarker", "$ResultMarker.Trim()")),
+        lambda s: s.replace(FALLBACK, FALLBACK.replace("$ResultMarker", "[string]$ResultMarker")),
+        lambda s: s.replace('"script":"\' + $ScriptName + \'"', '"script":"\' + $Result.script + \'"'),
+        lambda s: s.replace(
+            "    catch {\n" + FALLBACK,
+            "    catch [System.Management.Automation.RuntimeException] {\n" + FALLBACK,
+        ),
+        lambda s: s.replace(
+            "    param($Result, $Steps)\n    try {",
+            "    param($Result, $Steps)\n    $Result.steps = [object[]]$Steps.ToArray()\n    try {",
+        ),
+        lambda s: s.replace(
+            "the result line could not be built or written\"}}')\n    }\n",
+            "the result line could not be built or written\"}}')\n    }\n    finally { $Steps.Clear() }\n",
+        ),
+    ],
+    ids=[
+        "throw",
+        "member-read",
+        "call",
+        "method",
+        "cast",
+        "result-field",
+        "typed-catch",
+        "before-try",
+        "finally",
+    ],
+)
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_a_fallback_that_could_be_skipped_or_throw_is_caught(name: str, mutate: Callable[[str], str]) -> None:
+    original = source(name).decode("ascii")
+    mutant = mutate(original)
+    assert mutant != original, "the mutation must apply"
+    assert syntax_errors(mutant.encode("ascii")) == []
+    assert fallback_problems(mutant.encode("ascii"), name) != []
+
+
 # --- item 3: activate as slmgr /ato does -------------------------------------------------------------
 
 
