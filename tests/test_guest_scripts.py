@@ -949,6 +949,152 @@ def test_activate_refreshes_the_license_status_after_activate_like_slmgr_ato() -
     assert block.index("return $activated") < block.index("RefreshLicenseStatus()")
 
 
+# --- P13: the product activate() and the facts use skips add-ons (ESU) --------------------------------
+
+PRODUCT_FILTER = f"ApplicationID='{WINDOWS_APPLICATION_ID}' AND PartialProductKey IS NOT NULL"
+QUERY_COMMANDS = {"get-wmiobject": "-class", "get-ciminstance": "-classname"}
+
+
+def assignments(node: Node, variable: str) -> list[Node]:
+    """The value nodes assigned to ``variable`` anywhere under ``node``."""
+    found: list[Node] = []
+    for n in walk(node):
+        if n.type != "assignment_expression":
+            continue
+        left = next(c for c in n.children if c.type == "left_assignment_expression")
+        if text(left).strip().lower() == variable.lower():
+            found.append(n.children[-1])
+    return found
+
+
+def string_value(node: Node, variables: dict[str, str]) -> str:
+    """Value of ``'...'`` / ``"..."`` strings (no ``$`` or backtick inside) and known variables joined by ``+``."""
+    parts: list[str] = []
+    for n in walk(node):
+        if n.type == "expandable_string_literal":
+            raw = text(n)
+            assert raw[0] == raw[-1] == '"' and not set(raw[1:-1]) & set("$`"), raw
+            parts.append(raw[1:-1])
+        elif n.type == "verbatim_string_characters":
+            parts.append(text(n)[1:-1].replace("''", "'"))
+        elif n.type == "variable":
+            parts.append(variables[text(n)])
+        elif n.child_count == 0:
+            assert text(n) in ("+", ""), f"not plain concatenation: {text(n)!r}"
+    return "".join(parts)
+
+
+def product_selection(scope: Node, variable: str) -> tuple[str, str, list[str]]:
+    """Where ``variable``'s products come from: (query command, WQL filter, Where-Object filters),
+    following ``$a = @(... | Where-Object {...})`` and ``$a = @($b | ...)`` back to the query."""
+    values = assignments(scope, variable)
+    assert len(values) == 1, f"{variable} is assigned {len(values)} times"
+    arrays = [n for n in walk(values[0]) if n.type == "array_expression"]
+    assert arrays and text(arrays[0]) == text(values[0]), f"{variable} is not @(...)"
+    chains = [n for n in walk(arrays[0]) if n.type == "pipeline_chain"]
+    elements = [c for c in chains[0].children if c.type != "|"]
+    wheres: list[str] = []
+    for element in elements[1:]:
+        assert element.type == "command" and text(element.children[0]).lower() == "where-object", text(
+            element
+        )
+        block = next(n for n in walk(element) if n.type == "script_block")
+        wheres.append(text(block).strip())
+    head = elements[0]
+    if head.type != "command":
+        source_variable = text(head).strip()
+        assert source_variable.startswith("$"), text(head)
+        query, wql, earlier = product_selection(scope, source_variable)
+        return query, wql, earlier + wheres
+    name = text(head.children[0]).lower()
+    assert name in QUERY_COMMANDS, name
+    tokens = next(c for c in head.children if c.type == "command_elements").children
+    args = [c for c in tokens if c.type != "command_argument_sep"]
+    pairs = {text(args[i]).lower(): args[i + 1] for i in range(0, len(args) - 1, 2)}
+    assert set(pairs) == {QUERY_COMMANDS[name], "-filter"}, text(head)
+    assert text(pairs[QUERY_COMMANDS[name]]) == "SoftwareLicensingProduct"
+    filter_variable = text(pairs["-filter"]).strip()
+    filters = assignments(scope, filter_variable)
+    assert len(filters) == 1, filter_variable
+    return name, string_value(filters[0], {"$WindowsAppId": WINDOWS_APPLICATION_ID}), wheres
+
+
+def _activate_block(src: bytes) -> Node:
+    steps = [
+        command
+        for command in commands(PARSER.parse(src).root_node, "Invoke-Step")
+        if text(command).startswith("Invoke-Step 'activate'")
+    ]
+    assert len(steps) == 1
+    return steps[0]
+
+
+ADDON_FILTER = ["-not $_.LicenseIsAddon"]
+
+
+def test_activate_picks_its_product_without_add_ons_like_the_facts() -> None:
+    """Without the LicenseIsAddon filter an ESU add-on (same Windows ApplicationID, with a key) is a
+    second product, Count is 2 and the step reports 0x80070490 instead of activating Windows."""
+    assert selections_skip_add_ons(source("remediate"))
+    block = _activate_block(source("remediate"))
+    assert product_selection(block, "$products") == ("get-wmiobject", PRODUCT_FILTER, ADDON_FILTER)
+    facts = function_node(source("remediate"), "Read-LicenseFacts")
+    assert product_selection(facts, "$products") == ("get-ciminstance", PRODUCT_FILTER, ADDON_FILTER)
+    body = text(block)
+    assert "if ($products.Count -ne 1) { return [int64]2147943568 }" in body
+    assert body.index("$products.Count -ne 1") < body.index("$products[0].Activate()")
+    assert [text(n) for n in walk(block) if n.type == "invokation_expression" and "Activate" in text(n)] == [
+        "$products[0].Activate()"
+    ]
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s.replace(
+            "$products = @(Get-WmiObject -Class SoftwareLicensingProduct -Filter $filter | Where-Object { -not $_.LicenseIsAddon })",
+            "$products = @(Get-WmiObject -Class SoftwareLicensingProduct -Filter $filter)",
+        ),
+        lambda s: s.replace(
+            "| Where-Object { -not $_.LicenseIsAddon })\n            # 0x8007",
+            "| Where-Object { $_.LicenseIsAddon })\n            # 0x8007",
+        ),
+        lambda s: s.replace(
+            '$filter = "ApplicationID=\'" + $WindowsAppId + "\' AND PartialProductKey IS NOT NULL"\n            $products',
+            '$filter = "ApplicationID=\'" + $WindowsAppId + "\'"\n            $products',
+        ),
+        lambda s: s.replace(
+            "$products = @($found | Where-Object { -not $_.LicenseIsAddon })", "$products = @($found)"
+        ),
+    ],
+    ids=[
+        "activate-no-addon-filter",
+        "activate-addons-only",
+        "activate-no-key-filter",
+        "facts-no-addon-filter",
+    ],
+)
+def test_a_product_selection_that_lets_add_ons_in_is_caught(mutate: Callable[[str], str]) -> None:
+    original = source("remediate").decode("ascii")
+    mutant = mutate(original)
+    assert mutant != original, "the mutation must apply"
+    src = mutant.encode("ascii")
+    assert not selections_skip_add_ons(src)
+
+
+def selections_skip_add_ons(src: bytes) -> bool:
+    try:
+        activate = product_selection(_activate_block(src), "$products")
+        facts = product_selection(function_node(src, "Read-LicenseFacts"), "$products")
+    except AssertionError:
+        return False
+    return activate == ("get-wmiobject", PRODUCT_FILTER, ADDON_FILTER) and facts == (
+        "get-ciminstance",
+        PRODUCT_FILTER,
+        ADDON_FILTER,
+    )
+
+
 # --- item 8: the attestation fact on Azure Edition ---------------------------------------------------
 
 
