@@ -12,10 +12,18 @@ one whose answer depends on the mode, so that the audit shows the plan.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from shared.catalog import AVMA_MIN_BUILD, CatalogEntry, select_key
-from shared.guest.facts import POWERSHELL_VERSION_STEP, Channel, GuestResult, LicenseStatus, OsFacts
+from shared.guest.facts import (
+    POWERSHELL_VERSION_STEP,
+    AttestationFacts,
+    Channel,
+    GuestResult,
+    LicenseStatus,
+    OsFacts,
+)
 from shared.model import OutcomeKind
 from shared.settings import Mode, Settings
 from shared.vm import VmFacts
@@ -172,9 +180,10 @@ def attestation_problem(result: GuestResult) -> str | None:
 
     Microsoft's "Windows activation watermark continues to be displayed" (MicrosoftDocs/
     SupportArticles-docs support/azure/virtual-machines/windows/activation-watermark-appears.md):
-    Azure Edition needs IMDS's attested document (cause 1: IMDS unreachable) and the intermediate
-    certificates of its signing chain (cause 2). A result that does not report the check (null on
-    Azure Edition) is never taken as a pass. ``None``: not Azure Edition, or both checks passed.
+    Azure Edition needs IMDS's attested document (cause 1: IMDS unreachable, or answering with an
+    HTTP error status: ``attestation-imds-http:<status>``) and the intermediate certificates of its
+    signing chain (cause 2). A result that does not report the check (null on Azure Edition) is
+    never taken as a pass. ``None``: not Azure Edition, or both checks passed.
     """
     if result.os is None or not is_azure_edition(result.os):
         return None
@@ -182,10 +191,26 @@ def attestation_problem(result: GuestResult) -> str | None:
     if facts is None:
         return "attestation-not-reported"
     if not facts.imds_reachable:
+        status = imds_http_status(facts)
+        if status is not None:
+            return f"attestation-imds-http:{status}"
         return "attestation-imds-unreachable"
     if facts.chain_valid is not True:
         return "attestation-chain-invalid"
     return None
+
+
+# The scripts start attestation.error with "HTTP <status>: " when IMDS answered with an HTTP error
+# status (WebException.Response; docs/guest-contract.md): the address was reached, IMDS refused.
+_IMDS_HTTP_STATUS = re.compile(r"HTTP ([1-5][0-9]{2}): ")
+
+
+def imds_http_status(facts: AttestationFacts) -> int | None:
+    """The HTTP status IMDS answered the attested-document request with, when the guest says so."""
+    if facts.imds_reachable or facts.error is None:
+        return None
+    match = _IMDS_HTTP_STATUS.match(facts.error)
+    return int(match.group(1)) if match else None
 
 
 # SoftwareLicensingProduct.ProductKeyChannel values that clearly name a channel (slmgr /dlv prints

@@ -405,6 +405,60 @@ def test_judge_never_says_remediated_on_azure_edition_when_the_attestation_fails
     assert judge(after) == verdict
 
 
+# attestation.error as the scripts write it when IMDS answers with an HTTP error (Test-Attestation)
+HTTP_503 = "HTTP 503: WebException: The remote server returned an error: (503) Server Unavailable."
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (HTTP_503, "attestation-imds-http:503"),
+        (
+            "HTTP 429: WebException: The remote server returned an error: (429) Too Many Requests.",
+            "attestation-imds-http:429",
+        ),
+        (
+            "HTTP 404: WebException: The remote server returned an error: (404) Not Found.",
+            "attestation-imds-http:404",
+        ),
+        # anything else is "not reached", even when HTTP is mentioned further in
+        ("WebException: The operation has timed out", "attestation-imds-unreachable"),
+        ("WebException: Unable to connect to the remote server", "attestation-imds-unreachable"),
+        ("WebException: HTTP 503: not at the start", "attestation-imds-unreachable"),
+        ("HTTP 5031: four digits", "attestation-imds-unreachable"),
+        ("HTTP 503 without the colon", "attestation-imds-unreachable"),
+        (None, "attestation-imds-unreachable"),
+    ],
+)
+def test_an_imds_http_error_is_told_apart_from_an_unreachable_imds(error: str | None, reason: str) -> None:
+    facts = AttestationFacts(imds_reachable=False, chain_valid=None, error=error)
+    decision = decide(detected(AZURE_EDITION_2022, KMS_LICENSED, attestation=facts), SETTINGS)
+    assert (decision.action, decision.kind, decision.reason) == (Action.NONE, OutcomeKind.FAILED, reason)
+    after = remediated([(s, OK) for s in ALL_STEPS], os_facts=AZURE_EDITION_2022, attestation=facts)
+    assert judge(after) == (OutcomeKind.FAILED, reason)
+
+
+@pytest.mark.parametrize(
+    ("status", "advice"),
+    [
+        ("503", "retry after some time"),
+        ("500", "retry after some time"),
+        ("410", "70 seconds"),
+        ("429", "5 requests per second"),
+        ("407", "transparent proxy"),
+        ("404", "file an issue"),
+    ],
+)
+def test_the_imds_http_hint_names_the_status_and_does_not_blame_routes(status: str, advice: str) -> None:
+    hint = hint_for(f"attestation-imds-http:{status}", SETTINGS)
+    assert f"IMDS answered HTTP {status}" in hint
+    assert advice in hint
+    assert "not a proxy or route problem" in hint and "route print" not in hint
+    assert "watermark" in hint
+    # the unreachable hint keeps its proxy and route advice
+    assert "route print" in hint_for("attestation-imds-unreachable", SETTINGS)
+
+
 def test_the_hint_after_a_partial_remediation_tells_the_channel_the_vm_is_really_on() -> None:
     avma = detected()
     # the key went in, a later step failed: the VM is a KMS client now, not on its old channel

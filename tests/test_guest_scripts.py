@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from tree_sitter import Language, Node, Parser
 
 from shared.catalog import CATALOG
+from shared.decide import imds_http_status
 from shared.guest import scripts
 from shared.guest.facts import (
     POWERSHELL_VERSION_STEP,
@@ -23,6 +24,7 @@ from shared.guest.facts import (
     STEP_NAMES,
     WINDOWS_APPLICATION_ID,
     WRITE_RESULT_STEP,
+    AttestationFacts,
     parse_result,
 )
 from shared.guest.scripts import DETECT, REMEDIATE, RunCommandInput, detect_command, remediate_command
@@ -1124,6 +1126,38 @@ def test_attestation_fetches_the_attested_document_without_proxy_and_builds_the_
         < function.index("$reachable = $true")
         < function.index("$chainValid = $false")
     )
+
+
+def test_an_imds_http_error_is_written_as_http_status_and_read_back_by_the_engine() -> None:
+    """IMDS answering 429/5xx/404 is not "unreachable": the script says "HTTP <n>: ..." and the
+    engine (shared.decide.imds_http_status) reads the status from exactly that prefix."""
+    src = source("detect")
+    function = function_node(src, "Test-Attestation")
+    catch = next(n for n in walk(function) if n.type == "catch_clause")
+    handler = statements(next(c for c in catch.children if c.type == "statement_block"))
+    assert [text(n) for n in handler] == [
+        "$problem = Get-ErrorText $_",
+        "$status = Get-HttpStatus $_",
+        "if ($null -ne $status) { $problem = 'HTTP ' + [string]$status + ': ' + $problem }",
+    ]
+    # the prefix as the script builds it, fed to the engine's reader
+    assignment = next(n for n in walk(handler[2]) if n.type == "assignment_expression")
+    value = text(assignment.children[-1]).replace("[string]$status", "$status")
+    prefix = concatenation(
+        PARSER.parse(value.encode()).root_node, {"$status": "503", "$problem": "WebException: x"}
+    )
+    assert prefix == "HTTP 503: WebException: x"
+    facts = AttestationFacts(imds_reachable=False, chain_valid=None, error=prefix)
+    assert imds_http_status(facts) == 503
+    # only an HTTP answer carries a status: the WebException's Response, found through the inner exceptions
+    status = text(function_node(src, "Get-HttpStatus"))
+    assert (
+        "if ($exception -is [System.Net.WebException] -and $exception.Response -is [System.Net.HttpWebResponse]) {"
+        in status
+    )
+    assert "return [int]$exception.Response.StatusCode" in status
+    assert "$exception = $exception.InnerException" in status
+    assert status.rstrip("} \n").endswith("return $null")
 
 
 # --- item 10: the versions the headers claim ----------------------------------------------------------

@@ -172,6 +172,20 @@ function Test-KmsConnection {
     }
 }
 
+function Get-HttpStatus {
+    # The status of an HTTP error answer, or $null: WebRequest.GetResponse throws a WebException
+    # with Status ProtocolError whose Response is the server's error response (an HttpWebResponse).
+    param($ErrorRecord)
+    $exception = $ErrorRecord.Exception
+    while ($null -ne $exception) {
+        if ($exception -is [System.Net.WebException] -and $exception.Response -is [System.Net.HttpWebResponse]) {
+            return [int]$exception.Response.StatusCode
+        }
+        $exception = $exception.InnerException
+    }
+    return $null
+}
+
 function Test-Attestation {
     # Azure Edition only: fetch IMDS's attested document (no proxy, 5 s) and build its signing
     # certificate's chain from the machine's stores, as Microsoft's IMDSCertCheck.ps1 does.
@@ -209,6 +223,10 @@ function Test-Attestation {
     }
     catch {
         $problem = Get-ErrorText $_
+        # IMDS answered, with an HTTP error status (429, 5xx, 404, ...): say so, so that the
+        # engine does not blame proxies or routes (docs/guest-contract.md).
+        $status = Get-HttpStatus $_
+        if ($null -ne $status) { $problem = 'HTTP ' + [string]$status + ': ' + $problem }
     }
     finally {
         if ($null -ne $reader) { $reader.Close() }
