@@ -28,7 +28,10 @@ from shared.model import OutcomeKind
 from shared.settings import Mode, Settings
 from shared.vm import VmFacts
 
-AZURE_EDITION_PREFIX = "serverturbine"  # EditionID ServerTurbine / ServerTurbineCor
+# EditionID ServerTurbine / ServerTurbineCor. Compared ASCII case-insensitively, the rule the scripts
+# use (String.StartsWith with StringComparison.OrdinalIgnoreCase; not -like, whose case-insensitivity
+# follows the current culture): see is_azure_edition.
+AZURE_EDITION_PREFIX = "ServerTurbine"
 MULTI_SESSION_EDITION = "serverrdsh"
 MULTI_SESSION_SKU = 175  # PRODUCT_SERVERRDSH
 
@@ -171,8 +174,17 @@ def custom_kms_host(guest: GuestResult, settings: Settings) -> str | None:
 
 
 def is_azure_edition(os_facts: OsFacts) -> bool:
-    """Windows Server Datacenter: Azure Edition (registry EditionID ServerTurbine*)."""
-    return os_facts.edition_id.casefold().startswith(AZURE_EDITION_PREFIX)
+    """Windows Server Datacenter: Azure Edition (registry EditionID ServerTurbine*, any ASCII case).
+
+    Windows writes the EditionID CamelCase (``ServerTurbine``, ``ServerTurbineCor``); public SKU
+    lists print it lower-case, and the catalog matches EditionIDs without case, so case is not
+    relied on. The scripts run the attestation check when ``editionId.StartsWith('ServerTurbine',
+    OrdinalIgnoreCase)``; for an ASCII prefix that is exactly this test, and where the prefix is not
+    ASCII this says False (casefold would map e.g. U+017F to "s"), so every EditionID judged Azure
+    Edition here is one the scripts checked: never a false ``attestation-not-reported``.
+    """
+    head = os_facts.edition_id[: len(AZURE_EDITION_PREFIX)]
+    return head.isascii() and head.lower() == AZURE_EDITION_PREFIX.lower()
 
 
 def attestation_problem(result: GuestResult) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.catalog import select_key
-from shared.decide import Action, decide, gate, is_opted_out
+from shared.decide import Action, decide, gate, is_azure_edition, is_opted_out
 from shared.guest.facts import AttestationFacts, GuestResult, OsFacts, ScriptError, Step, parse_result
 from shared.hints import hint_for, remediation_hint
 from shared.model import OutcomeKind, VmId
@@ -371,6 +371,33 @@ def test_azure_edition_server_core_needs_the_attestation_too(edition_id: str, sk
     assert decide(detected(core, KMS_LICENSED, attestation=ATTESTED), SETTINGS).kind is OutcomeKind.HEALTHY
     after = remediated([("activate", "0x00000000")], os_facts=core, attestation=BAD_CHAIN)
     assert judge(after) == (OutcomeKind.FAILED, "attestation-chain-invalid")
+
+
+@pytest.mark.parametrize(
+    ("edition_id", "azure"),
+    [
+        ("ServerTurbine", True),
+        ("ServerTurbineCor", True),
+        ("serverturbine", True),  # public SKU lists print it lower-case
+        ("SERVERTURBINECOR", True),
+        ("ServerDatacenter", False),
+        ("ServerTurbin", False),
+        ("Server Turbine", False),
+        ("", False),
+        ("\u017ferverTurbine", False),  # long s: casefold says serverturbine, the scripts' rule need not
+        ("ServerTur\u0131ne", False),  # dotless i
+        ("ServerTurb\u0130ne", False),
+    ],
+)
+def test_azure_edition_is_an_ascii_case_insensitive_prefix_as_in_the_scripts(
+    edition_id: str, azure: bool
+) -> None:
+    facts = OsFacts(
+        "Microsoft Windows Server 2022 Datacenter: Azure Edition", "10.0.20348", 20348, 3, 407, edition_id
+    )
+    assert is_azure_edition(facts) is azure
+    reason = decide(detected(facts, KMS_LICENSED, attestation=None), SETTINGS).reason
+    assert reason == ("attestation-not-reported" if azure else "kms-client-licensed")
 
 
 def test_attestation_hints_carry_the_documented_fix() -> None:

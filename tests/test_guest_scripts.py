@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tree_sitter import Language, Node, Parser
 
 from shared.catalog import CATALOG
-from shared.decide import imds_http_status
+from shared.decide import AZURE_EDITION_PREFIX, imds_http_status, is_azure_edition
 from shared.guest import scripts
 from shared.guest.facts import (
     POWERSHELL_VERSION_STEP,
@@ -25,6 +25,7 @@ from shared.guest.facts import (
     WINDOWS_APPLICATION_ID,
     WRITE_RESULT_STEP,
     AttestationFacts,
+    OsFacts,
     parse_result,
 )
 from shared.guest.scripts import DETECT, REMEDIATE, RunCommandInput, detect_command, remediate_command
@@ -1103,11 +1104,49 @@ def selections_skip_add_ons(src: bytes) -> bool:
 def test_attestation_is_read_only_on_azure_edition() -> None:
     add_facts = text(function_node(source("detect"), "Add-Facts"))
     assert (
-        "if ($null -ne $Result.os -and [string]$Result.os.editionId -clike 'ServerTurbine*') {" in add_facts
+        "if ($null -ne $Result.os -and ([string]$Result.os.editionId).StartsWith("
+        f"'{AZURE_EDITION_PREFIX}', [System.StringComparison]::OrdinalIgnoreCase)) {{" in add_facts
+    )
+    # -like / -clike would be culture-dependent or case-sensitive: the one rule is OrdinalIgnoreCase
+    assert (
+        "like" not in code_text(source("detect"))[code_text(source("detect")).index("function Add-Facts") :]
     )
     assert "$Result.attestation = Test-Attestation" in add_facts
     for name in ("detect", "remediate"):
         assert re.search(r"^    attestation\s+= \$null$", code_text(source(name)), re.MULTILINE)
+
+
+def script_runs_attestation(edition_id: str) -> bool:
+    """The script's test, String.StartsWith(prefix, OrdinalIgnoreCase), on ASCII: ordinal compare
+    after ASCII upper-casing (non-ASCII characters are left out of the model: see below)."""
+    head = edition_id[: len(AZURE_EDITION_PREFIX)]
+    return len(head) == len(AZURE_EDITION_PREFIX) and all(
+        c.isascii() and c.upper() == p.upper() for c, p in zip(head, AZURE_EDITION_PREFIX, strict=True)
+    )
+
+
+_LOOKALIKES = (
+    "\u017f\u0131\u0130\u212a"  # long s, dotless i, dotted I, Kelvin sign: casefold/upper map some to ASCII
+)
+EDITION_IDS = (
+    st.text(alphabet=st.sampled_from("SsEeRrVvTtUuBbIiNnCcOo " + _LOOKALIKES), max_size=18)
+    | st.sampled_from(
+        ["ServerTurbine", "ServerTurbineCor", "serverturbine", "SERVERTURBINECOR", "ServerDatacenter"]
+    )
+    | st.tuples(st.integers(0, 12), st.sampled_from(_LOOKALIKES), st.sampled_from(["", "Cor"])).map(
+        lambda t: AZURE_EDITION_PREFIX[: t[0]] + t[1] + AZURE_EDITION_PREFIX[t[0] + 1 :] + t[2]
+    )
+)
+
+
+@given(EDITION_IDS)
+def test_script_and_engine_agree_on_which_edition_ids_are_azure_edition(edition_id: str) -> None:
+    engine = is_azure_edition(OsFacts("c", "10.0.20348", 20348, 3, 407, edition_id))
+    if engine:
+        # whatever .NET does with non-ASCII letters, the script checked every VM the engine judges
+        assert script_runs_attestation(edition_id)
+    if edition_id[: len(AZURE_EDITION_PREFIX)].isascii():
+        assert engine == script_runs_attestation(edition_id)
 
 
 def test_attestation_fetches_the_attested_document_without_proxy_and_builds_the_chain() -> None:

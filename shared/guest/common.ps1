@@ -267,7 +267,7 @@ function Write-Result {
     }
 }
 
-# Reads the OS and licensing facts, probes the KMS and, on Azure Edition (EditionID ServerTurbine*),
+# Reads the OS and licensing facts, probes the KMS and, on Azure Edition (EditionID ServerTurbine*, any case),
 # checks the IMDS attestation into $Result (both scripts end with this); a fact that cannot be read
 # becomes $Result.error naming the step.
 function Add-Facts($Result, [string]$HostName, [int]$Port) {
@@ -282,7 +282,9 @@ function Add-Facts($Result, [string]$HostName, [int]$Port) {
         $Result.error = New-ScriptError $step (Get-HResult $_) (Get-ErrorText $_)
     }
     $Result.kmsProbe = Test-KmsConnection $HostName $Port
-    if ($null -ne $Result.os -and [string]$Result.os.editionId -clike 'ServerTurbine*') {
+    # ASCII case-insensitive, as the engine (shared.decide.is_azure_edition); -like would follow the
+    # current culture (tr-TR: 'I' and 'i' differ).
+    if ($null -ne $Result.os -and ([string]$Result.os.editionId).StartsWith('ServerTurbine', [System.StringComparison]::OrdinalIgnoreCase)) {
         $Result.attestation = Test-Attestation
     }
 }
