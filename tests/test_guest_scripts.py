@@ -1199,6 +1199,16 @@ def test_an_imds_http_error_is_written_as_http_status_and_read_back_by_the_engin
     assert status.rstrip("} \n").endswith("return $null")
 
 
+def test_the_contract_cites_how_a_pkcs7_blob_loads_as_its_signers_certificate() -> None:
+    contract = " ".join(CONTRACT.read_text(encoding="utf-8").split())
+    claim = contract.index("is loaded as an `X509Certificate2` (the certificate that signed it")
+    cited = contract[claim : claim + 900]
+    assert "COMX509Certificate::GetSignerInPKCS7Store" in cited
+    assert "src/classlibnative/cryptography/x509certificate.cpp" in cited
+    assert "CertificatePal.Windows.Import.cs" in cited
+    assert "CMSG_SIGNER_INFO_PARAM" in cited and "CERT_FIND_SUBJECT_CERT" in cited
+
+
 # --- item 10: the versions the headers claim ----------------------------------------------------------
 
 

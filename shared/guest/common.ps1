@@ -209,7 +209,7 @@ function Test-Attestation {
         $chainValid = $false
         $document = ConvertFrom-Json -InputObject $body
         $signature = [System.Convert]::FromBase64String([string]$document.signature)
-        # A PKCS#7 blob loads as the certificate that signed it.
+        # A PKCS#7 blob loads as the certificate that signed it (GetSignerInPKCS7Store; docs/guest-contract.md).
         $certificate = [System.Security.Cryptography.X509Certificates.X509Certificate2]$signature
         $chain = New-Object System.Security.Cryptography.X509Certificates.X509Chain
         if ($chain.Build($certificate)) {
