@@ -12,15 +12,26 @@ one whose answer depends on the mode, so that the audit shows the plan.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from shared.catalog import AVMA_MIN_BUILD, CatalogEntry, select_key
-from shared.guest.facts import POWERSHELL_VERSION_STEP, Channel, GuestResult, LicenseStatus, OsFacts
+from shared.guest.facts import (
+    POWERSHELL_VERSION_STEP,
+    AttestationFacts,
+    Channel,
+    GuestResult,
+    LicenseStatus,
+    OsFacts,
+)
 from shared.model import OutcomeKind
 from shared.settings import Mode, Settings
 from shared.vm import VmFacts
 
-AZURE_EDITION_PREFIX = "serverturbine"  # EditionID ServerTurbine / ServerTurbineCor
+# EditionID ServerTurbine / ServerTurbineCor. Compared ASCII case-insensitively, the rule the scripts
+# use (String.StartsWith with StringComparison.OrdinalIgnoreCase; not -like, whose case-insensitivity
+# follows the current culture): see is_azure_edition.
+AZURE_EDITION_PREFIX = "ServerTurbine"
 MULTI_SESSION_EDITION = "serverrdsh"
 MULTI_SESSION_SKU = 175  # PRODUCT_SERVERRDSH
 
@@ -163,8 +174,17 @@ def custom_kms_host(guest: GuestResult, settings: Settings) -> str | None:
 
 
 def is_azure_edition(os_facts: OsFacts) -> bool:
-    """Windows Server Datacenter: Azure Edition (registry EditionID ServerTurbine*)."""
-    return os_facts.edition_id.casefold().startswith(AZURE_EDITION_PREFIX)
+    """Windows Server Datacenter: Azure Edition (registry EditionID ServerTurbine*, any ASCII case).
+
+    Windows writes the EditionID CamelCase (``ServerTurbine``, ``ServerTurbineCor``); public SKU
+    lists print it lower-case, and the catalog matches EditionIDs without case, so case is not
+    relied on. The scripts run the attestation check when ``editionId.StartsWith('ServerTurbine',
+    OrdinalIgnoreCase)``; for an ASCII prefix that is exactly this test, and where the prefix is not
+    ASCII this says False (casefold would map e.g. U+017F to "s"), so every EditionID judged Azure
+    Edition here is one the scripts checked: never a false ``attestation-not-reported``.
+    """
+    head = os_facts.edition_id[: len(AZURE_EDITION_PREFIX)]
+    return head.isascii() and head.lower() == AZURE_EDITION_PREFIX.lower()
 
 
 def attestation_problem(result: GuestResult) -> str | None:
@@ -172,9 +192,10 @@ def attestation_problem(result: GuestResult) -> str | None:
 
     Microsoft's "Windows activation watermark continues to be displayed" (MicrosoftDocs/
     SupportArticles-docs support/azure/virtual-machines/windows/activation-watermark-appears.md):
-    Azure Edition needs IMDS's attested document (cause 1: IMDS unreachable) and the intermediate
-    certificates of its signing chain (cause 2). A result that does not report the check (null on
-    Azure Edition) is never taken as a pass. ``None``: not Azure Edition, or both checks passed.
+    Azure Edition needs IMDS's attested document (cause 1: IMDS unreachable, or answering with an
+    HTTP error status: ``attestation-imds-http:<status>``) and the intermediate certificates of its
+    signing chain (cause 2). A result that does not report the check (null on Azure Edition) is
+    never taken as a pass. ``None``: not Azure Edition, or both checks passed.
     """
     if result.os is None or not is_azure_edition(result.os):
         return None
@@ -182,10 +203,26 @@ def attestation_problem(result: GuestResult) -> str | None:
     if facts is None:
         return "attestation-not-reported"
     if not facts.imds_reachable:
+        status = imds_http_status(facts)
+        if status is not None:
+            return f"attestation-imds-http:{status}"
         return "attestation-imds-unreachable"
     if facts.chain_valid is not True:
         return "attestation-chain-invalid"
     return None
+
+
+# The scripts start attestation.error with "HTTP <status>: " when IMDS answered with an HTTP error
+# status (WebException.Response; docs/guest-contract.md): the address was reached, IMDS refused.
+_IMDS_HTTP_STATUS = re.compile(r"HTTP ([1-5][0-9]{2}): ")
+
+
+def imds_http_status(facts: AttestationFacts) -> int | None:
+    """The HTTP status IMDS answered the attested-document request with, when the guest says so."""
+    if facts.imds_reachable or facts.error is None:
+        return None
+    match = _IMDS_HTTP_STATUS.match(facts.error)
+    return int(match.group(1)) if match else None
 
 
 # SoftwareLicensingProduct.ProductKeyChannel values that clearly name a channel (slmgr /dlv prints

@@ -32,6 +32,8 @@ def hint_for(reason: str, settings: Settings) -> str:
         if code in ("0XC004FD02", "0XC004FD01"):
             return "Windows still tries AVMA: the key change did not take; re-run detection, check the key."
         return "Activation failed; see docs/troubleshooting.md and the SPP events (IDs 8198, 12288)."
+    if reason.startswith("attestation-imds-http:"):
+        return _imds_http_hint(reason.split(":", 1)[1])
     if reason.startswith("key-install-error:"):
         return (
             "Windows refused the KMS client setup key: the VM's edition does not match the catalog "
@@ -128,6 +130,37 @@ def hint_for(reason: str, settings: Settings) -> str:
         "forbidden": "The identity lacks a permission (see the custom role in infra/).",
     }
     return hints.get(reason, "")
+
+
+def _imds_http_hint(status: str) -> str:
+    """IMDS (or whatever answers for 169.254.169.254) answered with an HTTP error status.
+
+    What each status means: IMDS's "Errors and debugging" table (MicrosoftDocs/azure-compute-docs
+    articles/virtual-machines/instance-metadata-service.md).
+    """
+    if status == "429":
+        advice = (
+            "IMDS allows 5 requests per second and something on the VM is over that limit: re-run "
+            "check later, and look for agents polling 169.254.169.254."
+        )
+    elif status in ("410", "500", "502", "503", "504"):
+        advice = "IMDS asks to retry after some time (410: for up to 70 seconds): re-run check later."
+    elif status in ("403", "407"):
+        advice = (
+            "Something on the path answered in IMDS's place (a transparent proxy or filter): let "
+            "169.254.169.254 bypass it, then re-run check."
+        )
+    else:
+        advice = (
+            "IMDS refused the request (400: the Metadata header did not arrive; 404: the element does "
+            "not exist); re-run check, and if it persists file an issue with the error text."
+        )
+    return (
+        f"Datacenter: Azure Edition is KMS-activated, but IMDS answered HTTP {status} to the attested "
+        "document request (http://169.254.169.254/metadata/attested/document), so Windows keeps the "
+        "activation watermark. The address was reached, so this is not a proxy or route problem. "
+        f"{advice}"
+    )
 
 
 def remediation_hint(reason: str, settings: Settings, before: GuestResult, after: GuestResult) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from shared import catalog
 from shared.catalog import CATALOG, SOURCE, CatalogEntry, select_key
 from shared.guest.facts import OsFacts
 
@@ -79,6 +80,78 @@ def test_no_two_entries_can_match_the_same_facts() -> None:
         shared_skus = set(left.skus) & set(right.skus)
         shared_ids = {e.casefold() for e in left.edition_ids} & {e.casefold() for e in right.edition_ids}
         assert not (shared_builds and shared_skus and shared_ids), (left.edition, right.edition)
+
+
+def _rows_matching(os: OsFacts) -> list[CatalogEntry]:
+    """The rows whose every fact agrees with ``os``, computed apart from select_key."""
+    kind = {1: "workstation", 2: "server", 3: "server"}.get(os.product_type)
+    return [
+        entry
+        for entry in catalog.CATALOG  # read at call time, so that the tests below can patch it
+        if entry.product_type == kind
+        and os.build in entry.builds
+        and os.sku in entry.skus
+        and os.edition_id.lower() in {e.lower() for e in entry.edition_ids}
+    ]
+
+
+def test_every_set_of_facts_the_catalog_knows_matches_at_most_one_row_and_select_key_returns_it() -> None:
+    """Exhaustive over every build, SKU and EditionID (three spellings) in the catalog: first-match
+    would be safe, and select_key gives exactly the one row or, for none, None."""
+    builds = sorted({build for entry in CATALOG for build in entry.builds})
+    skus = sorted({sku for entry in CATALOG for sku in entry.skus})
+    ids = sorted(
+        {spelling for entry in CATALOG for e in entry.edition_ids for spelling in (e, e.lower(), e.upper())}
+    )
+    seen = 0
+    for build, sku, edition_id, product_type in itertools.product(builds, skus, ids, (1, 2, 3)):
+        os = facts(build, edition_id, sku, product_type)
+        rows = _rows_matching(os)
+        assert len(rows) <= 1, (build, sku, edition_id, product_type, [r.edition for r in rows])
+        expected = None if edition_id.lower() == "serverrdsh" or sku == 175 else (rows[0] if rows else None)
+        assert select_key(os) == expected, (build, sku, edition_id, product_type)
+        seen += len(rows)
+    assert seen > 100  # the enumeration really reached the rows
+
+
+def test_select_key_refuses_facts_that_two_rows_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If a later edit let two rows overlap, select_key must refuse, not take the first."""
+    first = next(e for e in CATALOG if e.edition == "Windows Server 2022 Datacenter")
+    twin = CatalogEntry(
+        "a row that overlaps it",
+        "AAAAA-BBBBB-CCCCC-DDDDD-EEEEE",
+        SOURCE,
+        ("ServerDatacenter",),
+        (8,),
+        (20348,),
+        "server",
+    )
+    monkeypatch.setattr(catalog, "CATALOG", (first, twin))
+    assert select_key(facts(20348, "ServerDatacenter", 8)) is None
+    monkeypatch.setattr(catalog, "CATALOG", (first,))
+    assert select_key(facts(20348, "ServerDatacenter", 8)) == first
+
+
+@pytest.mark.parametrize(
+    ("edition_id", "sku"), [("ServerRdsh", 175), ("ServerRdsh", 4), ("Enterprise", 175), ("SERVERRDSH", 4)]
+)
+def test_select_key_alone_refuses_multi_session_even_if_a_row_matched(
+    monkeypatch: pytest.MonkeyPatch, edition_id: str, sku: int
+) -> None:
+    """decide checks multi-session first, but select_key must not depend on it: with a (wrong) row that
+    matches a multi-session VM, it still gives None."""
+    wrong = CatalogEntry(
+        "a row that would match multi-session",
+        "AAAAA-BBBBB-CCCCC-DDDDD-EEEEE",
+        SOURCE,
+        ("ServerRdsh", "Enterprise"),
+        (4, 175),
+        (22631,),
+        "workstation",
+    )
+    monkeypatch.setattr(catalog, "CATALOG", (*CATALOG, wrong))
+    assert _rows_matching(facts(22631, edition_id, sku, product_type=1)) != []
+    assert select_key(facts(22631, edition_id, sku, product_type=1)) is None
 
 
 SERVER_CASES = [

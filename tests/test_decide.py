@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.catalog import select_key
-from shared.decide import Action, decide, gate, is_opted_out
+from shared.decide import Action, decide, gate, is_azure_edition, is_opted_out
 from shared.guest.facts import AttestationFacts, GuestResult, OsFacts, ScriptError, Step, parse_result
 from shared.hints import hint_for, remediation_hint
 from shared.model import OutcomeKind, VmId
@@ -373,6 +373,33 @@ def test_azure_edition_server_core_needs_the_attestation_too(edition_id: str, sk
     assert judge(after) == (OutcomeKind.FAILED, "attestation-chain-invalid")
 
 
+@pytest.mark.parametrize(
+    ("edition_id", "azure"),
+    [
+        ("ServerTurbine", True),
+        ("ServerTurbineCor", True),
+        ("serverturbine", True),  # public SKU lists print it lower-case
+        ("SERVERTURBINECOR", True),
+        ("ServerDatacenter", False),
+        ("ServerTurbin", False),
+        ("Server Turbine", False),
+        ("", False),
+        ("\u017ferverTurbine", False),  # long s: casefold says serverturbine, the scripts' rule need not
+        ("ServerTur\u0131ne", False),  # dotless i
+        ("ServerTurb\u0130ne", False),
+    ],
+)
+def test_azure_edition_is_an_ascii_case_insensitive_prefix_as_in_the_scripts(
+    edition_id: str, azure: bool
+) -> None:
+    facts = OsFacts(
+        "Microsoft Windows Server 2022 Datacenter: Azure Edition", "10.0.20348", 20348, 3, 407, edition_id
+    )
+    assert is_azure_edition(facts) is azure
+    reason = decide(detected(facts, KMS_LICENSED, attestation=None), SETTINGS).reason
+    assert reason == ("attestation-not-reported" if azure else "kms-client-licensed")
+
+
 def test_attestation_hints_carry_the_documented_fix() -> None:
     imds = hint_for("attestation-imds-unreachable", SETTINGS)
     assert "169.254.169.254" in imds and "proxies" in imds and "route print" in imds
@@ -403,6 +430,60 @@ def test_judge_never_says_remediated_on_azure_edition_when_the_attestation_fails
 ) -> None:
     after = remediated([(s, OK) for s in ALL_STEPS], os_facts=AZURE_EDITION_2022, attestation=attestation)
     assert judge(after) == verdict
+
+
+# attestation.error as the scripts write it when IMDS answers with an HTTP error (Test-Attestation)
+HTTP_503 = "HTTP 503: WebException: The remote server returned an error: (503) Server Unavailable."
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (HTTP_503, "attestation-imds-http:503"),
+        (
+            "HTTP 429: WebException: The remote server returned an error: (429) Too Many Requests.",
+            "attestation-imds-http:429",
+        ),
+        (
+            "HTTP 404: WebException: The remote server returned an error: (404) Not Found.",
+            "attestation-imds-http:404",
+        ),
+        # anything else is "not reached", even when HTTP is mentioned further in
+        ("WebException: The operation has timed out", "attestation-imds-unreachable"),
+        ("WebException: Unable to connect to the remote server", "attestation-imds-unreachable"),
+        ("WebException: HTTP 503: not at the start", "attestation-imds-unreachable"),
+        ("HTTP 5031: four digits", "attestation-imds-unreachable"),
+        ("HTTP 503 without the colon", "attestation-imds-unreachable"),
+        (None, "attestation-imds-unreachable"),
+    ],
+)
+def test_an_imds_http_error_is_told_apart_from_an_unreachable_imds(error: str | None, reason: str) -> None:
+    facts = AttestationFacts(imds_reachable=False, chain_valid=None, error=error)
+    decision = decide(detected(AZURE_EDITION_2022, KMS_LICENSED, attestation=facts), SETTINGS)
+    assert (decision.action, decision.kind, decision.reason) == (Action.NONE, OutcomeKind.FAILED, reason)
+    after = remediated([(s, OK) for s in ALL_STEPS], os_facts=AZURE_EDITION_2022, attestation=facts)
+    assert judge(after) == (OutcomeKind.FAILED, reason)
+
+
+@pytest.mark.parametrize(
+    ("status", "advice"),
+    [
+        ("503", "retry after some time"),
+        ("500", "retry after some time"),
+        ("410", "70 seconds"),
+        ("429", "5 requests per second"),
+        ("407", "transparent proxy"),
+        ("404", "file an issue"),
+    ],
+)
+def test_the_imds_http_hint_names_the_status_and_does_not_blame_routes(status: str, advice: str) -> None:
+    hint = hint_for(f"attestation-imds-http:{status}", SETTINGS)
+    assert f"IMDS answered HTTP {status}" in hint
+    assert advice in hint
+    assert "not a proxy or route problem" in hint and "route print" not in hint
+    assert "watermark" in hint
+    # the unreachable hint keeps its proxy and route advice
+    assert "route print" in hint_for("attestation-imds-unreachable", SETTINGS)
 
 
 def test_the_hint_after_a_partial_remediation_tells_the_channel_the_vm_is_really_on() -> None:

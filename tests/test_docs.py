@@ -26,7 +26,7 @@ REASONS = [
     "activation-error:0xC004F074", "key-install-error:0xC004F069", "step-error:", "remediation-error:",
     "activation-not-attempted", "verify-failed:not-kms-client", "verify-failed:license-status-N",
     "detection-error", "powershell-version", "bad-output",
-    "attestation-imds-unreachable", "attestation-chain-invalid", "attestation-not-reported", "run-command-failed", "forbidden",
+    "attestation-imds-unreachable", "attestation-imds-http:", "attestation-chain-invalid", "attestation-not-reported", "run-command-failed", "forbidden",
     # the Functions app
     "recently-verified", "deadline-exceeded:", "poison", "malformed-message", "out-of-scope", "scope-unknown",
 ]  # fmt: skip

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from tree_sitter import Language, Node, Parser
 
 from shared.catalog import CATALOG
+from shared.decide import AZURE_EDITION_PREFIX, imds_http_status, is_azure_edition
 from shared.guest import scripts
 from shared.guest.facts import (
     POWERSHELL_VERSION_STEP,
@@ -23,6 +24,8 @@ from shared.guest.facts import (
     STEP_NAMES,
     WINDOWS_APPLICATION_ID,
     WRITE_RESULT_STEP,
+    AttestationFacts,
+    OsFacts,
     parse_result,
 )
 from shared.guest.scripts import DETECT, REMEDIATE, RunCommandInput, detect_command, remediate_command
@@ -814,6 +817,121 @@ def test_write_result_writes_inside_try_and_falls_back_to_a_fixed_line(name: str
     )
 
 
+FALLBACK_VARIABLES = ("$ResultMarker", "$ScriptName")  # set at the top of each script, from constants
+
+
+def statements(block: Node) -> list[Node]:
+    """The statements of a statement_block or script_block_body, comments left out."""
+    lists = [child for child in block.children if child.type == "statement_list"]
+    return [node for statement_list in lists for node in statement_list.children if node.type != "comment"]
+
+
+def fallback_problems(src: bytes, name: str) -> list[str]:
+    """Why Write-Result's fallback line might not be written when building the normal line throws.
+
+    Structure (not text): the function body is one try statement (nothing before it can throw
+    uncaught), with one untyped catch and no finally; the catch's first statement is the fallback
+    ``Write-Output (...)``, built only from single-quoted strings, ``$ResultMarker``/``$ScriptName``
+    and ``+`` (nothing in it can throw: no call, cast, member access, sub-expression or other
+    variable), so nothing in the catch runs before it.
+    """
+    function = function_node(src, "Write-Result")
+    block = next(child for child in function.children if child.type == "script_block")
+    bodies = [child for child in block.children if child.type == "script_block_body"]
+    if len(bodies) != 1:
+        return ["Write-Result has no body"]
+    body = statements(bodies[0])
+    if [node.type for node in body] != ["try_statement"]:
+        return [f"the body is {[text(node)[:30] for node in body]}, not one try statement"]
+    clauses = [n for n in walk(body[0]) if n.type == "catch_clause"]
+    problems: list[str] = []
+    if len(clauses) != 1:
+        return [f"{len(clauses)} catch clauses"]
+    if any(child.type == "finally_clause" for child in body[0].children):
+        problems.append("a finally clause runs after the fallback and may throw")
+    catch = clauses[0]
+    if [child.type for child in catch.children] != ["catch", "statement_block"]:
+        problems.append(f"the catch is typed or odd: {text(catch)[: text(catch).index('{')]!r}")
+    handler = next(child for child in catch.children if child.type == "statement_block")
+    inside = statements(handler)
+    if not inside:
+        return [*problems, "the catch is empty"]
+    first = inside[0]
+    written = commands(first, "Write-Output")
+    if first.type != "pipeline" or len(written) != 1 or text(first) != text(written[0]):
+        return [
+            *problems,
+            f"the catch's first statement is {text(first)[:60]!r}, not the fallback Write-Output",
+        ]
+    try:
+        line = written_line(written[0], {"$ResultMarker": RESULT_MARKER, "$ScriptName": name})
+    except (AssertionError, KeyError) as exc:
+        return [*problems, f"the fallback is not built from constants only: {exc}"]
+    used = {text(n) for n in walk(written[0]) if n.type == "variable"}
+    if not used <= set(FALLBACK_VARIABLES):
+        problems.append(f"the fallback reads {sorted(used - set(FALLBACK_VARIABLES))}")
+    try:
+        parse_result(line, expected_script=name)
+    except ValueError as exc:
+        problems.append(f"the fallback line is not a valid result: {exc}")
+    return problems
+
+
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_the_write_result_fallback_is_the_first_statement_of_its_catch_and_cannot_throw(name: str) -> None:
+    assert fallback_problems(source(name), name) == []
+    # the two variables are plain constants, assigned once at the top of the script
+    code = code_text(source(name))
+    assert code.count("$ResultMarker = ") == 1 and code.count("$ScriptName = ") == 1
+    assert f"$ResultMarker = '{RESULT_MARKER}'" in code and f"$ScriptName = '{name}'" in code
+
+
+FALLBACK = '        Write-Output ($ResultMarker + \'{"schema":2,'
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s.replace(FALLBACK, "        throw 'again'\n" + FALLBACK),
+        lambda s: s.replace(FALLBACK, "        $null = $Result.steps.Count\n" + FALLBACK),
+        lambda s: s.replace(FALLBACK, "        Write-Output (Get-ErrorText $_)\n" + FALLBACK),
+        lambda s: s.replace(FALLBACK, FALLBACK.replace("$ResultMarker", "$ResultMarker.Trim()")),
+        lambda s: s.replace(FALLBACK, FALLBACK.replace("$ResultMarker", "[string]$ResultMarker")),
+        lambda s: s.replace('"script":"\' + $ScriptName + \'"', '"script":"\' + $Result.script + \'"'),
+        lambda s: s.replace(
+            "    catch {\n" + FALLBACK,
+            "    catch [System.Management.Automation.RuntimeException] {\n" + FALLBACK,
+        ),
+        lambda s: s.replace(
+            "    param($Result, $Steps)\n    try {",
+            "    param($Result, $Steps)\n    $Result.steps = [object[]]$Steps.ToArray()\n    try {",
+        ),
+        lambda s: s.replace(
+            "the result line could not be built or written\"}}')\n    }\n",
+            "the result line could not be built or written\"}}')\n    }\n    finally { $Steps.Clear() }\n",
+        ),
+    ],
+    ids=[
+        "throw",
+        "member-read",
+        "call",
+        "method",
+        "cast",
+        "result-field",
+        "typed-catch",
+        "before-try",
+        "finally",
+    ],
+)
+@pytest.mark.parametrize("name", ["detect", "remediate"])
+def test_a_fallback_that_could_be_skipped_or_throw_is_caught(name: str, mutate: Callable[[str], str]) -> None:
+    original = source(name).decode("ascii")
+    mutant = mutate(original)
+    assert mutant != original, "the mutation must apply"
+    assert syntax_errors(mutant.encode("ascii")) == []
+    assert fallback_problems(mutant.encode("ascii"), name) != []
+
+
 # --- item 3: activate as slmgr /ato does -------------------------------------------------------------
 
 
@@ -834,17 +952,201 @@ def test_activate_refreshes_the_license_status_after_activate_like_slmgr_ato() -
     assert block.index("return $activated") < block.index("RefreshLicenseStatus()")
 
 
+# --- P13: the product activate() and the facts use skips add-ons (ESU) --------------------------------
+
+PRODUCT_FILTER = f"ApplicationID='{WINDOWS_APPLICATION_ID}' AND PartialProductKey IS NOT NULL"
+QUERY_COMMANDS = {"get-wmiobject": "-class", "get-ciminstance": "-classname"}
+
+
+def assignments(node: Node, variable: str) -> list[Node]:
+    """The value nodes assigned to ``variable`` anywhere under ``node``."""
+    found: list[Node] = []
+    for n in walk(node):
+        if n.type != "assignment_expression":
+            continue
+        left = next(c for c in n.children if c.type == "left_assignment_expression")
+        if text(left).strip().lower() == variable.lower():
+            found.append(n.children[-1])
+    return found
+
+
+def string_value(node: Node, variables: dict[str, str]) -> str:
+    """Value of ``'...'`` / ``"..."`` strings (no ``$`` or backtick inside) and known variables joined by ``+``."""
+    parts: list[str] = []
+    for n in walk(node):
+        if n.type == "expandable_string_literal":
+            raw = text(n)
+            assert raw[0] == raw[-1] == '"' and not set(raw[1:-1]) & set("$`"), raw
+            parts.append(raw[1:-1])
+        elif n.type == "verbatim_string_characters":
+            parts.append(text(n)[1:-1].replace("''", "'"))
+        elif n.type == "variable":
+            parts.append(variables[text(n)])
+        elif n.child_count == 0:
+            assert text(n) in ("+", ""), f"not plain concatenation: {text(n)!r}"
+    return "".join(parts)
+
+
+def product_selection(scope: Node, variable: str) -> tuple[str, str, list[str]]:
+    """Where ``variable``'s products come from: (query command, WQL filter, Where-Object filters),
+    following ``$a = @(... | Where-Object {...})`` and ``$a = @($b | ...)`` back to the query."""
+    values = assignments(scope, variable)
+    assert len(values) == 1, f"{variable} is assigned {len(values)} times"
+    arrays = [n for n in walk(values[0]) if n.type == "array_expression"]
+    assert arrays and text(arrays[0]) == text(values[0]), f"{variable} is not @(...)"
+    chains = [n for n in walk(arrays[0]) if n.type == "pipeline_chain"]
+    elements = [c for c in chains[0].children if c.type != "|"]
+    wheres: list[str] = []
+    for element in elements[1:]:
+        assert element.type == "command" and text(element.children[0]).lower() == "where-object", text(
+            element
+        )
+        block = next(n for n in walk(element) if n.type == "script_block")
+        wheres.append(text(block).strip())
+    head = elements[0]
+    if head.type != "command":
+        source_variable = text(head).strip()
+        assert source_variable.startswith("$"), text(head)
+        query, wql, earlier = product_selection(scope, source_variable)
+        return query, wql, earlier + wheres
+    name = text(head.children[0]).lower()
+    assert name in QUERY_COMMANDS, name
+    tokens = next(c for c in head.children if c.type == "command_elements").children
+    args = [c for c in tokens if c.type != "command_argument_sep"]
+    pairs = {text(args[i]).lower(): args[i + 1] for i in range(0, len(args) - 1, 2)}
+    assert set(pairs) == {QUERY_COMMANDS[name], "-filter"}, text(head)
+    assert text(pairs[QUERY_COMMANDS[name]]) == "SoftwareLicensingProduct"
+    filter_variable = text(pairs["-filter"]).strip()
+    filters = assignments(scope, filter_variable)
+    assert len(filters) == 1, filter_variable
+    return name, string_value(filters[0], {"$WindowsAppId": WINDOWS_APPLICATION_ID}), wheres
+
+
+def _activate_block(src: bytes) -> Node:
+    steps = [
+        command
+        for command in commands(PARSER.parse(src).root_node, "Invoke-Step")
+        if text(command).startswith("Invoke-Step 'activate'")
+    ]
+    assert len(steps) == 1
+    return steps[0]
+
+
+ADDON_FILTER = ["-not $_.LicenseIsAddon"]
+
+
+def test_activate_picks_its_product_without_add_ons_like_the_facts() -> None:
+    """Without the LicenseIsAddon filter an ESU add-on (same Windows ApplicationID, with a key) is a
+    second product, Count is 2 and the step reports 0x80070490 instead of activating Windows."""
+    assert selections_skip_add_ons(source("remediate"))
+    block = _activate_block(source("remediate"))
+    assert product_selection(block, "$products") == ("get-wmiobject", PRODUCT_FILTER, ADDON_FILTER)
+    facts = function_node(source("remediate"), "Read-LicenseFacts")
+    assert product_selection(facts, "$products") == ("get-ciminstance", PRODUCT_FILTER, ADDON_FILTER)
+    body = text(block)
+    assert "if ($products.Count -ne 1) { return [int64]2147943568 }" in body
+    assert body.index("$products.Count -ne 1") < body.index("$products[0].Activate()")
+    assert [text(n) for n in walk(block) if n.type == "invokation_expression" and "Activate" in text(n)] == [
+        "$products[0].Activate()"
+    ]
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s.replace(
+            "$products = @(Get-WmiObject -Class SoftwareLicensingProduct -Filter $filter | Where-Object { -not $_.LicenseIsAddon })",
+            "$products = @(Get-WmiObject -Class SoftwareLicensingProduct -Filter $filter)",
+        ),
+        lambda s: s.replace(
+            "| Where-Object { -not $_.LicenseIsAddon })\n            # 0x8007",
+            "| Where-Object { $_.LicenseIsAddon })\n            # 0x8007",
+        ),
+        lambda s: s.replace(
+            '$filter = "ApplicationID=\'" + $WindowsAppId + "\' AND PartialProductKey IS NOT NULL"\n            $products',
+            '$filter = "ApplicationID=\'" + $WindowsAppId + "\'"\n            $products',
+        ),
+        lambda s: s.replace(
+            "$products = @($found | Where-Object { -not $_.LicenseIsAddon })", "$products = @($found)"
+        ),
+    ],
+    ids=[
+        "activate-no-addon-filter",
+        "activate-addons-only",
+        "activate-no-key-filter",
+        "facts-no-addon-filter",
+    ],
+)
+def test_a_product_selection_that_lets_add_ons_in_is_caught(mutate: Callable[[str], str]) -> None:
+    original = source("remediate").decode("ascii")
+    mutant = mutate(original)
+    assert mutant != original, "the mutation must apply"
+    src = mutant.encode("ascii")
+    assert not selections_skip_add_ons(src)
+
+
+def selections_skip_add_ons(src: bytes) -> bool:
+    try:
+        activate = product_selection(_activate_block(src), "$products")
+        facts = product_selection(function_node(src, "Read-LicenseFacts"), "$products")
+    except AssertionError:
+        return False
+    return activate == ("get-wmiobject", PRODUCT_FILTER, ADDON_FILTER) and facts == (
+        "get-ciminstance",
+        PRODUCT_FILTER,
+        ADDON_FILTER,
+    )
+
+
 # --- item 8: the attestation fact on Azure Edition ---------------------------------------------------
 
 
 def test_attestation_is_read_only_on_azure_edition() -> None:
     add_facts = text(function_node(source("detect"), "Add-Facts"))
     assert (
-        "if ($null -ne $Result.os -and [string]$Result.os.editionId -clike 'ServerTurbine*') {" in add_facts
+        "if ($null -ne $Result.os -and ([string]$Result.os.editionId).StartsWith("
+        f"'{AZURE_EDITION_PREFIX}', [System.StringComparison]::OrdinalIgnoreCase)) {{" in add_facts
+    )
+    # -like / -clike would be culture-dependent or case-sensitive: the one rule is OrdinalIgnoreCase
+    assert (
+        "like" not in code_text(source("detect"))[code_text(source("detect")).index("function Add-Facts") :]
     )
     assert "$Result.attestation = Test-Attestation" in add_facts
     for name in ("detect", "remediate"):
         assert re.search(r"^    attestation\s+= \$null$", code_text(source(name)), re.MULTILINE)
+
+
+def script_runs_attestation(edition_id: str) -> bool:
+    """The script's test, String.StartsWith(prefix, OrdinalIgnoreCase), on ASCII: ordinal compare
+    after ASCII upper-casing (non-ASCII characters are left out of the model: see below)."""
+    head = edition_id[: len(AZURE_EDITION_PREFIX)]
+    return len(head) == len(AZURE_EDITION_PREFIX) and all(
+        c.isascii() and c.upper() == p.upper() for c, p in zip(head, AZURE_EDITION_PREFIX, strict=True)
+    )
+
+
+_LOOKALIKES = (
+    "\u017f\u0131\u0130\u212a"  # long s, dotless i, dotted I, Kelvin sign: casefold/upper map some to ASCII
+)
+EDITION_IDS = (
+    st.text(alphabet=st.sampled_from("SsEeRrVvTtUuBbIiNnCcOo " + _LOOKALIKES), max_size=18)
+    | st.sampled_from(
+        ["ServerTurbine", "ServerTurbineCor", "serverturbine", "SERVERTURBINECOR", "ServerDatacenter"]
+    )
+    | st.tuples(st.integers(0, 12), st.sampled_from(_LOOKALIKES), st.sampled_from(["", "Cor"])).map(
+        lambda t: AZURE_EDITION_PREFIX[: t[0]] + t[1] + AZURE_EDITION_PREFIX[t[0] + 1 :] + t[2]
+    )
+)
+
+
+@given(EDITION_IDS)
+def test_script_and_engine_agree_on_which_edition_ids_are_azure_edition(edition_id: str) -> None:
+    engine = is_azure_edition(OsFacts("c", "10.0.20348", 20348, 3, 407, edition_id))
+    if engine:
+        # whatever .NET does with non-ASCII letters, the script checked every VM the engine judges
+        assert script_runs_attestation(edition_id)
+    if edition_id[: len(AZURE_EDITION_PREFIX)].isascii():
+        assert engine == script_runs_attestation(edition_id)
 
 
 def test_attestation_fetches_the_attested_document_without_proxy_and_builds_the_chain() -> None:
@@ -863,6 +1165,48 @@ def test_attestation_fetches_the_attested_document_without_proxy_and_builds_the_
         < function.index("$reachable = $true")
         < function.index("$chainValid = $false")
     )
+
+
+def test_an_imds_http_error_is_written_as_http_status_and_read_back_by_the_engine() -> None:
+    """IMDS answering 429/5xx/404 is not "unreachable": the script says "HTTP <n>: ..." and the
+    engine (shared.decide.imds_http_status) reads the status from exactly that prefix."""
+    src = source("detect")
+    function = function_node(src, "Test-Attestation")
+    catch = next(n for n in walk(function) if n.type == "catch_clause")
+    handler = statements(next(c for c in catch.children if c.type == "statement_block"))
+    assert [text(n) for n in handler] == [
+        "$problem = Get-ErrorText $_",
+        "$status = Get-HttpStatus $_",
+        "if ($null -ne $status) { $problem = 'HTTP ' + [string]$status + ': ' + $problem }",
+    ]
+    # the prefix as the script builds it, fed to the engine's reader
+    assignment = next(n for n in walk(handler[2]) if n.type == "assignment_expression")
+    value = text(assignment.children[-1]).replace("[string]$status", "$status")
+    prefix = concatenation(
+        PARSER.parse(value.encode()).root_node, {"$status": "503", "$problem": "WebException: x"}
+    )
+    assert prefix == "HTTP 503: WebException: x"
+    facts = AttestationFacts(imds_reachable=False, chain_valid=None, error=prefix)
+    assert imds_http_status(facts) == 503
+    # only an HTTP answer carries a status: the WebException's Response, found through the inner exceptions
+    status = text(function_node(src, "Get-HttpStatus"))
+    assert (
+        "if ($exception -is [System.Net.WebException] -and $exception.Response -is [System.Net.HttpWebResponse]) {"
+        in status
+    )
+    assert "return [int]$exception.Response.StatusCode" in status
+    assert "$exception = $exception.InnerException" in status
+    assert status.rstrip("} \n").endswith("return $null")
+
+
+def test_the_contract_cites_how_a_pkcs7_blob_loads_as_its_signers_certificate() -> None:
+    contract = " ".join(CONTRACT.read_text(encoding="utf-8").split())
+    claim = contract.index("is loaded as an `X509Certificate2` (the certificate that signed it")
+    cited = contract[claim : claim + 900]
+    assert "COMX509Certificate::GetSignerInPKCS7Store" in cited
+    assert "src/classlibnative/cryptography/x509certificate.cpp" in cited
+    assert "CertificatePal.Windows.Import.cs" in cited
+    assert "CMSG_SIGNER_INFO_PARAM" in cited and "CERT_FIND_SUBJECT_CERT" in cited
 
 
 # --- item 10: the versions the headers claim ----------------------------------------------------------

@@ -201,6 +201,13 @@ def test_table_holds_the_versions_the_brief_names() -> None:
     assert rows[("parameters", "invoke-restmethod -noproxy")][1] == "6.0"
 
 
+def test_the_psitem_row_cites_the_2_0_reference_that_lacks_it() -> None:
+    """The 3.0 page only lists $PSItem; that it is new in 3.0 comes from the 2.0 page, which does not."""
+    cited = TABLE["variables"]["$psitem"][2]
+    assert "dd347675(v=technet.10)" in cited and "Applies To: Windows PowerShell 2.0" in cited
+    assert "working-with-the-new-psitem-automatic-variable-in-windows-powershell-3-0" in cited
+
+
 # --- the scripts ----------------------------------------------------------------------------------
 
 

@@ -172,6 +172,20 @@ function Test-KmsConnection {
     }
 }
 
+function Get-HttpStatus {
+    # The status of an HTTP error answer, or $null: WebRequest.GetResponse throws a WebException
+    # with Status ProtocolError whose Response is the server's error response (an HttpWebResponse).
+    param($ErrorRecord)
+    $exception = $ErrorRecord.Exception
+    while ($null -ne $exception) {
+        if ($exception -is [System.Net.WebException] -and $exception.Response -is [System.Net.HttpWebResponse]) {
+            return [int]$exception.Response.StatusCode
+        }
+        $exception = $exception.InnerException
+    }
+    return $null
+}
+
 function Test-Attestation {
     # Azure Edition only: fetch IMDS's attested document (no proxy, 5 s) and build its signing
     # certificate's chain from the machine's stores, as Microsoft's IMDSCertCheck.ps1 does.
@@ -195,7 +209,7 @@ function Test-Attestation {
         $chainValid = $false
         $document = ConvertFrom-Json -InputObject $body
         $signature = [System.Convert]::FromBase64String([string]$document.signature)
-        # A PKCS#7 blob loads as the certificate that signed it.
+        # A PKCS#7 blob loads as the certificate that signed it (GetSignerInPKCS7Store; docs/guest-contract.md).
         $certificate = [System.Security.Cryptography.X509Certificates.X509Certificate2]$signature
         $chain = New-Object System.Security.Cryptography.X509Certificates.X509Chain
         if ($chain.Build($certificate)) {
@@ -209,6 +223,10 @@ function Test-Attestation {
     }
     catch {
         $problem = Get-ErrorText $_
+        # IMDS answered, with an HTTP error status (429, 5xx, 404, ...): say so, so that the
+        # engine does not blame proxies or routes (docs/guest-contract.md).
+        $status = Get-HttpStatus $_
+        if ($null -ne $status) { $problem = 'HTTP ' + [string]$status + ': ' + $problem }
     }
     finally {
         if ($null -ne $reader) { $reader.Close() }
@@ -249,7 +267,7 @@ function Write-Result {
     }
 }
 
-# Reads the OS and licensing facts, probes the KMS and, on Azure Edition (EditionID ServerTurbine*),
+# Reads the OS and licensing facts, probes the KMS and, on Azure Edition (EditionID ServerTurbine*, any case),
 # checks the IMDS attestation into $Result (both scripts end with this); a fact that cannot be read
 # becomes $Result.error naming the step.
 function Add-Facts($Result, [string]$HostName, [int]$Port) {
@@ -264,7 +282,9 @@ function Add-Facts($Result, [string]$HostName, [int]$Port) {
         $Result.error = New-ScriptError $step (Get-HResult $_) (Get-ErrorText $_)
     }
     $Result.kmsProbe = Test-KmsConnection $HostName $Port
-    if ($null -ne $Result.os -and [string]$Result.os.editionId -clike 'ServerTurbine*') {
+    # ASCII case-insensitive, as the engine (shared.decide.is_azure_edition); -like would follow the
+    # current culture (tr-TR: 'I' and 'i' differ).
+    if ($null -ne $Result.os -and ([string]$Result.os.editionId).StartsWith('ServerTurbine', [System.StringComparison]::OrdinalIgnoreCase)) {
         $Result.attestation = Test-Attestation
     }
 }
