@@ -300,7 +300,9 @@ class Worker:
         age = (now - verified).total_seconds()
         if age < 0 or age >= self._settings.recheck_after_s:
             return None
-        evidence = _parse_time(item.first_seen)
+        # When the evidence happened (the log row's own time, the alert's firing), else when the
+        # item was produced, which is later still: a verdict reached after it has seen it.
+        evidence = _parse_time(item.evidence_at) or _parse_time(item.first_seen)
         if evidence is None or evidence > verified:
             return None  # the alert, log row or write came after the verdict: look again
         return Recent(verified_at=verified, os_disk_id=disk)
