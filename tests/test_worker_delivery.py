@@ -374,3 +374,37 @@ async def test_an_alert_fired_after_the_verdict_runs_in_full_and_a_repeat_of_an_
     await drain(app_env)
     assert await newest(app_env, "app-02") == expected
     assert scripts(sim, "app-02") == runs
+
+
+# --- issue 9: a VM write is evidence only when the OS disk changed -------------------------------
+
+
+@pytest.mark.parametrize("swap", [False, True])
+async def test_a_vm_write_after_a_fresh_verdict_runs_in_full_only_after_an_os_disk_swap(
+    app_env: dict[str, str], sim: Simulator, swap: bool
+) -> None:
+    from tests.test_function_app import event_grid_event
+
+    await user("vm_write_event")(event_grid_event(vm_id("web-01"), event_id="first-write"))
+    await drain(app_env)
+    fixed = await verdict(app_env, "web-01")
+    assert fixed is not None and fixed.outcome.value == "remediated" and fixed.os_disk_id
+    await asyncio.sleep(1.1)  # the next write comes a second or more after the verdict
+    if swap:
+        new_disk = sim.swap_os_disk(vm_id("web-01"))  # re-imaged: the guest is on AVMA again
+        assert new_disk.lower() != fixed.os_disk_id.lower() and new_disk.endswith(
+            "_OsDisk_2_" + new_disk[-32:]
+        )
+    await user("vm_write_event")(
+        event_grid_event(vm_id("web-01"), event_id="second-write")
+    )  # a tag, a resize
+    await drain(app_env)
+    if swap:
+        assert await newest(app_env, "web-01") == "remediated:avma-channel"
+        assert scripts(sim, "web-01") == ["detect", "remediate", "detect", "remediate"]
+        again = await verdict(app_env, "web-01")
+        assert again is not None and again.os_disk_id.lower() == new_disk.lower()
+    else:
+        # the fresh verdict answers it: the VM is read, no Run Command holds its slot
+        assert await newest(app_env, "web-01") == "skipped:recently-verified"
+        assert scripts(sim, "web-01") == ["detect", "remediate"]
