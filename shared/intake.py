@@ -10,11 +10,11 @@ something else (a delete, a storage account, a resolved alert) gives no items an
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from shared.model import InvalidVmId, Trigger, VmId, WorkItem, is_computer_name, printable
+from shared.model import InvalidVmId, Trigger, VmId, WorkItem, is_computer_name, parse_time, printable
 
 MAX_ALERT_BYTES = 256 * 1024
 """Azure Monitor's size cap for a common-schema alert; the HTTP adapter rejects bigger bodies."""
@@ -29,6 +29,8 @@ _COMPUTER = "computer"
 _VM_SHAPED = re.compile(r"/providers/microsoft\.compute/virtualmachines/[^/]+/?\Z", re.IGNORECASE)
 _WORKSPACE = re.compile(r"/providers/microsoft\.operationalinsights/workspaces/[^/]+/?\Z", re.IGNORECASE)
 _MAX_TEXT = 500  # WorkItem.from_dict keeps at most this much of ``source``
+# A log row's own time: the scan's ``LastSeen`` (max(TimeGenerated)), or a raw row's TimeGenerated.
+_ROW_TIMES = ("lastseen", "timegenerated")
 
 
 class IntakeError(ValueError):
@@ -118,6 +120,21 @@ def _stamp(now: datetime) -> str:
     return now.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _evidence(value: object, now: datetime) -> str:
+    """When the evidence happened, as ISO 8601 UTC, or "" when ``value`` is no time; never after ``now``.
+
+    A time that cannot be read is no evidence time: the item's ``firstSeen`` (later than any real
+    evidence time) then stands in, which can only make a fresh verdict count for less.
+    """
+    moment = value if isinstance(value, datetime) else parse_time(value) if isinstance(value, str) else None
+    if moment is None:
+        return ""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    # Full precision: a time cut to the second could pass for one older than the verdict.
+    return min(moment, now).astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def _computer_name(value: object) -> str | None:
     """The name without surrounding spaces, or ``None`` when any whitespace or control is left in it."""
     if not isinstance(value, str):
@@ -142,9 +159,17 @@ class _Targets:
     """Collects targets once each: VM ids compared as ARM does, computer names casefolded."""
 
     def __init__(
-        self, *, reason: Trigger, correlation_id: str, source: str, stamp: str, prefix: str = ""
+        self,
+        *,
+        reason: Trigger,
+        correlation_id: str,
+        source: str,
+        stamp: str,
+        prefix: str = "",
+        evidence_at: str = "",
     ) -> None:
         self._reason, self._stamp, self._prefix = reason, stamp, prefix
+        self._evidence_at = evidence_at
         self._correlation_id = printable(correlation_id)[:_MAX_TEXT]
         self._source = printable(source)[:_MAX_TEXT]
         self._vm_from: dict[VmId, str] = {}
@@ -153,8 +178,11 @@ class _Targets:
         self.computer_items: list[WorkItem] = []
         self.ignored: list[str] = []
 
-    def add_vm(self, vm: VmId, where: str, *, correlation_id: str = "", source: str = "") -> None:
+    def add_vm(
+        self, vm: VmId, where: str, *, correlation_id: str = "", source: str = "", evidence_at: str = ""
+    ) -> None:
         if vm in self._vm_from:
+            self._newer_evidence(self.vm_items, lambda i: i.vm_id == vm, evidence_at)
             self.ignored.append(
                 f"{self._prefix}{where}: VM {vm} is already listed (from {self._vm_from[vm]})"
             )
@@ -167,13 +195,17 @@ class _Targets:
                 correlation_id=printable(correlation_id or self._correlation_id)[:_MAX_TEXT],
                 source=printable(source or self._source)[:_MAX_TEXT],
                 first_seen=self._stamp,
+                evidence_at=evidence_at or self._evidence_at,
             )
         )
 
-    def add_computer(self, name: str, where: str) -> None:
+    def add_computer(self, name: str, where: str, *, evidence_at: str = "") -> None:
         key = name.casefold()
         if key in self._computer_from:
             first = self._computer_from[key]
+            self._newer_evidence(
+                self.computer_items, lambda i: (i.computer or "").casefold() == key, evidence_at
+            )
             self.ignored.append(f"{self._prefix}{where}: computer {name!r} is already listed (from {first})")
             return
         self._computer_from[key] = where
@@ -184,8 +216,24 @@ class _Targets:
                 correlation_id=self._correlation_id,
                 source=self._source,
                 first_seen=self._stamp,
+                evidence_at=evidence_at or self._evidence_at,
             )
         )
+
+    @staticmethod
+    def _newer_evidence(items: list[WorkItem], match: Callable[[WorkItem], bool], evidence_at: str) -> None:
+        """A target named twice keeps its newest evidence time, and none when one row had none."""
+        for i, item in enumerate(items):
+            if match(item):
+                kept, new = parse_time(item.evidence_at), parse_time(evidence_at)
+                newest = (
+                    ""
+                    if kept is None or new is None
+                    else max((kept, item.evidence_at), (new, evidence_at))[1]
+                )
+                if newest != item.evidence_at:
+                    items[i] = replace(item, evidence_at=newest)
+                return
 
 
 # --- Event Grid: Microsoft.Resources.ResourceWriteSuccess, Event Grid or CloudEvents 1.0 schema ---
@@ -333,8 +381,16 @@ def from_alert(payload: object, *, now: datetime, max_targets: int = MAX_TARGETS
         )
 
     source = alert_id or (f"alert-rule:{rule}" if rule else "alert")
+    # When the alert fired (the webhook's essentials.firedDateTime; the Alerts Management API names
+    # it startDateTime): its evidence is that old, however late or often it is delivered.
+    fired = _evidence(essentials.get("firedDateTime") or essentials.get("startDateTime"), now)
     targets = _Targets(
-        reason=Trigger.ALERT, correlation_id=source, source=source, stamp=stamp, prefix=f"{label}: "
+        reason=Trigger.ALERT,
+        correlation_id=source,
+        source=source,
+        stamp=stamp,
+        prefix=f"{label}: ",
+        evidence_at=fired,
     )
     computers: list[tuple[str, str]] = []
 
@@ -395,7 +451,7 @@ def from_alert(payload: object, *, now: datetime, max_targets: int = MAX_TARGETS
 # --- Log Analytics: rows of the log scan query (columns _ResourceId and Computer) ---
 
 
-def _log_rows(rows: Iterable[object], *, stamp: str, source: str, label: str) -> IntakeResult:
+def _log_rows(rows: Iterable[object], *, stamp: str, source: str, label: str, now: datetime) -> IntakeResult:
     targets = _Targets(reason=Trigger.LOG_SCAN, correlation_id=source, source=source, stamp=stamp)
     for r, row in enumerate(rows):
         where = f"{label}row {r}"
@@ -403,13 +459,14 @@ def _log_rows(rows: Iterable[object], *, stamp: str, source: str, label: str) ->
             raise IntakeError(f"{where}: expected a mapping of column to value, got {_kind(row)}")
         cells = {str(k).casefold(): v for k, v in row.items()}
         resource, computer = cells.get("_resourceid"), cells.get(_COMPUTER)
+        evidence = _evidence(next((cells[c] for c in _ROW_TIMES if cells.get(c) is not None), None), now)
         vm = VmId.try_parse(resource)
         if vm is not None:
-            targets.add_vm(vm, where)
+            targets.add_vm(vm, where, evidence_at=evidence)
             continue
         name = _computer_name(computer)
         if name is not None:
-            targets.add_computer(name, where)
+            targets.add_computer(name, where, evidence_at=evidence)
             continue
         shown_id = _short(resource) if isinstance(resource, str) else _kind(resource)
         shown_name = _short(computer) if isinstance(computer, str) else _kind(computer)
@@ -426,7 +483,7 @@ def from_log_rows(rows: Iterable[Mapping[str, object]], *, now: datetime, source
     the like), whose ``Computer`` the inventory may still resolve. Column names are matched
     case-insensitively; each VM and each computer name gives one item however many rows name it.
     """
-    return _log_rows(rows, stamp=_stamp(now), source=source, label="")
+    return _log_rows(rows, stamp=_stamp(now), source=source, label="", now=now)
 
 
 def _from_query_response(payload: Mapping[str, object], *, now: datetime) -> IntakeResult:
@@ -452,7 +509,9 @@ def _from_query_response(payload: Mapping[str, object], *, now: datetime) -> Int
             if len(values) != len(columns):
                 raise IntakeError(f"{tpath}.rows[{r}]: {len(values)} values for {len(columns)} columns")
             records.append(dict(zip(columns, values, strict=True)))
-        part = _log_rows(records, stamp=stamp, source=f"log-analytics:{name}", label=f"table {_short(name)} ")
+        part = _log_rows(
+            records, stamp=stamp, source=f"log-analytics:{name}", label=f"table {_short(name)} ", now=now
+        )
         result.ignored.extend(part.ignored)
         for item in part.items:  # a machine named in two tables is still one work item
             key: object = item.vm_id if item.vm_id is not None else (item.computer or "").casefold()

@@ -171,6 +171,9 @@ class WorkItem:
     source: str = ""  # the event id, alert id or query that produced it
     attempt: int = 0
     first_seen: str = ""  # ISO 8601 UTC, when the work item was first produced
+    # ISO 8601 UTC, when the evidence itself happened: a log row's TimeGenerated, an alert's
+    # firedDateTime. Empty when the producer has none (then first_seen, which is later, stands in).
+    evidence_at: str = ""
 
     def __post_init__(self) -> None:
         if (self.vm_id is None) == (self.computer is None):
@@ -179,15 +182,19 @@ class WorkItem:
             raise ValueError(f"not a computer name (printable, no whitespace): {self.computer[:80]!r}")
 
     def clamped(self, now: datetime) -> WorkItem:
-        """This item with a ``first_seen`` in the future brought back to ``now``.
+        """This item with a ``first_seen`` or ``evidence_at`` in the future brought back to ``now``.
 
         A future ``firstSeen`` (a forged message, or a producer's clock ahead) would never reach
-        the deferral deadline, since each retry carries it forward unchanged.
+        the deferral deadline, since each retry carries it forward unchanged; a future
+        ``evidenceAt`` would be newer than every verdict, for ever.
         """
-        first = parse_time(self.first_seen)
-        if first is None or first <= now:
+        stamp = now.astimezone(UTC).isoformat()
+        first, evidence = parse_time(self.first_seen), parse_time(self.evidence_at)
+        first_seen = stamp if first is not None and first > now else self.first_seen
+        evidence_at = stamp if evidence is not None and evidence > now else self.evidence_at
+        if (first_seen, evidence_at) == (self.first_seen, self.evidence_at):
             return self
-        return replace(self, first_seen=now.astimezone(UTC).isoformat())
+        return replace(self, first_seen=first_seen, evidence_at=evidence_at)
 
     @property
     def target(self) -> str:
@@ -207,6 +214,8 @@ class WorkItem:
                 "firstSeen": self.first_seen,
             }
         )
+        if self.evidence_at:
+            out["evidenceAt"] = self.evidence_at
         return out
 
     @classmethod
@@ -228,6 +237,9 @@ class WorkItem:
         first_seen = data.get("firstSeen") or ""
         if not isinstance(first_seen, str) or (first_seen and parse_time(first_seen) is None):
             raise ValueError(f"firstSeen must be an ISO 8601 time, not {str(first_seen)[:40]!r}")
+        evidence_at = data.get("evidenceAt") or ""
+        if not isinstance(evidence_at, str) or (evidence_at and parse_time(evidence_at) is None):
+            raise ValueError(f"evidenceAt must be an ISO 8601 time, not {str(evidence_at)[:40]!r}")
         return cls(
             reason=reason,
             vm_id=vm_id,
@@ -236,6 +248,7 @@ class WorkItem:
             source=printable(str(data.get("source") or ""))[:500],
             attempt=min(attempt, MAX_ATTEMPT),
             first_seen=first_seen,
+            evidence_at=evidence_at,
         )
 
 

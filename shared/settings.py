@@ -90,6 +90,10 @@ class Settings:
     defer_deadline_s: float = 86400.0
     # Issue 9 (input and scope): caps on fan-out.
     max_targets_per_alert: int = 100
+    # The global cap on concurrent workflows across every instance. Not enforced here: the Bicep
+    # derives Flex's maximumInstanceCount from it and host.json's per-instance queue concurrency
+    # (docs/operations.md, "Caps"); stated as a setting so that it is on record and checked.
+    max_concurrent_workflows: int = 2400
 
     @property
     def lease_s(self) -> float:
@@ -203,6 +207,15 @@ class Settings:
         max_targets = _number(
             get("MAX_TARGETS_PER_ALERT"), "MAX_TARGETS_PER_ALERT", 100, 1, 10000, problems, whole=True
         )
+        workflows = _number(
+            get("MAX_CONCURRENT_WORKFLOWS"),
+            "MAX_CONCURRENT_WORKFLOWS",
+            2400,
+            1,
+            1000 * 64,
+            problems,
+            whole=True,
+        )
 
         if not problems:
             # The worst-case workflow must end before its lease does (or a second delivery could take
@@ -258,6 +271,7 @@ class Settings:
             defer_delay_s=float(defer_delay),
             defer_deadline_s=deadline * 3600,
             max_targets_per_alert=int(max_targets),
+            max_concurrent_workflows=int(workflows),
         )
 
 

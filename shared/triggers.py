@@ -24,6 +24,7 @@ from shared.azure.compute import ComputeGateway
 from shared.azure.credentials import make_credential
 from shared.azure.inventory import Inventory
 from shared.azure.logs import LogScanner
+from shared.azure.transient import TransientError
 from shared.intake import (
     MAX_ALERT_BYTES,
     IntakeError,
@@ -165,7 +166,13 @@ async def log_scan(*, now: datetime | None = None, env: Mapping[str, str] | None
         since = await ledger.get_marker(LOG_SCAN_MARKER)
         scanner = LogScanner(runtime.credential, runtime.settings)
         runtime.stack.push_async_callback(scanner.close)
-        scan = await scanner.scan(since=since, now=now)
+        try:
+            scan = await scanner.scan(since=since, now=now)
+        except TransientError as error:
+            # Throttled or briefly down: not a failure of the timer. The marker stays where it was,
+            # so the next scan's window starts there and covers this one's.
+            _log_transient("log scan", error, f"the marker stays at {since.isoformat() if since else 'none'}")
+            return {"rows": 0, "enqueued": 0, "partialError": None, **_transient(error)}
         result = from_log_rows(scan.rows, now=now, source=f"log-scan:{scan.window[1].isoformat()}")
         sent = await enqueue(runtime, result)
         # A partial scan is not a complete one: keep the old marker so the next scan covers it again.
@@ -185,27 +192,48 @@ async def sweep_scope(*, now: datetime | None = None, env: Mapping[str, str] | N
         stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
         batch: list[WorkItem] = []
         seen = skipped = sent = 0
-        async for vm_id in inventory.windows_vms():
-            seen += 1
-            if vm_id in fresh:
-                skipped += 1
-                continue
-            batch.append(
-                WorkItem(
-                    Trigger.SWEEP,
-                    vm_id=vm_id,
-                    correlation_id=f"sweep:{stamp}",
-                    source="sweep",
-                    first_seen=stamp,
+        transient: TransientError | None = None
+        try:
+            async for vm_id in inventory.windows_vms():
+                seen += 1
+                if vm_id in fresh:
+                    skipped += 1
+                    continue
+                batch.append(
+                    WorkItem(
+                        Trigger.SWEEP,
+                        vm_id=vm_id,
+                        correlation_id=f"sweep:{stamp}",
+                        source="sweep",
+                        first_seen=stamp,
+                    )
                 )
-            )
-            if len(batch) >= 256:
-                sent += await queue.send_many(batch)
-                batch = []
+                if len(batch) >= 256:
+                    sent += await queue.send_many(batch)
+                    batch = []
+        except TransientError as error:
+            # Throttled or briefly down part way: what was listed is queued, the rest waits for the
+            # next sweep (each one lists every VM not verified recently, so it covers this one).
+            transient = error
         if batch:
             sent += await queue.send_many(batch)
+    summary: dict[str, Any] = {"windowsVms": seen, "recentlyVerified": skipped, "enqueued": sent}
+    if transient is not None:
+        _log_transient("sweep", transient, f"{seen} VMs listed and {sent} enqueued before it")
+        return {**summary, **_transient(transient)}
     log.info("sweep: %d Windows VMs in scope, %d verified recently, %d enqueued", seen, skipped, sent)
-    return {"windowsVms": seen, "recentlyVerified": skipped, "enqueued": sent}
+    return summary
+
+
+def _transient(error: TransientError) -> dict[str, Any]:
+    return {"transientError": error.reason, "retryAfterS": error.retry_after_s}
+
+
+def _log_transient(what: str, error: TransientError, state: str) -> None:
+    """One line: a throttled timer is not a failed one, and the next run covers what this one missed."""
+    wait = f"; the service asked to wait {error.retry_after_s:g} s" if error.retry_after_s else ""
+    first = str(error).splitlines()[0][:200] if str(error) else ""
+    log.warning("%s not done (%s%s): %s; the next run covers it. %s", what, error.reason, wait, state, first)
 
 
 async def work(body: str, *, env: Mapping[str, str] | None = None) -> list[Outcome]:

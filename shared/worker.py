@@ -300,9 +300,15 @@ class Worker:
         age = (now - verified).total_seconds()
         if age < 0 or age >= self._settings.recheck_after_s:
             return None
-        evidence = _parse_time(item.first_seen)
+        if item.reason is Trigger.VM_CREATED:
+            # A VM write (resize, tag, extension, policy) says nothing about the guest's licensing
+            # unless the OS disk changed (re-image, swap), which the workflow compares after its read.
+            return Recent(verified_at=verified, os_disk_id=disk)
+        # When the evidence happened (the log row's own time, the alert's firing), else when the
+        # item was produced, which is later still: a verdict reached after it has seen it.
+        evidence = _parse_time(item.evidence_at) or _parse_time(item.first_seen)
         if evidence is None or evidence > verified:
-            return None  # the alert, log row or write came after the verdict: look again
+            return None  # the alert or log row came after the verdict: look again
         return Recent(verified_at=verified, os_disk_id=disk)
 
     async def _wait_for_lease(self, item: WorkItem, vm_id: VmId, reason: str) -> Outcome:

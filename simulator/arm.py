@@ -61,6 +61,15 @@ class ArmResponse:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+def _os_disk(vm: VmState) -> tuple[str, str]:
+    """The OS disk's name and id as a VM GET shows them (storageProfile.osDisk.name and
+    .managedDisk.id: VirtualMachine_Get.json in azure-rest-api-specs); a swap gives the next number."""
+    spec = vm.spec
+    name = f"{spec.name}_OsDisk_{1 + vm.os_disk_swaps}_{uuid.uuid5(uuid.NAMESPACE_URL, spec.key).hex}"
+    rg_id = f"/subscriptions/{spec.subscription_id}/resourceGroups/{spec.resource_group}"
+    return name, f"{rg_id}/providers/Microsoft.Compute/disks/{name}"
+
+
 def arm_error(status: int, code: str, message: str) -> ArmResponse:
     """The ARM error envelope ``{"error": {"code", "message"}}`` (CloudError)."""
     return ArmResponse(status, {"error": {"code": code, "message": message}})
@@ -129,6 +138,7 @@ class VmState:
     max_concurrent: int = 0
     flapping: bool = False  # fault agentFlap: the agent alternates Ready / Not Ready
     flap_phase: float = 0.0
+    os_disk_swaps: int = 0  # test hook swap_os_disk: each swap gives the VM a new OS disk id
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -281,6 +291,17 @@ class Compute:
     def set_agent_ready(self, vm_id: str, ready: bool) -> None:
         with self._lock:
             self._vm(vm_id).agent_ready = ready
+
+    def swap_os_disk(self, vm_id: str) -> str:
+        """Swap the VM's OS disk (or re-image it): a new ``storageProfile.osDisk.managedDisk.id``, and
+        the guest back in the estate's state, as a disk made from the same image would be. Gives
+        the new disk id."""
+        with self._lock:
+            vm = self._vm(vm_id)
+            vm.os_disk_swaps += 1
+            if vm.spec.guest is not None and vm.guest is not None:
+                vm.guest = WindowsGuest.from_spec(vm.spec.guest, cloud=vm.guest.cloud, seed=vm.spec.key)
+            return _os_disk(vm)[1]
 
     def set_kms_reachable(self, vm_id: str, reachable: bool) -> None:
         with self._lock:
@@ -440,7 +461,7 @@ class Compute:
     def _model(self, vm: VmState, now: float, *, instance_view: bool = False) -> dict[str, Any]:
         spec = vm.spec
         vm_uuid = uuid.uuid5(uuid.NAMESPACE_URL, spec.key)
-        disk = f"{spec.name}_OsDisk_1_{vm_uuid.hex}"
+        disk, disk_id = _os_disk(vm)
         rg_id = f"/subscriptions/{spec.subscription_id}/resourceGroups/{spec.resource_group}"
         os_config: dict[str, Any]
         if spec.os == "Windows":
@@ -460,7 +481,7 @@ class Compute:
                     "caching": "ReadWrite",
                     "managedDisk": {
                         "storageAccountType": "Premium_LRS",
-                        "id": f"{rg_id}/providers/Microsoft.Compute/disks/{disk}",
+                        "id": disk_id,
                     },
                     "deleteOption": "Detach",
                     "diskSizeGB": 127 if spec.os == "Windows" else 30,

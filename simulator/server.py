@@ -390,6 +390,10 @@ class Simulator:
     def set_agent_ready(self, vm_id: str, ready: bool) -> None:
         self.compute.set_agent_ready(vm_id, ready)
 
+    def swap_os_disk(self, vm_id: str) -> str:
+        """A new OS disk id on the VM, its guest back in the estate's state (docs/simulator.md)."""
+        return self.compute.swap_os_disk(vm_id)
+
     def set_kms_reachable(self, vm_id: str, reachable: bool) -> None:
         self.compute.set_kms_reachable(vm_id, reachable)
 

@@ -790,3 +790,55 @@ async def test_alert_webhook_queues_at_most_max_targets_per_alert_and_answers_th
     assert any(vm_id("db-03") in r and "over the cap of 2" in r for r in body["ignored"])
     async with queue_client(app_env) as queue:
         assert len(await queue.peek_messages(max_messages=32)) == 2
+
+
+# --- transient trouble on the timers (issue 9, item 7) -------------------------------------------
+
+
+async def test_a_throttled_log_scan_logs_one_line_keeps_its_marker_and_the_next_run_covers_the_window(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.test_logs_inventory import throttle_log_analytics
+
+    await user("log_scan")(TimerRequest(past_due=False))
+    async with Ledger.from_settings(Settings.from_env(app_env)) as ledger:
+        marker = await ledger.get_marker("log-scan")
+    assert marker is not None
+    async with queue_client(app_env) as queue:
+        await queue.clear_messages()
+
+    throttle_log_analytics(monkeypatch, 1)  # Retry-After: 3600
+    caplog.clear()
+    with caplog.at_level("INFO", logger="shared.triggers"):
+        # Neither fails the timer nor sleeps the hour inside it.
+        await asyncio.wait_for(user("log_scan")(TimerRequest(past_due=False)), timeout=10)
+    lines = [r.getMessage() for r in caplog.records if r.name == "shared.triggers"]
+    assert len(lines) == 1 and lines[0].startswith("log scan not done (throttled"), lines
+    assert "3600 s" in lines[0] and marker.isoformat() in lines[0]
+    async with Ledger.from_settings(Settings.from_env(app_env)) as ledger:
+        assert await ledger.get_marker("log-scan") == marker
+    async with queue_client(app_env) as queue:
+        assert await queue.peek_messages() == []
+
+    await user("log_scan")(TimerRequest(past_due=False))
+    start = sim.log_queries()[-1]["timespan"].split("/")[0]
+    overlap = dt.timedelta(seconds=Settings.from_env(app_env).log_scan_overlap_s)
+    assert dt.datetime.fromisoformat(start.replace("Z", "+00:00")) == marker - overlap  # from the kept marker
+    async with queue_client(app_env) as queue:
+        assert len(await queue.peek_messages(max_messages=32)) >= 1
+
+
+async def test_a_throttled_sweep_listing_logs_one_line_and_fails_nothing(
+    app_env: dict[str, str], sim: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    from shared import triggers
+
+    sim.throttle_resource_graph(1, resets_after_s=3600, retry_after_s=3600)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="shared.triggers"):
+        summary = await asyncio.wait_for(triggers.sweep_scope(), timeout=10)
+    assert (summary["transientError"], summary["retryAfterS"], summary["enqueued"]) == ("throttled", 3600, 0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "shared.triggers"]
+    assert len(lines) == 1 and lines[0].startswith("sweep not done (throttled"), lines
+    summary = await triggers.sweep_scope()  # the next run lists every VM again
+    assert "transientError" not in summary and summary["enqueued"] == summary["windowsVms"] >= 5

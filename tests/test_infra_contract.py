@@ -320,3 +320,37 @@ def test_the_sweep_and_log_scan_schedules_reach_the_timers() -> None:
     # the last-resort drain runs on a fixed schedule (function_app.py says why)
     assert schedules == {"%LOG_SCAN_SCHEDULE%", "%SWEEP_SCHEDULE%", "0 */10 * * * *"}
     assert {"LOG_SCAN_SCHEDULE", "SWEEP_SCHEDULE"} <= set(bicep_settings())
+
+
+def test_the_global_workflow_cap_is_flex_instances_times_host_json_queue_concurrency() -> None:
+    """MAX_CONCURRENT_WORKFLOWS = maximumInstanceCount × (batchSize + newBatchThreshold), all three agreeing.
+
+    "The maximum number of concurrent messages being processed per function is batchSize plus
+    newBatchThreshold" (host.json reference, queues); vm_check scales in its own Flex instances
+    (flex-consumption-plan.md, "Per-function scaling"), at most maximumInstanceCount of them, which
+    Flex bounds to 40..1,000 (flex-consumption-plan.md, "Considerations": scale).
+    """
+    host = json.loads((ROOT / "host.json").read_text())
+    queues = host["extensions"]["queues"]
+    per_instance = queues["batchSize"] + queues["newBatchThreshold"]
+    assert queues["batchSize"] <= 32  # the host's maximum
+    tpl = template("app/api.bicep")
+    site = next(r.body for r in resources("app/api.bicep") if r.symbol == "functionApp")
+    count = site["properties"]["functionAppConfig"]["scaleAndConcurrency"]["maximumInstanceCount"]
+    # derived, never a literal of its own: the cap divided by what one instance runs
+    assert count == {
+        "operator": {
+            "type": "divide",
+            "operands": {"operand_1": "maxConcurrentWorkflows", "operand_2": "queueMessagesPerInstance"},
+        }
+    }
+    variables = {name: entry["value"] for name, entry in tpl["variables"].items()}
+    assert variables["queueMessagesPerInstance"] == per_instance
+    cap = variables["maxConcurrentWorkflows"]
+    assert cap % per_instance == 0, "the cap is not a whole number of instances"
+    assert 40 <= cap // per_instance <= 1000
+    # the app setting is the same number, and the engine's default agrees
+    assert render(bicep_settings()["MAX_CONCURRENT_WORKFLOWS"]) == "string(maxConcurrentWorkflows)"
+    assert deployed_env()["MAX_CONCURRENT_WORKFLOWS"] == str(cap)
+    assert Settings.from_env({}).max_concurrent_workflows == cap
+    assert Settings.from_env(deployed_env()).max_concurrent_workflows == cap

@@ -965,3 +965,54 @@ def test_an_alert_naming_more_targets_than_the_cap_queues_the_cap_and_names_the_
     capped = from_alert(names, now=NOW, max_targets=2)
     assert [i.computer for i in capped.items] == ["host-0", "host-1"]
     assert sum("over the cap of 2" in r for r in capped.ignored) == 3
+
+
+# --- evidence time (issue 9): when the evidence itself happened, not when intake saw it ---
+
+
+def test_an_alert_carries_the_time_it_fired_as_its_evidence_time() -> None:
+    result = from_alert(v2_alert(dimensions=[dim("_ResourceId", VM_ID)]), now=NOW)
+    # the published sample's essentials.firedDateTime, however late the webhook delivers it
+    assert [(i.evidence_at, i.first_seen) for i in result.items] == [("2020-07-09T14:04:49.996450Z", STAMP)]
+    started = v2_alert(dimensions=[dim("_ResourceId", VM_ID)])
+    del started["data"]["essentials"]["firedDateTime"]
+    started["data"]["essentials"]["startDateTime"] = "2026-11-28T12:00:00+01:00"
+    assert [i.evidence_at for i in from_alert(started, now=NOW).items] == ["2026-11-28T11:00:00Z"]
+
+
+@pytest.mark.parametrize(
+    ("fired", "evidence"),
+    [
+        ("2030-01-01T00:00:00Z", "2026-11-28T12:30:05.123456Z"),  # a clock ahead: never after now
+        ("yesterday", ""),  # not a time: firstSeen stands in
+        (12, ""),
+        (None, ""),
+    ],
+)
+def test_an_alert_fired_time_in_the_future_or_unreadable(fired: Any, evidence: str) -> None:
+    alert = v2_alert(dimensions=[dim("_ResourceId", VM_ID)])
+    alert["data"]["essentials"]["firedDateTime"] = fired
+    assert [i.evidence_at for i in from_alert(alert, now=NOW).items] == [evidence]
+
+
+def test_a_log_row_carries_its_own_time_and_a_machine_named_twice_keeps_the_newest() -> None:
+    earlier, later = NOW - timedelta(hours=2), NOW - timedelta(minutes=5)
+    rows = [
+        {"_ResourceId": VM_ID, "Computer": "web-01", "LastSeen": earlier, "Events": 1},
+        {"_ResourceId": VM_ID.lower(), "Computer": "WEB-01", "LastSeen": later, "Events": 3},
+        {"_ResourceId": "", "Computer": "srv-7", "TimeGenerated": "2026-11-28T10:00:00Z"},
+        {"_ResourceId": OTHER_VM_ID, "Computer": "web-02"},  # no time column: firstSeen stands in
+    ]
+    result = from_log_rows(rows, now=NOW, source="log-scan")
+    assert [(i.target, i.evidence_at) for i in result.items] == [
+        (VM_ID, "2026-11-28T12:25:05.123456Z"),
+        (OTHER_VM_ID, ""),
+        ("computer:srv-7", "2026-11-28T10:00:00Z"),
+    ]
+    assert all(i.first_seen == STAMP for i in result.items)
+    assert WorkItem.from_dict(result.items[0].to_dict()) == result.items[0]
+
+
+def test_a_vm_write_event_has_no_evidence_time_its_os_disk_decides() -> None:
+    result = from_event_grid(as_vm_write(load(EG_WRITE), VM_ID), now=NOW)
+    assert [i.evidence_at for i in result.items] == [""]

@@ -490,3 +490,50 @@ def _translate_for_test(status: int, headers: dict[str, str] | None = None) -> I
             return json.dumps({"error": {"code": "Code", "message": "message"}})
 
     return inventory._translate(HttpResponseError(response=Answer()))
+
+
+def throttle_log_analytics(
+    monkeypatch: pytest.MonkeyPatch, answers: int, *, retry_after_s: int = 3600
+) -> None:
+    """The next ``answers`` queries get 429 with ``Retry-After`` (a test fault: the simulator has no
+    Log Analytics throttling; the shape is ARM's throttled answer, a guess for Log Analytics)."""
+    from simulator.arm import ArmResponse
+    from simulator.monitor import LogAnalytics
+
+    real = LogAnalytics._answer
+    left = {"n": answers}
+
+    def answer(self: LogAnalytics, *args: Any, **kwargs: Any) -> ArmResponse:
+        if left["n"] > 0:
+            left["n"] -= 1
+            body = {"error": {"code": "ThrottledError", "message": "Your request was throttled."}}
+            return ArmResponse(429, body, {"Retry-After": str(retry_after_s)})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogAnalytics, "_answer", answer)
+
+
+async def test_a_throttled_log_scan_is_a_transient_error_carrying_the_wait_never_a_sleep(
+    sim: Simulator, credential: ManagedIdentityCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """azure-core alone would sleep the hour the 429 names inside the timer's invocation."""
+    from shared.azure.logs import LogScanUnavailable
+    from shared.azure.transient import TransientError
+
+    throttle_log_analytics(monkeypatch, 1)
+    async with LogScanner(credential, settings(sim)) as scanner:
+        with pytest.raises(LogScanUnavailable) as error:
+            await asyncio.wait_for(scanner.scan(since=None, now=datetime.now(UTC)), timeout=10)
+    assert isinstance(error.value, TransientError) and isinstance(error.value, LogScanError)
+    assert (error.value.reason, error.value.status, error.value.retry_after_s) == ("throttled", 429, 3600)
+    assert [q["status"] for q in sim.log_queries()] == [429]  # handed back, not retried in the invocation
+
+
+async def test_a_short_log_analytics_retry_after_is_still_waited_inside_the_invocation(
+    sim: Simulator, credential: ManagedIdentityCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    throttle_log_analytics(monkeypatch, 1, retry_after_s=0)
+    async with LogScanner(credential, settings(sim)) as scanner:
+        result = await scanner.scan(since=None, now=datetime.now(UTC))
+    assert {str(vm).lower() for vm in result.vm_ids()} == {AVMA_APP.lower(), AVMA_LONG.lower()}
+    assert [q["status"] for q in sim.log_queries()] == [429, 200]

@@ -113,12 +113,15 @@ def _message(**fields: object) -> dict[str, object]:
         {"vmId": None, "computer": " web-01"},
         {"firstSeen": "yesterday"},
         {"firstSeen": 12},
+        {"evidenceAt": "yesterday"},
+        {"evidenceAt": 12},
+        {"evidenceAt": "2026-01-01T00:00:00Z\n"},
     ],
 )
 def test_a_hostile_queue_message_is_not_a_work_item(fields: dict[str, object]) -> None:
     from shared.model import WorkItem
 
-    with pytest.raises(ValueError, match=r"whitespace|control|computer|firstSeen"):
+    with pytest.raises(ValueError, match=r"whitespace|control|computer|firstSeen|evidenceAt"):
         WorkItem.from_dict(_message(**fields))
 
 
@@ -141,3 +144,18 @@ def test_a_first_seen_in_the_future_is_brought_back_to_now() -> None:
     assert datetime.fromisoformat(future.clamped(now).first_seen) == now
     past = WorkItem.from_dict(_message(firstSeen="2025-12-31T00:00:00Z"))
     assert past.clamped(now) is past
+
+
+def test_the_evidence_time_round_trips_and_one_in_the_future_is_brought_back_to_now() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from shared.model import WorkItem
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    item = WorkItem.from_dict(_message(evidenceAt="2025-12-31T23:59:00Z", firstSeen="2026-01-01T00:00:00Z"))
+    assert item.evidence_at == "2025-12-31T23:59:00Z"
+    assert WorkItem.from_dict(item.to_dict()) == item
+    assert item.clamped(now) is item
+    future = WorkItem.from_dict(_message(evidenceAt=(now + timedelta(days=1)).isoformat()))
+    assert datetime.fromisoformat(future.clamped(now).evidence_at) == now
+    assert "evidenceAt" not in WorkItem.from_dict(_message()).to_dict()  # absent when unknown

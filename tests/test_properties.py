@@ -7,7 +7,9 @@ puts text of its own into a guest script.
   the catalog (checked against the simulator's own key table, not the engine's);
 - the workflow, fed any detection output a real guest could give (cut to its last bytes, garbled,
   buried in noise, or replaced by junk), ends in one outcome and remediates only a VM that the
-  decision table allows, with a complete, valid body;
+  decision table allows, with a complete, valid body; when only detection ran, the outcome is
+  exactly the table's for the true guest state (worked out from the guest's own fields), or
+  bad-output for a mangled result line;
 - the guest parser gives the same facts or a clear error for cut and garbled output;
 - the queue worker records any message body it cannot read (never raises, never drops it).
 
@@ -39,7 +41,15 @@ from shared.worker import Worker
 from shared.workflow import Remediator
 from simulator.estate import GuestSpec
 from simulator.generator import CLIENT_PROFILES, MULTI_SESSION, SERVER_PROFILES, UNKNOWN_EDITION
-from simulator.guest import KEYS, KMS_HOSTS, WindowsGuest, base_edition
+from simulator.guest import (
+    KEYS,
+    KMS_HOSTS,
+    PRODUCT_UNLICENSED,
+    WindowsGuest,
+    base_edition,
+    is_azure_edition,
+    key_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST = ROOT / "shared" / "guest"
@@ -319,6 +329,7 @@ class GuestCompute:
         self.guest = guest
         self.manglings = [detect, remediate]
         self.bodies: list[Mapping[str, Any]] = []
+        self.outputs: list[str] = []  # what the engine was given
 
     async def get_vm(self, vm_id: VmId) -> VmFacts:
         return VmFacts(vm_id, "Windows", "running", True, {})
@@ -326,7 +337,8 @@ class GuestCompute:
     async def run_command(self, vm_id: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
         self.bodies.append(body)
         output = self.guest.run_script(body["script"], _params(body))
-        return _mangle(output, self.manglings[min(len(self.bodies), 2) - 1]), ""
+        self.outputs.append(_mangle(output, self.manglings[min(len(self.bodies), 2) - 1]))
+        return self.outputs[-1], ""
 
 
 def _allowed(guest: WindowsGuest) -> str | None:
@@ -342,6 +354,62 @@ def _allowed(guest: WindowsGuest) -> str | None:
     return None
 
 
+def _table(guest: WindowsGuest, enforce: bool) -> tuple[str, str]:
+    """What the decision table (docs/decision-table.md) gives for this true guest state, worked out
+    from the guest's own fields and the simulator's key table, never from the engine's report.
+
+    ``("remediate", action)`` when the table runs a remediation; otherwise the outcome's kind and
+    reason. Settings are the defaults: the Azure KMS, no custom-KMS override.
+    """
+    if guest.ps_version in ("1.0", "2.0"):
+        return "failed", "powershell-version"
+    if guest.edition_id.lower() == "serverrdsh" or guest.sku == 175:
+        return "skipped", "multi-session"
+    licensed = guest.license_status == 1
+    if guest.channel == "AVMA":
+        if guest.build < 9600:
+            return "skipped", "avma-before-2012r2"
+        if key_for("KMS_CLIENT", guest.edition_id, guest.build) is None or guest.sku == PRODUCT_UNLICENSED:
+            # No published GVLK fits, or OperatingSystemSKU contradicts the EditionID: never guessed.
+            return "skipped", "unknown-edition"
+        if not guest.kms_reachable and licensed:
+            return (
+                ("deferred", "kms-unreachable")
+                if enforce
+                else ("would-remediate", "avma-licensed-kms-unreachable")
+            )
+        if enforce:
+            return "remediate", "rekey"
+        return "would-remediate", "avma-channel" if guest.kms_reachable else "avma-kms-unreachable"
+    if guest.channel == "KMS_CLIENT":
+        if licensed:
+            if is_azure_edition(guest.edition_id):
+                if not guest.imds_reachable:
+                    return "failed", "attestation-imds-unreachable"
+                if not guest.imds_chain_valid:
+                    return "failed", "attestation-chain-invalid"
+            return "healthy", "kms-client-licensed"
+        hosts = (guest.kms_machine, guest.discovered_machine)
+        if any(host and host.lower() not in KMS_HOSTS["AzureCloud"] for host in hosts):
+            return "skipped", "custom-kms"
+        return ("remediate", "repair") if enforce else ("would-remediate", "kms-client-unlicensed")
+    channel = guest.channel.lower()
+    return ("healthy", f"{channel}-licensed") if licensed else ("skipped", f"channel-{channel}")
+
+
+# What a spoiled text field in an otherwise valid result line can make of a verdict: the engine no
+# longer knows the channel, the edition or the KMS host, and leaves the VM alone.
+SPOILED_TEXT = {
+    ("skipped", "unknown-channel"),
+    ("skipped", "unknown-edition"),
+    ("skipped", "custom-kms"),
+}
+
+
+def _result_line(output: str) -> str:
+    return next(line for line in output.split("\n") if line.startswith("AVMA-REMEDIATOR-RESULT "))
+
+
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 @given(guest=guests(), detect=mangling(), remediate=mangling(), enforce=st.booleans())
 def test_any_detection_output_gives_one_outcome_and_only_an_allowed_complete_remediation(
@@ -349,6 +417,10 @@ def test_any_detection_output_gives_one_outcome_and_only_an_allowed_complete_rem
 ) -> None:
     loaded = Settings.from_env({"REMEDIATION_MODE": "enforce" if enforce else "audit"})
     truth = replace(guest)  # the state before anything ran
+    expected = _table(truth, enforce)
+    line = _result_line(
+        replace(guest).run_script(DETECT.lines, _params(detect_command(loaded.kms_host, loaded.kms_port)))
+    )
     compute = GuestCompute(guest, detect, remediate)
     outcome = asyncio.run(Remediator(compute, loaded).check(VM))
 
@@ -365,7 +437,19 @@ def test_any_detection_output_gives_one_outcome_and_only_an_allowed_complete_rem
     if len(compute.bodies) == 1:
         assert outcome.kind is not OutcomeKind.REMEDIATED
         assert guest.licensing() == truth.licensing()  # nothing changed
+        # Only detection ran: the outcome is the table's for the true state, judged independently.
+        # Output whose result line reached the engine whole must give exactly that; a mangled line
+        # gives bad-output, or (a garbled text field only) leaves the VM alone for want of a fact.
+        got = (outcome.kind.value, outcome.reason)
+        whole = line in (raw.rstrip("\r") for raw in compute.outputs[0].split("\n"))
+        if whole:
+            assert got == expected, f"{got} for {truth}, the table gives {expected}"
+        elif detect[0] == "garble":
+            assert got in {expected, ("failed", "bad-output"), *SPOILED_TEXT}, (got, expected, truth)
+        else:
+            assert got == ("failed", "bad-output"), (got, expected, truth)
         return
+    assert expected[0] == "remediate", f"a remediation ran where the table gives {expected}: {truth}"
     assert enforce, "audit mode ran a remediation"
     action = _allowed(truth)
     assert action is not None, f"remediation of a VM the table leaves alone: {truth}"

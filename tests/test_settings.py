@@ -155,3 +155,11 @@ def test_a_longer_function_timeout_admits_a_longer_run_command_timeout() -> None
     )
     assert s.function_timeout_s == 7200
     assert s.workflow_worst_case_s <= s.lease_s <= 7200
+
+
+def test_max_concurrent_workflows_defaults_to_2400_and_is_validated() -> None:
+    assert Settings.from_env({}).max_concurrent_workflows == 2400
+    assert Settings.from_env({"MAX_CONCURRENT_WORKFLOWS": "960"}).max_concurrent_workflows == 960
+    for wrong in ("0", "-1", "1.5", "64001", "lots"):
+        with pytest.raises(ConfigError, match="MAX_CONCURRENT_WORKFLOWS"):
+            Settings.from_env({"MAX_CONCURRENT_WORKFLOWS": wrong})

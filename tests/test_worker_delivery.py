@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import azure.functions as func
 import pytest
 from azure.core.exceptions import ServiceRequestError
 from azure.core.pipeline import PipelineRequest
@@ -25,11 +26,13 @@ from azure.data.tables.aio import TableClient
 
 from shared import triggers
 from shared.azure.compute import ComputeGateway
+from shared.intake import from_log_rows
 from shared.ledger import STATE_PARTITION, Ledger, vm_key
 from shared.model import VmId
 from shared.settings import Settings
 from simulator import Simulator
-from tests.test_function_app import app_env, drain, history, queue_client, remediations, sim, vm_id
+from tests.payloads import dim, v2_alert
+from tests.test_function_app import app_env, drain, history, queue_client, remediations, sim, user, vm_id
 
 __all__ = ["app_env", "sim"]  # fixtures shared with tests/test_function_app.py
 
@@ -305,3 +308,103 @@ async def test_a_vm_read_that_never_answers_ends_at_its_deadline(
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+# --- issue 9: evidence newer than the verdict ----------------------------------------------------
+
+
+async def verified(env: dict[str, str], name: str) -> datetime:
+    """Fix the VM through a manual item; the moment its verdict was reached."""
+    async with queue_client(env) as queue:
+        await queue.send_message(json.dumps({"reason": "manual", "vmId": vm_id(name), "correlationId": "m"}))
+    await drain(env)
+    stored = await verdict(env, name)
+    assert stored is not None and stored.outcome.value == "remediated" and stored.verified_at is not None
+    return stored.verified_at  # type: ignore[no-any-return]
+
+
+def scripts(sim: Simulator, name: str) -> list[str]:
+    return [entry["script"] for entry in sim.run_log(vm_id(name))]
+
+
+async def newest(env: dict[str, str], name: str) -> str:
+    row = (await history(env, vm_id(name)))[0]
+    return f"{row['outcome']}:{row['reason']}"
+
+
+@pytest.mark.parametrize(
+    ("offset_s", "expected", "runs"),
+    [
+        (-1.0, "skipped:recently-verified", ["detect", "remediate"]),
+        (1.0, "healthy:kms-client-licensed", ["detect", "remediate", "detect"]),
+    ],
+)
+async def test_a_log_row_timed_after_the_verdict_runs_in_full_and_one_timed_before_it_does_not(
+    app_env: dict[str, str], sim: Simulator, offset_s: float, expected: str, runs: list[str]
+) -> None:
+    at = await verified(app_env, "web-01")
+    row = {"_ResourceId": vm_id("web-01"), "Computer": "web-01", "LastSeen": at + timedelta(seconds=offset_s)}
+    # Intake runs later than the row was logged: firstSeen is after the verdict either way.
+    result = from_log_rows([row], now=datetime.now(UTC) + timedelta(seconds=2), source="log-scan:test")
+    async with queue_client(app_env) as queue:
+        await queue.send_message(json.dumps(result.items[0].to_dict()))
+    await drain(app_env)
+    assert await newest(app_env, "web-01") == expected
+    assert scripts(sim, "web-01") == runs
+
+
+@pytest.mark.parametrize(
+    ("offset_s", "expected", "runs"),
+    [
+        (-1.0, "skipped:recently-verified", ["detect", "remediate"]),
+        (1.0, "healthy:kms-client-licensed", ["detect", "remediate", "detect"]),
+    ],
+)
+async def test_an_alert_fired_after_the_verdict_runs_in_full_and_a_repeat_of_an_older_one_does_not(
+    app_env: dict[str, str], sim: Simulator, offset_s: float, expected: str, runs: list[str]
+) -> None:
+    at = await verified(app_env, "app-02")
+    alert = v2_alert(dimensions=[dim("_ResourceId", vm_id("app-02"))])
+    alert["data"]["essentials"]["firedDateTime"] = (at + timedelta(seconds=offset_s)).isoformat()
+    await asyncio.sleep(max(offset_s, 0) + 1.1)  # delivered a second or more after the verdict
+    response = await user("alert_webhook")(
+        func.HttpRequest(method="POST", url="/api/alerts", body=json.dumps(alert).encode())
+    )
+    assert response.status_code == 202
+    await drain(app_env)
+    assert await newest(app_env, "app-02") == expected
+    assert scripts(sim, "app-02") == runs
+
+
+# --- issue 9: a VM write is evidence only when the OS disk changed -------------------------------
+
+
+@pytest.mark.parametrize("swap", [False, True])
+async def test_a_vm_write_after_a_fresh_verdict_runs_in_full_only_after_an_os_disk_swap(
+    app_env: dict[str, str], sim: Simulator, swap: bool
+) -> None:
+    from tests.test_function_app import event_grid_event
+
+    await user("vm_write_event")(event_grid_event(vm_id("web-01"), event_id="first-write"))
+    await drain(app_env)
+    fixed = await verdict(app_env, "web-01")
+    assert fixed is not None and fixed.outcome.value == "remediated" and fixed.os_disk_id
+    await asyncio.sleep(1.1)  # the next write comes a second or more after the verdict
+    if swap:
+        new_disk = sim.swap_os_disk(vm_id("web-01"))  # re-imaged: the guest is on AVMA again
+        assert new_disk.lower() != fixed.os_disk_id.lower() and new_disk.endswith(
+            "_OsDisk_2_" + new_disk[-32:]
+        )
+    await user("vm_write_event")(
+        event_grid_event(vm_id("web-01"), event_id="second-write")
+    )  # a tag, a resize
+    await drain(app_env)
+    if swap:
+        assert await newest(app_env, "web-01") == "remediated:avma-channel"
+        assert scripts(sim, "web-01") == ["detect", "remediate", "detect", "remediate"]
+        again = await verdict(app_env, "web-01")
+        assert again is not None and again.os_disk_id.lower() == new_disk.lower()
+    else:
+        # the fresh verdict answers it: the VM is read, no Run Command holds its slot
+        assert await newest(app_env, "web-01") == "skipped:recently-verified"
+        assert scripts(sim, "web-01") == ["detect", "remediate"]

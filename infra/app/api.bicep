@@ -35,6 +35,15 @@ param optOutTag string
 param allowCustomKmsOverride bool
 param ledgerTableName string
 
+// Queue messages one instance runs at once: host.json's extensions.queues batchSize (16) plus
+// newBatchThreshold (8), "the maximum number of concurrent messages being processed per function"
+// (host.json reference). vm_check scales in its own Flex instances (per-function scaling), so at
+// most maximumInstanceCount × this many workflows run at once, across every instance. Both numbers
+// are checked against host.json and the engine's MAX_CONCURRENT_WORKFLOWS default by
+// tests/test_infra_contract.py. Flex allows 40 to 1,000 instances: 960 to 24,000 workflows.
+var queueMessagesPerInstance = 24
+var maxConcurrentWorkflows = 2400
+
 resource storage 'Microsoft.Storage/storageAccounts@2025-01-01' existing = {
   name: storageAccountName
 }
@@ -203,6 +212,10 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           value: '100'
         }
         {
+          name: 'MAX_CONCURRENT_WORKFLOWS'
+          value: string(maxConcurrentWorkflows)
+        }
+        {
           name: 'LEDGER_TABLE'
           value: ledgerTableName
         }
@@ -220,7 +233,8 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         }
       }
       scaleAndConcurrency: {
-        maximumInstanceCount: 100
+        // The global cap on concurrent workflows: instances × queue messages each may run at once.
+        maximumInstanceCount: maxConcurrentWorkflows / queueMessagesPerInstance
         instanceMemoryMB: 2048
       }
       runtime: {

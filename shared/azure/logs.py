@@ -3,7 +3,11 @@
 The Data Collection Rule sends the Application log into the workspace's ``Event`` table; the scan
 asks Log Analytics (``azure.monitor.query.aio.LogsQueryClient``) for Security-SPP events that
 mention 0xC004FD02, one row per VM. A partial result is kept and its error reported, because half
-the VMs now beats none until the next scan; HTTP failures become :class:`LogScanError`.
+the VMs now beats none until the next scan; HTTP failures become :class:`LogScanError`, and
+throttling (429) or a service briefly down (5xx, no connection) :class:`LogScanUnavailable`, a
+:class:`~shared.azure.transient.TransientError` carrying the wait the service named. Like the
+inventory, the client waits inside the invocation only for a short ``Retry-After``
+(:class:`~shared.azure.transient.BoundedRetryPolicy`): azure-core alone sleeps any wait, however long.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from typing import Final, TypedDict
 
 import aiohttp
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import HttpResponseError, ServiceRequestError
+from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.monitor.query import LogsQueryPartialResult, LogsTable
 from azure.monitor.query.aio import LogsQueryClient
 
+from shared.azure.transient import BoundedRetryPolicy, TransientError, response_headers, wait_from_headers
 from shared.azure.transport import PooledClient
 from shared.model import VmId
 from shared.settings import ConfigError, Settings
@@ -53,6 +58,25 @@ class LogScanError(Exception):
         super().__init__(message)
         self.code = code
         self.status = status
+
+
+class LogScanUnavailable(LogScanError, TransientError):
+    """Log Analytics throttled (``throttled``) or could not answer (``logs-unavailable``) for now;
+    ``retry_after_s`` is the wait it named, None if it named none. The scan is simply not done: the
+    next one covers the same window."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        code: str = "",
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message, code=code, status=status)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +125,7 @@ class LogScanner(PooledClient[LogsQueryClient]):
             endpoint=self._settings.log_analytics_endpoint,
             audience=self._settings.cloud.log_analytics_audience,
             transport=transport,
+            retry_policy=BoundedRetryPolicy(),
         )
 
     def window(self, *, since: datetime | None, now: datetime) -> tuple[datetime, datetime]:
@@ -122,11 +147,18 @@ class LogScanner(PooledClient[LogsQueryClient]):
             response = await self._sdk().query_workspace(self._workspace_id, SPP_QUERY, timespan=window)
         except HttpResponseError as error:
             code = str(error.error.code) if error.error is not None and error.error.code else ""
-            raise LogScanError(
-                str(error.message or error)[:500], code=code, status=error.status_code
-            ) from error
-        except ServiceRequestError as error:
-            raise LogScanError(str(error)[:300]) from error
+            message, status = str(error.message or error)[:500], error.status_code
+            if status == 429 or (status is not None and status >= 500):
+                raise LogScanUnavailable(
+                    message,
+                    reason="throttled" if status == 429 else "logs-unavailable",
+                    code=code,
+                    status=status,
+                    retry_after_s=wait_from_headers(response_headers(error)),
+                ) from error
+            raise LogScanError(message, code=code, status=status) from error
+        except (ServiceRequestError, ServiceResponseError) as error:
+            raise LogScanUnavailable(str(error)[:300], reason="logs-unavailable") from error
         partial_error: str | None = None
         if isinstance(response, LogsQueryPartialResult):
             tables = list(response.partial_data or [])
