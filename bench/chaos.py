@@ -122,7 +122,9 @@ CHAOS_MIX: dict[str, float] = {
 # docs/simulator.md, "Faults"); the token endpoint fails in bursts of 5, longer than
 # azure-identity's retries, so that some invocations do see the error.
 DEFAULT_FAULTS: dict[str, Any] = {
-    "armThrottling": {"timeScale": 3},
+    # A read bucket smaller than the 32 workers' opening burst, so that throttling fires however
+    # slow the machine (Azure's 250 only emptied when the machine was fast enough); refill as Azure's.
+    "armThrottling": {"timeScale": 3, "reads": {"size": 24, "perSecond": 25}},
     "serverError": 0.004,
     "runCommandBusy": 0.01,
     "operationFailed": 0.005,

@@ -434,6 +434,11 @@ SMALL = chaos.ChaosConfig(
     queue_outage_s=3.0,
     graph_throttle=6,
     fan_out=25,
+    # A killed worker's lease holds its VM for LEASE_SECONDS: shorter here (30 s covers the
+    # worst-case workflow of 4 s + 2 x 3 s + 6 ledger writes x (3 x 1 s + 0.3 s)).
+    ledger_try_timeout_s=1.0,
+    arm_call_timeout_s=4.0,
+    lease_s=30.0,
 )
 
 
