@@ -14,6 +14,12 @@ whose every invocation the harness crashes, and ten identical copies of the item
 VMs (at-least-once redelivery). Azurite is restarted mid-run (in memory: queues and ledger are
 lost), after which the sweep timer fires again, as it would in Azure.
 
+The harness injects faults of its own into the engine's process (``EngineHooks``; the kinds are
+``HARNESS_FAULTS``): invocations killed at four points of the workflow, the Table endpoint and the
+Queue endpoint down, Resource Graph throttled, the poison handler failing, hostile input, and input
+for VMs of a subscription left out of ``TARGET_SUBSCRIPTIONS``. It records every work item any
+producer put on the queue, so that ``lost`` is judged from the producers' side.
+
 Two passes: an audit pass (REMEDIATION_MODE=audit, its own smaller estate, no restart) proves that
 audit mode changes nothing; then the enforce pass. Invariants are computed from sources the engine
 does not control: the simulator's run log and state dump, the ledger table read directly, and this
