@@ -14,6 +14,12 @@ whose every invocation the harness crashes, and ten identical copies of the item
 VMs (at-least-once redelivery). Azurite is restarted mid-run (in memory: queues and ledger are
 lost), after which the sweep timer fires again, as it would in Azure.
 
+The harness injects faults of its own into the engine's process (``EngineHooks``; the kinds are
+``HARNESS_FAULTS``): invocations killed at four points of the workflow, the Table endpoint and the
+Queue endpoint down, Resource Graph throttled, the poison handler failing, hostile input, and input
+for VMs of a subscription left out of ``TARGET_SUBSCRIPTIONS``. It records every work item any
+producer put on the queue, so that ``lost`` is judged from the producers' side.
+
 Two passes: an audit pass (REMEDIATION_MODE=audit, its own smaller estate, no restart) proves that
 audit mode changes nothing; then the enforce pass. Invariants are computed from sources the engine
 does not control: the simulator's run log and state dump, the ledger table read directly, and this
@@ -28,36 +34,47 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from azure.core.exceptions import AzureError, ResourceExistsError  # noqa: E402
+from azure.core.exceptions import AzureError, ResourceExistsError, ServiceRequestError  # noqa: E402
+from azure.core.pipeline.transport import AioHttpTransport  # noqa: E402
 from azure.data.tables.aio import TableClient  # noqa: E402
 from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy  # noqa: E402
 from azure.storage.queue.aio import QueueClient  # noqa: E402
 
+import shared.ledger._table as ledger_table  # noqa: E402
+import shared.settings as engine_settings  # noqa: E402
 from shared import triggers  # noqa: E402
-from shared.model import Trigger, VmId, WorkItem  # noqa: E402
+from shared.azure.compute import ComputeGateway  # noqa: E402
+from shared.ledger import STATE_PARTITION, Ledger  # noqa: E402
+from shared.model import MAX_ATTEMPT, Trigger, VmId, WorkItem  # noqa: E402
 from shared.settings import POISON_QUEUE, WORK_QUEUE  # noqa: E402
+from shared.workqueue import WorkQueue  # noqa: E402
 from simulator import Estate, VmSpec  # noqa: E402
 from simulator.faults import KINDS, FaultPlan  # noqa: E402
 from simulator.guest import KMS_HOSTS, key_for  # noqa: E402
 from simulator.process import SimulatorProcess  # noqa: E402
 from tests.azurite import Azurite, _free_ports, azurite_binary  # noqa: E402
+from tests.payloads import EG_WRITE, as_vm_write, dim, load, v2_alert  # noqa: E402
 
 log = logging.getLogger("chaos")
 
@@ -68,6 +85,24 @@ OPT_OUT_TAG = "avma-remediator-opt-out"
 SWEEP_ATTEMPTS = 30
 STORAGE_ERRORS = frozenset({"LedgerError", "TableMissing", "QueueError", "QueueMissing"})
 FINAL_KINDS = frozenset({"healthy", "remediated", "would-remediate", "skipped", "failed"})
+POISON_HARD = POISON_PILL + "-hard"  # a pill whose poison-handler invocations crash too (poison_failure)
+# The faults the harness injects into the engine's process (the simulator counts its own KINDS).
+HARNESS_FAULTS = (
+    "worker_crash",  # an invocation killed (its task cancelled, its message not deleted) at a CRASH_POINT
+    "table_outage",  # requests refused while the Table endpoint is down (the queue still works)
+    "queue_outage",  # requests refused while the Queue endpoint is down (alerts posted meanwhile)
+    "graph_throttle",  # Resource Graph queries answered 429 RateLimiting (the simulator's record)
+    "poison_failure",  # poison-handler invocations that failed (crashed on purpose, or storage down)
+    "hostile_input",  # control characters in ids, an oversized fan-out, a huge attempt
+    "out_of_scope",  # events, alerts and messages for VMs outside TARGET_SUBSCRIPTIONS
+)
+CRASH_POINTS = ("detect", "remediate", "accepted", "acked")
+# Failures that say the engine could not look at the VM (no answer within the deadline, a Run
+# Command that did not run, output it could not read), as opposed to one that looked and found a
+# licensing problem: on a licensed KMS client only the latter disagree with the VM's state.
+UNOBSERVED = ("deadline-exceeded:", "run-command-failed", "bad-output", "poison")
+# Rows that answer a delivery without running the workflow (no Run Command behind them).
+NO_WORKFLOW = frozenset({"lease-held", "lease-lost", "duplicate", "out-of-scope", "recently-verified"})
 
 # Every category of the generator (docs/simulator.md); the rest are licensed KMS clients.
 CHAOS_MIX: dict[str, float] = {
@@ -93,7 +128,9 @@ CHAOS_MIX: dict[str, float] = {
 # docs/simulator.md, "Faults"); the token endpoint fails in bursts of 5, longer than
 # azure-identity's retries, so that some invocations do see the error.
 DEFAULT_FAULTS: dict[str, Any] = {
-    "armThrottling": {"timeScale": 3},
+    # A read bucket smaller than the 32 workers' opening burst, so that throttling fires however
+    # slow the machine (Azure's 250 only emptied when the machine was fast enough); refill as Azure's.
+    "armThrottling": {"timeScale": 3, "reads": {"size": 24, "perSecond": 25}},
     "serverError": 0.004,
     "runCommandBusy": 0.01,
     "operationFailed": 0.005,
@@ -125,6 +162,8 @@ class ChaosConfig:
     unknown_computers: int = 2
     malformed: int = 6
     poison_pills: int = 3  # valid items whose every invocation the harness crashes
+    hostile: bool = True  # hostile queue messages, events and alerts (HARNESS_FAULTS)
+    storm: bool = True  # the enforce pass's last wave: outages, throttling, hostile and out-of-scope input
     restarts: int = 1
     restart_after: float = 0.35  # of the first wave's messages handled
     log_scan_every_s: float = 4.0
@@ -140,6 +179,23 @@ class ChaosConfig:
     max_poll_s: float = 0.5
     time_bound_s: float = 900.0
     crash_grace_s: float = 10.0
+    # Faults the harness injects (HARNESS_FAULTS), scaled by these.
+    outside_subscriptions: int = 1  # subscriptions of the estate left out of TARGET_SUBSCRIPTIONS
+    crashes_per_point: int = 3  # VMs whose first invocation reaching each CRASH_POINT is killed
+    crash_visibility_s: float = 3.0  # a killed host's hold on its message runs out (compressed)
+    table_outage_s: float = 20.0
+    queue_outage_s: float = 4.0
+    alert_retry_s: float = 1.0  # the action group's retry of a 503 (Retry-After compressed)
+    graph_throttle: int = 8  # Resource Graph queries refused (429) from the storm on
+    max_targets_per_alert: int = 10
+    fan_out: int = 40  # targets of the oversized alert
+    drain_every_s: float = 2.0  # the last-resort drain's timer
+    # Compressed time for leases: LEASE_SECONDS must cover the worst-case workflow, whose ledger
+    # part is 6 writes x (3 tries x LEDGER_TRY_TIMEOUT_S + backoff); the harness scales those down.
+    ledger_try_timeout_s: float = 1.5
+    ledger_backoff_s: float = 0.1
+    arm_call_timeout_s: float = 8.0
+    lease_s: float = 45.0
     report_out: str | None = None
 
 
@@ -156,6 +212,7 @@ class HostStats:
     completed_correlations: list[tuple[int, str]] = field(default_factory=list)
     receive_errors: int = 0
     lost_acks: int = 0  # deletes or visibility updates the storage refused (e.g. during a restart)
+    killed: Counter[str] = field(default_factory=Counter)  # invocations the harness killed, per point
 
 
 class QueueHost:
@@ -234,6 +291,17 @@ class QueueHost:
             body = str(message.content)
             try:
                 await self.handler(body)
+            except WorkerKilled as killed:
+                # A dead host neither deletes the message nor fails it: it comes back once the
+                # host's hold on it runs out (compressed here), with its dequeue count one higher.
+                self.stats.killed[str(killed)] += 1
+                try:
+                    await queue.update_message(
+                        message, visibility_timeout=int(self.config.crash_visibility_s)
+                    )
+                except AzureError:
+                    self.stats.lost_acks += 1  # it comes back after the receive's own visibility
+                return
             except Exception as error:  # noqa: BLE001 - the host: an invocation that raises failed, the message returns
                 name = type(error).__name__
                 self.stats.failures[name] += 1
@@ -272,6 +340,184 @@ def _correlation(body: str) -> str:
     except ValueError:
         return ""
     return str(data.get("correlationId") or "") if isinstance(data, dict) else ""
+
+
+# ------------------------------------------------------------------ faults inside the engine's process
+
+
+class WorkerKilled(Exception):
+    """The harness killed this invocation: the host neither acks nor fails the message."""
+
+
+@dataclass
+class Invocation:
+    """One ``vm_check`` invocation as the harness sees it (its crash point, its task)."""
+
+    vm: str  # the VM's key, "" for a computer name or a malformed body
+    point: str  # a CRASH_POINT, "" when this invocation is not to be killed
+    task: asyncio.Task[Any] | None = None
+    killed: bool = False
+
+
+_INVOCATION: contextvars.ContextVar[Invocation | None] = contextvars.ContextVar(
+    "chaos_invocation", default=None
+)
+
+
+@dataclass(frozen=True)
+class Produced:
+    """A work item some producer (sweep, log scan, webhook, event, the worker itself) put on the queue."""
+
+    epoch: int
+    target: str  # _target_key of the item's target
+    correlation: str
+    attempt: int
+
+
+class EngineHooks:
+    """What the harness does inside the engine's process, as patches installed for one pass:
+
+    - **outages**: every HTTP request to a storage endpoint (by port) that is down is refused with
+      the error a refused connection gives (``ServiceRequestError``), for the engine and the harness;
+    - **kills**: at a crash point the invocation's task is cancelled; from then on its ledger and
+      queue calls raise ``CancelledError`` at once (a dead process writes nothing: no release, no
+      outcome), and the host leaves its message to come back (``WorkerKilled``);
+    - **the producers' record**: every work item any code sends through ``WorkQueue.send`` is noted
+      (``Produced``) after the queue accepted it, so that ``lost`` is judged from what was produced;
+    - **compressed time**: the ledger's per-try timeout and backoff scaled down (with the budget
+      ``Settings`` checks ``LEASE_SECONDS`` against), so that a killed worker's lease expires in
+      seconds, not minutes.
+    """
+
+    def __init__(self, config: ChaosConfig, epoch: Callable[[], int]) -> None:
+        self.config = config
+        self.epoch = epoch
+        self.down: dict[int, tuple[str, float]] = {}  # port -> (fault, until monotonic)
+        self.refused: Counter[str] = Counter()
+        self.plan: dict[str, str] = {}  # VM key -> crash point, until it fired
+        self.kills: list[tuple[float, str, str]] = []  # (monotonic, VM key, point)
+        self.produced: list[Produced] = []
+
+    def outage(self, port: int, fault: str, seconds: float) -> None:
+        self.down[port] = (fault, time.monotonic() + seconds)
+
+    def _refusing(self, url: str) -> str | None:
+        port = urlparse(url).port
+        if port is None or port not in self.down:
+            return None
+        fault, until = self.down[port]
+        if time.monotonic() >= until:
+            del self.down[port]
+            return None
+        return fault
+
+    def kill(self, invocation: Invocation) -> bool:
+        """Kill ``invocation`` if its VM's crash point has not fired yet (once per planned VM)."""
+        if self.plan.get(invocation.vm) != invocation.point:
+            return False
+        del self.plan[invocation.vm]
+        self.kills.append((time.monotonic(), invocation.vm, invocation.point))
+        invocation.killed = True
+        if invocation.task is not None and invocation.point != "acked":
+            invocation.task.cancel()
+        return True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        hooks = self
+        send_http = AioHttpTransport.send
+        run_command = ComputeGateway.run_command
+        enqueue = WorkQueue.send
+
+        async def send(transport: AioHttpTransport, request: Any, **kwargs: Any) -> Any:
+            fault = hooks._refusing(str(request.url))
+            if fault is not None:
+                hooks.refused[fault] += 1
+                raise ServiceRequestError(f"chaos {fault}: connection refused")
+            return await send_http(transport, request, **kwargs)
+
+        async def run(gateway: ComputeGateway, vm_id: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+            invocation = _INVOCATION.get()
+            if invocation is None or invocation.killed or not invocation.point:
+                return await run_command(gateway, vm_id, body)
+            remediation = _is_remediation(body)
+            mid = {"detect": False, "remediate": True}.get(invocation.point)
+            if mid is not None and mid == remediation:
+                # Killed while the command runs: the POST may or may not have been accepted.
+                inner = asyncio.ensure_future(run_command(gateway, vm_id, body))
+                inner.add_done_callback(_quiet)
+                await asyncio.wait({inner}, timeout=max(hooks.config.latency_s / 2, 0.01))
+                if hooks.kill(invocation):
+                    inner.cancel()
+                    await asyncio.sleep(0)  # the cancellation lands here
+                return await inner
+            answer = await run_command(gateway, vm_id, body)
+            if invocation.point == "accepted" and remediation and hooks.kill(invocation):
+                await asyncio.sleep(0)  # killed after the remediation ran, before its answer was used
+            return answer
+
+        async def sent(queue: WorkQueue, item: WorkItem, *, delay_s: float = 0.0) -> None:
+            _alive()
+            await enqueue(queue, item, delay_s=delay_s)
+            hooks.produced.append(
+                Produced(hooks.epoch(), _target_key(item.target), item.correlation_id, item.attempt)
+            )
+
+        patches: list[tuple[Any, str, Any]] = [
+            (AioHttpTransport, "send", send),
+            (ComputeGateway, "run_command", run),
+            (WorkQueue, "send", sent),
+            (ledger_table, "LEDGER_TRY_TIMEOUT_S", self.config.ledger_try_timeout_s),
+            (ledger_table.LedgerBase, "retry_backoff_s", self.config.ledger_backoff_s),
+            (engine_settings, "LEDGER_WRITE_BUDGET_S", self._write_budget()),
+        ]
+        for name in ("acquire", "renew", "release", "_append"):
+            patches.append((Ledger, name, _dead_writes_nothing(getattr(Ledger, name))))
+        saved = [(owner, name, owner.__dict__.get(name, _MISSING)) for owner, name, _ in patches]
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        try:
+            yield
+        finally:
+            for owner, name, value in reversed(saved):
+                if value is _MISSING:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, value)
+
+    def _write_budget(self) -> float:
+        tries = engine_settings.LEDGER_TRIES
+        return tries * self.config.ledger_try_timeout_s + self.config.ledger_backoff_s * (
+            (1 << (tries - 1)) - 1
+        )
+
+
+_MISSING = object()
+
+
+def _alive() -> None:
+    invocation = _INVOCATION.get()
+    if invocation is not None and invocation.killed and invocation.point != "acked":
+        raise asyncio.CancelledError  # a killed process sends and writes nothing more
+
+
+def _dead_writes_nothing(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _alive()
+        return await method(self, *args, **kwargs)
+
+    return guarded
+
+
+def _quiet(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: an abandoned command's error is not an unhandled one
+
+
+def _is_remediation(body: Mapping[str, Any]) -> bool:
+    """The remediation script takes ``InstallKey`` (the detection script takes none)."""
+    parameters = body.get("parameters") or []
+    return any(isinstance(p, Mapping) and p.get("name") == "InstallKey" for p in parameters)
 
 
 # ------------------------------------------------------------------ what the harness sends
@@ -316,8 +562,29 @@ def plan_items(estate: Estate, config: ChaosConfig, rng: random.Random, now: str
         )
         items.append(_sent("duplicate", vm.id, item, config.dup_copies))
     for i, vm in enumerate(rng.sample(list(estate.vms), min(config.poison_pills, len(estate.vms)))):
-        item = WorkItem(Trigger.MANUAL, vm_id=VmId.parse(vm.id), correlation_id=f"{POISON_PILL}-{i}")
+        pill = f"{POISON_HARD}-{i}" if i == 0 else f"{POISON_PILL}-{i}"  # the first one's handler fails too
+        item = WorkItem(Trigger.MANUAL, vm_id=VmId.parse(vm.id), correlation_id=pill)
         items.append(_sent("poison-pill", vm.id, item, 1))
+    if config.hostile:
+        # Queue messages are input too: ids with a trailing newline or a control character inside
+        # (recorded as malformed, never worked on), and attempts far past MAX_ATTEMPT (clamped) on
+        # Linux VMs, first seen long ago, so that any deferral ends at once.
+        windows = [vm for vm in estate.vms if vm.os == "Windows"]
+        for i, vm in enumerate(rng.sample(windows, min(2, len(windows)))):
+            token = f"chaos-hostile-{uuid.uuid4().hex[:12]}"
+            bad = vm.id + "\n" if i == 0 else vm.id.replace("/virtualMachines/", "/virtualMachines/\x07")
+            body = json.dumps({"reason": "vm-created", "vmId": bad, "correlationId": token})
+            items.append(Sent("hostile", token, token, 1, 0, body))
+        linux = [vm for vm in estate.vms if vm.os != "Windows"]
+        for i, vm in enumerate(rng.sample(linux, min(2, len(linux)))):
+            huge = WorkItem(
+                Trigger.MANUAL,
+                vm_id=VmId.parse(vm.id),
+                correlation_id=f"huge-attempt-{i}",
+                first_seen="2020-01-01T00:00:00Z",
+            ).to_dict()
+            huge["attempt"] = MAX_ATTEMPT * 1000 + i
+            items.append(Sent("huge-attempt", vm.id, f"huge-attempt-{i}", 1, 0, json.dumps(huge)))
     for i in range(config.malformed):
         token = f"chaos-malformed-{uuid.uuid4().hex[:12]}"
         body = (
@@ -371,7 +638,37 @@ class ChaosPass:
         self.restart_times: list[float] = []
         self.recovered_at: float | None = None
         self.log_scans = 0
+        self.drains: Counter[str] = Counter()
         self.rng = random.Random(f"{config.seed}:{name}")
+        self.hooks = EngineHooks(config, lambda: self.epoch)
+        self.injected: Counter[str] = Counter()  # hostile_input and out_of_scope inputs sent
+        self.storm: dict[str, Any] = {}
+        # The estate's last subscriptions are left out of the scope (out_of_scope).
+        kept = max(1, len(estate.subscriptions) - config.outside_subscriptions)
+        self.scope = tuple(estate.subscriptions[:kept])
+        self._scoped = {sub.lower() for sub in self.scope}
+        if mode == "enforce" and config.storm:
+            self.hooks.plan = self._crash_plan()
+
+    def _in_scope(self, vm_id: str) -> bool:
+        vm = VmId.try_parse(vm_id)
+        return vm is not None and vm.subscription_id.lower() in self._scoped
+
+    def _crash_plan(self) -> dict[str, str]:
+        """Which VMs' first invocation reaching each crash point is killed: remediable AVMA VMs for
+        the remediation points, any other Windows VM in scope for the rest."""
+        n = self.config.crashes_per_point
+        ours = [vm for vm in self.estate.vms if self._in_scope(vm.id) and vm.os == "Windows"]
+        avma = [vm for vm in ours if re.fullmatch(r"vm-avma-\d{5}", vm.name)]
+        picked = self.rng.sample(avma, min(2 * n, len(avma)))
+        rest = [vm for vm in ours if re.fullmatch(r"vm-kms-healthy-\d{5}", vm.name)]  # reach detection
+        others = self.rng.sample(rest, min(2 * n, len(rest)))
+        plan: dict[str, str] = {}
+        for i, vm in enumerate(picked):
+            plan[vm.key] = ("remediate", "accepted")[i % 2]
+        for i, vm in enumerate(others):
+            plan[vm.key] = ("detect", "acked")[i % 2]
+        return plan
 
     def _say(self, text: str) -> None:
         print(f"[{self.name} {time.monotonic() - self._t0:6.1f}s] {text}", file=sys.stderr, flush=True)
@@ -392,12 +689,17 @@ class ChaosPass:
                 ),
                 "RUN_COMMAND_TIMEOUT_SECONDS": str(self.config.run_command_timeout_s),
                 "LOG_SCAN_OVERLAP_MINUTES": "0",
+                "TARGET_SUBSCRIPTIONS": ",".join(self.scope),
+                "MAX_TARGETS_PER_ALERT": str(self.config.max_targets_per_alert),
+                "ARM_CALL_TIMEOUT_SECONDS": str(self.config.arm_call_timeout_s),
+                "LEASE_SECONDS": str(self.config.lease_s),
             }
             saved = {key: os.environ.get(key) for key in env}
             os.environ.update(env)  # azure-identity's ManagedIdentityCredential reads os.environ
             self.env = env
             try:
-                return await self._run(sim)
+                with self.hooks.installed():
+                    return await self._run(sim)
             finally:
                 for key, value in saved.items():
                     if value is None:
@@ -406,7 +708,6 @@ class ChaosPass:
                         os.environ[key] = value
 
     async def _run(self, sim: SimulatorProcess) -> PassResult:
-        env = self.env
         await self._create_queues()
         work = QueueHost(
             self.azurite.connection_string,
@@ -416,11 +717,12 @@ class ChaosPass:
             config=self.config,
             epoch=lambda: self.epoch,
         )
+        self.sim = sim
         poison = QueueHost(
             self.azurite.connection_string,
             POISON_QUEUE,
             POISON_POISON_QUEUE,
-            lambda body: triggers.poison(body, env=env),
+            self._poison,
             config=replace(self.config, workers=4),
             epoch=lambda: self.epoch,
         )
@@ -430,6 +732,7 @@ class ChaosPass:
             asyncio.create_task(work.run(stop_hosts)),
             asyncio.create_task(poison.run(stop_hosts)),
             asyncio.create_task(self._log_scan_timer(stop_timer)),
+            asyncio.create_task(self._drain_timer(stop_hosts)),
         ]
         finished = False
         try:
@@ -449,16 +752,52 @@ class ChaosPass:
             "counters": sim.call("counters"),
             "faults": sim.call("faults"),
             "vanished": sim.call("vanished"),
+            "graphQueries": sim.call("graph_queries"),
         }
-        rows = await self._ledger_rows()
-        return self._judge(evidence, rows, remaining, finished)
+        rows, states = await self._ledger_rows()
+        return self._judge(evidence, rows, states, remaining, finished)
 
     async def _vm_check(self, body: str) -> None:
         """The ``vm_check`` function; a poison pill crashes its invocation, as a worker killed for
         memory or by the function timeout would, so that the host's poison path runs too."""
         if f'"correlationId": "{POISON_PILL}-' in body:
             raise RuntimeError("harness: this invocation crashed (poison pill)")
-        await triggers.work(body, env=self.env)
+        vm = _body_vm(body)
+        invocation = Invocation(vm, self.hooks.plan.get(vm, "") if vm else "")
+        token = _INVOCATION.set(invocation)  # the task runs in a copy of this context
+        try:
+            task = asyncio.create_task(triggers.work(body, env=self.env))
+        finally:
+            _INVOCATION.reset(token)
+        invocation.task = task
+        try:
+            outcomes = await task
+        except asyncio.CancelledError:
+            if invocation.killed:
+                raise WorkerKilled(invocation.point) from None
+            raise
+        # The verdict is recorded, the lease released; the process dies before the ack.
+        finished = any(o.kind.value in FINAL_KINDS for o in outcomes)
+        if invocation.point == "acked" and finished and self.hooks.kill(invocation):
+            raise WorkerKilled("acked")
+
+    async def _poison(self, body: str) -> None:
+        """The ``vm_check_poison`` function; the hard pill's handler crashes as well (poison_failure)."""
+        if f'"correlationId": "{POISON_HARD}-' in body:
+            raise RuntimeError("harness: the poison handler crashed on this message")
+        await triggers.poison(body, env=self.env)
+
+    async def _drain_timer(self, stop: asyncio.Event) -> None:
+        """The last-resort drain's timer (``drain_last_resort``): what the poison handler could not record."""
+        while not stop.is_set():
+            try:
+                report = await triggers.drain_last_resort(env=self.env, visibility_s=5)
+                self.drains["runs"] += 1
+                self.drains["recorded"] += int(report.get("recorded", 0))
+            except Exception as error:  # noqa: BLE001 - the host: a timer invocation that raises failed; it fires again
+                self.timer_failures[f"drain:{type(error).__name__}"] += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.config.drain_every_s)
 
     # -------------------------------------------------------------- producing
 
@@ -475,6 +814,8 @@ class ChaosPass:
             queued = await self._send(chunk)
             await self._sweep()
             self._say(f"wave {wave}: sweep {self.sweeps[-1].get('enqueued')} + {queued} harness messages")
+            if wave == self.restarts and self.mode == "enforce" and self.config.storm:
+                await self._storm()
             if wave < self.restarts:
                 target = int(self.config.restart_after * (self.sweeps[-1].get("enqueued", 0) + queued))
                 last = time.monotonic()
@@ -511,6 +852,83 @@ class ChaosPass:
                 self.timer_failures[f"log_scan:{type(error).__name__}"] += 1
             with contextlib.suppress(TimeoutError):  # the next tick
                 await asyncio.wait_for(stop.wait(), timeout=self.config.log_scan_every_s)
+
+    async def _storm(self) -> None:
+        """The last wave's storm, while the queue still works through its backlog: events for VMs
+        out of scope and with hostile ids; the Table endpoint down for ``table_outage_s``; then
+        Resource Graph throttled and alerts posted to the webhook while the Queue endpoint is down
+        (the action group retries each 503), one of them an oversized fan-out."""
+        config = self.config
+        ours = [vm for vm in self.estate.vms if self._in_scope(vm.id)]
+        outside = [vm for vm in self.estate.vms if not self._in_scope(vm.id)]
+        windows = [vm for vm in ours if vm.os == "Windows" and not _opted_out(vm)]
+        events = [(as_vm_write(load(EG_WRITE), vm.id), "out_of_scope") for vm in outside[:4]]
+        events += [
+            (as_vm_write(load(EG_WRITE), windows[0].id + "\n"), "hostile_input"),
+            (
+                as_vm_write(
+                    load(EG_WRITE), windows[1].id.replace("/virtualMachines/", "/virtualMachines/\x1b")
+                ),
+                "hostile_input",
+            ),
+        ]
+        queued_hostile = 0
+        for event, fault in events:
+            result = await triggers.on_vm_event(event, env=self.env)
+            self.injected[fault] += 1
+            if fault == "hostile_input":
+                queued_hostile += len(result.items)
+        self.storm["hostileEventsQueued"] = queued_hostile  # must be 0: ignored with a reason
+
+        # The Table endpoint down while the queue works through the last wave's backlog (the
+        # timers keep firing, so the outage meets the ledger whatever the machine's speed).
+        self._say(f"storm: Table endpoint down for {config.table_outage_s:g} s")
+        self.hooks.outage(self.azurite.table_port, "table_outage", config.table_outage_s)
+        await asyncio.sleep(config.table_outage_s)
+
+        self.sim.call(
+            "throttle_resource_graph", config.graph_throttle, 1, 1
+        )  # 1 s quota reset, Retry-After 1
+        hostnames = Counter(vm.hostname.lower() for vm in self.estate.vms)
+        named = [vm for vm in windows if hostnames[vm.hostname.lower()] == 1][:3]
+        alerts = [v2_alert(dimensions=[dim("Computer", vm.hostname)]) for vm in named]
+        alerts.append(v2_alert(dimensions=[], configuration_items=[vm.id for vm in outside[:3]]))
+        self.injected["out_of_scope"] += len(outside[:3])
+        fan = [vm.id for vm in ours[: config.fan_out]]
+        alerts.append(v2_alert(dimensions=[], configuration_items=fan))
+        self.injected["hostile_input"] += 1
+        self.hooks.outage(self.azurite.queue_port, "queue_outage", config.queue_outage_s)
+        answers = await asyncio.gather(*(self._action_group(alert) for alert in alerts))
+        self.storm["alerts"] = [
+            {
+                "status": status,
+                "tries": tries,
+                "accepted": answer.get("accepted"),
+                "ignored": len(answer.get("ignored", [])),
+            }
+            for status, tries, answer in answers
+        ]
+        fan_answer = answers[-1][2]
+        self.storm["fanOut"] = {
+            "targets": len(fan),
+            "accepted": fan_answer.get("accepted"),
+            "cap": config.max_targets_per_alert,
+        }
+        self._say(f"storm: alerts {self.storm['alerts']}")
+
+    async def _action_group(self, alert: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+        """An action group posting one alert: a 503 (or 408/429/504) is retried after Retry-After
+        (compressed to ``alert_retry_s``), as action-groups.md says Azure Monitor does."""
+        body = json.dumps(alert).encode()
+        status, answer = 0, {}
+        for tries in range(1, 61):
+            status, answer, _ = await triggers.on_alert(body, env=self.env)
+            if status not in (408, 429, 503, 504):
+                return status, tries, answer
+            self.storm.setdefault("alert503", 0)
+            self.storm["alert503"] += 1
+            await asyncio.sleep(self.config.alert_retry_s)
+        return status, 60, answer
 
     async def _send(self, chunk: list[Sent]) -> int:
         """Send every copy of every item (16 at a time); a storage hiccup is retried, never skipped."""
@@ -580,7 +998,8 @@ class ChaosPass:
         while time.monotonic() - self._t0 < self.config.time_bound_s:
             counts = await self._counts()
             busy = sum(host.in_flight for host in self.hosts)
-            if counts[WORK_QUEUE] == 0 and counts[POISON_QUEUE] == 0 and busy == 0:
+            idle = counts[WORK_QUEUE] == 0 and counts[POISON_QUEUE] == 0 and counts[POISON_POISON_QUEUE] == 0
+            if idle and busy == 0:
                 quiet += 1
                 if quiet >= 3:
                     return True
@@ -588,7 +1007,10 @@ class ChaosPass:
                 quiet = 0
             if time.monotonic() - last_report > 10:
                 last_report = time.monotonic()
-                self._say(f"queue {counts[WORK_QUEUE]}, poison {counts[POISON_QUEUE]}, running {busy}")
+                self._say(
+                    f"queue {counts[WORK_QUEUE]}, poison {counts[POISON_QUEUE]},"
+                    f" last resort {counts[POISON_POISON_QUEUE]}, running {busy}"
+                )
             await asyncio.sleep(0.3)
         return False
 
@@ -596,18 +1018,27 @@ class ChaosPass:
         counts = await self._counts()
         return {name: count or 0 for name, count in counts.items()}
 
-    async def _ledger_rows(self) -> list[dict[str, Any]]:
+    async def _ledger_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(history rows by target, state rows): the table read directly, not through the engine."""
         rows: list[dict[str, Any]] = []
+        states: list[dict[str, Any]] = []
         async with TableClient.from_connection_string(self.azurite.connection_string, self.table) as table:
             async for entity in table.list_entities():
                 if str(entity["PartitionKey"]).startswith("h-"):
                     rows.append(dict(entity))
-        return rows
+                elif entity["PartitionKey"] == STATE_PARTITION:
+                    states.append(dict(entity))
+        return rows, states
 
     # -------------------------------------------------------------- judging
 
     def _judge(
-        self, evidence: dict[str, Any], rows: list[dict[str, Any]], remaining: dict[str, int], finished: bool
+        self,
+        evidence: dict[str, Any],
+        rows: list[dict[str, Any]],
+        states: list[dict[str, Any]],
+        remaining: dict[str, int],
+        finished: bool,
     ) -> PassResult:
         violations: Counter[str] = Counter()
         examples: defaultdict[str, list[str]] = defaultdict(list)
@@ -632,7 +1063,7 @@ class ChaosPass:
             if decided:
                 finals[key] = decided[-1]
         for vm_id, vm_state in state.items():
-            if vm_state["os"] != "Windows":
+            if vm_state["os"] != "Windows" or not self._in_scope(vm_id):
                 continue
             final = finals.get(vm_id.lower())
             if final is None:
@@ -642,29 +1073,55 @@ class ChaosPass:
         for key, final in finals.items():
             if final.get("outcome") not in FINAL_KINDS and key not in {k.lower() for k in state}:
                 violate("lost", f"{key}: last record is {final.get('outcome')}: {final.get('reason')}")
-        first_tries: Counter[str] = Counter(
-            str(r.get("correlationId")) for r in rows if r.get("attempt", 0) == 0 and r.get("correlationId")
-        )
+        # From the producers' side: every message the harness sent, and every work item any producer
+        # put on the queue (the sweep, the log scan, the webhook, Event Grid, the worker's own
+        # retries), ends in a row of its own: an outcome, or an event (deferral, poison, not-found).
+        # Intents are not answers: they are counted apart, never as a message handled.
+        answered: Counter[tuple[str, str, int]] = Counter()
+        answered_any: Counter[str] = Counter()
+        for r in rows:
+            if r.get("entry") not in ("outcome", "event"):
+                continue
+            target = _target_key(str(r.get("target", "")))
+            if r.get("reason") == "poison" and r.get("target") == "last-resort-message":
+                target = _target_key(str(_details(r).get("target", "")))
+            answered[(target, str(r.get("correlationId", "")), int(r.get("attempt", 0) or 0))] += 1
+            answered_any[str(r.get("correlationId", ""))] += 1
         malformed_bodies = [
             str(_details(r).get("body", ""))
             for r in rows
             if r.get("reason") in ("malformed-message", "poison")
         ]
         last_epoch = self.epoch
+        produced = [p for p in self.hooks.produced if p.epoch == last_epoch]
+        fanned = {p.correlation for p in produced if not p.target.startswith("computer:")}
         checked = Counter[str]()
         for item in self.sent:
             if item.epoch != last_epoch:
                 continue
             checked[item.kind] += item.copies
-            if item.kind == "malformed":
+            if item.kind in ("malformed", "hostile"):
                 if not any(item.target in body for body in malformed_bodies):
-                    violate("lost", f"malformed message {item.target}: no ledger event")
-            elif first_tries[item.correlation] < item.copies:
+                    violate("lost", f"{item.kind} message {item.target}: no ledger event")
+            elif item.target.startswith("computer:") and item.correlation in fanned:
+                continue  # resolved: its VMs' items were produced, and are judged below
+            elif answered_any[item.correlation] < item.copies:
                 violate(
                     "lost",
                     f"{item.kind} {item.target} ({item.correlation}): {item.copies} sent, "
-                    f"{first_tries[item.correlation]} recorded",
+                    f"{answered_any[item.correlation]} answered",
                 )
+        wanted = Counter((p.target, p.correlation, p.attempt) for p in produced)
+        for (target, correlation, attempt), count in wanted.items():
+            if answered[(target, correlation, attempt)] >= count:
+                continue
+            if target.startswith("computer:") and correlation in fanned:
+                continue
+            violate(
+                "lost",
+                f"produced {target} ({correlation}, attempt {attempt}) x{count}: "
+                f"{answered[(target, correlation, attempt)]} answered",
+            )
         poison_bodies = [str(_details(r).get("body", "")) for r in rows if r.get("reason") == "poison"]
         for epoch, body in self.hosts[0].stats.poisoned:
             if epoch == last_epoch and body[:1000] not in poison_bodies:
@@ -718,6 +1175,63 @@ class ChaosPass:
             for key in remediated_rows:
                 violate("changedInAudit", f"{key}: 'remediated' recorded in audit mode")
 
+        # 6. The verdict agrees with the VM's real licensing (the simulator's state, not the engine's).
+        vanished = {k.lower() for k in evidence["vanished"]}
+        state_by_key = {k.lower(): v for k, v in state.items()}
+        verdicts: Counter[str] = Counter()
+        unobserved: Counter[str] = Counter()
+        for row in states:
+            vm_id, verdict = str(row.get("vmId", "")), str(row.get("outcome") or "")
+            real = state_by_key.get(vm_id.lower())
+            if not verdict or real is None or vm_id.lower() in vanished:
+                continue
+            verdicts[verdict] += 1
+            channel, licensed = real.get("channel"), real.get("licenseStatus") == 1
+            if channel == "AVMA" and verdict in ("healthy", "remediated"):
+                violate(
+                    "verdict_vs_state", f"{vm_id}: still on AVMA, recorded {verdict}: {row.get('reason')}"
+                )
+            elif channel == "KMS_CLIENT" and licensed and verdict == "failed":
+                reason = str(row.get("reason") or "")
+                if reason.startswith(UNOBSERVED) or reason in UNOBSERVED:
+                    unobserved[reason.split(":", 1)[0]] += 1  # "could not look", not "looked and found"
+                    continue
+                violate(
+                    "verdict_vs_state",
+                    f"{vm_id}: a licensed KMS client, recorded failed: {row.get('reason')}",
+                )
+
+        # 7. Every Run Command the simulator ran is in the history: a remediation has an intent row
+        # written before it, a detection an outcome (or intent, or poison row) of its VM after it.
+        # Only commands started after the last storage loss count (the rows before it were lost).
+        # The simulator's clock is CLOCK_MONOTONIC, as this process's is; rows carry wall time.
+        offset = time.time() - time.monotonic()
+        since = self.restart_times[-1] if self.restart_times else 0.0
+        slack = 1.0
+        for vm_id, entries in run_logs.items():
+            if not self._in_scope(vm_id):
+                for entry in entries:
+                    violate("out_of_scope_run_commands", f"{vm_id}: a {entry['script']} Run Command")
+                continue
+            history = by_target.get(vm_id.lower(), [])
+            intents = [_wall(r) for r in history if r.get("entry") == "intent"]
+            answers = [
+                _wall(r)
+                for r in history
+                if (r.get("entry") == "outcome" and r.get("reason") not in NO_WORKFLOW)
+                or r.get("entry") == "intent"
+                or r.get("reason") == "poison"
+            ]
+            for entry in entries:
+                if entry["started"] < since:
+                    continue
+                at = entry["started"] + offset
+                if entry["script"] == "remediate":
+                    if not any(at - self.config.lease_s <= t <= at + slack for t in intents):
+                        violate("unrecorded_run_commands", f"{vm_id}: a remediation with no intent before it")
+                elif not any(t >= at - slack for t in answers):
+                    violate("unrecorded_run_commands", f"{vm_id}: a {entry['script']} with no row after it")
+
         # The worker must not crash-loop: storage errors must stop once storage is back.
         if self.recovered_at is not None:
             for at, name, message in self.hosts[0].stats.failure_times:
@@ -768,10 +1282,32 @@ class ChaosPass:
             "vanishedVms": len(evidence["vanished"]),
             "reasons": dict(reasons.most_common()),
             "remaining": remaining,
+            "verdicts": dict(verdicts),
+            "licensedButUnobserved": dict(unobserved),
+            "crashes": dict(Counter(point for _, _, point in self.hooks.kills)),
+            "killedInvocations": dict(work.killed),
+            "storm": self.storm,
+            "lastResortDrain": dict(self.drains),
+            "produced": len(produced),
+            "scope": {
+                "subscriptions": len(self.scope),
+                "outside": len(self.estate.subscriptions) - len(self.scope),
+            },
             "wallS": round(time.monotonic() - self._t0, 1),
         }
         faults = dict(evidence["faults"])
         faults[RESTART_FAULT] = len(self.restart_times)
+        faults["worker_crash"] = len(self.hooks.kills)
+        faults["table_outage"] = self.hooks.refused["table_outage"]
+        faults["queue_outage"] = self.hooks.refused["queue_outage"]
+        faults["graph_throttle"] = sum(1 for q in evidence["graphQueries"] if q.get("status") == 429)
+        faults["poison_failure"] = sum(self.hosts[1].stats.failures.values())
+        faults["hostile_input"] = self.injected["hostile_input"] + sum(
+            s.copies for s in self.sent if s.kind in ("hostile", "huge-attempt")
+        )
+        faults["out_of_scope"] = self.injected["out_of_scope"] + sum(
+            s.copies for s in self.sent if s.target.startswith("/") and not self._in_scope(s.target)
+        )
         return PassResult(
             self.name,
             self.mode,
@@ -790,6 +1326,21 @@ def _storage_missing(name: str, message: str) -> bool:
     return name in ("TableMissing", "QueueMissing") or (
         name in STORAGE_ERRORS and any(s in message for s in ("does not exist", "NotFound"))
     )
+
+
+def _wall(row: Mapping[str, Any]) -> float:
+    at = row.get("at")
+    return at.timestamp() if isinstance(at, datetime) else 0.0
+
+
+def _body_vm(body: str) -> str:
+    """The VM key a message names ("" for a computer name or a body that is no work item)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return ""
+    vm = VmId.try_parse(data.get("vmId")) if isinstance(data, dict) else None
+    return str(vm).lower() if vm is not None else ""
 
 
 def _target_key(target: str) -> str:
@@ -836,7 +1387,8 @@ def _why_remediable(spec: VmSpec, entry: Mapping[str, Any], azure_kms: frozenset
 
 
 def build_estate(config: ChaosConfig, count: int, seed: int) -> Estate:
-    estate = Estate.generate(count=count, seed=seed, mix=config.mix, subscriptions=config.subscriptions)
+    subscriptions = config.subscriptions + config.outside_subscriptions
+    estate = Estate.generate(count=count, seed=seed, mix=config.mix, subscriptions=subscriptions)
     return estate.with_faults(FaultPlan.from_dict({"seed": seed, **config.faults}))
 
 
@@ -866,7 +1418,7 @@ async def run_chaos(config: ChaosConfig) -> dict[str, Any]:
             )
     finally:
         azurite.close()
-    faults = Counter(dict.fromkeys((*KINDS, RESTART_FAULT), 0))
+    faults = Counter(dict.fromkeys((*KINDS, RESTART_FAULT, *HARNESS_FAULTS), 0))
     violations = Counter(
         dict.fromkeys(
             (
@@ -879,6 +1431,9 @@ async def run_chaos(config: ChaosConfig) -> dict[str, Any]:
                 "poisonUnrecorded",
                 "unfinished",
                 "crashLoop",
+                "verdict_vs_state",
+                "unrecorded_run_commands",
+                "out_of_scope_run_commands",
             ),
             0,
         )

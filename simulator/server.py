@@ -409,9 +409,10 @@ class Simulator:
         return self.server.logs.queries()
 
     def throttle_resource_graph(
-        self, requests: int, *, resets_after_s: int = 5, retry_after_s: int | None = None
+        self, requests: int, resets_after_s: int = 5, retry_after_s: int | None = None
     ) -> None:
-        """The next ``requests`` Resource Graph queries get 429 ``RateLimiting`` (see docs/simulator.md)."""
+        """The next ``requests`` Resource Graph queries get 429 ``RateLimiting`` (see docs/simulator.md).
+        Positional too, so that ``SimulatorProcess.call`` (positional arguments only) can set each."""
         self.server.graph.throttle(requests, resets_after_s=resets_after_s, retry_after_s=retry_after_s)
 
     def request_log(self) -> list[dict[str, Any]]:

@@ -441,6 +441,17 @@ SMALL = chaos.ChaosConfig(
     defer_deadline_h=0.005,  # 18 s
     audit_defer_deadline_h=0.002,
     time_bound_s=150,
+    # The harness's own faults, scaled down: two VMs per crash point, short outages.
+    crashes_per_point=2,
+    table_outage_s=6.0,
+    queue_outage_s=3.0,
+    graph_throttle=6,
+    fan_out=25,
+    # A killed worker's lease holds its VM for LEASE_SECONDS: shorter here (30 s covers the
+    # worst-case workflow of 4 s + 2 x 3 s + 6 ledger writes x (3 x 1 s + 0.3 s)).
+    ledger_try_timeout_s=1.0,
+    arm_call_timeout_s=4.0,
+    lease_s=30.0,
 )
 
 
@@ -456,10 +467,13 @@ async def test_chaos_run_loses_nothing_and_breaks_no_rule() -> None:
         "concurrentRunCommands",
         "changedInAudit",
         "remediatedTwice",
+        "verdict_vs_state",
+        "unrecorded_run_commands",
+        "out_of_scope_run_commands",
     }
     never = [kind for kind, count in report["faults"].items() if count == 0]
     assert never == [], f"fault kinds never injected: {never}"
-    assert set(report["faults"]) == {*KINDS, "azuriteRestart"}
+    assert set(report["faults"]) == {*KINDS, "azuriteRestart", *chaos.HARNESS_FAULTS}
     enforce = passes["enforce"]
     assert enforce["remediatedVms"] > 0 and report["outcomes"].get("remediated", 0) > 0
     assert passes["audit"]["outcomes"].get("would-remediate", 0) > 0
@@ -468,11 +482,21 @@ async def test_chaos_run_loses_nothing_and_breaks_no_rule() -> None:
     assert enforce["messages"]["harness"]["duplicate"] == SMALL.dup_copies * round(
         SMALL.vms * SMALL.dup_share
     )
+    # Killed at every point of the workflow; the alerts posted in the queue outage were answered
+    # 503 and then accepted; the oversized one capped; hostile ids never queued.
+    assert set(enforce["crashes"]) == set(chaos.CRASH_POINTS), enforce["crashes"]
+    storm = enforce["storm"]
+    assert storm["alert503"] > 0 and all(a["status"] == 202 for a in storm["alerts"])
+    assert storm["fanOut"]["accepted"] == SMALL.max_targets_per_alert < storm["fanOut"]["targets"]
+    assert storm["hostileEventsQueued"] == 0
+    assert passes["audit"]["lastResortDrain"]["recorded"] >= 1  # the hard pill, drained
 
 
 # --- the checks can fail: an engine that breaks a rule on purpose -----------------------------
 
 BROKEN = chaos.ChaosConfig(
+    storm=False,
+    hostile=False,
     vms=0,
     audit_vms=0,
     workers=16,
@@ -537,3 +561,20 @@ async def test_the_checks_catch_a_lost_retry(monkeypatch: pytest.MonkeyPatch) ->
         chaos.replace(BROKEN, vms=12, mix={"avma_agent_not_ready": 1.0}, dup_share=0.0)
     )
     assert report["violations"]["lost"] > 0
+
+
+@pytest.mark.slow
+async def test_the_checks_catch_unreadable_output_reported_healthy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A workflow that calls output it cannot parse ``healthy``: AVMA VMs end recorded healthy."""
+    from shared.model import Outcome, OutcomeKind
+    from shared.workflow import Remediator
+
+    def healthy(
+        self: Remediator, vm_id: VmId, parsed: Outcome, stderr: str, *, phase: str = "detect"
+    ) -> Outcome:
+        return Outcome(str(vm_id), OutcomeKind.HEALTHY, "kms-client-licensed")
+
+    monkeypatch.setattr(Remediator, "_bad_output", healthy)
+    garbled = {"outputGarbled": {"every": 1}, "outputTruncated": {"every": 1}}
+    report = await chaos.run_chaos(chaos.replace(BROKEN, vms=12, dup_share=0.0, faults=garbled))
+    assert report["violations"]["verdict_vs_state"] > 0
