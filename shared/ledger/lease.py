@@ -127,19 +127,24 @@ class LeaseStore(LedgerBase):
         if intent is not None:
             columns.update({"pendingIntent": _details_json(intent) or "{}", "pendingAt": now})
         with _storage("renew", lease.vm_id):
-            try:
-                written = await self._table.update_entity(
-                    columns,
-                    mode=UpdateMode.MERGE,
-                    etag=lease.etag,
-                    match_condition=MatchConditions.IfNotModified,
-                )
-            except (ResourceModifiedError, ResourceNotFoundError) as error:
-                if isinstance(error, ResourceNotFoundError):
-                    _no_table(error, self._table.table_name)
-                raise LeaseLost(f"lease on {lease.vm_id} expired and was taken over") from error
+            written = await self._merge_if_ours(columns, lease.etag)
+        if written is None:
+            raise LeaseLost(f"lease on {lease.vm_id} expired and was taken over")
         lease.etag = str(written["etag"])
         lease.expires_at = expires
+
+    async def _merge_if_ours(self, columns: dict[str, Any], etag: str) -> dict[str, Any] | None:
+        """Merge ``columns`` into the VM's state row only if its ETag is still ``etag``; None when not."""
+        try:
+            return dict(
+                await self._table.update_entity(
+                    columns, mode=UpdateMode.MERGE, etag=etag, match_condition=MatchConditions.IfNotModified
+                )
+            )
+        except (ResourceModifiedError, ResourceNotFoundError) as error:
+            if isinstance(error, ResourceNotFoundError):
+                _no_table(error, self._table.table_name)
+            return None
 
     async def release(self, lease: Lease, outcome: Outcome | None, *, now: datetime | None = None) -> None:
         """Free the lease and store the verdict, only if the lease is still ours (by ETag).
@@ -167,19 +172,7 @@ class LeaseStore(LedgerBase):
             row["pendingIntent"] = ""  # the verdict closes any intent announced under this lease
 
         async def write() -> dict[str, Any] | None:
-            try:
-                return dict(
-                    await self._table.update_entity(
-                        row,
-                        mode=UpdateMode.MERGE,
-                        etag=lease.etag,
-                        match_condition=MatchConditions.IfNotModified,
-                    )
-                )
-            except (ResourceModifiedError, ResourceNotFoundError) as error:
-                if isinstance(error, ResourceNotFoundError):
-                    _no_table(error, self._table.table_name)
-                return None
+            return await self._merge_if_ours(row, lease.etag)
 
         written = await self._retrying("release", lease.vm_id, write)
         if written is None:
