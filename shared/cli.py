@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from shared.azure.compute import ComputeError, ComputeGateway
 from shared.azure.credentials import make_credential
 from shared.azure.inventory import Inventory, InventoryError, resolve_query
+from shared.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from shared.intake_cli import run_intake
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
 from shared.report import as_json, as_table, summary
@@ -31,7 +32,6 @@ from shared.sweep import SweepReport, sweep
 from shared.vm import VmFacts
 from shared.workflow import Remediator
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_SIM_LATENCY_S = 0.3
 
 
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("avma-remediator: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         sweep_log.setLevel(sweep_level)
 

@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from shared.exitcodes import EXIT_OK, EXIT_USAGE
 from shared.intake import IntakeError, from_payload
 
-EXIT_OK, EXIT_USAGE = 0, 2
 _PROG = "avma-remediator intake"
 
 
