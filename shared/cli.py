@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
         "adds to the estate file's faults (docs/simulator.md)",
     )
     p_serve.add_argument("--fault-seed", type=int, metavar="N", help="seed of the fault schedules")
+    p_serve.add_argument(
+        "--throttle",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ARM's and Resource Graph's budgets (repeatable): model=tokenBucket|hourly|off, "
+        "timeScale=N|auto, reads=SIZE/PER_SECOND, writes=perHour:N, resourceGraph=QUERIES/SECONDS|off; "
+        "on top of the estate file's throttling (docs/simulator.md)",
+    )
     return parser
 
 
@@ -404,6 +413,11 @@ def _serve(args: argparse.Namespace) -> int:
             estate = estate.with_faults(estate.faults.with_options(args.fault, seed=args.fault_seed))
         except EstateError as error:
             raise UsageError(str(error)) from error
+    if args.throttle:
+        try:
+            estate = estate.with_throttling(estate.throttling.with_options(args.throttle))
+        except EstateError as error:
+            raise UsageError(str(error)) from error
 
     def announce(env: Mapping[str, str]) -> None:
         print("# The simulator is running. Point the CLI or a Functions host at it with:")
@@ -411,6 +425,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"unset {key}" if value is None else f"export {key}={value}")
         if estate.faults.enabled:
             print(f"# Faults on: {json.dumps(estate.faults.to_dict(), separators=(',', ':'))}")
+        if not estate.throttling.is_default:
+            print(f"# Throttling: {json.dumps(estate.throttling.to_dict(), separators=(',', ':'))}")
         print("# Ctrl-C stops it.", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
