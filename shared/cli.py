@@ -28,7 +28,7 @@ from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
 from shared.report import as_json, as_table, summary
 from shared.scope import Scope
 from shared.settings import ConfigError, Mode, Settings, is_subscription_id
-from shared.sweep import SweepReport, sweep
+from shared.sweep import SweepReport, sweep_inventory
 from shared.vm import VmFacts
 from shared.workflow import Remediator
 
@@ -235,23 +235,17 @@ async def _execute(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             outcomes = [await remediator.check(vm_id)]
             report = SweepReport(outcomes=outcomes)
         else:
-            if not subs:
-                try:
-                    subs = await gateway.list_subscriptions()
-                except ComputeError as error:
-                    print(
-                        f"avma-remediator: cannot list subscriptions: {_arm_problem(error)}", file=sys.stderr
+            # One Resource Graph listing of the scope: --subscription, else MANAGEMENT_GROUP_ID,
+            # else TARGET_SUBSCRIPTIONS, else everything the identity can read (the app's rule).
+            async with Inventory(credential, _listing_settings(settings, subs)) as listing:
+                with _progress(sys.stderr) as on_outcome:
+                    report = await sweep_inventory(
+                        remediator,
+                        listing,
+                        concurrency=settings.max_concurrency,
+                        on_outcome=on_outcome,
+                        limit=gateway.pacer.concurrency,
                     )
-                    logging.getLogger(__name__).info("ARM answered: %s", error)
-                    return EXIT_FAILED
-            with _progress(sys.stderr) as on_outcome:
-                report = await sweep(
-                    remediator,
-                    gateway.list_vms,
-                    subs,
-                    concurrency=settings.max_concurrency,
-                    on_outcome=on_outcome,
-                )
     _print_report(report, args.output, settings.mode)
     failed = any(o.kind is OutcomeKind.FAILED for o in report.outcomes)
     return EXIT_FAILED if failed or report.listing_errors else EXIT_OK
@@ -318,9 +312,11 @@ class _FirstLine(logging.Formatter):
 
 
 def _subscriptions(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """The subscriptions ``--subscription`` names (validated against the configured scope); empty:
+    the configured scope itself (MANAGEMENT_GROUP_ID, else TARGET_SUBSCRIPTIONS, else all visible)."""
     given = list(getattr(args, "subscription", []) or [])
     if not given:
-        return list(settings.subscriptions)
+        return []
     in_scope = {s.lower() for s in settings.subscriptions}
     for sub in given:
         if not is_subscription_id(sub):
@@ -328,6 +324,23 @@ def _subscriptions(args: argparse.Namespace, settings: Settings) -> list[str]:
         if in_scope and not settings.management_group and sub.lower() not in in_scope:
             raise UsageError(f"--subscription {sub} is not in TARGET_SUBSCRIPTIONS (out of scope)")
     return given
+
+
+def _listing_settings(settings: Settings, subscriptions: Sequence[str]) -> Settings:
+    """The scope of a sweep's listing: the ``--subscription`` ones when given (each VM still passes
+    the configured scope's check), else the configured scope (``Inventory._scope``)."""
+    if not subscriptions:
+        return settings
+    return replace(settings, subscriptions=tuple(subscriptions), management_group=None)
+
+
+def _listing_subject(key: str) -> str:
+    """What a listing error's key names, for the one line the CLI prints."""
+    if key.startswith("managementGroups/"):
+        return f"management group {key.removeprefix('managementGroups/')}"
+    if key == "tenant":
+        return "the subscriptions the identity can read"
+    return f"subscription {key}"
 
 
 def _print_report(report: SweepReport, output: str, mode: Mode) -> None:
@@ -338,9 +351,12 @@ def _print_report(report: SweepReport, output: str, mode: Mode) -> None:
         print(as_json(report.outcomes, extra=extra))
     else:
         print(as_table(report.outcomes, mode=mode.value))
-    for sub, text in report.listing_errors.items():
-        print(f"avma-remediator: subscription {sub} could not be listed: {_one_line(text)}", file=sys.stderr)
-        logging.getLogger(__name__).info("listing subscription %s: %s", sub, text)
+    for key, text in report.listing_errors.items():
+        print(
+            f"avma-remediator: {_listing_subject(key)} could not be listed: {_one_line(text)}",
+            file=sys.stderr,
+        )
+        logging.getLogger(__name__).info("listing %s: %s", key, text)
 
 
 @contextlib.contextmanager

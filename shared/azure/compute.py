@@ -24,6 +24,8 @@ from azure.core.rest import HttpRequest
 from azure.mgmt.compute.aio import ComputeManagementClient
 from azure.mgmt.compute.models import RunCommandInput
 
+from shared.azure.pacing import Pacer
+from shared.azure.polling import RetryAfterFirstPolling
 from shared.azure.transport import shared_transport, tls_session
 from shared.model import VmId
 from shared.settings import Settings
@@ -147,13 +149,15 @@ class RunCommandRetryPolicy(AsyncRetryPolicy[Any, Any]):
 
 
 class ComputeGateway:
-    """One async compute client per subscription, sharing one credential."""
+    """One async compute client per subscription, sharing one credential, one connection pool and
+    one :class:`~shared.azure.pacing.Pacer` (ARM's budget per subscription, from its headers)."""
 
     def __init__(self, credential: AsyncTokenCredential, settings: Settings) -> None:
         self._credential = credential
         self._settings = settings
         self._clients: dict[str, ComputeManagementClient] = {}
         self._counter = RequestCounter()
+        self.pacer = Pacer(cloud=settings.cloud.name, concurrency=settings.max_concurrency)
         self._session: aiohttp.ClientSession | None = None
         self._transport: AioHttpTransport | None = None
         self.run_commands = 0
@@ -181,7 +185,7 @@ class ComputeGateway:
                 credential_scopes=[self._settings.cloud.arm_scope],
                 polling_interval=self._settings.poll_interval_s,
                 retry_policy=RunCommandRetryPolicy(),
-                per_retry_policies=[self._counter],
+                per_retry_policies=[self._counter, self.pacer.policy()],
                 transport=self._shared_transport(),
             )
             self._clients[key] = client
@@ -295,8 +299,12 @@ class ComputeGateway:
         self.run_commands += 1
         try:
             async with asyncio.timeout(self._settings.run_command_timeout_s):
+                # The first status poll waits for the 202's Retry-After (shared/azure/polling.py).
                 poller = await client.virtual_machines.begin_run_command(
-                    vm_id.resource_group, vm_id.name, RunCommandInput(dict(body))
+                    vm_id.resource_group,
+                    vm_id.name,
+                    RunCommandInput(dict(body)),
+                    polling=RetryAfterFirstPolling(self._settings.poll_interval_s),
                 )
                 result = await poller.result()
         except TimeoutError as error:
