@@ -160,6 +160,8 @@ class Inventory(PooledClient[ResourceGraphClient]):
         self._quota_back_at = 0.0  # monotonic time before which the quota is known to be spent
         self._in_group: dict[str, tuple[bool, float]] = {}  # subscription -> (in the group, when)
         self._asking: dict[str, asyncio.Lock] = {}
+        self.queries = 0  # Resource Graph requests sent (the benchmark reports them)
+        self.throttled = 0  # of which answered 429
 
     def _make_client(self, transport: AioHttpTransport) -> ResourceGraphClient:
         return ResourceGraphClient(
@@ -279,9 +281,12 @@ class Inventory(PooledClient[ResourceGraphClient]):
                     skip_token=skip_token, top=self._page_size, result_format="objectArray"
                 ),
             )
+            self.queries += 1
             try:
                 answer: Any = await client.resources(request, cls=_with_headers)
             except HttpResponseError as error:
+                if error.status_code == 429:
+                    self.throttled += 1
                 wait = _throttle_wait(error)
                 if wait is None or throttled >= self._throttle_retries or wait > MAX_THROTTLE_WAIT_S:
                     raise _translate(error) from error

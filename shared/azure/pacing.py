@@ -132,6 +132,8 @@ class Pacer:
         self._concurrency: dict[str, _Concurrency] = {}
         self.throttled: Counter[str] = Counter()  # 429s received, per subscription
         self.requests: Counter[str] = Counter()  # requests sent, per subscription
+        self.sent: Counter[tuple[str, str]] = Counter()  # requests sent, per (subscription, kind)
+        self.refused: Counter[tuple[str, str]] = Counter()  # 429s, per (subscription, kind)
         self.waited_s = 0.0  # time requests spent waiting for the budget, summed
 
     def policy(self) -> PacingPolicy:
@@ -149,6 +151,7 @@ class Pacer:
         """Wait until the budget can take one more request, then count it as sent."""
         budget = self._budget(subscription, kind)
         self.requests[subscription] += 1
+        self.sent[(subscription, kind)] += 1
         if budget.wait(self._clock(), self._reserve) <= 0:
             budget.inflight += 1
             return
@@ -170,6 +173,7 @@ class Pacer:
         concurrency = self._concurrency.setdefault(subscription, _Concurrency(self._max))
         if status == 429:
             self.throttled[subscription] += 1
+            self.refused[(subscription, kind)] += 1
             wait = wait_from_headers(headers)
             budget.blocked_until = max(budget.blocked_until, now + (1.0 if wait is None else wait))
             budget.rate = max(budget.documented * MIN_RATE_SHARE, budget.rate / 2)
