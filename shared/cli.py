@@ -29,11 +29,11 @@ from shared.intake_cli import run_intake
 from shared.interrupt import Interrupt, Interruptible
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
 from shared.output import FORMATS, Progress, RunResult, render, result_document
-from shared.plan import Plan, PlanApplier, PlanError, Recorder, build_plan, confirm, load_plan
+from shared.plan import HookedChecker, Plan, PlanApplier, PlanError, Recorder, build_plan, confirm, load_plan
 from shared.resume import DEFAULT_ONLY, ResumeError, parse_only, run_each, vms_to_resume
 from shared.scope import Scope
 from shared.settings import ConfigError, Mode, Settings, is_subscription_id
-from shared.sweep import Checker, sweep
+from shared.sweep import sweep
 from shared.vm import VmFacts
 from shared.workflow import BeforeRunCommand, Remediator
 
@@ -505,7 +505,7 @@ class _Run:
         self._args, self._gateway, self._credential, self._settings = args, gateway, credential, settings
         self.interrupt = Interrupt(sys.stderr)
 
-    async def collect(self, targets: _Targets, checker: Checker) -> RunResult:
+    async def collect(self, targets: _Targets, checker: HookedChecker) -> RunResult:
         settings, gateway = self._settings, self._gateway
         mode = Mode.ENFORCE.value if isinstance(checker, PlanApplier) else checker_mode(checker)
         outcomes: list[Outcome] = []
@@ -572,7 +572,7 @@ class _Run:
             raise _Early(EXIT_FAILED) from error
 
 
-def checker_mode(checker: Checker) -> str:
+def checker_mode(checker: HookedChecker) -> str:
     if isinstance(checker, _Scoped):
         return checker.settings.mode.value
     return Mode.AUDIT.value

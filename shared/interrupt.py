@@ -1,22 +1,27 @@
 """Ctrl-C and SIGTERM during a CLI run: start no new VM, let the ones in flight finish, keep the record.
 
-On the first SIGINT or SIGTERM the run starts no new VM and waits for the VMs in flight, for at
-most a bound; then it ends with the results so far (printed and written, exit 130). A VM still in
-flight when the bound passes, or at a second signal (which aborts at once), is reported
-``deferred: interrupted``: Run Command cannot be cancelled ("You can't cancel a running script",
+On the first SIGINT or SIGTERM the run starts no new VM, and no VM in flight sends a further Run
+Command (one whose detection is done ends ``deferred: interrupted`` before its remediation, so it
+was not changed); the Run Commands already running are waited for, at most for a bound. Then the
+run ends with the results so far, printed in the chosen format and written to ``--out`` (and a
+plan to ``--out-plan``), exit 130. A VM whose Run Command is still running when the bound passes,
+or at a second signal (which stops at once), is reported ``deferred: interrupted`` too, with a hint
+that it may still change: Run Command cannot be cancelled ("You can't cancel a running script",
 MicrosoftDocs/azure-compute-docs ``articles/virtual-machines/windows/run-command.md``,
-Restrictions), so a script already sent may still change that VM, and the record must say so.
+Restrictions), so a script already sent may still run to its end, and the record must say so.
 
 The bounds:
 
-- SIGINT (a person at the terminal): ``SIGINT_GRACE_S``, 90 s. A Run Command takes "about 20
-  seconds" at least (same page) and one detection or remediation, activation included, usually
-  ends within a minute; a person who will not wait presses Ctrl-C again.
+- SIGINT (a person at the terminal): ``SIGINT_GRACE_S``, 90 s. "The minimum time to run a script
+  is about 20 seconds" (same page); 90 s leaves room for one detection or remediation with its
+  activation attempt (an estimate, not a measured figure), and a person who will not wait
+  presses Ctrl-C again.
 - SIGTERM (a supervisor stopping the process): ``SIGTERM_GRACE_S``, 8 s, inside the shortest
   common kill delay: Docker sends SIGKILL 10 s after SIGTERM by default on Linux (docker/cli
   ``docs/reference/commandline/container_stop.md``: the daemon's ``default-stop-timeout``), and
-  Kubernetes after ``terminationGracePeriodSeconds``, 30 s by default. Writing the record before
-  the SIGKILL matters more than waiting for a Run Command that will take longer anyway.
+  Kubernetes after ``terminationGracePeriodSeconds``, 30 s by default (kubernetes/website
+  ``content/en/docs/concepts/workloads/pods/pod-lifecycle.md``, "Termination of Pods"). Writing
+  the record before the SIGKILL matters more than waiting for a Run Command that takes longer.
 """
 
 from __future__ import annotations
@@ -26,15 +31,22 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Iterator
-from typing import Protocol, TextIO, TypeVar
+from collections.abc import Awaitable, Iterator, Mapping
+from typing import Any, TextIO, TypeVar
 
 from shared.model import Outcome, OutcomeKind, VmId
+from shared.plan import HookedChecker
 from shared.vm import VmFacts
 
 SIGINT_GRACE_S = 90.0
 SIGTERM_GRACE_S = 8.0
 INTERRUPTED = "interrupted"
+STOPPED_HINT = {
+    "detect": "The run was interrupted before this VM's detection: no Run Command was sent to it. "
+    "Run it again (--from RESULT_FILE).",
+    "remediate": "The run was interrupted after this VM's detection and before its remediation: "
+    "nothing in it was changed. Run it again (--from RESULT_FILE).",
+}
 INTERRUPTED_HINT = (
     "The run was interrupted while this VM was being worked on: a Run Command may have been sent and "
     "may still change it (Run Command cannot be cancelled). Check it again: avma-remediator check <id>."
@@ -142,15 +154,20 @@ class Interrupt:
         return None, cut
 
 
-class Checker(Protocol):
-    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome: ...
+class RunStopped(Exception):
+    """Raised before a Run Command once a signal came: the VM in flight sends nothing more."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(phase)
+        self.phase = phase
 
 
 class Interruptible:
-    """A checker that starts no VM once a signal came (it waits to be cancelled instead) and keeps
-    :class:`Interrupt` told which VMs are in flight."""
+    """A checker that, once a signal came, starts no VM (it waits to be cancelled instead) and lets
+    the VMs in flight send no further Run Command: one whose detection is done ends ``deferred:
+    interrupted`` before its remediation. It keeps :class:`Interrupt` told which VMs are in flight."""
 
-    def __init__(self, inner: Checker, interrupt: Interrupt) -> None:
+    def __init__(self, inner: HookedChecker, interrupt: Interrupt) -> None:
         self._inner, self._interrupt = inner, interrupt
 
     async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome:
@@ -158,6 +175,18 @@ class Interruptible:
             await asyncio.Event().wait()  # never set: the run cancels this once the VMs in flight are done
         self._interrupt.started(vm_id)
         try:
-            return await self._inner.check(vm_id, listed=listed)
+            return await self._inner.check(vm_id, listed=listed, before_run_command=self._stop_if_asked)
+        except RunStopped as stopped:
+            return Outcome(
+                str(vm_id),
+                OutcomeKind.DEFERRED,
+                INTERRUPTED,
+                STOPPED_HINT[stopped.phase],
+                {"phase": stopped.phase},
+            )
         finally:
             self._interrupt.finished(vm_id)
+
+    async def _stop_if_asked(self, phase: str, _: Mapping[str, Any]) -> None:
+        if self._interrupt.requested.is_set():
+            raise RunStopped(phase)

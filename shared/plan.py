@@ -288,13 +288,13 @@ def load_plan(path: str, settings: Settings, *, simulated: bool, now: datetime |
 
 
 def plan_from_dict(
-    data: object, settings: Settings, *, simulated: bool, now: datetime, name: str = "plan"
+    data: object, settings: Settings, *, simulated: bool, now: datetime, name: str = "the plan"
 ) -> Plan:
     if not isinstance(data, dict) or data.get("kind") != PLAN_KIND:
         raise PlanError(f'{name} is not an avma-remediator plan (no "kind": "{PLAN_KIND}")')
     if data.get("version") != PLAN_VERSION:
         raise PlanError(
-            f"{name}: plan version {str(data.get('version'))[:20]!r} is not supported (this version reads "
+            f"{name}: plan version {str(data.get('version'))[:20]} is not supported (this version reads "
             f"{PLAN_VERSION}); make a new plan"
         )
     stamp = data.get("createdAt")
@@ -416,13 +416,21 @@ class PlanApplier:
     def __init__(self, inner: HookedChecker, recorder: Recorder, plan: Plan, settings: Settings) -> None:
         self._inner, self._recorder, self._plan, self._settings = inner, recorder, plan, settings
 
-    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome:
+    async def check(
+        self,
+        vm_id: VmId,
+        *,
+        listed: VmFacts | None = None,
+        before_run_command: BeforeRunCommand | None = None,
+    ) -> Outcome:
         planned = self._plan.get(vm_id)
         if planned is None or planned.decision is None:
             raise ValueError(f"{vm_id} has no planned action")
         self._recorder.forget(vm_id)
 
-        async def compare(phase: str, _: Mapping[str, Any]) -> None:
+        async def compare(phase: str, data: Mapping[str, Any]) -> None:
+            if before_run_command is not None:
+                await before_run_command(phase, data)
             if phase == "remediate":
                 now = self._fresh(vm_id)
                 if now != planned.decision:
