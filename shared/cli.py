@@ -282,35 +282,36 @@ def verbosity(args: argparse.Namespace) -> int:
     return sum(int(getattr(args, f"verbose{level}", 0) or 0) for level in range(3))
 
 
-def _configure_logging(level: int) -> None:
+def _configure_logging(level: int) -> dict[str, int]:
     """0: warnings, one line each; 1 (-v): the tool's own steps (shared.*), the SDK's warnings;
-    2 (-vv): the SDK's HTTP logging too (azure-core's HttpLoggingPolicy logs at INFO)."""
+    2 (-vv): the SDK's HTTP logging too (azure-core's HttpLoggingPolicy logs at INFO). Gives the
+    levels it changed, for main to restore (the CLI is also called in-process, by tests)."""
     logging.basicConfig(
         level=logging.INFO if level else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    names = ("azure", "shared.workflow", "shared.sweep")
+    saved = {name: logging.getLogger(name).level for name in names}
     azure = logging.getLogger("azure")
     if level == 0:
         azure.setLevel(logging.ERROR)
+        # The CLI names a subscription it could not list itself, in one line (_print_report).
+        logging.getLogger("shared.sweep").setLevel(logging.CRITICAL)
         for handler in logging.getLogger().handlers:  # the one basicConfig made on stderr
             if getattr(handler, "stream", None) is sys.stderr and not isinstance(
                 handler.formatter, _FirstLine
             ):
                 handler.setFormatter(_FirstLine(handler.formatter))
-        return
+        return saved
     logging.getLogger("shared.workflow").setLevel(logging.DEBUG)
     azure.setLevel(logging.INFO if level >= 2 else logging.WARNING)
+    return saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = verbosity(args)
-    _configure_logging(level)
-    # The CLI names a subscription it could not list itself, in one line (_print_report).
-    sweep_log = logging.getLogger("shared.sweep")
-    sweep_level = sweep_log.level
-    sweep_log.setLevel(sweep_level if level else logging.CRITICAL)
+    saved = _configure_logging(verbosity(args))
     try:
         if args.command == "simulator":
             return _serve(args)
@@ -324,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("avma-remediator: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        sweep_log.setLevel(sweep_level)
+        for name, old in saved.items():
+            logging.getLogger(name).setLevel(old)
 
 
 def _applying(args: argparse.Namespace) -> bool:
