@@ -108,25 +108,24 @@ def _version() -> str:
         return "unknown"
 
 
-def _parser(commands: Any, name: str, *, help: str, epilog: str, level: int) -> argparse.ArgumentParser:
+VERBOSE_RUN = "-v: the tool's steps per VM with timings; -vv: the Azure SDK's HTTP logging too"
+VERBOSE_OTHER = "-v: log details on stderr"
+
+
+def _parser(
+    commands: Any, name: str, *, help: str, epilog: str, level: int, verbose: str = VERBOSE_RUN
+) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = commands.add_parser(
         name, help=help, description=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    _verbose(p, level)
+    _verbose(p, level, verbose)
     return p
 
 
-def _verbose(p: argparse.ArgumentParser, level: int) -> None:
+def _verbose(p: argparse.ArgumentParser, level: int, text: str = VERBOSE_RUN) -> None:
     """-v on every parser level, each with its own count (a subparser's namespace overwrites its
     parent's values), so that ``-v sweep -v`` is -vv."""
-    p.add_argument(
-        "-v",
-        "--verbose",
-        dest=f"verbose{level}",
-        action="count",
-        default=0,
-        help="-v: the tool's steps per VM with timings; -vv: the Azure SDK's HTTP logging too",
-    )
+    p.add_argument("-v", "--verbose", dest=f"verbose{level}", action="count", default=0, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,13 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the work items an Event Grid, alert or Log Analytics payload gives",
         epilog="example:\n  avma-remediator intake alert.json\n",
         level=1,
+        verbose=VERBOSE_OTHER,
     )
     p_intake.add_argument("file", metavar="FILE|-", help="a JSON payload file, or - for standard input")
 
-    p_sim = _parser(commands, "simulator", help="the simulated Azure estate", epilog=SERVE_EPILOG, level=1)
+    p_sim = _parser(
+        commands,
+        "simulator",
+        help="the simulated Azure estate",
+        epilog=SERVE_EPILOG,
+        level=1,
+        verbose=VERBOSE_OTHER,
+    )
     sim_commands = p_sim.add_subparsers(dest="sim_command", required=True, metavar="SUBCOMMAND")
     p_serve = _parser(
-        sim_commands, "serve", help="serve the simulator until interrupted", epilog=SERVE_EPILOG, level=2
+        sim_commands,
+        "serve",
+        help="serve the simulator until interrupted",
+        epilog=SERVE_EPILOG,
+        level=2,
+        verbose=VERBOSE_OTHER,
     )
     p_serve.add_argument("estate", nargs="?", default="", metavar="ESTATE_FILE")
     p_serve.add_argument(
@@ -264,7 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--arm-port", type=int, default=0, metavar="PORT", help="ARM's port (default: a free one)"
     )
     p_serve.add_argument(
-        "--identity-port", type=int, default=0, metavar="PORT", help="token endpoint port (default: free)"
+        "--identity-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="the token endpoint's port (default: a free one)",
     )
     p_serve.add_argument(
         "--fault",

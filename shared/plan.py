@@ -57,8 +57,8 @@ class PlanError(ValueError):
 class PlanChanged(Exception):
     """Raised before the remediation's Run Command when the fresh decision is not the plan's."""
 
-    def __init__(self, now: Decision) -> None:
-        super().__init__(now.reason)
+    def __init__(self, now: Decision | None) -> None:
+        super().__init__(now.reason if now is not None else "not judged")
         self.now = now
 
 
@@ -130,13 +130,10 @@ def parse_document(document: Mapping[str, Any]) -> GuestResult:
     return parse_result(RESULT_MARKER + json.dumps(document), expected_script="detect")
 
 
-def judge(vm: VmFacts, guest: GuestResult | None, settings: Settings) -> Decision:
+def judge(vm: VmFacts, guest: GuestResult, settings: Settings) -> Decision:
     """The decision table on these facts, in audit mode: ``gate`` first, then ``decide``."""
     audit = settings.with_mode(Mode.AUDIT)
-    ruled = gate(vm, audit)
-    if ruled is not None or guest is None:
-        return ruled or Decision.final(OutcomeKind.DEFERRED, "not-detected")
-    return decide(guest, audit)
+    return gate(vm, audit) or decide(guest, audit)
 
 
 class Recorder:
@@ -433,7 +430,7 @@ class PlanApplier:
                 await before_run_command(phase, data)
             if phase == "remediate":
                 now = self._fresh(vm_id)
-                if now != planned.decision:
+                if now != planned.decision:  # None cannot be here (detection just ran): refused too
                     raise PlanChanged(now)
 
         try:
@@ -446,22 +443,25 @@ class PlanApplier:
         if vm is None:
             return outcome  # not read (scope, ARM trouble): nothing was judged afresh
         now = self._fresh(vm_id)
-        if now.kind is OutcomeKind.DEFERRED and now.reason == "not-detected":
-            return outcome  # read but not detected: ARM or Run Command trouble, or a deferring gate row
-        ruled = gate(vm, self._settings.with_mode(Mode.AUDIT))
-        if ruled is not None and ruled.kind in (OutcomeKind.DEFERRED, OutcomeKind.FAILED):
+        if now is None or now.kind in (OutcomeKind.DEFERRED, OutcomeKind.FAILED):
+            # Not judged afresh (ARM or Run Command trouble after the read), or a row that waits
+            # (the agent, a starting VM): retried with --from, not re-planned.
             return outcome
         if now == planned.decision:
             return outcome  # the same judgement; enforce mode's own rules answered (kms-unreachable)
         return self._changed(planned, now, outcome=outcome)
 
-    def _fresh(self, vm_id: VmId) -> Decision:
+    def _fresh(self, vm_id: VmId) -> Decision | None:
+        """The decision table on what this apply read of the VM; None when it did not read it,
+        or the gate let it through and there is no detection result to decide on."""
         vm, document = self._recorder.vm(vm_id), self._recorder.guest(vm_id)
         if vm is None:
-            return Decision.final(OutcomeKind.DEFERRED, "not-detected")
-        return judge(vm, parse_document(document) if document is not None else None, self._settings)
+            return None
+        if document is None:
+            return gate(vm, self._settings.with_mode(Mode.AUDIT))
+        return judge(vm, parse_document(document), self._settings)
 
-    def _changed(self, planned: PlannedVm, now: Decision, *, outcome: Outcome | None) -> Outcome:
+    def _changed(self, planned: PlannedVm, now: Decision | None, *, outcome: Outcome | None) -> Outcome:
         vm, document = self._recorder.vm(planned.vm_id), self._recorder.guest(planned.vm_id)
         changes = _differences(planned, vm, document)
         details: dict[str, Any] = {

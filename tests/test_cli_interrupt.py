@@ -111,6 +111,9 @@ def test_a_signal_during_apply_keeps_the_record_of_every_vm_it_changed(tmp_path:
     printed = json.loads(out)
     written = json.loads((tmp_path / "result.json").read_text())
     assert printed == written
+    from tests.test_cli_readme import json_keys_documented
+
+    assert json_keys_documented(printed) == []
     assert printed["interrupted"] is True
     by_id = {v["id"].lower(): v for v in printed["vms"]}
     state = json.loads((tmp_path / "state.json").read_text())

@@ -153,6 +153,9 @@ def test_apply_acts_only_where_the_fresh_facts_lead_to_the_planned_decision(
     assert "kmsReachable True → False" in result[ROUTE]["hint"]
     assert final[_id("vm-new")]["changed"] is False
     assert code == 0
+    from tests.test_cli_readme import json_keys_documented
+
+    assert json_keys_documented(json.loads(out)) == []  # planned, now, changed: in the README's JSON shape
 
 
 def _plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, dict[str, Any]]:
