@@ -14,7 +14,9 @@ from typing import Any
 import azure.functions as func
 
 from shared import triggers
+from shared.recheck import check_vms
 from shared.settings import POISON_QUEUE, WORK_QUEUE
+from shared.status import StatusQuery, StatusQueryError, status_page
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 STORAGE = "AzureWebJobsStorage"
@@ -122,10 +124,25 @@ async def poison_drain(timer: func.TimerRequest) -> None:
 @app.function_name("status")
 @app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 async def status(req: func.HttpRequest) -> func.HttpResponse:
-    """Counts by outcome and the most recent actions, from the ledger."""
+    """Counts by outcome, the most recent actions, and a page of the VMs that match the filters
+    (``outcome``, ``reason``, ``vm``, ``since``, ``pageSize``, ``continuation``: shared/status.py)."""
     try:
-        recent = max(0, min(int(req.params.get("recent", "20")), 200))
-    except ValueError:
-        return func.HttpResponse('{"error": "recent must be a whole number"}', status_code=400)
-    body = await triggers.status(recent=recent)
-    return func.HttpResponse(json.dumps(body, default=str), mimetype="application/json")
+        query = StatusQuery.from_params(dict(req.params))
+    except StatusQueryError as error:
+        return _json({"error": str(error)}, 400)
+    return _json(await status_page(query), 200)
+
+
+@app.function_name("check")
+@app.route(route="check", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+async def check(req: func.HttpRequest) -> func.HttpResponse:
+    """Queue a re-check of one VM or a list (shared/recheck.py): 202 with the correlation id, 400 for
+    a malformed id, 403 for a VM out of scope (nothing queued), 503 with ``Retry-After``."""
+    code, body, headers = await check_vms(req.get_body())
+    return _json(body, code, headers)
+
+
+def _json(body: object, status_code: int, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    return func.HttpResponse(
+        json.dumps(body, default=str), status_code=status_code, headers=headers, mimetype="application/json"
+    )
