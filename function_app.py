@@ -14,9 +14,11 @@ from typing import Any
 import azure.functions as func
 
 from shared import triggers
+from shared.queueprobe import probe_queues
 from shared.recheck import check_vms
 from shared.settings import POISON_QUEUE, WORK_QUEUE
 from shared.status import StatusQuery, StatusQueryError, status_page
+from shared.telemetry import worker_errors
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 STORAGE = "AzureWebJobsStorage"
@@ -94,15 +96,18 @@ async def sweep(timer: func.TimerRequest) -> None:
 @app.function_name("vm_check")
 @app.queue_trigger(arg_name="msg", queue_name=WORK_QUEUE, connection=STORAGE)
 async def vm_check(msg: func.QueueMessage) -> None:
-    """The worker: one work item → the per-VM workflow under the VM's lease → ledger."""
-    await triggers.work(msg.get_body().decode("utf-8", errors="replace"))
+    """The worker: one work item → the per-VM workflow under the VM's lease → ledger. An exception
+    (the host retries the message) is logged as one ``avma-worker-error`` record first."""
+    async with worker_errors("vm_check"):
+        await triggers.work(msg.get_body().decode("utf-8", errors="replace"))
 
 
 @app.function_name("vm_check_poison")
 @app.queue_trigger(arg_name="msg", queue_name=POISON_QUEUE, connection=STORAGE)
 async def vm_check_poison(msg: func.QueueMessage) -> None:
     """Messages the host gave up on (``maxDequeueCount``): recorded as ``failed: poison``."""
-    await triggers.poison(msg.get_body().decode("utf-8", errors="replace"))
+    async with worker_errors("vm_check_poison"):
+        await triggers.poison(msg.get_body().decode("utf-8", errors="replace"))
 
 
 # A fixed schedule, not an app setting: the last resort must not depend on a setting a deployment
@@ -116,7 +121,10 @@ LAST_RESORT_DRAIN_SCHEDULE = "0 */10 * * * *"
     arg_name="timer", schedule=LAST_RESORT_DRAIN_SCHEDULE, run_on_startup=False, use_monitor=True
 )
 async def poison_drain(timer: func.TimerRequest) -> None:
-    """``vm-checks-poison-poison`` (what the poison handler could not record) → ledger, then deleted."""
+    """First each queue's depth and oldest visible message (``avma-queue`` records, which the
+    workbook and the alerts read: shared/queueprobe.py), then ``vm-checks-poison-poison`` (what the
+    poison handler could not record) → ledger, then deleted."""
+    await probe_queues()
     summary = await triggers.drain_last_resort()
     logging.info("last-resort drain (past due: %s): %s", timer.past_due, summary)
 
