@@ -39,11 +39,13 @@ from shared.model import Outcome, OutcomeKind
 from shared.queueprobe import PROBED, probe_queues
 from shared.scope import OUT_OF_SCOPE
 from tests.kql_subset import Query, Unsupported
+from tests.test_function_app import scoped
 from tests.test_infra_lib import ROOT, template
 
 QUERIES = ROOT / "infra" / "app" / "queries"
 SAMPLE = Path(__file__).resolve().parent / "data" / "telemetry" / "sample-traces.json"
 OPERATIONS = ROOT / "docs" / "operations.md"
+__all__ = ["scoped"]  # a fixture of tests/test_function_app.py used here
 
 
 # --- what the code emits -------------------------------------------------------------------------
@@ -421,3 +423,31 @@ def test_the_runbook_lists_every_failure_reason_the_hints_know() -> None:
     assert len(reasons) > 25  # the scan sees the table, the prefixes and _UNFINISHED
     assert reasons - listed == set()
     assert {"poison", "malformed-message", OUT_OF_SCOPE} <= listed  # the app's own
+
+
+async def test_a_malformed_message_and_a_refusal_are_outcome_records_with_their_fields_as_attributes(
+    scoped: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the tiles of refused and deferred items count: the malformed message is an outcome
+    record too, and a refusal carries the item's firstSeen; each field is a record attribute (what
+    OpenTelemetry turns into a custom dimension)."""
+    from shared import triggers
+    from tests.test_function_app import FOREIGN
+
+    caplog.set_level(logging.INFO, logger="avma_remediator.outcomes")
+    first = "2026-12-01T10:00:00+00:00"
+    await triggers.work("definitely not a work item")
+    await triggers.work(
+        json.dumps({"reason": "vm-created", "vmId": FOREIGN, "correlationId": "c", "firstSeen": first})
+    )
+    logged = [r for r in caplog.records if r.getMessage().startswith(telemetry.PREFIX)]
+    records = [json.loads(r.getMessage()[len(telemetry.PREFIX) :]) for r in logged]
+    assert [(r["vmId"], r["outcome"], r["reason"]) for r in records] == [
+        ("unparsable-message", "failed", "malformed-message"),
+        (FOREIGN, "skipped", OUT_OF_SCOPE),
+    ]
+    assert records[1]["firstSeen"] == first
+    for log_record, record in zip(logged, records, strict=True):
+        assert {k: getattr(log_record, k) for k, v in record.items() if v is not None} == {
+            k: v for k, v in record.items() if v is not None
+        }

@@ -8,8 +8,9 @@
 // Microsoft.Insights.Application.json: name a GUID, kind 'shared', displayName, serializedData and
 // category required), serializedData as in Azure/azure-rest-api-specs specification/applicationinsights/
 // resource-manager/Microsoft.Insights/stable/2023-06-01/examples/WorkbookManagedAdd.json
-// ("version": "Notebook/1.0", "items", "fallbackResourceIds"); item type 1 is text, 3 a query
-// (KqlItem/1.0, queryType 0 = logs) as in microsoft/Application-Insights-Workbooks.
+// ("version": "Notebook/1.0", "items", "fallbackResourceIds", item type 1 = text); type 3 is a
+// query item (content version KqlItem/1.0, queryType 0 = logs, resourceType of what it queries) as
+// microsoft/PubSec-Info-Assistant infra/core/logging/monitor.bicep writes them.
 param location string
 param tags object
 param applicationInsightsName string
