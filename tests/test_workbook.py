@@ -280,6 +280,7 @@ def test_queue_depth_and_worker_errors() -> None:
         ("worker-errors", 1),
         ("oldest-message", 0.0),
         ("poison-queue-stuck", None),
+        ("probe-missing", 3),
     ],
 )
 def test_each_alert_query_ends_in_the_number_its_rule_compares(key: str, value: float | None) -> None:
@@ -293,6 +294,15 @@ def test_each_alert_query_ends_in_the_number_its_rule_compares(key: str, value: 
         value = float(probe["customDimensions"]["oldestVisibleAgeS"]) / 60
     (row,) = rows
     assert row[rule["measure"]] == pytest.approx(value)
+    assert rule["operator"] == ("LessThan" if key == "probe-missing" else "GreaterThan")
+
+
+def test_the_probe_alert_fires_on_no_probe_at_all() -> None:
+    """With no avma-queue record in the window the count is 0 (a summarize without by gives one
+    row), below the threshold of 1: the alert fires when the timer stops."""
+    rule = next(r for r in alert_rules() if r["key"] == "probe-missing")
+    assert Query.parse(query_files()[rule["file"]]).run({"traces": []}) == [{"probes": 0}]
+    assert rule["threshold"] == 1
 
 
 # --- the docs --------------------------------------------------------------------------------------

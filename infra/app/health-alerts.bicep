@@ -36,8 +36,8 @@ resource applicationInsights 'Microsoft.Insights/components@2020-02-02' existing
   name: applicationInsightsName
 }
 
-// Each query ends in one number (metricMeasureColumn), compared with the threshold every 15 minutes
-// over the window. tests/test_workbook.py runs each over recorded records.
+// Each query ends in one number (metricMeasureColumn), compared with the threshold (operator) every
+// 15 minutes over the window. tests/test_workbook.py runs each over recorded records.
 var healthRules = [
   {
     key: 'poison'
@@ -46,6 +46,7 @@ var healthRules = [
     severity: 2
     query: loadTextContent('queries/alert-poison.kql')
     measure: 'items'
+    operator: 'GreaterThan'
     threshold: 0
     window: 'PT15M'
   }
@@ -56,6 +57,7 @@ var healthRules = [
     severity: 2
     query: loadTextContent('queries/alert-poison-queue-stuck.kql')
     measure: 'least'
+    operator: 'GreaterThan'
     threshold: 0
     window: 'PT30M'
   }
@@ -66,6 +68,7 @@ var healthRules = [
     severity: 3
     query: loadTextContent('queries/alert-failed-rise.kql')
     measure: 'failedVMs'
+    operator: 'GreaterThan'
     threshold: failedVmsPerHour
     window: 'PT1H'
   }
@@ -76,6 +79,7 @@ var healthRules = [
     severity: 2
     query: loadTextContent('queries/alert-worker-errors.kql')
     measure: 'errors'
+    operator: 'GreaterThan'
     threshold: workerErrorsPer15Minutes
     window: 'PT15M'
   }
@@ -86,8 +90,20 @@ var healthRules = [
     severity: 2
     query: loadTextContent('queries/alert-oldest-message.kql')
     measure: 'oldestMinutes'
+    operator: 'GreaterThan'
     threshold: oldestMessageMinutes
     window: 'PT15M'
+  }
+  {
+    key: 'probe-missing'
+    displayName: 'avma-remediator: the queue probe has not run'
+    description: 'No avma-queue record for 30 minutes: the poison_drain timer (every 10 minutes) is not running, so the queue alerts above cannot fire either.'
+    severity: 2
+    query: loadTextContent('queries/alert-probe-missing.kql')
+    measure: 'probes'
+    operator: 'LessThan'
+    threshold: 1
+    window: 'PT30M'
   }
 ]
 
@@ -112,7 +128,7 @@ resource healthAlerts 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = [for
           query: rule.query
           timeAggregation: 'Total'
           metricMeasureColumn: rule.measure
-          operator: 'GreaterThan'
+          operator: rule.operator
           threshold: rule.threshold
           failingPeriods: {
             numberOfEvaluationPeriods: 1
