@@ -1,0 +1,176 @@
+"""The Azure-side path check (issue 11): the real azure-mgmt-network aio client against the simulator,
+one VM per cause, and the healthy cases; the simulator's own guest reachability agrees with it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from azure.identity.aio import ManagedIdentityCredential
+
+from shared.azure.compute import ComputeGateway
+from shared.azure.network import NetworkGateway
+from shared.kms_endpoints import kms_of
+from shared.model import VmId
+from shared.network_fix import fix_for
+from shared.network_path import (
+    INTERNAL_LB,
+    NSG_DENY,
+    PRIVATE_SUBNET,
+    RETIRED_ONLY,
+    ROUTE_APPLIANCE,
+    ROUTE_GATEWAY,
+    ROUTE_NONE,
+    PathVerdict,
+)
+from shared.settings import Settings
+from simulator import Estate, Simulator
+from tests.network_estate import ILB, NSG, RT_HUB, RT_LEGACY, RT_NONE, SPOKE, VMS, network_estate, vm_id
+
+PUBLIC = kms_of("AzureCloud")
+
+
+@pytest.fixture(scope="module")
+def verdicts() -> Iterator[tuple[dict[str, PathVerdict], Estate, int]]:
+    estate = Estate.from_dict(network_estate())
+    with Simulator(estate, latency_s=0.01) as sim, pytest.MonkeyPatch.context() as patch:
+        for key, value in sim.env().items():
+            patch.setenv(key, value)
+        settings = Settings.from_env(sim.env())
+
+        async def run() -> tuple[dict[str, PathVerdict], int]:
+            async with (
+                ManagedIdentityCredential() as credential,
+                ComputeGateway(credential, settings) as compute,
+                NetworkGateway(credential, settings) as network,
+            ):
+                vms = [await compute.get_vm(VmId.parse(vm_id(name))) for name in VMS]
+                found = await asyncio.gather(*(network.path(vm) for vm in vms))
+                return dict(zip(VMS, found, strict=True)), network.requests
+
+        found, requests = asyncio.run(run())
+        yield found, estate, requests
+
+
+def one(verdict: PathVerdict) -> Any:
+    assert verdict.state == "blocked", verdict
+    (finding,) = verdict.findings
+    return finding
+
+
+@pytest.mark.parametrize(
+    ("vm", "cause", "resource", "text"),
+    [
+        (
+            "vm-nva",
+            ROUTE_APPLIANCE,
+            RT_HUB,
+            "route 0.0.0.0/0 → VirtualAppliance 10.0.0.4 in route table rt-hub (subnet app-nva)",
+        ),
+        (
+            "vm-none",
+            ROUTE_NONE,
+            RT_NONE,
+            "route 0.0.0.0/0 → None in route table rt-blackhole (subnet app-none)",
+        ),
+        (
+            "vm-private",
+            PRIVATE_SUBNET,
+            f"{SPOKE}/subnets/app-private",
+            "subnet app-private is private (defaultOutboundAccess false) and has no NAT gateway",
+        ),
+        ("vm-ilb", INTERNAL_LB, ILB, "behind the Standard internal load balancer ilb-app only"),
+        (
+            "vm-retired",
+            RETIRED_ONLY,
+            RT_LEGACY,
+            "routes exist for 23.102.135.246 only, not for 20.118.99.224 and 40.83.235.53",
+        ),
+        (
+            "vm-gateway",
+            ROUTE_GATEWAY,
+            "/subnets/app",
+            "route 0.0.0.0/0 → VirtualNetworkGateway learned from the virtual network gateway over BGP",
+        ),
+        (
+            "vm-nsg",
+            NSG_DENY,
+            NSG,
+            "rule deny-internet (priority 4000) denies TCP 1688 to 20.118.99.224 and 40.83.235.53",
+        ),
+    ],
+)
+def test_each_cause_is_named_with_the_resource_at_fault(
+    verdicts: tuple[dict[str, PathVerdict], Estate, int], vm: str, cause: str, resource: str, text: str
+) -> None:
+    found, estate, _ = verdicts
+    finding = one(found[vm])
+    assert finding.cause == cause
+    assert finding.resource_id.endswith(resource) and text in finding.text
+    # Azure's side of the simulation agrees: this guest cannot reach the KMS
+    assert estate.get(vm_id(vm)).guest.network_reachable is False  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("vm", "outbound"),
+    [("vm-nat", "nat-gateway"), ("vm-pip", "public-ip"), ("vm-default", "default-outbound-access")],
+)
+def test_the_healthy_paths_are_ok(
+    verdicts: tuple[dict[str, PathVerdict], Estate, int], vm: str, outbound: str
+) -> None:
+    found, estate, _ = verdicts
+    assert (found[vm].state, found[vm].outbound, found[vm].findings) == ("ok", outbound, ())
+    assert estate.get(vm_id(vm)).guest.network_reachable is True  # type: ignore[union-attr]
+    if outbound == "default-outbound-access":  # the system route to Internet, and a warning
+        assert "31 March 2026" in found[vm].note
+
+
+def test_an_in_guest_block_has_a_clear_azure_path(
+    verdicts: tuple[dict[str, PathVerdict], Estate, int],
+) -> None:
+    found, estate, _ = verdicts
+    assert found["vm-firewalled"].state == "ok"
+    guest = estate.get(vm_id("vm-firewalled")).guest
+    assert guest is not None and guest.network_reachable and not guest.kms_reachable
+
+
+def test_shared_resources_are_read_once_per_run(verdicts: tuple[dict[str, PathVerdict], Estate, int]) -> None:
+    found, _, requests = verdicts
+    # per VM: the NIC, the effective-routes POST and one poll; per shared resource one GET
+    # (10 subnets, 3 route tables, 1 load balancer, 1 NSG)
+    assert requests <= 3 * len(found) + 15 + 3  # a few extra polls on a slow machine
+
+
+def test_the_fixes_are_the_exact_commands() -> None:
+    from shared.network_path import Finding
+
+    route = Finding(ROUTE_APPLIANCE, RT_HUB, "", PUBLIC.required, f"{SPOKE}/subnets/app-nva", "westeurope")
+    commands = fix_for(route, PUBLIC)
+    sub = RT_HUB.split("/")[2]
+    assert commands == [
+        f"az network route-table route create --subscription {sub} --resource-group rg-net --route-table-name rt-hub "
+        f"--name azure-kms-{ip.replace('.', '-')} --address-prefix {ip}/32 --next-hop-type Internet"
+        for ip in ("20.118.99.224", "40.83.235.53")
+    ]
+    private = Finding(
+        PRIVATE_SUBNET, f"{SPOKE}/subnets/app-private", "", (), f"{SPOKE}/subnets/app-private", "westeurope"
+    )
+    assert fix_for(private, PUBLIC)[-1] == (
+        f"az network vnet subnet update --subscription {sub} --resource-group rg-net --vnet-name vnet-spoke "
+        "--name app-private --nat-gateway nat-app-private"
+    )
+    bgp = Finding(
+        ROUTE_GATEWAY, f"{SPOKE}/subnets/app", "", PUBLIC.required, f"{SPOKE}/subnets/app", "westeurope"
+    )
+    assert fix_for(bgp, PUBLIC)[0].startswith("az network route-table create ")
+    assert fix_for(bgp, PUBLIC)[-1].endswith(
+        "--vnet-name vnet-spoke --name app --route-table rt-azure-kms-app"
+    )
+    nsg = Finding(NSG_DENY, NSG, "", PUBLIC.required, f"{SPOKE}/subnets/app-nsg", "westeurope", 4000)
+    assert fix_for(nsg, PUBLIC) == [
+        f"az network nsg rule create --subscription {sub} --resource-group rg-net --nsg-name nsg-locked "
+        "--name allow-azure-kms --priority 3999 --direction Outbound --access Allow --protocol Tcp "
+        "--destination-address-prefixes 20.118.99.224/32 40.83.235.53/32 --destination-port-ranges 1688"
+    ]
