@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from shared.azure.compute import ComputeError, ComputeGateway
 from shared.azure.credentials import make_credential
 from shared.azure.inventory import Inventory, InventoryError, resolve_query
+from shared.azure.network import NetworkGateway
 from shared.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from shared.intake_cli import run_intake
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
@@ -196,9 +197,12 @@ async def _execute(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     async with (
         credential,
         ComputeGateway(credential, settings) as gateway,
+        NetworkGateway(credential, settings) as network,
         Inventory(credential, settings) as scope_inventory,
     ):
-        remediator = _Scoped(Remediator(gateway, settings), Scope.from_settings(settings, scope_inventory))
+        remediator = _Scoped(
+            Remediator(gateway, settings, network=network), Scope.from_settings(settings, scope_inventory)
+        )
         if computer is not None:
             async with Inventory(credential, settings) as inventory:
                 try:
