@@ -96,6 +96,7 @@ NETWORK: dict[str, Any] = {
 # VM name → (subnet id, NIC extras, the guest's own kmsReachable)
 VMS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "vm-nva": (f"{SPOKE}/subnets/app-nva", {}, True),
+    "vm-nva-2": (f"{SPOKE}/subnets/app-nva", {}, True),  # one route table, two VMs: one fix
     "vm-none": (f"{SPOKE}/subnets/app-none", {}, True),
     "vm-private": (f"{SPOKE}/subnets/app-private", {}, True),
     "vm-ilb": (f"{SPOKE}/subnets/app-ilb", {"loadBalancers": [ILB]}, True),

@@ -4,7 +4,11 @@ one VM per cause, and the healthy cases; the simulator's own guest reachability 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -174,3 +178,79 @@ def test_the_fixes_are_the_exact_commands() -> None:
         "--name allow-azure-kms --priority 3999 --direction Outbound --access Allow --protocol Tcp "
         "--destination-address-prefixes 20.118.99.224/32 40.83.235.53/32 --destination-port-ranges 1688"
     ]
+
+
+# ------------------------------------------------------------------ the engine end to end (CLI)
+
+
+def sweep(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str, licensed: tuple[str, ...] = ()
+) -> Any:
+    from shared.cli import main
+
+    estate = tmp_path / "estate.json"
+    estate.write_text(json.dumps(network_estate(licensed=licensed)))
+    main(["sweep", "--simulate", str(estate), "--sim-latency", "0.01", *args])
+    return capsys.readouterr().out
+
+
+def test_apply_rekeys_unlicensed_vms_and_their_outcomes_carry_the_diagnosis(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = json.loads(sweep(tmp_path, capsys, "--apply", "--output", "json", licensed=("vm-nva-2",)))
+    vms = {vm["id"].rsplit("/", 1)[-1]: vm for vm in out["vms"]}
+    for name in ("vm-nva", "vm-none", "vm-private", "vm-ilb", "vm-retired", "vm-gateway", "vm-nsg"):
+        vm = vms[name]
+        assert (vm["outcome"], vm["reason"], vm["kmsCause"]) == (
+            "failed",
+            "activation-error:0xC004F074",
+            "azure",
+        )
+        assert vm["channelAfter"] == "KMS_CLIENT"  # re-keyed: no worse off, activates once routed
+        (finding,) = vm["kmsPath"]["findings"]
+        assert (
+            finding["text"][1:] in vm["hint"] and finding["fix"] and all(c in vm["hint"] for c in finding["fix"])
+        )
+    # a still-licensed AVMA VM behind the same NVA keeps its activation, with the same diagnosis
+    kept = vms["vm-nva-2"]
+    assert (kept["outcome"], kept["reason"], kept["channel"]) == ("deferred", "kms-unreachable", "AVMA")
+    assert kept["kmsPath"]["findings"][0]["cause"] == ROUTE_APPLIANCE and "re-key waits" in kept["hint"]
+    # Azure's path is clear, the guest still cannot connect: said to be inside the guest
+    inside = vms["vm-firewalled"]
+    assert (inside["outcome"], inside["kmsCause"], inside["kmsPath"]["state"]) == ("failed", "in-guest", "ok")
+    assert "inside the guest" in inside["hint"] and "Windows Firewall" in inside["hint"]
+    # healthy paths: remediated, never checked (the probe connected)
+    for name in ("vm-nat", "vm-pip", "vm-default"):
+        assert vms[name]["outcome"] == "remediated" and "kmsPath" not in vms[name]
+    # what the ledger stores stays within its details cap
+    from shared.ledger._table import DETAILS_MAX_CHARS
+
+    assert max(len(json.dumps(vm)) for vm in out["vms"]) < DETAILS_MAX_CHARS
+
+
+def test_the_audit_shows_the_blocked_path_and_what_to_do_once_per_resource(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = sweep(tmp_path, capsys)
+    assert "avma-kms-unreachable" in table
+    assert "KMS path, route-to-appliance (2 VMs: vm-nva, vm-nva-2)" in table
+    assert table.count("--route-table-name rt-hub --name azure-kms-20-118-99-224") == 1
+    assert "Fix once for all 2 (not applied; run as a network admin):" in table
+    assert "KMS path, internal-load-balancer-only (1 VM: vm-ilb)" in table
+    assert "--nat-gateway nat-app-ilb" in table
+    assert "avma-kms-unreachable (cause inside the guest) (1 VM)" in table
+    out = json.loads(sweep(tmp_path, capsys, "--output", "json"))
+    vms = {vm["id"].rsplit("/", 1)[-1]: vm for vm in out["vms"]}
+    assert (vms["vm-retired"]["outcome"], vms["vm-retired"]["reason"]) == (
+        "would-remediate",
+        "avma-kms-unreachable",
+    )
+    assert vms["vm-retired"]["kmsPath"]["findings"][0]["cause"] == RETIRED_ONLY
+
+
+def test_the_network_sdk_is_not_imported_with_the_function_app() -> None:
+    code = "import sys, function_app; sys.exit(int('azure.mgmt.network' in sys.modules))"
+    assert (
+        subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, check=False).returncode
+        == 0
+    )
