@@ -70,7 +70,7 @@ def test_the_public_clouds_old_address_is_retired_and_kms_core_points_to_the_new
     )
     assert public.required == ("20.118.99.224", "40.83.235.53")
     assert public.retired == ("23.102.135.246",)
-    assert dict((e.host, e.addresses) for e in public.endpoints)["kms.core.windows.net"] == ("20.118.99.224",)
+    assert {e.host: e.addresses for e in public.endpoints}["kms.core.windows.net"] == ("20.118.99.224",)
     assert public.default_host == "azkms.core.windows.net"
     assert all(not kms.retired for name, kms in KMS_ENDPOINTS.items() if name != "AzureCloud")
 

@@ -209,7 +209,9 @@ def test_apply_rekeys_unlicensed_vms_and_their_outcomes_carry_the_diagnosis(
         assert vm["channelAfter"] == "KMS_CLIENT"  # re-keyed: no worse off, activates once routed
         (finding,) = vm["kmsPath"]["findings"]
         assert (
-            finding["text"][1:] in vm["hint"] and finding["fix"] and all(c in vm["hint"] for c in finding["fix"])
+            finding["text"][1:] in vm["hint"]
+            and finding["fix"]
+            and all(c in vm["hint"] for c in finding["fix"])
         )
     # a still-licensed AVMA VM behind the same NVA keeps its activation, with the same diagnosis
     kept = vms["vm-nva-2"]
