@@ -82,7 +82,7 @@ def path_groups(outcomes: Sequence[Outcome]) -> list[str]:
                 continue
             key = (str(finding.get("cause")), str(finding.get("resource")).lower())
             vms, _ = groups.setdefault(key, ([], finding))
-            vms.append(_short(o.vm_id).rsplit("/", 1)[-1])
+            vms.append(f"{_short(o.vm_id).rsplit('/', 1)[-1]} ({o.kind.value}: {o.reason})")
     lines = []
     for (cause, _), (vms, finding) in groups.items():
         n = len(vms)

@@ -235,10 +235,16 @@ def test_the_audit_shows_the_blocked_path_and_what_to_do_once_per_resource(
 ) -> None:
     table = sweep(tmp_path, capsys)
     assert "avma-kms-unreachable" in table
-    assert "KMS path, route-to-appliance (2 VMs: vm-nva, vm-nva-2)" in table
+    assert (
+        "KMS path, route-to-appliance (2 VMs: vm-nva (would-remediate: avma-kms-unreachable), "
+        "vm-nva-2 (would-remediate: avma-kms-unreachable))"
+    ) in table
     assert table.count("--route-table-name rt-hub --name azure-kms-20-118-99-224") == 1
     assert "Fix once for all 2 (not applied; run as a network admin):" in table
-    assert "KMS path, internal-load-balancer-only (1 VM: vm-ilb)" in table
+    assert (
+        "KMS path, internal-load-balancer-only (1 VM: vm-ilb (would-remediate: avma-kms-unreachable))"
+        in table
+    )
     assert "--nat-gateway nat-app-ilb" in table
     assert "avma-kms-unreachable (cause inside the guest) (1 VM)" in table
     out = json.loads(sweep(tmp_path, capsys, "--output", "json"))
