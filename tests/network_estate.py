@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from typing import Any
 
@@ -127,4 +128,4 @@ def network_estate(*, licensed: tuple[str, ...] = ()) -> dict[str, Any]:
         nic = {"subnet": subnet, "privateIp": address, **extra}
         status = 1 if name in licensed else 5
         vms.append(windows_vm(vm_id(name), channel="AVMA", status=status, reachable=reachable, nic=nic))
-    return {"subscriptions": [SUB], "network": NETWORK, "vms": vms}
+    return copy.deepcopy({"subscriptions": [SUB], "network": NETWORK, "vms": vms})  # callers may edit it

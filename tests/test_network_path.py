@@ -262,3 +262,115 @@ def test_the_network_sdk_is_not_imported_with_the_function_app() -> None:
         subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, check=False).returncode
         == 0
     )
+
+
+# ------------------------------------------------------------------ more shapes of network
+
+
+def _small(network: dict[str, Any], nic: dict[str, Any] | None, reachable: bool = True) -> dict[str, Any]:
+    from tests.estates import windows_vm
+
+    extra = {"nic": nic} if nic is not None else {}
+    return {"network": network, "vms": [windows_vm(vm_id("vm-x"), status=5, reachable=reachable, **extra)]}
+
+
+def _verdict(estate: dict[str, Any]) -> PathVerdict:
+    with Simulator(Estate.from_dict(estate), latency_s=0.01) as sim, pytest.MonkeyPatch.context() as patch:
+        for key, value in sim.env().items():
+            patch.setenv(key, value)
+        settings = Settings.from_env(sim.env())
+
+        async def run() -> PathVerdict:
+            async with (
+                ManagedIdentityCredential() as credential,
+                ComputeGateway(credential, settings) as compute,
+                NetworkGateway(credential, settings) as network,
+            ):
+                return await network.path(await compute.get_vm(VmId.parse(vm_id("vm-x"))))
+
+        return asyncio.run(run())
+
+
+VNET = {"id": SPOKE, "addressPrefixes": ["10.10.0.0/16"], "gatewayRoutes": ["0.0.0.0/0"]}
+
+
+def test_a_public_standard_load_balancer_without_outbound_rules_gives_no_outbound() -> None:
+    lb = SPOKE.replace("virtualNetworks/vnet-spoke", "loadBalancers/lb-web")
+    network = {
+        "virtualNetworks": [
+            {**VNET, "gatewayRoutes": [], "subnets": [{"name": "web", "addressPrefix": "10.10.1.0/24"}]}
+        ],
+        "loadBalancers": [{"id": lb, "sku": "Standard", "public": True}],
+    }
+    verdict = _verdict(
+        _small(network, {"subnet": f"{SPOKE}/subnets/web", "privateIp": "10.10.1.4", "loadBalancers": [lb]})
+    )
+    finding = one(verdict)
+    assert (finding.cause, finding.resource_id) == ("load-balancer-no-outbound", lb)
+    # with outbound rules it gives outbound
+    network["loadBalancers"] = [{"id": lb, "sku": "Standard", "public": True, "outboundRules": True}]
+    ok = _verdict(
+        _small(network, {"subnet": f"{SPOKE}/subnets/web", "privateIp": "10.10.1.4", "loadBalancers": [lb]})
+    )
+    assert (ok.state, ok.outbound) == ("ok", "load-balancer")
+
+
+def test_user_routes_for_the_kms_beat_bgp_forced_tunnelling_and_propagation_can_be_turned_off() -> None:
+    table = SPOKE.replace("virtualNetworks/vnet-spoke", "routeTables/rt-kms")
+    routes = [
+        {"name": f"kms-{i}", "addressPrefix": f"{ip}/32", "nextHopType": "Internet"}
+        for i, ip in enumerate(PUBLIC.required)
+    ]
+    subnet = {"name": "app", "addressPrefix": "10.10.1.0/24", "routeTable": table}
+    network = {
+        "virtualNetworks": [{**VNET, "subnets": [subnet]}],
+        "routeTables": [{"id": table, "routes": routes}],
+    }
+    nic = {"subnet": f"{SPOKE}/subnets/app", "privateIp": "10.10.1.4"}
+    assert _verdict(_small(network, nic)).state == "ok"  # /32 user routes win over the BGP 0.0.0.0/0
+    network["routeTables"] = [{"id": table, "routes": [], "disableBgpRoutePropagation": True}]
+    assert _verdict(_small(network, nic)).state == "ok"  # no BGP routes: the system route to Internet
+    network["routeTables"] = [{"id": table, "routes": []}]
+    assert one(_verdict(_small(network, nic))).cause == ROUTE_GATEWAY
+
+
+def test_a_vm_whose_nic_is_not_served_is_unknown_not_ok() -> None:
+    network = {"virtualNetworks": [{**VNET, "subnets": [{"name": "app", "addressPrefix": "10.10.1.0/24"}]}]}
+    verdict = _verdict(_small(network, None))
+    assert verdict.state == "unknown" and "HTTP 404" in verdict.note and verdict.nic_id.endswith("/vm-x-nic")
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        (lambda e: e["vms"][0]["nic"].update(subnet=f"{SPOKE}/subnets/nope"), "$.vms[0].nic.subnet"),
+        (lambda e: e["vms"][0]["nic"].update(privateIp="10.99.0.4"), "$.vms[0].nic.privateIp"),
+        (lambda e: e.pop("network"), "$.vms[0].nic"),
+        (
+            lambda e: e["network"]["virtualNetworks"][0]["subnets"][0].update(routeTable=f"{SPOKE}/x"),
+            "$.network.virtualNetworks[0].subnets[0].routeTable",
+        ),
+        (
+            lambda e: e["network"]["routeTables"][0]["routes"][0].pop("nextHopIpAddress"),
+            "$.network.routeTables[0].routes[0].nextHopIpAddress",
+        ),
+        (lambda e: e["network"].update(peerings=[]), "$.network.peerings"),
+    ],
+)
+def test_the_network_is_validated_with_the_json_path_of_the_problem(change: Any, path: str) -> None:
+    from simulator import EstateError
+
+    estate = network_estate()
+    change(estate)
+    with pytest.raises(EstateError) as error:
+        Estate.from_dict(estate)
+    assert error.value.path == path
+
+
+def test_a_network_estate_round_trips_through_its_file_form() -> None:
+    estate = Estate.from_dict(network_estate())
+    again = Estate.from_dict(json.loads(json.dumps(estate.to_dict())))
+    assert again.to_dict() == estate.to_dict()
+    assert [vm.guest.network_reachable for vm in again.vms] == [
+        vm.guest.network_reachable for vm in estate.vms
+    ]  # type: ignore[union-attr]
