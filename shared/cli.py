@@ -24,6 +24,7 @@ from typing import Any
 from shared.azure.compute import ComputeError, ComputeGateway
 from shared.azure.credentials import make_credential
 from shared.azure.inventory import Inventory, InventoryError, resolve_query
+from shared.azure.network import NetworkGateway
 from shared.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from shared.intake_cli import run_intake
 from shared.interrupt import Interrupt, Interruptible
@@ -453,6 +454,7 @@ async def _execute(
     async with (
         credential,
         ComputeGateway(credential, settings) as gateway,
+        NetworkGateway(credential, settings) as network,
         Inventory(credential, settings) as scope_inventory,
     ):
         recorder = Recorder(gateway)
@@ -467,12 +469,18 @@ async def _execute(
                     elif ask and not confirm(plan, stdin=sys.stdin, stderr=sys.stderr, what="apply"):
                         print("avma-remediator: not applied: nothing was changed", file=sys.stderr)
                         return EXIT_OK
-                    applier = PlanApplier(_Scoped(Remediator(recorder, enforce), scope), recorder, plan, base)
+                    applier = PlanApplier(
+                        _Scoped(Remediator(recorder, enforce, network=network), scope), recorder, plan, base
+                    )
                     result = await run.collect(targets, applier)
                 elif applying and ask:
-                    result = await _confirmed(run, targets, recorder, scope, audit, enforce, simulated)
+                    result = await _confirmed(
+                        run, targets, recorder, scope, audit, enforce, simulated, network
+                    )
                 else:
-                    result = await run.collect(targets, _Scoped(Remediator(recorder, settings), scope))
+                    result = await run.collect(
+                        targets, _Scoped(Remediator(recorder, settings, network=network), scope)
+                    )
                     if getattr(args, "out_plan", None):
                         stopped = result.interrupted
                         made = build_plan(
@@ -496,16 +504,19 @@ async def _confirmed(
     audit: Settings,
     enforce: Settings,
     simulated: bool,
+    network: NetworkGateway | None = None,
 ) -> RunResult:
     """``--apply`` at a terminal: audit, show the counts by planned action, ask, then apply that plan."""
-    found = await run.collect(targets, _Scoped(Remediator(recorder, audit), scope))
+    found = await run.collect(targets, _Scoped(Remediator(recorder, audit, network=network), scope))
     plan = build_plan(found.outcomes, recorder, audit, simulated=simulated, interrupted=found.interrupted)
     if found.interrupted or not plan.actionable:
         return found
     if not confirm(plan, stdin=sys.stdin, stderr=sys.stderr, what="audit done"):
         print("avma-remediator: not applied: nothing was changed (the audit follows)", file=sys.stderr)
         return found
-    applier = PlanApplier(_Scoped(Remediator(recorder, enforce), scope), recorder, plan, audit)
+    applier = PlanApplier(
+        _Scoped(Remediator(recorder, enforce, network=network), scope), recorder, plan, audit
+    )
     applied = await run.collect(_Targets(ids=tuple(p.vm_id for p in plan.actionable)), applier)
     done = {VmId.try_parse(o.vm_id) for o in applied.outcomes}
     kept = [o for o in found.outcomes if VmId.try_parse(o.vm_id) not in done]

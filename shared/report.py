@@ -58,10 +58,16 @@ def as_table(outcomes: Sequence[Outcome], *, mode: str, full_ids: bool = False, 
         lines.append("Nothing was changed (audit). Re-run with --apply to remediate.")
     hints: dict[str, tuple[int, str]] = {}
     for o in ordered:
-        if o.hint:
-            n, _ = hints.get(o.reason, (0, ""))
-            hints[o.reason] = (n + 1, o.hint)
-    if hints:
+        if o.hint and not blocked_path(o):
+            key = (
+                f"{o.reason} (cause inside the guest)"
+                if o.details.get("kmsCause") == "in-guest"
+                else o.reason
+            )
+            n, _ = hints.get(key, (0, ""))
+            hints[key] = (n + 1, o.hint)
+    paths = path_groups(ordered)
+    if hints or paths:
         lines.append("")
         lines.append("What to do:")
         for reason, (n, text) in hints.items():
@@ -70,7 +76,44 @@ def as_table(outcomes: Sequence[Outcome], *, mode: str, full_ids: bool = False, 
                 lines.extend(textwrap.wrap(item, width, subsequent_indent="    ", break_on_hyphens=False))
             else:
                 lines.append(item)
+        for line in paths:  # commands are never wrapped: they must paste as they are
+            if width > 0 and not line.startswith("      "):
+                lines.extend(textwrap.wrap(line, width, subsequent_indent="    ", break_on_hyphens=False))
+            else:
+                lines.append(line)
     return "\n".join(lines)
+
+
+def blocked_path(o: Outcome) -> bool:
+    """The VM's KMS path is blocked on Azure's side (issue 11): its fix is told once per resource."""
+    path = o.details.get("kmsPath")
+    return isinstance(path, Mapping) and path.get("state") == "blocked"
+
+
+def path_groups(outcomes: Sequence[Outcome]) -> list[str]:
+    """One entry per resource at fault with the VMs behind it: fixing it once repairs them all."""
+    groups: dict[tuple[str, str], tuple[list[str], Mapping[str, Any]]] = {}
+    for o in outcomes:
+        if not blocked_path(o):
+            continue
+        for finding in o.details["kmsPath"].get("findings") or []:
+            if not isinstance(finding, Mapping):
+                continue
+            key = (str(finding.get("cause")), str(finding.get("resource")).lower())
+            vms, _ = groups.setdefault(key, ([], finding))
+            vms.append(f"{_short(o.vm_id).rsplit('/', 1)[-1]} ({o.kind.value}: {o.reason})")
+    lines = []
+    for (cause, _), (vms, finding) in groups.items():
+        n = len(vms)
+        who = f"{n} VM{'s' if n != 1 else ''}: {', '.join(vms)}"
+        text = str(finding.get("text") or "")
+        lines.append(f"  KMS path, {cause} ({who}): {text[:1].upper()}{text[1:]}.")
+        fixes = [str(c) for c in finding.get("fix") or []]
+        if fixes:
+            scope = f"all {n}" if n > 1 else "it"
+            lines.append(f"    Fix once for {scope} (not applied; run as a network admin):")
+            lines.extend(f"      {command}" for command in fixes)
+    return lines
 
 
 def _fit(widths: list[int], width: int, *, fixed_first: bool) -> list[int]:

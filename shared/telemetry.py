@@ -47,6 +47,20 @@ def outcome_record(
         "attempt": attempt,
         "durationS": outcome.details.get("duration_s"),
         "edition": outcome.details.get("edition"),
+        **_kms_path(outcome),
+    }
+
+
+def _kms_path(outcome: Outcome) -> dict[str, Any]:
+    """The Azure-side KMS diagnosis (issue 11), when the workflow made one: cause and resource at fault."""
+    path = outcome.details.get("kmsPath")
+    if not isinstance(path, dict):
+        return {}
+    findings = [f for f in path.get("findings") or [] if isinstance(f, dict)]
+    return {
+        "kmsCause": outcome.details.get("kmsCause"),
+        "kmsPath": path.get("state"),
+        "kmsFindings": [{"cause": f.get("cause"), "resource": f.get("resource")} for f in findings],
     }
 
 

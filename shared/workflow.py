@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from shared import network_diagnosis
 from shared.azure.compute import (
     AgentNotReady,
     ArmTimeout,
@@ -29,6 +30,7 @@ from shared.guest.facts import GuestOutputError, GuestResult, parse_result
 from shared.guest.scripts import detect_command, remediate_command
 from shared.hints import hint_for, remediation_hint
 from shared.model import Outcome, OutcomeKind, VmId
+from shared.network_path import PathVerdict
 from shared.settings import Mode, Settings
 from shared.verify import judge
 from shared.vm import VmFacts
@@ -62,9 +64,12 @@ class Remediator:
     """Runs the workflow for one VM. It holds no state between checks: keeping two workflows off
     one VM is the ledger's lease (queue path) or the caller's de-duplication (the CLI's sweep)."""
 
-    def __init__(self, compute: Compute, settings: Settings) -> None:
+    def __init__(
+        self, compute: Compute, settings: Settings, *, network: network_diagnosis.NetworkCheck | None = None
+    ) -> None:
         self._compute = compute
         self._settings = settings
+        self._network = network  # the Azure-side path check (issue 11); None: the guest probe only
 
     @property
     def settings(self) -> Settings:
@@ -134,14 +139,24 @@ class Remediator:
             verdict = f"{decision.kind}: {decision.reason}" if decision.kind else decision.reason
             _step(vm_id, "decision", None, "%s (%s)", decision.action, verdict)
             facts = {**disk, **_facts(before, "")}
+            path: PathVerdict | None = None
+            if self._network is not None and network_diagnosis.wanted(decision, before):
+                path = await self._network.path(vm)
+                facts.update(network_diagnosis.details(path, settings))
             if decision.action is Action.NONE:
                 extra = {"error": _error_text(before)} if before.error is not None else {}
-                return self._final(vm_id, decision, {**facts, **extra})
+                return self._final(vm_id, decision, {**facts, **extra}, path=path)
             if decision.entry is not None:
                 facts["edition"] = decision.entry.edition
             facts["kmsTarget"] = settings.kms_target
             if settings.mode is Mode.AUDIT:
-                return self._outcome(vm_id, OutcomeKind.WOULD_REMEDIATE, decision.reason, facts)
+                return self._outcome(
+                    vm_id,
+                    OutcomeKind.WOULD_REMEDIATE,
+                    decision.reason,
+                    facts,
+                    hint=self._path_hint(path, decision.reason),
+                )
 
             phase = "remediate"
             body = remediate_command(
@@ -168,6 +183,11 @@ class Remediator:
                 details["error"] = _error_text(after)
             reason = reason or decision.reason
             hint = remediation_hint(reason, settings, before, after)
+            if reason == network_diagnosis.KMS_FAILED and self._network is not None:
+                if path is None:  # the probe connected, activation did not: ask Azure now
+                    path = await self._network.path(vm)
+                    details.update(network_diagnosis.details(path, settings))
+                hint = network_diagnosis.hint(path, reason, settings, hint)
             return self._outcome(vm_id, kind, reason, details, hint=hint)
         except VmNotFound:
             return self._outcome(vm_id, OutcomeKind.SKIPPED, "not-found", {"phase": phase})
@@ -200,9 +220,24 @@ class Remediator:
             details["stderr"] = stderr[-300:]
         return self._outcome(vm_id, OutcomeKind.FAILED, "bad-output", details)
 
-    def _final(self, vm_id: VmId, decision: Decision, details: dict[str, Any] | None = None) -> Outcome:
+    def _final(
+        self,
+        vm_id: VmId,
+        decision: Decision,
+        details: dict[str, Any] | None = None,
+        *,
+        path: PathVerdict | None = None,
+    ) -> Outcome:
         assert decision.kind is not None
-        return self._outcome(vm_id, decision.kind, decision.reason, details)
+        return self._outcome(
+            vm_id, decision.kind, decision.reason, details, hint=self._path_hint(path, decision.reason)
+        )
+
+    def _path_hint(self, path: PathVerdict | None, reason: str) -> str | None:
+        """The hint told from the Azure-side verdict, or None (the reason's own hint)."""
+        if path is None:
+            return None
+        return network_diagnosis.hint(path, reason, self._settings, hint_for(reason, self._settings))
 
     def _outcome(
         self,
