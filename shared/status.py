@@ -234,7 +234,11 @@ def _since(text: str, now: datetime, problems: list[str]) -> datetime | None:
     relative = _RELATIVE.fullmatch(text)
     if relative:
         amount, unit = int(relative[1]), _UNITS[relative[2]]
-        return now - timedelta(**{unit: amount})
+        try:
+            return now - timedelta(**{unit: amount})
+        except OverflowError:  # before year 1
+            problems.append(f"since={text!r}: too far back")
+            return None
     parsed = parse_time(text)
     if parsed is None:
         problems.append(f"since={text[:40]!r}: an ISO 8601 time (2026-12-01T08:00:00Z) or 30m, 24h, 7d")

@@ -194,6 +194,7 @@ async def test_a_token_only_works_with_the_filters_it_was_issued_for(ledger_env:
         ({"pageSize": "0"}, "pageSize=0"),
         ({"pageSize": str(MAX_PAGE_SIZE + 1)}, f"pageSize={MAX_PAGE_SIZE + 1}"),
         ({"since": "yesterday"}, "since='yesterday'"),
+        ({"since": "999999d"}, "too far back"),
         ({"vm": "/subscriptions/x/resourceGroups/r/providers/Microsoft.Compute/virtualMachines/v"}, "vm:"),
         ({"vm": "a b"}, "vm='a b'"),
         ({"reason": "*"}, "reason=*"),
