@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from shared.azure.compute import ComputeError
 from shared.azure.inventory import InventoryError
@@ -55,6 +55,10 @@ class VmListing(Protocol):
     async def unlisted_subscriptions(self) -> list[str]: ...
 
 
+# Why a subscription given is not listed when Resource Graph does not see it.
+NOT_LISTED: Final = (
+    "not-found: Resource Graph sees no such subscription (mistyped, or the identity cannot read it)"
+)
 # Put one listed VM in the lanes (each VM once, even if listed twice).
 Put = Callable[[VmFacts], Awaitable[None]]
 
@@ -100,10 +104,7 @@ async def sweep_inventory(
         try:
             for sub in await inventory.unlisted_subscriptions():
                 log.error("Resource Graph sees no subscription %s", sub)
-                report.listing_errors[sub] = (
-                    "not-found: Resource Graph sees no such subscription (mistyped, or the identity "
-                    "cannot read it)"
-                )
+                report.listing_errors[sub] = NOT_LISTED
             async for vm in inventory.list_vms():
                 await put(vm)
         except InventoryError as error:

@@ -116,10 +116,10 @@ def test_a_sweep_at_a_management_group_lists_only_its_subscriptions(
     monkeypatch.delenv("TARGET_SUBSCRIPTIONS")
     monkeypatch.delenv("AZURE_CLIENT_ID", raising=False)
     monkeypatch.setenv("MANAGEMENT_GROUP_ID", "mg-prod")
-    code = main(["sweep", "--apply", "--output", "json"])
+    code = main(["sweep", "--apply", "--yes", "--output", "json"])
     out = json.loads(capsys.readouterr().out)
     assert {VmId.parse(v["id"]).subscription_id for v in out["vms"]} == {SUB_A, SUB_B}
-    assert len(out["vms"]) == 5 and "listingErrors" not in out
+    assert len(out["vms"]) == 5 and out["listingErrors"] == {}
     assert sim.run_log(vm_id(SUB_C, "rg-c", "avma-c-01")) == []
     by_name = {VmId.parse(v["id"]).name: v for v in out["vms"]}
     assert by_name["avma-app-01"]["outcome"] == "remediated"
@@ -133,7 +133,7 @@ def test_a_sweep_at_a_management_group_lists_only_its_subscriptions(
     assert checks["subscriptions"] <= 2
 
     # --subscription narrows the listing; a subscription outside the group stays out of scope.
-    code = main(["sweep", "--apply", "--output", "json", "--subscription", SUB_C])
+    code = main(["sweep", "--apply", "--yes", "--output", "json", "--subscription", SUB_C])
     out = json.loads(capsys.readouterr().out)
     assert [(v["outcome"], v["reason"]) for v in out["vms"]] == [("skipped", "out-of-scope")]
     assert sim.run_log(vm_id(SUB_C, "rg-c", "avma-c-01")) == []
