@@ -186,3 +186,29 @@ async def test_a_healthy_vm_costs_four_arm_requests_and_its_listing_almost_none(
     assert [o.kind.value for o in report.outcomes] == ["healthy"] * 8
     assert requests == 4 * 8
     assert [q["kind"] for q in sim.graph_queries()] == ["subscriptions", "list_vms"]
+
+
+_PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
+
+
+async def test_sessions_trust_the_environment_only_when_it_names_a_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``trust_env`` on, aiohttp reads ``~/.netrc`` and the proxy variables in a thread for every
+    request; it is on only when a proxy is configured, and then the proxy is used."""
+    from shared.azure.transport import tls_session
+
+    for name in _PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+    config = Settings.from_env({})
+    session = tls_session(config)
+    try:
+        assert session.trust_env is False
+    finally:
+        await session.close()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.contoso.example:3128")
+    session = tls_session(config)
+    try:
+        assert session.trust_env is True
+    finally:
+        await session.close()
