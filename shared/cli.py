@@ -648,6 +648,7 @@ class _Listing:
             self._progress.listing_done()
 
     def _failed(self, error: InventoryError) -> None:
+        self._progress.listing_done()
         for key in self._inventory.listing_scope():
             self._errors.setdefault(key, f"{error.reason}: {error}")
 
