@@ -38,6 +38,7 @@ from azure.core.rest import HttpRequest  # noqa: E402
 from shared.azure.compute import ComputeGateway, RequestCounter  # noqa: E402
 from shared.azure.credentials import make_credential  # noqa: E402
 from shared.azure.inventory import Inventory  # noqa: E402
+from shared.azure.pacing import PUBLIC_REFILL, Pacer  # noqa: E402
 from shared.model import OutcomeKind, VmId  # noqa: E402
 from shared.settings import Mode, Settings  # noqa: E402
 from shared.sweep import sweep, sweep_inventory  # noqa: E402
@@ -63,6 +64,11 @@ def parse_args() -> argparse.Namespace:
         type=float,
         default=1.0,
         help="ARM's budget refill relative to Azure's, per wall second (1: ARM's own numbers)",
+    )
+    p.add_argument(
+        "--pacer-knows-scale",
+        action="store_true",
+        help="tell the pacer the simulated refill (ARM's documented one × --time-scale)",
     )
     p.add_argument(
         "--sequential-sample",
@@ -113,11 +119,17 @@ class PerVmCounter(RequestCounter):
 class BenchGateway(ComputeGateway):
     """The engine's gateway, counting requests and Run Commands per VM (benchmark only)."""
 
-    def __init__(self, credential: Any, settings: Settings) -> None:
+    def __init__(self, credential: Any, settings: Settings, *, refill_scale: float | None = None) -> None:
         super().__init__(credential, settings)
         self.counter = PerVmCounter()
         self._counter = self.counter  # the clients are made later, with this counter in their pipeline
         self.commands_by_vm: Counter[str] = Counter()
+        if refill_scale is not None:
+            # The pacer told the simulated ARM's refill (ARM's documented one × the time scale), as
+            # the engine knows Azure's; without it a time scale below 1 is an ARM stricter than
+            # documented, which the pacer learns from its 429s.
+            refill = {kind: rate * refill_scale for kind, rate in PUBLIC_REFILL.items()}
+            self.pacer = Pacer(cloud=settings.cloud.name, concurrency=settings.max_concurrency, refill=refill)
 
     async def run_command(self, vm_id: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
         self.commands_by_vm[str(vm_id).lower()] += 1
@@ -172,7 +184,9 @@ async def run(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     cpu_started = _cpu_s()
     async with (
         credential,
-        BenchGateway(credential, settings) as gateway,
+        BenchGateway(
+            credential, settings, refill_scale=args.time_scale if args.pacer_knows_scale else None
+        ) as gateway,
         Inventory(credential, settings) as inv,
     ):
         report = await sweep_inventory(
