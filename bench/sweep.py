@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,8 @@ def arm_budget_floor(
 async def run(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     os.environ.update(env)
     settings = Settings.from_env(os.environ).with_mode(Mode.AUDIT if args.audit else Mode.ENFORCE)
+    # As the CLI's --concurrency does: the pacer's per-subscription limit grows back to it.
+    settings = replace(settings, max_concurrency=args.concurrency)
     credential = make_credential(settings)
     started = time.monotonic()
     cpu_started = _cpu_s()
