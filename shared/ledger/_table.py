@@ -80,7 +80,9 @@ def target_key(target: VmId | str) -> str:
     if parsed is not None:
         return vm_key(parsed)
     text = str(target).strip().lower()
-    encoded = "t|" + quote(text, safe=":@=+,;$'()*").replace("%", "!")
+    # surrogatepass: a lone surrogate (JSON's "\ud800") has no UTF-8 form but still gets a key
+    raw = text.encode("utf-8", "surrogatepass")
+    encoded = "t|" + quote(raw, safe=":@=+,;$'()*").replace("%", "!")
     if len(encoded) > _KEY_MAX_CHARS:
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
         encoded = encoded[: _KEY_MAX_CHARS - 40] + "!!" + digest
