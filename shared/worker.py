@@ -265,9 +265,10 @@ class Worker:
                 await self._ledger.record(
                     vm_id, outcome=outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt
                 )
-            except Exception:
+            except BaseException:
                 # No history row: store no verdict either, keep the intent on the state row, and let
-                # the message be retried; the next delivery detects the VM's real state again.
+                # the message be retried; the next delivery detects the VM's real state again. A
+                # cancellation (BaseException) is no different: the row may not have been written.
                 outcome = None
                 raise
             return outcome
