@@ -83,7 +83,9 @@ class _Resolver:
 
 def _worker(ledger: _Ledger) -> Worker:
     settings = Settings.from_env({})
-    return Worker(remediator=_Healthy(), ledger=ledger, queue=_Queue(), resolver=_Resolver(), settings=settings)
+    return Worker(
+        remediator=_Healthy(), ledger=ledger, queue=_Queue(), resolver=_Resolver(), settings=settings
+    )
 
 
 ITEM = WorkItem(Trigger.SWEEP, vm_id=VM, correlation_id="c-1", first_seen=datetime.now(UTC).isoformat())
