@@ -132,7 +132,10 @@ def _evidence(value: object, now: datetime) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     # Full precision: a time cut to the second could pass for one older than the verdict.
-    return min(moment, now).astimezone(UTC).isoformat().replace("+00:00", "Z")
+    try:
+        return min(moment, now).astimezone(UTC).isoformat().replace("+00:00", "Z")
+    except OverflowError:  # an offset that takes the time out of the calendar in UTC
+        return ""
 
 
 def _computer_name(value: object) -> str | None:

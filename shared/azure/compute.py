@@ -16,7 +16,12 @@ from typing import Any
 import aiohttp
 from azure.core.async_paging import AsyncItemPaged
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceRequestError
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
 from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.policies import AsyncRetryPolicy, SansIOHTTPPolicy
 from azure.core.pipeline.transport import AioHttpTransport
@@ -88,6 +93,10 @@ class ArmTimeout(ComputeError):
 
     reason = "arm-timeout"
 
+
+# No answer: the request never left (ServiceRequestError), or it went out and its answer was lost or
+# timed out (ServiceResponseError; azure-core never retries a POST after it: ARM may have acted).
+_NO_ANSWER = (ServiceRequestError, ServiceResponseError)
 
 # Error codes ARM and the Run Command extension use when the VM agent cannot take the command.
 _AGENT_CODES = {"vmagentstatuscommunicationerror", "vmagentnotready", "vmextensionprovisioningtimeout"}
@@ -215,7 +224,7 @@ class ComputeGateway:
                     page = response.json()
             except HttpResponseError as error:
                 raise translate(error) from error
-            except ServiceRequestError as error:
+            except _NO_ANSWER as error:
                 raise ArmUnavailable(str(error)[:300]) from error
             for sub in page.get("value") or []:
                 if isinstance(sub, Mapping) and sub.get("state", "Enabled") in (
@@ -238,7 +247,7 @@ class ComputeGateway:
                 )
         except HttpResponseError as error:
             raise translate(error) from error
-        except ServiceRequestError as error:
+        except _NO_ANSWER as error:
             raise ArmUnavailable(str(error)[:300]) from error
         return VmFacts.from_arm(_wire(vm))
 
@@ -284,7 +293,7 @@ class ComputeGateway:
                 return
             except HttpResponseError as error:
                 raise translate(error) from error
-            except ServiceRequestError as error:
+            except _NO_ANSWER as error:
                 raise ArmUnavailable(str(error)[:300]) from error
             for item in items:
                 yield item
@@ -303,7 +312,7 @@ class ComputeGateway:
             raise RunCommandTimeout(f"no result within {self._settings.run_command_timeout_s:g} s") from error
         except HttpResponseError as error:
             raise translate(error) from error
-        except ServiceRequestError as error:
+        except _NO_ANSWER as error:
             raise ArmUnavailable(str(error)[:300]) from error
         stdout, stderr = "", ""
         for status in _wire(result).get("value") or []:

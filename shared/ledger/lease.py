@@ -17,6 +17,7 @@ from shared.ledger._table import (
     LeaseLost,
     LedgerBase,
     _cap,
+    _deadline,
     _details,
     _details_json,
     _iso,
@@ -71,6 +72,13 @@ class LeaseStore(LedgerBase):
             "leaseToken": token,
             "leaseUntil": expires,
         }
+        # Two calls (a read, then a create or a conditional merge), never retried: a retry whose
+        # first try landed would meet our own claim and leave it held until it expires.
+        async with _deadline("acquire", vm_id, tries=2):
+            return await self._acquire(vm_id, owner, now, claim)
+
+    async def _acquire(self, vm_id: VmId, owner: str, now: datetime, claim: dict[str, Any]) -> Lease | None:
+        key, token, expires = claim["RowKey"], claim["leaseToken"], claim["leaseUntil"]
         with _storage("acquire", vm_id):
             try:
                 row = await self._table.get_entity(STATE_PARTITION, key)
@@ -126,8 +134,13 @@ class LeaseStore(LedgerBase):
         }
         if intent is not None:
             columns.update({"pendingIntent": _details_json(intent) or "{}", "pendingAt": now})
-        with _storage("renew", lease.vm_id):
-            written = await self._merge_if_ours(columns, lease.etag)
+
+        async def write() -> dict[str, Any] | None:
+            return await self._merge_if_ours(columns, lease.etag)
+
+        # Retried within the write budget like the history rows: a try whose answer was lost makes
+        # the next one meet 412 (our own write changed the ETag), read as lost: nothing is POSTed.
+        written = await self._retrying("renew", lease.vm_id, write)
         if written is None:
             raise LeaseLost(f"lease on {lease.vm_id} expired and was taken over")
         lease.etag = str(written["etag"])
