@@ -629,8 +629,13 @@ def _environ(values: Mapping[str, str | None]) -> Iterator[None]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from simulator import Estate, EstateError, serve_forever
+    from simulator import Estate, EstateError, ServeError, serve_until_stopped
 
+    for option, port in (("--arm-port", args.arm_port), ("--identity-port", args.identity_port)):
+        if not 0 <= port <= 65535:
+            raise UsageError(f"simulator serve: {option} {port}: a TCP port is 0-65535 (0: any free port)")
+    if args.latency < 0:
+        raise UsageError("simulator serve: --latency must not be negative")
     try:
         estate = Estate.load(Path(args.estate)) if args.estate else Estate.default()
     except (EstateError, OSError) as error:
@@ -647,18 +652,18 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"unset {key}" if value is None else f"export {key}={value}")
         if estate.faults.enabled:
             print(f"# Faults on: {json.dumps(estate.faults.to_dict(), separators=(',', ':'))}")
-        print("# Ctrl-C stops it.", flush=True)
+        print("# Ctrl-C (or SIGTERM) stops it.", flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(
-            serve_forever(
-                estate,
-                arm_port=args.arm_port,
-                identity_port=args.identity_port,
-                latency_s=args.latency,
-                on_ready=announce,
-            )
+    try:
+        serve_until_stopped(
+            estate,
+            arm_port=args.arm_port,
+            identity_port=args.identity_port,
+            latency_s=args.latency,
+            on_ready=announce,
         )
+    except ServeError as error:
+        raise UsageError(f"simulator serve: {error}") from error
     return EXIT_OK
 
 
