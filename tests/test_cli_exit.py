@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from shared.cli import build_parser
 from shared.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_RETRY_LATER, EXIT_USAGE
 
@@ -36,32 +34,30 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize(
-    ("args", "code", "outcome"),
-    [
-        (["check", HEALTHY, "--simulate"], EXIT_OK, ("healthy", "kms-client-licensed")),
-        # deferred: exit 3, not 0 as before; the hint says to run again, not that it is retried
-        (["check", NO_AGENT, "--simulate", "--apply"], EXIT_RETRY_LATER, ("deferred", "agent-not-ready")),
-        (["check", PS2, "--simulate"], EXIT_FAILED, ("failed", "powershell-version")),
-        (["check", "vm-01", "--simulate"], EXIT_USAGE, None),
-    ],
-    ids=["ok", "deferred", "failed", "usage"],
-)
-def test_exit_codes_as_a_script_sees_them(
-    args: list[str], code: int, outcome: tuple[str, str] | None
-) -> None:
-    done = _cli(*args, "--output", "json")
-    assert done.returncode == code, done.stderr
-    if code == EXIT_USAGE:
-        assert done.stdout == "" and done.stderr.startswith("avma-remediator: ")
-        return
-    vms = json.loads(done.stdout)["vms"]
-    if outcome is not None:
-        assert [(v["outcome"], v["reason"]) for v in vms] == [outcome]
-    if code == EXIT_RETRY_LATER:
-        hint = vms[0]["hint"]
-        assert "run again later" in hint and "retried" not in hint
-        assert "avma-remediator: 1 VM still deferred: run again later" in done.stderr
+CASES = [
+    (["check", HEALTHY, "--simulate"], EXIT_OK, ("healthy", "kms-client-licensed")),
+    # deferred: exit 3 (it was 0); the hint says to run again, not that it is retried
+    (["check", NO_AGENT, "--simulate", "--apply"], EXIT_RETRY_LATER, ("deferred", "agent-not-ready")),
+    (["check", PS2, "--simulate"], EXIT_FAILED, ("failed", "powershell-version")),
+    (["check", "vm-01", "--simulate"], EXIT_USAGE, None),
+]
+
+
+def test_each_exit_code_as_a_script_sees_it() -> None:
+    """The table of shared/exitcodes.py, one process per code: a script tells the four apart."""
+    seen: dict[int, subprocess.CompletedProcess[str]] = {}
+    for args, code, outcome in CASES:
+        done = _cli(*args, "--output", "json")
+        assert done.returncode == code, (args, done.stderr)
+        seen[code] = done
+        if code == EXIT_USAGE:
+            assert done.stdout == "" and done.stderr.startswith("avma-remediator: ")
+            continue
+        assert [(v["outcome"], v["reason"]) for v in json.loads(done.stdout)["vms"]] == [outcome]
+    later = seen[EXIT_RETRY_LATER]
+    hint = json.loads(later.stdout)["vms"][0]["hint"]
+    assert "run again later" in hint and "retried" not in hint
+    assert "avma-remediator: 1 VM still deferred: run again later" in later.stderr
 
 
 def test_help_lists_the_exit_codes() -> None:
