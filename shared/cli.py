@@ -1,9 +1,12 @@
 """``avma-remediator``: audit first, ``--apply`` second, and a rehearsal on a simulated estate.
 
 Exit codes (shared/exitcodes.py): 0 all done; 1 some VM failed, a VM you named does not exist, or a
-subscription could not be listed; 2 usage, configuration or credential error (nothing was checked);
-3 nothing failed but some VM is still deferred after the run's own retries (run again later);
-130 interrupted.
+subscription could not be listed; 2 usage, configuration or credential error (nothing was
+checked); 3 nothing failed but some VM is still deferred after the run's own retries (run again
+later); 130 interrupted. The wiring lives here; plans are shared/plan.py, output formats
+shared/output.py, signals shared/interrupt.py, ``--from`` shared/resume.py, scope filters
+shared/filters.py, the credential check shared/azure/credentials.py, the in-run retry
+shared/inrun_retry.py, the app's ledger shared/cli_ledger.py.
 """
 
 from __future__ import annotations
@@ -11,81 +14,168 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from azure.core.credentials_async import AsyncTokenCredential
 
 from shared.azure.compute import ComputeError, ComputeGateway
 from shared.azure.credentials import NoCredential, check_credential, make_credential
 from shared.azure.inventory import Inventory, InventoryError, resolve_query
-from shared.cli_ledger import (
-    LedgeredCheck,
-    WithoutLedger,
-    cli_owner,
-    correlation_id,
-    has_ledger,
-    open_ledger,
-)
-from shared.exitcodes import (
-    EXIT_CODES_HELP,
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    run_exit_code,
-)
-from shared.filters import FilterError, VmFilter, filtered
+from shared.cli_ledger import LedgeredCheck, WithoutLedger, cli_owner, correlation_id, has_ledger, open_ledger
+from shared.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_exit_code
+from shared.filters import FilterError, VmFilter
 from shared.inrun_retry import DEFAULT_FIRST_WAIT_S, RetryPolicy, RetryWait, retry_deferred, still_deferred
 from shared.intake_cli import run_intake
+from shared.interrupt import Interrupt, Interruptible
 from shared.ledger import Ledger, LedgerError
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
-from shared.report import as_json, as_table, summary
+from shared.output import FORMATS, Progress, RunResult, render, result_document
+from shared.plan import HookedChecker, Plan, PlanApplier, PlanError, Recorder, build_plan, confirm, load_plan
+from shared.resume import DEFAULT_ONLY, ResumeError, parse_only, run_each, vms_to_resume
 from shared.scope import Scope
 from shared.settings import ConfigError, Mode, Settings, is_subscription_id
-from shared.sweep import Checker, SweepReport, sweep
+from shared.sweep import sweep
 from shared.vm import VmFacts
-from shared.workflow import Remediator
+from shared.workflow import BeforeRunCommand, Remediator
 
 DEFAULT_SIM_LATENCY_S = 0.3
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0    all done: every VM in scope was handled
+  1    some VM failed, a VM you named does not exist, or a subscription could not be listed
+  2    usage, configuration or credential error: nothing was checked
+  3    nothing failed, but some VM must be retried later
+  130  interrupted (SIGINT or SIGTERM): the results so far were printed and written"""
+
+MAIN_EPILOG = f"""\
+examples:
+  avma-remediator sweep --simulate                      rehearse an audit on the built-in estate
+  avma-remediator sweep --out-plan plan.json            audit, and record the plan for review
+  avma-remediator apply plan.json                       act on the reviewed plan (asks first)
+  avma-remediator check <VM id>                         one VM, by its ARM resource id
+
+{EXIT_CODES_HELP}
+"""
+
+SWEEP_EPILOG = f"""\
+examples:
+  avma-remediator sweep                                 audit every Windows VM in scope
+  avma-remediator sweep --out-plan plan.json            the same, recording the plan for 'apply'
+  avma-remediator sweep --apply                         audit, show the counts, ask, then remediate
+  avma-remediator sweep --from result.json --apply      re-run the VMs that failed or were deferred
+  avma-remediator sweep --simulate --output csv         rehearse on the simulator, as CSV
+  avma-remediator sweep -g rg-app --tag env=prod        only these VMs of the scope (as az)
+
+{EXIT_CODES_HELP}
+"""
+
+CHECK_EPILOG = f"""\
+examples:
+  avma-remediator check <VM id>                         audit one VM
+  avma-remediator check <VM id> --apply --yes           remediate it without asking
+  avma-remediator check --computer SRV01.corp.example   the VMs an alert's Computer names
+  avma-remediator check <VM id> <VM id> ...             several VMs (or --ids)
+
+{EXIT_CODES_HELP}
+"""
+
+APPLY_EPILOG = f"""\
+examples:
+  avma-remediator apply plan.json                       show the counts, ask, then act
+  avma-remediator apply plan.json --yes --out result.json
+  avma-remediator apply plan.json --simulate            on the simulator (no question without a terminal)
+
+The plan must come from this cloud, scope and settings, and be at most 24 h old. Each VM is
+detected again; it is changed only where the fresh facts lead to the plan's decision, otherwise it
+ends 'skipped: plan-changed'.
+
+{EXIT_CODES_HELP}
+"""
+
+SERVE_EPILOG = """\
+examples:
+  avma-remediator simulator serve                       the built-in estate, on free ports
+  avma-remediator simulator serve estate.json --fault runCommandBusy=0.1
+"""
 
 
 class UsageError(Exception):
     """Bad arguments or input files: exit 2 with the message."""
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("avma-remediator")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
+        return "unknown"
+
+
+VERBOSE_RUN = "-v: the tool's steps per VM with timings; -vv: the Azure SDK's HTTP logging too"
+VERBOSE_OTHER = "-v: log details on stderr"
+
+
+def _parser(
+    commands: Any, name: str, *, help: str, epilog: str, level: int, verbose: str = VERBOSE_RUN
+) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = commands.add_parser(
+        name, help=help, description=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _verbose(p, level, verbose)
+    return p
+
+
+def _verbose(p: argparse.ArgumentParser, level: int, text: str = VERBOSE_RUN) -> None:
+    """-v on every parser level, each with its own count (a subparser's namespace overwrites its
+    parent's values), so that ``-v sweep -v`` is -vv."""
+    p.add_argument("-v", "--verbose", dest=f"verbose{level}", action="count", default=0, help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="avma-remediator",
         description="Find Windows VMs stuck on AVMA (0xC004FD02) and move them to the Azure KMS.",
-        epilog=EXIT_CODES_HELP,
+        epilog=MAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _verbose(parser, 0)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def ids_option(p: argparse.ArgumentParser) -> None:
+    def output_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--ids",
-            nargs="+",
-            action="extend",
-            default=[],
-            metavar="VM_ID",
-            help="these VMs (ARM resource ids, space-separated), read directly with no listing; "
-            "each is still checked against the configured scope",
+            "--output",
+            choices=FORMATS,
+            default="table",
+            help="table (fits the terminal), json, tsv (as az: no header) or csv (RFC 4180); default table",
+        )
+        p.add_argument("--full-ids", action="store_true", help="table: full VM ids, which paste into check")
+        p.add_argument(
+            "--out",
+            metavar="FILE",
+            help="also write the JSON result to FILE (written on Ctrl-C too; --from reads it)",
         )
 
-    def run_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--apply", action="store_true", help="change VMs (default: audit, nothing changes)")
+    def run_options(p: argparse.ArgumentParser, *, apply_flag: bool) -> None:
+        if apply_flag:
+            p.add_argument(
+                "--apply", action="store_true", help="change VMs (default: audit, nothing changes)"
+            )
+        p.add_argument(
+            "--yes",
+            action="store_true",
+            help="do not ask before changing VMs (needed without a terminal, except with --simulate)",
+        )
         p.add_argument("--concurrency", type=int, metavar="N", help="VMs worked on at once (MAX_CONCURRENCY)")
-        p.add_argument("--output", choices=["table", "json"], default="table")
+        output_options(p)
         p.add_argument(
             "--simulate",
             nargs="?",
@@ -106,14 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             metavar="SECONDS",
             help="first wait before this run checks a busy or throttled VM again (then x3, 3 retries; "
-            f"default {DEFAULT_FIRST_WAIT_S:g}, with --simulate the simulated latency; 0: no retry)",
+            f"default {DEFAULT_FIRST_WAIT_S:g} s, with --simulate the simulated latency; 0: no retry)",
         )
 
-    p_sweep = commands.add_parser(
-        "sweep",
-        help="every Windows VM in the subscriptions in scope",
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    def ids_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--ids",
+            nargs="+",
+            action="extend",
+            default=[],
+            metavar="VM_ID",
+            help="these VMs (ARM resource ids, space-separated), read directly with no listing; "
+            "each is still checked against the configured scope",
+        )
+
+    p_sweep = _parser(
+        commands, "sweep", help="every Windows VM in the subscriptions in scope", epilog=SWEEP_EPILOG, level=1
     )
     p_sweep.add_argument(
         "--subscription",
@@ -121,6 +219,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ID",
         help="subscription to sweep (repeatable; default TARGET_SUBSCRIPTIONS, else all visible)",
+    )
+    p_sweep.add_argument(
+        "--out-plan",
+        metavar="FILE",
+        help="write the audit's plan to FILE (each VM, its planned action, the facts and settings); "
+        "act on it with 'apply FILE'",
+    )
+    p_sweep.add_argument(
+        "--from",
+        dest="from_result",
+        metavar="RESULT_FILE",
+        help="instead of listing: the VMs of a previous JSON result (--out, or --output json) "
+        "whose outcome --only names",
+    )
+    p_sweep.add_argument(
+        "--only",
+        metavar="OUTCOMES",
+        help="with --from: comma-separated outcomes to re-run (default failed,deferred)",
     )
     p_sweep.add_argument(
         "--resource-group",
@@ -147,13 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         "values of one key are alternatives)",
     )
     ids_option(p_sweep)
-    run_options(p_sweep)
+    run_options(p_sweep, apply_flag=True)
 
-    p_check = commands.add_parser(
+    p_check = _parser(
+        commands,
         "check",
         help="VMs by ARM resource id, or the VMs a computer name (an alert's Computer) names",
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=CHECK_EPILOG,
+        level=1,
     )
     p_check.add_argument("vm_id", nargs="*", metavar="VM_ID")
     ids_option(p_check)
@@ -163,20 +280,63 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of VM_ID: the computer name of a log row or alert, resolved through Resource Graph "
         "(guest-reported name, osProfile name or VM name; an FQDN matches on its first label)",
     )
-    run_options(p_check)
+    run_options(p_check, apply_flag=True)
 
-    p_intake = commands.add_parser(
-        "intake", help="show the work items an Event Grid, alert or Log Analytics payload gives"
+    p_apply = _parser(
+        commands,
+        "apply",
+        help="act on a plan written by sweep --out-plan: only its VMs, only where nothing changed",
+        epilog=APPLY_EPILOG,
+        level=1,
+    )
+    p_apply.add_argument("plan", metavar="PLAN_FILE")
+    run_options(p_apply, apply_flag=False)
+
+    p_intake = _parser(
+        commands,
+        "intake",
+        help="show the work items an Event Grid, alert or Log Analytics payload gives",
+        epilog="example:\n  avma-remediator intake alert.json\n",
+        level=1,
+        verbose=VERBOSE_OTHER,
     )
     p_intake.add_argument("file", metavar="FILE|-", help="a JSON payload file, or - for standard input")
 
-    p_sim = commands.add_parser("simulator", help="the simulated Azure estate")
+    p_sim = _parser(
+        commands,
+        "simulator",
+        help="the simulated Azure estate",
+        epilog=SERVE_EPILOG,
+        level=1,
+        verbose=VERBOSE_OTHER,
+    )
     sim_commands = p_sim.add_subparsers(dest="sim_command", required=True, metavar="SUBCOMMAND")
-    p_serve = sim_commands.add_parser("serve", help="serve the simulator until interrupted")
+    p_serve = _parser(
+        sim_commands,
+        "serve",
+        help="serve the simulator until interrupted",
+        epilog=SERVE_EPILOG,
+        level=2,
+        verbose=VERBOSE_OTHER,
+    )
     p_serve.add_argument("estate", nargs="?", default="", metavar="ESTATE_FILE")
-    p_serve.add_argument("--latency", type=float, default=DEFAULT_SIM_LATENCY_S, metavar="SECONDS")
-    p_serve.add_argument("--arm-port", type=int, default=0)
-    p_serve.add_argument("--identity-port", type=int, default=0)
+    p_serve.add_argument(
+        "--latency",
+        type=float,
+        default=DEFAULT_SIM_LATENCY_S,
+        metavar="SECONDS",
+        help=f"simulated Run Command duration (default {DEFAULT_SIM_LATENCY_S})",
+    )
+    p_serve.add_argument(
+        "--arm-port", type=int, default=0, metavar="PORT", help="ARM's port (default: a free one)"
+    )
+    p_serve.add_argument(
+        "--identity-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="the token endpoint's port (default: a free one)",
+    )
     p_serve.add_argument(
         "--fault",
         action="append",
@@ -189,24 +349,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def verbosity(args: argparse.Namespace) -> int:
+    return sum(int(getattr(args, f"verbose{level}", 0) or 0) for level in range(3))
+
+
+def _configure_logging(level: int) -> dict[str, int]:
+    """0: warnings, one line each; 1 (-v): the tool's own steps (shared.*), the SDK's warnings;
+    2 (-vv): the SDK's HTTP logging too (azure-core's HttpLoggingPolicy logs at INFO). Gives the
+    levels it changed, for main to restore (the CLI is also called in-process, by tests)."""
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if level else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not args.verbose:
-        logging.getLogger("azure").setLevel(logging.ERROR)
+    names = ("azure", "shared.workflow", "shared.sweep")
+    saved = {name: logging.getLogger(name).level for name in names}
+    azure = logging.getLogger("azure")
+    if level == 0:
+        azure.setLevel(logging.ERROR)
+        # The CLI names a subscription it could not list itself, in one line (_print_report).
+        logging.getLogger("shared.sweep").setLevel(logging.CRITICAL)
         for handler in logging.getLogger().handlers:  # the one basicConfig made on stderr
             if getattr(handler, "stream", None) is sys.stderr and not isinstance(
                 handler.formatter, _FirstLine
             ):
                 handler.setFormatter(_FirstLine(handler.formatter))
-    # The CLI names a subscription it could not list itself, in one line (_print_report).
-    sweep_log = logging.getLogger("shared.sweep")
-    sweep_level = sweep_log.level
-    sweep_log.setLevel(sweep_level if args.verbose else logging.CRITICAL)
+        return saved
+    logging.getLogger("shared.workflow").setLevel(logging.DEBUG)
+    azure.setLevel(logging.INFO if level >= 2 else logging.WARNING)
+    return saved
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    saved = _configure_logging(verbosity(args))
     try:
         if args.command == "simulator":
             return _serve(args)
@@ -220,7 +396,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("avma-remediator: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        sweep_log.setLevel(sweep_level)
+        for name, old in saved.items():
+            logging.getLogger(name).setLevel(old)
+
+
+def _applying(args: argparse.Namespace) -> bool:
+    return args.command == "apply" or bool(getattr(args, "apply", False))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -228,8 +409,27 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--concurrency must be between 1 and 512")
     if args.sim_state_out and args.simulate is None:
         raise UsageError("--sim-state-out needs --simulate")
+    if args.yes and not _applying(args):
+        raise UsageError("--yes answers the question --apply asks; without --apply nothing changes")
+    if getattr(args, "out_plan", None) and _applying(args):
+        raise UsageError("--out-plan records an audit: run without --apply, review, then 'apply FILE'")
+    if getattr(args, "only", None) and not getattr(args, "from_result", None):
+        raise UsageError("--only goes with --from RESULT_FILE")
+    if getattr(args, "from_result", None) and getattr(args, "subscription", None):
+        raise UsageError("--from names the VMs itself: leave out --subscription")
+    if getattr(args, "from_result", None) and getattr(args, "ids", None):
+        raise UsageError("--from names the VMs itself: leave out --ids")
+    # The question before a change needs a person at a terminal; a script says --yes. The
+    # simulator changes nothing real, so a rehearsal without a terminal goes ahead.
+    interactive = sys.stdin.isatty()
+    if _applying(args) and not args.yes and not interactive and args.simulate is None:
+        raise UsageError(
+            "changing VMs asks first, and there is no terminal to ask on: add --yes to go ahead "
+            "(nothing was checked)"
+        )
+    ask = _applying(args) and not args.yes and interactive
     if args.simulate is None:
-        return asyncio.run(_execute(args, dict(os.environ)))
+        return asyncio.run(_execute(args, dict(os.environ), ask=ask))
 
     from simulator import Estate, EstateError, Simulator
 
@@ -240,178 +440,43 @@ def _run(args: argparse.Namespace) -> int:
     if args.sim_latency < 0:
         raise UsageError("--sim-latency must not be negative")
     with Simulator(estate, latency_s=args.sim_latency) as sim, _environ(_simulated_env(sim.env())):
-        code = asyncio.run(_execute(args, dict(os.environ)))
+        code = asyncio.run(_execute(args, dict(os.environ), simulated=True, ask=ask))
         if args.sim_state_out:
             Path(args.sim_state_out).write_text(json.dumps(sim.state_dump(), indent=2) + "\n")
         return code
 
 
-async def _execute(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    settings = Settings.from_env(env).with_mode(Mode.ENFORCE if args.apply else Mode.AUDIT)
-    if args.concurrency is not None:
-        settings = replace(settings, max_concurrency=args.concurrency)
-    named, computer, vm_filter = _targets(args)
-    policy = _retry_policy(args)
-    subs = _subscriptions(args, settings)
+@dataclass(frozen=True)
+class _Targets:
+    """What a run works on: VMs named up front, a computer name to resolve, or subscriptions to list."""
 
-    credential = make_credential(settings, env)
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(credential)
-        await check_credential(credential, settings, env)  # NoCredential: exit 2, before any VM
-        gateway = await stack.enter_async_context(ComputeGateway(credential, settings))
-        scope_inventory = await stack.enter_async_context(Inventory(credential, settings))
-        checker: Checker = WithoutLedger(Remediator(gateway, settings), _say)
-        ledger = await _ledger(settings, credential)
-        if ledger is not None:
-            stack.push_async_callback(ledger.close)
-            checker = LedgeredCheck(
-                Remediator(gateway, settings),
-                ledger,
-                owner=cli_owner(),
-                correlation=correlation_id(args.command),
-            )
-        remediator = _Scoped(checker, Scope.from_settings(settings, scope_inventory))
-        missing: list[str] = []
-        with _progress(sys.stderr) as progress:
-            if computer is not None:
-                async with Inventory(credential, settings) as inventory:
-                    try:
-                        found = await inventory.resolve_computer(computer)
-                    except InventoryError as error:
-                        print(
-                            f"avma-remediator: cannot resolve {computer!r}: {_inventory_problem(error)}",
-                            file=sys.stderr,
-                        )
-                        logging.getLogger(__name__).info("Resource Graph answered: %s", error)
-                        return EXIT_FAILED
-                if not found:
-                    where = Scope.from_settings(settings).describe()
-                    missing.append(f"no VM in {where} has the computer name {computer!r}")
-                    outcomes = [
-                        Outcome(
-                            f"computer:{computer}",
-                            OutcomeKind.SKIPPED,
-                            "not-found",
-                            hint=NOT_FOUND_COMPUTER_HINT,
-                            details={"computer": computer},
-                        )
-                    ]
-                else:
-                    outcomes = await _check_all(remediator, found, settings.max_concurrency, progress.outcome)
-                report = SweepReport(outcomes=outcomes)
-            elif named:
-                outcomes = await _check_all(remediator, named, settings.max_concurrency, progress.outcome)
-                report = SweepReport(outcomes=outcomes)
-            else:
-                if not subs:
-                    try:
-                        subs = await gateway.list_subscriptions()
-                    except ComputeError as error:
-                        print(
-                            f"avma-remediator: cannot list subscriptions: {_arm_problem(error)}",
-                            file=sys.stderr,
-                        )
-                        logging.getLogger(__name__).info("ARM answered: %s", error)
-                        return EXIT_FAILED
-
-                def list_vms(sub: str) -> AsyncIterator[VmFacts]:
-                    return filtered(gateway.list_vms(sub), vm_filter)
-
-                report = await sweep(
-                    remediator,
-                    list_vms if not vm_filter.empty else gateway.list_vms,
-                    subs,
-                    concurrency=settings.max_concurrency,
-                    on_outcome=progress.outcome,
-                )
-                if not vm_filter.empty and not report.outcomes and not report.listing_errors:
-                    print(
-                        f"avma-remediator: no VM in {', '.join(subs)} matches {vm_filter.describe()}",
-                        file=sys.stderr,
-                    )
-
-            async def again(vm_id: VmId) -> Outcome:
-                return await remediator.check(vm_id)
-
-            report.outcomes = await retry_deferred(
-                report.outcomes,
-                again,
-                policy,
-                settings,
-                concurrency=settings.max_concurrency,
-                on_wait=progress.waiting,
-            )
-        if named or computer is not None:
-            missing += _named_missing(report.outcomes)
-            report.outcomes = [_named_not_found(o) for o in report.outcomes]
-    _print_report(report, args.output, settings.mode)
-    for line in missing:
-        print(f"avma-remediator: {line}", file=sys.stderr)
-    deferred = still_deferred(report.outcomes)
-    if deferred:
-        print(
-            f"avma-remediator: {deferred} VM{'s' if deferred != 1 else ''} still deferred: "
-            "run again later (the hints say what to wait for)",
-            file=sys.stderr,
-        )
-    return run_exit_code(
-        report.outcomes, listing_errors=bool(report.listing_errors), named_missing=bool(missing)
-    )
+    ids: tuple[VmId, ...] | None = None
+    computer: str | None = None
+    subscriptions: tuple[str, ...] = ()
+    vm_filter: VmFilter = field(default_factory=VmFilter)  # --resource-group/--name/--tag on a listing
+    named: bool = False  # the caller named the VMs (check, --ids): one that does not exist is an error
 
 
-NOT_FOUND_HINT = (
-    "No VM with this id exists (ARM answered 404): check its subscription, resource group and name."
-)
-NOT_FOUND_COMPUTER_HINT = (
-    "No VM in scope carries this computer name (guest-reported name, osProfile name or VM name): "
-    "check the name, and that the VM is in TARGET_SUBSCRIPTIONS or MANAGEMENT_GROUP_ID."
-)
+class _Early(Exception):
+    """The run ends before any VM with this exit code; the message is already on stderr."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 
-def _named_missing(outcomes: Sequence[Outcome]) -> list[str]:
-    """A line for each VM the caller named by id that ARM does not know (``skipped: not-found``)."""
-    return [
-        f"VM {o.vm_id} does not exist (ARM answered 404)"
-        for o in outcomes
-        if o.kind is OutcomeKind.SKIPPED and o.reason == "not-found" and VmId.try_parse(o.vm_id) is not None
-    ]
-
-
-def _named_not_found(outcome: Outcome) -> Outcome:
-    if outcome.kind is OutcomeKind.SKIPPED and outcome.reason == "not-found" and not outcome.hint:
-        return replace(outcome, hint=NOT_FOUND_HINT)
-    return outcome
-
-
-async def _check_all(
-    remediator: Checker, vm_ids: Sequence[VmId], concurrency: int, on_outcome: Callable[[Outcome], None]
-) -> list[Outcome]:
-    """Named VMs (``check`` ids, ``--ids``, a computer name's VMs), each once, ``concurrency`` at a time."""
-    gate = asyncio.Semaphore(max(1, concurrency))
-    unique = list(dict.fromkeys(vm_ids))  # VmId compares as ARM does: an id given twice is one VM
-
-    async def one(vm_id: VmId) -> Outcome:
-        async with gate:
-            outcome = await remediator.check(vm_id)
-        on_outcome(outcome)
-        return outcome
-
-    return list(await asyncio.gather(*(one(v) for v in unique)))
-
-
-def _targets(args: argparse.Namespace) -> tuple[list[VmId], str | None, VmFilter]:
-    """What the caller named: VM ids (``check`` ids, ``--ids``), a computer name, or a filter."""
-    texts = [*(getattr(args, "vm_id", None) or []), *(args.ids or [])]
-    computer: str | None = getattr(args, "computer", None)
+def _targets(args: argparse.Namespace, settings: Settings) -> _Targets:
+    texts = [*(getattr(args, "vm_id", None) or []), *(getattr(args, "ids", None) or [])]
     try:
         vm_filter = VmFilter.from_options(
-            resource_groups=getattr(args, "resource_group", []) or [],
-            names=getattr(args, "name", []) or [],
-            tags=getattr(args, "tag", []) or [],
+            resource_groups=getattr(args, "resource_group", None) or [],
+            names=getattr(args, "name", None) or [],
+            tags=getattr(args, "tag", None) or [],
         )
     except FilterError as error:
         raise UsageError(str(error)) from error
     if args.command == "check":
+        computer = args.computer
         if bool(texts) == (computer is not None):
             raise UsageError("check takes VM_ID or --computer NAME, one of them (VM_IDs may be several)")
         if computer is not None:
@@ -419,24 +484,38 @@ def _targets(args: argparse.Namespace) -> tuple[list[VmId], str | None, VmFilter
                 resolve_query(computer)
             except ValueError as error:
                 raise UsageError(f"--computer: {error}") from error
-    elif texts and (not vm_filter.empty or args.subscription):
-        # As az: --ids names the VMs exactly; the other options select from a listing.
-        raise UsageError(
-            "--ids names the VMs exactly: it takes no --subscription, --resource-group, --name or --tag"
-        )
-    named: list[VmId] = []
-    for text in texts:
+            return _Targets(computer=computer, named=True)
+        return _Targets(ids=_parse_ids(texts), named=True)
+    if texts:
+        if not vm_filter.empty or args.subscription:
+            # As az: --ids names the VMs exactly; the other options select from a listing.
+            raise UsageError(
+                "--ids names the VMs exactly: it takes no --subscription, --resource-group, --name or --tag"
+            )
+        return _Targets(ids=_parse_ids(texts), named=True)
+    if getattr(args, "from_result", None):
+        if not vm_filter.empty:
+            raise UsageError("--from names the VMs itself: leave out --resource-group, --name and --tag")
         try:
-            named.append(VmId.parse(text))
-        except InvalidVmId as error:
+            only = parse_only(args.only) if args.only else DEFAULT_ONLY
+            return _Targets(ids=tuple(vms_to_resume(args.from_result, only)))
+        except ResumeError as error:
             raise UsageError(str(error)) from error
-    return named, computer, vm_filter
+    return _Targets(subscriptions=tuple(_subscriptions(args, settings)), vm_filter=vm_filter)
 
 
-def _retry_policy(args: argparse.Namespace) -> RetryPolicy:
+def _parse_ids(texts: Sequence[str]) -> tuple[VmId, ...]:
+    """VM ids as given, each once (``VmId`` compares as ARM does: an id given twice is one VM)."""
+    try:
+        return tuple(dict.fromkeys(VmId.parse(text) for text in texts))
+    except InvalidVmId as error:
+        raise UsageError(str(error)) from error
+
+
+def _retry_policy(args: argparse.Namespace, simulated: bool) -> RetryPolicy:
     wait = args.retry_wait
     if wait is None:
-        wait = max(args.sim_latency, 0.05) if args.simulate is not None else DEFAULT_FIRST_WAIT_S
+        wait = max(args.sim_latency, 0.05) if simulated else DEFAULT_FIRST_WAIT_S
     if wait < 0:
         raise UsageError("--retry-wait must not be negative")
     return RetryPolicy(first_wait_s=wait) if wait > 0 else RetryPolicy(retries=0)
@@ -456,13 +535,322 @@ async def _ledger(settings: Settings, credential: AsyncTokenCredential) -> Ledge
         raise UsageError(f"the ledger (storage settings) cannot be used: {_one_line(str(error))}") from error
 
 
+NOT_FOUND_HINT = (
+    "No VM with this id exists (ARM answered 404): check its subscription, resource group and name."
+)
+NOT_FOUND_COMPUTER_HINT = (
+    "No VM in scope carries this computer name (guest-reported name, osProfile name or VM name): "
+    "check the name, and that the VM is in TARGET_SUBSCRIPTIONS or MANAGEMENT_GROUP_ID."
+)
+
+
+def _named_missing(outcomes: Sequence[Outcome], settings: Settings) -> tuple[list[Outcome], list[str]]:
+    """Named VMs that do not exist: each gets a hint that says so and a line for stderr."""
+    kept: list[Outcome] = []
+    lines: list[str] = []
+    for o in outcomes:
+        if o.kind is OutcomeKind.SKIPPED and o.reason == "not-found":
+            if o.vm_id.startswith("computer:"):
+                computer = o.details.get("computer", o.vm_id.split(":", 1)[1])
+                where = Scope.from_settings(settings).describe()
+                lines.append(f"no VM in {where} has the computer name {computer!r}")
+                o = replace(o, hint=o.hint or NOT_FOUND_COMPUTER_HINT)
+            else:
+                lines.append(f"VM {o.vm_id} does not exist (ARM answered 404)")
+                o = replace(o, hint=o.hint or NOT_FOUND_HINT)
+        kept.append(o)
+    return kept, lines
+
+
+async def _execute(
+    args: argparse.Namespace, env: Mapping[str, str], *, simulated: bool = False, ask: bool = False
+) -> int:
+    applying = _applying(args)
+    base = Settings.from_env(env)
+    if args.concurrency is not None:
+        base = replace(base, max_concurrency=args.concurrency)
+    audit, enforce = base.with_mode(Mode.AUDIT), base.with_mode(Mode.ENFORCE)
+    settings = enforce if applying else audit
+    plan: Plan | None = None
+    if args.command == "apply":
+        try:
+            plan = load_plan(args.plan, base, simulated=simulated)
+        except PlanError as error:
+            raise UsageError(f"plan: {error}") from error
+        targets = _Targets(ids=tuple(p.vm_id for p in plan.actionable))
+    else:
+        targets = _targets(args, settings)
+    policy = _retry_policy(args, simulated)
+
+    credential = make_credential(settings, env)
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(credential)
+        await check_credential(credential, settings, env)  # NoCredential: exit 2, before any VM
+        gateway = await stack.enter_async_context(ComputeGateway(credential, settings))
+        scope_inventory = await stack.enter_async_context(Inventory(credential, settings))
+        ledger = await _ledger(settings, credential)
+        if ledger is not None:
+            stack.push_async_callback(ledger.close)
+        recorder = Recorder(gateway)
+        scope = Scope.from_settings(settings, scope_inventory)
+        workflow = _Workflows(recorder, ledger, args.command)
+        run = _Run(args, gateway, credential, settings, policy)
+        with Interrupt(sys.stderr).installed() as interrupt:
+            run.interrupt = interrupt
+            try:
+                if plan is not None:
+                    if not plan.actionable:
+                        print("avma-remediator: the plan has no VM to change", file=sys.stderr)
+                    elif ask and not confirm(plan, stdin=sys.stdin, stderr=sys.stderr, what="apply"):
+                        print("avma-remediator: not applied: nothing was changed", file=sys.stderr)
+                        return EXIT_OK
+                    applier = PlanApplier(_Scoped(workflow.of(enforce), scope), recorder, plan, base)
+                    result = await run.collect(targets, applier)
+                elif applying and ask:
+                    result = await _confirmed(
+                        run, targets, recorder, workflow, scope, audit, enforce, simulated
+                    )
+                else:
+                    result = await run.collect(targets, _Scoped(workflow.of(settings), scope))
+                    if getattr(args, "out_plan", None):
+                        stopped = result.interrupted
+                        made = build_plan(
+                            result.outcomes, recorder, settings, simulated=simulated, interrupted=stopped
+                        )
+                        made.write(args.out_plan)
+            except _Early as early:
+                return early.code
+    missing: list[str] = []
+    if targets.named:
+        outcomes, missing = _named_missing(result.outcomes, settings)
+        result = replace(result, outcomes=outcomes)
+    _print_report(result, args)
+    for line in missing:
+        _say(line)
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    deferred = still_deferred(result.outcomes)
+    if deferred:
+        _say(
+            f"{deferred} VM{'s' if deferred != 1 else ''} still deferred: run again later "
+            "(the hints say what to wait for)"
+        )
+    return run_exit_code(
+        result.outcomes, listing_errors=bool(result.listing_errors), named_missing=bool(missing)
+    )
+
+
+class _Workflows:
+    """The per-VM workflow for a mode: on the app's ledger (its lease, its history) when the storage
+    settings name one, else without it, said once when the first VM is reached."""
+
+    def __init__(self, recorder: Recorder, ledger: Ledger | None, command: str) -> None:
+        self._recorder, self._ledger = recorder, ledger
+        self._correlation = correlation_id(command)
+        self._owner = cli_owner()
+        self._said: list[str] = []
+
+    def of(self, settings: Settings) -> LedgeredCheck | WithoutLedger:
+        remediator = Remediator(self._recorder, settings)
+        if self._ledger is not None:
+            return LedgeredCheck(remediator, self._ledger, owner=self._owner, correlation=self._correlation)
+        return WithoutLedger(remediator, self._say_once)
+
+    def _say_once(self, line: str) -> None:
+        if not self._said:  # an audit then an apply (--apply at a terminal) is still one run
+            self._said.append(line)
+            _say(line)
+
+
+async def _confirmed(
+    run: _Run,
+    targets: _Targets,
+    recorder: Recorder,
+    workflow: _Workflows,
+    scope: Scope,
+    audit: Settings,
+    enforce: Settings,
+    simulated: bool,
+) -> RunResult:
+    """``--apply`` at a terminal: audit, show the counts by planned action, ask, then apply that plan."""
+    found = await run.collect(targets, _Scoped(workflow.of(audit), scope))
+    plan = build_plan(found.outcomes, recorder, audit, simulated=simulated, interrupted=found.interrupted)
+    if found.interrupted or not plan.actionable:
+        return found
+    if not confirm(plan, stdin=sys.stdin, stderr=sys.stderr, what="audit done"):
+        print("avma-remediator: not applied: nothing was changed (the audit follows)", file=sys.stderr)
+        return found
+    applier = PlanApplier(_Scoped(workflow.of(enforce), scope), recorder, plan, audit)
+    applied = await run.collect(_Targets(ids=tuple(p.vm_id for p in plan.actionable)), applier)
+    done = {VmId.try_parse(o.vm_id) for o in applied.outcomes}
+    kept = [o for o in found.outcomes if VmId.try_parse(o.vm_id) not in done]
+    if applied.interrupted:  # the VMs not reached keep their audit outcome, in an audit's words
+        return RunResult(Mode.ENFORCE.value, [*kept, *applied.outcomes], found.listing_errors, True)
+    return RunResult(Mode.ENFORCE.value, [*kept, *applied.outcomes], found.listing_errors)
+
+
+class _Run:
+    """One pass over the targets with the CLI's progress line and signal handling."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        gateway: ComputeGateway,
+        credential: Any,
+        settings: Settings,
+        policy: RetryPolicy | None = None,
+    ) -> None:
+        self._args, self._gateway, self._credential, self._settings = args, gateway, credential, settings
+        self._policy = policy or RetryPolicy(retries=0)
+        self.interrupt = Interrupt(sys.stderr)
+
+    async def collect(self, targets: _Targets, checker: HookedChecker) -> RunResult:
+        settings, gateway = self._settings, self._gateway
+        mode = Mode.ENFORCE.value if isinstance(checker, PlanApplier) else checker_mode(checker)
+        outcomes: list[Outcome] = []
+        listing_errors: dict[str, str] = {}
+        wrapped = Interruptible(checker, self.interrupt)
+        ids = targets.ids
+        if targets.computer is not None:
+            found = await self._resolve(targets.computer)
+            if not found:
+                missing = Outcome(
+                    f"computer:{targets.computer}",
+                    OutcomeKind.SKIPPED,
+                    "not-found",
+                    details={"computer": targets.computer},
+                )
+                return RunResult(mode, [missing])
+            ids = tuple(found)
+        progress = Progress(sys.stderr, total=len(ids) if ids is not None else None)
+
+        def on_outcome(outcome: Outcome) -> None:
+            outcomes.append(outcome)
+            progress.on_outcome(outcome)
+
+        try:
+            if ids is not None:
+                _, cut = await self.interrupt.run(
+                    run_each(wrapped, ids, concurrency=settings.max_concurrency, on_outcome=on_outcome)
+                )
+            else:
+                subs = list(targets.subscriptions) or await self._all_subscriptions()
+                listing = _Listing(gateway, progress, listing_errors, len(subs), targets.vm_filter)
+                _, cut = await self.interrupt.run(
+                    sweep(
+                        wrapped,
+                        listing.list_vms,
+                        subs,
+                        concurrency=settings.max_concurrency,
+                        on_outcome=on_outcome,
+                    )
+                )
+                if not targets.vm_filter.empty and not outcomes and not listing_errors:
+                    _say(f"no VM in {', '.join(subs)} matches {targets.vm_filter.describe()}")
+            done = [*outcomes, *cut]
+            if not self.interrupt.requested.is_set():
+                # What was deferred for a reason worth asking again: asked again within the run.
+                def waiting(wait: RetryWait) -> None:
+                    progress.note(wait.describe())
+
+                retried, _ = await self.interrupt.run(
+                    retry_deferred(
+                        done,
+                        wrapped.check,
+                        self._policy,
+                        settings,
+                        concurrency=settings.max_concurrency,
+                        on_wait=waiting,
+                    )
+                )
+                if retried is not None:
+                    done = retried
+        finally:
+            progress.close()
+        interrupted = self.interrupt.requested.is_set()
+        return RunResult(mode, done, listing_errors, interrupted)
+
+    async def _resolve(self, computer: str) -> list[VmId]:
+        async with Inventory(self._credential, self._settings) as inventory:
+            try:
+                return list(await inventory.resolve_computer(computer))
+            except InventoryError as error:
+                print(
+                    f"avma-remediator: cannot resolve {computer!r}: {_inventory_problem(error)}",
+                    file=sys.stderr,
+                )
+                logging.getLogger(__name__).info("Resource Graph answered: %s", error)
+                raise _Early(EXIT_FAILED) from error
+
+    async def _all_subscriptions(self) -> list[str]:
+        try:
+            return await self._gateway.list_subscriptions()
+        except ComputeError as error:
+            print(f"avma-remediator: cannot list subscriptions: {_arm_problem(error)}", file=sys.stderr)
+            logging.getLogger(__name__).info("ARM answered: %s", error)
+            raise _Early(EXIT_FAILED) from error
+
+
+def checker_mode(checker: HookedChecker) -> str:
+    if isinstance(checker, _Scoped):
+        return checker.settings.mode.value
+    return Mode.AUDIT.value
+
+
+class _Listing:
+    """The gateway's listing, counted for the progress line, its failures kept for the report
+    (also when a signal cuts the sweep short)."""
+
+    def __init__(
+        self,
+        gateway: ComputeGateway,
+        progress: Progress,
+        errors: dict[str, str],
+        subscriptions: int,
+        vm_filter: VmFilter | None = None,
+    ) -> None:
+        self._gateway, self._progress, self._errors = gateway, progress, errors
+        self._filter = vm_filter or VmFilter()
+        self._left = subscriptions
+        self._seen: set[VmId] = set()
+        if subscriptions == 0:
+            progress.listing_done()
+
+    async def list_vms(self, subscription: str) -> AsyncIterator[VmFacts]:
+        try:
+            async for vm in self._gateway.list_vms(subscription):
+                if not self._filter.matches(vm.vm_id, vm.tags):
+                    continue  # --resource-group/--name/--tag: a pure predicate on the listing
+                if vm.vm_id not in self._seen:
+                    self._seen.add(vm.vm_id)
+                    self._progress.listed()
+                yield vm
+        except ComputeError as error:
+            self._errors[subscription] = f"{error.reason}: {error}"
+            raise
+        finally:
+            self._left -= 1
+            if self._left <= 0:
+                self._progress.listing_done()
+
+
 class _Scoped:
     """The workflow behind the scope check: a VM outside the scope ends ``skipped: out-of-scope``."""
 
-    def __init__(self, remediator: Checker, scope: Scope) -> None:
+    def __init__(self, remediator: LedgeredCheck | WithoutLedger | Remediator, scope: Scope) -> None:
         self._remediator, self._scope = remediator, scope
 
-    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome:
+    @property
+    def settings(self) -> Settings:
+        return self._remediator.settings
+
+    async def check(
+        self,
+        vm_id: VmId,
+        *,
+        listed: VmFacts | None = None,
+        before_run_command: BeforeRunCommand | None = None,
+    ) -> Outcome:
         try:
             refused = await self._scope.check(vm_id)
         except InventoryError as error:  # scope that cannot be checked is not assumed
@@ -472,7 +860,9 @@ class _Scoped:
                 "scope-unknown",
                 hint=f"Not checked: cannot tell whether the VM is in scope: {_inventory_problem(error)}",
             )
-        return refused or await self._remediator.check(vm_id, listed=listed)
+        return refused or await self._remediator.check(
+            vm_id, listed=listed, before_run_command=before_run_command
+        )
 
 
 def _inventory_problem(error: InventoryError) -> str:
@@ -538,63 +928,15 @@ def _subscriptions(args: argparse.Namespace, settings: Settings) -> list[str]:
     return given
 
 
-def _print_report(report: SweepReport, output: str, mode: Mode) -> None:
-    extra: dict[str, Any] = {"mode": mode.value}
-    if report.listing_errors:
-        extra["listingErrors"] = report.listing_errors
-    if output == "json":
-        print(as_json(report.outcomes, extra=extra))
-    else:
-        print(as_table(report.outcomes, mode=mode.value))
-    for sub, text in report.listing_errors.items():
+def _print_report(result: RunResult, args: argparse.Namespace) -> None:
+    """The result on stdout in the chosen format, the JSON result to ``--out``, and one line per
+    subscription that could not be listed on stderr."""
+    print(render(result, args.output, full_ids=args.full_ids))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result_document(result), indent=2) + "\n", encoding="utf-8")
+    for sub, text in result.listing_errors.items():
         print(f"avma-remediator: subscription {sub} could not be listed: {_one_line(text)}", file=sys.stderr)
         logging.getLogger(__name__).info("listing subscription %s: %s", sub, text)
-
-
-class _Progress:
-    """A progress line on stderr for long runs: rewritten in place on a terminal, else every 10 s.
-
-    A wait before an in-run retry is shown at once (it is why nothing happens for a while)."""
-
-    def __init__(self, stream: TextIO, *, every_s: float = 2.0) -> None:
-        self._stream = stream
-        self._outcomes: list[Outcome] = []
-        self._started = self._last = time.monotonic()
-        self._tty = stream.isatty()
-        self._interval = every_s if self._tty else 10.0
-        self._shown = False
-
-    def outcome(self, outcome: Outcome) -> None:
-        self._outcomes.append(outcome)
-        now = time.monotonic()
-        if now - self._last >= self._interval:
-            self._last = now
-            counts = ", ".join(f"{k} {v}" for k, v in summary(self._outcomes).items())
-            self._write(f"[{now - self._started:5.0f}s] {len(self._outcomes)} VMs done: {counts}")
-
-    def waiting(self, wait: RetryWait) -> None:
-        now = time.monotonic()
-        self._last = now
-        self._write(f"[{now - self._started:5.0f}s] {wait.describe()}")
-
-    def _write(self, line: str) -> None:
-        self._stream.write(("\r" + line + "\x1b[K") if self._tty else line + "\n")
-        self._stream.flush()
-        self._shown = True
-
-    def close(self) -> None:
-        if self._tty and self._shown:
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
-
-
-@contextlib.contextmanager
-def _progress(stream: TextIO, *, every_s: float = 2.0) -> Iterator[_Progress]:
-    progress = _Progress(stream, every_s=every_s)
-    try:
-        yield progress
-    finally:
-        progress.close()
 
 
 def _simulated_env(values: Mapping[str, str]) -> dict[str, str | None]:

@@ -46,6 +46,9 @@ NO_LEDGER_NOTE = (
 class Workflow(Protocol):
     """``Remediator.check``: the per-VM workflow, with the hook the lease needs."""
 
+    @property
+    def settings(self) -> Settings: ...
+
     async def check(
         self,
         vm_id: VmId,
@@ -63,11 +66,21 @@ class WithoutLedger:
         self._workflow = workflow
         self._say: Callable[[str], None] | None = say
 
-    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome:
+    @property
+    def settings(self) -> Settings:
+        return self._workflow.settings
+
+    async def check(
+        self,
+        vm_id: VmId,
+        *,
+        listed: VmFacts | None = None,
+        before_run_command: BeforeRunCommand | None = None,
+    ) -> Outcome:
         say, self._say = self._say, None
         if say is not None:
             say(NO_LEDGER_NOTE)
-        return await self._workflow.check(vm_id, listed=listed)
+        return await self._workflow.check(vm_id, listed=listed, before_run_command=before_run_command)
 
 
 def has_ledger(settings: Settings) -> bool:
@@ -118,7 +131,19 @@ class LedgeredCheck:
         self._correlation = correlation
         self._trigger = trigger
 
-    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome:
+    @property
+    def settings(self) -> Settings:
+        return self._workflow.settings
+
+    async def check(
+        self,
+        vm_id: VmId,
+        *,
+        listed: VmFacts | None = None,
+        before_run_command: BeforeRunCommand | None = None,
+    ) -> Outcome:
+        """``before_run_command`` (the caller's hook, e.g. the CLI's signal handling) runs first,
+        then the lease is renewed, right before the POST."""
         try:
             lease = await self._ledger.acquire(vm_id, owner=self.owner)
         except LedgerError as error:
@@ -134,7 +159,7 @@ class LedgeredCheck:
         try:
             try:
                 outcome = await self._workflow.check(
-                    vm_id, listed=listed, before_run_command=self._guard(lease)
+                    vm_id, listed=listed, before_run_command=self._guard(lease, before_run_command)
                 )
             except LeaseLost:
                 outcome = Outcome(str(vm_id), OutcomeKind.DEFERRED, "lease-lost")
@@ -145,10 +170,12 @@ class LedgeredCheck:
         finally:
             await self._release(lease, outcome)
 
-    def _guard(self, lease: Lease) -> BeforeRunCommand:
+    def _guard(self, lease: Lease, outer: BeforeRunCommand | None) -> BeforeRunCommand:
         """Renew before each Run Command, and record the intent before a remediation (the worker's)."""
 
         async def before(phase: str, details: Mapping[str, Any]) -> None:
+            if outer is not None:
+                await outer(phase, details)
             intent = {"phase": phase, "owner": self.owner, "correlationId": self._correlation}
             await self._ledger.renew(lease, intent=intent if phase == "remediate" else None)
             if phase == "remediate":

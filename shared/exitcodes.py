@@ -20,11 +20,6 @@ EXIT_USAGE = 2
 EXIT_RETRY_LATER = 3
 EXIT_INTERRUPTED = 130
 
-EXIT_CODES_HELP = "exit codes:\n" + "\n".join(
-    "  " + line for line in (__doc__ or "").split("\n\n", 1)[1].strip().splitlines()
-)
-"""The table above, for ``--help`` (argparse's epilog)."""
-
 
 def run_exit_code(
     outcomes: Iterable[Outcome], *, listing_errors: bool = False, named_missing: bool = False

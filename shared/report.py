@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -32,14 +33,24 @@ def as_json(outcomes: Sequence[Outcome], *, extra: Mapping[str, Any] | None = No
     return json.dumps(doc, indent=2, sort_keys=False)
 
 
-def as_table(outcomes: Sequence[Outcome], *, mode: str) -> str:
+def as_table(outcomes: Sequence[Outcome], *, mode: str, full_ids: bool = False, width: int = 0) -> str:
+    """Rows most urgent first, a summary, and "What to do" grouped by reason.
+
+    With ``width`` > 0 the table fits that many columns: DETAIL is cut first, then the short VM id
+    (from the left, keeping the name); ``full_ids`` ids are never cut, so they paste into ``check``.
+    Hints are wrapped to the width.
+    """
     ordered = sorted(outcomes, key=lambda o: (ORDER.index(o.kind), o.vm_id.lower()))
     rows = [("VM", "OUTCOME", "REASON", "DETAIL")]
     for o in ordered:
-        rows.append((_short(o.vm_id), o.kind.value, o.reason, _detail(o)))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
-    lines = [line.rstrip() for line in lines]
+        rows.append((o.vm_id if full_ids else _short(o.vm_id), o.kind.value, o.reason, detail(o)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    if width > 0:
+        widths = _fit(widths, width, fixed_first=full_ids)
+    lines = []
+    for r in rows:
+        cells = [_cut(r[0], widths[0], left=True), r[1], _cut(r[2], widths[2]), _cut(r[3], widths[3])]
+        lines.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(cells) if widths[i] > 0).rstrip())
     counts = summary(outcomes)
     lines.append("")
     lines.append(f"{len(outcomes)} VMs, mode {mode}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -54,8 +65,38 @@ def as_table(outcomes: Sequence[Outcome], *, mode: str) -> str:
         lines.append("")
         lines.append("What to do:")
         for reason, (n, text) in hints.items():
-            lines.append(f"  {reason} ({n} VM{'s' if n != 1 else ''}): {text}")
+            item = f"  {reason} ({n} VM{'s' if n != 1 else ''}): {text}"
+            if width > 0:
+                lines.extend(textwrap.wrap(item, width, subsequent_indent="    ", break_on_hyphens=False))
+            else:
+                lines.append(item)
     return "\n".join(lines)
+
+
+def _fit(widths: list[int], width: int, *, fixed_first: bool) -> list[int]:
+    """Column widths (VM, OUTCOME, REASON, DETAIL) that fit ``width`` with two spaces between."""
+    out = list(widths)
+    over = sum(out) + 2 * 3 - width
+    if over <= 0:
+        return out
+    keep_detail = 12  # below this a DETAIL column says nothing: it is dropped instead
+    cut = min(over, max(0, out[3] - keep_detail))
+    out[3] -= cut
+    over -= cut
+    if over > 0 and out[3] > 0:
+        over -= out[3] + 2
+        out[3] = 0
+    if over > 0 and not fixed_first:
+        out[0] = max(len("VM"), out[0] - over)
+    return out
+
+
+def _cut(text: str, width: int, *, left: bool = False) -> str:
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return text[:width]
+    return "…" + text[-(width - 1) :] if left else text[: width - 1] + "…"
 
 
 def _short(vm_id: str) -> str:
@@ -65,7 +106,8 @@ def _short(vm_id: str) -> str:
     return f"{parsed.subscription_id[:8]}/{parsed.resource_group}/{parsed.name}"
 
 
-def _detail(o: Outcome) -> str:
+def detail(o: Outcome, *, limit: int | None = 80) -> str:
+    """The few facts that explain a row: edition or caption, channel (before→after), the error."""
     d = o.details
     parts = []
     if "edition" in d:
@@ -77,5 +119,6 @@ def _detail(o: Outcome) -> str:
     elif "channel" in d:
         parts.append(str(d["channel"]))
     if "error" in d and o.kind in (OutcomeKind.FAILED, OutcomeKind.DEFERRED):
-        parts.append(str(d["error"])[:80])
+        error = str(d["error"])
+        parts.append(error if limit is None else error[:limit])
     return "; ".join(parts)
