@@ -105,7 +105,7 @@ def test_no_credential_at_all_says_run_az_login_and_what_was_tried(
         "AZURE_POD_IDENTITY_AUTHORITY_HOST": imds_without_identity,
     }
     before = len(sim.request_log())
-    done = _cli(["sweep", "--apply"], env)
+    done = _cli(["sweep", "--apply", "--yes"], env)
     assert done.returncode == 2, done.stderr
     assert done.stdout == ""
     lines = done.stderr.splitlines()

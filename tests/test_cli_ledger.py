@@ -57,7 +57,7 @@ def _status(env: dict[str, str]) -> dict[str, Any]:
 def test_a_cli_check_takes_the_lease_and_shows_in_the_apps_status(
     env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["check", AVMA, "--apply", "--output", "json"]) == 0
+    assert main(["check", AVMA, "--apply", "--yes", "--output", "json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["summary"] == {"remediated": 1}
     assert "without the ledger" not in captured.err
@@ -82,7 +82,7 @@ def test_a_vm_the_app_holds_is_left_alone_deferred_lease_held(
             assert await ledger.acquire(VmId.parse(AVMA), owner="worker-of-the-app") is not None
 
     asyncio.run(hold())
-    code = main(["check", AVMA, OTHER, "--apply", "--retry-wait", "0", "--output", "json"])
+    code = main(["check", AVMA, OTHER, "--apply", "--yes", "--retry-wait", "0", "--output", "json"])
     out = json.loads(capsys.readouterr().out)
     by_id = {v["id"]: (v["outcome"], v["reason"]) for v in out["vms"]}
     assert by_id == {AVMA: ("deferred", "lease-held"), OTHER: ("remediated", "avma-channel")}
@@ -144,7 +144,7 @@ def test_a_ledger_that_cannot_be_reached_stops_the_run_before_any_vm(
     )
     monkeypatch.setenv("AzureWebJobsStorage", down)
     before = len(sim.request_log())
-    assert main(["check", AVMA, "--apply"]) == EXIT_USAGE
+    assert main(["check", AVMA, "--apply", "--yes"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("avma-remediator: the ledger (storage settings) cannot be used: ")
     runs = [r for r in sim.request_log()[before:] if r["path"].endswith("/runCommand")]

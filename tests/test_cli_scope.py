@@ -106,7 +106,7 @@ def _run(
             else:
                 monkeypatch.setenv(key, value)
         monkeypatch.setenv("TARGET_SUBSCRIPTIONS", SUB)
-        code = main([*argv, "--apply", "--output", "json"])
+        code = main([*argv, "--apply", "--yes", "--output", "json"])
         states = sim.state_dump()
     captured = capsys.readouterr()
     out = json.loads(captured.out) if captured.out else {}
