@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import signal
 from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any, Final
@@ -47,15 +48,30 @@ class SimulatorProcessError(RuntimeError):
     """The simulator process failed to start, died, or refused a call."""
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _child(conn: Connection, estate: dict[str, Any], options: dict[str, Any]) -> None:
-    """The child process: run a Simulator and answer calls until told to stop (None) or orphaned."""
+    """The child process: run a Simulator and answer calls until told to stop (None) or orphaned.
+
+    SIGTERM (``Process.terminate``, which ``stop`` uses on a child that does not exit) ends it
+    through ``sim.stop()`` like a stop request, so its temporary CA directory does not stay behind.
+    It is held back while the simulator starts, so it always lands where ``sim.stop()`` follows.
+    """
+    blockable = hasattr(signal, "pthread_sigmask")
+    if blockable:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         sim = Simulator(Estate.from_dict(estate), **options).start()
     except (EstateError, OSError, ValueError) as error:
         conn.send(("error", f"{type(error).__name__}: {error}"))
         return
-    conn.send(("ready", sim.env()))
     try:
+        if blockable:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a pending one lands here
+        conn.send(("ready", sim.env()))
         while True:
             try:
                 request = conn.recv()

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import shutil
+import signal
 import ssl
 import tempfile
 import threading
@@ -479,3 +481,53 @@ async def serve_forever(
         await asyncio.Event().wait()
     finally:
         await server.stop()
+
+
+class ServeError(RuntimeError):
+    """The standalone simulator could not start listening; the message is one line."""
+
+
+def serve_until_stopped(
+    estate: Estate,
+    *,
+    host: str = "127.0.0.1",
+    arm_port: int = 0,
+    identity_port: int = 0,
+    latency_s: float = SERVE_LATENCY_S,
+    on_ready: Callable[[dict[str, str]], None] | None = None,
+) -> None:
+    """``simulator serve``: run :func:`serve_forever` until SIGINT (Ctrl-C) or SIGTERM.
+
+    Either signal ends it the same way: the servers stop and the temporary CA directory is removed
+    (SIGTERM's default action would end the process with the CA left in the temporary directory).
+    A port that cannot be bound (in use, privileged) raises :class:`ServeError` naming it, with
+    nothing left behind (``SimulatorServer.start`` cleans up what it had started).
+    """
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError):  # no add_signal_handler on Windows
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            await serve_forever(
+                estate,
+                host=host,
+                arm_port=arm_port,
+                identity_port=identity_port,
+                latency_s=latency_s,
+                on_ready=on_ready,
+            )
+        except asyncio.CancelledError:
+            if not task.cancelling():
+                raise
+            task.uncancel()  # SIGTERM: serve_forever's finally has stopped and cleaned up
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # asyncio.run cancels main, which cleans up
+            asyncio.run(main())
+    except OSError as error:
+        text = " ".join(str(error).split()) or type(error).__name__
+        ports = f"ARM port {arm_port}, identity port {identity_port}"
+        raise ServeError(f"cannot listen on {host} ({ports}): {text}") from error

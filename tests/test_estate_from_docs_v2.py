@@ -399,7 +399,8 @@ def test_check_by_unknown_computer_is_not_found() -> None:
     code, out, err = _run("check", "--simulate", str(ESTATE), "--computer", "NOSUCHHOST", "--output", "json")
     assert out, err
     assert [(vm["outcome"], vm["reason"]) for vm in out["vms"]] == [("skipped", "not-found")]
-    assert code == 0
+    assert code == 1  # README: a VM you named that does not exist is exit 1 (issue 10, item 4)
+    assert "has the computer name 'NOSUCHHOST'" in err
 
 
 # ---- the loader's negative cases (S "What the estate refuses", the key tables) ----

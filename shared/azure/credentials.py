@@ -1,11 +1,17 @@
-"""The credential for ARM: managed identity where the platform offers one, else DefaultAzureCredential."""
+"""The credential for ARM: managed identity where the platform offers one, else DefaultAzureCredential.
+
+:func:`check_credential` asks it for one ARM token before a CLI run touches any VM, and turns a
+failure into one line that says what to do (``NoCredential``; the CLI exits 2).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping
 
 from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import AzureError
 from azure.identity.aio import DefaultAzureCredential, ManagedIdentityCredential
 
 from shared.settings import Settings
@@ -24,3 +30,99 @@ def make_credential(settings: Settings, env: Mapping[str, str] | None = None) ->
     return DefaultAzureCredential(
         authority=settings.cloud.authority_host, managed_identity_client_id=client_id
     )
+
+
+CREDENTIAL_CHECK_TIMEOUT_S = 30.0
+"""How long the CLI's one token request before any VM may take. DefaultAzureCredential tries its
+sources in turn (the Azure CLI one runs ``az account get-access-token``, allowed 10 s by
+azure-identity); an answer that takes longer than this is no usable credential for a run."""
+
+_TRIED = "Attempted credentials:"
+_MITIGATE = "To mitigate this issue"
+
+
+class NoCredential(Exception):
+    """No token for ARM: the message is one line that says what to do, then what was tried."""
+
+
+async def check_credential(
+    credential: AsyncTokenCredential,
+    settings: Settings,
+    env: Mapping[str, str] | None = None,
+    *,
+    timeout_s: float = CREDENTIAL_CHECK_TIMEOUT_S,
+) -> None:
+    """Get one token for the cloud's ARM scope, or raise :class:`NoCredential` with one line.
+
+    A run that would otherwise fail on every VM with the credential's message as a Run Command
+    failure is stopped here, before any VM (the CLI exits 2).
+    """
+    env = os.environ if env is None else env
+    try:
+        async with asyncio.timeout(timeout_s):
+            await credential.get_token(settings.cloud.arm_scope)
+    except TimeoutError as error:
+        raise NoCredential(
+            f"{_what_to_do(env)} (no token for {settings.cloud.arm_scope} within {timeout_s:g} s)"
+        ) from error
+    except AzureError as error:  # ClientAuthenticationError, CredentialUnavailableError, ServiceRequestError
+        raise NoCredential(describe_failure(str(error), env)) from error
+
+
+def _what_to_do(env: Mapping[str, str]) -> str:
+    if env.get("IDENTITY_ENDPOINT"):
+        return (
+            "no Azure credential: the managed identity endpoint (IDENTITY_ENDPOINT) gave no token: check "
+            "IDENTITY_ENDPOINT and IDENTITY_HEADER (and AZURE_CLIENT_ID for a user-assigned identity), "
+            "or unset IDENTITY_ENDPOINT to use az login"
+        )
+    return (
+        "no Azure credential: run az login, or set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET "
+        "(or AZURE_CLIENT_CERTIFICATE_PATH) for a service principal, or run where a managed identity is "
+        "available"
+    )
+
+
+def describe_failure(message: str, env: Mapping[str, str] | None = None) -> str:
+    """One line: what to do first, then what azure-identity tried, each source with its whole answer.
+
+    DefaultAzureCredential's message is ``<Class> failed to retrieve a token from the included
+    credentials.``, then ``Attempted credentials:`` with one tab-indented ``<Name>: <message>`` per
+    source (a message may continue on the next lines), then ``To mitigate this issue, please refer to
+    the troubleshooting guidelines here at <url>.`` (azure-identity ``_credentials/chained.py``,
+    ``_get_error_message`` and ``get_token``; Azure/azure-sdk-for-python
+    ``sdk/identity/azure-identity/azure/identity/_credentials/chained.py``). Each source's own
+    message ends with what to do about it ("Please run 'az login' to set up an account", "run
+    `azd auth login`"), so nothing is cut: the line is long, but its start says what to do.
+    """
+    env = os.environ if env is None else env
+    head = _what_to_do(env)
+    lines = message.splitlines()
+    if not any(line.strip() == _TRIED for line in lines):  # one credential, not a chain
+        source = "ManagedIdentityCredential" if env.get("IDENTITY_ENDPOINT") else "azure-identity"
+        return f"{head}. {source} said: {_flat(message)}"
+    attempts: list[str] = []
+    guide = ""
+    in_attempts = False
+    for line in lines:
+        if line.strip() == _TRIED:
+            in_attempts = True
+            continue
+        if line.startswith(_MITIGATE):
+            guide = _flat(line.split(" at ", 1)[-1]).rstrip(".")
+            in_attempts = False
+            continue
+        if not in_attempts:
+            continue
+        if line.startswith("\t"):
+            attempts.append(line.strip())
+        elif attempts and line.strip():
+            attempts[-1] += " " + line.strip()
+    cls = _flat(lines[0]).split(" ", 1)[0] if lines else "DefaultAzureCredential"
+    tried = "; ".join(_flat(a).rstrip(".") for a in attempts) or "nothing"
+    tail = f" (troubleshooting: {guide})" if guide else ""
+    return f"{head}. {cls} tried: {tried}{tail}"
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
