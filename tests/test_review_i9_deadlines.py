@@ -25,6 +25,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from azure.data.tables.aio import TableClient
@@ -110,3 +111,37 @@ async def test_an_acquire_against_a_table_that_never_answers_ends_within_the_wri
             with pytest.raises(LedgerError):
                 await asyncio.wait_for(ledger.acquire(VM, owner="w"), 10)
             assert asyncio.get_running_loop().time() - started <= short_tries + 1.0
+
+
+async def test_a_renew_whose_answer_was_lost_is_still_ours_after_the_retry(
+    azurite: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first try lands, its answer is lost; the retry meets 412 from our own write. That is not a
+    lost lease (the row still has this lease's token and the expiry we wrote): no spurious abort."""
+    from azure.core.exceptions import ServiceResponseError
+
+    from shared.ledger.lease import LeaseStore
+    from shared.model import Outcome, OutcomeKind
+
+    table = TableClient.from_connection_string(azurite.connection_string, "ledger" + uuid.uuid4().hex[:8])
+    monkeypatch.setattr(ledger_table.LedgerBase, "retry_backoff_s", 0.01)
+    async with Ledger(table, lease_s=60) as ledger:
+        await ledger.create_table_if_needed()
+        lease = await ledger.acquire(VM, owner="w")
+        assert lease is not None
+        real = LeaseStore._merge_if_ours
+        lost = {"left": 1}
+
+        async def merge(self: Ledger, columns: dict[str, Any], etag: str) -> dict[str, Any] | None:
+            written = await real(self, columns, etag)
+            if lost["left"]:
+                lost["left"] -= 1
+                raise ServiceResponseError("the answer was lost")
+            return written
+
+        monkeypatch.setattr(LeaseStore, "_merge_if_ours", merge)
+        await ledger.renew(lease, intent={"phase": "remediate"})  # raised LeaseLost
+        monkeypatch.setattr(LeaseStore, "_merge_if_ours", real)
+        await ledger.release(lease, Outcome(str(VM), OutcomeKind.HEALTHY, "kms-client-licensed"))
+        stored = await ledger.last_verdict(VM)
+        assert stored is not None and stored.outcome is OutcomeKind.HEALTHY  # the etag was adopted
