@@ -139,3 +139,38 @@ def test_a_connection_dropped_mid_answer_is_unknown_not_a_crash() -> None:
     gateway = NetworkGateway.__new__(NetworkGateway)
     with pytest.raises(NetworkUnreadable, match="Connection reset"):
         asyncio.run(gateway._call("effective routes of vm-nic", dropped))
+
+
+def _deny(priority: int, **match: Any) -> dict[str, Any]:
+    return {
+        "name": f"deny-{priority}",
+        "properties": {
+            "direction": "Outbound",
+            "priority": priority,
+            "access": "Deny",
+            "protocol": "Tcp",
+            "destinationAddressPrefix": "Internet",
+            **match,
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("match", "denied"),
+    [
+        ({"destinationPortRange": "3389"}, False),
+        ({"destinationPortRange": "1000-2000"}, True),
+        ({"destinationPortRanges": ["80", "443"]}, False),
+        ({"destinationPortRanges": ["80", "1600-1700"]}, True),
+        ({"destinationPortRange": "1688", "protocol": "Udp"}, False),
+        ({"destinationPortRange": "*", "destinationAddressPrefix": "10.0.0.0/8"}, False),
+    ],
+)
+def test_an_nsg_rule_denies_the_kms_only_when_its_ports_protocol_and_prefix_hold_it(
+    match: dict[str, Any], denied: bool
+) -> None:
+    nsg = {"id": NSG_ID, "properties": {"securityRules": [_deny(300, **match)]}}
+    verdict = judge(facts(SYSTEM, nsgs=[nsg]), PUBLIC)
+    assert verdict.state == ("blocked" if denied else "ok"), verdict
+    if denied:
+        assert [(f.cause, f.resource_id, f.priority) for f in verdict.findings] == [(NSG_DENY, NSG_ID, 300)]
