@@ -174,3 +174,30 @@ def test_an_nsg_rule_denies_the_kms_only_when_its_ports_protocol_and_prefix_hold
     assert verdict.state == ("blocked" if denied else "ok"), verdict
     if denied:
         assert [(f.cause, f.resource_id, f.priority) for f in verdict.findings] == [(NSG_DENY, NSG_ID, 300)]
+
+
+def test_nsg_rules_are_taken_lowest_priority_number_first_whatever_their_order() -> None:
+    allow = {
+        "name": "allow-kms",
+        "properties": {
+            "direction": "Outbound",
+            "priority": 100,
+            "access": "Allow",
+            "protocol": "Tcp",
+            "destinationAddressPrefixes": [f"{a}/32" for a in PUBLIC.required],
+            "destinationPortRange": "1688",
+        },
+    }
+    deny = _deny(4000, destinationPortRange="*")
+    for rules in ([allow, deny], [deny, allow]):
+        nsg = {"id": NSG_ID, "properties": {"securityRules": rules}}
+        assert judge(facts(SYSTEM, nsgs=[nsg]), PUBLIC).state == "ok"
+    # the other way round the deny comes first
+    early = {
+        "id": NSG_ID,
+        "properties": {
+            "securityRules": [{**allow, "properties": {**allow["properties"], "priority": 4001}}, deny]
+        },
+    }
+    (finding,) = judge(facts(SYSTEM, nsgs=[early]), PUBLIC).findings
+    assert (finding.cause, finding.priority) == (NSG_DENY, 4000)
