@@ -243,7 +243,11 @@ def _since(text: str, now: datetime, problems: list[str]) -> datetime | None:
     if parsed is None:
         problems.append(f"since={text[:40]!r}: an ISO 8601 time (2026-12-01T08:00:00Z) or 30m, 24h, 7d")
         return None
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:00:00-05:00 is after year 9999 in UTC
+        problems.append(f"since={text[:40]!r}: out of range once converted to UTC")
+        return None
 
 
 def _whole(text: str, name: str, default: int, low: int, high: int, problems: list[str]) -> int:
