@@ -125,8 +125,10 @@ CHAOS_MIX: dict[str, float] = {
 }
 
 # The default fault plan (the estate's ``faults`` section). Rates are per opportunity (see
-# docs/simulator.md, "Faults"); the token endpoint fails in bursts of 5, longer than
-# azure-identity's retries, so that some invocations do see the error.
+# docs/simulator.md, "Faults"). The engine keeps one credential per process (shared.clients), so
+# the token endpoint is asked only when a token is due: with the run's short-lived tokens
+# (``token_lifetime_s``) that is a refresh about every 30 s per audience, and these bursts fail
+# some of them (azure-identity keeps the valid token it has when a refresh fails).
 DEFAULT_FAULTS: dict[str, Any] = {
     # A read bucket smaller than the 32 workers' opening burst, so that throttling fires however
     # slow the machine (Azure's 250 only emptied when the machine was fast enough); refill as Azure's.
@@ -139,7 +141,7 @@ DEFAULT_FAULTS: dict[str, Any] = {
     "agentFlap": {"rate": 0.01, "periodSeconds": 0.5},
     "outputTruncated": 0.006,
     "outputGarbled": 0.006,
-    "tokenError": {"every": 250, "burst": 5},
+    "tokenError": {"every": 4, "burst": 3},
     "logPartialError": 0.5,
 }
 
@@ -167,6 +169,9 @@ class ChaosConfig:
     restarts: int = 1
     restart_after: float = 0.35  # of the first wave's messages handled
     log_scan_every_s: float = 4.0
+    # Tokens the simulator issues live this long: just over azure-core's 300 s refresh margin, so
+    # that clients refresh (and meet tokenError) during the run without ever sending a stale token.
+    token_lifetime_s: float = 330.0
     # Engine settings for compressed time (the run's env; docs/reliability.md).
     defer_delay_s: int = 1
     defer_deadline_h: float = 0.035  # 126 s: longer than the enforce pass's backlog after the restart
@@ -675,7 +680,9 @@ class ChaosPass:
 
     async def run(self) -> PassResult:
         self._t0 = time.monotonic()
-        with SimulatorProcess(self.estate, latency_s=self.config.latency_s) as sim:
+        with SimulatorProcess(
+            self.estate, latency_s=self.config.latency_s, token_lifetime_s=self.config.token_lifetime_s
+        ) as sim:
             env = {
                 **sim.env(),
                 "AzureWebJobsStorage": self.azurite.connection_string,

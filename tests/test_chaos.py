@@ -426,7 +426,7 @@ TEST_FAULTS: dict[str, Any] = {
     "agentFlap": {"every": 37, "periodSeconds": 0.3},
     "outputTruncated": {"every": 71},
     "outputGarbled": {"every": 79},
-    "tokenError": {"every": 120, "burst": 5},
+    "tokenError": {"every": 4, "burst": 3},  # on the refreshes of the run's short-lived tokens
     "logPartialError": {"every": 1},
 }
 SMALL = chaos.ChaosConfig(
