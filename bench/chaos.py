@@ -1152,7 +1152,7 @@ class ChaosPass:
             for entry in entries:
                 if entry["script"] == "remediate" and self.mode == "audit":
                     violate("changedInAudit", f"{vm_id}: a remediation Run Command in audit mode")
-                if entry["script"] != "remediate" or not entry["ran"]:
+                if entry["script"] != "remediate" or not entry["ran"] or _changed_nothing(entry):
                     continue
                 cause = _why_remediable(spec, entry, cloud_hosts)
                 if cause is None:
@@ -1368,6 +1368,14 @@ def _opted_out(spec: VmSpec) -> bool:
         name.lower() == OPT_OUT_TAG and value.strip().lower() not in ("false", "no", "0")
         for name, value in spec.tags.items()
     )
+
+
+def _changed_nothing(entry: Mapping[str, Any]) -> bool:
+    """A conditional re-key (the first Run Command of a VM whose edition ARM names, issue 12) that
+    found other facts than it was given: it only read them, so the guest's licensing before and after
+    it are the same. One that changed anything is judged as any remediation."""
+    conditional = "ExpectBuild" in (entry.get("parameters") or {})
+    return conditional and entry.get("before") == entry.get("after")
 
 
 def _why_remediable(spec: VmSpec, entry: Mapping[str, Any], azure_kms: frozenset[str]) -> str | None:

@@ -25,8 +25,16 @@ from shared.azure.compute import (
     VmNotRunning,
 )
 from shared.decide import Action, Decision, decide, gate
-from shared.guest.facts import GuestOutputError, GuestResult, parse_result
-from shared.guest.scripts import detect_command, remediate_command
+from shared.guessed_rekey import Expectation, before_as_result, expectation_for
+from shared.guest.facts import (
+    POWERSHELL_VERSION_STEP,
+    BeforeFacts,
+    Channel,
+    GuestOutputError,
+    GuestResult,
+    parse_result,
+)
+from shared.guest.scripts import conditional_rekey_command, detect_command, remediate_command
 from shared.hints import hint_for, remediation_hint
 from shared.model import Outcome, OutcomeKind, VmId
 from shared.settings import Mode, Settings
@@ -40,6 +48,19 @@ _DEFERRING = (RunCommandBusy, Throttled, ArmUnavailable, ArmTimeout, RunCommandT
 # Called before each Run Command POST with the phase ("detect" or "remediate") and what is about to
 # be sent; it may raise (a lost lease, a ledger that cannot record the intent) and then nothing is POSTed.
 BeforeRunCommand = Callable[[str, Mapping[str, Any]], Awaitable[None]]
+
+
+# A conditional re-key that stopped at one of these changed nothing (the version guard, parameters).
+_NOTHING_DONE_STEPS = frozenset({POWERSHELL_VERSION_STEP, "parameters"})
+# What a re-key's hint is told of the state before it when the script could not say.
+_UNKNOWN_BEFORE = GuestResult(script="detect", os=None, license=None, kms_probe=None)
+
+
+@dataclass(slots=True)
+class _Phase:
+    """Where a check is (read, detect, remediate), for the outcome of an error that ends it."""
+
+    name: str = "read"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,85 +115,189 @@ class Remediator:
         hook: BeforeRunCommand | None,
         recent: Recent | None,
     ) -> Outcome:
-        settings = self._settings
-        phase = "read"
-        disk: dict[str, Any] = {}
+        step = _Phase()
         try:
-            if listed is not None:
-                early = gate(listed, settings)
-                if early is not None:
-                    return self._final(vm_id, early)
-            vm = await self._compute.get_vm(vm_id)
-            disk = {"osDiskId": vm.os_disk_id} if vm.os_disk_id else {}
-            ruled = gate(vm, settings)
-            if ruled is not None:
-                return self._final(vm_id, ruled, dict(disk))
-            if recent is not None and vm.os_disk_id and vm.os_disk_id.lower() == recent.os_disk_id.lower():
-                return self._outcome(
-                    vm_id,
-                    OutcomeKind.SKIPPED,
-                    "recently-verified",
-                    {**disk, "verifiedAt": recent.verified_at.isoformat()},
-                )
-
-            phase = "detect"
-            detect = detect_command(settings.kms_host, settings.kms_port)
-            if hook is not None:
-                await hook(phase, {})
-            detect_out, detect_err = await self._compute.run_command(vm_id, detect)
-            before = self._parse(detect_out, "detect")
-            if isinstance(before, Outcome):
-                return self._bad_output(vm_id, before, detect_err)
-            decision = decide(before, settings)
-            facts = {**disk, **_facts(before, "")}
-            if decision.action is Action.NONE:
-                extra = {"error": _error_text(before)} if before.error is not None else {}
-                return self._final(vm_id, decision, {**facts, **extra})
-            if decision.entry is not None:
-                facts["edition"] = decision.entry.edition
-            facts["kmsTarget"] = settings.kms_target
-            if settings.mode is Mode.AUDIT:
-                return self._outcome(vm_id, OutcomeKind.WOULD_REMEDIATE, decision.reason, facts)
-
-            phase = "remediate"
-            body = remediate_command(
-                product_key=decision.entry.product_key
-                if decision.action is Action.REKEY and decision.entry
-                else None,
-                kms_host=settings.kms_host,
-                kms_port=settings.kms_port,
-            )
-            if hook is not None:
-                await hook(phase, {"action": decision.action.value, "reason": decision.reason, **facts})
-            fix_out, fix_err = await self._compute.run_command(vm_id, body)
-            after = self._parse(fix_out, "remediate")
-            if isinstance(after, Outcome):
-                return self._bad_output(vm_id, after, fix_err, phase="remediate")
-            kind, reason = judge(after)
-            details = {**facts, **_facts(after, "After"), "steps": [[s.name, s.hresult] for s in after.steps]}
-            details["action"] = decision.action.value
-            if after.error is not None:
-                details["error"] = _error_text(after)
-            reason = reason or decision.reason
-            hint = remediation_hint(reason, settings, before, after)
-            return self._outcome(vm_id, kind, reason, details, hint=hint)
+            return await self._run(vm_id, listed, hook, recent, step)
         except VmNotFound:
-            return self._outcome(vm_id, OutcomeKind.SKIPPED, "not-found", {"phase": phase})
+            return self._outcome(vm_id, OutcomeKind.SKIPPED, "not-found", {"phase": step.name})
         except VmNotRunning as error:
             return self._outcome(
-                vm_id, OutcomeKind.SKIPPED, "not-running", {"phase": phase, "error": str(error)}
+                vm_id, OutcomeKind.SKIPPED, "not-running", {"phase": step.name, "error": str(error)}
             )
         except _DEFERRING as error:
             return self._outcome(
-                vm_id, OutcomeKind.DEFERRED, error.reason, {"phase": phase, "error": str(error)}
+                vm_id, OutcomeKind.DEFERRED, error.reason, {"phase": step.name, "error": str(error)}
             )
         except ComputeError as error:
             return self._outcome(
                 vm_id,
                 OutcomeKind.FAILED,
                 error.reason,
-                {"phase": phase, "code": error.code, "error": str(error)},
+                {"phase": step.name, "code": error.code, "error": str(error)},
             )
+
+    async def _run(
+        self,
+        vm_id: VmId,
+        listed: VmFacts | None,
+        hook: BeforeRunCommand | None,
+        recent: Recent | None,
+        step: _Phase,
+    ) -> Outcome:
+        settings = self._settings
+        disk: dict[str, Any] = {}
+        if listed is not None:
+            early = gate(listed, settings)
+            if early is not None:
+                return self._final(vm_id, early)
+        vm = await self._compute.get_vm(vm_id)
+        disk = {"osDiskId": vm.os_disk_id} if vm.os_disk_id else {}
+        ruled = gate(vm, settings)
+        if ruled is not None:
+            return self._final(vm_id, ruled, dict(disk))
+        if recent is not None and vm.os_disk_id and vm.os_disk_id.lower() == recent.os_disk_id.lower():
+            return self._outcome(
+                vm_id,
+                OutcomeKind.SKIPPED,
+                "recently-verified",
+                {**disk, "verifiedAt": recent.verified_at.isoformat()},
+            )
+
+        expectation = expectation_for(vm, settings)
+        if expectation is not None:
+            # ARM names one catalog edition: the first Run Command may re-key, on conditions.
+            step.name = "remediate"
+            first = await self._conditional_rekey(vm_id, expectation, disk, hook)
+            if isinstance(first, Outcome):
+                return first
+            before, detect_err = first
+            outcome = await self._decide_and_act(vm_id, before, detect_err, disk, hook, step)
+            pre = before.preconditions
+            outcome.details["conditionalRekey"] = {
+                "edition": expectation.entry.edition,
+                "met": False,
+                "failed": list(pre.failed) if pre is not None else [],
+            }
+            return outcome
+
+        step.name = "detect"
+        detect = detect_command(settings.kms_host, settings.kms_port)
+        if hook is not None:
+            await hook(step.name, {})
+        detect_out, detect_err = await self._compute.run_command(vm_id, detect)
+        parsed = self._parse(detect_out, "detect")
+        if isinstance(parsed, Outcome):
+            return self._bad_output(vm_id, parsed, detect_err)
+        return await self._decide_and_act(vm_id, parsed, detect_err, disk, hook, step)
+
+    async def _decide_and_act(
+        self,
+        vm_id: VmId,
+        before: GuestResult,
+        detect_err: str,
+        disk: dict[str, Any],
+        hook: BeforeRunCommand | None,
+        step: _Phase,
+    ) -> Outcome:
+        """Decide on detected facts (shared.decide) and, when the table says so, remediate and verify."""
+        settings = self._settings
+        decision = decide(before, settings)
+        facts = {**disk, **_facts(before, "")}
+        if decision.action is Action.NONE:
+            extra = {"error": _error_text(before)} if before.error is not None else {}
+            return self._final(vm_id, decision, {**facts, **extra})
+        if decision.entry is not None:
+            facts["edition"] = decision.entry.edition
+        facts["kmsTarget"] = settings.kms_target
+        if settings.mode is Mode.AUDIT:
+            return self._outcome(vm_id, OutcomeKind.WOULD_REMEDIATE, decision.reason, facts)
+
+        step.name = "remediate"
+        body = remediate_command(
+            product_key=decision.entry.product_key
+            if decision.action is Action.REKEY and decision.entry
+            else None,
+            kms_host=settings.kms_host,
+            kms_port=settings.kms_port,
+        )
+        if hook is not None:
+            await hook(step.name, {"action": decision.action.value, "reason": decision.reason, **facts})
+        fix_out, fix_err = await self._compute.run_command(vm_id, body)
+        after = self._parse(fix_out, "remediate")
+        if isinstance(after, Outcome):
+            return self._bad_output(vm_id, after, fix_err, phase="remediate")
+        kind, reason = judge(after)
+        details = {**facts, **_facts(after, "After"), "steps": [[s.name, s.hresult] for s in after.steps]}
+        details["action"] = decision.action.value
+        if after.error is not None:
+            details["error"] = _error_text(after)
+        reason = reason or decision.reason
+        hint = remediation_hint(reason, settings, before, after)
+        return self._outcome(vm_id, kind, reason, details, hint=hint)
+
+    async def _conditional_rekey(
+        self,
+        vm_id: VmId,
+        expectation: Expectation,
+        disk: dict[str, Any],
+        hook: BeforeRunCommand | None,
+    ) -> Outcome | tuple[GuestResult, str]:
+        """The first Run Command as a conditional re-key (shared.guessed_rekey).
+
+        Gives the facts to decide on when the script changed nothing (its preconditions were not
+        met, or it stopped before reading them: the version guard, bad parameters), else the outcome
+        of the re-key, judged from the facts it read again afterwards as any remediation is.
+        """
+        settings = self._settings
+        entry = expectation.entry
+        body = conditional_rekey_command(
+            product_key=entry.product_key,
+            kms_host=settings.kms_host,
+            kms_port=settings.kms_port,
+            channel_token=expectation.channel_token,
+            edition_ids=expectation.edition_ids,
+            skus=expectation.skus,
+            build=expectation.build,
+            product_types=expectation.product_types,
+            refused_key_channels=expectation.refused_key_channels,
+        )
+        facts: dict[str, Any] = {**disk, "edition": entry.edition, "kmsTarget": settings.kms_target}
+        if hook is not None:
+            # The intent goes on record before this POST: it may change the VM.
+            intent = {"action": Action.REKEY.value, "reason": "avma-channel", "conditional": True, **facts}
+            await hook("remediate", intent)
+        out, err = await self._compute.run_command(vm_id, body)
+        result = self._parse(out, "remediate")
+        if isinstance(result, Outcome):
+            return self._bad_output(vm_id, result, err, phase="remediate")
+        pre = result.preconditions
+        stopped_early = result.error is not None and result.error.step in _NOTHING_DONE_STEPS
+        if (pre is not None and not pre.met) or (pre is None and stopped_early):
+            return result, err
+        before = _UNKNOWN_BEFORE
+        if pre is not None and pre.before is not None:
+            if not expectation.accepts(pre.before):
+                # The script says it acted on facts it was told not to act on: never trusted.
+                problem = "the script re-keyed on facts outside the preconditions it was given"
+                details = {**facts, "phase": "remediate", "error": problem, "before": _before(pre.before)}
+                return self._outcome(vm_id, OutcomeKind.FAILED, "bad-output", details)
+            before = before_as_result(pre.before)
+            facts.update(
+                channel=Channel.AVMA.value,
+                licenseStatus=int(pre.before.license_status),
+                kmsReachable=pre.before.kms_reachable,
+            )
+        if result.os is not None:
+            facts["caption"] = result.os.caption
+        kind, reason = judge(result)
+        details = {**facts, **_facts(result, "After"), "steps": [[s.name, s.hresult] for s in result.steps]}
+        details["action"] = Action.REKEY.value
+        details["conditionalRekey"] = {"edition": entry.edition, "met": pre is not None and pre.met}
+        if result.error is not None:
+            details["error"] = _error_text(result)
+        reason = reason or "avma-channel"
+        hint = remediation_hint(reason, settings, before, result)
+        return self._outcome(vm_id, kind, reason, details, hint=hint)
 
     @staticmethod
     def _parse(output: str, script: str) -> GuestResult | Outcome:
@@ -226,6 +351,18 @@ def _facts(result: GuestResult, suffix: str) -> dict[str, Any]:
     if result.kms_probe is not None and not suffix:
         out["kmsReachable"] = result.kms_probe.reachable
     return out
+
+
+def _before(before: BeforeFacts) -> dict[str, Any]:
+    return {
+        "editionId": before.edition_id,
+        "sku": before.sku,
+        "build": before.build,
+        "productType": before.product_type,
+        "productKeyChannel": before.product_key_channel,
+        "licenseStatus": int(before.license_status),
+        "kmsReachable": before.kms_reachable,
+    }
 
 
 def _error_text(result: GuestResult) -> str:

@@ -24,6 +24,7 @@ CALLS: Final = frozenset(
         "env",
         "state_dump",
         "counters",
+        "run_commands_per_fixed_vm",
         "max_concurrent_run_commands",
         "run_log",
         "run_logs",

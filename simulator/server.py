@@ -378,6 +378,18 @@ class Simulator:
     def counters(self) -> dict[str, Any]:
         return self.compute.counters()
 
+    def run_commands_per_fixed_vm(self) -> float | None:
+        """Run Commands started per VM that ended licensed on the KMS channel having been changed
+        (remediated), over those VMs; None when none was (issue 12: 1 in the common case)."""
+        fixed = [
+            entry["runCommands"]
+            for entry in self.state_dump().values()
+            if entry.get("changed")
+            and entry.get("channel") == "KMS_CLIENT"
+            and entry.get("licenseStatus") == 1
+        ]
+        return round(sum(fixed) / len(fixed), 3) if fixed else None
+
     def max_concurrent_run_commands(self) -> int:
         return self.compute.max_concurrent_run_commands()
 
