@@ -362,6 +362,7 @@ class Invocation:
     point: str  # a CRASH_POINT, "" when this invocation is not to be killed
     task: asyncio.Task[Any] | None = None
     killed: bool = False
+    run_commands: int = 0  # Run Commands it has sent so far
 
 
 _INVOCATION: contextvars.ContextVar[Invocation | None] = contextvars.ContextVar(
@@ -446,8 +447,13 @@ class EngineHooks:
             if invocation is None or invocation.killed or not invocation.point:
                 return await run_command(gateway, vm_id, body)
             remediation = _is_remediation(body)
-            mid = {"detect": False, "remediate": True}.get(invocation.point)
-            if mid is not None and mid == remediation:
+            first = invocation.run_commands == 0
+            invocation.run_commands += 1
+            # "detect": killed during its first Run Command, which reads the VM (a detection, or a
+            # conditional re-key that may find other facts, issue 12); "remediate": during one that
+            # may change it (a remediation, or a conditional re-key on a VM it matches).
+            mid = {"detect": first, "remediate": remediation}.get(invocation.point)
+            if mid:
                 # Killed while the command runs: the POST may or may not have been accepted.
                 inner = asyncio.ensure_future(run_command(gateway, vm_id, body))
                 inner.add_done_callback(_quiet)
