@@ -25,6 +25,7 @@ from azure.core.exceptions import AzureError
 from shared.azure.compute import ComputeGateway
 from shared.azure.inventory import Inventory
 from shared.azure.logs import LogScanner
+from shared.azure.network import NetworkGateway
 from shared.azure.transient import TransientError
 from shared.clients import SharedClients, shared_clients
 from shared.intake import (
@@ -94,6 +95,11 @@ class Runtime:
 
     async def compute(self) -> ComputeGateway:
         return self.clients.compute()
+
+    async def network(self) -> NetworkGateway:
+        gateway = NetworkGateway(self.credential, self.settings)
+        self.stack.push_async_callback(gateway.close)
+        return gateway
 
 
 async def enqueue(runtime: Runtime, result: IntakeResult) -> int:
@@ -239,7 +245,7 @@ async def work(body: str, *, env: Mapping[str, str] | None = None) -> list[Outco
         gateway = await runtime.compute()
         inventory = await runtime.inventory()
         worker = Worker(
-            remediator=Remediator(gateway, settings),
+            remediator=Remediator(gateway, settings, network=await runtime.network()),
             ledger=await runtime.ledger(),
             queue=await runtime.queue(),
             resolver=inventory,

@@ -24,6 +24,8 @@ class VmFacts:
     # "Windows Server 2016 Datacenter", "Microsoft Windows NT 10.0.14393.0"); "" when not reported.
     os_name: str = ""
     os_version: str = ""
+    # networkProfile.networkInterfaces[].id, the primary one first (the network check reads it)
+    nic_ids: tuple[str, ...] = ()
 
     @classmethod
     def from_arm(cls, vm: Mapping[str, Any]) -> VmFacts:
@@ -53,6 +55,9 @@ class VmFacts:
                     for s in _list(agent_view.get("statuses"))
                 )
         tags = {str(k): str(v) for k, v in _obj(vm.get("tags")).items()}
+        nics = [_obj(n) for n in _list(_obj(props.get("networkProfile")).get("networkInterfaces"))]
+        nics.sort(key=lambda n: not _obj(n.get("properties")).get("primary", len(nics) == 1))
+        nic_ids = tuple(str(n["id"]) for n in nics if isinstance(n.get("id"), str))
         return cls(
             vm_id=vm_id,
             os_type=str(os_type) if isinstance(os_type, str) else None,
@@ -63,6 +68,7 @@ class VmFacts:
             os_disk_id=str(disk_id) if isinstance(disk_id, str) else "",
             os_name=os_name,
             os_version=os_version,
+            nic_ids=nic_ids,
         )
 
 

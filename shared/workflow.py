@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from shared import network_diagnosis
 from shared.azure.compute import (
     AgentNotReady,
     ArmTimeout,
@@ -37,6 +38,7 @@ from shared.guest.facts import (
 from shared.guest.scripts import conditional_rekey_command, detect_command, remediate_command
 from shared.hints import hint_for, remediation_hint
 from shared.model import Outcome, OutcomeKind, VmId
+from shared.network_path import PathVerdict
 from shared.settings import Mode, Settings
 from shared.verify import judge
 from shared.vm import VmFacts
@@ -54,6 +56,11 @@ BeforeRunCommand = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 _NOTHING_DONE_STEPS = frozenset({POWERSHELL_VERSION_STEP, "parameters"})
 # What a re-key's hint is told of the state before it when the script could not say.
 _UNKNOWN_BEFORE = GuestResult(script="detect", os=None, license=None, kms_probe=None)
+
+
+class DetectFirst(Exception):
+    """A before-Run-Command hook's answer to a conditional re-key: send no key yet, detect first and
+    decide on that (``apply`` compares a fresh detection with its plan before any change)."""
 
 
 @dataclass(slots=True)
@@ -83,9 +90,12 @@ class Remediator:
     """Runs the workflow for one VM. It holds no state between checks: keeping two workflows off
     one VM is the ledger's lease (queue path) or the caller's de-duplication (the CLI's sweep)."""
 
-    def __init__(self, compute: Compute, settings: Settings) -> None:
+    def __init__(
+        self, compute: Compute, settings: Settings, *, network: network_diagnosis.NetworkCheck | None = None
+    ) -> None:
         self._compute = compute
         self._settings = settings
+        self._network = network  # the Azure-side path check (issue 11); None: the guest probe only
 
     @property
     def settings(self) -> Settings:
@@ -145,16 +155,19 @@ class Remediator:
         step: _Phase,
     ) -> Outcome:
         settings = self._settings
-        disk: dict[str, Any] = {}
         if listed is not None:
             early = gate(listed, settings)
             if early is not None:
+                _step(vm_id, "gate", None, "%s: %s (from the listing)", early.kind, early.reason)
                 return self._final(vm_id, early)
+        began = time.monotonic()
         vm = await self._compute.get_vm(vm_id)
-        disk = {"osDiskId": vm.os_disk_id} if vm.os_disk_id else {}
+        disk: dict[str, Any] = {"osDiskId": vm.os_disk_id} if vm.os_disk_id else {}
         ruled = gate(vm, settings)
         if ruled is not None:
+            _step(vm_id, "gate", began, "%s: %s", ruled.kind, ruled.reason)
             return self._final(vm_id, ruled, dict(disk))
+        _step(vm_id, "gate", began, "%s, %s, agent ready: run detection", vm.os_type, vm.power_state)
         if recent is not None and vm.os_disk_id and vm.os_disk_id.lower() == recent.os_disk_id.lower():
             return self._outcome(
                 vm_id,
@@ -167,34 +180,37 @@ class Remediator:
         if expectation is not None:
             # ARM names one catalog edition: the first Run Command may re-key, on conditions.
             step.name = "remediate"
-            first = await self._conditional_rekey(vm_id, expectation, disk, hook)
+            first = await self._conditional_rekey(vm_id, vm, expectation, disk, hook)
             if isinstance(first, Outcome):
                 return first
-            before, detect_err = first
-            outcome = await self._decide_and_act(vm_id, before, detect_err, disk, hook, step)
-            pre = before.preconditions
-            outcome.details["conditionalRekey"] = {
-                "edition": expectation.entry.edition,
-                "met": False,
-                "failed": list(pre.failed) if pre is not None else [],
-            }
-            return outcome
+            if first is not None:
+                outcome = await self._decide_and_act(vm_id, vm, first, disk, hook, step)
+                pre = first.preconditions
+                outcome.details["conditionalRekey"] = {
+                    "edition": expectation.entry.edition,
+                    "met": False,
+                    "failed": list(pre.failed) if pre is not None else [],
+                }
+                return outcome
 
         step.name = "detect"
         detect = detect_command(settings.kms_host, settings.kms_port)
         if hook is not None:
             await hook(step.name, {})
+        began = time.monotonic()
         detect_out, detect_err = await self._compute.run_command(vm_id, detect)
-        parsed = self._parse(detect_out, "detect")
-        if isinstance(parsed, Outcome):
-            return self._bad_output(vm_id, parsed, detect_err)
-        return await self._decide_and_act(vm_id, parsed, detect_err, disk, hook, step)
+        before = self._parse(detect_out, "detect")
+        if isinstance(before, Outcome):
+            _step(vm_id, "detect", began, "no result line: bad-output")
+            return self._bad_output(vm_id, before, detect_err)
+        _step(vm_id, "detect", began, "%s", _summary(before))
+        return await self._decide_and_act(vm_id, vm, before, disk, hook, step)
 
     async def _decide_and_act(
         self,
         vm_id: VmId,
+        vm: VmFacts,
         before: GuestResult,
-        detect_err: str,
         disk: dict[str, Any],
         hook: BeforeRunCommand | None,
         step: _Phase,
@@ -202,15 +218,27 @@ class Remediator:
         """Decide on detected facts (shared.decide) and, when the table says so, remediate and verify."""
         settings = self._settings
         decision = decide(before, settings)
+        verdict = f"{decision.kind}: {decision.reason}" if decision.kind else decision.reason
+        _step(vm_id, "decision", None, "%s (%s)", decision.action, verdict)
         facts = {**disk, **_facts(before, "")}
+        path: PathVerdict | None = None
+        if self._network is not None and network_diagnosis.wanted(decision, before):
+            path = await self._network.path(vm)
+            facts.update(network_diagnosis.details(path, settings))
         if decision.action is Action.NONE:
             extra = {"error": _error_text(before)} if before.error is not None else {}
-            return self._final(vm_id, decision, {**facts, **extra})
+            return self._final(vm_id, decision, {**facts, **extra}, path=path)
         if decision.entry is not None:
             facts["edition"] = decision.entry.edition
         facts["kmsTarget"] = settings.kms_target
         if settings.mode is Mode.AUDIT:
-            return self._outcome(vm_id, OutcomeKind.WOULD_REMEDIATE, decision.reason, facts)
+            return self._outcome(
+                vm_id,
+                OutcomeKind.WOULD_REMEDIATE,
+                decision.reason,
+                facts,
+                hint=self._path_hint(path, decision.reason),
+            )
 
         step.name = "remediate"
         body = remediate_command(
@@ -222,31 +250,42 @@ class Remediator:
         )
         if hook is not None:
             await hook(step.name, {"action": decision.action.value, "reason": decision.reason, **facts})
+        began = time.monotonic()
         fix_out, fix_err = await self._compute.run_command(vm_id, body)
         after = self._parse(fix_out, "remediate")
         if isinstance(after, Outcome):
+            _step(vm_id, "remediate", began, "no result line: bad-output")
             return self._bad_output(vm_id, after, fix_err, phase="remediate")
+        _step(vm_id, "remediate", began, "%s", _summary(after))
         kind, reason = judge(after)
+        _step(vm_id, "verify", None, "%s: %s", kind, reason or decision.reason)
         details = {**facts, **_facts(after, "After"), "steps": [[s.name, s.hresult] for s in after.steps]}
         details["action"] = decision.action.value
         if after.error is not None:
             details["error"] = _error_text(after)
         reason = reason or decision.reason
         hint = remediation_hint(reason, settings, before, after)
+        if reason == network_diagnosis.KMS_FAILED and self._network is not None:
+            if path is None:  # the probe connected, activation did not: ask Azure now
+                path = await self._network.path(vm)
+                details.update(network_diagnosis.details(path, settings))
+            hint = network_diagnosis.hint(path, reason, settings, hint)
         return self._outcome(vm_id, kind, reason, details, hint=hint)
 
     async def _conditional_rekey(
         self,
         vm_id: VmId,
+        vm: VmFacts,
         expectation: Expectation,
         disk: dict[str, Any],
         hook: BeforeRunCommand | None,
-    ) -> Outcome | tuple[GuestResult, str]:
+    ) -> Outcome | GuestResult | None:
         """The first Run Command as a conditional re-key (shared.guessed_rekey).
 
         Gives the facts to decide on when the script changed nothing (its preconditions were not
         met, or it stopped before reading them: the version guard, bad parameters), else the outcome
-        of the re-key, judged from the facts it read again afterwards as any remediation is.
+        of the re-key, judged from the facts it read again afterwards as any remediation is; None,
+        with nothing sent, when the hook answers :class:`DetectFirst`.
         """
         settings = self._settings
         entry = expectation.entry
@@ -265,15 +304,23 @@ class Remediator:
         if hook is not None:
             # The intent goes on record before this POST: it may change the VM.
             intent = {"action": Action.REKEY.value, "reason": "avma-channel", "conditional": True, **facts}
-            await hook("remediate", intent)
+            try:
+                await hook("remediate", intent)
+            except DetectFirst:
+                return None
+        began = time.monotonic()
         out, err = await self._compute.run_command(vm_id, body)
         result = self._parse(out, "remediate")
         if isinstance(result, Outcome):
+            _step(vm_id, "rekey-if", began, "no result line: bad-output")
             return self._bad_output(vm_id, result, err, phase="remediate")
         pre = result.preconditions
         stopped_early = result.error is not None and result.error.step in _NOTHING_DONE_STEPS
         if (pre is not None and not pre.met) or (pre is None and stopped_early):
-            return result, err
+            unmet = ", ".join(pre.failed) if pre is not None else "stopped early"
+            _step(vm_id, "rekey-if", began, "%s; changed nothing (%s)", _summary(result), unmet)
+            return result
+        _step(vm_id, "rekey-if", began, "%s", _summary(result))
         before = _UNKNOWN_BEFORE
         if pre is not None and pre.before is not None:
             if not expectation.accepts(pre.before):
@@ -290,6 +337,7 @@ class Remediator:
         if result.os is not None:
             facts["caption"] = result.os.caption
         kind, reason = judge(result)
+        _step(vm_id, "verify", None, "%s: %s", kind, reason or "avma-channel")
         details = {**facts, **_facts(result, "After"), "steps": [[s.name, s.hresult] for s in result.steps]}
         details["action"] = Action.REKEY.value
         details["conditionalRekey"] = {"edition": entry.edition, "met": pre is not None and pre.met}
@@ -297,6 +345,10 @@ class Remediator:
             details["error"] = _error_text(result)
         reason = reason or "avma-channel"
         hint = remediation_hint(reason, settings, before, result)
+        if reason == network_diagnosis.KMS_FAILED and self._network is not None:
+            path = await self._network.path(vm)  # the probe connected, activation did not: ask Azure
+            details.update(network_diagnosis.details(path, settings))
+            hint = network_diagnosis.hint(path, reason, settings, hint)
         return self._outcome(vm_id, kind, reason, details, hint=hint)
 
     @staticmethod
@@ -312,9 +364,24 @@ class Remediator:
             details["stderr"] = stderr[-300:]
         return self._outcome(vm_id, OutcomeKind.FAILED, "bad-output", details)
 
-    def _final(self, vm_id: VmId, decision: Decision, details: dict[str, Any] | None = None) -> Outcome:
+    def _final(
+        self,
+        vm_id: VmId,
+        decision: Decision,
+        details: dict[str, Any] | None = None,
+        *,
+        path: PathVerdict | None = None,
+    ) -> Outcome:
         assert decision.kind is not None
-        return self._outcome(vm_id, decision.kind, decision.reason, details)
+        return self._outcome(
+            vm_id, decision.kind, decision.reason, details, hint=self._path_hint(path, decision.reason)
+        )
+
+    def _path_hint(self, path: PathVerdict | None, reason: str) -> str | None:
+        """The hint told from the Azure-side verdict, or None (the reason's own hint)."""
+        if path is None:
+            return None
+        return network_diagnosis.hint(path, reason, self._settings, hint_for(reason, self._settings))
 
     def _outcome(
         self,
@@ -334,10 +401,46 @@ class Remediator:
             hint = hint_for(reason, self._settings)
         outcome = Outcome(str(vm_id), kind, reason, hint, dict(details or {}))
         log.debug(
-            "vm outcome",
+            "%s/%s: outcome: %s: %s",
+            vm_id.resource_group,
+            vm_id.name,
+            kind.value,
+            reason,
             extra={"vm_id": str(vm_id), "outcome": kind.value, "reason": reason},
         )
         return outcome
+
+
+def _step(vm_id: VmId, step: str, began: float | None, text: str, *args: object) -> None:
+    """One debug record per workflow step (gate, detect, decision, remediate, verify), for the CLI's
+    ``-v``: the VM, the step, what it found and, for a step that called ARM, how long it took."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    took = f" ({time.monotonic() - began:.2f} s)" if began is not None else ""
+    log.debug(
+        "%s/%s: %s: " + text + "%s",
+        vm_id.resource_group,
+        vm_id.name,
+        step,
+        *args,
+        took,
+        extra={"vm_id": str(vm_id), "step": step},
+    )
+
+
+def _summary(result: GuestResult) -> str:
+    """What a result line says, in a few words: channel, license status, KMS probe, error step."""
+    parts = []
+    if result.license is not None:
+        parts.append(f"{result.license.channel.value} status {int(result.license.license_status)}")
+    if result.kms_probe is not None:
+        parts.append("KMS reachable" if result.kms_probe.reachable else "KMS unreachable")
+    if result.steps:
+        failing = [f"{s.name} {s.hresult}" for s in result.steps if not s.ok]
+        parts.append("failing steps: " + ", ".join(failing) if failing else "every step ok")
+    if result.error is not None:
+        parts.append(f"error {result.error.step} {result.error.hresult}")
+    return "; ".join(parts) or "no facts"
 
 
 def _facts(result: GuestResult, suffix: str) -> dict[str, Any]:

@@ -621,3 +621,23 @@ async def test_through_the_function_code_the_intent_row_precedes_the_one_run_com
     assert is_conditional(run)
     assert sim.run_commands_per_fixed_vm() == 1.0
     assert nt_version(20348) == "10.0.20348"  # what ARM's osVersion is built from in the simulator
+
+
+async def test_a_hook_that_answers_detect_first_gets_the_two_step_path_and_no_key_first(
+    engine: Any, sim: Simulator
+) -> None:
+    """``apply`` (shared.plan) compares a fresh detection with its plan before any change."""
+    from shared.workflow import DetectFirst
+
+    phases: list[str] = []
+
+    async def detect_first(phase: str, details: Mapping[str, Any]) -> None:
+        phases.append(phase)
+        if details.get("conditional"):
+            raise DetectFirst
+
+    outcome = await engine().check(VmId.parse(vm_id("avma-dc")), before_run_command=detect_first)
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.REMEDIATED, "avma-channel")
+    assert [run["script"] for run in sim.run_log(vm_id("avma-dc"))] == ["detect", "remediate"]
+    assert phases == ["remediate", "detect", "remediate"]  # refused, then the ordinary two steps
+    assert "conditionalRekey" not in outcome.details
