@@ -301,6 +301,13 @@ class Remediator:
             refused_key_channels=expectation.refused_key_channels,
         )
         facts: dict[str, Any] = {**disk, "edition": entry.edition, "kmsTarget": settings.kms_target}
+        _step(
+            vm_id,
+            "decision",
+            None,
+            "conditional rekey (avma-channel), if the guest shows %s's facts",
+            entry.edition,
+        )
         if hook is not None:
             # The intent goes on record before this POST: it may change the VM.
             intent = {"action": Action.REKEY.value, "reason": "avma-channel", "conditional": True, **facts}
