@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from simulator.estate import Estate, EstateError
+from simulator.identity import TOKEN_LIFETIME_S
 from simulator.server import DEFAULT_LATENCY_S, Simulator
 
 # The hooks a parent may call (Simulator methods that take and return plain data).
@@ -24,6 +25,7 @@ CALLS: Final = frozenset(
         "env",
         "state_dump",
         "counters",
+        "run_commands_per_fixed_vm",
         "max_concurrent_run_commands",
         "run_log",
         "run_logs",
@@ -91,9 +93,16 @@ def _child(conn: Connection, estate: dict[str, Any], options: dict[str, Any]) ->
 class SimulatorProcess:
     """``with SimulatorProcess(estate, latency_s=…) as sim: sim.env(); sim.call("faults")``."""
 
-    def __init__(self, estate: Estate, *, latency_s: float = DEFAULT_LATENCY_S, page_size: int = 100) -> None:
+    def __init__(
+        self,
+        estate: Estate,
+        *,
+        latency_s: float = DEFAULT_LATENCY_S,
+        page_size: int = 100,
+        token_lifetime_s: float = TOKEN_LIFETIME_S,
+    ) -> None:
         self._estate = estate.to_dict()
-        self._options = {"latency_s": latency_s, "page_size": page_size}
+        self._options = {"latency_s": latency_s, "page_size": page_size, "token_lifetime_s": token_lifetime_s}
         self._conn: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._env: dict[str, str] = {}

@@ -23,6 +23,7 @@ import ssl
 import tempfile
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +34,7 @@ from aiohttp import web
 
 from simulator.arm import ArmResponse, Compute, arm_error, server_error
 from simulator.estate import Estate
-from simulator.identity import TokenIssuer
+from simulator.identity import TOKEN_LIFETIME_S, TokenIssuer
 from simulator.monitor import LOG_ANALYTICS_AUDIENCES, LogAnalytics, ResourceGraph, default_workspace_id
 from simulator.network_api import NetworkApi
 
@@ -58,6 +59,7 @@ class SimulatorServer:
         workspace_id: str | None = None,
         render_descriptions: bool = True,
         client_id: str | None = None,
+        token_lifetime_s: float = TOKEN_LIFETIME_S,
     ) -> None:
         self.estate = estate
         self.compute = Compute(estate, latency_s=latency_s, page_size=page_size)
@@ -70,13 +72,16 @@ class SimulatorServer:
             render_descriptions=render_descriptions,
         )
         # The app's identity: system-assigned (None) or the user-assigned one with this client id.
-        self.tokens = TokenIssuer(client_id=client_id)
+        self.tokens = TokenIssuer(client_id=client_id, lifetime_s=token_lifetime_s)
         # The resource each issued token was asked for: Log Analytics accepts only its own audience.
         self._audiences: dict[str, str] = {}
         self._audiences_lock = threading.Lock()
         # Every request to the HTTPS server (ARM, Resource Graph, Log Analytics), in arrival order.
         self._request_log: list[dict[str, Any]] = []
         self._request_log_lock = threading.Lock()
+        # The TLS connections requests arrived on (counted as ``tls_connection``): reuse shows as
+        # fewer connections than requests. Weak, so that a closed connection is not kept alive.
+        self._connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self._host = host
         self._ports = (arm_port, identity_port)
         self._runners: list[web.AppRunner] = []
@@ -176,7 +181,19 @@ class SimulatorServer:
         with self._request_log_lock:
             return [dict(entry) for entry in self._request_log]
 
+    def _note_connection(self, request: web.Request) -> None:
+        """Count each TLS connection once, on its first request (every request comes over TLS here)."""
+        transport = request.transport
+        if transport is None:
+            return
+        with self._request_log_lock:
+            if transport in self._connections:
+                return
+            self._connections.add(transport)
+        self.compute.count("tls_connection")
+
     async def _arm(self, request: web.Request) -> web.Response:
+        self._note_connection(request)
         with self._request_log_lock:
             self._request_log.append(
                 {"method": request.method, "path": request.path, "query": dict(request.query.items())}
@@ -264,6 +281,7 @@ class Simulator:
         workspace_id: str | None = None,
         render_descriptions: bool = True,
         client_id: str | None = None,
+        token_lifetime_s: float = TOKEN_LIFETIME_S,
     ) -> None:
         self.estate = estate if estate is not None else Estate.default()
         self.server = SimulatorServer(
@@ -276,6 +294,7 @@ class Simulator:
             workspace_id=workspace_id,
             render_descriptions=render_descriptions,
             client_id=client_id,
+            token_lifetime_s=token_lifetime_s,
         )
         self.compute = self.server.compute
         self._thread: threading.Thread | None = None
@@ -364,6 +383,18 @@ class Simulator:
 
     def counters(self) -> dict[str, Any]:
         return self.compute.counters()
+
+    def run_commands_per_fixed_vm(self) -> float | None:
+        """Run Commands started per VM that ended licensed on the KMS channel having been changed
+        (remediated), over those VMs; None when none was (issue 12: 1 in the common case)."""
+        fixed = [
+            entry["runCommands"]
+            for entry in self.state_dump().values()
+            if entry.get("changed")
+            and entry.get("channel") == "KMS_CLIENT"
+            and entry.get("licenseStatus") == 1
+        ]
+        return round(sum(fixed) / len(fixed), 3) if fixed else None
 
     def max_concurrent_run_commands(self) -> int:
         return self.compute.max_concurrent_run_commands()
