@@ -41,6 +41,7 @@ CALLS: Final = frozenset(
         "set_busy",
         "set_log_partial_error",
         "throttle_resource_graph",
+        "throttling",
     }
 )
 START_TIMEOUT_S: Final = 60.0
