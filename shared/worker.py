@@ -154,7 +154,12 @@ class Worker:
         item = item.clamped(now)
         if item.vm_id is None:
             return await self._resolve(item)
-        refused = await self._out_of_scope(item, item.vm_id)
+        try:
+            refused = await self._out_of_scope(item, item.vm_id)
+        except TransientError as error:
+            # A management group's membership is asked of Resource Graph, which throttles: no answer
+            # about the VM yet, and nothing was done. Deferred like a throttled name lookup.
+            return [await self._defer_transient(item, error)]
         if refused is not None:
             return [refused]
         return [await self._check(item, item.vm_id, now)]
@@ -185,38 +190,7 @@ class Worker:
             vms = []
             log.warning("computer name %r rejected: %s", item.computer[:80], error)
         except TransientError as error:
-            # Throttled or briefly down: no answer about the name. Deferred with a growing delay, at
-            # least the wait the service named, until the deadline; then failed. Recorded either way.
-            now = datetime.now(UTC)
-            first = _parse_time(item.first_seen) or now
-            details: dict[str, Any] = {"computer": item.computer, "error": str(error)[:300]}
-            if now - first >= timedelta(seconds=self._settings.defer_deadline_s):
-                kind, reason = OutcomeKind.FAILED, f"deadline-exceeded:{error.reason}"
-                details["attempts"] = item.attempt + 1
-            else:
-                backoff = self._settings.defer_delay_s * (2 ** min(max(item.attempt, 0), 30))
-                delay = min(max(backoff, error.retry_after_s or 0.0), MAX_DEFER_DELAY_S)
-                retry = replace(item, attempt=item.attempt + 1, first_seen=first.isoformat())
-                await self._queue.send(retry, delay_s=delay)
-                kind, reason = OutcomeKind.DEFERRED, error.reason
-                details.update(retryInS=delay, nextAttempt=item.attempt + 1)
-            deferred = Outcome(item.target, kind, reason, details=details)
-            log_outcome(
-                deferred,
-                trigger=item.reason.value,
-                correlation_id=item.correlation_id,
-                attempt=item.attempt,
-                first_seen=item.first_seen,
-            )
-            await self._ledger.record_event(
-                item.target,
-                kind=kind.value,
-                reason=reason,
-                trigger=item.reason.value,
-                correlation_id=item.correlation_id,
-                details=details,
-            )
-            return [deferred]
+            return [await self._defer_transient(item, error)]
         if not vms:
             outcome = Outcome(
                 item.target, OutcomeKind.SKIPPED, "not-found", details={"computer": item.computer}
@@ -239,6 +213,43 @@ class Worker:
         for vm_id in vms:  # one item per VM; each gets its own lease and outcome
             await self._queue.send(replace(item, vm_id=vm_id, computer=None))
         return []
+
+    async def _defer_transient(self, item: WorkItem, error: TransientError) -> Outcome:
+        """A dependency refused for now (a throttled or unavailable lookup, before any lease): re-enqueue
+        with a growing delay, at least the wait the service named, until the deadline; then failed.
+        Recorded either way, under the item's target."""
+        now = datetime.now(UTC)
+        first = _parse_time(item.first_seen) or now
+        details: dict[str, Any] = {"error": str(error)[:300]}
+        if item.computer is not None:
+            details["computer"] = item.computer
+        if now - first >= timedelta(seconds=self._settings.defer_deadline_s):
+            kind, reason = OutcomeKind.FAILED, f"deadline-exceeded:{error.reason}"
+            details["attempts"] = item.attempt + 1
+        else:
+            backoff = self._settings.defer_delay_s * (2 ** min(max(item.attempt, 0), 30))
+            delay = min(max(backoff, error.retry_after_s or 0.0), MAX_DEFER_DELAY_S)
+            retry = replace(item, attempt=item.attempt + 1, first_seen=first.isoformat())
+            await self._queue.send(retry, delay_s=delay)
+            kind, reason = OutcomeKind.DEFERRED, error.reason
+            details.update(retryInS=delay, nextAttempt=item.attempt + 1)
+        deferred = Outcome(item.target, kind, reason, details=details)
+        log_outcome(
+            deferred,
+            trigger=item.reason.value,
+            correlation_id=item.correlation_id,
+            attempt=item.attempt,
+            first_seen=item.first_seen,
+        )
+        await self._ledger.record_event(
+            item.target,
+            kind=kind.value,
+            reason=reason,
+            trigger=item.reason.value,
+            correlation_id=item.correlation_id,
+            details=details,
+        )
+        return deferred
 
     async def _check(self, item: WorkItem, vm_id: VmId, now: datetime) -> Outcome:
         trigger, correlation = item.reason.value, item.correlation_id
@@ -274,9 +285,10 @@ class Worker:
                 await self._ledger.record(
                     vm_id, outcome=outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt
                 )
-            except Exception:
+            except BaseException:
                 # No history row: store no verdict either, keep the intent on the state row, and let
-                # the message be retried; the next delivery detects the VM's real state again.
+                # the message be retried; the next delivery detects the VM's real state again. A
+                # cancellation (BaseException) is no different: the row may not have been written.
                 outcome = None
                 raise
             return outcome

@@ -117,7 +117,10 @@ async def test_avma_vm_is_rekeyed_activated_and_verified(engine: Engine, sim: Si
     assert after["licenseStatus"] == 1
     assert after["partialProductKey"] == GVLK_2022_DC_TAIL
     assert after["kmsHost"] == "azkms.core.windows.net:1688"
-    assert after["runCommands"] == 2  # one detection, one remediation
+    # ARM names the edition (osName Windows Server 2022 Datacenter) and the guest matches: the
+    # first Run Command re-keys, on those conditions (issue 12); before, detection then remediation
+    assert after["runCommands"] == 1
+    assert outcome.details["conditionalRekey"] == {"edition": "Windows Server 2022 Datacenter", "met": True}
 
 
 async def test_audit_mode_reports_and_changes_nothing(engine: Engine, sim: Simulator) -> None:
@@ -273,7 +276,9 @@ async def test_vm_deleted_between_detection_and_remediation(engine: Engine, sim:
         return result
 
     gateway.run_command = run_then_delete  # type: ignore[method-assign]
-    outcome = await remediator.check(VmId.parse(vm_id("avma-dc")))
+    # A KMS client repair: detection, then remediation (an AVMA VM whose edition ARM names takes
+    # one Run Command, with nothing between)
+    outcome = await remediator.check(VmId.parse(vm_id("kms-repair")))
     assert (outcome.kind, outcome.reason, outcome.details["phase"]) == (
         OutcomeKind.SKIPPED,
         "not-found",

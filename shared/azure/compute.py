@@ -18,7 +18,12 @@ from typing import Any
 import aiohttp
 from azure.core.async_paging import AsyncItemPaged
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceRequestError
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
 from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.policies import AsyncRetryPolicy, SansIOHTTPPolicy
 from azure.core.pipeline.transport import AioHttpTransport
@@ -93,6 +98,10 @@ class ArmTimeout(ComputeError):
 
     reason = "arm-timeout"
 
+
+# No answer: the request never left (ServiceRequestError), or it went out and its answer was lost or
+# timed out (ServiceResponseError; azure-core never retries a POST after it: ARM may have acted).
+_NO_ANSWER = (ServiceRequestError, ServiceResponseError)
 
 # Error codes ARM and the Run Command extension use when the VM agent cannot take the command.
 _AGENT_CODES = {"vmagentstatuscommunicationerror", "vmagentnotready", "vmextensionprovisioningtimeout"}
@@ -222,7 +231,7 @@ class ComputeGateway:
                     page = response.json()
             except HttpResponseError as error:
                 raise translate(error) from error
-            except ServiceRequestError as error:
+            except _NO_ANSWER as error:
                 raise ArmUnavailable(str(error)[:300]) from error
             for sub in page.get("value") or []:
                 if isinstance(sub, Mapping) and sub.get("state", "Enabled") in (
@@ -255,7 +264,7 @@ class ComputeGateway:
                 body = response.json()
         except HttpResponseError as error:
             raise translate(error) from error
-        except ServiceRequestError as error:
+        except _NO_ANSWER as error:
             raise ArmUnavailable(str(error)[:300]) from error
         if not isinstance(body, Mapping):
             raise ArmUnavailable(f"read of {vm_id.name}: the answer is not a VM")
@@ -303,7 +312,7 @@ class ComputeGateway:
                 return
             except HttpResponseError as error:
                 raise translate(error) from error
-            except ServiceRequestError as error:
+            except _NO_ANSWER as error:
                 raise ArmUnavailable(str(error)[:300]) from error
             for item in items:
                 yield item
@@ -329,7 +338,7 @@ class ComputeGateway:
             raise RunCommandTimeout(f"no result within {self._settings.run_command_timeout_s:g} s") from error
         except HttpResponseError as error:
             raise translate(error) from error
-        except ServiceRequestError as error:
+        except _NO_ANSWER as error:
             raise ArmUnavailable(str(error)[:300]) from error
         stdout, stderr = "", ""
         for status in _wire(result).get("value") or []:

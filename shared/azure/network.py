@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import HttpResponseError, ServiceRequestError
+from azure.core.exceptions import AzureError, HttpResponseError
 from azure.core.pipeline.transport import AioHttpTransport
 
 from shared.azure.compute import RequestCounter
@@ -221,7 +221,9 @@ class NetworkGateway:
                     f"{what}: forbidden ({code or status}); see the role in infra/"
                 ) from error
             raise NetworkUnreadable(f"{what}: HTTP {status} {code}".strip()) from error
-        except ServiceRequestError as error:
+        except AzureError as error:
+            # ServiceRequestError, and ServiceResponseError (a connection dropped mid-answer, once the
+            # retries are spent) too: "never raises for an ARM problem".
             raise NetworkUnreadable(f"{what}: {str(error)[:200]}") from error
 
 
