@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# Run as a script, bench/ is sys.path[0], where bench/queue.py would shadow the standard library's
+# queue (urllib3 imports it): the repository's root goes there instead.
+sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench")]
 
 from azure.core.pipeline import PipelineRequest  # noqa: E402
 from azure.core.rest import HttpRequest  # noqa: E402
