@@ -174,6 +174,9 @@ class WorkItem:
     # ISO 8601 UTC, when the evidence itself happened: a log row's TimeGenerated, an alert's
     # firedDateTime. Empty when the producer has none (then first_seen, which is later, stands in).
     evidence_at: str = ""
+    # How many of this item's workflows ended on a Run Command answer that said nothing about the VM
+    # (``run-command-failed``, ``bad-output``): bounded by shared/unreadable.py, carried by the retry.
+    unreadable: int = 0
 
     def __post_init__(self) -> None:
         if (self.vm_id is None) == (self.computer is None):
@@ -216,6 +219,8 @@ class WorkItem:
         )
         if self.evidence_at:
             out["evidenceAt"] = self.evidence_at
+        if self.unreadable:
+            out["unreadable"] = self.unreadable
         return out
 
     @classmethod
@@ -240,6 +245,9 @@ class WorkItem:
         evidence_at = data.get("evidenceAt") or ""
         if not isinstance(evidence_at, str) or (evidence_at and parse_time(evidence_at) is None):
             raise ValueError(f"evidenceAt must be an ISO 8601 time, not {str(evidence_at)[:40]!r}")
+        unreadable = data.get("unreadable", 0)
+        if isinstance(unreadable, bool) or not isinstance(unreadable, int) or unreadable < 0:
+            raise ValueError("unreadable must be a non-negative integer")
         return cls(
             reason=reason,
             vm_id=vm_id,
@@ -249,6 +257,7 @@ class WorkItem:
             attempt=min(attempt, MAX_ATTEMPT),
             first_seen=first_seen,
             evidence_at=evidence_at,
+            unreadable=min(unreadable, MAX_ATTEMPT),
         )
 
 

@@ -1,7 +1,9 @@
 """Sweep: list every VM in scope and take each to an outcome, with bounded concurrency.
 
 Listing streams into a bounded queue that a fixed pool of workers drains, so memory stays flat
-for any estate size and Run Commands start while later pages are still being listed.
+for any estate size and Run Commands start while later pages are still being listed. A Run Command
+answer that said nothing about the VM (``run-command-failed``, ``bad-output``) is tried again within
+the run, a bounded number of times (shared/unreadable.py): the CLI has no queue to come back later.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from shared.azure.compute import ComputeError
 from shared.model import Outcome, VmId
+from shared.unreadable import CLI_BACKOFF_S, check_until_readable
 from shared.vm import VmFacts
 
 log = logging.getLogger(__name__)
@@ -40,8 +44,10 @@ async def sweep(
     *,
     concurrency: int,
     on_outcome: Callable[[Outcome], None] | None = None,
+    unreadable_backoff_s: float = CLI_BACKOFF_S,
 ) -> SweepReport:
-    """Run the workflow on every VM of ``subscriptions``; each VM once, even if listed twice."""
+    """Run the workflow on every VM of ``subscriptions``; each VM once, even if listed twice (an
+    unreadable answer is retried after ``unreadable_backoff_s``, then twice that)."""
     report = SweepReport()
     queue: asyncio.Queue[VmFacts | None] = asyncio.Queue(maxsize=concurrency * 2)
     seen: set[VmId] = set()
@@ -63,7 +69,9 @@ async def sweep(
             vm = await queue.get()
             if vm is None:
                 return
-            outcome = await remediator.check(vm.vm_id, listed=vm)
+            outcome = await check_until_readable(
+                partial(remediator.check, vm.vm_id, listed=vm), backoff_s=unreadable_backoff_s
+            )
             report.outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)

@@ -35,6 +35,7 @@ from shared.model import Outcome, OutcomeKind, Trigger, VmId, WorkItem
 from shared.scope import Scope
 from shared.settings import Settings
 from shared.telemetry import log_outcome
+from shared.unreadable import MAX_UNREADABLE_TRIES, give_up, is_unreadable
 from shared.workflow import BeforeRunCommand, Recent
 
 log = logging.getLogger(__name__)
@@ -332,9 +333,14 @@ class Worker:
         return waiting
 
     async def _defer(self, item: WorkItem, vm_id: VmId, outcome: Outcome, now: datetime) -> Outcome:
-        """Re-enqueue with exponential delay until the deadline; then the deferral becomes a failure."""
+        """Re-enqueue with exponential delay until the deadline; then the deferral becomes a failure.
+
+        A Run Command answer that said nothing about the VM (``run-command-failed``, ``bad-output``)
+        is retried the same way, and is terminal on the item's ``MAX_UNREADABLE_TRIES``-th
+        (shared/unreadable.py). The retry runs the whole workflow, detection first."""
         first = _parse_time(item.first_seen) or now
         hours = self._settings.defer_deadline_s / 3600
+        unreadable = item.unreadable + 1 if is_unreadable(outcome) else item.unreadable
         if now - first >= timedelta(seconds=self._settings.defer_deadline_s):
             details = {**outcome.details, "deferredReason": outcome.reason, "attempts": item.attempt + 1}
             return Outcome(
@@ -344,9 +350,16 @@ class Worker:
                 hint=f"Still '{outcome.reason}' after {hours:g} h of retries. {outcome.hint}",
                 details=details,
             )
+        if is_unreadable(outcome) and unreadable >= MAX_UNREADABLE_TRIES:
+            return give_up(outcome, unreadable)
         delay = min(self._settings.defer_delay_s * (2**item.attempt), MAX_DEFER_DELAY_S)
         retry = replace(
-            item, vm_id=vm_id, computer=None, attempt=item.attempt + 1, first_seen=first.isoformat()
+            item,
+            vm_id=vm_id,
+            computer=None,
+            attempt=item.attempt + 1,
+            first_seen=first.isoformat(),
+            unreadable=unreadable,
         )
         await self._queue.send(retry, delay_s=delay)
         return Outcome(

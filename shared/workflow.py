@@ -19,6 +19,7 @@ from shared.azure.compute import (
     ArmUnavailable,
     ComputeError,
     RunCommandBusy,
+    RunCommandOperationFailed,
     RunCommandTimeout,
     Throttled,
     VmNotFound,
@@ -35,7 +36,18 @@ from shared.vm import VmFacts
 
 log = logging.getLogger(__name__)
 
-_DEFERRING = (RunCommandBusy, Throttled, ArmUnavailable, ArmTimeout, RunCommandTimeout, AgentNotReady)
+# Transient ARM trouble: the work item is retried later. A Run Command whose operation ended Failed
+# in Azure is among them (it says nothing about the VM); output with no readable result line is too
+# (``_bad_output``). Both are bounded: shared/unreadable.py.
+_DEFERRING = (
+    RunCommandBusy,
+    Throttled,
+    ArmUnavailable,
+    ArmTimeout,
+    RunCommandTimeout,
+    AgentNotReady,
+    RunCommandOperationFailed,
+)
 
 # Called before each Run Command POST with the phase ("detect" or "remediate") and what is about to
 # be sent; it may raise (a lost lease, a ledger that cannot record the intent) and then nothing is POSTed.
@@ -163,9 +175,10 @@ class Remediator:
                 vm_id, OutcomeKind.SKIPPED, "not-running", {"phase": phase, "error": str(error)}
             )
         except _DEFERRING as error:
-            return self._outcome(
-                vm_id, OutcomeKind.DEFERRED, error.reason, {"phase": phase, "error": str(error)}
-            )
+            details = {"phase": phase, "error": str(error)}
+            if error.code:
+                details["code"] = error.code
+            return self._outcome(vm_id, OutcomeKind.DEFERRED, error.reason, details)
         except ComputeError as error:
             return self._outcome(
                 vm_id,
@@ -179,13 +192,16 @@ class Remediator:
         try:
             return parse_result(output, expected_script=script)
         except GuestOutputError as error:
-            return Outcome("", OutcomeKind.FAILED, "bad-output", details={"error": str(error)[:300]})
+            return Outcome("", OutcomeKind.DEFERRED, "bad-output", details={"error": str(error)[:300]})
 
     def _bad_output(self, vm_id: VmId, parsed: Outcome, stderr: str, *, phase: str = "detect") -> Outcome:
+        """Output with no readable result line (cut, garbled, not our script's) says nothing about the
+        VM: ``deferred: bad-output``, retried. After a remediation it is not known what the script
+        did, so the retry detects the VM's state before anything else (shared/unreadable.py)."""
         details = {**parsed.details, "phase": phase}
         if stderr:
             details["stderr"] = stderr[-300:]
-        return self._outcome(vm_id, OutcomeKind.FAILED, "bad-output", details)
+        return self._outcome(vm_id, OutcomeKind.DEFERRED, "bad-output", details)
 
     def _final(self, vm_id: VmId, decision: Decision, details: dict[str, Any] | None = None) -> Outcome:
         assert decision.kind is not None

@@ -32,7 +32,17 @@ from shared.model import VmId
 from shared.settings import Settings
 from simulator import Simulator
 from tests.payloads import dim, v2_alert
-from tests.test_function_app import app_env, drain, history, queue_client, remediations, sim, user, vm_id
+from tests.test_function_app import (
+    app_env,
+    drain,
+    history,
+    licensed,
+    queue_client,
+    remediations,
+    sim,
+    user,
+    vm_id,
+)
 
 __all__ = ["app_env", "sim"]  # fixtures shared with tests/test_function_app.py
 
@@ -408,3 +418,91 @@ async def test_a_vm_write_after_a_fresh_verdict_runs_in_full_only_after_an_os_di
         # the fresh verdict answers it: the VM is read, no Run Command holds its slot
         assert await newest(app_env, "web-01") == "skipped:recently-verified"
         assert scripts(sim, "web-01") == ["detect", "remediate"]
+
+
+# --- issue 9, item 7: a Run Command answer that says nothing about the VM is not terminal ----------
+
+
+def fresh_item(name: str, correlation: str, **extra: Any) -> str:
+    now = datetime.now(UTC).isoformat()
+    return json.dumps(
+        {"reason": "vm-created", "vmId": vm_id(name), "correlationId": correlation, "firstSeen": now, **extra}
+    )
+
+
+async def test_an_unreadable_remediation_answer_is_deferred_and_the_retry_detects_before_anything_else(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The remediation POST was accepted and ran, but its output has no readable result line: what
+    it did is unknown. Deferred (not failed), re-enqueued with the count of unreadable answers; the
+    retry detects the VM's new state and records it, and never sends the remediation again."""
+    real_run = ComputeGateway.run_command
+
+    async def cut_remediation(self: ComputeGateway, vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        out, err = await real_run(self, vm, body)
+        return (out[:40], err) if is_remediation(body) else (out, err)
+
+    monkeypatch.setattr(ComputeGateway, "run_command", cut_remediation)
+    [outcome] = await triggers.work(fresh_item("web-01", "cut-1"))
+    assert (outcome.kind.value, outcome.reason, outcome.details["phase"]) == (
+        "deferred",
+        "bad-output",
+        "remediate",
+    )
+    assert outcome.details["error"] and outcome.details["nextAttempt"] == 1
+    rows = await history(app_env, vm_id("web-01"))
+    assert [(r["entry"], r["outcome"], r["reason"]) for r in rows] == [
+        ("outcome", "deferred", "bad-output"),
+        ("intent", "intent", "remediate:avma-channel"),
+    ]
+    stored = await verdict(app_env, "web-01")
+    assert stored is not None and (stored.outcome.value, stored.reason) == ("deferred", "bad-output")
+    [retry] = await wait_for_retry(app_env)
+    assert (retry["correlationId"], retry["attempt"], retry["unreadable"]) == ("cut-1", 1, 1)
+    await drain(app_env)
+    assert scripts(sim, "web-01") == ["detect", "remediate", "detect"]  # detected first, no re-key
+    stored = await verdict(app_env, "web-01")
+    assert stored is not None and (stored.outcome.value, stored.reason) == ("healthy", "kms-client-licensed")
+    assert licensed(sim, "web-01")
+
+
+@pytest.mark.parametrize("reason", ["run-command-failed", "bad-output"])
+async def test_an_unreadable_answer_is_retried_and_terminal_only_on_the_items_third(
+    reason: str, app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.azure.compute import RunCommandOperationFailed
+    from shared.unreadable import MAX_UNREADABLE_TRIES
+    from shared.workqueue import WorkQueue
+
+    assert MAX_UNREADABLE_TRIES == 3
+    commands: list[str] = []
+
+    async def unreadable(self: ComputeGateway, vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        commands.append(str(vm))
+        if reason == "run-command-failed":
+            raise RunCommandOperationFailed(
+                "An internal execution error occurred.", code="InternalExecutionError", status=200
+            )
+        return 'AVMA-REMEDIATOR-RESULT {"schema":2,"scr', ""
+
+    sent: list[tuple[dict[str, Any], float]] = []
+    real_send = WorkQueue.send
+
+    async def send(self: WorkQueue, item: Any, *, delay_s: float = 0.0) -> None:
+        sent.append((item.to_dict(), delay_s))
+        await real_send(self, item, delay_s=delay_s)
+
+    monkeypatch.setattr(ComputeGateway, "run_command", unreadable)
+    monkeypatch.setattr(WorkQueue, "send", send)
+    # The second unreadable answer of an item: deferred again, the count carried by the retry.
+    [second] = await triggers.work(fresh_item("app-02", "u-2", attempt=1, unreadable=1))
+    assert (second.kind.value, second.reason) == ("deferred", reason)
+    [(retry, delay)] = sent
+    assert (retry["attempt"], retry["unreadable"], delay) == (2, 2, 2.0)
+    # The third: terminal, with the same reason, the number of tries and what to look at.
+    [third] = await triggers.work(json.dumps(retry))
+    assert (third.kind.value, third.reason, third.details["tries"]) == ("failed", reason, 3)
+    assert "3 tries" in third.hint and len(sent) == 1  # nothing re-enqueued
+    stored = await verdict(app_env, "app-02")
+    assert stored is not None and (stored.outcome.value, stored.reason) == ("failed", reason)
+    assert len(commands) == 2  # one detection each; nothing after an unreadable answer

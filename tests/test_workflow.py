@@ -444,3 +444,144 @@ async def test_a_partial_remediation_says_the_vm_is_now_a_kms_client() -> None:
     assert (outcome.kind, outcome.reason) == (OutcomeKind.FAILED, "step-error:clear-kms-cache:0x80070005")
     assert (outcome.details["channel"], outcome.details["channelAfter"]) == ("AVMA", "KMS_CLIENT")
     assert "now a KMS client" in outcome.hint and "keeps its previous channel" not in outcome.hint
+
+
+# --- answers that say nothing about the VM: deferred, and bounded (shared/unreadable.py) ---------
+
+
+def _one_vm(monkeypatch: pytest.MonkeyPatch, faults: dict[str, Any], *names: str) -> Simulator:
+    estate = Estate.from_dict(
+        {"vms": [windows(name) for name in names or ("avma-dc",)], "faults": {"seed": 1, **faults}}
+    )
+    started = Simulator(estate, latency_s=0.02).start()
+    for key, value in started.env().items():
+        monkeypatch.setenv(key, value)
+    return started
+
+
+async def test_an_operation_that_ends_failed_is_deferred_and_a_refused_request_still_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Run Command was accepted and its operation ended Failed (InternalExecutionError): nothing
+    was learnt about the VM, so it is retried; a request ARM refused (400) is no passing fault."""
+    failing = _one_vm(monkeypatch, {"operationFailed": {"every": 1}})
+    try:
+        settings = Settings.from_env(failing.env()).with_mode(Mode.ENFORCE)
+        async with make_credential(settings) as credential, ComputeGateway(credential, settings) as gateway:
+            outcome = await Remediator(gateway, settings).check(VmId.parse(vm_id("avma-dc")))
+            refused = await gateway.run_command(
+                VmId.parse(vm_id("avma-dc")), {"commandId": "RunPowerShellScript", "script": "not a list"}
+            )
+    except Exception as error:  # the 400 is raised, as the workflow's except clause sees it
+        refused_error = error
+    else:
+        raise AssertionError(f"a Run Command without a script was accepted: {refused}")
+    finally:
+        failing.stop()
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.DEFERRED, "run-command-failed"), outcome
+    assert (outcome.details["phase"], outcome.details["code"]) == ("detect", "InternalExecutionError")
+    assert "retried" in outcome.hint
+    from shared.azure.compute import RunCommandFailed, RunCommandOperationFailed
+
+    assert isinstance(refused_error, RunCommandFailed) and not isinstance(
+        refused_error, RunCommandOperationFailed
+    )
+    assert refused_error.status == 400
+
+
+async def test_unreadable_detection_output_is_deferred_with_the_error(engine: Engine, sim: Simulator) -> None:
+    remediator, gateway = engine()
+    real_run = gateway.run_command
+
+    async def cut(vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        out, _ = await real_run(vm, body)
+        return out[: out.index("AVMA-REMEDIATOR-RESULT") + 60], "a transcript line"  # the line cut short
+
+    gateway.run_command = cut  # type: ignore[method-assign]
+    outcome = await remediator.check(VmId.parse(vm_id("avma-dc")))
+    assert (outcome.kind, outcome.reason, outcome.details["phase"]) == (
+        OutcomeKind.DEFERRED,
+        "bad-output",
+        "detect",
+    )
+    assert outcome.details["error"] and outcome.details["stderr"] == "a transcript line"
+    assert "retried" in outcome.hint
+    assert [e["script"] for e in sim.run_log(vm_id("avma-dc"))] == ["detect"]  # nothing was acted on
+
+
+async def test_an_unreadable_remediation_answer_is_retried_by_detecting_first_never_re_keying_blindly(
+    engine: Engine, sim: Simulator
+) -> None:
+    """The remediation POST was accepted and ran, but its answer cannot be read: what it did is not
+    known. The CLI's sweep tries again within the run, and the retry detects the VM's new state (now
+    Licensed on the KMS channel: healthy) instead of sending the remediation again."""
+    remediator, gateway = engine()
+    real_run = gateway.run_command
+
+    async def cut_remediation_output(vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        out, err = await real_run(vm, body)
+        remediation = any("guest script: remediate" in line for line in body.get("script", []))
+        return (out[:40], err) if remediation else (out, err)
+
+    gateway.run_command = cut_remediation_output  # type: ignore[method-assign]
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    from shared.unreadable import check_until_readable
+
+    outcome = await check_until_readable(
+        lambda: remediator.check(VmId.parse(vm_id("avma-dc"))), backoff_s=0.5, sleep=no_wait
+    )
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.HEALTHY, "kms-client-licensed")
+    assert waits == [0.5]
+    [earlier] = outcome.details["earlierTries"]  # the operator still sees that a remediation ran
+    assert (earlier["reason"], earlier["phase"]) == ("bad-output", "remediate")
+    assert state(sim, "avma-dc")["channel"] == "KMS_CLIENT"
+    scripts = [e["script"] for e in sim.run_log(vm_id("avma-dc"))]
+    assert scripts == ["detect", "remediate", "detect"], scripts  # detected again, never re-keyed twice
+
+
+class Unreadable:
+    """A checker whose first ``bad`` answers say nothing about the VM, then a readable one."""
+
+    def __init__(self, bad: int, reason: str = "run-command-failed") -> None:
+        self.bad, self.reason, self.calls = bad, reason, 0
+
+    async def check(self, vm: VmId, *, listed: VmFacts | None = None) -> Any:
+        from shared.model import Outcome
+
+        self.calls += 1
+        if self.calls <= self.bad:
+            details = {"phase": "detect", "code": "InternalExecutionError", "error": "internal"}
+            return Outcome(str(vm), OutcomeKind.DEFERRED, self.reason, "retried", details)
+        return Outcome(str(vm), OutcomeKind.HEALTHY, "kms-client-licensed")
+
+
+async def _listing(sub: str) -> Any:
+    yield VmFacts(VmId.parse(vm_id("one")), "Windows", "running", None, {})
+
+
+@pytest.mark.parametrize("reason", ["run-command-failed", "bad-output"])
+async def test_the_cli_sweep_retries_an_unreadable_answer_twice_then_reports_it_failed(reason: str) -> None:
+    from shared.unreadable import check_until_readable
+
+    twice = Unreadable(2, reason)
+    [passed] = (await sweep(twice, _listing, [SUB], concurrency=1, unreadable_backoff_s=0.001)).outcomes
+    assert (passed.kind, passed.reason, twice.calls) == (OutcomeKind.HEALTHY, "kms-client-licensed", 3)
+    assert [t["reason"] for t in passed.details["earlierTries"]] == [reason, reason]
+    always = Unreadable(99, reason)
+    [failed] = (await sweep(always, _listing, [SUB], concurrency=1, unreadable_backoff_s=0.001)).outcomes
+    assert (failed.kind, failed.reason, always.calls) == (OutcomeKind.FAILED, reason, 3)
+    assert failed.details["tries"] == 3 and len(failed.details["earlierTries"]) == 2
+    assert failed.details["code"] == "InternalExecutionError" and "3 tries" in failed.hint
+    # A growing backoff between tries: the first wait, then twice it.
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    vm = VmId.parse(vm_id("one"))
+    await check_until_readable(lambda: Unreadable(99, reason).check(vm), backoff_s=0.25, sleep=no_wait)
+    assert waits == [0.25, 0.5]

@@ -75,6 +75,14 @@ class RunCommandFailed(ComputeError):
     reason = "run-command-failed"
 
 
+class RunCommandOperationFailed(RunCommandFailed):
+    """The Run Command was accepted and its long-running operation ended ``Failed`` (or
+    ``Canceled``): azure-core's poller raises ``HttpResponseError`` with the last status answer,
+    a 2xx, e.g. ``InternalExecutionError`` "An internal execution error occurred." Nothing about the
+    VM was learnt, and a later command usually runs (Azure PowerShell retries a Compute operation
+    that ends so): transient, unlike a request ARM refused with a 4xx."""
+
+
 class AgentNotReady(ComputeError):
     reason = "agent-not-ready"
 
@@ -114,6 +122,9 @@ def translate(error: HttpResponseError) -> ComputeError:
         return ArmUnavailable(message, code=code, status=status)
     if code.lower() in _AGENT_CODES:
         return AgentNotReady(message, code=code, status=status)
+    if status is not None and 200 <= status < 300:
+        # Not a refusal: the operation's status answer (a 2xx) said Failed or Canceled.
+        return RunCommandOperationFailed(message, code=code, status=status)
     return RunCommandFailed(message, code=code, status=status)
 
 

@@ -1,0 +1,94 @@
+"""Run Command answers that say nothing about the VM: retried, a bounded number of times.
+
+Two answers of a Run Command tell the engine nothing about the guest's licensing:
+
+- ``run-command-failed``: the command was accepted and its operation ended ``Failed`` in Azure
+  (``InternalExecutionError`` "An internal execution error occurred.", a Compute operation that
+  Azure PowerShell itself retries; shared/azure/compute.py ``RunCommandOperationFailed``). A request
+  ARM *refused* with a 4xx is not this: it stays a terminal ``failed: run-command-failed``.
+- ``bad-output``: the command succeeded but its output has no readable result line (cut to Run
+  Command's last 4,096 bytes, garbled, or not our script's).
+
+Neither is a finding, and a second command very likely reads the VM, so each is a deferral
+(``deferred: run-command-failed`` / ``deferred: bad-output``, the error in the details), retried
+with backoff: the Functions app re-enqueues the work item (shared/worker.py, the usual growing
+delay and ``DEFER_DEADLINE_HOURS``), the CLI's sweep tries again within the run
+(:func:`check_until_readable`). Only the :data:`MAX_UNREADABLE_TRIES`-th such answer for one work
+item is terminal: ``failed`` with the same reason, ``tries`` in the details.
+
+Why three. In the default chaos run about 1.7 % of Run Commands give such an answer (``operationFailed``
+0.5 %, ``outputTruncated`` and ``outputGarbled`` 0.6 % each, independent). With two tries a healthy
+VM ends ``failed`` with probability about 0.017² ≈ 3·10⁻⁴ per workflow, close to one VM in each run
+of some 3,000 workflows; with three, 0.017³ ≈ 5·10⁻⁶, about one run in sixty. A VM whose answers are
+unreadable for good (an extension that always fails, output that never fits) costs two Run Commands
+more before it is reported, spaced by ``DEFER_DELAY_SECONDS`` (5 and 10 minutes by default: the
+failure is on record about a quarter of an hour after the first try, not after the 24 h deadline
+with a Run Command every few hours holding the VM's single slot).
+
+Safety: every retry is a whole workflow. It reads the VM and detects before it decides, so a
+remediation whose POST was accepted and whose answer was unreadable is never repeated blindly: the
+detection sees what the script did (Licensed on the KMS channel: ``healthy``; still on AVMA: the
+decision table again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from shared.hints import unreadable_hint
+from shared.model import Outcome, OutcomeKind
+
+UNREADABLE = frozenset({"run-command-failed", "bad-output"})
+MAX_UNREADABLE_TRIES = 3
+CLI_BACKOFF_S = 5.0  # the CLI's first wait before trying again; doubled for the next
+
+
+def is_unreadable(outcome: Outcome) -> bool:
+    """A deferral for an answer that said nothing about the VM (counted against the bound)."""
+    return outcome.kind is OutcomeKind.DEFERRED and outcome.reason in UNREADABLE
+
+
+def give_up(outcome: Outcome, tries: int, *, earlier: list[dict[str, Any]] | None = None) -> Outcome:
+    """The terminal ``failed`` after ``tries`` unreadable answers (the last one is ``outcome``)."""
+    details: dict[str, Any] = {**outcome.details, "tries": tries}
+    if earlier:
+        details["earlierTries"] = earlier
+    hint = unreadable_hint(outcome.reason, tries)
+    return Outcome(outcome.vm_id, OutcomeKind.FAILED, outcome.reason, hint, details)
+
+
+def _summary(outcome: Outcome) -> dict[str, Any]:
+    summary: dict[str, Any] = {"reason": outcome.reason}
+    for key in ("phase", "code", "error"):
+        if key in outcome.details:
+            summary[key] = outcome.details[key]
+    return summary
+
+
+async def check_until_readable(
+    check: Callable[[], Awaitable[Outcome]],
+    *,
+    backoff_s: float = CLI_BACKOFF_S,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> Outcome:
+    """Run ``check`` (one whole workflow) until its answer is readable, at most
+    :data:`MAX_UNREADABLE_TRIES` times, waiting ``backoff_s``, then twice that, between tries.
+
+    The CLI has no queue to come back later, so it retries within the run; the earlier tries are
+    kept in the outcome's details (``earlierTries``), so that a ``healthy`` reached after an
+    unreadable remediation still shows that the remediation ran.
+    """
+    earlier: list[dict[str, Any]] = []
+    for tries in range(1, MAX_UNREADABLE_TRIES + 1):
+        outcome = await check()
+        if not is_unreadable(outcome):
+            if earlier:
+                outcome.details["earlierTries"] = earlier
+            return outcome
+        if tries == MAX_UNREADABLE_TRIES:
+            return give_up(outcome, tries, earlier=earlier)
+        earlier.append(_summary(outcome))
+        await sleep(backoff_s * 2 ** (tries - 1))
+    raise AssertionError("unreachable")  # pragma: no cover
