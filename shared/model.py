@@ -177,6 +177,9 @@ class WorkItem:
     # How many of this item's workflows ended on a Run Command answer that said nothing about the VM
     # (``run-command-failed``, ``bad-output``): bounded by shared/unreadable.py, carried by the retry.
     unreadable: int = 0
+    # ISO 8601 UTC, the item's first deferral: DEFER_DEADLINE_HOURS counts from here, so that time the
+    # item spent waiting for the engine (a queue backlog, a storage outage) never costs it its retries.
+    deferred_since: str = ""
 
     def __post_init__(self) -> None:
         if (self.vm_id is None) == (self.computer is None):
@@ -185,19 +188,24 @@ class WorkItem:
             raise ValueError(f"not a computer name (printable, no whitespace): {self.computer[:80]!r}")
 
     def clamped(self, now: datetime) -> WorkItem:
-        """This item with a ``first_seen`` or ``evidence_at`` in the future brought back to ``now``.
+        """This item with a ``first_seen``, ``evidence_at`` or ``deferred_since`` in the future brought
+        back to ``now``.
 
-        A future ``firstSeen`` (a forged message, or a producer's clock ahead) would never reach
-        the deferral deadline, since each retry carries it forward unchanged; a future
-        ``evidenceAt`` would be newer than every verdict, for ever.
+        A future ``deferredSince`` (a forged message, or a clock ahead) would never reach the
+        deferral deadline, since each retry carries it forward unchanged; a future ``firstSeen``
+        would stand in for the evidence time, and a future ``evidenceAt`` would be newer than every
+        verdict, for ever.
         """
         stamp = now.astimezone(UTC).isoformat()
         first, evidence = parse_time(self.first_seen), parse_time(self.evidence_at)
         first_seen = stamp if first is not None and first > now else self.first_seen
         evidence_at = stamp if evidence is not None and evidence > now else self.evidence_at
-        if (first_seen, evidence_at) == (self.first_seen, self.evidence_at):
+        since = parse_time(self.deferred_since)
+        deferred_since = stamp if since is not None and since > now else self.deferred_since
+        clamped = (first_seen, evidence_at, deferred_since)
+        if clamped == (self.first_seen, self.evidence_at, self.deferred_since):
             return self
-        return replace(self, first_seen=first_seen, evidence_at=evidence_at)
+        return replace(self, first_seen=first_seen, evidence_at=evidence_at, deferred_since=deferred_since)
 
     @property
     def target(self) -> str:
@@ -221,6 +229,8 @@ class WorkItem:
             out["evidenceAt"] = self.evidence_at
         if self.unreadable:
             out["unreadable"] = self.unreadable
+        if self.deferred_since:
+            out["deferredSince"] = self.deferred_since
         return out
 
     @classmethod
@@ -245,6 +255,9 @@ class WorkItem:
         evidence_at = data.get("evidenceAt") or ""
         if not isinstance(evidence_at, str) or (evidence_at and parse_time(evidence_at) is None):
             raise ValueError(f"evidenceAt must be an ISO 8601 time, not {str(evidence_at)[:40]!r}")
+        deferred_since = data.get("deferredSince") or ""
+        if not isinstance(deferred_since, str) or (deferred_since and parse_time(deferred_since) is None):
+            raise ValueError(f"deferredSince must be an ISO 8601 time, not {str(deferred_since)[:40]!r}")
         unreadable = data.get("unreadable", 0)
         if isinstance(unreadable, bool) or not isinstance(unreadable, int) or unreadable < 0:
             raise ValueError("unreadable must be a non-negative integer")
@@ -258,6 +271,7 @@ class WorkItem:
             first_seen=first_seen,
             evidence_at=evidence_at,
             unreadable=min(unreadable, MAX_ATTEMPT),
+            deferred_since=deferred_since,
         )
 
 

@@ -41,6 +41,12 @@ from shared.workflow import BeforeRunCommand, Recent
 log = logging.getLogger(__name__)
 
 MAX_DEFER_DELAY_S = 6 * 3600
+# No retry of a deferral waits longer than this share of DEFER_DEADLINE_HOURS. The delay doubles
+# per attempt (DEFER_DELAY_SECONDS x 2^attempt), which alone gives a logarithmic number of looks: 10
+# in 24 h with the defaults, the last ones 6 h apart (7 in the chaos run's 126 s), so that a VM whose
+# agent is Ready only now and then (or that another tool keeps busy) was given up on after a few
+# unlucky looks. Capped at 1/16 of the deadline (90 min by default), the window holds 20 (19).
+DEADLINE_SHARE = 16
 # Triggers whose item says "something may have changed on this VM": a fresh verdict answers them
 # unless their evidence is newer than it. The sweep already skips fresh VMs; manual means "check now".
 _EVIDENCE_TRIGGERS = frozenset({Trigger.VM_CREATED, Trigger.ALERT, Trigger.LOG_SCAN})
@@ -181,14 +187,20 @@ class Worker:
             # least the wait the service named, until the deadline; then failed. Recorded either way.
             now = datetime.now(UTC)
             first = _parse_time(item.first_seen) or now
+            since, over = self._deferred_since(item, now)
             details: dict[str, Any] = {"computer": item.computer, "error": str(error)[:300]}
-            if now - first >= timedelta(seconds=self._settings.defer_deadline_s):
+            if over:
                 kind, reason = OutcomeKind.FAILED, f"deadline-exceeded:{error.reason}"
-                details["attempts"] = item.attempt + 1
+                details.update(attempts=item.attempt + 1, deferredSince=since.isoformat())
             else:
-                backoff = self._settings.defer_delay_s * (2 ** min(max(item.attempt, 0), 30))
-                delay = min(max(backoff, error.retry_after_s or 0.0), MAX_DEFER_DELAY_S)
-                retry = replace(item, attempt=item.attempt + 1, first_seen=first.isoformat())
+                wait = error.retry_after_s or 0.0
+                delay = min(max(self._retry_delay(item.attempt), wait), MAX_DEFER_DELAY_S)
+                retry = replace(
+                    item,
+                    attempt=item.attempt + 1,
+                    first_seen=first.isoformat(),
+                    deferred_since=since.isoformat(),
+                )
                 await self._queue.send(retry, delay_s=delay)
                 kind, reason = OutcomeKind.DEFERRED, error.reason
                 details.update(retryInS=delay, nextAttempt=item.attempt + 1)
@@ -339,10 +351,16 @@ class Worker:
         is retried the same way, and is terminal on the item's ``MAX_UNREADABLE_TRIES``-th
         (shared/unreadable.py). The retry runs the whole workflow, detection first."""
         first = _parse_time(item.first_seen) or now
+        since, over = self._deferred_since(item, now)
         hours = self._settings.defer_deadline_s / 3600
         unreadable = item.unreadable + 1 if is_unreadable(outcome) else item.unreadable
-        if now - first >= timedelta(seconds=self._settings.defer_deadline_s):
-            details = {**outcome.details, "deferredReason": outcome.reason, "attempts": item.attempt + 1}
+        if over:
+            details = {
+                **outcome.details,
+                "deferredReason": outcome.reason,
+                "attempts": item.attempt + 1,
+                "deferredSince": since.isoformat(),
+            }
             return Outcome(
                 str(vm_id),
                 OutcomeKind.FAILED,
@@ -352,7 +370,7 @@ class Worker:
             )
         if is_unreadable(outcome) and unreadable >= MAX_UNREADABLE_TRIES:
             return give_up(outcome, unreadable)
-        delay = min(self._settings.defer_delay_s * (2**item.attempt), MAX_DEFER_DELAY_S)
+        delay = self._retry_delay(item.attempt)
         retry = replace(
             item,
             vm_id=vm_id,
@@ -360,6 +378,7 @@ class Worker:
             attempt=item.attempt + 1,
             first_seen=first.isoformat(),
             unreadable=unreadable,
+            deferred_since=since.isoformat(),
         )
         await self._queue.send(retry, delay_s=delay)
         return Outcome(
@@ -369,6 +388,23 @@ class Worker:
             outcome.hint,
             {**outcome.details, "retryInS": delay, "nextAttempt": item.attempt + 1},
         )
+
+    def _deferred_since(self, item: WorkItem, now: datetime) -> tuple[datetime, bool]:
+        """When the item was first deferred (now, for its first deferral), and whether it has been
+        deferred for ``DEFER_DEADLINE_HOURS`` since. Counted from the first deferral, not from when
+        the item appeared: an item that waited in a backlog (a sweep of thousands, a storage outage,
+        a dead worker's lease) still gets its retries, rather than failing at its first transient
+        answer."""
+        since = _parse_time(item.deferred_since) or now
+        return since, now - since >= timedelta(seconds=self._settings.defer_deadline_s)
+
+    def _retry_delay(self, attempt: int) -> float:
+        """DEFER_DELAY_SECONDS x 2^attempt, at most 1/DEADLINE_SHARE of the deadline (never less than
+        DEFER_DELAY_SECONDS) and MAX_DEFER_DELAY_S."""
+        base = self._settings.defer_delay_s
+        backoff = base * (2 ** min(max(attempt, 0), 30))
+        cap = max(self._settings.defer_deadline_s / DEADLINE_SHARE, base)
+        return float(min(backoff, cap, MAX_DEFER_DELAY_S))
 
 
 def _parse_time(text: str) -> datetime | None:

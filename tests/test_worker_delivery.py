@@ -506,3 +506,57 @@ async def test_an_unreadable_answer_is_retried_and_terminal_only_on_the_items_th
     stored = await verdict(app_env, "app-02")
     assert stored is not None and (stored.outcome.value, stored.reason) == ("failed", reason)
     assert len(commands) == 2  # one detection each; nothing after an unreadable answer
+
+
+# --- the deferral deadline counts retrying, not waiting; the retries cover the whole window ------
+
+
+async def test_an_item_that_waited_out_the_deadline_in_a_backlog_still_gets_its_retries(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An item produced two days ago (a queue backlog, a storage outage) meets a busy VM on its
+    first try: deferred, never failed at once; DEFER_DEADLINE_HOURS counts from that deferral."""
+    from shared.workqueue import WorkQueue
+
+    sent: list[tuple[dict[str, Any], float]] = []
+    real_send = WorkQueue.send
+
+    async def send(self: WorkQueue, item: Any, *, delay_s: float = 0.0) -> None:
+        sent.append((item.to_dict(), delay_s))
+        await real_send(self, item, delay_s=delay_s)
+
+    monkeypatch.setattr(WorkQueue, "send", send)
+    old = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    before = datetime.now(UTC)
+    [first] = await triggers.work(fresh_item("busy-04", "backlog-1", firstSeen=old))
+    assert (first.kind.value, first.reason) == ("deferred", "run-command-busy"), first
+    [(retry, _)] = sent
+    assert retry["firstSeen"] == old  # when it appeared is kept; the deadline counts from its deferral
+    assert before <= datetime.fromisoformat(retry["deferredSince"]) <= datetime.now(UTC)
+    # Deferred for longer than the deadline (24 h): now it ends, saying since when.
+    retry["deferredSince"] = (datetime.now(UTC) - timedelta(hours=25)).isoformat()
+    [last] = await triggers.work(json.dumps(retry))
+    assert (last.kind.value, last.reason) == ("failed", "deadline-exceeded:run-command-busy")
+    assert last.details["deferredSince"] == retry["deferredSince"] and len(sent) == 1
+
+
+async def test_no_retry_waits_longer_than_a_sixteenth_of_the_deadline(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doubling delay alone leaves the deadline's window with few looks, the last ones far
+    apart; capped at 1/16 of DEFER_DEADLINE_HOURS, a late retry comes back within that share."""
+    from shared.workqueue import WorkQueue
+
+    monkeypatch.setenv("DEFER_DEADLINE_HOURS", "1")
+    delays: list[float] = []
+    real_send = WorkQueue.send
+
+    async def send(self: WorkQueue, item: Any, *, delay_s: float = 0.0) -> None:
+        delays.append(delay_s)
+        await real_send(self, item, delay_s=delay_s)
+
+    monkeypatch.setattr(WorkQueue, "send", send)
+    for attempt in (0, 3, 10):  # 1 s x 2^attempt: 1, 8, 1024 s
+        [outcome] = await triggers.work(fresh_item("busy-04", f"late-{attempt}", attempt=attempt))
+        assert (outcome.kind.value, outcome.reason) == ("deferred", "run-command-busy")
+    assert delays == [1.0, 8.0, 3600 / 16]
