@@ -992,13 +992,18 @@ class ChaosPass:
         )
 
     async def _create_queues(self) -> None:
+        """Make the queues, empty (an Azurite shared by several runs may hold an earlier one's)."""
         for name in (WORK_QUEUE, POISON_QUEUE, POISON_POISON_QUEUE):
             async with self._queue(name) as queue:
                 for _ in range(50):
                     try:
                         await queue.create_queue()
                     except ResourceExistsError:
-                        pass
+                        try:
+                            await queue.clear_messages()
+                        except AzureError:
+                            await asyncio.sleep(0.2)
+                            continue
                     except AzureError:
                         await asyncio.sleep(0.2)
                         continue

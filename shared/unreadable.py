@@ -16,14 +16,16 @@ delay and ``DEFER_DEADLINE_HOURS``), the CLI's sweep tries again within the run
 (:func:`check_until_readable`). Only the :data:`MAX_UNREADABLE_TRIES`-th such answer for one work
 item is terminal: ``failed`` with the same reason, ``tries`` in the details.
 
-Why three. In the default chaos run about 1.7 % of Run Commands give such an answer (``operationFailed``
-0.5 %, ``outputTruncated`` and ``outputGarbled`` 0.6 % each, independent). With two tries a healthy
-VM ends ``failed`` with probability about 0.017² ≈ 3·10⁻⁴ per workflow, close to one VM in each run
-of some 3,000 workflows; with three, 0.017³ ≈ 5·10⁻⁶, about one run in sixty. A VM whose answers are
-unreadable for good (an extension that always fails, output that never fits) costs two Run Commands
-more before it is reported, spaced by ``DEFER_DELAY_SECONDS`` (5 and 10 minutes by default: the
-failure is on record about a quarter of an hour after the first try, not after the 24 h deadline
-with a Run Command every few hours holding the VM's single slot).
+Why four. In the default chaos run about 1.7 % of Run Commands give such an answer (``operationFailed``
+0.5 %, ``outputTruncated`` and ``outputGarbled`` 0.6 % each, independent of one another), in the
+test's smaller run about 3.8 %. A healthy VM's work item ends ``failed`` only if all its tries meet
+one: with three tries 0.017³ ≈ 5·10⁻⁶ per item, over the run's some 5,000 items a 2.5 % chance that
+the run reports a wrong ``failed`` (2.7 % for the test's 500 items at 3.8 %); with four, 8·10⁻⁸ and
+2·10⁻⁶ per item, 0.04 % and 0.1 % per run. In Azure such answers are rarer still. A VM whose answers
+are unreadable for good (an extension that always fails, output that never fits) costs three Run
+Commands more before it is reported, spaced by ``DEFER_DELAY_SECONDS`` (5, 10 and 20 minutes by
+default: the failure is on record some 35 minutes after the first try, instead of some twenty Run
+Commands until the 24 h deadline, each holding the VM's single Run Command slot).
 
 Safety: every retry is a whole workflow. It reads the VM and detects before it decides, so a
 remediation whose POST was accepted and whose answer was unreadable is never repeated blindly: the
@@ -41,8 +43,8 @@ from shared.hints import unreadable_hint
 from shared.model import Outcome, OutcomeKind
 
 UNREADABLE = frozenset({"run-command-failed", "bad-output"})
-MAX_UNREADABLE_TRIES = 3
-CLI_BACKOFF_S = 5.0  # the CLI's first wait before trying again; doubled for the next
+MAX_UNREADABLE_TRIES = 4
+CLI_BACKOFF_S = 2.0  # the CLI's first wait before trying again; doubled for each next one (2, 4, 8 s)
 
 
 def is_unreadable(outcome: Outcome) -> bool:
@@ -74,7 +76,8 @@ async def check_until_readable(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Outcome:
     """Run ``check`` (one whole workflow) until its answer is readable, at most
-    :data:`MAX_UNREADABLE_TRIES` times, waiting ``backoff_s``, then twice that, between tries.
+    :data:`MAX_UNREADABLE_TRIES` times, waiting ``backoff_s`` before the second, doubled for each
+    next one.
 
     The CLI has no queue to come back later, so it retries within the run; the earlier tries are
     kept in the outcome's details (``earlierTries``), so that a ``healthy`` reached after an

@@ -494,6 +494,8 @@ async def test_chaos_run_loses_nothing_and_breaks_no_rule() -> None:
 
 # --- the checks can fail: an engine that breaks a rule on purpose -----------------------------
 
+# Tiny runs, each with only what its mutant needs: no storm, no hostile input, no poison pill, no
+# restart, the simulator on a thread and one Azurite for all of them (each run empties the queues).
 BROKEN = chaos.ChaosConfig(
     storm=False,
     hostile=False,
@@ -507,15 +509,27 @@ BROKEN = chaos.ChaosConfig(
     computer_items=0,
     unknown_computers=0,
     malformed=0,
+    poison_pills=0,
     restarts=0,
+    log_scan_every_s=1.0,
     defer_deadline_h=0.0015,
     audit_defer_deadline_h=0.0015,
     time_bound_s=60,
+    simulator_process=False,
 )
 
 
+@pytest.fixture(scope="module")
+def shared_azurite() -> Any:
+    azurite = chaos.start_azurite()
+    yield azurite
+    azurite.close()
+
+
 @pytest.mark.slow
-async def test_the_checks_catch_a_worker_without_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_checks_catch_a_worker_without_leases(
+    monkeypatch: pytest.MonkeyPatch, shared_azurite: Any
+) -> None:
     from shared.ledger import Lease
 
     async def no_lease(self: Ledger, vm_id: VmId, *, owner: str, now: Any = None) -> Lease:
@@ -530,24 +544,26 @@ async def test_the_checks_catch_a_worker_without_leases(monkeypatch: pytest.Monk
     monkeypatch.setattr(Ledger, "acquire", no_lease)
     monkeypatch.setattr(Ledger, "release", no_release)
     monkeypatch.setattr(Ledger, "renew", no_renew)
-    report = await chaos.run_chaos(chaos.replace(BROKEN, vms=16, latency_s=0.2))
+    report = await chaos.run_chaos(chaos.replace(BROKEN, vms=8, latency_s=0.2), azurite=shared_azurite)
     assert report["violations"]["concurrentRunCommands"] > 0
 
 
 @pytest.mark.slow
-async def test_the_checks_catch_an_audit_mode_that_acts(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_checks_catch_an_audit_mode_that_acts(
+    monkeypatch: pytest.MonkeyPatch, shared_azurite: Any
+) -> None:
     loaded = Settings.from_env
 
     def enforce_always(env: Any = None) -> Settings:
         return loaded(env).with_mode(Mode.ENFORCE)
 
     monkeypatch.setattr(Settings, "from_env", staticmethod(enforce_always))
-    report = await chaos.run_chaos(chaos.replace(BROKEN, audit_vms=12, dup_share=0.0))
+    report = await chaos.run_chaos(chaos.replace(BROKEN, audit_vms=6, dup_share=0.0), azurite=shared_azurite)
     assert report["violations"]["changedInAudit"] > 0
 
 
 @pytest.mark.slow
-async def test_the_checks_catch_a_lost_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_checks_catch_a_lost_retry(monkeypatch: pytest.MonkeyPatch, shared_azurite: Any) -> None:
     from shared.workqueue import WorkQueue
 
     sent = WorkQueue.send
@@ -558,13 +574,15 @@ async def test_the_checks_catch_a_lost_retry(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(WorkQueue, "send", drop_delayed)
     report = await chaos.run_chaos(
-        chaos.replace(BROKEN, vms=12, mix={"avma_agent_not_ready": 1.0}, dup_share=0.0)
+        chaos.replace(BROKEN, vms=6, mix={"avma_agent_not_ready": 1.0}, dup_share=0.0), azurite=shared_azurite
     )
     assert report["violations"]["lost"] > 0
 
 
 @pytest.mark.slow
-async def test_the_checks_catch_unreadable_output_reported_healthy(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_checks_catch_unreadable_output_reported_healthy(
+    monkeypatch: pytest.MonkeyPatch, shared_azurite: Any
+) -> None:
     """A workflow that calls output it cannot parse ``healthy``: AVMA VMs end recorded healthy."""
     from shared.model import Outcome, OutcomeKind
     from shared.workflow import Remediator
@@ -576,5 +594,28 @@ async def test_the_checks_catch_unreadable_output_reported_healthy(monkeypatch: 
 
     monkeypatch.setattr(Remediator, "_bad_output", healthy)
     garbled = {"outputGarbled": {"every": 1}, "outputTruncated": {"every": 1}}
-    report = await chaos.run_chaos(chaos.replace(BROKEN, vms=12, dup_share=0.0, faults=garbled))
+    report = await chaos.run_chaos(
+        chaos.replace(BROKEN, vms=6, dup_share=0.0, faults=garbled), azurite=shared_azurite
+    )
     assert report["violations"]["verdict_vs_state"] > 0
+
+
+@pytest.mark.slow
+async def test_the_checks_catch_a_failed_operation_made_terminal_again(
+    monkeypatch: pytest.MonkeyPatch, shared_azurite: Any
+) -> None:
+    """A workflow for which a Run Command operation that ended Failed is the end of it again
+    (``failed: run-command-failed`` at once): licensed KMS clients end recorded failed."""
+    import shared.workflow
+    from shared.azure.compute import RunCommandOperationFailed
+
+    terminal = tuple(e for e in shared.workflow._DEFERRING if e is not RunCommandOperationFailed)
+    monkeypatch.setattr(shared.workflow, "_DEFERRING", terminal)
+    failing = {"operationFailed": {"every": 2}}
+    report = await chaos.run_chaos(
+        chaos.replace(BROKEN, vms=6, mix={"kms_healthy": 1.0}, dup_share=0.0, faults=failing),
+        azurite=shared_azurite,
+    )
+    assert report["violations"]["verdict_vs_state"] > 0
+    [example, *_] = report["passes"]["enforce"]["examples"]["verdict_vs_state"]
+    assert "a licensed KMS client, recorded failed: run-command-failed" in example

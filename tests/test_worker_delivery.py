@@ -467,14 +467,14 @@ async def test_an_unreadable_remediation_answer_is_deferred_and_the_retry_detect
 
 
 @pytest.mark.parametrize("reason", ["run-command-failed", "bad-output"])
-async def test_an_unreadable_answer_is_retried_and_terminal_only_on_the_items_third(
+async def test_an_unreadable_answer_is_retried_and_terminal_only_on_the_items_fourth(
     reason: str, app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from shared.azure.compute import RunCommandOperationFailed
     from shared.unreadable import MAX_UNREADABLE_TRIES
     from shared.workqueue import WorkQueue
 
-    assert MAX_UNREADABLE_TRIES == 3
+    assert MAX_UNREADABLE_TRIES == 4
     commands: list[str] = []
 
     async def unreadable(self: ComputeGateway, vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
@@ -494,15 +494,15 @@ async def test_an_unreadable_answer_is_retried_and_terminal_only_on_the_items_th
 
     monkeypatch.setattr(ComputeGateway, "run_command", unreadable)
     monkeypatch.setattr(WorkQueue, "send", send)
-    # The second unreadable answer of an item: deferred again, the count carried by the retry.
-    [second] = await triggers.work(fresh_item("app-02", "u-2", attempt=1, unreadable=1))
-    assert (second.kind.value, second.reason) == ("deferred", reason)
+    # The third unreadable answer of an item: deferred again, the count carried by the retry.
+    [third] = await triggers.work(fresh_item("app-02", "u-3", attempt=2, unreadable=2))
+    assert (third.kind.value, third.reason) == ("deferred", reason)
     [(retry, delay)] = sent
-    assert (retry["attempt"], retry["unreadable"], delay) == (2, 2, 2.0)
-    # The third: terminal, with the same reason, the number of tries and what to look at.
-    [third] = await triggers.work(json.dumps(retry))
-    assert (third.kind.value, third.reason, third.details["tries"]) == ("failed", reason, 3)
-    assert "3 tries" in third.hint and len(sent) == 1  # nothing re-enqueued
+    assert (retry["attempt"], retry["unreadable"], delay) == (3, 3, 4.0)
+    # The fourth: terminal, with the same reason, the number of tries and what to look at.
+    [fourth] = await triggers.work(json.dumps(retry))
+    assert (fourth.kind.value, fourth.reason, fourth.details["tries"]) == ("failed", reason, 4)
+    assert "4 tries" in fourth.hint and len(sent) == 1  # nothing re-enqueued
     stored = await verdict(app_env, "app-02")
     assert stored is not None and (stored.outcome.value, stored.reason) == ("failed", reason)
     assert len(commands) == 2  # one detection each; nothing after an unreadable answer

@@ -564,18 +564,20 @@ async def _listing(sub: str) -> Any:
 
 
 @pytest.mark.parametrize("reason", ["run-command-failed", "bad-output"])
-async def test_the_cli_sweep_retries_an_unreadable_answer_twice_then_reports_it_failed(reason: str) -> None:
+async def test_the_cli_sweep_retries_an_unreadable_answer_three_times_then_reports_it_failed(
+    reason: str,
+) -> None:
     from shared.unreadable import check_until_readable
 
-    twice = Unreadable(2, reason)
-    [passed] = (await sweep(twice, _listing, [SUB], concurrency=1, unreadable_backoff_s=0.001)).outcomes
-    assert (passed.kind, passed.reason, twice.calls) == (OutcomeKind.HEALTHY, "kms-client-licensed", 3)
-    assert [t["reason"] for t in passed.details["earlierTries"]] == [reason, reason]
+    thrice = Unreadable(3, reason)
+    [passed] = (await sweep(thrice, _listing, [SUB], concurrency=1, unreadable_backoff_s=0.001)).outcomes
+    assert (passed.kind, passed.reason, thrice.calls) == (OutcomeKind.HEALTHY, "kms-client-licensed", 4)
+    assert [t["reason"] for t in passed.details["earlierTries"]] == [reason, reason, reason]
     always = Unreadable(99, reason)
     [failed] = (await sweep(always, _listing, [SUB], concurrency=1, unreadable_backoff_s=0.001)).outcomes
-    assert (failed.kind, failed.reason, always.calls) == (OutcomeKind.FAILED, reason, 3)
-    assert failed.details["tries"] == 3 and len(failed.details["earlierTries"]) == 2
-    assert failed.details["code"] == "InternalExecutionError" and "3 tries" in failed.hint
+    assert (failed.kind, failed.reason, always.calls) == (OutcomeKind.FAILED, reason, 4)
+    assert failed.details["tries"] == 4 and len(failed.details["earlierTries"]) == 3
+    assert failed.details["code"] == "InternalExecutionError" and "4 tries" in failed.hint
     # A growing backoff between tries: the first wait, then twice it.
     waits: list[float] = []
 
@@ -584,4 +586,4 @@ async def test_the_cli_sweep_retries_an_unreadable_answer_twice_then_reports_it_
 
     vm = VmId.parse(vm_id("one"))
     await check_until_readable(lambda: Unreadable(99, reason).check(vm), backoff_s=0.25, sleep=no_wait)
-    assert waits == [0.25, 0.5]
+    assert waits == [0.25, 0.5, 1.0]
