@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ _UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _COMPUTER = re.compile(r"[^\s\x00-\x1f\x7f-\x9f]{1,255}")
 MAX_ATTEMPT = 1000
+MAX_DEFERRED_S = 30 * 86400.0  # more than DEFER_DEADLINE_HOURS can be (720 h): a larger one is clamped
 """``attempt`` is clamped here: the worker's delay is ``DEFER_DELAY_SECONDS × 2**attempt`` (capped),
 and ``300.0 * 2**1024`` raises ``OverflowError``; 1,000 deferrals is beyond any real deadline."""
 
@@ -177,9 +179,10 @@ class WorkItem:
     # How many of this item's workflows ended on a Run Command answer that said nothing about the VM
     # (``run-command-failed``, ``bad-output``): bounded by shared/unreadable.py, carried by the retry.
     unreadable: int = 0
-    # ISO 8601 UTC, the item's first deferral: DEFER_DEADLINE_HOURS counts from here, so that time the
-    # item spent waiting for the engine (a queue backlog, a storage outage) never costs it its retries.
-    deferred_since: str = ""
+    # Seconds of retry delay scheduled for this item so far (the sum of its deferrals' delays):
+    # DEFER_DEADLINE_HOURS is counted in these, so that time spent waiting for the engine (a queue
+    # backlog, a storage outage, a dead worker's lease) never costs the item its retries.
+    deferred_s: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.vm_id is None) == (self.computer is None):
@@ -188,24 +191,18 @@ class WorkItem:
             raise ValueError(f"not a computer name (printable, no whitespace): {self.computer[:80]!r}")
 
     def clamped(self, now: datetime) -> WorkItem:
-        """This item with a ``first_seen``, ``evidence_at`` or ``deferred_since`` in the future brought
-        back to ``now``.
+        """This item with a ``first_seen`` or ``evidence_at`` in the future brought back to ``now``.
 
-        A future ``deferredSince`` (a forged message, or a clock ahead) would never reach the
-        deferral deadline, since each retry carries it forward unchanged; a future ``firstSeen``
-        would stand in for the evidence time, and a future ``evidenceAt`` would be newer than every
-        verdict, for ever.
+        A future ``firstSeen`` (a forged message, or a producer's clock ahead) would stand in for the
+        evidence time, and a future ``evidenceAt`` would be newer than every verdict, for ever.
         """
         stamp = now.astimezone(UTC).isoformat()
         first, evidence = parse_time(self.first_seen), parse_time(self.evidence_at)
         first_seen = stamp if first is not None and first > now else self.first_seen
         evidence_at = stamp if evidence is not None and evidence > now else self.evidence_at
-        since = parse_time(self.deferred_since)
-        deferred_since = stamp if since is not None and since > now else self.deferred_since
-        clamped = (first_seen, evidence_at, deferred_since)
-        if clamped == (self.first_seen, self.evidence_at, self.deferred_since):
+        if (first_seen, evidence_at) == (self.first_seen, self.evidence_at):
             return self
-        return replace(self, first_seen=first_seen, evidence_at=evidence_at, deferred_since=deferred_since)
+        return replace(self, first_seen=first_seen, evidence_at=evidence_at)
 
     @property
     def target(self) -> str:
@@ -229,8 +226,8 @@ class WorkItem:
             out["evidenceAt"] = self.evidence_at
         if self.unreadable:
             out["unreadable"] = self.unreadable
-        if self.deferred_since:
-            out["deferredSince"] = self.deferred_since
+        if self.deferred_s:
+            out["deferredS"] = self.deferred_s
         return out
 
     @classmethod
@@ -255,9 +252,14 @@ class WorkItem:
         evidence_at = data.get("evidenceAt") or ""
         if not isinstance(evidence_at, str) or (evidence_at and parse_time(evidence_at) is None):
             raise ValueError(f"evidenceAt must be an ISO 8601 time, not {str(evidence_at)[:40]!r}")
-        deferred_since = data.get("deferredSince") or ""
-        if not isinstance(deferred_since, str) or (deferred_since and parse_time(deferred_since) is None):
-            raise ValueError(f"deferredSince must be an ISO 8601 time, not {str(deferred_since)[:40]!r}")
+        deferred_s = data.get("deferredS", 0)
+        if (
+            isinstance(deferred_s, bool)
+            or not isinstance(deferred_s, int | float)
+            or not math.isfinite(deferred_s)
+            or deferred_s < 0
+        ):
+            raise ValueError("deferredS must be a non-negative number of seconds")
         unreadable = data.get("unreadable", 0)
         if isinstance(unreadable, bool) or not isinstance(unreadable, int) or unreadable < 0:
             raise ValueError("unreadable must be a non-negative integer")
@@ -271,7 +273,7 @@ class WorkItem:
             first_seen=first_seen,
             evidence_at=evidence_at,
             unreadable=min(unreadable, MAX_ATTEMPT),
-            deferred_since=deferred_since,
+            deferred_s=float(min(deferred_s, MAX_DEFERRED_S)),
         )
 
 

@@ -26,7 +26,7 @@ import random
 import uuid
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from shared.azure.transient import TransientError
@@ -187,11 +187,10 @@ class Worker:
             # least the wait the service named, until the deadline; then failed. Recorded either way.
             now = datetime.now(UTC)
             first = _parse_time(item.first_seen) or now
-            since, over = self._deferred_since(item, now)
             details: dict[str, Any] = {"computer": item.computer, "error": str(error)[:300]}
-            if over:
+            if self._deferred_long_enough(item):
                 kind, reason = OutcomeKind.FAILED, f"deadline-exceeded:{error.reason}"
-                details.update(attempts=item.attempt + 1, deferredSince=since.isoformat())
+                details.update(attempts=item.attempt + 1, deferredS=item.deferred_s)
             else:
                 wait = error.retry_after_s or 0.0
                 delay = min(max(self._retry_delay(item.attempt), wait), MAX_DEFER_DELAY_S)
@@ -199,7 +198,7 @@ class Worker:
                     item,
                     attempt=item.attempt + 1,
                     first_seen=first.isoformat(),
-                    deferred_since=since.isoformat(),
+                    deferred_s=_counted(item, delay),
                 )
                 await self._queue.send(retry, delay_s=delay)
                 kind, reason = OutcomeKind.DEFERRED, error.reason
@@ -345,21 +344,21 @@ class Worker:
         return waiting
 
     async def _defer(self, item: WorkItem, vm_id: VmId, outcome: Outcome, now: datetime) -> Outcome:
-        """Re-enqueue with exponential delay until the deadline; then the deferral becomes a failure.
+        """Re-enqueue with exponential delay until the deadline (the delays summed); then the
+        deferral becomes a failure.
 
         A Run Command answer that said nothing about the VM (``run-command-failed``, ``bad-output``)
         is retried the same way, and is terminal on the item's ``MAX_UNREADABLE_TRIES``-th
         (shared/unreadable.py). The retry runs the whole workflow, detection first."""
         first = _parse_time(item.first_seen) or now
-        since, over = self._deferred_since(item, now)
         hours = self._settings.defer_deadline_s / 3600
         unreadable = item.unreadable + 1 if is_unreadable(outcome) else item.unreadable
-        if over:
+        if self._deferred_long_enough(item):
             details = {
                 **outcome.details,
                 "deferredReason": outcome.reason,
                 "attempts": item.attempt + 1,
-                "deferredSince": since.isoformat(),
+                "deferredS": item.deferred_s,
             }
             return Outcome(
                 str(vm_id),
@@ -378,7 +377,7 @@ class Worker:
             attempt=item.attempt + 1,
             first_seen=first.isoformat(),
             unreadable=unreadable,
-            deferred_since=since.isoformat(),
+            deferred_s=_counted(item, delay),
         )
         await self._queue.send(retry, delay_s=delay)
         return Outcome(
@@ -389,14 +388,15 @@ class Worker:
             {**outcome.details, "retryInS": delay, "nextAttempt": item.attempt + 1},
         )
 
-    def _deferred_since(self, item: WorkItem, now: datetime) -> tuple[datetime, bool]:
-        """When the item was first deferred (now, for its first deferral), and whether it has been
-        deferred for ``DEFER_DEADLINE_HOURS`` since. Counted from the first deferral, not from when
-        the item appeared: an item that waited in a backlog (a sweep of thousands, a storage outage,
-        a dead worker's lease) still gets its retries, rather than failing at its first transient
-        answer."""
-        since = _parse_time(item.deferred_since) or now
-        return since, now - since >= timedelta(seconds=self._settings.defer_deadline_s)
+    def _deferred_long_enough(self, item: WorkItem) -> bool:
+        """Whether the item's retries have waited ``DEFER_DEADLINE_HOURS`` in all: the delays the
+        engine scheduled, summed (``deferredS``), not the time since the item appeared. Time spent
+        waiting for the engine itself (a queue backlog of thousands, a storage outage, a dead
+        worker's lease) would otherwise cost the item its retries: in the chaos runs healthy VMs
+        ended ``deadline-exceeded`` at their first deferral, or after a 1 s retry that came back 47 s
+        later behind the queue. Each retry comes back no sooner than its delay, so the item has been
+        deferred at least this long."""
+        return item.deferred_s >= self._settings.defer_deadline_s
 
     def _retry_delay(self, attempt: int) -> float:
         """DEFER_DELAY_SECONDS x 2^attempt, at most 1/DEADLINE_SHARE of the deadline (never less than
@@ -405,6 +405,12 @@ class Worker:
         backoff = base * (2 ** min(max(attempt, 0), 30))
         cap = max(self._settings.defer_deadline_s / DEADLINE_SHARE, base)
         return float(min(backoff, cap, MAX_DEFER_DELAY_S))
+
+
+def _counted(item: WorkItem, delay_s: float) -> float:
+    """The item's deferral time with one more retry of ``delay_s`` (at least a second, so that a
+    DEFER_DELAY_SECONDS of 0 still reaches the deadline)."""
+    return round(item.deferred_s + max(delay_s, 1.0), 3)
 
 
 def _parse_time(text: str) -> datetime | None:

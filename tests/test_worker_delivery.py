@@ -515,7 +515,8 @@ async def test_an_item_that_waited_out_the_deadline_in_a_backlog_still_gets_its_
     app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An item produced two days ago (a queue backlog, a storage outage) meets a busy VM on its
-    first try: deferred, never failed at once; DEFER_DEADLINE_HOURS counts from that deferral."""
+    first try: deferred, never failed at once. DEFER_DEADLINE_HOURS counts the retry delays the
+    engine scheduled (``deferredS``), not the time the item or its retries waited in the queue."""
     from shared.workqueue import WorkQueue
 
     sent: list[tuple[dict[str, Any], float]] = []
@@ -527,17 +528,20 @@ async def test_an_item_that_waited_out_the_deadline_in_a_backlog_still_gets_its_
 
     monkeypatch.setattr(WorkQueue, "send", send)
     old = (datetime.now(UTC) - timedelta(days=2)).isoformat()
-    before = datetime.now(UTC)
     [first] = await triggers.work(fresh_item("busy-04", "backlog-1", firstSeen=old))
     assert (first.kind.value, first.reason) == ("deferred", "run-command-busy"), first
-    [(retry, _)] = sent
-    assert retry["firstSeen"] == old  # when it appeared is kept; the deadline counts from its deferral
-    assert before <= datetime.fromisoformat(retry["deferredSince"]) <= datetime.now(UTC)
-    # Deferred for longer than the deadline (24 h): now it ends, saying since when.
-    retry["deferredSince"] = (datetime.now(UTC) - timedelta(hours=25)).isoformat()
+    [(retry, delay)] = sent
+    assert retry["firstSeen"] == old  # when it appeared is kept; the deadline counts the delays
+    assert (retry["attempt"], retry["deferredS"], delay) == (1, 1.0, 1.0)
+    # A retry that came back long after its delay (a backlog) has still been deferred only that long.
+    [second] = await triggers.work(json.dumps(retry))
+    assert (second.kind.value, second.reason) == ("deferred", "run-command-busy")
+    assert sent[-1][0]["deferredS"] == 3.0  # 1 s + 2 s
+    # Deferred for the deadline (24 h of delays): now it ends, saying how long.
+    retry["deferredS"] = 24 * 3600.0
     [last] = await triggers.work(json.dumps(retry))
     assert (last.kind.value, last.reason) == ("failed", "deadline-exceeded:run-command-busy")
-    assert last.details["deferredSince"] == retry["deferredSince"] and len(sent) == 1
+    assert last.details["deferredS"] == 24 * 3600.0 and len(sent) == 2
 
 
 async def test_no_retry_waits_longer_than_a_sixteenth_of_the_deadline(
