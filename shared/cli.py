@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,6 +30,7 @@ from shared.report import as_json, as_table, summary
 from shared.scope import Scope
 from shared.settings import ConfigError, Mode, Settings, is_subscription_id
 from shared.sweep import SweepReport, sweep
+from shared.unreadable import check_until_readable
 from shared.vm import VmFacts
 from shared.workflow import Remediator
 
@@ -220,10 +222,10 @@ async def _execute(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                     )
                 ]
             else:
-                outcomes = [await remediator.check(found_id) for found_id in found]
+                outcomes = [await check_until_readable(partial(remediator.check, f)) for f in found]
             report = SweepReport(outcomes=outcomes)
         elif vm_id is not None:
-            outcomes = [await remediator.check(vm_id)]
+            outcomes = [await check_until_readable(partial(remediator.check, vm_id))]
             report = SweepReport(outcomes=outcomes)
         else:
             if not subs:

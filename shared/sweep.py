@@ -17,7 +17,7 @@ from typing import Protocol
 
 from shared.azure.compute import ComputeError
 from shared.model import Outcome, VmId
-from shared.unreadable import CLI_BACKOFF_S, check_until_readable
+from shared.unreadable import check_until_readable
 from shared.vm import VmFacts
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,11 @@ async def sweep(
     *,
     concurrency: int,
     on_outcome: Callable[[Outcome], None] | None = None,
-    unreadable_backoff_s: float = CLI_BACKOFF_S,
+    unreadable_backoff_s: float | None = None,
 ) -> SweepReport:
     """Run the workflow on every VM of ``subscriptions``; each VM once, even if listed twice (an
-    unreadable answer is retried after ``unreadable_backoff_s``, then twice that)."""
+    unreadable answer is retried after ``unreadable_backoff_s``, by default
+    ``shared.unreadable.CLI_BACKOFF_S``, then twice that)."""
     report = SweepReport()
     queue: asyncio.Queue[VmFacts | None] = asyncio.Queue(maxsize=concurrency * 2)
     seen: set[VmId] = set()

@@ -72,17 +72,18 @@ def _summary(outcome: Outcome) -> dict[str, Any]:
 async def check_until_readable(
     check: Callable[[], Awaitable[Outcome]],
     *,
-    backoff_s: float = CLI_BACKOFF_S,
+    backoff_s: float | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Outcome:
     """Run ``check`` (one whole workflow) until its answer is readable, at most
-    :data:`MAX_UNREADABLE_TRIES` times, waiting ``backoff_s`` before the second, doubled for each
-    next one.
+    :data:`MAX_UNREADABLE_TRIES` times, waiting ``backoff_s`` (:data:`CLI_BACKOFF_S` if not given)
+    before the second, doubled for each next one.
 
     The CLI has no queue to come back later, so it retries within the run; the earlier tries are
     kept in the outcome's details (``earlierTries``), so that a ``healthy`` reached after an
     unreadable remediation still shows that the remediation ran.
     """
+    first_wait = CLI_BACKOFF_S if backoff_s is None else backoff_s
     earlier: list[dict[str, Any]] = []
     for tries in range(1, MAX_UNREADABLE_TRIES + 1):
         outcome = await check()
@@ -93,5 +94,5 @@ async def check_until_readable(
         if tries == MAX_UNREADABLE_TRIES:
             return give_up(outcome, tries, earlier=earlier)
         earlier.append(_summary(outcome))
-        await sleep(backoff_s * 2 ** (tries - 1))
+        await sleep(first_wait * 2 ** (tries - 1))
     raise AssertionError("unreachable")  # pragma: no cover

@@ -381,35 +381,33 @@ def test_a_ca_bundle_name_too_long_for_the_file_system_is_a_config_error() -> No
 
 
 async def test_after_a_storage_loss_the_app_recreates_its_table_instead_of_failing_forever(
-    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch, restartable_azurite: Any
 ) -> None:
-    azurite = chaos.start_azurite()
-    try:
-        sim = serve(sim_factory, {}, kms_healthy=1.0)
-        env = use_env(
-            monkeypatch,
-            {**sim.env(), "AzureWebJobsStorage": azurite.connection_string, "LEDGER_TABLE": "lossrecovery"},
-        )
-        body = json.dumps({"reason": "manual", "vmId": sim.estate.vms[0].id})
-        assert [o.kind.value for o in await triggers.work(body, env=env)] == ["healthy"]
-        await asyncio.to_thread(azurite.restart)  # in memory: the table and the queues are gone
-        with pytest.raises(TableMissing):
-            await triggers.work(body, env=env)  # this invocation fails: its message is retried
-        assert [o.kind.value for o in await triggers.work(body, env=env)] == ["healthy"]
-        # A message nested too deeply to decode still gets its poison record.
-        await triggers.poison("[" * 5000, env=env)
-        async with Ledger.from_settings(Settings.from_env(env)) as ledger:
-            rows = await ledger.history("unparsable-message")
-        assert [(r["outcome"], r["reason"]) for r in rows] == [("failed", "poison")]
-        async with QueueClient.from_connection_string(azurite.connection_string, "vm-checks") as queue:
-            await queue.get_queue_properties()  # the work queue was made again too
-    finally:
-        azurite.close()
+    azurite = restartable_azurite  # restarted below: the in-memory table and queues are lost
+    sim = serve(sim_factory, {}, kms_healthy=1.0)
+    env = use_env(
+        monkeypatch,
+        {**sim.env(), "AzureWebJobsStorage": azurite.connection_string, "LEDGER_TABLE": "lossrecovery"},
+    )
+    body = json.dumps({"reason": "manual", "vmId": sim.estate.vms[0].id})
+    assert [o.kind.value for o in await triggers.work(body, env=env)] == ["healthy"]
+    await asyncio.to_thread(azurite.restart)  # in memory: the table and the queues are gone
+    with pytest.raises(TableMissing):
+        await triggers.work(body, env=env)  # this invocation fails: its message is retried
+    assert [o.kind.value for o in await triggers.work(body, env=env)] == ["healthy"]
+    # A message nested too deeply to decode still gets its poison record.
+    await triggers.poison("[" * 5000, env=env)
+    async with Ledger.from_settings(Settings.from_env(env)) as ledger:
+        rows = await ledger.history("unparsable-message")
+    assert [(r["outcome"], r["reason"]) for r in rows] == [("failed", "poison")]
+    async with QueueClient.from_connection_string(azurite.connection_string, "vm-checks") as queue:
+        await queue.get_queue_properties()  # the work queue was made again too
 
 
 # --- the chaos run ---------------------------------------------------------------------------
 
-# Every kind on a schedule, so that each fires in a run of a few hundred VMs.
+# Every kind on a schedule, so that each fires in a run of some 150 VMs (at most one unreadable Run
+# Command answer in 17 or so: four in a row for one item, the bound, is then about 1e-5).
 TEST_FAULTS: dict[str, Any] = {
     # Buckets of one token: two requests of a subscription close together (the 24 workers' bursts,
     # however slow the machine) meet a 429, while the refill (80/s) never caps the run's pace (a
@@ -419,50 +417,66 @@ TEST_FAULTS: dict[str, Any] = {
         "reads": {"size": 1, "perSecond": 40},
         "writes": {"size": 1, "perSecond": 40},
     },
-    "serverError": {"every": 151},
-    "runCommandBusy": {"every": 67},
-    "operationFailed": {"every": 89},
-    "runCommandHang": {"every": 131, "seconds": 4},
-    "vmVanish": {"every": 79},
-    "agentFlap": {"every": 37, "periodSeconds": 0.3},
-    "outputTruncated": {"every": 71},
-    "outputGarbled": {"every": 79},
-    "tokenError": {"every": 120, "burst": 5},
+    "serverError": {"every": 100},
+    "runCommandBusy": {"every": 45},
+    "operationFailed": {"every": 60},
+    "runCommandHang": {"every": 85, "seconds": 3},
+    "vmVanish": {"every": 50},
+    "agentFlap": {"every": 25, "periodSeconds": 0.3},
+    "outputTruncated": {"every": 45},
+    "outputGarbled": {"every": 50},
+    "tokenError": {"every": 80, "burst": 5},
     "logPartialError": {"every": 1},
 }
+# Every category of the bench's estate but one: a VM whose agent is never Ready is retried until its
+# item's retry delays add up to the deadline (some 16 looks, by design), which made it the long tail
+# of every pass. The deadline path is the bench's (bench/chaos.py) and the worker tests'.
+SMALL_MIX = {k: v for k, v in chaos.CHAOS_MIX.items() if k != "avma_agent_not_ready"}
 SMALL = chaos.ChaosConfig(
-    vms=220,
-    audit_vms=50,
+    vms=140,
+    mix=SMALL_MIX,
+    audit_vms=30,
     workers=24,
     faults=TEST_FAULTS,
     dup_share=0.05,
-    computer_items=6,
-    malformed=4,
+    dup_copies=4,
+    computer_items=4,
+    malformed=2,
+    poison_pills=2,  # the first is the "hard" one, whose poison handler fails too
     log_scan_every_s=2.0,
-    defer_deadline_h=0.005,  # 18 s
-    audit_defer_deadline_h=0.002,
+    restart_after=0.25,
+    defer_deadline_h=0.005,  # 18 s of retry delays: some 16 looks, 1 s apart
+    audit_defer_deadline_h=0.005,
     time_bound_s=150,
     # The harness's own faults, scaled down: two VMs per crash point, short outages.
     crashes_per_point=2,
-    table_outage_s=6.0,
-    queue_outage_s=3.0,
-    graph_throttle=6,
+    crash_visibility_s=2.0,
+    table_outage_s=4.0,
+    queue_outage_s=2.0,
+    graph_throttle=4,
     fan_out=25,
-    # A killed worker's lease holds its VM for LEASE_SECONDS: shorter here (30 s covers the
-    # worst-case workflow of 4 s + 2 x 3 s + 6 ledger writes x (3 x 1 s + 0.3 s)).
-    ledger_try_timeout_s=1.0,
-    arm_call_timeout_s=4.0,
-    lease_s=30.0,
+    # A killed worker's lease holds its VM for LEASE_SECONDS: shorter here (22 s covers the
+    # worst-case workflow of 2 s + 2 x 2 s + 6 ledger writes x (3 x 0.8 s + 0.15 s)).
+    ledger_try_timeout_s=0.8,
+    ledger_backoff_s=0.05,
+    arm_call_timeout_s=2.0,
+    run_command_timeout_s=2.0,
+    lease_s=22.0,
 )
 
 
+@pytest.fixture(scope="module")
+def small_run(restartable_azurite: Any) -> dict[str, Any]:
+    """bench/chaos.py at a small scale, run once for the tests below (the full run is the bench's)."""
+    return asyncio.run(chaos.run_chaos(SMALL, azurite=restartable_azurite))
+
+
 @pytest.mark.slow
-async def test_chaos_run_loses_nothing_and_breaks_no_rule() -> None:
-    report = await chaos.run_chaos(SMALL)
-    passes = report["passes"]
+def test_chaos_run_loses_nothing_and_breaks_no_rule(small_run: dict[str, Any]) -> None:
+    passes = small_run["passes"]
     examples = {name: p["examples"] for name, p in passes.items() if p["examples"]}
-    assert report["violations"] == dict.fromkeys(report["violations"], 0), examples
-    assert set(report["violations"]) >= {
+    assert small_run["violations"] == dict.fromkeys(small_run["violations"], 0), examples
+    assert set(small_run["violations"]) >= {
         "lost",
         "remediatedWithoutCause",
         "concurrentRunCommands",
@@ -472,31 +486,47 @@ async def test_chaos_run_loses_nothing_and_breaks_no_rule() -> None:
         "unrecorded_run_commands",
         "out_of_scope_run_commands",
     }
-    never = [kind for kind, count in report["faults"].items() if count == 0]
+
+
+@pytest.mark.slow
+def test_chaos_run_injects_every_fault_kind(small_run: dict[str, Any]) -> None:
+    never = [kind for kind, count in small_run["faults"].items() if count == 0]
     assert never == [], f"fault kinds never injected: {never}"
-    assert set(report["faults"]) == {*KINDS, "azuriteRestart", *chaos.HARNESS_FAULTS}
+    assert set(small_run["faults"]) == {*KINDS, "azuriteRestart", *chaos.HARNESS_FAULTS}
+
+
+@pytest.mark.slow
+def test_chaos_run_remediates_plans_and_goes_through_the_storage_loss_and_the_poison_path(
+    small_run: dict[str, Any],
+) -> None:
+    passes = small_run["passes"]
     enforce = passes["enforce"]
-    assert enforce["remediatedVms"] > 0 and report["outcomes"].get("remediated", 0) > 0
+    assert enforce["remediatedVms"] > 0 and small_run["outcomes"].get("remediated", 0) > 0
     assert passes["audit"]["outcomes"].get("would-remediate", 0) > 0
     assert enforce["storageLoss"]["restarts"] == 1
     assert passes["audit"]["invocations"]["poisoned"] == SMALL.poison_pills  # the host's poison path ran
     assert enforce["messages"]["harness"]["duplicate"] == SMALL.dup_copies * round(
         SMALL.vms * SMALL.dup_share
     )
+    assert passes["audit"]["lastResortDrain"]["recorded"] >= 1  # the hard pill, drained
+
+
+@pytest.mark.slow
+def test_chaos_run_kills_workers_at_every_point_and_rides_out_the_storm(small_run: dict[str, Any]) -> None:
     # Killed at every point of the workflow; the alerts posted in the queue outage were answered
     # 503 and then accepted; the oversized one capped; hostile ids never queued.
+    enforce = small_run["passes"]["enforce"]
     assert set(enforce["crashes"]) == set(chaos.CRASH_POINTS), enforce["crashes"]
     storm = enforce["storm"]
     assert storm["alert503"] > 0 and all(a["status"] == 202 for a in storm["alerts"])
     assert storm["fanOut"]["accepted"] == SMALL.max_targets_per_alert < storm["fanOut"]["targets"]
     assert storm["hostileEventsQueued"] == 0
-    assert passes["audit"]["lastResortDrain"]["recorded"] >= 1  # the hard pill, drained
 
 
 # --- the checks can fail: an engine that breaks a rule on purpose -----------------------------
 
 # Tiny runs, each with only what its mutant needs: no storm, no hostile input, no poison pill, no
-# restart, the simulator on a thread and one Azurite for all of them (each run empties the queues).
+# restart, the simulator on a thread and the session's Azurite (each run empties the queues it uses).
 BROKEN = chaos.ChaosConfig(
     storm=False,
     hostile=False,
@@ -520,11 +550,10 @@ BROKEN = chaos.ChaosConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def shared_azurite() -> Any:
-    azurite = chaos.start_azurite()
-    yield azurite
-    azurite.close()
+@pytest.fixture
+def shared_azurite(azurite: Any) -> Any:
+    """The session's Azurite: these runs restart nothing, and each empties the queues it uses."""
+    return azurite
 
 
 @pytest.mark.slow
@@ -545,7 +574,9 @@ async def test_the_checks_catch_a_worker_without_leases(
     monkeypatch.setattr(Ledger, "acquire", no_lease)
     monkeypatch.setattr(Ledger, "release", no_release)
     monkeypatch.setattr(Ledger, "renew", no_renew)
-    report = await chaos.run_chaos(chaos.replace(BROKEN, vms=8, latency_s=0.2), azurite=shared_azurite)
+    # Four copies of each item race; the busy ones fail at their first deferral (a 1 s deadline).
+    config = chaos.replace(BROKEN, vms=4, latency_s=0.2, defer_deadline_h=0.0003)
+    report = await chaos.run_chaos(config, azurite=shared_azurite)
     assert report["violations"]["concurrentRunCommands"] > 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -587,3 +588,23 @@ async def test_the_cli_sweep_retries_an_unreadable_answer_three_times_then_repor
     vm = VmId.parse(vm_id("one"))
     await check_until_readable(lambda: Unreadable(99, reason).check(vm), backoff_s=0.25, sleep=no_wait)
     assert waits == [0.25, 0.5, 1.0]
+
+
+def test_the_cli_check_tries_a_failed_operation_again_within_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``check`` has no queue to come back later either: the same bounded retry as the sweep."""
+    import shared.unreadable
+    from shared.cli import main
+
+    monkeypatch.setattr(shared.unreadable, "CLI_BACKOFF_S", 0.01)
+    vm = vm_id("kms-ok")
+    estate = tmp_path / "estate.json"
+    healthy = windows("kms-ok", channel="KMS_CLIENT", status=1, kms_host="azkms.core.windows.net:1688")
+    estate.write_text(json.dumps({"vms": [healthy], "faults": {"operationFailed": {"every": 1}}}))
+    state = tmp_path / "state.json"
+    argv = ["check", vm, "--simulate", str(estate), "--output", "json", "--sim-state-out", str(state)]
+    assert main(argv) == 1  # still failing after the bound: a failed VM
+    [out] = json.loads(capsys.readouterr().out)["vms"]
+    assert (out["outcome"], out["reason"], out["tries"]) == ("failed", "run-command-failed", 4)
+    assert json.loads(state.read_text())[vm]["runCommands"] == 4
