@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 # Exit 1 means "some VMs failed": the built-in estate has VMs whose KMS is unreachable on purpose.
 demo: $(STAMP)
-	@$(BIN)/avma-remediator sweep --simulate --apply; code=$$?; \
+	@$(BIN)/avma-remediator sweep --simulate --apply --yes; code=$$?; \
 	if [ $$code -eq 1 ]; then echo "(exit code 1: some VMs failed, as the demo estate intends; see 'What to do')"; \
 	elif [ $$code -ne 0 ]; then exit $$code; fi
 

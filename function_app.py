@@ -14,7 +14,11 @@ from typing import Any
 import azure.functions as func
 
 from shared import triggers
+from shared.queueprobe import probe_queues
+from shared.recheck import check_vms
 from shared.settings import POISON_QUEUE, WORK_QUEUE
+from shared.status import StatusQuery, StatusQueryError, status_page
+from shared.telemetry import worker_errors
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 STORAGE = "AzureWebJobsStorage"
@@ -92,15 +96,18 @@ async def sweep(timer: func.TimerRequest) -> None:
 @app.function_name("vm_check")
 @app.queue_trigger(arg_name="msg", queue_name=WORK_QUEUE, connection=STORAGE)
 async def vm_check(msg: func.QueueMessage) -> None:
-    """The worker: one work item → the per-VM workflow under the VM's lease → ledger."""
-    await triggers.work(msg.get_body().decode("utf-8", errors="replace"))
+    """The worker: one work item → the per-VM workflow under the VM's lease → ledger. An exception
+    (the host retries the message) is logged as one ``avma-worker-error`` record first."""
+    async with worker_errors("vm_check"):
+        await triggers.work(msg.get_body().decode("utf-8", errors="replace"))
 
 
 @app.function_name("vm_check_poison")
 @app.queue_trigger(arg_name="msg", queue_name=POISON_QUEUE, connection=STORAGE)
 async def vm_check_poison(msg: func.QueueMessage) -> None:
     """Messages the host gave up on (``maxDequeueCount``): recorded as ``failed: poison``."""
-    await triggers.poison(msg.get_body().decode("utf-8", errors="replace"))
+    async with worker_errors("vm_check_poison"):
+        await triggers.poison(msg.get_body().decode("utf-8", errors="replace"))
 
 
 # A fixed schedule, not an app setting: the last resort must not depend on a setting a deployment
@@ -114,7 +121,10 @@ LAST_RESORT_DRAIN_SCHEDULE = "0 */10 * * * *"
     arg_name="timer", schedule=LAST_RESORT_DRAIN_SCHEDULE, run_on_startup=False, use_monitor=True
 )
 async def poison_drain(timer: func.TimerRequest) -> None:
-    """``vm-checks-poison-poison`` (what the poison handler could not record) → ledger, then deleted."""
+    """First each queue's depth and oldest visible message (``avma-queue`` records, which the
+    workbook and the alerts read: shared/queueprobe.py), then ``vm-checks-poison-poison`` (what the
+    poison handler could not record) → ledger, then deleted."""
+    await probe_queues()
     summary = await triggers.drain_last_resort()
     logging.info("last-resort drain (past due: %s): %s", timer.past_due, summary)
 
@@ -122,10 +132,25 @@ async def poison_drain(timer: func.TimerRequest) -> None:
 @app.function_name("status")
 @app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 async def status(req: func.HttpRequest) -> func.HttpResponse:
-    """Counts by outcome and the most recent actions, from the ledger."""
+    """Counts by outcome, the most recent actions, and a page of the VMs that match the filters
+    (``outcome``, ``reason``, ``vm``, ``since``, ``pageSize``, ``continuation``: shared/status.py)."""
     try:
-        recent = max(0, min(int(req.params.get("recent", "20")), 200))
-    except ValueError:
-        return func.HttpResponse('{"error": "recent must be a whole number"}', status_code=400)
-    body = await triggers.status(recent=recent)
-    return func.HttpResponse(json.dumps(body, default=str), mimetype="application/json")
+        query = StatusQuery.from_params(dict(req.params))
+    except StatusQueryError as error:
+        return _json({"error": str(error)}, 400)
+    return _json(await status_page(query), 200)
+
+
+@app.function_name("check")
+@app.route(route="check", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+async def check(req: func.HttpRequest) -> func.HttpResponse:
+    """Queue a re-check of one VM or a list (shared/recheck.py): 202 with the correlation id, 400 for
+    a malformed id, 403 for a VM out of scope (nothing queued), 503 with ``Retry-After``."""
+    code, body, headers = await check_vms(req.get_body())
+    return _json(body, code, headers)
+
+
+def _json(body: object, status_code: int, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    return func.HttpResponse(
+        json.dumps(body, default=str), status_code=status_code, headers=headers, mimetype="application/json"
+    )

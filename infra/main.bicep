@@ -117,6 +117,9 @@ param existingSystemTopicName string = ''
 @description('Resource group of existingSystemTopicName (in this subscription).')
 param existingSystemTopicResourceGroup string = ''
 
+@description('Email address for the app\'s own health alerts (poison and last-resort queues, Event Grid dead letters, failed outcomes, worker exceptions, waiting work). Empty: the alerts fire in Azure Monitor only.')
+param alertEmail string = ''
+
 @description('Assign the built-in policy that associates every Windows VM of this subscription with the data collection rule (Azure Monitor Agent must be on the VMs).')
 param assignMonitoringPolicies bool = false
 
@@ -169,6 +172,30 @@ module monitoring 'app/monitoring.bicep' = {
     dataCollectionRuleName: 'dcr-avma-spp-${resourceToken}'
     location: location
     tags: tags
+    alertEmail: alertEmail
+  }
+}
+
+module workbook 'app/workbook.bicep' = {
+  name: 'workbook'
+  scope: rg
+  params: {
+    location: location
+    tags: tags
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+  }
+}
+
+module healthAlerts 'app/health-alerts.bicep' = {
+  name: 'health-alerts'
+  scope: rg
+  params: {
+    location: location
+    tags: tags
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    actionGroupId: monitoring.outputs.operatorActionGroupId
+    systemTopicName: events.outputs.name
+    systemTopicResourceGroup: events.outputs.resourceGroupName
   }
 }
 

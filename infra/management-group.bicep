@@ -20,7 +20,7 @@ resource vmOperator 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(managementGroup().id, 'avma-remediator-vm-operator', environmentName)
   properties: {
     roleName: 'AVMA Remediator VM Operator (${environmentName}, ${managementGroup().name})'
-    description: 'Read VMs, run the activation scripts through Run Command and poll the command. Nothing else.'
+    description: 'Read VMs, run the activation scripts through Run Command and poll the command; read the network path to the KMS (no network write). Nothing else.'
     type: 'CustomRole'
     permissions: [
       {
@@ -28,6 +28,13 @@ resource vmOperator 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
           'Microsoft.Compute/virtualMachines/read'
           'Microsoft.Compute/virtualMachines/runCommand/action'
           'Microsoft.Compute/locations/operations/read'
+          'Microsoft.Network/networkInterfaces/read'
+          'Microsoft.Network/networkInterfaces/effectiveRouteTable/action'
+          'Microsoft.Network/locations/operationResults/read'
+          'Microsoft.Network/virtualNetworks/subnets/read'
+          'Microsoft.Network/routeTables/read'
+          'Microsoft.Network/loadBalancers/read'
+          'Microsoft.Network/networkSecurityGroups/read'
         ]
         notActions: []
         dataActions: []

@@ -1,8 +1,13 @@
-"""Per-cloud endpoints: ARM, Log Analytics and the Azure KMS (sources: docs/troubleshooting.md)."""
+"""Per-cloud endpoints: ARM, Log Analytics and the Azure KMS (sources: docs/troubleshooting.md).
+
+The KMS names, addresses and port come from the one table in shared/kms_endpoints.py.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from shared.kms_endpoints import kms_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,13 +23,14 @@ class CloudProfile:
     kms_host: str
     kms_port: int
     # Every host name that counts as "the Azure KMS" of this cloud (a VM pointing at one of these
-    # is not on a custom KMS), and the addresses operators must route directly (custom routes).
+    # is not on a custom KMS), the addresses operators must route directly (custom routes), and the
+    # retired ones (still "the Azure KMS" when a VM names one, but routing only them reaches none).
     azure_kms_hosts: tuple[str, ...]
     kms_ips: tuple[str, ...]
+    retired_kms_ips: tuple[str, ...] = ()
 
 
-# Endpoints: troubleshoot-activation-problems.md and custom-routes-enable-kms-activation.md
-# (MicrosoftDocs/SupportArticles-docs); ARM/Log Analytics: Azure SDK cloud settings.
+# KMS: shared/kms_endpoints.py (its sources and date); ARM/Log Analytics: Azure SDK cloud settings.
 CLOUDS: dict[str, CloudProfile] = {
     "AzureCloud": CloudProfile(
         name="AzureCloud",
@@ -33,10 +39,11 @@ CLOUDS: dict[str, CloudProfile] = {
         authority_host="login.microsoftonline.com",
         log_analytics_endpoint="https://api.loganalytics.io/v1",
         log_analytics_audience="https://api.loganalytics.io",
-        kms_host="azkms.core.windows.net",
-        kms_port=1688,
-        azure_kms_hosts=("azkms.core.windows.net", "kms.core.windows.net"),
-        kms_ips=("20.118.99.224", "40.83.235.53", "23.102.135.246"),
+        kms_host=kms_of("AzureCloud").default_host,
+        kms_port=kms_of("AzureCloud").port,
+        azure_kms_hosts=kms_of("AzureCloud").hosts,
+        kms_ips=kms_of("AzureCloud").required,
+        retired_kms_ips=kms_of("AzureCloud").retired,
     ),
     "AzureUSGovernment": CloudProfile(
         name="AzureUSGovernment",
@@ -45,10 +52,11 @@ CLOUDS: dict[str, CloudProfile] = {
         authority_host="login.microsoftonline.us",
         log_analytics_endpoint="https://api.loganalytics.us/v1",
         log_analytics_audience="https://api.loganalytics.us",
-        kms_host="kms.core.usgovcloudapi.net",
-        kms_port=1688,
-        azure_kms_hosts=("kms.core.usgovcloudapi.net", "azkms.core.usgovcloudapi.net"),
-        kms_ips=("23.97.0.13", "52.126.105.2"),
+        kms_host=kms_of("AzureUSGovernment").default_host,
+        kms_port=kms_of("AzureUSGovernment").port,
+        azure_kms_hosts=kms_of("AzureUSGovernment").hosts,
+        kms_ips=kms_of("AzureUSGovernment").required,
+        retired_kms_ips=kms_of("AzureUSGovernment").retired,
     ),
     "AzureChinaCloud": CloudProfile(
         name="AzureChinaCloud",
@@ -57,9 +65,10 @@ CLOUDS: dict[str, CloudProfile] = {
         authority_host="login.chinacloudapi.cn",
         log_analytics_endpoint="https://api.loganalytics.azure.cn/v1",
         log_analytics_audience="https://api.loganalytics.azure.cn",
-        kms_host="azkms.core.chinacloudapi.cn",
-        kms_port=1688,
-        azure_kms_hosts=("azkms.core.chinacloudapi.cn", "kms.core.chinacloudapi.cn"),
-        kms_ips=("159.27.28.100", "163.228.64.161", "42.159.7.249"),
+        kms_host=kms_of("AzureChinaCloud").default_host,
+        kms_port=kms_of("AzureChinaCloud").port,
+        azure_kms_hosts=kms_of("AzureChinaCloud").hosts,
+        kms_ips=kms_of("AzureChinaCloud").required,
+        retired_kms_ips=kms_of("AzureChinaCloud").retired,
     ),
 }

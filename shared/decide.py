@@ -165,7 +165,8 @@ def custom_kms_host(guest: GuestResult, settings: Settings) -> str | None:
     if lic is None:
         return None
     cloud = settings.cloud
-    azure_hosts = {h.lower() for h in (*cloud.azure_kms_hosts, *cloud.kms_ips, settings.kms_host)}
+    named = (*cloud.azure_kms_hosts, *cloud.kms_ips, *cloud.retired_kms_ips, settings.kms_host)
+    azure_hosts = {h.lower() for h in named}
     for host in (lic.kms_machine, lic.discovered_kms_machine):
         name = (host or "").strip().lower()
         if name and name.split(":", 1)[0] not in azure_hosts:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -32,14 +33,24 @@ def as_json(outcomes: Sequence[Outcome], *, extra: Mapping[str, Any] | None = No
     return json.dumps(doc, indent=2, sort_keys=False)
 
 
-def as_table(outcomes: Sequence[Outcome], *, mode: str) -> str:
+def as_table(outcomes: Sequence[Outcome], *, mode: str, full_ids: bool = False, width: int = 0) -> str:
+    """Rows most urgent first, a summary, and "What to do" grouped by reason.
+
+    With ``width`` > 0 the table fits that many columns: DETAIL is cut first, then the short VM id
+    (from the left, keeping the name); ``full_ids`` ids are never cut, so they paste into ``check``.
+    Hints are wrapped to the width.
+    """
     ordered = sorted(outcomes, key=lambda o: (ORDER.index(o.kind), o.vm_id.lower()))
     rows = [("VM", "OUTCOME", "REASON", "DETAIL")]
     for o in ordered:
-        rows.append((_short(o.vm_id), o.kind.value, o.reason, _detail(o)))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
-    lines = [line.rstrip() for line in lines]
+        rows.append((o.vm_id if full_ids else _short(o.vm_id), o.kind.value, o.reason, detail(o)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    if width > 0:
+        widths = _fit(widths, width, fixed_first=full_ids)
+    lines = []
+    for r in rows:
+        cells = [_cut(r[0], widths[0], left=True), r[1], _cut(r[2], widths[2]), _cut(r[3], widths[3])]
+        lines.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(cells) if widths[i] > 0).rstrip())
     counts = summary(outcomes)
     lines.append("")
     lines.append(f"{len(outcomes)} VMs, mode {mode}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -47,15 +58,88 @@ def as_table(outcomes: Sequence[Outcome], *, mode: str) -> str:
         lines.append("Nothing was changed (audit). Re-run with --apply to remediate.")
     hints: dict[str, tuple[int, str]] = {}
     for o in ordered:
-        if o.hint:
-            n, _ = hints.get(o.reason, (0, ""))
-            hints[o.reason] = (n + 1, o.hint)
-    if hints:
+        if o.hint and not blocked_path(o):
+            key = (
+                f"{o.reason} (cause inside the guest)"
+                if o.details.get("kmsCause") == "in-guest"
+                else o.reason
+            )
+            n, _ = hints.get(key, (0, ""))
+            hints[key] = (n + 1, o.hint)
+    paths = path_groups(ordered)
+    if hints or paths:
         lines.append("")
         lines.append("What to do:")
         for reason, (n, text) in hints.items():
-            lines.append(f"  {reason} ({n} VM{'s' if n != 1 else ''}): {text}")
+            item = f"  {reason} ({n} VM{'s' if n != 1 else ''}): {text}"
+            if width > 0:
+                lines.extend(textwrap.wrap(item, width, subsequent_indent="    ", break_on_hyphens=False))
+            else:
+                lines.append(item)
+        for line in paths:  # commands are never wrapped: they must paste as they are
+            if width > 0 and not line.startswith("      "):
+                lines.extend(textwrap.wrap(line, width, subsequent_indent="    ", break_on_hyphens=False))
+            else:
+                lines.append(line)
     return "\n".join(lines)
+
+
+def blocked_path(o: Outcome) -> bool:
+    """The VM's KMS path is blocked on Azure's side (issue 11): its fix is told once per resource."""
+    path = o.details.get("kmsPath")
+    return isinstance(path, Mapping) and path.get("state") == "blocked"
+
+
+def path_groups(outcomes: Sequence[Outcome]) -> list[str]:
+    """One entry per resource at fault with the VMs behind it: fixing it once repairs them all."""
+    groups: dict[tuple[str, str], tuple[list[str], Mapping[str, Any]]] = {}
+    for o in outcomes:
+        if not blocked_path(o):
+            continue
+        for finding in o.details["kmsPath"].get("findings") or []:
+            if not isinstance(finding, Mapping):
+                continue
+            key = (str(finding.get("cause")), str(finding.get("resource")).lower())
+            vms, _ = groups.setdefault(key, ([], finding))
+            vms.append(f"{_short(o.vm_id).rsplit('/', 1)[-1]} ({o.kind.value}: {o.reason})")
+    lines = []
+    for (cause, _), (vms, finding) in groups.items():
+        n = len(vms)
+        who = f"{n} VM{'s' if n != 1 else ''}: {', '.join(vms)}"
+        text = str(finding.get("text") or "")
+        lines.append(f"  KMS path, {cause} ({who}): {text[:1].upper()}{text[1:]}.")
+        fixes = [str(c) for c in finding.get("fix") or []]
+        if fixes:
+            scope = f"all {n}" if n > 1 else "it"
+            lines.append(f"    Fix once for {scope} (not applied; run as a network admin):")
+            lines.extend(f"      {command}" for command in fixes)
+    return lines
+
+
+def _fit(widths: list[int], width: int, *, fixed_first: bool) -> list[int]:
+    """Column widths (VM, OUTCOME, REASON, DETAIL) that fit ``width`` with two spaces between."""
+    out = list(widths)
+    over = sum(out) + 2 * 3 - width
+    if over <= 0:
+        return out
+    keep_detail = 12  # below this a DETAIL column says nothing: it is dropped instead
+    cut = min(over, max(0, out[3] - keep_detail))
+    out[3] -= cut
+    over -= cut
+    if over > 0 and out[3] > 0:
+        over -= out[3] + 2
+        out[3] = 0
+    if over > 0 and not fixed_first:
+        out[0] = max(len("VM"), out[0] - over)
+    return out
+
+
+def _cut(text: str, width: int, *, left: bool = False) -> str:
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return text[:width]
+    return "…" + text[-(width - 1) :] if left else text[: width - 1] + "…"
 
 
 def _short(vm_id: str) -> str:
@@ -65,7 +149,8 @@ def _short(vm_id: str) -> str:
     return f"{parsed.subscription_id[:8]}/{parsed.resource_group}/{parsed.name}"
 
 
-def _detail(o: Outcome) -> str:
+def detail(o: Outcome, *, limit: int | None = 80) -> str:
+    """The few facts that explain a row: edition or caption, channel (before→after), the error."""
     d = o.details
     parts = []
     if "edition" in d:
@@ -77,5 +162,6 @@ def _detail(o: Outcome) -> str:
     elif "channel" in d:
         parts.append(str(d["channel"]))
     if "error" in d and o.kind in (OutcomeKind.FAILED, OutcomeKind.DEFERRED):
-        parts.append(str(d["error"])[:80])
+        error = str(d["error"])
+        parts.append(error if limit is None else error[:limit])
     return "; ".join(parts)

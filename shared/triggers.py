@@ -24,6 +24,7 @@ from shared.azure.compute import ComputeGateway
 from shared.azure.credentials import make_credential
 from shared.azure.inventory import Inventory
 from shared.azure.logs import LogScanner
+from shared.azure.network import NetworkGateway
 from shared.azure.transient import TransientError
 from shared.intake import (
     MAX_ALERT_BYTES,
@@ -96,6 +97,11 @@ class Runtime:
 
     async def compute(self) -> ComputeGateway:
         gateway = ComputeGateway(self.credential, self.settings)
+        self.stack.push_async_callback(gateway.close)
+        return gateway
+
+    async def network(self) -> NetworkGateway:
+        gateway = NetworkGateway(self.credential, self.settings)
         self.stack.push_async_callback(gateway.close)
         return gateway
 
@@ -243,7 +249,7 @@ async def work(body: str, *, env: Mapping[str, str] | None = None) -> list[Outco
         gateway = await runtime.compute()
         inventory = await runtime.inventory()
         worker = Worker(
-            remediator=Remediator(gateway, settings),
+            remediator=Remediator(gateway, settings, network=await runtime.network()),
             ledger=await runtime.ledger(),
             queue=await runtime.queue(),
             resolver=inventory,

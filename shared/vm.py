@@ -20,6 +20,8 @@ class VmFacts:
     tags: Mapping[str, str] = field(default_factory=dict)
     location: str = ""
     os_disk_id: str = ""  # the managed OS disk's id (or its name): a re-image or disk swap changes it
+    # networkProfile.networkInterfaces[].id, the primary one first (the network check reads it)
+    nic_ids: tuple[str, ...] = ()
 
     @classmethod
     def from_arm(cls, vm: Mapping[str, Any]) -> VmFacts:
@@ -45,6 +47,9 @@ class VmFacts:
                     for s in _list(agent_view.get("statuses"))
                 )
         tags = {str(k): str(v) for k, v in _obj(vm.get("tags")).items()}
+        nics = [_obj(n) for n in _list(_obj(props.get("networkProfile")).get("networkInterfaces"))]
+        nics.sort(key=lambda n: not _obj(n.get("properties")).get("primary", len(nics) == 1))
+        nic_ids = tuple(str(n["id"]) for n in nics if isinstance(n.get("id"), str))
         return cls(
             vm_id=vm_id,
             os_type=str(os_type) if isinstance(os_type, str) else None,
@@ -53,6 +58,7 @@ class VmFacts:
             tags=tags,
             location=str(vm.get("location", "")),
             os_disk_id=str(disk_id) if isinstance(disk_id, str) else "",
+            nic_ids=nic_ids,
         )
 
 

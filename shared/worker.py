@@ -150,6 +150,9 @@ class Worker:
                 details={"error": str(error)[:300], "body": body[:500]},
             )
             log.error("malformed work item recorded and dropped: %s", error)
+            # and as an outcome record, which the workbook and docs/operations.md count
+            malformed = Outcome("unparsable-message", OutcomeKind.FAILED, "malformed-message")
+            log_outcome(malformed, trigger="queue", correlation_id="")
             return []
         return await self.handle(item, now=now)
 
@@ -172,7 +175,13 @@ class Worker:
         await self._ledger.record(
             vm_id, outcome=outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt
         )
-        log_outcome(outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt)
+        log_outcome(
+            outcome,
+            trigger=trigger,
+            correlation_id=correlation,
+            attempt=item.attempt,
+            first_seen=item.first_seen,
+        )
         return outcome
 
     async def _resolve(self, item: WorkItem) -> list[Outcome]:
@@ -204,7 +213,13 @@ class Worker:
                 kind, reason = OutcomeKind.DEFERRED, error.reason
                 details.update(retryInS=delay, nextAttempt=item.attempt + 1)
             deferred = Outcome(item.target, kind, reason, details=details)
-            log_outcome(deferred, trigger=item.reason.value, correlation_id=item.correlation_id)
+            log_outcome(
+                deferred,
+                trigger=item.reason.value,
+                correlation_id=item.correlation_id,
+                attempt=item.attempt,
+                first_seen=item.first_seen,
+            )
             await self._ledger.record_event(
                 item.target,
                 kind=kind.value,
@@ -226,7 +241,12 @@ class Worker:
                 correlation_id=item.correlation_id,
                 details={"computer": item.computer},
             )
-            log_outcome(outcome, trigger=item.reason.value, correlation_id=item.correlation_id)
+            log_outcome(
+                outcome,
+                trigger=item.reason.value,
+                correlation_id=item.correlation_id,
+                first_seen=item.first_seen,
+            )
             return [outcome]
         for vm_id in vms:  # one item per VM; each gets its own lease and outcome
             await self._queue.send(replace(item, vm_id=vm_id, computer=None))
@@ -337,7 +357,13 @@ class Worker:
             reason,
             details={"attempt": item.attempt, "retryInS": round(delay, 3)},
         )
-        log_outcome(waiting, trigger=trigger, correlation_id=correlation, attempt=item.attempt)
+        log_outcome(
+            waiting,
+            trigger=trigger,
+            correlation_id=correlation,
+            attempt=item.attempt,
+            first_seen=item.first_seen,
+        )
         await self._ledger.record(
             vm_id, outcome=waiting, trigger=trigger, correlation_id=correlation, attempt=item.attempt
         )

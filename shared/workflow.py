@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from shared import network_diagnosis
 from shared.azure.compute import (
     AgentNotReady,
     ArmTimeout,
@@ -30,6 +31,7 @@ from shared.guest.facts import GuestOutputError, GuestResult, parse_result
 from shared.guest.scripts import detect_command, remediate_command
 from shared.hints import hint_for, remediation_hint
 from shared.model import Outcome, OutcomeKind, VmId
+from shared.network_path import PathVerdict
 from shared.settings import Mode, Settings
 from shared.verify import judge
 from shared.vm import VmFacts
@@ -74,9 +76,12 @@ class Remediator:
     """Runs the workflow for one VM. It holds no state between checks: keeping two workflows off
     one VM is the ledger's lease (queue path) or the caller's de-duplication (the CLI's sweep)."""
 
-    def __init__(self, compute: Compute, settings: Settings) -> None:
+    def __init__(
+        self, compute: Compute, settings: Settings, *, network: network_diagnosis.NetworkCheck | None = None
+    ) -> None:
         self._compute = compute
         self._settings = settings
+        self._network = network  # the Azure-side path check (issue 11); None: the guest probe only
 
     @property
     def settings(self) -> Settings:
@@ -113,12 +118,16 @@ class Remediator:
             if listed is not None:
                 early = gate(listed, settings)
                 if early is not None:
+                    _step(vm_id, "gate", None, "%s: %s (from the listing)", early.kind, early.reason)
                     return self._final(vm_id, early)
+            began = time.monotonic()
             vm = await self._compute.get_vm(vm_id)
             disk = {"osDiskId": vm.os_disk_id} if vm.os_disk_id else {}
             ruled = gate(vm, settings)
             if ruled is not None:
+                _step(vm_id, "gate", began, "%s: %s", ruled.kind, ruled.reason)
                 return self._final(vm_id, ruled, dict(disk))
+            _step(vm_id, "gate", began, "%s, %s, agent ready: run detection", vm.os_type, vm.power_state)
             if recent is not None and vm.os_disk_id and vm.os_disk_id.lower() == recent.os_disk_id.lower():
                 return self._outcome(
                     vm_id,
@@ -131,20 +140,35 @@ class Remediator:
             detect = detect_command(settings.kms_host, settings.kms_port)
             if hook is not None:
                 await hook(phase, {})
+            began = time.monotonic()
             detect_out, detect_err = await self._compute.run_command(vm_id, detect)
             before = self._parse(detect_out, "detect")
             if isinstance(before, Outcome):
+                _step(vm_id, "detect", began, "no result line: bad-output")
                 return self._bad_output(vm_id, before, detect_err)
+            _step(vm_id, "detect", began, "%s", _summary(before))
             decision = decide(before, settings)
+            verdict = f"{decision.kind}: {decision.reason}" if decision.kind else decision.reason
+            _step(vm_id, "decision", None, "%s (%s)", decision.action, verdict)
             facts = {**disk, **_facts(before, "")}
+            path: PathVerdict | None = None
+            if self._network is not None and network_diagnosis.wanted(decision, before):
+                path = await self._network.path(vm)
+                facts.update(network_diagnosis.details(path, settings))
             if decision.action is Action.NONE:
                 extra = {"error": _error_text(before)} if before.error is not None else {}
-                return self._final(vm_id, decision, {**facts, **extra})
+                return self._final(vm_id, decision, {**facts, **extra}, path=path)
             if decision.entry is not None:
                 facts["edition"] = decision.entry.edition
             facts["kmsTarget"] = settings.kms_target
             if settings.mode is Mode.AUDIT:
-                return self._outcome(vm_id, OutcomeKind.WOULD_REMEDIATE, decision.reason, facts)
+                return self._outcome(
+                    vm_id,
+                    OutcomeKind.WOULD_REMEDIATE,
+                    decision.reason,
+                    facts,
+                    hint=self._path_hint(path, decision.reason),
+                )
 
             phase = "remediate"
             body = remediate_command(
@@ -156,17 +180,26 @@ class Remediator:
             )
             if hook is not None:
                 await hook(phase, {"action": decision.action.value, "reason": decision.reason, **facts})
+            began = time.monotonic()
             fix_out, fix_err = await self._compute.run_command(vm_id, body)
             after = self._parse(fix_out, "remediate")
             if isinstance(after, Outcome):
+                _step(vm_id, "remediate", began, "no result line: bad-output")
                 return self._bad_output(vm_id, after, fix_err, phase="remediate")
+            _step(vm_id, "remediate", began, "%s", _summary(after))
             kind, reason = judge(after)
+            _step(vm_id, "verify", None, "%s: %s", kind, reason or decision.reason)
             details = {**facts, **_facts(after, "After"), "steps": [[s.name, s.hresult] for s in after.steps]}
             details["action"] = decision.action.value
             if after.error is not None:
                 details["error"] = _error_text(after)
             reason = reason or decision.reason
             hint = remediation_hint(reason, settings, before, after)
+            if reason == network_diagnosis.KMS_FAILED and self._network is not None:
+                if path is None:  # the probe connected, activation did not: ask Azure now
+                    path = await self._network.path(vm)
+                    details.update(network_diagnosis.details(path, settings))
+                hint = network_diagnosis.hint(path, reason, settings, hint)
             return self._outcome(vm_id, kind, reason, details, hint=hint)
         except VmNotFound:
             return self._outcome(vm_id, OutcomeKind.SKIPPED, "not-found", {"phase": phase})
@@ -203,9 +236,24 @@ class Remediator:
             details["stderr"] = stderr[-300:]
         return self._outcome(vm_id, OutcomeKind.DEFERRED, "bad-output", details)
 
-    def _final(self, vm_id: VmId, decision: Decision, details: dict[str, Any] | None = None) -> Outcome:
+    def _final(
+        self,
+        vm_id: VmId,
+        decision: Decision,
+        details: dict[str, Any] | None = None,
+        *,
+        path: PathVerdict | None = None,
+    ) -> Outcome:
         assert decision.kind is not None
-        return self._outcome(vm_id, decision.kind, decision.reason, details)
+        return self._outcome(
+            vm_id, decision.kind, decision.reason, details, hint=self._path_hint(path, decision.reason)
+        )
+
+    def _path_hint(self, path: PathVerdict | None, reason: str) -> str | None:
+        """The hint told from the Azure-side verdict, or None (the reason's own hint)."""
+        if path is None:
+            return None
+        return network_diagnosis.hint(path, reason, self._settings, hint_for(reason, self._settings))
 
     def _outcome(
         self,
@@ -225,10 +273,46 @@ class Remediator:
             hint = hint_for(reason, self._settings)
         outcome = Outcome(str(vm_id), kind, reason, hint, dict(details or {}))
         log.debug(
-            "vm outcome",
+            "%s/%s: outcome: %s: %s",
+            vm_id.resource_group,
+            vm_id.name,
+            kind.value,
+            reason,
             extra={"vm_id": str(vm_id), "outcome": kind.value, "reason": reason},
         )
         return outcome
+
+
+def _step(vm_id: VmId, step: str, began: float | None, text: str, *args: object) -> None:
+    """One debug record per workflow step (gate, detect, decision, remediate, verify), for the CLI's
+    ``-v``: the VM, the step, what it found and, for a step that called ARM, how long it took."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    took = f" ({time.monotonic() - began:.2f} s)" if began is not None else ""
+    log.debug(
+        "%s/%s: %s: " + text + "%s",
+        vm_id.resource_group,
+        vm_id.name,
+        step,
+        *args,
+        took,
+        extra={"vm_id": str(vm_id), "step": step},
+    )
+
+
+def _summary(result: GuestResult) -> str:
+    """What a result line says, in a few words: channel, license status, KMS probe, error step."""
+    parts = []
+    if result.license is not None:
+        parts.append(f"{result.license.channel.value} status {int(result.license.license_status)}")
+    if result.kms_probe is not None:
+        parts.append("KMS reachable" if result.kms_probe.reachable else "KMS unreachable")
+    if result.steps:
+        failing = [f"{s.name} {s.hresult}" for s in result.steps if not s.ok]
+        parts.append("failing steps: " + ", ".join(failing) if failing else "every step ok")
+    if result.error is not None:
+        parts.append(f"error {result.error.step} {result.error.hresult}")
+    return "; ".join(parts) or "no facts"
 
 
 def _facts(result: GuestResult, suffix: str) -> dict[str, Any]:

@@ -11,13 +11,14 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from simulator.faults import FaultPlan
+    from simulator.network import NetworkSpec, NicSpec
 
 CHANNELS: Final = ("AVMA", "KMS_CLIENT", "RETAIL", "MAK", "OEM")
 # Every PowerState/<code> ARM reports (states-billing.md; the SDKs' PowerState enums).
@@ -92,6 +93,10 @@ class GuestSpec:
     imds_chain_valid: bool = True  # Azure Edition only
     null_name: bool = False  # SoftwareLicensingProduct.Name is null
     null_description: bool = False  # SoftwareLicensingProduct.Description is null
+    # Derived from the estate's network (simulator/network.py), never written to a file: whether
+    # the VM's NIC reaches the cloud's KMS. ``kms_reachable`` is what the guest itself allows.
+    network_reachable: bool = True
+    network_why: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -141,6 +146,7 @@ class VmSpec:
     computer_name: str | None = None
     log_resource_id: bool = True
     create_option: str = "FromImage"
+    nic: NicSpec | None = None  # the VM's NIC in the estate's network; None: no NIC is served
 
     @property
     def key(self) -> str:
@@ -174,6 +180,8 @@ class VmSpec:
             out["logResourceId"] = False
         if self.create_option != "FromImage":
             out["createOption"] = self.create_option
+        if self.nic is not None:
+            out["nic"] = self.nic.to_dict()
         if self.guest is not None:
             out["guest"] = self.guest.to_dict()
         return out
@@ -187,6 +195,7 @@ class Estate:
     subscriptions: tuple[str, ...]
     cloud: str = "AzureCloud"
     faults: FaultPlan = field(default_factory=lambda: _no_faults())
+    network: NetworkSpec | None = None
     _by_key: Mapping[str, VmSpec] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -202,13 +211,21 @@ class Estate:
             "subscriptions": list(self.subscriptions),
             "vms": [vm.to_dict() for vm in self.vms],
         }
+        if self.network is not None:
+            out["network"] = dict(self.network.raw)
         if self.faults.enabled:
             out["faults"] = self.faults.to_dict()
         return out
 
     def with_faults(self, faults: FaultPlan) -> Estate:
         """The same VMs with another fault plan (docs/simulator.md, "Faults")."""
-        return Estate(vms=self.vms, subscriptions=self.subscriptions, cloud=self.cloud, faults=faults)
+        return Estate(
+            vms=self.vms,
+            subscriptions=self.subscriptions,
+            cloud=self.cloud,
+            faults=faults,
+            network=self.network,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Estate:
@@ -243,8 +260,9 @@ class Estate:
             cloud = _choice(gen.get("cloud", "AzureCloud"), "$.generate.cloud", CLOUDS)
             estate = cls.generate(count=count, seed=seed, mix=mix, subscriptions=subs, cloud=cloud)
             return estate.with_faults(faults)
-        _keys(obj, "$", required=("vms",), optional=("subscriptions", "cloud", "faults"))
+        _keys(obj, "$", required=("vms",), optional=("subscriptions", "cloud", "faults", "network"))
         cloud = _choice(obj.get("cloud", "AzureCloud"), "$.cloud", CLOUDS)
+        network = _network(obj["network"]) if "network" in obj else None
         declared: list[str] | None = None
         if "subscriptions" in obj:
             declared = []
@@ -260,7 +278,7 @@ class Estate:
         vms: list[VmSpec] = []
         first_seen: dict[str, int] = {}
         for i, raw in enumerate(_array(obj["vms"], "$.vms")):
-            vm = _vm(raw, f"$.vms[{i}]")
+            vm = _vm(raw, f"$.vms[{i}]", network, cloud)
             if vm.key in first_seen:
                 raise EstateError(
                     f"$.vms[{i}].id", f"duplicate of $.vms[{first_seen[vm.key]}].id (ids ignore case)"
@@ -276,7 +294,7 @@ class Estate:
             for vm in vms:
                 if vm.subscription_id.lower() not in {s.lower() for s in declared}:
                     declared.append(vm.subscription_id)
-        return cls(vms=tuple(vms), subscriptions=tuple(declared), cloud=cloud, faults=faults)
+        return cls(vms=tuple(vms), subscriptions=tuple(declared), cloud=cloud, faults=faults, network=network)
 
     @classmethod
     def generate(
@@ -316,7 +334,13 @@ def _faults(raw: object) -> FaultPlan:
     return FaultPlan.from_dict(raw, "$.faults")
 
 
-def _vm(raw: object, path: str) -> VmSpec:
+def _network(raw: object) -> NetworkSpec:
+    from simulator.network import parse_network  # network.py raises EstateError, so it imports this module
+
+    return parse_network(raw, "$.network")
+
+
+def _vm(raw: object, path: str, network: NetworkSpec | None = None, cloud: str = "AzureCloud") -> VmSpec:
     obj = _object(raw, path)
     _keys(
         obj,
@@ -330,6 +354,7 @@ def _vm(raw: object, path: str) -> VmSpec:
             "computerName",
             "logResourceId",
             "createOption",
+            "nic",
         ),
     )
     vm_id = _string(obj["id"], f"{path}.id")
@@ -375,6 +400,15 @@ def _vm(raw: object, path: str) -> VmSpec:
         guest = _guest(obj["guest"], f"{path}.guest")
     elif "guest" in obj:
         raise EstateError(f"{path}.guest", "only Windows VMs have a guest model")
+    nic: NicSpec | None = None
+    if "nic" in obj:
+        from simulator.network import kms_path, parse_nic
+
+        nic = parse_nic(obj["nic"], f"{path}.nic", network)
+        assert network is not None  # parse_nic refuses a nic without a network
+        if guest is not None:
+            verdict = kms_path(nic, network, cloud)
+            guest = replace(guest, network_reachable=verdict.reachable, network_why=verdict.why)
     return VmSpec(
         id=vm_id,
         subscription_id=sub,
@@ -391,6 +425,7 @@ def _vm(raw: object, path: str) -> VmSpec:
         computer_name=computer_name,
         log_resource_id=log_resource_id,
         create_option=create_option,
+        nic=nic,
     )
 
 

@@ -329,7 +329,7 @@ class WindowsGuest:
             kms_port=spec.kms_port,
             discovered_machine=spec.kms_host if licensed_kms else None,
             discovered_port=spec.kms_port if licensed_kms else 0,
-            kms_reachable=spec.kms_reachable,
+            kms_reachable=spec.kms_reachable and spec.network_reachable,
             cloud=cloud,
             ps_version=spec.ps_version or default_ps_version(spec.build, spec.product_type),
             imds_reachable=spec.imds_reachable,

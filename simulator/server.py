@@ -33,6 +33,7 @@ from simulator.arm import ArmResponse, Compute, arm_error, server_error
 from simulator.estate import Estate
 from simulator.identity import TokenIssuer
 from simulator.monitor import LOG_ANALYTICS_AUDIENCES, LogAnalytics, ResourceGraph, default_workspace_id
+from simulator.network_api import NetworkApi
 
 DEFAULT_LATENCY_S: Final = 0.05
 SERVE_LATENCY_S: Final = 0.5
@@ -59,6 +60,7 @@ class SimulatorServer:
         self.estate = estate
         self.compute = Compute(estate, latency_s=latency_s, page_size=page_size)
         self.graph = ResourceGraph(self.compute)
+        self.network = NetworkApi(estate, latency_s=latency_s, count=self.compute.count)
         self.logs = LogAnalytics(
             self.compute,
             workspace_id=workspace_id or default_workspace_id(estate.subscriptions),
@@ -200,6 +202,8 @@ class SimulatorServer:
         query = dict(request.query.items())
         if [p.lower() for p in parts] == ["providers", "microsoft.resourcegraph", "resources"]:
             return _send(self._resource_graph(request.method, query, body))
+        if NetworkApi.handles(request.path):
+            return _send(self.network.handle(request.method, request.path, query, base_url=self.arm_endpoint))
         answer = self.compute.handle(request.method, request.path, query, body, base_url=self.arm_endpoint)
         return _send(answer)
 

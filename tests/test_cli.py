@@ -36,9 +36,27 @@ def _expected_remediation(vm: dict[str, Any]) -> str | None:
     )
     if guest["editionId"].lower() == "serverrdsh" or select_key(facts) is None:
         return None
-    if not guest["kmsReachable"] and guest["licenseStatus"] == 1:
+    reachable = _reachable(vm)
+    if not reachable and guest["licenseStatus"] == 1:
         return None  # never made worse: a Licensed AVMA VM keeps its activation while the KMS is unreachable
-    return "remediated" if guest["kmsReachable"] else "failed"
+    return "remediated" if reachable else "failed"
+
+
+def _reachable(vm: dict[str, Any]) -> bool:
+    """The guest allows it (``kmsReachable``) and its network reaches the KMS (derived, issue 11)."""
+    spec = Estate.default().get(vm["id"])
+    assert spec is not None and spec.guest is not None
+    return spec.guest.kms_reachable and spec.guest.network_reachable
+
+
+def _expected_cause(vm: dict[str, Any]) -> str | None:
+    """``kmsCause`` the engine must give a VM whose KMS fails: ``azure`` when its network blocks the
+    path, ``in-guest`` when the network is clear; none for a VM with no NIC in the estate."""
+    spec = Estate.default().get(vm["id"])
+    assert spec is not None and spec.guest is not None
+    if spec.nic is None:
+        return None
+    return "azure" if not spec.guest.network_reachable else "in-guest"
 
 
 def test_demo_sweep_remediates_what_it_should_and_nothing_else(
@@ -60,9 +78,36 @@ def test_demo_sweep_remediates_what_it_should_and_nothing_else(
     for key in expected_fixed:
         assert by_id[key]["outcome"] == "remediated", by_id[key]
         assert (final[key]["channel"], final[key]["licenseStatus"]) == ("KMS_CLIENT", 1)
+    causes: set[str] = set()
     for key in expected_failed:
         assert (by_id[key]["outcome"], by_id[key]["reason"]) == ("failed", "activation-error:0xC004F074")
-        assert "next hop Internet" in by_id[key]["hint"]
+        found = by_id[key]
+        assert found.get("kmsCause") == _expected_cause(initial[key]), found
+        if found.get("kmsCause") == "azure":  # the cause and its exact fix
+            for finding in found["kmsPath"]["findings"]:
+                causes.add(finding["cause"])
+                assert finding["text"][1:] in found["hint"] and all(
+                    c in found["hint"] for c in finding["fix"]
+                )
+        elif found.get("kmsCause") == "in-guest":
+            causes.add("in-guest")
+            assert "inside the guest" in found["hint"]
+        else:  # no NIC in the estate: the check cannot tell, the generic route hint stays
+            assert "next hop Internet" in found["hint"]
+    # the built-in estate shows every cause of issue 11
+    assert causes >= {
+        "route-to-appliance",
+        "route-to-none",
+        "route-to-gateway",
+        "routes-for-retired-kms-only",
+        "private-subnet-no-outbound",
+        "nsg-denies-kms",
+        "in-guest",
+    }
+    deferred = [v for v in out["vms"] if v["reason"] == "kms-unreachable"]
+    assert any(
+        f["cause"] == "internal-load-balancer-only" for v in deferred for f in v["kmsPath"]["findings"]
+    )
     # only repairable KMS clients may change besides those; retail/MAK/OEM/multi-session/opted-out never
     for key, vm in initial.items():
         if key in expected_fixed or key in expected_failed:

@@ -29,6 +29,8 @@ REASONS = [
     "attestation-imds-unreachable", "attestation-imds-http:", "attestation-chain-invalid", "attestation-not-reported", "run-command-failed", "forbidden",
     # the Functions app
     "recently-verified", "deadline-exceeded:", "poison", "malformed-message", "out-of-scope", "scope-unknown",
+    # the CLI's plans and signals
+    "plan-changed", "interrupted",
 ]  # fmt: skip
 
 
@@ -48,6 +50,8 @@ def test_every_reason_in_the_code_is_in_the_list() -> None:
         "worker.py",
         "triggers.py",
         "cli.py",
+        "plan.py",
+        "interrupt.py",
     ]:
         tree = ast.parse((ROOT / "shared" / name).read_text())
         for node in ast.walk(tree):
@@ -121,3 +125,50 @@ def test_the_readme_s_opt_out_row_says_exactly_the_rule_the_gate_applies() -> No
     for value in ("", " ", "true", "yes", "1", "off", "n", "no!", "0.0"):
         assert opted("avma-remediator-opt-out", value), repr(value)
     assert opted("AVMA-Remediator-Opt-Out", "true")
+
+
+def test_the_cli_s_own_reasons_are_documented() -> None:
+    """The reason words of plans and signals are constants, which the literal scan above cannot see."""
+    from shared.interrupt import INTERRUPTED
+    from shared.plan import PLAN_CHANGED
+
+    assert [r for r in (PLAN_CHANGED, INTERRUPTED) if f"`{r}`" not in DOC] == []
+
+
+def test_the_troubleshooting_guide_says_where_a_cli_check_shows() -> None:
+    """Its advice is "re-run `check`": that outcome shows in /api/status only when the CLI has the
+    storage settings (issue 10, item 8)."""
+    assert "shows in `/api/status` when the CLI has the storage settings" in " ".join(DOC.split())
+
+
+def test_readme_and_security_say_plainly_what_an_audit_runs_in_each_vm() -> None:
+    """An audit runs a read-only script as SYSTEM in every running Windows VM in scope, and each run
+    shows in the Activity Log: said in the README and in docs/security.md, with the sources."""
+    security = " ".join((ROOT / "docs" / "security.md").read_text().split())
+    readme = " ".join(README.split())
+    for text in (readme, security):
+        assert "a read-only" in text and "script as SYSTEM in every running Windows VM in scope" in text
+        assert "shows in the Activity Log" in text
+        assert "`Microsoft.Compute/virtualMachines/runCommand/action`" in text
+        assert "articles/virtual-machines/windows/run-command.md" in text
+        assert "includes/resource-manager-audit-limitations.md" in text
+
+
+def test_the_simulator_guide_says_which_generator_keys_are_required() -> None:
+    """docs/simulator.md names the required keys of the generator form, and they are the ones the
+    estate loader requires (a recipe without ``seed`` is an error, not a random estate)."""
+    import pytest
+
+    from simulator import Estate, EstateError
+
+    doc = " ".join((ROOT / "docs" / "simulator.md").read_text().split())
+    match = re.search(r"`(\w+)` and `(\w+)` are required; (.+?) are optional", doc)
+    assert match is not None
+    required = {match.group(1), match.group(2)}
+    assert required == {"count", "seed"}
+    for missing in required:
+        recipe = {"count": 3, "seed": 1}
+        del recipe[missing]
+        with pytest.raises(EstateError, match=missing):
+            Estate.from_dict({"generate": recipe})
+    Estate.from_dict({"generate": {"count": 3, "seed": 1}})  # and nothing else is

@@ -81,6 +81,7 @@ def test_every_function_and_its_trigger() -> None:
         "vm_check_poison",
         "poison_drain",
         "status",
+        "check",
     }
     assert bindings("vm_write_event")["event"]["type"] == "eventGridTrigger"
     alert = bindings("alert_webhook")["req"]

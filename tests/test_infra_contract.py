@@ -46,7 +46,13 @@ HOST_CONNECTION_SUFFIXES = (
     "queueServiceUri",
     "tableServiceUri",
 )
-HOST_SETTINGS = {"APPLICATIONINSIGHTS_CONNECTION_STRING", "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"}
+# PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: read by the Python worker, which then configures the
+# Azure Monitor OpenTelemetry distro itself (learn.microsoft.com/azure/azure-functions/opentelemetry-howto).
+HOST_SETTINGS = {
+    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+    "PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY",
+}
 # Values for settings whose Bicep value is only known at deployment time.
 DEPLOY_TIME = {
     "AzureWebJobsStorage__clientId": "11111111-2222-3333-4444-555555555555",

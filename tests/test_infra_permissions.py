@@ -76,6 +76,51 @@ RULES: list[tuple[str, str, str, str]] = [
         r"/providers/microsoft\.resourcegraph/resources",
         "Microsoft.Compute/virtualMachines/read",
     ),
+    # The KMS path check (issue 11): reads and the effective-route action (the operation names of
+    # MicrosoftDocs/azure-docs articles/role-based-access-control/resource-provider-operations.md and
+    # articles/virtual-network/virtual-network-network-interface.md, "Permissions").
+    (
+        "nic-get",
+        "GET",
+        r"/subscriptions/[^/]+/resourcegroups/[^/]+/providers/microsoft\.network/networkinterfaces/[^/]+",
+        "Microsoft.Network/networkInterfaces/read",
+    ),
+    (
+        "nic-effective-routes",
+        "POST",
+        r"/subscriptions/[^/]+/resourcegroups/[^/]+/providers/microsoft\.network/networkinterfaces/[^/]+/effectiveroutetable",
+        "Microsoft.Network/networkInterfaces/effectiveRouteTable/action",
+    ),
+    (
+        "network-operation-result",
+        "GET",
+        r"/subscriptions/[^/]+/providers/microsoft\.network/locations/[^/]+/operationresults/[^/]+",
+        "Microsoft.Network/locations/operationResults/read",
+    ),
+    (
+        "subnet-get",
+        "GET",
+        r"/subscriptions/[^/]+/resourcegroups/[^/]+/providers/microsoft\.network/virtualnetworks/[^/]+/subnets/[^/]+",
+        "Microsoft.Network/virtualNetworks/subnets/read",
+    ),
+    (
+        "route-table-get",
+        "GET",
+        r"/subscriptions/[^/]+/resourcegroups/[^/]+/providers/microsoft\.network/routetables/[^/]+",
+        "Microsoft.Network/routeTables/read",
+    ),
+    (
+        "load-balancer-get",
+        "GET",
+        r"/subscriptions/[^/]+/resourcegroups/[^/]+/providers/microsoft\.network/loadbalancers/[^/]+",
+        "Microsoft.Network/loadBalancers/read",
+    ),
+    (
+        "nsg-get",
+        "GET",
+        r"/subscriptions/[^/]+/resourcegroups/[^/]+/providers/microsoft\.network/networksecuritygroups/[^/]+",
+        "Microsoft.Network/networkSecurityGroups/read",
+    ),
     # GET /subscriptions (CLI sweep without a scope) lists the subscriptions where the caller holds any role.
     ("subscriptions", "GET", r"/subscriptions", NO_ACTION),
     ("log-query", "POST", r"/v1/workspaces/[^/]+/query", LOG_ANALYTICS_QUERY),
@@ -100,11 +145,58 @@ def windows(rg: str, name: str, channel: str, **extra: Any) -> dict[str, Any]:
     return windows_vm(vm_id(rg, name), channel=channel, **extra)
 
 
+NET = f"/subscriptions/{SUB}/resourceGroups/rg-net/providers/Microsoft.Network"
+# A licensed AVMA VM whose KMS path is blocked (route to an NVA, an NSG, an internal load balancer):
+# it is deferred, never re-keyed, and the check reads every kind of resource it knows.
+NETWORK = {
+    "virtualNetworks": [
+        {
+            "id": f"{NET}/virtualNetworks/vnet",
+            "addressPrefixes": ["10.1.0.0/16"],
+            "subnets": [
+                {
+                    "name": "app",
+                    "addressPrefix": "10.1.0.0/24",
+                    "routeTable": f"{NET}/routeTables/rt",
+                    "networkSecurityGroup": f"{NET}/networkSecurityGroups/nsg",
+                }
+            ],
+        }
+    ],
+    "routeTables": [
+        {
+            "id": f"{NET}/routeTables/rt",
+            "routes": [
+                {
+                    "name": "nva",
+                    "addressPrefix": "0.0.0.0/0",
+                    "nextHopType": "VirtualAppliance",
+                    "nextHopIpAddress": "10.1.9.4",
+                }
+            ],
+        }
+    ],
+    "loadBalancers": [{"id": f"{NET}/loadBalancers/ilb", "sku": "Standard", "public": False}],
+    "networkSecurityGroups": [{"id": f"{NET}/networkSecurityGroups/nsg", "rules": []}],
+}
+
 ESTATE = {
     "subscriptions": [SUB],
+    "network": NETWORK,
     "vms": [
         windows("rg-app", "avma-01", "AVMA"),
         windows("rg-app", "kms-02", "KMS_CLIENT"),
+        windows(
+            "rg-app",
+            "avma-behind-nva",
+            "AVMA",
+            status=1,
+            nic={
+                "subnet": f"{NET}/virtualNetworks/vnet/subnets/app",
+                "privateIp": "10.1.0.5",
+                "loadBalancers": [f"{NET}/loadBalancers/ilb"],
+            },
+        ),
         windows(
             "rg-old", "avma-03", "AVMA", powerState="deallocated", computerName="OLDAPP3", logResourceId=False
         ),
@@ -159,7 +251,7 @@ async def _functions_requests(sim: Simulator) -> list[dict[str, Any]]:
     settings = Settings.from_env(sim.env())
     async with ManagedIdentityCredential() as credential:
         async with Inventory(credential, settings) as inventory:
-            assert len([vm async for vm in inventory.windows_vms()]) == 3
+            assert len([vm async for vm in inventory.windows_vms()]) == 4
             assert len(await inventory.resolve_computer("OLDAPP3")) == 1
         async with LogScanner(credential, settings) as scanner:
             scan = await scanner.scan(since=None, now=datetime.now(UTC))
@@ -187,12 +279,30 @@ async def test_the_vm_role_holds_exactly_the_actions_the_engine_uses(
     kinds = {name for name, _ in mapped}
     # the run covered every kind of call the engine makes (guards against a shrunken test estate)
     assert {"vm-get", "vm-list", "run-command", "run-command-poll", "resource-graph", "log-query"} <= kinds
+    assert {
+        "nic-get",
+        "nic-effective-routes",
+        "network-operation-result",
+        "subnet-get",
+        "route-table-get",
+        "load-balancer-get",
+        "nsg-get",
+    } <= kinds
     needed = {action for _, action in mapped if action not in (LOG_ANALYTICS_QUERY, NO_ACTION)}
     assert needed == {
         "Microsoft.Compute/virtualMachines/read",
         "Microsoft.Compute/virtualMachines/runCommand/action",
         "Microsoft.Compute/locations/operations/read",
+        "Microsoft.Network/networkInterfaces/read",
+        "Microsoft.Network/networkInterfaces/effectiveRouteTable/action",
+        "Microsoft.Network/locations/operationResults/read",
+        "Microsoft.Network/virtualNetworks/subnets/read",
+        "Microsoft.Network/routeTables/read",
+        "Microsoft.Network/loadBalancers/read",
+        "Microsoft.Network/networkSecurityGroups/read",
     }
+    # the identity gets no right to change a network
+    assert not any(a.startswith("Microsoft.Network/") and a.endswith(("/write", "/delete")) for a in needed)
     roles = role_actions()
     assert set(roles) == {"app/vm-access.bicep", "management-group.bicep"}
     for file, actions in roles.items():

@@ -56,6 +56,8 @@ SCOPES = {
     "app/monitoring.bicep": "resourceGroup",
     "app/rbac.bicep": "resourceGroup",
     "app/storage.bicep": "resourceGroup",
+    "app/workbook.bicep": "resourceGroup",
+    "app/health-alerts.bicep": "resourceGroup",
     "post/wiring.bicep": "resourceGroup",
     "post/event-subscription.bicep": "resourceGroup",
 }

@@ -664,7 +664,11 @@ def test_default_estate_covers_every_case_the_engine_must_meet() -> None:
     fixable = [
         vm
         for vm in avma
-        if vm.power_state == "running" and vm.agent_ready and vm.guest and vm.guest.kms_reachable
+        if vm.power_state == "running"
+        and vm.agent_ready
+        and vm.guest
+        and vm.guest.kms_reachable
+        and vm.guest.network_reachable
     ]
 
     def editions(vms: list[Any]) -> set[tuple[int, str]]:
@@ -675,7 +679,7 @@ def test_default_estate_covers_every_case_the_engine_must_meet() -> None:
     assert {(20348, "ServerTurbine"), (26100, "ServerTurbine")} <= editions(fixable)
     assert {(14393, "ServerSolution"), (17763, "ServerSolution")} & editions(fixable)
     assert any(vm.guest.sku in (12, 13) for vm in fixable)  # Server Core
-    assert sum(not vm.guest.kms_reachable for vm in avma) >= 3
+    assert sum(not (vm.guest.kms_reachable and vm.guest.network_reachable) for vm in avma) >= 3
     assert any(vm.power_state == "deallocated" for vm in avma)
     assert any(vm.power_state == "running" and not vm.agent_ready for vm in avma)
     assert any(vm.tags.get("avma-remediator-opt-out") == "true" for vm in avma)

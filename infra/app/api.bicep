@@ -122,6 +122,13 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
           value: 'ClientId=${identityClientId};Authorization=AAD'
         }
+        // With host.json "telemetryMode": "OpenTelemetry": the Python worker sends its own logs
+        // through azure-monitor-opentelemetry (requirements.txt), each log attribute a custom
+        // dimension, and the host does not send them a second time (docs/operations.md).
+        {
+          name: 'PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY'
+          value: 'true'
+        }
         // The engine (shared/settings.py): identity, mode, scope, cloud, schedules, log scan, ledger.
         {
           name: 'AZURE_CLIENT_ID'

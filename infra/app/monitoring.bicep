@@ -8,6 +8,9 @@ param dataCollectionRuleName string
 param location string
 param tags object
 
+@description('Who gets the app\'s own health alerts by email (main.bicep alertEmail, azd env ALERT_EMAIL); empty: the action group has no receiver and the alerts only show in Azure Monitor.')
+param alertEmail string = ''
+
 @description('Days the workspace keeps data.')
 @minValue(30)
 @maxValue(730)
@@ -84,11 +87,31 @@ resource dataCollectionRule 'Microsoft.Insights/dataCollectionRules@2024-03-11' 
   }
 }
 
+// Where the app's own health alerts go (this rule, and those in health-alerts.bicep): an email to
+// the operator, with the common alert schema. Not the action group of post/wiring.bicep, which
+// calls the alert_webhook function to check VMs.
+resource operatorActionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = {
+  name: 'ag-avma-ops-${uniqueString(resourceGroup().id, workspaceName)}'
+  location: 'global'
+  tags: tags
+  properties: {
+    groupShortName: 'avmaops'
+    enabled: true
+    emailReceivers: empty(alertEmail) ? [] : [
+      {
+        name: 'operator'
+        emailAddress: alertEmail
+        useCommonAlertSchema: true
+      }
+    ]
+  }
+}
+
 // The last-resort queue (vm-checks-poison-poison) holds what the poison handler could not record.
 // Queue storage's QueueMessageCount has no per-queue dimension (and an hourly grain), so the rule
 // watches the line the poison_drain timer logs at error level whenever that queue held anything,
-// or whenever storage was still failing (docs/operations.md, "The last-resort queue"). It fires in
-// Azure Monitor; attach an operator's action group to be paged.
+// or whenever storage was still failing (docs/operations.md, "The last-resort queue"), and pages
+// the operator through operatorActionGroup.
 resource lastResortQueueAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
   name: 'alert-avma-last-resort-${uniqueString(resourceGroup().id, workspaceName)}'
   location: location
@@ -119,6 +142,11 @@ resource lastResortQueueAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01
       ]
     }
     autoMitigate: true
+    actions: {
+      actionGroups: [
+        operatorActionGroup.id
+      ]
+    }
   }
 }
 
@@ -126,3 +154,4 @@ output workspaceName string = workspace.name
 output workspaceCustomerId string = workspace.properties.customerId
 output applicationInsightsName string = applicationInsights.name
 output dataCollectionRuleId string = dataCollectionRule.id
+output operatorActionGroupId string = operatorActionGroup.id

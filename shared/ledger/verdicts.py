@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -155,3 +155,43 @@ class VerdictStore(LedgerBase):
                     if len(latest) >= recent:
                         break
         return {"vms": vms, "counts": counts, "inProgress": leased, "recent": latest}
+
+    async def scan_state(
+        self,
+        *,
+        odata: str,
+        parameters: Mapping[str, Any],
+        after: str | None,
+        keep: Callable[[Mapping[str, Any]], bool],
+        limit: int,
+        max_scanned: int,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """State rows in key order after ``after`` that match ``odata`` and ``keep``: at most ``limit``
+        of them, reading at most ``max_scanned`` rows (``GET /api/status`` pages, shared/status.py).
+
+        The second value is the key to continue after, or ``None`` when no row is left to read.
+        """
+        clauses = ["PartitionKey eq @pk"]
+        values: dict[str, Any] = {**parameters, "pk": STATE_PARTITION}
+        if after:
+            clauses.append("RowKey gt @after")
+            values["after"] = after
+        if odata:
+            clauses.append(odata)
+        found: list[dict[str, Any]] = []
+        last: str | None = None
+        scanned = 0
+        with _storage("status page", self._table.table_name):
+            rows = self._table.query_entities(
+                " and ".join(clauses), parameters=values, results_per_page=min(max(limit + 1, 100), 1000)
+            )
+            async for row in rows:
+                scanned += 1
+                if keep(row):
+                    if len(found) >= limit:
+                        return found, last  # one more matches: the next page starts after this one's last
+                    found.append(dict(row))
+                last = str(row["RowKey"])
+                if scanned >= max_scanned:
+                    return found, last
+        return found, None

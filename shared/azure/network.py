@@ -1,0 +1,260 @@
+"""ARM network reads through ``azure.mgmt.network.aio``: what a VM's path to the KMS is made of.
+
+For one VM the check reads its primary NIC (``NetworkInterfaces_Get``), the NIC's effective route
+table (``NetworkInterfaces_GetEffectiveRouteTable``, a POST answered as a long-running operation),
+and, cached for the whole run because many VMs share them, the NIC's subnet, the subnet's route
+table, the load balancers whose backend pools hold the NIC and the NIC's and the subnet's NSGs.
+shared/network_path.py judges what was read; nothing here decides.
+
+Why effective routes and not Network Watcher's next hop (``NetworkWatchers_GetNextHop``):
+docs/troubleshooting.md, "The path to the KMS". In short: one call per NIC answers for every KMS
+address at once (next hop is one call per address), it needs no Network Watcher in the VM's region
+and no rights on one (next hop needs ``Microsoft.Network/networkWatchers/nextHop/action`` on the
+watcher, in NetworkWatcherRG), and both are long-running operations of the same latency.
+
+The SDK is imported on first use, so ``import function_app`` does not pay for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import HttpResponseError, ServiceRequestError
+from azure.core.pipeline.transport import AioHttpTransport
+
+from shared.azure.compute import RequestCounter
+from shared.azure.transient import BoundedRetryPolicy
+from shared.azure.transport import shared_transport, tls_session
+from shared.kms_endpoints import kms_of
+from shared.network_path import PathFacts, PathVerdict, judge, unknown
+from shared.settings import Settings
+from shared.vm import VmFacts
+
+if TYPE_CHECKING:
+    from azure.mgmt.network.aio import NetworkManagementClient
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(
+    r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.Network/"
+    r"(?P<type>[^/]+)/(?P<name>[^/]+)(?:/(?P<child_type>[^/]+)/(?P<child>[^/]+))?/?",
+    re.IGNORECASE,
+)
+
+
+class NetworkUnreadable(Exception):
+    """A read failed; the verdict becomes ``unknown`` with this text."""
+
+
+class NetworkGateway:
+    """One network client per subscription over one session; caches shared resources per run."""
+
+    def __init__(self, credential: AsyncTokenCredential, settings: Settings) -> None:
+        self._credential = credential
+        self._settings = settings
+        self._kms = kms_of(settings.cloud.name)
+        self._clients: dict[str, NetworkManagementClient] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._transport: AioHttpTransport | None = None
+        self._counter = RequestCounter()
+        self._cache: dict[str, asyncio.Task[Mapping[str, Any]]] = {}
+        self.checks = 0
+
+    @property
+    def requests(self) -> int:
+        """HTTP requests sent so far (polls and retries included)."""
+        return self._counter.count
+
+    def _client(self, subscription_id: str) -> NetworkManagementClient:
+        from azure.mgmt.network.aio import NetworkManagementClient  # lazy: import time of function_app
+
+        key = subscription_id.lower()
+        client = self._clients.get(key)
+        if client is None:
+            if self._transport is None:
+                self._session = tls_session(self._settings)
+                self._transport = shared_transport(self._session)
+            client = NetworkManagementClient(
+                self._credential,
+                subscription_id,
+                base_url=self._settings.arm_endpoint,
+                credential_scopes=[self._settings.cloud.arm_scope],
+                polling_interval=self._settings.poll_interval_s,
+                retry_policy=BoundedRetryPolicy(),
+                per_retry_policies=[self._counter],
+                transport=self._transport,
+            )
+            self._clients[key] = client
+        return client
+
+    async def close(self) -> None:
+        for task in self._cache.values():
+            task.cancel()
+        self._cache = {}
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+        session, self._session, self._transport = self._session, None, None
+        if session is not None:
+            await session.close()
+
+    async def __aenter__(self) -> NetworkGateway:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def path(self, vm: VmFacts) -> PathVerdict:
+        """The VM's path to its cloud's KMS, judged; never raises for an ARM problem."""
+        if not vm.nic_ids:
+            return unknown("the VM model names no network interface")
+        nic_id = vm.nic_ids[0]
+        self.checks += 1
+        try:
+            async with asyncio.timeout(self._settings.arm_timeout_s):
+                facts = await self._facts(nic_id)
+        except NetworkUnreadable as error:
+            return unknown(str(error), nic_id=nic_id)
+        except TimeoutError:
+            return unknown(f"no answer within {self._settings.arm_timeout_s:g} s", nic_id=nic_id)
+        return judge(facts, self._kms)
+
+    async def _facts(self, nic_id: str) -> PathFacts:
+        nic_ref = _parse(nic_id)
+        client = self._client(nic_ref["sub"])
+        nic, routes = await asyncio.gather(
+            self._call(
+                f"read of {nic_ref['name']}",
+                lambda: client.network_interfaces.get(nic_ref["rg"], nic_ref["name"]),
+            ),
+            self._effective_routes(client, nic_ref["rg"], nic_ref["name"]),
+        )
+        props = _obj(nic.get("properties"))
+        configs = [_obj(_obj(c).get("properties")) for c in _list(props.get("ipConfigurations"))]
+        primary = next((c for c in configs if c.get("primary")), configs[0] if configs else {})
+        subnet_id = str(_obj(primary.get("subnet")).get("id") or "")
+        if not subnet_id:
+            raise NetworkUnreadable(f"network interface {nic_ref['name']} names no subnet")
+        subnet = await self._shared(subnet_id, self._subnet)
+        subnet_props = _obj(subnet.get("properties"))
+        table_id = str(_obj(subnet_props.get("routeTable")).get("id") or "")
+        lb_ids = sorted(
+            {
+                _lb_of(str(_obj(pool).get("id") or ""))
+                for c in configs
+                for pool in _list(c.get("loadBalancerBackendAddressPools"))
+            }
+            - {""}
+        )
+        nsg_ids = [
+            str(_obj(props.get("networkSecurityGroup")).get("id") or ""),
+            str(_obj(subnet_props.get("networkSecurityGroup")).get("id") or ""),
+        ]
+        table, lbs, nsgs = await asyncio.gather(
+            self._shared(table_id, self._get) if table_id else _none(),
+            asyncio.gather(*(self._shared(lb, self._get) for lb in lb_ids)),
+            asyncio.gather(*(self._shared(nsg, self._get) for nsg in nsg_ids if nsg)),
+        )
+        return PathFacts(
+            nic=nic,
+            subnet=subnet,
+            routes=[_obj(r) for r in _list(routes.get("value"))],
+            route_table=table,
+            load_balancers=list(lbs),
+            nsgs=list(nsgs),
+        )
+
+    async def _effective_routes(
+        self, client: NetworkManagementClient, rg: str, name: str
+    ) -> Mapping[str, Any]:
+        async def run() -> Any:
+            poller = await client.network_interfaces.begin_get_effective_route_table(rg, name)
+            return await poller.result()
+
+        return await self._call(f"effective routes of {name}", run)
+
+    async def _shared(
+        self, resource_id: str, read: Callable[[str], Awaitable[Mapping[str, Any]]]
+    ) -> Mapping[str, Any]:
+        """One read per resource per run, however many VMs share it (concurrent callers wait on one)."""
+        key = resource_id.lower()
+        task = self._cache.get(key)
+        if task is None:
+            task = asyncio.ensure_future(read(resource_id))
+            self._cache[key] = task
+        return await asyncio.shield(task)
+
+    async def _subnet(self, subnet_id: str) -> Mapping[str, Any]:
+        ref = _parse(subnet_id)
+        client = self._client(ref["sub"])
+        return await self._call(
+            f"read of subnet {ref['child']}", lambda: client.subnets.get(ref["rg"], ref["name"], ref["child"])
+        )
+
+    async def _get(self, resource_id: str) -> Mapping[str, Any]:
+        ref = _parse(resource_id)
+        client = self._client(ref["sub"])
+        kind, rg, name = ref["type"].lower(), ref["rg"], ref["name"]
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "routetables": lambda: client.route_tables.get(rg, name),
+            "loadbalancers": lambda: client.load_balancers.get(rg, name),
+            "networksecuritygroups": lambda: client.network_security_groups.get(rg, name),
+        }
+        if kind not in calls:
+            raise NetworkUnreadable(f"not a resource the check reads: {resource_id[:200]}")
+        return await self._call(f"read of {name}", calls[kind])
+
+    async def _call(self, what: str, call: Callable[[], Awaitable[Any]]) -> Mapping[str, Any]:
+        try:
+            return _wire(await call())
+        except HttpResponseError as error:
+            status = error.status_code
+            code = error.error.code if error.error is not None and error.error.code else ""
+            if status in (401, 403):
+                raise NetworkUnreadable(
+                    f"{what}: forbidden ({code or status}); see the role in infra/"
+                ) from error
+            raise NetworkUnreadable(f"{what}: HTTP {status} {code}".strip()) from error
+        except ServiceRequestError as error:
+            raise NetworkUnreadable(f"{what}: {str(error)[:200]}") from error
+
+
+async def _none() -> None:
+    return None
+
+
+def _parse(resource_id: str) -> dict[str, str]:
+    match = _ID.fullmatch(resource_id)
+    if match is None:
+        raise NetworkUnreadable(f"not a Microsoft.Network resource id: {resource_id[:200]}")
+    return {k: v or "" for k, v in match.groupdict().items()}
+
+
+def _lb_of(pool_id: str) -> str:
+    head, sep, _ = pool_id.partition("/backendAddressPools/")
+    return head if sep else ""
+
+
+def _wire(model: Any) -> Mapping[str, Any]:
+    if isinstance(model, Mapping):
+        return model
+    as_dict = getattr(model, "as_dict", None)
+    if callable(as_dict):
+        value = as_dict()
+        if isinstance(value, Mapping):
+            return value
+    raise NetworkUnreadable(f"unexpected SDK model {type(model).__name__}")
+
+
+def _obj(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []

@@ -1,0 +1,106 @@
+"""The fix for each resource at fault on a VM's path to the KMS, written out as ``az`` commands.
+
+Never applied: the identity has no right to change networks (infra/ grants only reads and the
+effective-route action). The commands follow Microsoft's own cure: a ``/32`` route with next hop
+``Internet`` per KMS address in the subnet's route table (custom-routes-enable-kms-activation.md),
+a NAT gateway on the subnet for a VM with no outbound (default-outbound-access.md, "Add an
+explicit outbound method": "Note this is the recommended method for most scenarios"), and an NSG
+rule that allows TCP 1688 to the KMS addresses before the rule that denies it. The CLI syntax is
+that of the Azure CLI reference (``az network route-table route create``, ``az network nat gateway
+create``, ``az network vnet subnet update --nat-gateway/--route-table``, ``az network nsg rule
+create``); docs/troubleshooting.md cites each page.
+"""
+
+from __future__ import annotations
+
+import re
+
+from shared.kms_endpoints import CloudKms
+from shared.network_path import (
+    NSG_DENY,
+    OUTBOUND_CAUSES,
+    ROUTE_CAUSES,
+    Finding,
+    name_of,
+)
+
+_RG = re.compile(r"/subscriptions/([^/]+)/resourceGroups/([^/]+)/", re.IGNORECASE)
+
+
+def fix_for(finding: Finding, kms: CloudKms) -> list[str]:
+    """The commands that repair ``finding``'s resource, in the order to run them."""
+    if finding.cause in ROUTE_CAUSES:
+        return _routes(finding, kms)
+    if finding.cause in OUTBOUND_CAUSES:
+        return _nat_gateway(finding)
+    if finding.cause == NSG_DENY:
+        return _nsg_rule(finding, kms)
+    return []
+
+
+def _scope(resource_id: str) -> str:
+    match = _RG.search(resource_id + "/")
+    if match is None:
+        return ""
+    return f"--subscription {match[1]} --resource-group {match[2]}"
+
+
+def _subnet_parts(subnet_id: str) -> tuple[str, str]:
+    """(virtual network name, subnet name) of a subnet id."""
+    parts = subnet_id.rstrip("/").split("/")
+    return (parts[-3], parts[-1]) if len(parts) >= 3 else ("", name_of(subnet_id))
+
+
+def _routes(finding: Finding, kms: CloudKms) -> list[str]:
+    addresses = finding.addresses or kms.required
+    commands: list[str] = []
+    if "/providers/Microsoft.Network/routeTables/".lower() in finding.resource_id.lower():
+        table_id, table = finding.resource_id, name_of(finding.resource_id)
+    else:
+        # No route table on the subnet (the route came over BGP): create one and attach it.
+        vnet, subnet = _subnet_parts(finding.subnet_id)
+        table_id, table = finding.subnet_id, f"rt-azure-kms-{subnet}"
+        location = f" --location {finding.location}" if finding.location else ""
+        commands.append(f"az network route-table create {_scope(table_id)} --name {table}{location}")
+    for address in addresses:
+        commands.append(
+            f"az network route-table route create {_scope(table_id)} --route-table-name {table} "
+            f"--name azure-kms-{address.replace('.', '-')} --address-prefix {address}/32 "
+            "--next-hop-type Internet"
+        )
+    if table_id == finding.subnet_id:
+        vnet, subnet = _subnet_parts(finding.subnet_id)
+        commands.append(
+            f"az network vnet subnet update {_scope(finding.subnet_id)} --vnet-name {vnet} --name {subnet} "
+            f"--route-table {table}"
+        )
+    return commands
+
+
+def _nat_gateway(finding: Finding) -> list[str]:
+    vnet, subnet = _subnet_parts(finding.subnet_id)
+    scope = _scope(finding.subnet_id)
+    location = f" --location {finding.location}" if finding.location else ""
+    return [
+        f"az network public-ip create {scope} --name pip-nat-{subnet} --sku Standard "
+        f"--allocation-method Static{location}",
+        f"az network nat gateway create {scope} --name nat-{subnet} "
+        f"--public-ip-addresses pip-nat-{subnet}{location}",
+        f"az network vnet subnet update {scope} --vnet-name {vnet} --name {subnet} "
+        f"--nat-gateway nat-{subnet}",
+    ]
+
+
+def _nsg_rule(finding: Finding, kms: CloudKms) -> list[str]:
+    addresses = " ".join(f"{a}/32" for a in (finding.addresses or kms.required))
+    if finding.priority <= 100:
+        # Nothing can come before priority 100: the denying rule itself must change.
+        return [
+            f"# rule priority {finding.priority} is the lowest allowed: move the denying rule to a higher "
+            f"number, then allow TCP {kms.port} to {addresses} below it"
+        ]
+    return [
+        f"az network nsg rule create {_scope(finding.resource_id)} --nsg-name {name_of(finding.resource_id)} "
+        f"--name allow-azure-kms --priority {finding.priority - 1} --direction Outbound --access Allow "
+        f"--protocol Tcp --destination-address-prefixes {addresses} --destination-port-ranges {kms.port}"
+    ]

@@ -1,0 +1,421 @@
+"""The VM's path to the KMS from Azure's side: a pure function of what ARM said, to ``ok`` or
+``blocked`` with the exact cause and the resource at fault (issue 11).
+
+Inputs are the wire JSON of the reads shared/azure/network.py makes: the NIC, its subnet, the NIC's
+effective route table (``NetworkInterfaces_GetEffectiveRouteTable``), the subnet's route table,
+the load balancers whose backend pools hold the NIC, and the NIC's and the subnet's NSGs.
+
+The rules (sources in docs/troubleshooting.md, "The path to the KMS"):
+
+- **Next hop.** For every KMS address of the cloud (shared/kms_endpoints.py), the active effective
+  route with the longest prefix must have next hop ``Internet``; ``VirtualAppliance`` (an NVA or a
+  firewall), ``VirtualNetworkGateway`` (forced tunnelling to on-premises, by a user route or BGP)
+  and ``None`` take activation traffic away from an Azure public IP (custom-routes-enable-kms-
+  activation.md: "The activation requires that the activation request come from an Azure public
+  IP address"). Routes that cover only the retired 23.102.135.246 are named as such.
+- **Outbound.** The VM needs an explicit outbound method, a public IP on the NIC, a NAT gateway on
+  the subnet, or a public load balancer that gives outbound (Basic, or Standard with outbound
+  rules), or else default outbound access: which a private subnet (``defaultOutboundAccess``
+  false; the default for new virtual networks after 31 March 2026) and membership of a Standard
+  load balancer's backend pool turn off (default-outbound-access.md; includes/ephemeral-ip-note.md).
+- **NSGs.** The NIC's and the subnet's outbound rules (then the default ones) must not deny TCP
+  1688 to a KMS address.
+
+The verdict says what it could not read (``unknown``) rather than guess.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from shared.kms_endpoints import CloudKms
+
+OK: Final = "ok"
+BLOCKED: Final = "blocked"
+UNKNOWN: Final = "unknown"
+
+# Cause words: the same in the JSON output, the ledger and the "What to do" grouping.
+ROUTE_APPLIANCE: Final = "route-to-appliance"
+ROUTE_GATEWAY: Final = "route-to-gateway"
+ROUTE_NONE: Final = "route-to-none"
+ROUTE_OTHER: Final = "route-not-internet"
+RETIRED_ONLY: Final = "routes-for-retired-kms-only"
+PRIVATE_SUBNET: Final = "private-subnet-no-outbound"
+INTERNAL_LB: Final = "internal-load-balancer-only"
+LB_NO_OUTBOUND: Final = "load-balancer-no-outbound"
+NSG_DENY: Final = "nsg-denies-kms"
+ROUTE_CAUSES: Final = frozenset({ROUTE_APPLIANCE, ROUTE_GATEWAY, ROUTE_NONE, ROUTE_OTHER, RETIRED_ONLY})
+OUTBOUND_CAUSES: Final = frozenset({PRIVATE_SUBNET, INTERNAL_LB, LB_NO_OUTBOUND})
+_HOP_CAUSE: Final = {
+    "VirtualAppliance": ROUTE_APPLIANCE,
+    "VirtualNetworkGateway": ROUTE_GATEWAY,
+    "None": ROUTE_NONE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PathFacts:
+    """What ARM said about one NIC's path (wire JSON)."""
+
+    nic: Mapping[str, Any]
+    subnet: Mapping[str, Any]
+    routes: Sequence[Mapping[str, Any]]
+    route_table: Mapping[str, Any] | None = None
+    load_balancers: Sequence[Mapping[str, Any]] = ()
+    nsgs: Sequence[Mapping[str, Any]] = ()  # the NIC's, then the subnet's
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One reason the path is blocked, and the one resource to change."""
+
+    cause: str
+    resource_id: str
+    text: str
+    addresses: tuple[str, ...] = ()
+    subnet_id: str = ""
+    location: str = ""
+    priority: int = 0  # NSG_DENY: the denying rule's priority
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"cause": self.cause, "resource": self.resource_id, "text": self.text}
+        if self.addresses:
+            out["addresses"] = list(self.addresses)
+        if self.subnet_id:
+            out["subnet"] = self.subnet_id
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class PathVerdict:
+    state: str  # ok | blocked | unknown
+    findings: tuple[Finding, ...] = ()
+    outbound: str | None = None  # public-ip | nat-gateway | load-balancer | default-outbound-access
+    note: str = ""  # unknown: why; ok: anything worth saying (default outbound access is retiring)
+    nic_id: str = ""
+    subnet_id: str = ""
+
+    @property
+    def blocked(self) -> bool:
+        return self.state == BLOCKED
+
+    def summary(self) -> str:
+        if self.state == BLOCKED:
+            return "; ".join(f.text for f in self.findings)
+        return self.note or self.state
+
+    def as_details(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": self.state}
+        if self.findings:
+            out["findings"] = [f.as_dict() for f in self.findings]
+        if self.outbound:
+            out["outbound"] = self.outbound
+        if self.note:
+            out["note"] = self.note
+        if self.nic_id:
+            out["nic"] = self.nic_id
+        return out
+
+
+def unknown(why: str, *, nic_id: str = "") -> PathVerdict:
+    return PathVerdict(UNKNOWN, note=why, nic_id=nic_id)
+
+
+def judge(facts: PathFacts, kms: CloudKms) -> PathVerdict:
+    """``ok`` or ``blocked`` (with every finding) for the NIC in ``facts``."""
+    subnet = facts.subnet
+    subnet_id = str(subnet.get("id") or "")
+    subnet_name = name_of(subnet_id)
+    location = str(facts.nic.get("location") or "")
+    findings: list[Finding] = []
+    findings += _route_findings(facts, kms, subnet_id, subnet_name, location)
+    way, outbound_finding = _outbound(facts, subnet_id, subnet_name, location)
+    if outbound_finding is not None:
+        findings.append(outbound_finding)
+    findings += _nsg_findings(facts, kms, subnet_id, location)
+    nic_id = str(facts.nic.get("id") or "")
+    if findings:
+        return PathVerdict(BLOCKED, tuple(findings), way, nic_id=nic_id, subnet_id=subnet_id)
+    note = ""
+    if way == "default-outbound-access":
+        note = (
+            f"outbound through default outbound access (subnet {subnet_name} is not private); new "
+            "virtual networks get private subnets after 31 March 2026, so an explicit outbound "
+            "method (a NAT gateway) keeps activation working"
+        )
+    return PathVerdict(OK, (), way, note=note, nic_id=nic_id, subnet_id=subnet_id)
+
+
+# ------------------------------------------------------------------ routes
+
+
+def _route_findings(
+    facts: PathFacts, kms: CloudKms, subnet_id: str, subnet_name: str, location: str
+) -> list[Finding]:
+    routes = [r for r in facts.routes if str(r.get("state", "Active")) == "Active"]
+    table = facts.route_table
+    table_id = str(table.get("id") or "") if table else ""
+    # Blocking routes, grouped: one finding per route, naming every KMS address it takes.
+    blocked: dict[tuple[str, str, str, str], list[str]] = {}
+    for address in kms.required:
+        hop = best_route(routes, address)
+        hop_type = str(hop.get("nextHopType") or "None") if hop else "None"
+        if hop_type == "Internet":
+            continue
+        prefix = _prefix_of(hop, address) if hop else "(no route)"
+        ip = next(iter(_list(hop.get("nextHopIpAddress"))), "") if hop else ""
+        source = str(hop.get("source") or "") if hop else ""
+        blocked.setdefault((prefix, hop_type, str(ip), source), []).append(address)
+    if not blocked:
+        return []
+    retired_routes = _routes_for(table, kms.retired) if table else []
+    findings: list[Finding] = []
+    for (prefix, hop_type, ip, source), addresses in blocked.items():
+        target = f"{hop_type} {ip}".strip()
+        if source == "User" and table_id:
+            where = f"in route table {name_of(table_id)} (subnet {subnet_name})"
+            resource = table_id
+        elif source == "VirtualNetworkGateway":
+            where = f"learned from the virtual network gateway over BGP (subnet {subnet_name})"
+            resource = table_id or subnet_id
+        else:
+            where = f"(subnet {subnet_name})"
+            resource = table_id or subnet_id
+        text = (
+            f"route {prefix} → {target} {where}: TCP {kms.port} to {_and(addresses)} does not leave "
+            "from an Azure public IP"
+        )
+        cause = _HOP_CAUSE.get(hop_type, ROUTE_OTHER)
+        if retired_routes:
+            cause = RETIRED_ONLY
+            text = (
+                f"routes exist for {_and(kms.retired)} only, not for {_and(addresses)}: "
+                f"route table {name_of(table_id)} (subnet {subnet_name}) sends them by route "
+                f"{prefix} → {target}"
+            )
+        findings.append(Finding(cause, resource, text, tuple(addresses), subnet_id, location))
+    return findings
+
+
+def best_route(routes: Iterable[Mapping[str, Any]], address: str) -> Mapping[str, Any] | None:
+    """The route with the longest prefix that holds ``address`` (effective routes are already
+    resolved by Azure, so among equal prefixes the active one is the one that counts)."""
+    ip = ipaddress.ip_address(address)
+    best: tuple[int, Mapping[str, Any]] | None = None
+    for route in routes:
+        for text in _list(route.get("addressPrefix")):
+            try:
+                network = ipaddress.ip_network(str(text), strict=False)
+            except ValueError:
+                continue  # a service tag or something not an address: never the KMS's route here
+            if ip in network and (best is None or network.prefixlen > best[0]):
+                best = (network.prefixlen, route)
+    return best[1] if best else None
+
+
+def _prefix_of(route: Mapping[str, Any], address: str) -> str:
+    ip = ipaddress.ip_address(address)
+    held = [str(p) for p in _list(route.get("addressPrefix")) if _holds(str(p), ip)]
+    return held[0] if held else str(next(iter(_list(route.get("addressPrefix"))), "?"))
+
+
+def _holds(prefix: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    try:
+        return ip in ipaddress.ip_network(prefix, strict=False)
+    except ValueError:
+        return False
+
+
+def _routes_for(table: Mapping[str, Any], addresses: Sequence[str]) -> list[str]:
+    """User routes (next hop Internet) whose prefix holds one of ``addresses`` and is narrower than /8."""
+    found = []
+    for route in _list(_obj(table.get("properties")).get("routes")):
+        props = _obj(_obj(route).get("properties"))
+        prefix = str(props.get("addressPrefix") or "")
+        if str(props.get("nextHopType")) != "Internet":
+            continue
+        try:
+            network = ipaddress.ip_network(prefix, strict=False)
+        except ValueError:
+            continue
+        if network.prefixlen >= 8 and any(ipaddress.ip_address(a) in network for a in addresses):
+            found.append(prefix)
+    return found
+
+
+# ------------------------------------------------------------------ outbound
+
+
+def _outbound(
+    facts: PathFacts, subnet_id: str, subnet_name: str, location: str
+) -> tuple[str | None, Finding | None]:
+    subnet_props = _obj(facts.subnet.get("properties"))
+    if _obj(subnet_props.get("natGateway")).get("id"):
+        return "nat-gateway", None
+    configs = [
+        _obj(_obj(c).get("properties"))
+        for c in _list(_obj(facts.nic.get("properties")).get("ipConfigurations"))
+    ]
+    if any(_obj(c.get("publicIPAddress")).get("id") for c in configs):
+        return "public-ip", None
+    standard: list[Mapping[str, Any]] = []
+    for lb in facts.load_balancers:
+        sku = str(_obj(lb.get("sku")).get("name") or "Basic")
+        props = _obj(lb.get("properties"))
+        public = any(
+            _obj(_obj(_obj(fe).get("properties")).get("publicIPAddress")).get("id")
+            for fe in _list(props.get("frontendIPConfigurations"))
+        )
+        snat_rules = any(
+            not _obj(_obj(rule).get("properties")).get("disableOutboundSnat", False)
+            for rule in _list(props.get("loadBalancingRules"))
+        )
+        if public and (sku == "Basic" or _list(props.get("outboundRules")) or snat_rules):
+            return "load-balancer", None
+        if sku == "Standard":
+            standard.append(lb)
+    if standard:
+        lb = standard[0]
+        lb_id = str(lb.get("id") or "")
+        internal = not any(
+            _obj(_obj(_obj(fe).get("properties")).get("publicIPAddress")).get("id")
+            for fe in _list(_obj(lb.get("properties")).get("frontendIPConfigurations"))
+        )
+        if internal:
+            text = (
+                f"the VM is behind the Standard internal load balancer {name_of(lb_id)} only, which turns "
+                f"off default outbound access, and subnet {subnet_name} has no NAT gateway"
+            )
+            return None, Finding(INTERNAL_LB, lb_id, text, (), subnet_id, location)
+        text = (
+            f"the Standard public load balancer {name_of(lb_id)} has no outbound rules, and its backend "
+            f"pool gets no default outbound access (subnet {subnet_name} has no NAT gateway)"
+        )
+        return None, Finding(LB_NO_OUTBOUND, lb_id, text, (), subnet_id, location)
+    if subnet_props.get("defaultOutboundAccess") is False:
+        text = (
+            f"subnet {subnet_name} is private (defaultOutboundAccess false) and has no NAT gateway, and "
+            "the VM has no public IP or load balancer outbound rule"
+        )
+        return None, Finding(PRIVATE_SUBNET, subnet_id, text, (), subnet_id, location)
+    return "default-outbound-access", None
+
+
+# ------------------------------------------------------------------ NSGs
+
+_DEFAULT_OUTBOUND: Final = (
+    {
+        "name": "AllowVnetOutBound",
+        "priority": 65000,
+        "access": "Allow",
+        "protocol": "*",
+        "destinationAddressPrefix": "VirtualNetwork",
+        "destinationPortRange": "*",
+    },
+    {
+        "name": "AllowInternetOutBound",
+        "priority": 65001,
+        "access": "Allow",
+        "protocol": "*",
+        "destinationAddressPrefix": "Internet",
+        "destinationPortRange": "*",
+    },
+    {
+        "name": "DenyAllOutBound",
+        "priority": 65500,
+        "access": "Deny",
+        "protocol": "*",
+        "destinationAddressPrefix": "*",
+        "destinationPortRange": "*",
+    },
+)
+
+
+def _nsg_findings(facts: PathFacts, kms: CloudKms, subnet_id: str, location: str) -> list[Finding]:
+    findings: list[Finding] = []
+    for nsg in facts.nsgs:
+        nsg_id = str(nsg.get("id") or "")
+        props = _obj(nsg.get("properties"))
+        rules = [
+            {**_obj(_obj(r).get("properties")), "name": _obj(r).get("name")}
+            for r in _list(props.get("securityRules"))
+            if str(_obj(_obj(r).get("properties")).get("direction")) == "Outbound"
+        ]
+        rules.sort(key=lambda r: int(r.get("priority") or 0))
+        defaults = [
+            {**_obj(_obj(r).get("properties")), "name": _obj(r).get("name")}
+            for r in _list(props.get("defaultSecurityRules"))
+            if str(_obj(_obj(r).get("properties")).get("direction")) == "Outbound"
+        ] or list(_DEFAULT_OUTBOUND)
+        defaults.sort(key=lambda r: int(r.get("priority") or 0))
+        denied: dict[tuple[str, int], list[str]] = {}
+        for address in kms.required:
+            rule = next((r for r in (*rules, *defaults) if _rule_matches(r, address, kms.port)), None)
+            if rule is not None and str(rule.get("access")) == "Deny":
+                denied.setdefault((str(rule.get("name")), int(rule.get("priority") or 0)), []).append(address)
+        for (rule_name, priority), addresses in denied.items():
+            text = (
+                f"network security group {name_of(nsg_id)} rule {rule_name} (priority {priority}) denies "
+                f"TCP {kms.port} to {_and(addresses)}"
+            )
+            findings.append(Finding(NSG_DENY, nsg_id, text, tuple(addresses), subnet_id, location, priority))
+    return findings
+
+
+def _rule_matches(rule: Mapping[str, Any], address: str, port: int) -> bool:
+    if str(rule.get("protocol") or "*") not in ("*", "Tcp", "TCP"):
+        return False
+    ports = [rule.get("destinationPortRange"), *_list(rule.get("destinationPortRanges"))]
+    if not any(_port_in(str(p), port) for p in ports if p):
+        return False
+    prefixes = [rule.get("destinationAddressPrefix"), *_list(rule.get("destinationAddressPrefixes"))]
+    return any(_address_in(str(p), address) for p in prefixes if p)
+
+
+def _port_in(spec: str, port: int) -> bool:
+    if spec == "*":
+        return True
+    low, _, high = spec.partition("-")
+    try:
+        return int(low) <= port <= int(high or low)
+    except ValueError:
+        return False
+
+
+def _address_in(spec: str, address: str) -> bool:
+    """``*``, the ``Internet`` service tag (public addresses) or a prefix. Other service tags are not
+    resolved here (their address lists are not read), so they never match: a guess in the VM's
+    favour that docs/troubleshooting.md states."""
+    if spec == "*":
+        return True
+    if spec.lower() == "internet":
+        return ipaddress.ip_address(address).is_global
+    try:
+        return ipaddress.ip_address(address) in ipaddress.ip_network(spec, strict=False)
+    except ValueError:
+        return False
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def name_of(resource_id: str) -> str:
+    return resource_id.rstrip("/").rsplit("/", 1)[-1] if resource_id else ""
+
+
+def _and(items: Sequence[str]) -> str:
+    items = list(items)
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _obj(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []

@@ -1,0 +1,86 @@
+"""How many messages each of the app's queues holds, and how long the oldest visible one has waited.
+
+Queue storage's Azure Monitor metrics cannot say this per queue: ``QueueMessageCount`` is one number
+for the whole account, at an hourly grain, with no queue dimension (Azure Monitor's supported
+metrics for ``Microsoft.Storage/storageAccounts/queueServices``; docs/operations.md). So the
+``poison_drain`` timer asks the queues themselves every ten minutes: Get Queue Metadata gives the
+approximate message count (``x-ms-approximate-messages-count``, invisible messages included) and
+Peek Messages the message at the front with its insertion time. Each queue gives one
+``avma-queue`` record (shared/telemetry.py) that the workbook charts and the alerts watch.
+
+What the age means: the oldest *visible* message at the front of the queue, as far as Queue storage
+keeps order (it does not promise first-in first-out). A deferred work item is invisible on purpose
+until its retry time, so it does not count; a visible message that has waited long means the worker
+is not keeping up, or not running. A probe never fails the timer: a queue it cannot read gives a
+record with ``error`` set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.storage.queue.aio import QueueClient
+
+from shared.lastresort import LAST_RESORT_QUEUE
+from shared.settings import POISON_QUEUE, WORK_QUEUE, Settings
+from shared.telemetry import log_queue_state, queue_record
+
+PROBED = (WORK_QUEUE, POISON_QUEUE, LAST_RESORT_QUEUE)
+
+
+def queue_client(settings: Settings, credential: AsyncTokenCredential | None, name: str) -> QueueClient:
+    """A client that only reads metadata and peeks (no message decoding: bodies are not read)."""
+    if settings.storage_connection:
+        return QueueClient.from_connection_string(settings.storage_connection, name)
+    if settings.queue_service_uri and credential is not None:
+        return QueueClient(settings.queue_service_uri, name, credential=credential)
+    raise ValueError("no queue storage configured (AzureWebJobsStorage or its __queueServiceUri)")
+
+
+async def probe_queue(client: QueueClient, name: str, now: datetime) -> dict[str, Any]:
+    try:
+        properties = await client.get_queue_properties()
+        peeked = await client.peek_messages(max_messages=1)
+    except ResourceNotFoundError:
+        return queue_record(name, messages=0, oldest_age_s=None, error="")  # never created: empty
+    except AzureError as error:
+        return queue_record(name, messages=None, oldest_age_s=None, error=_first_line(error))
+    count = properties.approximate_message_count
+    inserted = peeked[0].inserted_on if peeked else None
+    age = max(0.0, (now - inserted).total_seconds()) if isinstance(inserted, datetime) else None
+    return queue_record(name, messages=int(count) if count is not None else None, oldest_age_s=age)
+
+
+async def probe_queues(
+    *,
+    env: Mapping[str, str] | None = None,
+    queues: Sequence[str] = PROBED,
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """One ``avma-queue`` record per queue; never raises for a queue it cannot read."""
+    from shared.triggers import Runtime  # shared.triggers never imports this module
+
+    now = now or datetime.now(UTC)
+    records: list[dict[str, Any]] = []
+    try:
+        async with Runtime.open(env) as runtime:
+            for name in queues:
+                client = queue_client(runtime.settings, runtime.credential, name)
+                runtime.stack.push_async_callback(client.close)
+                records.append(await probe_queue(client, name, now))
+    except (AzureError, ValueError) as error:  # the settings or the credential: nothing was probed
+        records = [
+            queue_record(q, messages=None, oldest_age_s=None, error=_first_line(error)) for q in queues
+        ]
+    for record in records:
+        log_queue_state(record)
+    return records
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:300]
