@@ -12,20 +12,22 @@ Two answers of a Run Command tell the engine nothing about the guest's licensing
 Neither is a finding, and a second command very likely reads the VM, so each is a deferral
 (``deferred: run-command-failed`` / ``deferred: bad-output``, the error in the details), retried
 with backoff: the Functions app re-enqueues the work item (shared/worker.py, the usual growing
-delay and ``DEFER_DEADLINE_HOURS``), the CLI's sweep tries again within the run
-(:func:`check_until_readable`). Only the :data:`MAX_UNREADABLE_TRIES`-th such answer for one work
-item is terminal: ``failed`` with the same reason, ``tries`` in the details.
+delay and ``DEFER_DEADLINE_HOURS``), the CLI (its sweep, and ``check``/``apply`` through
+``shared.resume.run_each``) tries again within the run (:func:`check_until_readable`). Only the
+:data:`MAX_UNREADABLE_TRIES`-th such answer for one work item is terminal: ``failed`` with the same
+reason, ``tries`` in the details.
 
-Why four. In the default chaos run about 1.7 % of Run Commands give such an answer (``operationFailed``
-0.5 %, ``outputTruncated`` and ``outputGarbled`` 0.6 % each, independent of one another), in the
-test's smaller run about 3.8 %. A healthy VM's work item ends ``failed`` only if all its tries meet
-one: with three tries 0.017³ ≈ 5·10⁻⁶ per item, over the run's some 5,000 items a 2.5 % chance that
-the run reports a wrong ``failed`` (2.7 % for the test's 500 items at 3.8 %); with four, 8·10⁻⁸ and
-2·10⁻⁶ per item, 0.04 % and 0.1 % per run. In Azure such answers are rarer still. A VM whose answers
-are unreadable for good (an extension that always fails, output that never fits) costs three Run
-Commands more before it is reported, spaced by ``DEFER_DELAY_SECONDS`` (5, 10 and 20 minutes by
-default: the failure is on record some 35 minutes after the first try, instead of some twenty Run
-Commands until the 24 h deadline, each holding the VM's single Run Command slot).
+Why four. In the default chaos run about 1.7 % of Run Commands give such an answer
+(``operationFailed`` 0.5 %, ``outputTruncated`` and ``outputGarbled`` 0.6 % each, independent of one
+another), in the test's smaller run about 7 %. A healthy VM's work item ends ``failed`` only if all
+its tries meet one: with three tries 0.017³ ≈ 5·10⁻⁶ per item, over the run's some 5,000 items a
+2.5 % chance that the run reports a wrong ``failed`` (8 % for the test's 250 items at 7 %); with four,
+8·10⁻⁸ and 2·10⁻⁵ per item, 0.04 % and 0.6 % per run (less in fact: a VM's verdict is its last
+item's). In Azure such answers are rarer still. A VM whose answers are unreadable for good (an
+extension that always fails, output that never fits) costs three Run Commands more before it is
+reported, spaced by ``DEFER_DELAY_SECONDS`` (5, 10 and 20 minutes by default: the failure is on
+record some 35 minutes after the first try, instead of some twenty Run Commands until the 24 h
+deadline, each holding the VM's single Run Command slot).
 
 Safety: every retry is a whole workflow. It reads the VM and detects before it decides, so a
 remediation whose POST was accepted and whose answer was unreadable is never repeated blindly: the
