@@ -133,7 +133,9 @@ DEFAULT_FAULTS: dict[str, Any] = {
     "operationFailed": 0.005,
     "runCommandHang": {"rate": 0.003, "seconds": 8},
     "vmVanish": 0.004,
-    "agentFlap": {"rate": 0.01, "periodSeconds": 0.5},
+    # Ready and Not Ready 5 s each (some 25 min in Azure's time): a strictly periodic flap faster
+    # than the retries can alias with them, every look landing in a Not Ready half.
+    "agentFlap": {"rate": 0.01, "periodSeconds": 5},
     "outputTruncated": 0.006,
     "outputGarbled": 0.006,
     "tokenError": {"every": 250, "burst": 5},
@@ -907,9 +909,21 @@ class ChaosPass:
 
         # The Table endpoint down while the queue works through the last wave's backlog (the
         # timers keep firing, so the outage meets the ledger whatever the machine's speed).
+        # Only once the host is working through the backlog (invocations finishing), so that the
+        # outage meets the ledger's traffic on a fast machine as on a slow one.
+        started, waited = self.hosts[0].stats.succeeded, time.monotonic()
+        # A counter the host bumps, polled for a few seconds at most.
+        while self.hosts[0].stats.succeeded - started < 10 and time.monotonic() - waited < 30:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
         self._say(f"storm: Table endpoint down for {config.table_outage_s:g} s")
+        done = self.hosts[0].stats.invocations
         self.hooks.outage(self.azurite.table_port, "table_outage", config.table_outage_s)
         await asyncio.sleep(config.table_outage_s)
+        self._say(
+            f"storm: Table endpoint back; {self.hooks.refused['table_outage']} requests refused,"
+            f" {self.hosts[0].stats.invocations - done} invocations started meanwhile,"
+            f" {self.hosts[0].in_flight} running"
+        )
 
         self.sim.call(
             "throttle_resource_graph", config.graph_throttle, 1, 1

@@ -422,7 +422,10 @@ TEST_FAULTS: dict[str, Any] = {
     "operationFailed": {"every": 50},
     "runCommandHang": {"every": 40, "seconds": 3},
     "vmVanish": {"every": 50},
-    "agentFlap": {"every": 25, "periodSeconds": 0.3},
+    # Ready and Not Ready 3 s each: longer than the retries' 1 s, so that the looks walk through
+    # the phases (a flap faster than the retries can alias with them: a flapping VM was seen Not
+    # Ready at all of its 17 looks, 1.2 s apart, with a 0.6 s cycle).
+    "agentFlap": {"every": 25, "periodSeconds": 3},
     "outputTruncated": {"every": 45},
     "outputGarbled": {"every": 45},
     "tokenError": {"every": 80, "burst": 5},
@@ -451,7 +454,7 @@ SMALL = chaos.ChaosConfig(
     # The harness's own faults, scaled down: two VMs per crash point, short outages.
     crashes_per_point=2,
     crash_visibility_s=2.0,
-    table_outage_s=5.0,
+    table_outage_s=6.0,
     queue_outage_s=2.0,
     graph_throttle=4,
     fan_out=25,
