@@ -160,7 +160,8 @@ class ChaosConfig:
     computer_items: int = 20
     unknown_computers: int = 2
     malformed: int = 6
-    poison_pills: int = 3  # valid items whose every invocation the harness crashes
+    poison_pills: int = 3  # valid items whose every invocation the harness crashes (in the last wave)
+    audit_poison_pills: int | None = None  # the audit pass's, if not the same
     hostile: bool = True  # hostile queue messages, events and alerts (HARNESS_FAULTS)
     storm: bool = True  # the enforce pass's last wave: outages, throttling, hostile and out-of-scope input
     restarts: int = 1
@@ -264,12 +265,7 @@ class QueueHost:
         self.in_flight = 0
 
     def _client(self, name: str) -> QueueClient:
-        return QueueClient.from_connection_string(
-            self.connection,
-            name,
-            message_encode_policy=TextBase64EncodePolicy(),
-            message_decode_policy=TextBase64DecodePolicy(),
-        )
+        return harness_queue(self.connection, name)
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks: set[asyncio.Task[None]] = set()
@@ -358,6 +354,21 @@ class QueueHost:
             self.stats.lost_acks += 1  # it comes back and is moved on its next delivery
             return
         self.stats.poisoned.append((self.epoch(), str(message.content)))
+
+
+def harness_queue(connection: str, name: str) -> QueueClient:
+    """A queue client of the harness (the host, the senders): the storage SDK's default retry waits
+    15 s before its first retry, so that after the restart every invocation in flight sat 15 s on
+    its message's delete with a dead connection; the host's own calls retry after about a second."""
+    return QueueClient.from_connection_string(
+        connection,
+        name,
+        message_encode_policy=TextBase64EncodePolicy(),
+        message_decode_policy=TextBase64DecodePolicy(),
+        initial_backoff=1,  # the SDK's ExponentialRetry, built from these keywords (its default: 15, 3, 3)
+        increment_base=2,
+        random_jitter_range=1,
+    )
 
 
 def _correlation(body: str) -> str:
@@ -830,8 +841,16 @@ class ChaosPass:
 
     async def _produce(self) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        items = plan_items(self.estate, self.config, self.rng, stamp)
+        config = self.config
+        if self.mode == "audit" and config.audit_poison_pills is not None:
+            config = replace(config, poison_pills=config.audit_poison_pills)
+        planned = plan_items(self.estate, config, self.rng, stamp)
+        # The poison pills go in the last wave: in an earlier one the storage loss would cut their
+        # path (five deliveries, the poison queue, the last resort) short, and nothing would show it.
+        pills = [item for item in planned if item.kind == "poison-pill"]
+        items = [item for item in planned if item.kind != "poison-pill"]
         waves: list[list[Sent]] = [items[i :: self.restarts + 1] for i in range(self.restarts + 1)]
+        waves[-1].extend(pills)
         for wave, chunk in enumerate(waves):
             if wave > 0:
                 await self._restart_storage()
@@ -1000,12 +1019,7 @@ class ChaosPass:
         self.recovered_at = time.monotonic()
 
     def _queue(self, name: str) -> QueueClient:
-        return QueueClient.from_connection_string(
-            self.azurite.connection_string,
-            name,
-            message_encode_policy=TextBase64EncodePolicy(),
-            message_decode_policy=TextBase64DecodePolicy(),
-        )
+        return harness_queue(self.azurite.connection_string, name)
 
     async def _create_queues(self) -> None:
         """Make the queues, empty (an Azurite shared by several runs may hold an earlier one's)."""
