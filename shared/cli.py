@@ -43,7 +43,7 @@ from shared.plan import HookedChecker, Plan, PlanApplier, PlanError, Recorder, b
 from shared.resume import DEFAULT_ONLY, ResumeError, parse_only, run_each, vms_to_resume
 from shared.scope import Scope
 from shared.settings import ConfigError, Mode, Settings, is_subscription_id
-from shared.sweep import NOT_LISTED, sweep_inventory
+from shared.sweep import sweep
 from shared.vm import VmFacts
 from shared.workflow import BeforeRunCommand, Remediator
 
@@ -219,8 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="ID",
-        help="subscription to sweep (repeatable; default MANAGEMENT_GROUP_ID's subscriptions, "
-        "else TARGET_SUBSCRIPTIONS, else all visible)",
+        help="subscription to sweep (repeatable; default TARGET_SUBSCRIPTIONS, else all visible)",
     )
     p_sweep.add_argument(
         "--out-plan",
@@ -348,15 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
         "adds to the estate file's faults (docs/simulator.md)",
     )
     p_serve.add_argument("--fault-seed", type=int, metavar="N", help="seed of the fault schedules")
-    p_serve.add_argument(
-        "--throttle",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="ARM's and Resource Graph's budgets (repeatable): model=tokenBucket|hourly|off, "
-        "timeScale=N|auto, reads=SIZE/PER_SECOND, writes=perHour:N, resourceGraph=QUERIES/SECONDS|off; "
-        "on top of the estate file's throttling (docs/simulator.md)",
-    )
     return parser
 
 
@@ -748,22 +738,19 @@ class _Run:
                     run_each(wrapped, ids, concurrency=settings.max_concurrency, on_outcome=on_outcome)
                 )
             else:
-                # One Resource Graph listing of the scope: --subscription, else MANAGEMENT_GROUP_ID,
-                # else TARGET_SUBSCRIPTIONS, else everything the identity can read (the app's rule).
-                scope = _listing_settings(settings, targets.subscriptions)
-                async with Inventory(self._credential, scope) as inventory:
-                    listing = _Listing(inventory, progress, listing_errors, targets.vm_filter)
-                    _, cut = await self.interrupt.run(
-                        sweep_inventory(
-                            wrapped,
-                            listing,
-                            concurrency=settings.max_concurrency,
-                            on_outcome=on_outcome,
-                            limit=gateway.pacer.concurrency,
-                        )
+                subs = list(targets.subscriptions) or await self._all_subscriptions()
+                listing = _Listing(gateway, progress, listing_errors, len(subs), targets.vm_filter)
+                _, cut = await self.interrupt.run(
+                    sweep(
+                        wrapped,
+                        listing.list_vms,
+                        subs,
+                        concurrency=settings.max_concurrency,
+                        on_outcome=on_outcome,
                     )
+                )
                 if not targets.vm_filter.empty and not outcomes and not listing_errors:
-                    _say(f"no VM in {listing.describe_scope()} matches {targets.vm_filter.describe()}")
+                    _say(f"no VM in {', '.join(subs)} matches {targets.vm_filter.describe()}")
             done = [*outcomes, *cut]
             if not self.interrupt.requested.is_set():
                 # What was deferred for a reason worth asking again: asked again within the run.
@@ -799,6 +786,14 @@ class _Run:
                 logging.getLogger(__name__).info("Resource Graph answered: %s", error)
                 raise _Early(EXIT_FAILED) from error
 
+    async def _all_subscriptions(self) -> list[str]:
+        try:
+            return await self._gateway.list_subscriptions()
+        except ComputeError as error:
+            print(f"avma-remediator: cannot list subscriptions: {_arm_problem(error)}", file=sys.stderr)
+            logging.getLogger(__name__).info("ARM answered: %s", error)
+            raise _Early(EXIT_FAILED) from error
+
 
 def checker_mode(checker: HookedChecker) -> str:
     if isinstance(checker, _Scoped):
@@ -807,56 +802,40 @@ def checker_mode(checker: HookedChecker) -> str:
 
 
 class _Listing:
-    """The inventory's listing of the scope, counted for the progress line, its failures kept for
-    the report (also when a signal cuts the sweep short). A failed query is a failure of all it
-    covered (shared/sweep.py): each of ``Inventory.listing_scope()`` is reported."""
+    """The gateway's listing, counted for the progress line, its failures kept for the report
+    (also when a signal cuts the sweep short)."""
 
     def __init__(
         self,
-        inventory: Inventory,
+        gateway: ComputeGateway,
         progress: Progress,
         errors: dict[str, str],
+        subscriptions: int,
         vm_filter: VmFilter | None = None,
     ) -> None:
-        self._inventory, self._progress, self._errors = inventory, progress, errors
+        self._gateway, self._progress, self._errors = gateway, progress, errors
         self._filter = vm_filter or VmFilter()
+        self._left = subscriptions
         self._seen: set[VmId] = set()
+        if subscriptions == 0:
+            progress.listing_done()
 
-    def listing_scope(self) -> list[str]:
-        return self._inventory.listing_scope()
-
-    def describe_scope(self) -> str:
-        return ", ".join(self._inventory.listing_scope()) or "the scope"
-
-    async def unlisted_subscriptions(self) -> list[str]:
+    async def list_vms(self, subscription: str) -> AsyncIterator[VmFacts]:
         try:
-            unlisted = await self._inventory.unlisted_subscriptions()
-        except InventoryError as error:
-            self._failed(error)
-            raise
-        for sub in unlisted:
-            self._errors[sub] = NOT_LISTED
-        return unlisted
-
-    async def list_vms(self) -> AsyncIterator[VmFacts]:
-        try:
-            async for vm in self._inventory.list_vms():
+            async for vm in self._gateway.list_vms(subscription):
                 if not self._filter.matches(vm.vm_id, vm.tags):
                     continue  # --resource-group/--name/--tag: a pure predicate on the listing
                 if vm.vm_id not in self._seen:
                     self._seen.add(vm.vm_id)
                     self._progress.listed()
                 yield vm
-        except InventoryError as error:
-            self._failed(error)
+        except ComputeError as error:
+            self._errors[subscription] = f"{error.reason}: {error}"
             raise
         finally:
-            self._progress.listing_done()
-
-    def _failed(self, error: InventoryError) -> None:
-        self._progress.listing_done()
-        for key in self._inventory.listing_scope():
-            self._errors.setdefault(key, f"{error.reason}: {error}")
+            self._left -= 1
+            if self._left <= 0:
+                self._progress.listing_done()
 
 
 class _Scoped:
@@ -941,11 +920,9 @@ class _FirstLine(logging.Formatter):
 
 
 def _subscriptions(args: argparse.Namespace, settings: Settings) -> list[str]:
-    """The subscriptions ``--subscription`` names (validated against the configured scope); empty:
-    the configured scope itself (MANAGEMENT_GROUP_ID, else TARGET_SUBSCRIPTIONS, else all visible)."""
     given = list(getattr(args, "subscription", []) or [])
     if not given:
-        return []
+        return list(settings.subscriptions)
     in_scope = {s.lower() for s in settings.subscriptions}
     for sub in given:
         if not is_subscription_id(sub):
@@ -955,33 +932,15 @@ def _subscriptions(args: argparse.Namespace, settings: Settings) -> list[str]:
     return given
 
 
-def _listing_settings(settings: Settings, subscriptions: Sequence[str]) -> Settings:
-    """The scope of a sweep's listing: the ``--subscription`` ones when given (each VM still passes
-    the configured scope's check), else the configured scope (``Inventory._scope``)."""
-    if not subscriptions:
-        return settings
-    return replace(settings, subscriptions=tuple(subscriptions), management_group=None)
-
-
-def _listing_subject(key: str) -> str:
-    """What a listing error's key names, for the one line the CLI prints."""
-    if key.startswith("managementGroups/"):
-        return f"management group {key.removeprefix('managementGroups/')}"
-    if key == "tenant":
-        return "the subscriptions the identity can read"
-    return f"subscription {key}"
-
-
 def _print_report(result: RunResult, args: argparse.Namespace) -> None:
     """The result on stdout in the chosen format, the JSON result to ``--out``, and one line per
-    subscription (or group, or tenant) that could not be listed on stderr."""
+    subscription that could not be listed on stderr."""
     print(render(result, args.output, full_ids=args.full_ids))
     if args.out:
         Path(args.out).write_text(json.dumps(result_document(result), indent=2) + "\n", encoding="utf-8")
-    for key, text in result.listing_errors.items():
-        subject = _listing_subject(key)
-        print(f"avma-remediator: {subject} could not be listed: {_one_line(text)}", file=sys.stderr)
-        logging.getLogger(__name__).info("listing %s: %s", key, text)
+    for sub, text in result.listing_errors.items():
+        print(f"avma-remediator: subscription {sub} could not be listed: {_one_line(text)}", file=sys.stderr)
+        logging.getLogger(__name__).info("listing subscription %s: %s", sub, text)
 
 
 def _simulated_env(values: Mapping[str, str]) -> dict[str, str | None]:
@@ -1032,11 +991,6 @@ def _serve(args: argparse.Namespace) -> int:
             estate = estate.with_faults(estate.faults.with_options(args.fault, seed=args.fault_seed))
         except EstateError as error:
             raise UsageError(str(error)) from error
-    if args.throttle:
-        try:
-            estate = estate.with_throttling(estate.throttling.with_options(args.throttle))
-        except EstateError as error:
-            raise UsageError(str(error)) from error
 
     def announce(env: Mapping[str, str]) -> None:
         print("# The simulator is running. Point the CLI or a Functions host at it with:")
@@ -1044,8 +998,6 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"unset {key}" if value is None else f"export {key}={value}")
         if estate.faults.enabled:
             print(f"# Faults on: {json.dumps(estate.faults.to_dict(), separators=(',', ':'))}")
-        if not estate.throttling.is_default:
-            print(f"# Throttling: {json.dumps(estate.throttling.to_dict(), separators=(',', ':'))}")
         print("# Ctrl-C (or SIGTERM) stops it.", flush=True)
 
     try:

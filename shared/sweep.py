@@ -1,29 +1,18 @@
 """Sweep: list every VM in scope and take each to an outcome, with bounded concurrency.
 
-Listing streams into bounded lanes, one per subscription (shared/lanes.py), that a fixed pool of
-workers drains round-robin, so memory stays bounded for any estate size, Run Commands start while
-later pages are still being listed, and every subscription's ARM budget is spent in parallel.
-
-:func:`sweep_inventory` lists the whole scope through one Resource Graph query
-(``Inventory.list_vms``). A failed query is not a failure of one subscription: Resource Graph does
-not say which subscriptions it did not reach, so the error is reported for everything the query
-covered (each subscription given, or ``managementGroups/<id>``, or ``tenant``), and the VMs listed
-before it are still worked on. A subscription given that Resource Graph does not see at all is
-reported on its own. :func:`sweep` lists per subscription through ARM (tests and the benchmark's
-sequential baseline).
+Listing streams into a bounded queue that a fixed pool of workers drains, so memory stays flat
+for any estate size and Run Commands start while later pages are still being listed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Protocol
 
 from shared.azure.compute import ComputeError
-from shared.azure.inventory import InventoryError
-from shared.lanes import DEFAULT_CAPACITY, SubscriptionLanes
 from shared.model import Outcome, VmId
 from shared.vm import VmFacts
 
@@ -41,26 +30,7 @@ class SweepReport:
     """Outcomes per VM, plus the subscriptions that could not be listed (a whole-scope failure)."""
 
     outcomes: list[Outcome] = field(default_factory=list)
-    # What could not be listed: a subscription id, ``managementGroups/<id>`` or ``tenant`` -> why.
     listing_errors: dict[str, str] = field(default_factory=dict)
-
-
-class VmListing(Protocol):
-    """``shared.azure.inventory.Inventory``: one listing of the whole scope."""
-
-    def list_vms(self) -> AsyncIterator[VmFacts]: ...
-
-    def listing_scope(self) -> list[str]: ...
-
-    async def unlisted_subscriptions(self) -> list[str]: ...
-
-
-# Why a subscription given is not listed when Resource Graph does not see it.
-NOT_LISTED: Final = (
-    "not-found: Resource Graph sees no such subscription (mistyped, or the identity cannot read it)"
-)
-# Put one listed VM in the lanes (each VM once, even if listed twice).
-Put = Callable[[VmFacts], Awaitable[None]]
 
 
 async def sweep(
@@ -70,89 +40,39 @@ async def sweep(
     *,
     concurrency: int,
     on_outcome: Callable[[Outcome], None] | None = None,
-    limit: Callable[[str], int] | None = None,
 ) -> SweepReport:
-    """Run the workflow on every VM of ``subscriptions``, listed per subscription through ARM."""
+    """Run the workflow on every VM of ``subscriptions``; each VM once, even if listed twice."""
+    report = SweepReport()
+    queue: asyncio.Queue[VmFacts | None] = asyncio.Queue(maxsize=concurrency * 2)
+    seen: set[VmId] = set()
 
-    async def produce(put: Put, report: SweepReport) -> None:
+    async def produce() -> None:
         for sub in subscriptions:
             try:
                 async for vm in list_vms(sub):
-                    await put(vm)
+                    if vm.vm_id in seen:
+                        continue
+                    seen.add(vm.vm_id)
+                    await queue.put(vm)
             except ComputeError as error:
                 log.error("cannot list VMs of subscription %s: %s", sub, error)
                 report.listing_errors[sub] = f"{error.reason}: {error}"
 
-    return await _run(remediator, produce, concurrency=concurrency, on_outcome=on_outcome, limit=limit)
-
-
-async def sweep_inventory(
-    remediator: Checker,
-    inventory: VmListing,
-    *,
-    concurrency: int,
-    on_outcome: Callable[[Outcome], None] | None = None,
-    limit: Callable[[str], int] | None = None,
-) -> SweepReport:
-    """Run the workflow on every VM of the inventory's scope, listed in one Resource Graph query.
-
-    ``limit`` is how many VMs of a subscription may be worked on at once
-    (``ComputeGateway.pacer.concurrency``); None: no limit below ``concurrency``.
-    """
-
-    async def produce(put: Put, report: SweepReport) -> None:
-        try:
-            for sub in await inventory.unlisted_subscriptions():
-                log.error("Resource Graph sees no subscription %s", sub)
-                report.listing_errors[sub] = NOT_LISTED
-            async for vm in inventory.list_vms():
-                await put(vm)
-        except InventoryError as error:
-            scope = inventory.listing_scope()
-            log.error("cannot list the VMs of %s: %s", ", ".join(scope), error)
-            for key in scope:
-                report.listing_errors.setdefault(key, f"{error.reason}: {error}")
-
-    return await _run(remediator, produce, concurrency=concurrency, on_outcome=on_outcome, limit=limit)
-
-
-async def _run(
-    remediator: Checker,
-    produce: Callable[[Put, SweepReport], Awaitable[None]],
-    *,
-    concurrency: int,
-    on_outcome: Callable[[Outcome], None] | None,
-    limit: Callable[[str], int] | None,
-) -> SweepReport:
-    report = SweepReport()
-    lanes = SubscriptionLanes(capacity=max(DEFAULT_CAPACITY, 2 * concurrency), limit=limit)
-    seen: set[VmId] = set()
-
-    async def put(vm: VmFacts) -> None:
-        if vm.vm_id in seen:
-            return
-        seen.add(vm.vm_id)
-        await lanes.put(vm)
-
-    async def listing() -> None:
-        try:
-            await produce(put, report)
-        finally:
-            await lanes.close()
-
     async def work() -> None:
-        while (vm := await lanes.get()) is not None:
-            try:
-                outcome = await remediator.check(vm.vm_id, listed=vm)
-            finally:
-                await lanes.done(vm)
+        while True:
+            vm = await queue.get()
+            if vm is None:
+                return
+            outcome = await remediator.check(vm.vm_id, listed=vm)
             report.outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)
 
     workers = [asyncio.create_task(work()) for _ in range(concurrency)]
     try:
-        await listing()
+        await produce()
+        for _ in workers:
+            await queue.put(None)
         await asyncio.gather(*workers)
     finally:
         for task in workers:

@@ -28,7 +28,6 @@ from urllib.parse import urlencode
 from simulator.estate import POWER_STATES, Estate, VmSpec
 from simulator.faults import FaultInjector, ThrottleAnswer
 from simulator.guest import DETECT_FIRST_LINE, REMEDIATE_FIRST_LINE, WindowsGuest, nt_version
-from simulator.throttle import ArmVerdict, Throttle
 
 OUTPUT_LIMIT_BYTES: Final = 4096
 CONFLICT_MESSAGE: Final = (
@@ -154,7 +153,6 @@ class Compute:
         page_size: int = 100,
         clock: Callable[[], float] = time.monotonic,
         faults: FaultInjector | None = None,
-        throttle: Throttle | None = None,
     ) -> None:
         if latency_s < 0:
             raise ValueError("latency_s must be 0 or more")
@@ -166,12 +164,6 @@ class Compute:
         self._clock = clock
         self._started = clock()
         self.faults = faults if faults is not None else FaultInjector(estate.faults, clock=clock)
-        # ARM's documented budgets (and Resource Graph's quota, which the server's graph asks here).
-        self.throttle = (
-            throttle
-            if throttle is not None
-            else Throttle(estate.throttling, cloud=estate.cloud, latency_s=latency_s, clock=clock)
-        )
         self._lock = threading.Lock()
         self._vms: dict[str, VmState] = {}
         self._by_sub: dict[str, list[str]] = {sub.lower(): [] for sub in estate.subscriptions}
@@ -212,32 +204,21 @@ class Compute:
             self._count("not_found")
             return arm_error(404, "NotFound", f"No route for {method} {path[:200]}")
         kind, expected_method = route
-        sub = parts[1]
-        # ARM throttles before the request reaches the resource provider: its documented budget
-        # (simulator/throttle.py) for any request under a subscription, whatever the answer, then
-        # the stricter buckets of the armThrottling fault when it is on.
-        budget = self.throttle.arm(sub, method)
-        if budget is not None and not budget.allowed:
-            return _with_remaining(_throttled(budget, sub), None, budget)
         if method != expected_method:
             self._count("not_found")
-            return _with_remaining(
-                arm_error(405, "MethodNotAllowed", f"{method} is not allowed on {path[:200]}"), None, budget
-            )
+            return arm_error(405, "MethodNotAllowed", f"{method} is not allowed on {path[:200]}")
         self._count(kind)
         if not q.get("api-version"):
-            return _with_remaining(
-                arm_error(
-                    400,
-                    "MissingApiVersionParameter",
-                    "The api-version query parameter (?api-version=) is required for all requests.",
-                ),
-                None,
-                budget,
+            return arm_error(
+                400,
+                "MissingApiVersionParameter",
+                "The api-version query parameter (?api-version=) is required for all requests.",
             )
+        sub = parts[1]
+        # ARM throttles before the request reaches the resource provider.
         throttle = self.faults.throttle(sub, write=expected_method != "GET")
         if throttle is not None and not throttle.allowed:
-            return _with_remaining(_throttled(throttle, sub), throttle, budget)
+            return _with_remaining(_throttled(throttle, sub), throttle)
         if self.faults.fire("serverError", path[:200]):
             error = server_error(self.faults.draw("serverError"), sub, self.latency_s)
             if kind == "run_command" and self.faults.draw("serverError") < self.faults.plan.after_accept:
@@ -246,10 +227,10 @@ class Compute:
                     self._dispatch(
                         kind, path, parts, low, query, q, body, base_url, self._clock(), ghost=True
                     )
-            return _with_remaining(error, throttle, budget)
+            return _with_remaining(error, throttle)
         with self._lock:
             answer = self._dispatch(kind, path, parts, low, query, q, body, base_url, self._clock())
-        return _with_remaining(answer, throttle, budget)
+        return _with_remaining(answer, throttle)
 
     def _dispatch(
         self,
@@ -938,9 +919,9 @@ def server_error(draw: float, subscription: str, latency_s: float) -> ArmRespons
     return ArmResponse(error.status, error.body, {"Retry-After": f"{max(latency_s, 0.001):.3f}"})
 
 
-def _throttled(answer: ThrottleAnswer | ArmVerdict, subscription: str) -> ArmResponse:
+def _throttled(answer: ThrottleAnswer, subscription: str) -> ArmResponse:
     """ARM's token-bucket refusal: 429 ``SubscriptionRequestsThrottled`` with Retry-After."""
-    kind = answer.header.rsplit("-", 1)[-1].removesuffix("s")  # read, write, delete
+    kind = "write" if answer.header.endswith("writes") else "read"
     wait = answer.retry_after_s + 0.0005
     error = arm_error(
         429,
@@ -952,18 +933,10 @@ def _throttled(answer: ThrottleAnswer | ArmVerdict, subscription: str) -> ArmRes
     return ArmResponse(error.status, error.body, {"Retry-After": f"{wait:.3f}"})
 
 
-def _with_remaining(
-    answer: ArmResponse, throttle: ThrottleAnswer | None, budget: ArmVerdict | None
-) -> ArmResponse:
-    """Every answer carries the subscription's remaining budget of its kind (reads, writes or
-    deletes); with the armThrottling fault on too, the smaller of the two remainders."""
-    remaining: dict[str, int] = {}
-    for source in (budget, throttle):
-        if source is not None:
-            known = remaining.get(source.header)
-            remaining[source.header] = source.remaining if known is None else min(known, source.remaining)
-    if not remaining:
+def _with_remaining(answer: ArmResponse, throttle: ThrottleAnswer | None) -> ArmResponse:
+    """Every answer carries the subscription's remaining reads or writes while throttling is on."""
+    if throttle is None:
         return answer
     return ArmResponse(
-        answer.status, answer.body, {**answer.headers, **{k: str(v) for k, v in remaining.items()}}
+        answer.status, answer.body, {**answer.headers, throttle.header: str(throttle.remaining)}
     )

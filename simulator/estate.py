@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from simulator.faults import FaultPlan
     from simulator.network import NetworkSpec, NicSpec
-    from simulator.throttle import ThrottleSettings
 
 CHANNELS: Final = ("AVMA", "KMS_CLIENT", "RETAIL", "MAK", "OEM")
 # Every PowerState/<code> ARM reports (states-billing.md; the SDKs' PowerState enums).
@@ -62,8 +61,6 @@ PS_VERSIONS: Final = ("1.0", "2.0", "3.0", "4.0", "5.0", "5.1")
 # A Windows computer (NetBIOS) name: 1-15 letters, digits and hyphens, not all digits.
 _COMPUTER_NAME = re.compile(r"^(?![0-9]+$)[A-Za-z0-9-]{1,15}$")
 _LOCATION = re.compile(r"^[a-z0-9]{2,40}$")
-# A management group id (what MANAGEMENT_GROUP_ID accepts: shared/settings.py).
-_GROUP_ID = re.compile(r"^[-\w.()]{1,90}$")
 
 
 class EstateError(ValueError):
@@ -198,10 +195,6 @@ class Estate:
     subscriptions: tuple[str, ...]
     cloud: str = "AzureCloud"
     faults: FaultPlan = field(default_factory=lambda: _no_faults())
-    # ARM's and Resource Graph's budgets (simulator/throttle.py); the default is the cloud's model.
-    throttling: ThrottleSettings = field(default_factory=lambda: _default_throttling())
-    # Management group id -> the subscriptions in it; empty: every group holds the whole estate.
-    management_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     network: NetworkSpec | None = None
     _by_key: Mapping[str, VmSpec] = field(default_factory=dict, repr=False, compare=False)
 
@@ -222,34 +215,17 @@ class Estate:
             out["network"] = dict(self.network.raw)
         if self.faults.enabled:
             out["faults"] = self.faults.to_dict()
-        if not self.throttling.is_default:
-            out["throttling"] = self.throttling.to_dict()
-        if self.management_groups:
-            out["managementGroups"] = {group: list(subs) for group, subs in self.management_groups.items()}
         return out
 
     def with_faults(self, faults: FaultPlan) -> Estate:
         """The same VMs with another fault plan (docs/simulator.md, "Faults")."""
-        return replace(self, faults=faults)
-
-    def with_throttling(self, throttling: ThrottleSettings) -> Estate:
-        """The same VMs with other ARM and Resource Graph budgets (docs/simulator.md, "Throttling")."""
-        return replace(self, throttling=throttling)
-
-    def with_management_groups(self, groups: Mapping[str, Sequence[str]]) -> Estate:
-        """The same VMs with these management groups (group id -> subscription ids), validated."""
-        data = {group: list(subs) for group, subs in groups.items()}
-        return replace(self, management_groups=_management_groups(data, self.subscriptions))
-
-    def group_subscriptions(self, group: str) -> tuple[str, ...] | None:
-        """The subscriptions in a management group (ids compare ignoring case); None for a group the
-        estate does not have. Without ``managementGroups`` every group holds every subscription."""
-        if not self.management_groups:
-            return self.subscriptions
-        for name, subs in self.management_groups.items():
-            if name.lower() == group.lower():
-                return subs
-        return None
+        return Estate(
+            vms=self.vms,
+            subscriptions=self.subscriptions,
+            cloud=self.cloud,
+            faults=faults,
+            network=self.network,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Estate:
@@ -272,9 +248,8 @@ class Estate:
         """Validate ``data`` (the parsed JSON) and build the estate; raise :class:`EstateError`."""
         obj = _object(data, "$")
         faults = _faults(obj.get("faults", {}))
-        throttling = _throttling(obj.get("throttling", {}))
         if "generate" in obj:
-            _keys(obj, "$", required=("generate",), optional=("faults", "throttling", "managementGroups"))
+            _keys(obj, "$", required=("generate",), optional=("faults",))
             gen = _object(obj["generate"], "$.generate")
             _keys(gen, "$.generate", required=("count", "seed"), optional=("mix", "subscriptions", "cloud"))
             count = _int(gen["count"], "$.generate.count", low=0, high=1_000_000)
@@ -284,14 +259,8 @@ class Estate:
             subs = _int(gen.get("subscriptions", 2), "$.generate.subscriptions", low=1, high=100)
             cloud = _choice(gen.get("cloud", "AzureCloud"), "$.generate.cloud", CLOUDS)
             estate = cls.generate(count=count, seed=seed, mix=mix, subscriptions=subs, cloud=cloud)
-            groups = _management_groups(obj.get("managementGroups", {}), estate.subscriptions, generated=True)
-            return replace(estate, faults=faults, throttling=throttling, management_groups=groups)
-        _keys(
-            obj,
-            "$",
-            required=("vms",),
-            optional=("subscriptions", "cloud", "faults", "network", "throttling", "managementGroups"),
-        )
+            return estate.with_faults(faults)
+        _keys(obj, "$", required=("vms",), optional=("subscriptions", "cloud", "faults", "network"))
         cloud = _choice(obj.get("cloud", "AzureCloud"), "$.cloud", CLOUDS)
         network = _network(obj["network"]) if "network" in obj else None
         declared: list[str] | None = None
@@ -325,16 +294,7 @@ class Estate:
             for vm in vms:
                 if vm.subscription_id.lower() not in {s.lower() for s in declared}:
                     declared.append(vm.subscription_id)
-        groups = _management_groups(obj.get("managementGroups", {}), tuple(declared))
-        return cls(
-            vms=tuple(vms),
-            subscriptions=tuple(declared),
-            cloud=cloud,
-            faults=faults,
-            network=network,
-            throttling=throttling,
-            management_groups=groups,
-        )
+        return cls(vms=tuple(vms), subscriptions=tuple(declared), cloud=cloud, faults=faults, network=network)
 
     @classmethod
     def generate(
@@ -372,54 +332,6 @@ def _faults(raw: object) -> FaultPlan:
     from simulator.faults import FaultPlan
 
     return FaultPlan.from_dict(raw, "$.faults")
-
-
-def _default_throttling() -> ThrottleSettings:
-    # throttle.py raises EstateError, so it imports this module
-    from simulator.throttle import ThrottleSettings
-
-    return ThrottleSettings()
-
-
-def _throttling(raw: object) -> ThrottleSettings:
-    from simulator.throttle import ThrottleSettings
-
-    return ThrottleSettings.from_dict(raw, "$.throttling")
-
-
-def _management_groups(
-    raw: object, subscriptions: Sequence[str], *, generated: bool = False
-) -> dict[str, tuple[str, ...]]:
-    """``managementGroups``: group id -> subscription ids of the estate (a flat model: no nesting).
-
-    In the generator form the subscriptions are made up from the seed, so a group lists them by
-    position instead: ``{"mg-a": [0, 1]}`` holds the first two generated subscriptions.
-    """
-    obj = _object(raw, "$.managementGroups")
-    known = {s.lower(): s for s in subscriptions}
-    groups: dict[str, tuple[str, ...]] = {}
-    for group, members in obj.items():
-        path = f"$.managementGroups.{group}"
-        if not _GROUP_ID.match(group):
-            raise EstateError(path, "not a management group id (1-90 letters, digits, - _ . ( ))")
-        if group.lower() in {g.lower() for g in groups}:
-            raise EstateError(path, "duplicate management group (ids ignore case)")
-        subs: list[str] = []
-        for i, member in enumerate(_array(members, path)):
-            where = f"{path}[{i}]"
-            if generated:
-                index = _int(member, where, low=0, high=len(subscriptions) - 1)
-                sub = subscriptions[index]
-            else:
-                text = _string(member, where)
-                if text.lower() not in known:
-                    raise EstateError(where, f"subscription {text[:60]} is not in the estate")
-                sub = known[text.lower()]
-            if sub in subs:
-                raise EstateError(where, f"duplicate subscription {sub}")
-            subs.append(sub)
-        groups[group] = tuple(subs)
-    return groups
 
 
 def _network(raw: object) -> NetworkSpec:

@@ -87,8 +87,6 @@ GRAPH_THROTTLED_MESSAGE: Final = (
     "amount of time has elapsed. Please see https://aka.ms/resourcegraph-throttling for help."
 )
 GRAPH_SUPPORT_MESSAGE: Final = "Please provide below info when asking for support: simulated request."
-# The principal an authorization error names (one identity in the simulator; the value is made up).
-GRAPH_PRINCIPAL: Final = "5b7e2c1a-0d4f-4e8a-9c3b-6f1d2e3a4b5c"
 _VM_TYPE: Final = "microsoft.compute/virtualmachines"
 _GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
 _DURATION = re.compile(
@@ -106,11 +104,8 @@ _PREDICATE = re.compile(
 )
 _ORDER = re.compile(r"^order\s+by\s+id(?:\s+asc)?$", re.IGNORECASE)
 # The columns a row of the Resources table has for a VM (properties hold the rest).
-GRAPH_COLUMNS: Final = ("id", "name", "type", "location", "resourceGroup", "subscriptionId", "tags")
-# A computed column of a ``project``: ``alias = tostring(path)`` (KQL's project with a new name).
-_COMPUTED = re.compile(r"^(?P<alias>[A-Za-z_]\w*)\s*=\s*tostring\(\s*(?P<path>[A-Za-z_][\w.]*)\s*\)$")
+GRAPH_COLUMNS: Final = ("id", "name", "type", "location", "resourceGroup", "subscriptionId")
 Predicate = tuple[str, str, str]  # (property path, operator, literal)
-Column = tuple[str, str, bool]  # (name in the result, property path, through tostring())
 
 
 def default_workspace_id(subscriptions: Sequence[str]) -> str:
@@ -438,62 +433,37 @@ class ResourceGraph:
             return [dict(entry) for entry in self._log]
 
     def handle(self, body: bytes) -> ArmResponse:
-        """Answer one authenticated, routed query (api-version already checked by the server).
-
-        The quota (simulator/throttle.py) counts every query the hook did not refuse first, and
-        every answer carries its headers, as guidance-for-throttled-requests.md says."""
+        """Answer one authenticated, routed query (api-version already checked by the server)."""
         entry: dict[str, Any] = {}
-        answer = self._forced_throttle()
-        if answer is None:
-            quota = self.compute.throttle.graph()
-            if quota is not None and not quota.allowed:
-                answer = _rate_limited(quota.headers())
-                entry["quota"] = "exceeded"
-            else:
-                answer = self._answer(body, entry)
-                if quota is not None:
-                    answer = ArmResponse(answer.status, answer.body, {**answer.headers, **quota.headers()})
+        answer = self._answer(body, entry)
         entry["status"] = answer.status
         with self._lock:
             self._log.append(entry)
         return answer
 
-    def _forced_throttle(self) -> ArmResponse | None:
-        """A 429 of :meth:`throttle`, while it has some left to give."""
-        with self._lock:
-            if self._throttle <= 0:
-                return None
-            self._throttle -= 1
-            return _rate_limited(
-                {
-                    "x-ms-user-quota-remaining": "0",
-                    "x-ms-user-quota-resets-after": _hms(self._resets_after_s),
-                    **({"Retry-After": str(self._retry_after_s)} if self._retry_after_s is not None else {}),
-                }
-            )
-
-    def _scope(self, subscriptions: list[str], groups: list[str]) -> set[str] | ArmResponse | None:
-        """The subscriptions (lower case) a query reaches; None: all of the estate (the tenant)."""
-        if subscriptions:
-            return {s.lower() for s in subscriptions}
-        if not groups:
-            return None
-        reached: set[str] = set()
-        for group in groups:
-            subs = self.compute.estate.group_subscriptions(group)
-            if subs is None:
-                return _graph_error(
-                    403,
-                    "AuthorizationFailed",
-                    f"The client '{GRAPH_PRINCIPAL}' does not have authorization to perform action "
-                    "'Microsoft.Management/managementGroups/read' over scope "
-                    f"'/providers/Microsoft.Management/managementGroups/{group[:90]}' "
-                    "or the scope is invalid.",
-                )
-            reached.update(s.lower() for s in subs)
-        return reached
-
     def _answer(self, body: bytes, entry: dict[str, Any]) -> ArmResponse:
+        with self._lock:
+            if self._throttle > 0:
+                self._throttle -= 1
+                return ArmResponse(
+                    429,
+                    {
+                        "error": {
+                            "code": "RateLimiting",
+                            "message": GRAPH_SUPPORT_MESSAGE,
+                            "details": [{"code": "RateLimiting", "message": GRAPH_THROTTLED_MESSAGE}],
+                        }
+                    },
+                    {
+                        "x-ms-user-quota-remaining": "0",
+                        "x-ms-user-quota-resets-after": _hms(self._resets_after_s),
+                        **(
+                            {"Retry-After": str(self._retry_after_s)}
+                            if self._retry_after_s is not None
+                            else {}
+                        ),
+                    },
+                )
         parsed = _graph_request(body)
         if isinstance(parsed, ArmResponse):
             return parsed
@@ -502,11 +472,8 @@ class ResourceGraph:
         entry["skipToken"] = options.get("$skipToken")
         if subscriptions and groups:
             return _graph_error(400, "InvalidScope", "Give subscriptions or managementGroups, not both.")
-        scope = self._scope(subscriptions, groups)
-        if isinstance(scope, ArmResponse):
-            return scope
         if query.strip().lower().startswith("resourcecontainers"):
-            return self._containers(query, scope, options, entry)
+            return self._containers(query, subscriptions, options, entry)
         low = query.lower()
         parsed_query = _graph_query(query)
         if isinstance(parsed_query, str):
@@ -516,31 +483,28 @@ class ResourceGraph:
             return _graph_error(400, "InvalidQuery", "The simulator holds only VMs: filter on their type.")
         if "computername" in low:
             entry["kind"] = "resolve_computer"
-        elif "powerstate" in low:
-            entry["kind"] = "list_vms"
         elif "ostype" in low:
             entry["kind"] = "windows_vms"
         else:
             entry["kind"] = "query"
         views = self.compute.snapshot()
-        # The scope: the subscriptions given, those of the management groups, or the whole estate.
-        if scope is not None:
-            views = [v for v in views if v.spec.subscription_id.lower() in scope]
+        # A management group (or no scope: the tenant) holds every subscription of the estate.
+        if subscriptions:
+            wanted = {s.lower() for s in subscriptions}
+            views = [v for v in views if v.spec.subscription_id.lower() in wanted]
         docs = [_graph_document(v) for v in views]
         docs = [d for d in docs if all(_holds(clause, d) for clause in filters)]
         docs.sort(key=lambda d: str(d["id"]))
-        rows = [[_column(d, column) for column in columns] for d in docs]
-        return self._page(rows, [name for name, _, _ in columns], options, entry)
+        return self._page([[d[c] for c in columns] for d in docs], columns, options, entry)
 
     def _containers(
-        self, query: str, scope: set[str] | None, options: Mapping[str, Any], entry: dict[str, Any]
+        self, query: str, subscriptions: list[str] | None, options: Mapping[str, Any], entry: dict[str, Any]
     ) -> ArmResponse:
         """``ResourceContainers`` of type ``microsoft.resources/subscriptions``: the estate's subscriptions.
 
-        The subscriptions in scope: those given, those of the management groups (every one, when
-        the estate has no ``managementGroups``), or all of the estate; one that is not in the estate
-        is in none. Only ``where`` comparisons on ``type`` and ``subscriptionId`` and ``project
-        subscriptionId`` are evaluated (the scope check's and the listing's queries).
+        Every subscription of the estate is in every management group (as for ``Resources``); one
+        that is not in the estate is in none. Only ``where`` comparisons on ``type`` and
+        ``subscriptionId`` and ``project subscriptionId`` are evaluated (the scope check's query).
         """
         entry["kind"] = "subscriptions"
         stages = [stage.strip() for stage in query.split("|")]
@@ -555,13 +519,13 @@ class ResourceGraph:
         if ("type", wanted_type) not in filters:
             return _graph_error(400, "InvalidQuery", "Filter ResourceContainers on the subscription type.")
         subs = [s.lower() for s in self.compute.estate.subscriptions]
-        if scope is not None:
-            subs = [s for s in subs if s in scope]
+        if subscriptions:
+            subs = [s for s in subs if s in {w.lower() for w in subscriptions}]
         rows = [[s] for s in sorted(subs) if all(v == s for c, v in filters if c == "subscriptionId")]
         return self._page(rows, ["subscriptionId"], options, entry)
 
     def _page(
-        self, rows: list[list[Any]], columns: list[str], options: Mapping[str, Any], entry: dict[str, Any]
+        self, rows: list[list[str]], columns: list[str], options: Mapping[str, Any], entry: dict[str, Any]
     ) -> ArmResponse:
         top = options.get("$top", GRAPH_MAX_TOP)
         if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= GRAPH_MAX_TOP:
@@ -601,21 +565,6 @@ def _hms(seconds: int) -> str:
     return f"{seconds // 3600:02}:{seconds % 3600 // 60:02}:{seconds % 60:02}"
 
 
-def _rate_limited(headers: Mapping[str, str]) -> ArmResponse:
-    """Resource Graph's 429 ``RateLimiting`` (Azure/azure-cli-extensions#3325) with these headers."""
-    return ArmResponse(
-        429,
-        {
-            "error": {
-                "code": "RateLimiting",
-                "message": GRAPH_SUPPORT_MESSAGE,
-                "details": [{"code": "RateLimiting", "message": GRAPH_THROTTLED_MESSAGE}],
-            }
-        },
-        dict(headers),
-    )
-
-
 def _graph_request(
     raw: bytes,
 ) -> tuple[str, list[str], list[str], Mapping[str, Any]] | ArmResponse:
@@ -643,18 +592,17 @@ def _graph_request(
     return query, scopes[0], scopes[1], options
 
 
-def _graph_query(query: str) -> tuple[list[list[Predicate]], list[Column]] | str:
+def _graph_query(query: str) -> tuple[list[list[Predicate]], list[str]] | str:
     """The ``where`` clauses (each a list of alternatives) and projected columns of a query, or why not.
 
     The subset the simulator evaluates: ``Resources``, then ``| where`` comparisons joined by all
-    ``or`` or all ``and``, ``| project`` of table columns and of ``alias = tostring(path)``,
-    ``| order by id asc``. Anything else is refused.
+    ``or`` or all ``and``, ``| project`` of table columns, ``| order by id asc``. Anything else is refused.
     """
     stages = [stage.strip() for stage in query.split("|")]
     if stages[0].lower() != "resources":
         return "The simulator answers queries of the Resources table only."
     filters: list[list[Predicate]] = []
-    columns: list[Column] = [("id", "id", False)]
+    columns = ["id"]
     for stage in stages[1:]:
         word, _, rest = stage.partition(" ")
         word = word.lower()
@@ -677,20 +625,9 @@ def _graph_query(query: str) -> tuple[list[list[Predicate]], list[Column]] | str
             else:
                 filters.append(predicates)
         elif word == "project":
-            columns = []
-            for item in (c.strip() for c in rest.split(",")):
-                computed = _COMPUTED.match(item)
-                if computed is not None:
-                    path = computed["path"]
-                    if path.split(".")[0] not in (*GRAPH_COLUMNS, "properties"):
-                        return f"Unknown column {path.split('.')[0]!r}."
-                    columns.append((computed["alias"], path, True))
-                elif item in GRAPH_COLUMNS:
-                    columns.append((item, item, False))
-                else:
-                    return f"Project only {', '.join(GRAPH_COLUMNS)} and alias = tostring(path)."
-            if not columns or len({name for name, _, _ in columns}) != len(columns):
-                return "Project each column once."
+            columns = [c.strip() for c in rest.split(",") if c.strip()]
+            if not columns or any(c not in GRAPH_COLUMNS for c in columns):
+                return f"Project only {', '.join(GRAPH_COLUMNS)}."
         elif not _ORDER.match(stage):
             return f"Unsupported operator: {stage[:80]!r}."
     return filters, columns
@@ -726,22 +663,8 @@ def _graph_document(view: VmView) -> dict[str, Any]:
         "location": spec.location,
         "resourceGroup": spec.resource_group.lower(),
         "subscriptionId": spec.subscription_id,
-        "tags": dict(spec.tags),
         "properties": props,
     }
-
-
-def _column(doc: Mapping[str, Any], column: Column) -> Any:
-    """A projected value: a table column as it is, or ``tostring(path)`` ("" for a missing property)."""
-    _, path, as_string = column
-    value: Any = doc
-    for name in path.split("."):
-        value = value.get(name) if isinstance(value, Mapping) else None
-    if not as_string:
-        return value
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def _holds(clause: list[Predicate], doc: Mapping[str, Any]) -> bool:

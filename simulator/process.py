@@ -41,7 +41,6 @@ CALLS: Final = frozenset(
         "set_busy",
         "set_log_partial_error",
         "throttle_resource_graph",
-        "throttling",
     }
 )
 START_TIMEOUT_S: Final = 60.0

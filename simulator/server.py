@@ -460,11 +460,6 @@ class Simulator:
         """Every Resource Graph query: kind, subscriptions, managementGroups, top, skipToken, rows, status."""
         return self.server.graph.queries()
 
-    def throttling(self) -> dict[str, Any]:
-        """ARM's budgets and Resource Graph's quota so far: model, time scale, requests and 429s per
-        subscription and kind, Resource Graph's (docs/simulator.md, "Throttling")."""
-        return self.compute.throttle.stats()
-
 
 async def start_server(
     estate: Estate,

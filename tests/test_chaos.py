@@ -326,9 +326,7 @@ def test_no_faults_no_counts(sim_factory: Callable[..., Simulator]) -> None:
     sim = serve(sim_factory, {})
     arm, vm = Arm(sim), sim.estate.vms[0].id
     _, headers, _ = arm("GET", vm)
-    # The remaining budget is ARM's documented one (simulator/throttle.py), not a fault's.
-    budget = {h.lower(): v for h, v in headers.items() if h.lower().startswith("x-ms-ratelimit")}
-    assert budget == {"x-ms-ratelimit-remaining-subscription-reads": "249"}
+    assert not any(h.lower().startswith("x-ms-ratelimit") for h in headers)
     assert sim.faults() == dict.fromkeys(KINDS, 0)
 
 

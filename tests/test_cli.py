@@ -15,7 +15,6 @@ import pytest
 from shared.catalog import select_key
 from shared.cli import main
 from shared.guest.facts import OsFacts
-from shared.model import VmId
 from simulator import Estate, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -260,7 +259,6 @@ def _simulated(monkeypatch: pytest.MonkeyPatch, sim: Simulator) -> None:
 
 
 UNKNOWN_SUB = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
-WITHOUT_LEDGER = "avma-remediator: running without the ledger"
 
 
 @pytest.mark.parametrize("verbose", [False, True], ids=["plain", "verbose"])
@@ -270,82 +268,45 @@ def test_a_subscription_that_cannot_be_listed_is_one_line_that_says_so(
     caplog: pytest.LogCaptureFixture,
     verbose: bool,
 ) -> None:
-    """A subscription Resource Graph does not see (a typo, or no read access: Resource Graph answers
-    for the others and says nothing of it) is one line naming it, and the run exits 1."""
+    """ARM's answer spans three lines in the SDK's text ("(Code) message", "Code:", "Message:"):
+    the line names the subscription and what ARM said first; -v logs the whole answer."""
     with Simulator(Estate.default(), latency_s=0.01) as sim:
         _simulated(monkeypatch, sim)
-        known = Estate.default().subscriptions[0]
-        monkeypatch.setenv("TARGET_SUBSCRIPTIONS", f"{UNKNOWN_SUB},{known}")
-        code = main([*(["-v"] if verbose else []), "sweep", "--output", "json"])
-    captured = capsys.readouterr()
-    assert code == 1
-    # The once-said ledger notice (issue 10 item 14, tests/test_cli_ledger.py) is not a listing error.
-    lines = [line for line in captured.err.splitlines() if not line.startswith(WITHOUT_LEDGER)]
-    errors = [line for line in lines if line.startswith("avma-remediator:")]
-    assert errors == [
-        f"avma-remediator: subscription {UNKNOWN_SUB} could not be listed: not-found: Resource Graph"
-        " sees no such subscription (mistyped, or the identity cannot read it)"
-    ]
-    assert lines == errors, captured.err
-    sweep_records = [r for r in caplog.records if r.name == "shared.sweep"]
-    assert bool(sweep_records) is verbose  # the sweep's own record only under -v
-    out = json.loads(captured.out)
-    assert list(out["listingErrors"]) == [UNKNOWN_SUB]
-    # The subscription that exists was swept all the same.
-    assert {VmId.parse(v["id"]).subscription_id for v in out["vms"]} == {known}
-
-
-@pytest.mark.parametrize("verbose", [False, True], ids=["plain", "verbose"])
-def test_a_failed_listing_query_is_reported_for_everything_it_covered(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    verbose: bool,
-) -> None:
-    """Resource Graph refusing the listing (429 until the retries are spent) is not one
-    subscription's failure: each subscription the query covered gets one line, what the service
-    said first (the SDK's text spans lines), and -v logs the whole answer."""
-    subs = list(Estate.default().subscriptions[:2])
-    with Simulator(Estate.default(), latency_s=0.01) as sim:
-        _simulated(monkeypatch, sim)
-        monkeypatch.setenv("TARGET_SUBSCRIPTIONS", ",".join(subs))
-        sim.throttle_resource_graph(50, resets_after_s=0)
+        monkeypatch.setenv("TARGET_SUBSCRIPTIONS", UNKNOWN_SUB)  # 404 SubscriptionNotFound
         code = main([*(["-v"] if verbose else []), "sweep", "--output", "json"])
     captured = capsys.readouterr()
     assert code == 1
     errors = [line for line in captured.err.splitlines() if line.startswith("avma-remediator:")]
     assert errors == [
-        f"avma-remediator: subscription {sub} could not be listed: throttled: (RateLimiting) Please"
-        " provide below info when asking for support: simulated request. (-v shows the rest)"
-        for sub in subs
+        f"avma-remediator: subscription {UNKNOWN_SUB} could not be listed: not-found: (SubscriptionNotFound)"
+        f" The subscription '{UNKNOWN_SUB}' could not be found. (-v shows the rest)"
     ]
+    assert captured.err.splitlines() == errors, captured.err
+    sweep_records = [r for r in caplog.records if r.name == "shared.sweep"]
     if verbose:
-        assert "Code: RateLimiting" in caplog.text  # the whole answer, logged
+        assert "Code: SubscriptionNotFound" in caplog.text  # the whole answer, logged
+        assert sweep_records
     else:
-        assert captured.err.splitlines() == errors, captured.err
-    out = json.loads(captured.out)
-    assert out["vms"] == [] and sorted(out["listingErrors"]) == sorted(subs)
-    assert all("Code: RateLimiting" in text for text in out["listingErrors"].values())
+        assert sweep_records == []  # the sweep's own multi-line record is not repeated on stderr
+    listed = json.loads(captured.out)["listingErrors"][UNKNOWN_SUB]
+    assert "Code: SubscriptionNotFound" in listed  # the report keeps the whole answer
 
 
-def test_without_target_subscriptions_the_sweep_lists_everything_resource_graph_sees(
+def test_subscriptions_that_cannot_be_listed_are_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """No TARGET_SUBSCRIPTIONS and no MANAGEMENT_GROUP_ID: one Resource Graph listing with no scope
-    (every subscription the identity can read), and no ARM list of subscriptions or VMs."""
-    estate = Estate.default()
-    with Simulator(estate, latency_s=0.01) as sim:
+    """No TARGET_SUBSCRIPTIONS: the sweep lists the visible subscriptions (GET /subscriptions),
+    which the simulator does not serve (404 NotFound, as any route it does not know)."""
+    with Simulator(Estate.default(), latency_s=0.01) as sim:
         _simulated(monkeypatch, sim)
         monkeypatch.delenv("TARGET_SUBSCRIPTIONS")
         code = main(["sweep", "--output", "json"])
-        listings = [q for q in sim.graph_queries() if q.get("kind") == "list_vms"]
-        paths = [r["path"].lower() for r in sim.request_log()]
-    out = json.loads(capsys.readouterr().out)
-    assert code == 1  # the built-in estate's 2008 R2 cannot run detection, as in the demo
-    assert len(out["vms"]) == len(estate.vms) and out["listingErrors"] == {}
-    assert [(q["subscriptions"], q["managementGroups"], q["top"]) for q in listings] == [([], [], 1000)]
-    assert "/subscriptions" not in paths
-    assert not any(p.endswith("/providers/microsoft.compute/virtualmachines") for p in paths)
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert captured.err.splitlines() == [
+        "avma-remediator: cannot list subscriptions: ARM answered HTTP 404 NotFound (not-found);"
+        " -v shows the full answer"
+    ], captured.err
 
 
 def test_without_v_a_log_record_on_stderr_is_one_line() -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
-import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
@@ -29,11 +27,8 @@ from azure.core.pipeline.policies import AsyncRetryPolicy, SansIOHTTPPolicy
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.core.rest import HttpRequest
 from azure.mgmt.compute.aio import ComputeManagementClient
-from azure.mgmt.compute.operations._operations import build_virtual_machines_get_request
-from azure.mgmt.core.exceptions import ARMErrorFormat
+from azure.mgmt.compute.models import RunCommandInput
 
-from shared.azure.pacing import Pacer
-from shared.azure.polling import RetryAfterFirstPolling
 from shared.azure.transport import shared_transport, tls_session
 from shared.model import VmId
 from shared.settings import Settings
@@ -161,15 +156,13 @@ class RunCommandRetryPolicy(AsyncRetryPolicy[Any, Any]):
 
 
 class ComputeGateway:
-    """One async compute client per subscription, sharing one credential, one connection pool and
-    one :class:`~shared.azure.pacing.Pacer` (ARM's budget per subscription, from its headers)."""
+    """One async compute client per subscription, sharing one credential."""
 
     def __init__(self, credential: AsyncTokenCredential, settings: Settings) -> None:
         self._credential = credential
         self._settings = settings
         self._clients: dict[str, ComputeManagementClient] = {}
         self._counter = RequestCounter()
-        self.pacer = Pacer(cloud=settings.cloud.name, concurrency=settings.max_concurrency)
         self._session: aiohttp.ClientSession | None = None
         self._transport: AioHttpTransport | None = None
         self.run_commands = 0
@@ -197,7 +190,7 @@ class ComputeGateway:
                 credential_scopes=[self._settings.cloud.arm_scope],
                 polling_interval=self._settings.poll_interval_s,
                 retry_policy=RunCommandRetryPolicy(),
-                per_retry_policies=[self._counter, self.pacer.policy()],
+                per_retry_policies=[self._counter],
                 transport=self._shared_transport(),
             )
             self._clients[key] = client
@@ -245,30 +238,18 @@ class ComputeGateway:
         return found
 
     async def get_vm(self, vm_id: VmId) -> VmFacts:
-        """The VM model with its instance view (power state, agent status) in one call.
-
-        The request is the SDK's own (``virtual_machines.get``'s builder: URL, api-version, Accept),
-        sent through the client's pipeline; its JSON goes straight to :class:`VmFacts`. The typed
-        model would be built from it and turned back into JSON, most of the engine's CPU per VM.
-        """
+        """The VM model with its instance view (power state, agent status) in one call."""
         client = self._client(vm_id.subscription_id)
-        request = build_virtual_machines_get_request(
-            vm_id.resource_group, vm_id.name, vm_id.subscription_id, expand="instanceView"
-        )
         try:
             async with self._deadline(f"read of {vm_id.name}"):
-                response = await client.send_request(request)
-                await response.read()
-                if response.status_code != 200:
-                    raise HttpResponseError(response=response, error_format=ARMErrorFormat)
-                body = response.json()
+                vm = await client.virtual_machines.get(
+                    vm_id.resource_group, vm_id.name, expand="instanceView"
+                )
         except HttpResponseError as error:
             raise translate(error) from error
         except _NO_ANSWER as error:
             raise ArmUnavailable(str(error)[:300]) from error
-        if not isinstance(body, Mapping):
-            raise ArmUnavailable(f"read of {vm_id.name}: the answer is not a VM")
-        return VmFacts.from_arm(body)
+        return VmFacts.from_arm(_wire(vm))
 
     async def list_vms(self, subscription_id: str) -> AsyncIterator[VmFacts]:
         """Every VM of a subscription: model (OS type, tags) merged with power state.
@@ -323,15 +304,8 @@ class ComputeGateway:
         self.run_commands += 1
         try:
             async with asyncio.timeout(self._settings.run_command_timeout_s):
-                # The body is RunCommandInput's JSON, encoded once (the IO[bytes] form the operation
-                # takes; azure-core rewinds it for a retry): the typed model would walk every script
-                # line through its serializer, most of a Run Command's CPU. The first status poll
-                # waits for the 202's Retry-After (shared/azure/polling.py).
                 poller = await client.virtual_machines.begin_run_command(
-                    vm_id.resource_group,
-                    vm_id.name,
-                    io.BytesIO(json.dumps(dict(body), separators=(",", ":")).encode()),
-                    polling=RetryAfterFirstPolling(self._settings.poll_interval_s),
+                    vm_id.resource_group, vm_id.name, RunCommandInput(dict(body))
                 )
                 result = await poller.result()
         except TimeoutError as error:

@@ -12,20 +12,12 @@ azure-core does not retry a POST answered 429 unless it carries ``Retry-After``
 (Azure/azure-sdk-for-python#5412), and Resource Graph documents only its quota headers, so the
 inventory itself waits ``x-ms-user-quota-resets-after`` (a few seconds) a bounded number of times.
 A longer wait (over ``MAX_THROTTLE_WAIT_S``), from either header, is never slept in the invocation.
-Every answer carries the quota (``x-ms-user-quota-remaining``), so the inventory also paces itself:
-once an answer says none is left, the next query waits ``x-ms-user-quota-resets-after`` first, and
-a steady run gets no 429 (guidance-for-throttled-requests.md, "Understand throttling headers").
-
-:meth:`Inventory.list_vms` is the sweep's listing: one paged query over the whole scope (1,000 rows
-a page) with what the gate needs (OS type, power state, tags) and what filters need (name,
-resource group, tags), instead of two ARM list pages per 100 VMs per subscription.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
@@ -46,7 +38,6 @@ from shared.azure.transient import (
 from shared.azure.transport import PooledClient
 from shared.model import VmId, is_guid, is_host_name
 from shared.settings import Settings
-from shared.vm import VmFacts
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +50,6 @@ WINDOWS_VMS_QUERY: Final = """Resources
 | where tostring(properties.storageProfile.osDisk.osType) =~ 'Windows'
 | project id
 | order by id asc"""
-# The sweep's listing: every VM in scope (Linux too: the gate reports it), with the gate's facts.
-# The power state is Resource Graph's extended property (query-language.md, "Extended properties":
-# ``properties.extended.instanceView.powerState.code``); the full read before any Run Command
-# settles it, so a value that lags only decides which VMs are read.
-LIST_VMS_QUERY: Final = """Resources
-| where type =~ 'microsoft.compute/virtualmachines'
-| project id, name, resourceGroup, subscriptionId, location, tags,
-    osType = tostring(properties.storageProfile.osDisk.osType),
-    powerState = tostring(properties.extended.instanceView.powerState.code)
-| order by id asc"""
-SUBSCRIPTIONS_QUERY: Final = """ResourceContainers
-| where type =~ 'microsoft.resources/subscriptions'
-| project subscriptionId"""
-# How long a management group's answer about one subscription is trusted (a sweep asks per VM).
-SCOPE_CACHE_S: Final = 60.0
-TENANT_SCOPE: Final = "tenant"
 
 
 class InventoryError(Exception):
@@ -157,11 +132,6 @@ class Inventory(PooledClient[ResourceGraphClient]):
         super().__init__(settings, session)
         self._page_size = page_size
         self._throttle_retries = throttle_retries
-        self._quota_back_at = 0.0  # monotonic time before which the quota is known to be spent
-        self._in_group: dict[str, tuple[bool, float]] = {}  # subscription -> (in the group, when)
-        self._asking: dict[str, asyncio.Lock] = {}
-        self.queries = 0  # Resource Graph requests sent (the benchmark reports them)
-        self.throttled = 0  # of which answered 429
 
     def _make_client(self, transport: AioHttpTransport) -> ResourceGraphClient:
         return ResourceGraphClient(
@@ -179,34 +149,6 @@ class Inventory(PooledClient[ResourceGraphClient]):
         if self._settings.subscriptions:
             return list(self._settings.subscriptions), None
         return None, None
-
-    def listing_scope(self) -> list[str]:
-        """What one listing covers, as the sweep reports a listing error: the subscriptions given,
-        ``managementGroups/<id>``, or ``tenant`` (everything the identity can read). A failed query
-        is a failure of all of it: Resource Graph does not say which subscriptions it did not reach."""
-        subscriptions, groups = self._scope()
-        if groups:
-            return [f"managementGroups/{group}" for group in groups]
-        return list(subscriptions or [TENANT_SCOPE])
-
-    async def unlisted_subscriptions(self) -> list[str]:
-        """The subscriptions of the scope that Resource Graph does not see (a typo, or no read access):
-        Resource Graph answers for the subscriptions it can read and says nothing of the others."""
-        subscriptions, _ = self._scope()
-        if not subscriptions:
-            return []
-        seen = {str(row.get("subscriptionId", "")).lower() async for row in self._rows(SUBSCRIPTIONS_QUERY)}
-        return [sub for sub in subscriptions if sub.lower() not in seen]
-
-    async def list_vms(self) -> AsyncIterator[VmFacts]:
-        """Every VM in scope, in id order, page by page: id, OS type, power state, tags, location.
-
-        ``agent_ready`` is unknown (None): the gate reads the VM before any Run Command.
-        """
-        async for row in self._rows(LIST_VMS_QUERY):
-            facts = _listed_facts(row)
-            if facts is not None:
-                yield facts
 
     async def windows_vms(self) -> AsyncIterator[VmId]:
         """Every Windows VM in scope, in id order, page by page."""
@@ -234,23 +176,11 @@ class Inventory(PooledClient[ResourceGraphClient]):
         Management groups hold subscriptions, and a resource is in a group exactly when its
         subscription is, so the question goes to ``ResourceContainers`` (subscriptions appear there
         at once, where a VM just created may take a while to reach ``Resources``). The subscription
-        is a GUID (``VmId`` checked it): nothing else reaches the query. An answer is kept for
-        ``SCOPE_CACHE_S`` (a sweep asks for every VM; Resource Graph's quota is ~15 queries per 5 s).
+        is a GUID (``VmId`` checked it): nothing else reaches the query.
         """
         sub = vm_id.subscription_id
         if not is_guid(sub):  # unreachable for a VmId; kept next to the quoting it guards
             raise ValueError(f"not a subscription id: {sub[:60]!r}")
-        key = sub.lower()
-        # One question per subscription at a time: the checks of a sweep's other VMs wait for it.
-        async with self._asking.setdefault(key, asyncio.Lock()):
-            known = self._in_group.get(key)
-            if known is not None and time.monotonic() - known[1] < SCOPE_CACHE_S:
-                return known[0]
-            found = await self._subscription_in_scope(sub)
-            self._in_group[key] = (found, time.monotonic())
-            return found
-
-    async def _subscription_in_scope(self, sub: str) -> bool:
         query = (
             "ResourceContainers\n"
             "| where type =~ 'microsoft.resources/subscriptions'\n"
@@ -269,10 +199,6 @@ class Inventory(PooledClient[ResourceGraphClient]):
         skip_token: str | None = None
         throttled = 0
         while True:
-            quota_wait = self._quota_back_at - time.monotonic()
-            if quota_wait > 0:  # the last answer said the quota is spent: wait for it, not for a 429
-                log.info("Resource Graph quota spent; next query in %.1f s", quota_wait)
-                await asyncio.sleep(min(quota_wait, MAX_THROTTLE_WAIT_S))
             request = QueryRequest(
                 query=query,
                 subscriptions=subscriptions,
@@ -281,12 +207,9 @@ class Inventory(PooledClient[ResourceGraphClient]):
                     skip_token=skip_token, top=self._page_size, result_format="objectArray"
                 ),
             )
-            self.queries += 1
             try:
-                answer: Any = await client.resources(request, cls=_with_headers)
+                response = await client.resources(request)
             except HttpResponseError as error:
-                if error.status_code == 429:
-                    self.throttled += 1
                 wait = _throttle_wait(error)
                 if wait is None or throttled >= self._throttle_retries or wait > MAX_THROTTLE_WAIT_S:
                     raise _translate(error) from error
@@ -296,8 +219,6 @@ class Inventory(PooledClient[ResourceGraphClient]):
                 continue
             except (ServiceRequestError, ServiceResponseError) as error:
                 raise InventoryUnavailable(str(error)[:300], reason="arm-unavailable") from error
-            response, headers = answer
-            self._note_quota(headers)
             if str(response.result_truncated).lower() == "true":
                 log.warning(
                     "Resource Graph truncated a result (%s rows); some VMs are missing", response.count
@@ -310,41 +231,6 @@ class Inventory(PooledClient[ResourceGraphClient]):
             if not next_token or next_token == skip_token:
                 return
             skip_token = next_token
-
-    def _note_quota(self, headers: Mapping[str, str]) -> None:
-        """Remember when the quota is back if this answer says none is left."""
-        remaining = str(headers.get("x-ms-user-quota-remaining", "")).strip()
-        if remaining.isdigit() and int(remaining) == 0:
-            wait = wait_from_headers(
-                {"x-ms-user-quota-resets-after": headers.get("x-ms-user-quota-resets-after", "")}
-            )
-            self._quota_back_at = time.monotonic() + (DEFAULT_THROTTLE_WAIT_S if wait is None else wait)
-
-
-def _with_headers(pipeline_response: Any, deserialized: Any, _: Any) -> tuple[Any, Mapping[str, str]]:
-    """``cls`` of the SDK's ``resources``: the answer and its headers (the quota is in them)."""
-    headers = getattr(pipeline_response.http_response, "headers", None)
-    return deserialized, headers if isinstance(headers, Mapping) else {}
-
-
-def _listed_facts(row: Mapping[str, Any]) -> VmFacts | None:
-    """A row of :data:`LIST_VMS_QUERY` as the gate's facts (None for an unreadable id)."""
-    vm = _vm_id(row)
-    if vm is None:
-        return None
-    os_type = str(row.get("osType") or "") or None
-    code = str(row.get("powerState") or "")
-    power = code.split("/", 1)[1] if code.lower().startswith("powerstate/") else None
-    raw_tags = row.get("tags")
-    tags = {str(k): str(v) for k, v in raw_tags.items()} if isinstance(raw_tags, Mapping) else {}
-    return VmFacts(
-        vm_id=vm,
-        os_type=os_type,
-        power_state=power or None,
-        agent_ready=None,
-        tags=tags,
-        location=str(row.get("location") or ""),
-    )
 
 
 def _vm_id(row: Mapping[str, Any]) -> VmId | None:

@@ -9,7 +9,6 @@ holds one context avoids that, with the system CA store in Azure or ``AZURE_CA_B
 from __future__ import annotations
 
 import ssl
-import urllib.request
 from typing import Generic, Protocol, Self, TypeVar
 
 import aiohttp
@@ -23,20 +22,7 @@ ClientT = TypeVar("ClientT", bound="Closable")
 def tls_session(settings: Settings, *, limit: int = 100) -> aiohttp.ClientSession:
     """A session for Azure endpoints; call inside the running event loop."""
     context = ssl.create_default_context(cafile=settings.ca_bundle)
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=context, limit=limit), trust_env=proxy_in_env()
-    )
-
-
-def proxy_in_env() -> bool:
-    """Whether the environment names a proxy (``HTTPS_PROXY`` and the like, as urllib reads them).
-
-    aiohttp's ``trust_env`` then routes through it (``NO_PROXY`` honoured). Without one it stays
-    off: with it on, aiohttp looks up ``~/.netrc`` and the proxy variables in a worker thread for
-    every request, a quarter of the engine's CPU per request and a thread hop that stalls the event
-    loop (docs/performance.md); a ``.netrc`` entry would not apply to Azure's bearer tokens anyway.
-    """
-    return bool(urllib.request.getproxies())
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=limit), trust_env=True)
 
 
 def shared_transport(session: aiohttp.ClientSession) -> AioHttpTransport:
