@@ -63,7 +63,9 @@ async def test_a_pending_intent_makes_an_older_log_row_run_in_full_despite_a_fre
     # Without the intent this row would be answered by the verdict (skipped: recently-verified).
     assert await newest(app_env, "web-01") == "healthy:kms-client-licensed"
     assert (await history(app_env, vm_id("web-01")))[0]["details"]["interrupted"]["owner"] == "worker-dead"
-    assert scripts(sim, "web-01") == ["detect", "remediate", "detect"]
+    # One conditional re-key for the remediation (issue 12: ARM named the edition), then one more
+    # Run Command for the log row: the verdict did not answer it (its facts no longer match: no change).
+    assert scripts(sim, "web-01") == ["rekey-if", "rekey-if"]
 
 
 async def test_an_outcome_row_refused_while_the_release_works_stores_no_verdict_and_raises(
