@@ -122,8 +122,10 @@ CHAOS_MIX: dict[str, float] = {
 }
 
 # The default fault plan (the estate's ``faults`` section). Rates are per opportunity (see
-# docs/simulator.md, "Faults"); the token endpoint fails in bursts of 5, longer than
-# azure-identity's retries, so that some invocations do see the error.
+# docs/simulator.md, "Faults"). The engine keeps one credential per process (shared.clients), so
+# the token endpoint is asked only when a token is due: with the run's short-lived tokens
+# (``token_lifetime_s``) that is a refresh about every 30 s per audience, and these bursts fail
+# some of them (azure-identity keeps the valid token it has when a refresh fails).
 DEFAULT_FAULTS: dict[str, Any] = {
     # A read bucket smaller than the 32 workers' opening burst, so that throttling fires however
     # slow the machine (Azure's 250 only emptied when the machine was fast enough); refill as Azure's.
@@ -138,7 +140,7 @@ DEFAULT_FAULTS: dict[str, Any] = {
     "agentFlap": {"rate": 0.01, "periodSeconds": 5},
     "outputTruncated": 0.006,
     "outputGarbled": 0.006,
-    "tokenError": {"every": 250, "burst": 5},
+    "tokenError": {"every": 4, "burst": 3},
     "logPartialError": 0.5,
 }
 
@@ -167,6 +169,9 @@ class ChaosConfig:
     restarts: int = 1
     restart_after: float = 0.35  # of the first wave's messages handled
     log_scan_every_s: float = 4.0
+    # Tokens the simulator issues live this long: just over azure-core's 300 s refresh margin, so
+    # that clients refresh (and meet tokenError) during the run without ever sending a stale token.
+    token_lifetime_s: float = 330.0
     # Engine settings for compressed time (the run's env; docs/reliability.md).
     defer_delay_s: int = 1
     # Retry delays an item may add up before deadline-exceeded (the engine counts its scheduled
@@ -207,8 +212,8 @@ class ChaosConfig:
 class SimulatorThread:
     """:class:`SimulatorProcess`'s interface over a simulator on a thread of this process."""
 
-    def __init__(self, estate: Estate, *, latency_s: float) -> None:
-        self._sim = Simulator(estate, latency_s=latency_s)
+    def __init__(self, estate: Estate, *, latency_s: float, token_lifetime_s: float) -> None:
+        self._sim = Simulator(estate, latency_s=latency_s, token_lifetime_s=token_lifetime_s)
 
     def __enter__(self) -> SimulatorThread:
         self._sim.start()
@@ -394,6 +399,7 @@ class Invocation:
     point: str  # a CRASH_POINT, "" when this invocation is not to be killed
     task: asyncio.Task[Any] | None = None
     killed: bool = False
+    run_commands: int = 0  # Run Commands it has sent so far
 
 
 _INVOCATION: contextvars.ContextVar[Invocation | None] = contextvars.ContextVar(
@@ -478,8 +484,13 @@ class EngineHooks:
             if invocation is None or invocation.killed or not invocation.point:
                 return await run_command(gateway, vm_id, body)
             remediation = _is_remediation(body)
-            mid = {"detect": False, "remediate": True}.get(invocation.point)
-            if mid is not None and mid == remediation:
+            first = invocation.run_commands == 0
+            invocation.run_commands += 1
+            # "detect": killed during its first Run Command, which reads the VM (a detection, or a
+            # conditional re-key that may find other facts, issue 12); "remediate": during one that
+            # may change it (a remediation, or a conditional re-key on a VM it matches).
+            mid = {"detect": first, "remediate": remediation}.get(invocation.point)
+            if mid:
                 # Killed while the command runs: the POST may or may not have been accepted.
                 inner = asyncio.ensure_future(run_command(gateway, vm_id, body))
                 inner.add_done_callback(_quiet)
@@ -713,7 +724,9 @@ class ChaosPass:
     async def run(self) -> PassResult:
         self._t0 = time.monotonic()
         simulator = SimulatorProcess if self.config.simulator_process else SimulatorThread
-        with simulator(self.estate, latency_s=self.config.latency_s) as sim:
+        with simulator(
+            self.estate, latency_s=self.config.latency_s, token_lifetime_s=self.config.token_lifetime_s
+        ) as sim:
             env = {
                 **sim.env(),
                 "AzureWebJobsStorage": self.azurite.connection_string,
@@ -1203,7 +1216,7 @@ class ChaosPass:
             for entry in entries:
                 if entry["script"] == "remediate" and self.mode == "audit":
                     violate("changedInAudit", f"{vm_id}: a remediation Run Command in audit mode")
-                if entry["script"] != "remediate" or not entry["ran"]:
+                if entry["script"] != "remediate" or not entry["ran"] or _changed_nothing(entry):
                     continue
                 cause = _why_remediable(spec, entry, cloud_hosts)
                 if cause is None:
@@ -1441,6 +1454,14 @@ def _opted_out(spec: VmSpec) -> bool:
         name.lower() == OPT_OUT_TAG and value.strip().lower() not in ("false", "no", "0")
         for name, value in spec.tags.items()
     )
+
+
+def _changed_nothing(entry: Mapping[str, Any]) -> bool:
+    """A conditional re-key (the first Run Command of a VM whose edition ARM names, issue 12) that
+    found other facts than it was given: it only read them, so the guest's licensing before and after
+    it are the same. One that changed anything is judged as any remediation."""
+    conditional = "ExpectBuild" in (entry.get("parameters") or {})
+    return conditional and entry.get("before") == entry.get("after")
 
 
 def _why_remediable(spec: VmSpec, entry: Mapping[str, Any], azure_kms: frozenset[str]) -> str | None:

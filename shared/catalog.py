@@ -8,6 +8,7 @@ doing nothing, and re-keying a multi-session VM cannot be undone.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from shared.guest.facts import OsFacts
@@ -242,5 +243,40 @@ def select_key(os: OsFacts) -> CatalogEntry | None:
         and os.build in entry.builds
         and os.sku in entry.skus
         and edition_id in (known.casefold() for known in entry.edition_ids)
+    ]
+    return matches[0] if len(matches) == 1 else None
+
+
+# ARM's instance view of a running VM names the guest's OS as its VM agent reports it: ``osName``
+# "Windows Server 2016 Datacenter", ``osVersion`` "Microsoft Windows NT 10.0.14393.0" (Azure/
+# azure-rest-api-specs, specification/compute/resource-manager/Microsoft.Compute/ComputeRP/stable/
+# 2024-07-01/examples/virtualMachineExamples/VirtualMachine_Get_InstanceView.json). Azure Edition is
+# matched written either way ("Datacenter: Azure Edition", as the caption reads, or without the
+# colon); anything else (Evaluation, Core wording, a client) names no row.
+_ARM_OS_VERSION = re.compile(
+    r"(?:Microsoft Windows NT )?[0-9]{1,2}\.[0-9]{1,2}\.([0-9]{4,6})(?:\.[0-9]{1,6})?"
+)
+_ARM_AZURE_EDITION = " Azure Edition"
+
+
+def entry_for_arm_os(os_name: str, os_version: str) -> CatalogEntry | None:
+    """The one server row whose edition name and build ARM's ``osName``/``osVersion`` give, or None.
+
+    Only a guess of what the guest will report: it decides nothing. The first Run Command may carry
+    this row's key only with the exact facts the guest must show (``shared.guessed_rekey``).
+    """
+    if not isinstance(os_name, str) or not isinstance(os_version, str):
+        return None
+    version = _ARM_OS_VERSION.fullmatch(os_version.strip())
+    if version is None:
+        return None
+    build = int(version.group(1))
+    name = os_name.strip().removeprefix("Microsoft ")
+    if name.endswith(_ARM_AZURE_EDITION) and not name.endswith(":" + _ARM_AZURE_EDITION):
+        name = name[: -len(_ARM_AZURE_EDITION)] + ":" + _ARM_AZURE_EDITION
+    matches = [
+        entry
+        for entry in CATALOG
+        if entry.product_type == "server" and entry.edition == name and build in entry.builds
     ]
     return matches[0] if len(matches) == 1 else None

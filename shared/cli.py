@@ -1,9 +1,12 @@
 """``avma-remediator``: audit first, ``--apply`` second, and a rehearsal on a simulated estate.
 
-Exit codes (shared/exitcodes.py): 0 all done, 1 some VM failed (or a subscription could not be
-listed), 2 usage, configuration or credential error, 3 some VM must be retried later, 130
-interrupted. The wiring lives here; plans are shared/plan.py, output formats shared/output.py,
-signals shared/interrupt.py, ``--from`` shared/resume.py.
+Exit codes (shared/exitcodes.py): 0 all done; 1 some VM failed, a VM you named does not exist, or a
+subscription could not be listed; 2 usage, configuration or credential error (nothing was
+checked); 3 nothing failed but some VM is still deferred after the run's own retries (run again
+later); 130 interrupted. The wiring lives here; plans are shared/plan.py, output formats
+shared/output.py, signals shared/interrupt.py, ``--from`` shared/resume.py, scope filters
+shared/filters.py, the credential check shared/azure/credentials.py, the in-run retry
+shared/inrun_retry.py, the app's ledger shared/cli_ledger.py.
 """
 
 from __future__ import annotations
@@ -17,17 +20,23 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from azure.core.credentials_async import AsyncTokenCredential
+
 from shared.azure.compute import ComputeError, ComputeGateway
-from shared.azure.credentials import make_credential
+from shared.azure.credentials import NoCredential, check_credential, make_credential
 from shared.azure.inventory import Inventory, InventoryError, resolve_query
 from shared.azure.network import NetworkGateway
-from shared.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from shared.cli_ledger import LedgeredCheck, WithoutLedger, cli_owner, correlation_id, has_ledger, open_ledger
+from shared.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_exit_code
+from shared.filters import FilterError, VmFilter
+from shared.inrun_retry import DEFAULT_FIRST_WAIT_S, RetryPolicy, RetryWait, retry_deferred, still_deferred
 from shared.intake_cli import run_intake
 from shared.interrupt import Interrupt, Interruptible
+from shared.ledger import Ledger, LedgerError
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
 from shared.output import FORMATS, Progress, RunResult, render, result_document
 from shared.plan import HookedChecker, Plan, PlanApplier, PlanError, Recorder, build_plan, confirm, load_plan
@@ -35,6 +44,7 @@ from shared.resume import DEFAULT_ONLY, ResumeError, parse_only, run_each, vms_t
 from shared.scope import Scope
 from shared.settings import ConfigError, Mode, Settings, is_subscription_id
 from shared.sweep import sweep
+from shared.unreadable import rechecking
 from shared.vm import VmFacts
 from shared.workflow import BeforeRunCommand, Remediator
 
@@ -43,7 +53,7 @@ DEFAULT_SIM_LATENCY_S = 0.3
 EXIT_CODES_HELP = """\
 exit codes:
   0    all done: every VM in scope was handled
-  1    some VM failed (or a subscription could not be listed)
+  1    some VM failed, a VM you named does not exist, or a subscription could not be listed
   2    usage, configuration or credential error: nothing was checked
   3    nothing failed, but some VM must be retried later
   130  interrupted (SIGINT or SIGTERM): the results so far were printed and written"""
@@ -65,6 +75,7 @@ examples:
   avma-remediator sweep --apply                         audit, show the counts, ask, then remediate
   avma-remediator sweep --from result.json --apply      re-run the VMs that failed or were deferred
   avma-remediator sweep --simulate --output csv         rehearse on the simulator, as CSV
+  avma-remediator sweep -g rg-app --tag env=prod        only these VMs of the scope (as az)
 
 {EXIT_CODES_HELP}
 """
@@ -74,6 +85,7 @@ examples:
   avma-remediator check <VM id>                         audit one VM
   avma-remediator check <VM id> --apply --yes           remediate it without asking
   avma-remediator check --computer SRV01.corp.example   the VMs an alert's Computer names
+  avma-remediator check <VM id> <VM id> ...             several VMs (or --ids)
 
 {EXIT_CODES_HELP}
 """
@@ -181,6 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="SECONDS",
             help=f"with --simulate: simulated Run Command duration (default {DEFAULT_SIM_LATENCY_S})",
         )
+        p.add_argument(
+            "--retry-wait",
+            type=float,
+            metavar="SECONDS",
+            help="first wait before this run checks a busy or throttled VM again (then x3, 3 retries; "
+            f"default {DEFAULT_FIRST_WAIT_S:g} s, with --simulate the simulated latency; 0: no retry)",
+        )
+
+    def ids_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--ids",
+            nargs="+",
+            action="extend",
+            default=[],
+            metavar="VM_ID",
+            help="these VMs (ARM resource ids, space-separated), read directly with no listing; "
+            "each is still checked against the configured scope",
+        )
 
     p_sweep = _parser(
         commands, "sweep", help="every Windows VM in the subscriptions in scope", epilog=SWEEP_EPILOG, level=1
@@ -210,16 +240,42 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUTCOMES",
         help="with --from: comma-separated outcomes to re-run (default failed,deferred)",
     )
+    p_sweep.add_argument(
+        "--resource-group",
+        "-g",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only VMs in this resource group (repeatable: any of them); narrows the scope, never widens it",
+    )
+    p_sweep.add_argument(
+        "--name",
+        "-n",
+        action="append",
+        default=[],
+        metavar="VM_NAME",
+        help="with --resource-group: only the VM of this name (repeatable)",
+    )
+    p_sweep.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="only VMs with this tag (a key alone or KEY=: any value; repeatable: every key must match, "
+        "values of one key are alternatives)",
+    )
+    ids_option(p_sweep)
     run_options(p_sweep, apply_flag=True)
 
     p_check = _parser(
         commands,
         "check",
-        help="one VM, by ARM resource id, or the VMs a computer name (an alert's Computer) names",
+        help="VMs by ARM resource id, or the VMs a computer name (an alert's Computer) names",
         epilog=CHECK_EPILOG,
         level=1,
     )
-    p_check.add_argument("vm_id", nargs="?", metavar="VM_ID")
+    p_check.add_argument("vm_id", nargs="*", metavar="VM_ID")
+    ids_option(p_check)
     p_check.add_argument(
         "--computer",
         metavar="NAME",
@@ -335,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "intake":
             return run_intake(args.file, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
         return _run(args)
-    except (ConfigError, UsageError) as error:
+    except (ConfigError, UsageError, NoCredential) as error:
         print(f"avma-remediator: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -363,6 +419,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--only goes with --from RESULT_FILE")
     if getattr(args, "from_result", None) and getattr(args, "subscription", None):
         raise UsageError("--from names the VMs itself: leave out --subscription")
+    if getattr(args, "from_result", None) and getattr(args, "ids", None):
+        raise UsageError("--from names the VMs itself: leave out --ids")
     # The question before a change needs a person at a terminal; a script says --yes. The
     # simulator changes nothing real, so a rehearsal without a terminal goes ahead.
     interactive = sys.stdin.isatty()
@@ -397,6 +455,8 @@ class _Targets:
     ids: tuple[VmId, ...] | None = None
     computer: str | None = None
     subscriptions: tuple[str, ...] = ()
+    vm_filter: VmFilter = field(default_factory=VmFilter)  # --resource-group/--name/--tag on a listing
+    named: bool = False  # the caller named the VMs (check, --ids): one that does not exist is an error
 
 
 class _Early(Exception):
@@ -408,27 +468,100 @@ class _Early(Exception):
 
 
 def _targets(args: argparse.Namespace, settings: Settings) -> _Targets:
+    texts = [*(getattr(args, "vm_id", None) or []), *(getattr(args, "ids", None) or [])]
+    try:
+        vm_filter = VmFilter.from_options(
+            resource_groups=getattr(args, "resource_group", None) or [],
+            names=getattr(args, "name", None) or [],
+            tags=getattr(args, "tag", None) or [],
+        )
+    except FilterError as error:
+        raise UsageError(str(error)) from error
     if args.command == "check":
         computer = args.computer
-        if (args.vm_id is None) == (computer is None):
-            raise UsageError("check takes a VM_ID or --computer NAME (one of them)")
+        if bool(texts) == (computer is not None):
+            raise UsageError("check takes VM_ID or --computer NAME, one of them (VM_IDs may be several)")
         if computer is not None:
             try:
                 resolve_query(computer)
             except ValueError as error:
                 raise UsageError(f"--computer: {error}") from error
-            return _Targets(computer=computer)
-        try:
-            return _Targets(ids=(VmId.parse(args.vm_id),))
-        except InvalidVmId as error:
-            raise UsageError(str(error)) from error
+            return _Targets(computer=computer, named=True)
+        return _Targets(ids=_parse_ids(texts), named=True)
+    if texts:
+        if not vm_filter.empty or args.subscription:
+            # As az: --ids names the VMs exactly; the other options select from a listing.
+            raise UsageError(
+                "--ids names the VMs exactly: it takes no --subscription, --resource-group, --name or --tag"
+            )
+        return _Targets(ids=_parse_ids(texts), named=True)
     if getattr(args, "from_result", None):
+        if not vm_filter.empty:
+            raise UsageError("--from names the VMs itself: leave out --resource-group, --name and --tag")
         try:
             only = parse_only(args.only) if args.only else DEFAULT_ONLY
             return _Targets(ids=tuple(vms_to_resume(args.from_result, only)))
         except ResumeError as error:
             raise UsageError(str(error)) from error
-    return _Targets(subscriptions=tuple(_subscriptions(args, settings)))
+    return _Targets(subscriptions=tuple(_subscriptions(args, settings)), vm_filter=vm_filter)
+
+
+def _parse_ids(texts: Sequence[str]) -> tuple[VmId, ...]:
+    """VM ids as given, each once (``VmId`` compares as ARM does: an id given twice is one VM)."""
+    try:
+        return tuple(dict.fromkeys(VmId.parse(text) for text in texts))
+    except InvalidVmId as error:
+        raise UsageError(str(error)) from error
+
+
+def _retry_policy(args: argparse.Namespace, simulated: bool) -> RetryPolicy:
+    wait = args.retry_wait
+    if wait is None:
+        wait = max(args.sim_latency, 0.05) if simulated else DEFAULT_FIRST_WAIT_S
+    if wait < 0:
+        raise UsageError("--retry-wait must not be negative")
+    return RetryPolicy(first_wait_s=wait) if wait > 0 else RetryPolicy(retries=0)
+
+
+def _say(line: str) -> None:
+    print(f"avma-remediator: {line}", file=sys.stderr)
+
+
+async def _ledger(settings: Settings, credential: AsyncTokenCredential) -> Ledger | None:
+    """The app's ledger when the storage settings name it, else ``None``."""
+    if not has_ledger(settings):
+        return None
+    try:
+        return await open_ledger(settings, credential)
+    except LedgerError as error:
+        raise UsageError(f"the ledger (storage settings) cannot be used: {_one_line(str(error))}") from error
+
+
+NOT_FOUND_HINT = (
+    "No VM with this id exists (ARM answered 404): check its subscription, resource group and name."
+)
+NOT_FOUND_COMPUTER_HINT = (
+    "No VM in scope carries this computer name (guest-reported name, osProfile name or VM name): "
+    "check the name, and that the VM is in TARGET_SUBSCRIPTIONS or MANAGEMENT_GROUP_ID."
+)
+
+
+def _named_missing(outcomes: Sequence[Outcome], settings: Settings) -> tuple[list[Outcome], list[str]]:
+    """Named VMs that do not exist: each gets a hint that says so and a line for stderr."""
+    kept: list[Outcome] = []
+    lines: list[str] = []
+    for o in outcomes:
+        if o.kind is OutcomeKind.SKIPPED and o.reason == "not-found":
+            if o.vm_id.startswith("computer:"):
+                computer = o.details.get("computer", o.vm_id.split(":", 1)[1])
+                where = Scope.from_settings(settings).describe()
+                lines.append(f"no VM in {where} has the computer name {computer!r}")
+                o = replace(o, hint=o.hint or NOT_FOUND_COMPUTER_HINT)
+            else:
+                lines.append(f"VM {o.vm_id} does not exist (ARM answered 404)")
+                o = replace(o, hint=o.hint or NOT_FOUND_HINT)
+        kept.append(o)
+    return kept, lines
 
 
 async def _execute(
@@ -449,17 +582,22 @@ async def _execute(
         targets = _Targets(ids=tuple(p.vm_id for p in plan.actionable))
     else:
         targets = _targets(args, settings)
+    policy = _retry_policy(args, simulated)
 
     credential = make_credential(settings, env)
-    async with (
-        credential,
-        ComputeGateway(credential, settings) as gateway,
-        NetworkGateway(credential, settings) as network,
-        Inventory(credential, settings) as scope_inventory,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(credential)
+        await check_credential(credential, settings, env)  # NoCredential: exit 2, before any VM
+        gateway = await stack.enter_async_context(ComputeGateway(credential, settings))
+        scope_inventory = await stack.enter_async_context(Inventory(credential, settings))
+        network = await stack.enter_async_context(NetworkGateway(credential, settings))
+        ledger = await _ledger(settings, credential)
+        if ledger is not None:
+            stack.push_async_callback(ledger.close)
         recorder = Recorder(gateway)
         scope = Scope.from_settings(settings, scope_inventory)
-        run = _Run(args, gateway, credential, settings)
+        workflow = _Workflows(recorder, ledger, args.command, network)
+        run = _Run(args, gateway, credential, settings, policy)
         with Interrupt(sys.stderr).installed() as interrupt:
             run.interrupt = interrupt
             try:
@@ -469,18 +607,14 @@ async def _execute(
                     elif ask and not confirm(plan, stdin=sys.stdin, stderr=sys.stderr, what="apply"):
                         print("avma-remediator: not applied: nothing was changed", file=sys.stderr)
                         return EXIT_OK
-                    applier = PlanApplier(
-                        _Scoped(Remediator(recorder, enforce, network=network), scope), recorder, plan, base
-                    )
+                    applier = PlanApplier(_Scoped(workflow.of(enforce), scope), recorder, plan, base)
                     result = await run.collect(targets, applier)
                 elif applying and ask:
                     result = await _confirmed(
-                        run, targets, recorder, scope, audit, enforce, simulated, network
+                        run, targets, recorder, workflow, scope, audit, enforce, simulated
                     )
                 else:
-                    result = await run.collect(
-                        targets, _Scoped(Remediator(recorder, settings, network=network), scope)
-                    )
+                    result = await run.collect(targets, _Scoped(workflow.of(settings), scope))
                     if getattr(args, "out_plan", None):
                         stopped = result.interrupted
                         made = build_plan(
@@ -489,34 +623,69 @@ async def _execute(
                         made.write(args.out_plan)
             except _Early as early:
                 return early.code
+    missing: list[str] = []
+    if targets.named:
+        outcomes, missing = _named_missing(result.outcomes, settings)
+        result = replace(result, outcomes=outcomes)
     _print_report(result, args)
+    for line in missing:
+        _say(line)
     if result.interrupted:
         return EXIT_INTERRUPTED
-    failed = any(o.kind is OutcomeKind.FAILED for o in result.outcomes)
-    return EXIT_FAILED if failed or result.listing_errors else EXIT_OK
+    deferred = still_deferred(result.outcomes)
+    if deferred:
+        _say(
+            f"{deferred} VM{'s' if deferred != 1 else ''} still deferred: run again later "
+            "(the hints say what to wait for)"
+        )
+    return run_exit_code(
+        result.outcomes, listing_errors=bool(result.listing_errors), named_missing=bool(missing)
+    )
+
+
+class _Workflows:
+    """The per-VM workflow for a mode: on the app's ledger (its lease, its history) when the storage
+    settings name one, else without it, said once when the first VM is reached."""
+
+    def __init__(
+        self, recorder: Recorder, ledger: Ledger | None, command: str, network: NetworkGateway | None = None
+    ) -> None:
+        self._recorder, self._ledger, self._network = recorder, ledger, network
+        self._correlation = correlation_id(command)
+        self._owner = cli_owner()
+        self._said: list[str] = []
+
+    def of(self, settings: Settings) -> LedgeredCheck | WithoutLedger:
+        remediator = Remediator(self._recorder, settings, network=self._network)
+        if self._ledger is not None:
+            return LedgeredCheck(remediator, self._ledger, owner=self._owner, correlation=self._correlation)
+        return WithoutLedger(remediator, self._say_once)
+
+    def _say_once(self, line: str) -> None:
+        if not self._said:  # an audit then an apply (--apply at a terminal) is still one run
+            self._said.append(line)
+            _say(line)
 
 
 async def _confirmed(
     run: _Run,
     targets: _Targets,
     recorder: Recorder,
+    workflow: _Workflows,
     scope: Scope,
     audit: Settings,
     enforce: Settings,
     simulated: bool,
-    network: NetworkGateway | None = None,
 ) -> RunResult:
     """``--apply`` at a terminal: audit, show the counts by planned action, ask, then apply that plan."""
-    found = await run.collect(targets, _Scoped(Remediator(recorder, audit, network=network), scope))
+    found = await run.collect(targets, _Scoped(workflow.of(audit), scope))
     plan = build_plan(found.outcomes, recorder, audit, simulated=simulated, interrupted=found.interrupted)
     if found.interrupted or not plan.actionable:
         return found
     if not confirm(plan, stdin=sys.stdin, stderr=sys.stderr, what="audit done"):
         print("avma-remediator: not applied: nothing was changed (the audit follows)", file=sys.stderr)
         return found
-    applier = PlanApplier(
-        _Scoped(Remediator(recorder, enforce, network=network), scope), recorder, plan, audit
-    )
+    applier = PlanApplier(_Scoped(workflow.of(enforce), scope), recorder, plan, audit)
     applied = await run.collect(_Targets(ids=tuple(p.vm_id for p in plan.actionable)), applier)
     done = {VmId.try_parse(o.vm_id) for o in applied.outcomes}
     kept = [o for o in found.outcomes if VmId.try_parse(o.vm_id) not in done]
@@ -529,9 +698,15 @@ class _Run:
     """One pass over the targets with the CLI's progress line and signal handling."""
 
     def __init__(
-        self, args: argparse.Namespace, gateway: ComputeGateway, credential: Any, settings: Settings
+        self,
+        args: argparse.Namespace,
+        gateway: ComputeGateway,
+        credential: Any,
+        settings: Settings,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self._args, self._gateway, self._credential, self._settings = args, gateway, credential, settings
+        self._policy = policy or RetryPolicy(retries=0)
         self.interrupt = Interrupt(sys.stderr)
 
     async def collect(self, targets: _Targets, checker: HookedChecker) -> RunResult:
@@ -565,7 +740,7 @@ class _Run:
                 )
             else:
                 subs = list(targets.subscriptions) or await self._all_subscriptions()
-                listing = _Listing(gateway, progress, listing_errors, len(subs))
+                listing = _Listing(gateway, progress, listing_errors, len(subs), targets.vm_filter)
                 _, cut = await self.interrupt.run(
                     sweep(
                         wrapped,
@@ -575,10 +750,30 @@ class _Run:
                         on_outcome=on_outcome,
                     )
                 )
+                if not targets.vm_filter.empty and not outcomes and not listing_errors:
+                    _say(f"no VM in {', '.join(subs)} matches {targets.vm_filter.describe()}")
+            done = [*outcomes, *cut]
+            if not self.interrupt.requested.is_set():
+                # What was deferred for a reason worth asking again: asked again within the run.
+                def waiting(wait: RetryWait) -> None:
+                    progress.note(wait.describe())
+
+                retried, _ = await self.interrupt.run(
+                    retry_deferred(
+                        done,
+                        rechecking(wrapped, done),  # unreadable answers: the same bound, detect first
+                        self._policy,
+                        settings,
+                        concurrency=settings.max_concurrency,
+                        on_wait=waiting,
+                    )
+                )
+                if retried is not None:
+                    done = retried
         finally:
             progress.close()
         interrupted = self.interrupt.requested.is_set()
-        return RunResult(mode, [*outcomes, *cut], listing_errors, interrupted)
+        return RunResult(mode, done, listing_errors, interrupted)
 
     async def _resolve(self, computer: str) -> list[VmId]:
         async with Inventory(self._credential, self._settings) as inventory:
@@ -612,9 +807,15 @@ class _Listing:
     (also when a signal cuts the sweep short)."""
 
     def __init__(
-        self, gateway: ComputeGateway, progress: Progress, errors: dict[str, str], subscriptions: int
+        self,
+        gateway: ComputeGateway,
+        progress: Progress,
+        errors: dict[str, str],
+        subscriptions: int,
+        vm_filter: VmFilter | None = None,
     ) -> None:
         self._gateway, self._progress, self._errors = gateway, progress, errors
+        self._filter = vm_filter or VmFilter()
         self._left = subscriptions
         self._seen: set[VmId] = set()
         if subscriptions == 0:
@@ -623,6 +824,8 @@ class _Listing:
     async def list_vms(self, subscription: str) -> AsyncIterator[VmFacts]:
         try:
             async for vm in self._gateway.list_vms(subscription):
+                if not self._filter.matches(vm.vm_id, vm.tags):
+                    continue  # --resource-group/--name/--tag: a pure predicate on the listing
                 if vm.vm_id not in self._seen:
                     self._seen.add(vm.vm_id)
                     self._progress.listed()
@@ -639,7 +842,7 @@ class _Listing:
 class _Scoped:
     """The workflow behind the scope check: a VM outside the scope ends ``skipped: out-of-scope``."""
 
-    def __init__(self, remediator: Remediator, scope: Scope) -> None:
+    def __init__(self, remediator: LedgeredCheck | WithoutLedger | Remediator, scope: Scope) -> None:
         self._remediator, self._scope = remediator, scope
 
     @property
@@ -674,7 +877,7 @@ def _inventory_problem(error: InventoryError) -> str:
     request that got no answer (DNS, TLS, connection) keeps its own text, flattened to one line.
     """
     if error.status is None:
-        return f"Resource Graph unreachable: {' '.join(str(error).split())[:200]}"
+        return f"Resource Graph unreachable: {_fit(' '.join(str(error).split()), 200)}"
     code = f" {error.code}" if error.code else ""
     return f"Resource Graph answered HTTP {error.status}{code} ({error.reason}); -v shows the full answer"
 
@@ -689,12 +892,21 @@ def _arm_problem(error: ComputeError) -> str:
 
 
 def _one_line(text: str, limit: int = 300) -> str:
-    """The first non-empty line of ``text``, at most ``limit`` characters, marked when cut."""
+    """The first non-empty line of ``text``, at most about ``limit`` characters, marked when cut.
+
+    A line that is too long keeps its start and its end, where an SDK's message usually says what
+    to do ("… run 'az login'"), and loses its middle: nothing is cut before its actionable part."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    first = lines[0] if lines else ""
-    if len(first) > limit:
-        return first[:limit] + " …"
+    first = _fit(lines[0] if lines else "", limit)
     return first + (" (-v shows the rest)" if len(lines) > 1 else "")
+
+
+def _fit(text: str, limit: int) -> str:
+    """``text`` within about ``limit`` characters: its head and its tail, joined by " … "."""
+    if len(text) <= limit:
+        return text
+    head = max(limit * 2 // 5, 1)
+    return text[:head].rstrip() + " … " + text[-(limit - head) :].lstrip()
 
 
 class _FirstLine(logging.Formatter):
@@ -764,8 +976,13 @@ def _environ(values: Mapping[str, str | None]) -> Iterator[None]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from simulator import Estate, EstateError, serve_forever
+    from simulator import Estate, EstateError, ServeError, serve_until_stopped
 
+    for option, port in (("--arm-port", args.arm_port), ("--identity-port", args.identity_port)):
+        if not 0 <= port <= 65535:
+            raise UsageError(f"simulator serve: {option} {port}: a TCP port is 0-65535 (0: any free port)")
+    if args.latency < 0:
+        raise UsageError("simulator serve: --latency must not be negative")
     try:
         estate = Estate.load(Path(args.estate)) if args.estate else Estate.default()
     except (EstateError, OSError) as error:
@@ -782,18 +999,18 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"unset {key}" if value is None else f"export {key}={value}")
         if estate.faults.enabled:
             print(f"# Faults on: {json.dumps(estate.faults.to_dict(), separators=(',', ':'))}")
-        print("# Ctrl-C stops it.", flush=True)
+        print("# Ctrl-C (or SIGTERM) stops it.", flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(
-            serve_forever(
-                estate,
-                arm_port=args.arm_port,
-                identity_port=args.identity_port,
-                latency_s=args.latency,
-                on_ready=announce,
-            )
+    try:
+        serve_until_stopped(
+            estate,
+            arm_port=args.arm_port,
+            identity_port=args.identity_port,
+            latency_s=args.latency,
+            on_ready=announce,
         )
+    except ServeError as error:
+        raise UsageError(f"simulator serve: {error}") from error
     return EXIT_OK
 
 

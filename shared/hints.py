@@ -216,3 +216,65 @@ def state_after(before: GuestResult, after: GuestResult) -> str:
     if now.value == was:
         return f"The VM keeps its previous channel ({was}, license status {status})."
     return f"The VM is now on the {now.value} channel (it was {was}), license status {status}."
+
+
+# A deferral's hint in the app says "retried later": the worker re-enqueues it with a growing delay
+# until DEFER_DEADLINE_HOURS. A CLI run has no queue: it retries some reasons itself, within the run
+# (shared/inrun_retry.py), and what is still deferred at its end must say to run again later
+# (issue 10, item 6). Per reason: what happened, and what to wait for before running again.
+_RERUN: dict[str, tuple[str, str]] = {
+    "run-command-busy": ("Another Run Command is running on the VM", "run again later"),
+    "throttled": ("ARM throttled the requests (HTTP 429)", "run again later"),
+    "arm-unavailable": ("ARM answered with a server error", "run again later"),
+    "lease-held": (
+        "Another workflow holds this VM's lease in the ledger (the app's worker, or another CLI run), "
+        "so nothing was done to it",
+        "run again later, or see it in /api/status",
+    ),
+    "lease-lost": (
+        "This run's lease on the VM expired and was taken over before a Run Command, so nothing was sent",
+        "run again later",
+    ),
+    "ledger-unavailable": (
+        "The ledger (Table storage) could not be reached to take the VM's lease, so nothing was done",
+        "run again later",
+    ),
+    "run-command-failed": ("The Run Command operation failed in Azure", "run again later"),
+    "bad-output": ("The guest output had no valid result line (truncated or garbled)", "run again later"),
+    "agent-not-ready": (
+        "The VM agent is not Ready, so Run Command cannot work",
+        "run again later, once the VM shows its agent Ready",
+    ),
+    "vm-starting": (
+        "The VM is starting (PowerState/starting); Run Command needs it running",
+        "run again in a few minutes",
+    ),
+    "power-state-unknown": (
+        "ARM reports the VM's power state as unknown (PowerState/unknown), usually briefly",
+        "run again later; if it persists, check the VM's Resource Health",
+    ),
+    "run-command-timeout": (
+        "The Run Command did not finish in time (it may still be running in the VM)",
+        "run again later: the next run detects the VM's state before anything else",
+    ),
+    "arm-timeout": ("ARM did not answer within ARM_CALL_TIMEOUT_SECONDS", "run again later"),
+}
+
+
+def rerun_hint(reason: str, settings: Settings, *, tries: int = 1) -> str:
+    """The hint of a VM a CLI run leaves deferred: what happened, then "run again later".
+
+    ``tries`` is how many times this run checked the VM (more than one: it retried within the run).
+    """
+    retried = f"; still so after {tries} tries in this run" if tries > 1 else ""
+    if reason == "kms-unreachable":
+        cloud = settings.cloud
+        return (
+            "Still activated through AVMA, but the KMS is unreachable: the key is not changed, since "
+            "that would drop its activation at once. The VM must reach "
+            f"{settings.kms_target} from an Azure public IP: add routes for "
+            f"{', '.join(f'{ip}/32' for ip in cloud.kms_ips)} with next hop Internet and allow TCP "
+            f"{settings.kms_port} outbound; once the route works, run again."
+        )
+    cause, then = _RERUN.get(reason, (f"Not finished in this run ({reason})", "run again later"))
+    return f"{cause}{retried}: {then}."

@@ -132,7 +132,10 @@ def _evidence(value: object, now: datetime) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     # Full precision: a time cut to the second could pass for one older than the verdict.
-    return min(moment, now).astimezone(UTC).isoformat().replace("+00:00", "Z")
+    try:
+        return min(moment, now).astimezone(UTC).isoformat().replace("+00:00", "Z")
+    except OverflowError:  # an offset that takes the time out of the calendar in UTC
+        return ""
 
 
 def _computer_name(value: object) -> str | None:
@@ -182,7 +185,9 @@ class _Targets:
         self, vm: VmId, where: str, *, correlation_id: str = "", source: str = "", evidence_at: str = ""
     ) -> None:
         if vm in self._vm_from:
-            self._newer_evidence(self.vm_items, lambda i: i.vm_id == vm, evidence_at)
+            # The payload's own time (an alert's firedDateTime) when the row gives none, as for the
+            # first mention: an alert naming its VM twice (dimension and alertTargetIDs) keeps it.
+            self._newer_evidence(self.vm_items, lambda i: i.vm_id == vm, evidence_at or self._evidence_at)
             self.ignored.append(
                 f"{self._prefix}{where}: VM {vm} is already listed (from {self._vm_from[vm]})"
             )
@@ -204,7 +209,9 @@ class _Targets:
         if key in self._computer_from:
             first = self._computer_from[key]
             self._newer_evidence(
-                self.computer_items, lambda i: (i.computer or "").casefold() == key, evidence_at
+                self.computer_items,
+                lambda i: (i.computer or "").casefold() == key,
+                evidence_at or self._evidence_at,
             )
             self.ignored.append(f"{self._prefix}{where}: computer {name!r} is already listed (from {first})")
             return

@@ -37,6 +37,7 @@ from typing import Any, TextIO, TypeVar
 from shared.model import Outcome, OutcomeKind, VmId
 from shared.plan import HookedChecker
 from shared.vm import VmFacts
+from shared.workflow import BeforeRunCommand
 
 SIGINT_GRACE_S = 90.0
 SIGTERM_GRACE_S = 8.0
@@ -170,12 +171,21 @@ class Interruptible:
     def __init__(self, inner: HookedChecker, interrupt: Interrupt) -> None:
         self._inner, self._interrupt = inner, interrupt
 
-    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome:
+    async def check(
+        self,
+        vm_id: VmId,
+        *,
+        listed: VmFacts | None = None,
+        before_run_command: BeforeRunCommand | None = None,
+    ) -> Outcome:
+        """``before_run_command`` (a retry's ``detect_first``) is awaited after the signal check."""
         if self._interrupt.requested.is_set():
             await asyncio.Event().wait()  # never set: the run cancels this once the VMs in flight are done
         self._interrupt.started(vm_id)
         try:
-            return await self._inner.check(vm_id, listed=listed, before_run_command=self._stop_if_asked)
+            return await self._inner.check(
+                vm_id, listed=listed, before_run_command=self._hook(before_run_command)
+            )
         except RunStopped as stopped:
             return Outcome(
                 str(vm_id),
@@ -186,6 +196,17 @@ class Interruptible:
             )
         finally:
             self._interrupt.finished(vm_id)
+
+    def _hook(self, then: BeforeRunCommand | None) -> BeforeRunCommand:
+        if then is None:
+            return self._stop_if_asked
+        after = then
+
+        async def before(phase: str, details: Mapping[str, Any]) -> None:
+            await self._stop_if_asked(phase, details)
+            await after(phase, details)
+
+        return before
 
     async def _stop_if_asked(self, phase: str, _: Mapping[str, Any]) -> None:
         if self._interrupt.requested.is_set():

@@ -20,12 +20,13 @@ _GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 # ARM resource group names: 1-90 chars of letters, digits, '_', '-', '.', '(', ')', not ending in '.'.
 _RG = re.compile(r"[-\w._()]{1,90}")
 _VM_NAME = re.compile(r"[-\w.]{1,64}")
-# Whitespace, C0 and C1 control characters: in no id or name (Table keys refuse the controls too).
-_UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+# Whitespace, C0 and C1 control characters: in no id or name (Table keys refuse the controls too);
+# nor lone UTF-16 surrogates (JSON's "\ud800" escape), which have no UTF-8 form.
+_UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # A computer name as Log Analytics or an alert reports it (host name or FQDN), before the inventory's
 # stricter check: printable, no whitespace, DNS length.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_COMPUTER = re.compile(r"[^\s\x00-\x1f\x7f-\x9f]{1,255}")
+_COMPUTER = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\ud800-\udfff]{1,255}")
 MAX_ATTEMPT = 1000
 MAX_DEFERRED_S = 30 * 86400.0  # more than DEFER_DEADLINE_HOURS can be (720 h): a larger one is clamped
 """``attempt`` is clamped here: the worker's delay is ``DEFER_DELAY_SECONDS × 2**attempt`` (capped),
@@ -288,6 +289,8 @@ def parse_time(text: str) -> datetime | None:
         return None
     try:
         value = datetime.fromisoformat(text)
-    except ValueError:
+        value = value if value.tzinfo else value.replace(tzinfo=UTC)
+        value.astimezone(UTC)  # "0001-01-01T00:00:00+01:00" is the year 0 in UTC: no time at all
+    except (ValueError, OverflowError):
         return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return value

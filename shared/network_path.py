@@ -130,13 +130,16 @@ def judge(facts: PathFacts, kms: CloudKms) -> PathVerdict:
     subnet_id = str(subnet.get("id") or "")
     subnet_name = name_of(subnet_id)
     location = str(facts.nic.get("location") or "")
+    nic_id = str(facts.nic.get("id") or "")
+    silent = _routes_unreadable(facts, kms)
+    if silent:
+        return unknown(silent, nic_id=nic_id)
     findings: list[Finding] = []
     findings += _route_findings(facts, kms, subnet_id, subnet_name, location)
     way, outbound_finding = _outbound(facts, subnet_id, subnet_name, location)
     if outbound_finding is not None:
         findings.append(outbound_finding)
     findings += _nsg_findings(facts, kms, subnet_id, location)
-    nic_id = str(facts.nic.get("id") or "")
     if findings:
         return PathVerdict(BLOCKED, tuple(findings), way, nic_id=nic_id, subnet_id=subnet_id)
     note = ""
@@ -152,29 +155,68 @@ def judge(facts: PathFacts, kms: CloudKms) -> PathVerdict:
 # ------------------------------------------------------------------ routes
 
 
+# ARM spells these in one case; an answer in another (a proxy, an older API version) means the same.
+_HOP_TYPES: Final = {
+    name.lower(): name
+    for name in ("Internet", "VirtualAppliance", "VirtualNetworkGateway", "None", "VnetLocal")
+}
+_SOURCES: Final = {name.lower(): name for name in ("User", "VirtualNetworkGateway", "Default")}
+# Among routes with the same prefix: user route, then BGP, then system (virtual-networks-udr-overview.md).
+_SOURCE_RANK: Final = {"User": 0, "VirtualNetworkGateway": 1, "Default": 2}
+
+
+def hop_type(route: Mapping[str, Any]) -> str:
+    """The route's ``nextHopType`` in ARM's spelling (``""`` when the answer has none)."""
+    text = str(route.get("nextHopType") or "")
+    return _HOP_TYPES.get(text.lower(), text)
+
+
+def _source(route: Mapping[str, Any]) -> str:
+    text = str(route.get("source") or "")
+    return _SOURCES.get(text.lower(), text)
+
+
+def _active(routes: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in routes if str(r.get("state") or "Active").lower() == "active"]
+
+
+def _routes_unreadable(facts: PathFacts, kms: CloudKms) -> str:
+    """Why the effective routes cannot be judged (``""`` when they can): every NIC has the system
+    routes (NetworkInterfaceEffectiveRouteTableList.json), so an empty answer, or a winning route
+    without a next hop, says nothing about the path; neither is a route to ``None``."""
+    routes = _active(facts.routes)
+    if not routes:
+        return "the effective route table of the network interface is empty (is the VM running?)"
+    for address in kms.required:
+        hop = best_route(routes, address)
+        if hop is not None and not hop_type(hop):
+            return f"the effective route for {address} names no next hop"
+    return ""
+
+
 def _route_findings(
     facts: PathFacts, kms: CloudKms, subnet_id: str, subnet_name: str, location: str
 ) -> list[Finding]:
-    routes = [r for r in facts.routes if str(r.get("state", "Active")) == "Active"]
+    routes = _active(facts.routes)
     table = facts.route_table
     table_id = str(table.get("id") or "") if table else ""
     # Blocking routes, grouped: one finding per route, naming every KMS address it takes.
     blocked: dict[tuple[str, str, str, str], list[str]] = {}
     for address in kms.required:
         hop = best_route(routes, address)
-        hop_type = str(hop.get("nextHopType") or "None") if hop else "None"
-        if hop_type == "Internet":
+        kind = hop_type(hop) if hop else "None"
+        if kind == "Internet":
             continue
         prefix = _prefix_of(hop, address) if hop else "(no route)"
         ip = next(iter(_list(hop.get("nextHopIpAddress"))), "") if hop else ""
-        source = str(hop.get("source") or "") if hop else ""
-        blocked.setdefault((prefix, hop_type, str(ip), source), []).append(address)
+        source = _source(hop) if hop else ""
+        blocked.setdefault((prefix, kind, str(ip), source), []).append(address)
     if not blocked:
         return []
     retired_routes = _routes_for(table, kms.retired) if table else []
     findings: list[Finding] = []
-    for (prefix, hop_type, ip, source), addresses in blocked.items():
-        target = f"{hop_type} {ip}".strip()
+    for (prefix, kind, ip, source), addresses in blocked.items():
+        target = f"{kind} {ip}".strip()
         if source == "User" and table_id:
             where = f"in route table {name_of(table_id)} (subnet {subnet_name})"
             resource = table_id
@@ -188,7 +230,7 @@ def _route_findings(
             f"route {prefix} → {target} {where}: TCP {kms.port} to {_and(addresses)} does not leave "
             "from an Azure public IP"
         )
-        cause = _HOP_CAUSE.get(hop_type, ROUTE_OTHER)
+        cause = _HOP_CAUSE.get(kind, ROUTE_OTHER)
         if retired_routes:
             cause = RETIRED_ONLY
             text = (
@@ -201,19 +243,23 @@ def _route_findings(
 
 
 def best_route(routes: Iterable[Mapping[str, Any]], address: str) -> Mapping[str, Any] | None:
-    """The route with the longest prefix that holds ``address`` (effective routes are already
-    resolved by Azure, so among equal prefixes the active one is the one that counts)."""
+    """The route with the longest prefix that holds ``address``; among equal prefixes the user
+    route, then the BGP route, then the system route (virtual-networks-udr-overview.md). Azure
+    marks the losers ``Invalid`` already; the order is kept for an answer that leaves two active."""
     ip = ipaddress.ip_address(address)
-    best: tuple[int, Mapping[str, Any]] | None = None
+    best: tuple[int, int, Mapping[str, Any]] | None = None
     for route in routes:
+        rank = _SOURCE_RANK.get(_source(route), len(_SOURCE_RANK))
         for text in _list(route.get("addressPrefix")):
             try:
                 network = ipaddress.ip_network(str(text), strict=False)
             except ValueError:
                 continue  # a service tag or something not an address: never the KMS's route here
-            if ip in network and (best is None or network.prefixlen > best[0]):
-                best = (network.prefixlen, route)
-    return best[1] if best else None
+            if ip not in network:
+                continue
+            if best is None or (network.prefixlen, -rank) > (best[0], -best[1]):
+                best = (network.prefixlen, rank, route)
+    return best[2] if best else None
 
 
 def _prefix_of(route: Mapping[str, Any], address: str) -> str:
@@ -235,7 +281,7 @@ def _routes_for(table: Mapping[str, Any], addresses: Sequence[str]) -> list[str]
     for route in _list(_obj(table.get("properties")).get("routes")):
         props = _obj(_obj(route).get("properties"))
         prefix = str(props.get("addressPrefix") or "")
-        if str(props.get("nextHopType")) != "Internet":
+        if hop_type(props) != "Internet":
             continue
         try:
             network = ipaddress.ip_network(prefix, strict=False)
@@ -342,19 +388,19 @@ def _nsg_findings(facts: PathFacts, kms: CloudKms, subnet_id: str, location: str
         rules = [
             {**_obj(_obj(r).get("properties")), "name": _obj(r).get("name")}
             for r in _list(props.get("securityRules"))
-            if str(_obj(_obj(r).get("properties")).get("direction")) == "Outbound"
+            if str(_obj(_obj(r).get("properties")).get("direction") or "").lower() == "outbound"
         ]
         rules.sort(key=lambda r: int(r.get("priority") or 0))
         defaults = [
             {**_obj(_obj(r).get("properties")), "name": _obj(r).get("name")}
             for r in _list(props.get("defaultSecurityRules"))
-            if str(_obj(_obj(r).get("properties")).get("direction")) == "Outbound"
+            if str(_obj(_obj(r).get("properties")).get("direction") or "").lower() == "outbound"
         ] or list(_DEFAULT_OUTBOUND)
         defaults.sort(key=lambda r: int(r.get("priority") or 0))
         denied: dict[tuple[str, int], list[str]] = {}
         for address in kms.required:
             rule = next((r for r in (*rules, *defaults) if _rule_matches(r, address, kms.port)), None)
-            if rule is not None and str(rule.get("access")) == "Deny":
+            if rule is not None and str(rule.get("access") or "").lower() == "deny":
                 denied.setdefault((str(rule.get("name")), int(rule.get("priority") or 0)), []).append(address)
         for (rule_name, priority), addresses in denied.items():
             text = (
@@ -366,7 +412,7 @@ def _nsg_findings(facts: PathFacts, kms: CloudKms, subnet_id: str, location: str
 
 
 def _rule_matches(rule: Mapping[str, Any], address: str, port: int) -> bool:
-    if str(rule.get("protocol") or "*") not in ("*", "Tcp", "TCP"):
+    if str(rule.get("protocol") or "*").lower() not in ("*", "tcp"):
         return False
     ports = [rule.get("destinationPortRange"), *_list(rule.get("destinationPortRanges"))]
     if not any(_port_in(str(p), port) for p in ports if p):

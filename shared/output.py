@@ -146,6 +146,12 @@ class Progress:
         counts = ", ".join(f"{k} {v}" for k, v in summary(self._done).items())
         return f"[{elapsed:5.0f}s] {of} VMs done, {eta}" + (f": {counts}" if counts else "")
 
+    def note(self, text: str) -> None:
+        """A line shown at once (a wait before the run's own retry: why nothing moves for a while)."""
+        now = time.monotonic()
+        self._last = now
+        self._write(f"[{now - self._started:5.0f}s] {text}")
+
     def close(self) -> None:
         if self._tty and self._shown:
             self._stream.write("\r\x1b[K")

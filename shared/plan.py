@@ -37,7 +37,7 @@ from shared.guest.facts import RESULT_MARKER, GuestOutputError, GuestResult, cha
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId, parse_time
 from shared.settings import Mode, Settings
 from shared.vm import VmFacts
-from shared.workflow import BeforeRunCommand, Compute
+from shared.workflow import BeforeRunCommand, Compute, DetectFirst
 
 PLAN_KIND = "avma-remediator-plan"
 PLAN_VERSION = 1
@@ -426,6 +426,8 @@ class PlanApplier:
         self._recorder.forget(vm_id)
 
         async def compare(phase: str, data: Mapping[str, Any]) -> None:
+            if phase == "remediate" and data.get("conditional"):
+                raise DetectFirst  # a key in the first Run Command: detect first, then compare
             if before_run_command is not None:
                 await before_run_command(phase, data)
             if phase == "remediate":

@@ -16,6 +16,7 @@ from pathlib import Path
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
 from shared.sweep import Checker
 from shared.unreadable import check_until_readable
+from shared.workflow import detect_first
 
 DEFAULT_ONLY = (OutcomeKind.FAILED, OutcomeKind.DEFERRED)
 
@@ -93,8 +94,12 @@ async def run_each(
 
     async def work() -> None:
         while not queue.empty():
-            # An answer that said nothing about the VM is tried again, as the sweep does.
-            outcome = await check_until_readable(partial(checker.check, queue.get_nowait()))
+            # An answer that said nothing about the VM is tried again, detecting first, as the sweep does.
+            vm_id = queue.get_nowait()
+            outcome = await check_until_readable(
+                partial(checker.check, vm_id),
+                retry=partial(checker.check, vm_id, before_run_command=detect_first),
+            )
             outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)

@@ -50,7 +50,8 @@ class Scope:
         """Why ``vm_id`` is out of scope, or ``None`` when it is in scope.
 
         With a management group and no lookup the answer is a refusal: scope that cannot be checked
-        is not assumed. A lookup that fails raises (the caller retries; nothing has been done).
+        is not assumed. A lookup that fails raises (nothing has been done): the worker defers a
+        transient one (``TransientError``); the host retries any other.
         """
         if self.management_group:
             if self.lookup is None:

@@ -7,6 +7,7 @@ reported at once rather than one per attempt.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -284,15 +285,18 @@ def _is_file(path: str) -> bool:
 
 
 def _host_timespan(text: str, name: str, problems: list[str]) -> float:
-    """A host.json timespan (``hh:mm:ss``, as ``functionTimeout``); empty: host.json's own value."""
+    """``functionTimeout`` as the host reads it: ``[d.]hh:mm:ss`` (hours 0-23, as .NET's timespan
+    format), or ``-1`` for no limit (functions-host-json.md, "functionTimeout"); empty: host.json's."""
     if not text:
         return HOST_FUNCTION_TIMEOUT_S
-    match = re.fullmatch(r"(\d{1,2}):([0-5]\d):([0-5]\d)", text)
+    if text == "-1":
+        return math.inf
+    match = re.fullmatch(r"(?:(\d{1,7})\.)?([01]?\d|2[0-3]):([0-5]\d):([0-5]\d)", text)
     if match is None:
-        problems.append(f"{name}={text[:40]!r}: expected hh:mm:ss")
+        problems.append(f"{name}={text[:40]!r}: expected hh:mm:ss (or d.hh:mm:ss, or -1 for no limit)")
         return HOST_FUNCTION_TIMEOUT_S
-    hours, minutes, seconds = (int(part) for part in match.groups())
-    return float(hours * 3600 + minutes * 60 + seconds)
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
 
 
 def _bool(text: str, name: str, problems: list[str]) -> bool:

@@ -239,11 +239,23 @@ def _since(text: str, now: datetime, problems: list[str]) -> datetime | None:
         except OverflowError:  # before year 1
             problems.append(f"since={text!r}: too far back")
             return None
-    parsed = parse_time(text)
+    parsed = parse_time(text)  # None also for a time whose UTC form leaves years 1..9999
     if parsed is None:
-        problems.append(f"since={text[:40]!r}: an ISO 8601 time (2026-12-01T08:00:00Z) or 30m, 24h, 7d")
+        if _iso_out_of_range(text):  # 9999-12-31T23:00:00-05:00 is after year 9999 in UTC
+            problems.append(f"since={text[:40]!r}: out of range once converted to UTC")
+        else:
+            problems.append(f"since={text[:40]!r}: an ISO 8601 time (2026-12-01T08:00:00Z) or 30m, 24h, 7d")
         return None
     return parsed.astimezone(UTC)
+
+
+def _iso_out_of_range(text: str) -> bool:
+    """A well-formed ISO time that ``parse_time`` refused only because UTC cannot hold it."""
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _whole(text: str, name: str, default: int, low: int, high: int, problems: list[str]) -> int:

@@ -19,6 +19,7 @@ from shared.azure.compute import ComputeError
 from shared.model import Outcome, VmId
 from shared.unreadable import check_until_readable
 from shared.vm import VmFacts
+from shared.workflow import BeforeRunCommand, detect_first
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,13 @@ log = logging.getLogger(__name__)
 class Checker(Protocol):
     """``Remediator.check``, or the CLI's scope-checking wrapper around it."""
 
-    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome: ...
+    async def check(
+        self,
+        vm_id: VmId,
+        *,
+        listed: VmFacts | None = None,
+        before_run_command: BeforeRunCommand | None = None,
+    ) -> Outcome: ...
 
 
 @dataclass
@@ -71,7 +78,9 @@ async def sweep(
             if vm is None:
                 return
             outcome = await check_until_readable(
-                partial(remediator.check, vm.vm_id, listed=vm), backoff_s=unreadable_backoff_s
+                partial(remediator.check, vm.vm_id, listed=vm),
+                retry=partial(remediator.check, vm.vm_id, listed=vm, before_run_command=detect_first),
+                backoff_s=unreadable_backoff_s,
             )
             report.outcomes.append(outcome)
             if on_outcome is not None:

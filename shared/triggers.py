@@ -1,9 +1,11 @@
 """What each Functions trigger does, as plain async functions (no ``azure.functions`` here).
 
-``function_app.py`` only converts the runtime's objects to these arguments and back. Each call
-builds its clients from the settings, uses them, and closes them: invocations share nothing, so a
-failure in one cannot leak into the next, and tests can call these directly against the simulator
-and Azurite.
+``function_app.py`` only converts the runtime's objects to these arguments and back. Every call
+takes the worker process's one credential and one set of clients for the running event loop
+(``shared.clients``): a token request per token lifetime and pooled TLS connections, instead of a
+credential, a token request and fresh connections per message. What an invocation holds of its own
+(the workflow, the worker with its owner id, a log scanner) is built per call and closed with it.
+Tests call these directly against the simulator and Azurite.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import AzureError
 
 from shared.azure.compute import ComputeGateway
-from shared.azure.credentials import make_credential
 from shared.azure.inventory import Inventory
 from shared.azure.logs import LogScanner
 from shared.azure.network import NetworkGateway
 from shared.azure.transient import TransientError
+from shared.clients import SharedClients, shared_clients
 from shared.intake import (
     MAX_ALERT_BYTES,
     IntakeError,
@@ -51,21 +53,21 @@ _created: set[str] = set()  # queues and tables this process has made sure exist
 
 @dataclass
 class Runtime:
-    """The clients one invocation needs, closed together when it ends."""
+    """One invocation's view of the shared clients, and what it opened for itself (``stack``)."""
 
     settings: Settings
     credential: AsyncTokenCredential
     stack: AsyncExitStack
+    clients: SharedClients
 
     @classmethod
     @asynccontextmanager
     async def open(cls, env: Mapping[str, str] | None = None) -> AsyncIterator[Runtime]:
         settings = Settings.from_env(env)
+        clients = await shared_clients(settings, env)
         async with AsyncExitStack() as stack:
-            credential = make_credential(settings, env)
-            stack.push_async_callback(credential.close)
             try:
-                yield cls(settings, credential, stack)
+                yield cls(settings, clients.credential, stack, clients)
             except (TableMissing, QueueMissing):
                 # Storage no longer has what this process made sure exists (a table or queue deleted,
                 # an emulator restarted): check again on the next invocation rather than fail every
@@ -74,16 +76,14 @@ class Runtime:
                 raise
 
     async def queue(self, name: str = WORK_QUEUE) -> WorkQueue:
-        queue = WorkQueue.from_settings(self.settings, self.credential, name=name)
-        self.stack.push_async_callback(queue.close)
+        queue = self.clients.queue(name)
         if f"queue:{name}" not in _created:  # infra creates it in Azure; Azurite starts empty
             await queue.create_if_needed()
             _created.add(f"queue:{name}")
         return queue
 
     async def ledger(self) -> Ledger:
-        ledger = Ledger.from_settings(self.settings, self.credential)
-        self.stack.push_async_callback(ledger.close)
+        ledger = self.clients.ledger()
         key = f"table:{self.settings.ledger_table}"
         if key not in _created:
             await ledger.create_table_if_needed()
@@ -91,14 +91,10 @@ class Runtime:
         return ledger
 
     async def inventory(self) -> Inventory:
-        inventory = Inventory(self.credential, self.settings)
-        self.stack.push_async_callback(inventory.close)
-        return inventory
+        return self.clients.inventory()
 
     async def compute(self) -> ComputeGateway:
-        gateway = ComputeGateway(self.credential, self.settings)
-        self.stack.push_async_callback(gateway.close)
-        return gateway
+        return self.clients.compute()
 
     async def network(self) -> NetworkGateway:
         gateway = NetworkGateway(self.credential, self.settings)

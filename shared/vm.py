@@ -20,6 +20,10 @@ class VmFacts:
     tags: Mapping[str, str] = field(default_factory=dict)
     location: str = ""
     os_disk_id: str = ""  # the managed OS disk's id (or its name): a re-image or disk swap changes it
+    # What the VM agent reports of the running guest (instance view osName / osVersion, e.g.
+    # "Windows Server 2016 Datacenter", "Microsoft Windows NT 10.0.14393.0"); "" when not reported.
+    os_name: str = ""
+    os_version: str = ""
     # networkProfile.networkInterfaces[].id, the primary one first (the network check reads it)
     nic_ids: tuple[str, ...] = ()
 
@@ -34,7 +38,11 @@ class VmFacts:
         view = props.get("instanceView")
         power: str | None = None
         agent: bool | None = None
+        os_name = os_version = ""
         if isinstance(view, Mapping):
+            name, version = view.get("osName"), view.get("osVersion")
+            os_name = name if isinstance(name, str) else ""
+            os_version = version if isinstance(version, str) else ""
             for status in _list(view.get("statuses")):
                 code = str(_obj(status).get("code", ""))
                 if code.startswith("PowerState/"):
@@ -58,6 +66,8 @@ class VmFacts:
             tags=tags,
             location=str(vm.get("location", "")),
             os_disk_id=str(disk_id) if isinstance(disk_id, str) else "",
+            os_name=os_name,
+            os_version=os_version,
             nic_ids=nic_ids,
         )
 

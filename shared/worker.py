@@ -36,7 +36,7 @@ from shared.scope import Scope
 from shared.settings import Settings
 from shared.telemetry import log_outcome
 from shared.unreadable import MAX_UNREADABLE_TRIES, give_up, is_unreadable
-from shared.workflow import BeforeRunCommand, Recent
+from shared.workflow import BeforeRunCommand, Recent, detect_first
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,12 @@ class Worker:
         item = item.clamped(now)
         if item.vm_id is None:
             return await self._resolve(item)
-        refused = await self._out_of_scope(item, item.vm_id)
+        try:
+            refused = await self._out_of_scope(item, item.vm_id)
+        except TransientError as error:
+            # A management group's membership is asked of Resource Graph, which throttles: no answer
+            # about the VM yet, and nothing was done. Deferred like a throttled name lookup.
+            return [await self._defer_transient(item, error)]
         if refused is not None:
             return [refused]
         return [await self._check(item, item.vm_id, now)]
@@ -192,43 +197,7 @@ class Worker:
             vms = []
             log.warning("computer name %r rejected: %s", item.computer[:80], error)
         except TransientError as error:
-            # Throttled or briefly down: no answer about the name. Deferred with a growing delay, at
-            # least the wait the service named, until the deadline; then failed. Recorded either way.
-            now = datetime.now(UTC)
-            first = _parse_time(item.first_seen) or now
-            details: dict[str, Any] = {"computer": item.computer, "error": str(error)[:300]}
-            if self._deferred_long_enough(item):
-                kind, reason = OutcomeKind.FAILED, f"deadline-exceeded:{error.reason}"
-                details.update(attempts=item.attempt + 1, deferredS=item.deferred_s)
-            else:
-                wait = error.retry_after_s or 0.0
-                delay = min(max(self._retry_delay(item.attempt), wait), MAX_DEFER_DELAY_S)
-                retry = replace(
-                    item,
-                    attempt=item.attempt + 1,
-                    first_seen=first.isoformat(),
-                    deferred_s=_counted(item, delay),
-                )
-                await self._queue.send(retry, delay_s=delay)
-                kind, reason = OutcomeKind.DEFERRED, error.reason
-                details.update(retryInS=delay, nextAttempt=item.attempt + 1)
-            deferred = Outcome(item.target, kind, reason, details=details)
-            log_outcome(
-                deferred,
-                trigger=item.reason.value,
-                correlation_id=item.correlation_id,
-                attempt=item.attempt,
-                first_seen=item.first_seen,
-            )
-            await self._ledger.record_event(
-                item.target,
-                kind=kind.value,
-                reason=reason,
-                trigger=item.reason.value,
-                correlation_id=item.correlation_id,
-                details=details,
-            )
-            return [deferred]
+            return [await self._defer_transient(item, error)]
         if not vms:
             outcome = Outcome(
                 item.target, OutcomeKind.SKIPPED, "not-found", details={"computer": item.computer}
@@ -251,6 +220,48 @@ class Worker:
         for vm_id in vms:  # one item per VM; each gets its own lease and outcome
             await self._queue.send(replace(item, vm_id=vm_id, computer=None))
         return []
+
+    async def _defer_transient(self, item: WorkItem, error: TransientError) -> Outcome:
+        """A dependency refused for now (a throttled or unavailable lookup, before any lease): re-enqueue
+        with a growing delay, at least the wait the service named, until the deadline; then failed.
+        Recorded either way, under the item's target."""
+        now = datetime.now(UTC)
+        first = _parse_time(item.first_seen) or now
+        details: dict[str, Any] = {"error": str(error)[:300]}
+        if item.computer is not None:
+            details["computer"] = item.computer
+        if self._deferred_long_enough(item):
+            kind, reason = OutcomeKind.FAILED, f"deadline-exceeded:{error.reason}"
+            details.update(attempts=item.attempt + 1, deferredS=item.deferred_s)
+        else:
+            wait = error.retry_after_s or 0.0
+            delay = min(max(self._retry_delay(item.attempt), wait), MAX_DEFER_DELAY_S)
+            retry = replace(
+                item,
+                attempt=item.attempt + 1,
+                first_seen=first.isoformat(),
+                deferred_s=_counted(item, delay),
+            )
+            await self._queue.send(retry, delay_s=delay)
+            kind, reason = OutcomeKind.DEFERRED, error.reason
+            details.update(retryInS=delay, nextAttempt=item.attempt + 1)
+        deferred = Outcome(item.target, kind, reason, details=details)
+        log_outcome(
+            deferred,
+            trigger=item.reason.value,
+            correlation_id=item.correlation_id,
+            attempt=item.attempt,
+            first_seen=item.first_seen,
+        )
+        await self._ledger.record_event(
+            item.target,
+            kind=kind.value,
+            reason=reason,
+            trigger=item.reason.value,
+            correlation_id=item.correlation_id,
+            details=details,
+        )
+        return deferred
 
     async def _check(self, item: WorkItem, vm_id: VmId, now: datetime) -> Outcome:
         trigger, correlation = item.reason.value, item.correlation_id
@@ -286,9 +297,10 @@ class Worker:
                 await self._ledger.record(
                     vm_id, outcome=outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt
                 )
-            except Exception:
+            except BaseException:
                 # No history row: store no verdict either, keep the intent on the state row, and let
-                # the message be retried; the next delivery detects the VM's real state again.
+                # the message be retried; the next delivery detects the VM's real state again. A
+                # cancellation (BaseException) is no different: the row may not have been written.
                 outcome = None
                 raise
             return outcome
@@ -302,6 +314,11 @@ class Worker:
         """The hook the workflow awaits before each Run Command POST."""
 
         async def before(phase: str, details: Mapping[str, Any]) -> None:
+            if item.unreadable:
+                # An earlier answer for this item said nothing about the VM: that Run Command may
+                # have been a conditional re-key that installed the key. Detect first (nothing is
+                # POSTed for the re-key, so no intent for it), then decide on what the VM shows now.
+                await detect_first(phase, details)
             intent = {"phase": phase, "owner": self.owner, "correlationId": item.correlation_id}
             # LeaseLost here means another delivery may be running: abort without POSTing.
             await self._ledger.renew(lease, intent=intent if phase == "remediate" else None)

@@ -27,8 +27,16 @@ from shared.azure.compute import (
     VmNotRunning,
 )
 from shared.decide import Action, Decision, decide, gate
-from shared.guest.facts import GuestOutputError, GuestResult, parse_result
-from shared.guest.scripts import detect_command, remediate_command
+from shared.guessed_rekey import Expectation, before_as_result, expectation_for
+from shared.guest.facts import (
+    POWERSHELL_VERSION_STEP,
+    BeforeFacts,
+    Channel,
+    GuestOutputError,
+    GuestResult,
+    parse_result,
+)
+from shared.guest.scripts import conditional_rekey_command, detect_command, remediate_command
 from shared.hints import hint_for, remediation_hint
 from shared.model import Outcome, OutcomeKind, VmId
 from shared.network_path import PathVerdict
@@ -54,6 +62,46 @@ _DEFERRING = (
 # Called before each Run Command POST with the phase ("detect" or "remediate") and what is about to
 # be sent; it may raise (a lost lease, a ledger that cannot record the intent) and then nothing is POSTed.
 BeforeRunCommand = Callable[[str, Mapping[str, Any]], Awaitable[None]]
+
+
+# A conditional re-key that stopped at one of these changed nothing (the version guard, parameters).
+_NOTHING_DONE_STEPS = frozenset({POWERSHELL_VERSION_STEP, "parameters"})
+# What a re-key's hint is told of the state before it when the script could not say.
+_UNKNOWN_BEFORE = GuestResult(script="detect", os=None, license=None, kms_probe=None)
+
+
+class DetectFirst(Exception):
+    """A before-Run-Command hook's answer to a conditional re-key: send no key yet, detect first and
+    decide on that (``apply`` compares a fresh detection with its plan before any change)."""
+
+
+async def detect_first(phase: str, details: Mapping[str, Any]) -> None:
+    """A before-Run-Command hook that answers a conditional re-key with :class:`DetectFirst`.
+
+    For a check whose last Run Command answer said nothing about the VM (``run-command-failed``,
+    ``bad-output``; shared/unreadable.py): that command may have been the conditional re-key, which
+    may have installed the key, so its retry reads the VM's state with a detection before anything
+    else, and decides on that. Every other Run Command goes as usual."""
+    if phase == "remediate" and details.get("conditional"):
+        raise DetectFirst
+
+
+def detecting_first(hook: BeforeRunCommand | None) -> BeforeRunCommand:
+    """``hook`` (when there is one) behind :func:`detect_first`."""
+
+    async def before(phase: str, details: Mapping[str, Any]) -> None:
+        await detect_first(phase, details)
+        if hook is not None:
+            await hook(phase, details)
+
+    return before
+
+
+@dataclass(slots=True)
+class _Phase:
+    """Where a check is (read, detect, remediate), for the outcome of an error that ends it."""
+
+    name: str = "read"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,104 +159,17 @@ class Remediator:
         hook: BeforeRunCommand | None,
         recent: Recent | None,
     ) -> Outcome:
-        settings = self._settings
-        phase = "read"
-        disk: dict[str, Any] = {}
+        step = _Phase()
         try:
-            if listed is not None:
-                early = gate(listed, settings)
-                if early is not None:
-                    _step(vm_id, "gate", None, "%s: %s (from the listing)", early.kind, early.reason)
-                    return self._final(vm_id, early)
-            began = time.monotonic()
-            vm = await self._compute.get_vm(vm_id)
-            disk = {"osDiskId": vm.os_disk_id} if vm.os_disk_id else {}
-            ruled = gate(vm, settings)
-            if ruled is not None:
-                _step(vm_id, "gate", began, "%s: %s", ruled.kind, ruled.reason)
-                return self._final(vm_id, ruled, dict(disk))
-            _step(vm_id, "gate", began, "%s, %s, agent ready: run detection", vm.os_type, vm.power_state)
-            if recent is not None and vm.os_disk_id and vm.os_disk_id.lower() == recent.os_disk_id.lower():
-                return self._outcome(
-                    vm_id,
-                    OutcomeKind.SKIPPED,
-                    "recently-verified",
-                    {**disk, "verifiedAt": recent.verified_at.isoformat()},
-                )
-
-            phase = "detect"
-            detect = detect_command(settings.kms_host, settings.kms_port)
-            if hook is not None:
-                await hook(phase, {})
-            began = time.monotonic()
-            detect_out, detect_err = await self._compute.run_command(vm_id, detect)
-            before = self._parse(detect_out, "detect")
-            if isinstance(before, Outcome):
-                _step(vm_id, "detect", began, "no result line: bad-output")
-                return self._bad_output(vm_id, before, detect_err)
-            _step(vm_id, "detect", began, "%s", _summary(before))
-            decision = decide(before, settings)
-            verdict = f"{decision.kind}: {decision.reason}" if decision.kind else decision.reason
-            _step(vm_id, "decision", None, "%s (%s)", decision.action, verdict)
-            facts = {**disk, **_facts(before, "")}
-            path: PathVerdict | None = None
-            if self._network is not None and network_diagnosis.wanted(decision, before):
-                path = await self._network.path(vm)
-                facts.update(network_diagnosis.details(path, settings))
-            if decision.action is Action.NONE:
-                extra = {"error": _error_text(before)} if before.error is not None else {}
-                return self._final(vm_id, decision, {**facts, **extra}, path=path)
-            if decision.entry is not None:
-                facts["edition"] = decision.entry.edition
-            facts["kmsTarget"] = settings.kms_target
-            if settings.mode is Mode.AUDIT:
-                return self._outcome(
-                    vm_id,
-                    OutcomeKind.WOULD_REMEDIATE,
-                    decision.reason,
-                    facts,
-                    hint=self._path_hint(path, decision.reason),
-                )
-
-            phase = "remediate"
-            body = remediate_command(
-                product_key=decision.entry.product_key
-                if decision.action is Action.REKEY and decision.entry
-                else None,
-                kms_host=settings.kms_host,
-                kms_port=settings.kms_port,
-            )
-            if hook is not None:
-                await hook(phase, {"action": decision.action.value, "reason": decision.reason, **facts})
-            began = time.monotonic()
-            fix_out, fix_err = await self._compute.run_command(vm_id, body)
-            after = self._parse(fix_out, "remediate")
-            if isinstance(after, Outcome):
-                _step(vm_id, "remediate", began, "no result line: bad-output")
-                return self._bad_output(vm_id, after, fix_err, phase="remediate")
-            _step(vm_id, "remediate", began, "%s", _summary(after))
-            kind, reason = judge(after)
-            _step(vm_id, "verify", None, "%s: %s", kind, reason or decision.reason)
-            details = {**facts, **_facts(after, "After"), "steps": [[s.name, s.hresult] for s in after.steps]}
-            details["action"] = decision.action.value
-            if after.error is not None:
-                details["error"] = _error_text(after)
-            reason = reason or decision.reason
-            hint = remediation_hint(reason, settings, before, after)
-            if reason == network_diagnosis.KMS_FAILED and self._network is not None:
-                if path is None:  # the probe connected, activation did not: ask Azure now
-                    path = await self._network.path(vm)
-                    details.update(network_diagnosis.details(path, settings))
-                hint = network_diagnosis.hint(path, reason, settings, hint)
-            return self._outcome(vm_id, kind, reason, details, hint=hint)
+            return await self._run(vm_id, listed, hook, recent, step)
         except VmNotFound:
-            return self._outcome(vm_id, OutcomeKind.SKIPPED, "not-found", {"phase": phase})
+            return self._outcome(vm_id, OutcomeKind.SKIPPED, "not-found", {"phase": step.name})
         except VmNotRunning as error:
             return self._outcome(
-                vm_id, OutcomeKind.SKIPPED, "not-running", {"phase": phase, "error": str(error)}
+                vm_id, OutcomeKind.SKIPPED, "not-running", {"phase": step.name, "error": str(error)}
             )
         except _DEFERRING as error:
-            details = {"phase": phase, "error": str(error)}
+            details = {"phase": step.name, "error": str(error)}
             if error.code:
                 details["code"] = error.code
             return self._outcome(vm_id, OutcomeKind.DEFERRED, error.reason, details)
@@ -217,8 +178,220 @@ class Remediator:
                 vm_id,
                 OutcomeKind.FAILED,
                 error.reason,
-                {"phase": phase, "code": error.code, "error": str(error)},
+                {"phase": step.name, "code": error.code, "error": str(error)},
             )
+
+    async def _run(
+        self,
+        vm_id: VmId,
+        listed: VmFacts | None,
+        hook: BeforeRunCommand | None,
+        recent: Recent | None,
+        step: _Phase,
+    ) -> Outcome:
+        settings = self._settings
+        if listed is not None:
+            early = gate(listed, settings)
+            if early is not None:
+                _step(vm_id, "gate", None, "%s: %s (from the listing)", early.kind, early.reason)
+                return self._final(vm_id, early)
+        began = time.monotonic()
+        vm = await self._compute.get_vm(vm_id)
+        disk: dict[str, Any] = {"osDiskId": vm.os_disk_id} if vm.os_disk_id else {}
+        ruled = gate(vm, settings)
+        if ruled is not None:
+            _step(vm_id, "gate", began, "%s: %s", ruled.kind, ruled.reason)
+            return self._final(vm_id, ruled, dict(disk))
+        _step(vm_id, "gate", began, "%s, %s, agent ready: run detection", vm.os_type, vm.power_state)
+        if recent is not None and vm.os_disk_id and vm.os_disk_id.lower() == recent.os_disk_id.lower():
+            return self._outcome(
+                vm_id,
+                OutcomeKind.SKIPPED,
+                "recently-verified",
+                {**disk, "verifiedAt": recent.verified_at.isoformat()},
+            )
+
+        expectation = expectation_for(vm, settings)
+        if expectation is not None:
+            # ARM names one catalog edition: the first Run Command may re-key, on conditions.
+            step.name = "remediate"
+            first = await self._conditional_rekey(vm_id, vm, expectation, disk, hook)
+            if isinstance(first, Outcome):
+                return first
+            if first is not None:
+                outcome = await self._decide_and_act(vm_id, vm, first, disk, hook, step)
+                pre = first.preconditions
+                outcome.details["conditionalRekey"] = {
+                    "edition": expectation.entry.edition,
+                    "met": False,
+                    "failed": list(pre.failed) if pre is not None else [],
+                }
+                return outcome
+
+        step.name = "detect"
+        detect = detect_command(settings.kms_host, settings.kms_port)
+        if hook is not None:
+            await hook(step.name, {})
+        began = time.monotonic()
+        detect_out, detect_err = await self._compute.run_command(vm_id, detect)
+        before = self._parse(detect_out, "detect")
+        if isinstance(before, Outcome):
+            _step(vm_id, "detect", began, "no result line: bad-output")
+            return self._bad_output(vm_id, before, detect_err)
+        _step(vm_id, "detect", began, "%s", _summary(before))
+        return await self._decide_and_act(vm_id, vm, before, disk, hook, step)
+
+    async def _decide_and_act(
+        self,
+        vm_id: VmId,
+        vm: VmFacts,
+        before: GuestResult,
+        disk: dict[str, Any],
+        hook: BeforeRunCommand | None,
+        step: _Phase,
+    ) -> Outcome:
+        """Decide on detected facts (shared.decide) and, when the table says so, remediate and verify."""
+        settings = self._settings
+        decision = decide(before, settings)
+        verdict = f"{decision.kind}: {decision.reason}" if decision.kind else decision.reason
+        _step(vm_id, "decision", None, "%s (%s)", decision.action, verdict)
+        facts = {**disk, **_facts(before, "")}
+        path: PathVerdict | None = None
+        if self._network is not None and network_diagnosis.wanted(decision, before):
+            path = await self._network.path(vm)
+            facts.update(network_diagnosis.details(path, settings))
+        if decision.action is Action.NONE:
+            extra = {"error": _error_text(before)} if before.error is not None else {}
+            return self._final(vm_id, decision, {**facts, **extra}, path=path)
+        if decision.entry is not None:
+            facts["edition"] = decision.entry.edition
+        facts["kmsTarget"] = settings.kms_target
+        if settings.mode is Mode.AUDIT:
+            return self._outcome(
+                vm_id,
+                OutcomeKind.WOULD_REMEDIATE,
+                decision.reason,
+                facts,
+                hint=self._path_hint(path, decision.reason),
+            )
+
+        step.name = "remediate"
+        body = remediate_command(
+            product_key=decision.entry.product_key
+            if decision.action is Action.REKEY and decision.entry
+            else None,
+            kms_host=settings.kms_host,
+            kms_port=settings.kms_port,
+        )
+        if hook is not None:
+            await hook(step.name, {"action": decision.action.value, "reason": decision.reason, **facts})
+        began = time.monotonic()
+        fix_out, fix_err = await self._compute.run_command(vm_id, body)
+        after = self._parse(fix_out, "remediate")
+        if isinstance(after, Outcome):
+            _step(vm_id, "remediate", began, "no result line: bad-output")
+            return self._bad_output(vm_id, after, fix_err, phase="remediate")
+        _step(vm_id, "remediate", began, "%s", _summary(after))
+        kind, reason = judge(after)
+        _step(vm_id, "verify", None, "%s: %s", kind, reason or decision.reason)
+        details = {**facts, **_facts(after, "After"), "steps": [[s.name, s.hresult] for s in after.steps]}
+        details["action"] = decision.action.value
+        if after.error is not None:
+            details["error"] = _error_text(after)
+        reason = reason or decision.reason
+        hint = remediation_hint(reason, settings, before, after)
+        if reason == network_diagnosis.KMS_FAILED and self._network is not None:
+            if path is None:  # the probe connected, activation did not: ask Azure now
+                path = await self._network.path(vm)
+                details.update(network_diagnosis.details(path, settings))
+            hint = network_diagnosis.hint(path, reason, settings, hint)
+        return self._outcome(vm_id, kind, reason, details, hint=hint)
+
+    async def _conditional_rekey(
+        self,
+        vm_id: VmId,
+        vm: VmFacts,
+        expectation: Expectation,
+        disk: dict[str, Any],
+        hook: BeforeRunCommand | None,
+    ) -> Outcome | GuestResult | None:
+        """The first Run Command as a conditional re-key (shared.guessed_rekey).
+
+        Gives the facts to decide on when the script changed nothing (its preconditions were not
+        met, or it stopped before reading them: the version guard, bad parameters), else the outcome
+        of the re-key, judged from the facts it read again afterwards as any remediation is; None,
+        with nothing sent, when the hook answers :class:`DetectFirst`.
+        """
+        settings = self._settings
+        entry = expectation.entry
+        body = conditional_rekey_command(
+            product_key=entry.product_key,
+            kms_host=settings.kms_host,
+            kms_port=settings.kms_port,
+            channel_token=expectation.channel_token,
+            edition_ids=expectation.edition_ids,
+            skus=expectation.skus,
+            build=expectation.build,
+            product_types=expectation.product_types,
+            refused_key_channels=expectation.refused_key_channels,
+        )
+        facts: dict[str, Any] = {**disk, "edition": entry.edition, "kmsTarget": settings.kms_target}
+        _step(
+            vm_id,
+            "decision",
+            None,
+            "conditional rekey (avma-channel), if the guest shows %s's facts",
+            entry.edition,
+        )
+        if hook is not None:
+            # The intent goes on record before this POST: it may change the VM.
+            intent = {"action": Action.REKEY.value, "reason": "avma-channel", "conditional": True, **facts}
+            try:
+                await hook("remediate", intent)
+            except DetectFirst:
+                return None
+        began = time.monotonic()
+        out, err = await self._compute.run_command(vm_id, body)
+        result = self._parse(out, "remediate")
+        if isinstance(result, Outcome):
+            _step(vm_id, "rekey-if", began, "no result line: bad-output")
+            return self._bad_output(vm_id, result, err, phase="remediate")
+        pre = result.preconditions
+        stopped_early = result.error is not None and result.error.step in _NOTHING_DONE_STEPS
+        if (pre is not None and not pre.met) or (pre is None and stopped_early):
+            unmet = ", ".join(pre.failed) if pre is not None else "stopped early"
+            _step(vm_id, "rekey-if", began, "%s; changed nothing (%s)", _summary(result), unmet)
+            return result
+        _step(vm_id, "rekey-if", began, "%s", _summary(result))
+        before = _UNKNOWN_BEFORE
+        if pre is not None and pre.before is not None:
+            if not expectation.accepts(pre.before):
+                # The script says it acted on facts it was told not to act on: never trusted.
+                problem = "the script re-keyed on facts outside the preconditions it was given"
+                details = {**facts, "phase": "remediate", "error": problem, "before": _before(pre.before)}
+                return self._outcome(vm_id, OutcomeKind.FAILED, "bad-output", details)
+            before = before_as_result(pre.before)
+            facts.update(
+                channel=Channel.AVMA.value,
+                licenseStatus=int(pre.before.license_status),
+                kmsReachable=pre.before.kms_reachable,
+            )
+        if result.os is not None:
+            facts["caption"] = result.os.caption
+        kind, reason = judge(result)
+        _step(vm_id, "verify", None, "%s: %s", kind, reason or "avma-channel")
+        details = {**facts, **_facts(result, "After"), "steps": [[s.name, s.hresult] for s in result.steps]}
+        details["action"] = Action.REKEY.value
+        details["conditionalRekey"] = {"edition": entry.edition, "met": pre is not None and pre.met}
+        if result.error is not None:
+            details["error"] = _error_text(result)
+        reason = reason or "avma-channel"
+        hint = remediation_hint(reason, settings, before, result)
+        if reason == network_diagnosis.KMS_FAILED and self._network is not None:
+            path = await self._network.path(vm)  # the probe connected, activation did not: ask Azure
+            details.update(network_diagnosis.details(path, settings))
+            hint = network_diagnosis.hint(path, reason, settings, hint)
+        return self._outcome(vm_id, kind, reason, details, hint=hint)
 
     @staticmethod
     def _parse(output: str, script: str) -> GuestResult | Outcome:
@@ -326,6 +499,18 @@ def _facts(result: GuestResult, suffix: str) -> dict[str, Any]:
     if result.kms_probe is not None and not suffix:
         out["kmsReachable"] = result.kms_probe.reachable
     return out
+
+
+def _before(before: BeforeFacts) -> dict[str, Any]:
+    return {
+        "editionId": before.edition_id,
+        "sku": before.sku,
+        "build": before.build,
+        "productType": before.product_type,
+        "productKeyChannel": before.product_key_channel,
+        "licenseStatus": int(before.license_status),
+        "kmsReachable": before.kms_reachable,
+    }
 
 
 def _error_text(result: GuestResult) -> str:

@@ -6,15 +6,24 @@ the guest scripts as Windows would (docs/guest-contract.md). Guide: docs/simulat
 """
 
 from simulator.estate import Estate, EstateError, GuestSpec, VmSpec
-from simulator.server import Simulator, SimulatorServer, serve_forever, start_server
+from simulator.server import (
+    ServeError,
+    Simulator,
+    SimulatorServer,
+    serve_forever,
+    serve_until_stopped,
+    start_server,
+)
 
 __all__ = [
     "Estate",
     "EstateError",
     "GuestSpec",
+    "ServeError",
     "Simulator",
     "SimulatorServer",
     "VmSpec",
     "serve_forever",
+    "serve_until_stopped",
     "start_server",
 ]

@@ -741,7 +741,7 @@ class Compute:
             else:
                 op.output = self._delivered(vm, entry, output)
                 op.status = "Succeeded"
-                if entry["script"] == "detect" and self.faults.fire("vmVanish", vm.spec.id):
+                if _detected(entry) and self.faults.fire("vmVanish", vm.spec.id):
                     deleted = self.faults.draw("vmVanish") < 0.5
                     vm.deleted = vm.deleted or deleted
                     if not deleted:
@@ -868,6 +868,15 @@ def _last_bytes(text: str, limit: int) -> str:
 
 def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds")
+
+
+def _detected(entry: Mapping[str, Any]) -> bool:
+    """A detection that completed: the detection script, or a conditional re-key (the remediation
+    script with ``ExpectBuild``, docs/guest-contract.md) that only read the facts."""
+    if entry["script"] == "detect":
+        return True
+    conditional = entry["script"] == "remediate" and "ExpectBuild" in entry["parameters"]
+    return conditional and entry["before"] == entry["after"]
 
 
 def _licensing(guest: WindowsGuest) -> dict[str, Any]:

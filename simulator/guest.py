@@ -400,12 +400,24 @@ class WindowsGuest:
         if install == "0" and key:
             problems.append("ProductKey given but InstallKey is 0")
         problems += _kms_param_problems(params)
+        conditional = any(params.get(name, "") for name in _EXPECT_PARAMETERS)
+        if conditional:
+            problems += _conditional_param_problems(params)
         if problems:
             line = f"Invalid parameters, nothing changed: {'; '.join(problems)}"
             return _emit([line], _error_result("remediate", problems))
         host, port = params["kmshost"], int(params["kmsport"])
         printed: list[str] = []
         steps: list[dict[str, str]] = []
+        preconditions: dict[str, Any] | None = None
+        if conditional:
+            # A conditional re-key reads the facts first and acts only if every one is as given.
+            check = self._facts("remediate", host, port)
+            failed = unmet_preconditions(check, params)
+            preconditions = {"met": not failed, "failed": failed, "before": _before_facts(check)}
+            if failed:
+                check["preconditions"] = preconditions
+                return _emit([f"Preconditions not met, nothing changed: {', '.join(failed)}"], check)
 
         def step(name: str, action: Callable[[], int]) -> None:
             if steps and steps[-1]["hresult"] != hresult(S_OK):
@@ -426,6 +438,8 @@ class WindowsGuest:
         step("activate", self._activate)
         result = self._facts("remediate", host, port)
         result["steps"] = steps
+        if preconditions is not None:
+            result["preconditions"] = preconditions
         return _emit(printed, result)
 
     def _clear_kms(self) -> int:
@@ -553,6 +567,97 @@ def _kms_param_problems(params: Mapping[str, str]) -> list[str]:
     if not _PORT_FORMAT.match(port) or not 1 <= int(port) <= 65535:
         problems.append("KmsPort is not a port number")
     return problems
+
+
+# The conditional re-key's parameters (docs/guest-contract.md, "Conditional re-key"), lower-cased as
+# run_script reads them, with the checks and words of remediate.ps1.
+_EXPECT_PARAMETERS: Final = (
+    "expectchannel",
+    "expecteditionids",
+    "expectskus",
+    "expectbuild",
+    "expectproducttypes",
+    "refusekeychannels",
+)
+_EXPECT_FORMATS: Final = (
+    ("expectchannel", re.compile(r"\A[A-Z_]{1,40}\Z"), "ExpectChannel is not a channel word"),
+    (
+        "expecteditionids",
+        re.compile(r"\A[A-Za-z]{1,40}(?:,[A-Za-z]{1,40}){0,7}\Z"),
+        "ExpectEditionIds is not a list of EditionIDs",
+    ),
+    ("expectskus", re.compile(r"\A[0-9]{1,10}(?:,[0-9]{1,10}){0,7}\Z"), "ExpectSkus is not a list of SKUs"),
+    ("expectbuild", re.compile(r"\A[0-9]{1,6}\Z"), "ExpectBuild is not a build number"),
+    (
+        "expectproducttypes",
+        re.compile(r"\A[1-3](?:,[1-3]){0,2}\Z"),
+        "ExpectProductTypes is not a list of product types",
+    ),
+    (
+        "refusekeychannels",
+        re.compile(r"\A[A-Za-z0-9:]{1,40}(?:,[A-Za-z0-9:]{1,40}){0,15}\Z"),
+        "RefuseKeyChannels is not a list of key channels",
+    ),
+)
+_PLAIN_KEY_CHANNEL: Final = re.compile(r"\A[A-Za-z0-9:]{1,40}\Z")
+
+
+def _conditional_param_problems(params: Mapping[str, str]) -> list[str]:
+    problems = []
+    if params.get("installkey", "") != "1":
+        problems.append("a conditional re-key installs a key (InstallKey 1)")
+    for name, pattern, problem in _EXPECT_FORMATS:
+        if not pattern.match(params.get(name, "")):
+            problems.append(problem)
+    return problems
+
+
+def unmet_preconditions(facts: Mapping[str, Any], params: Mapping[str, str]) -> list[str]:
+    """The facts (as the script names them) that differ from a conditional re-key's parameters.
+
+    Compared as remediate.ps1 does: the description contains the channel word (ordinal, case
+    kept), EditionID, SKU, build and product type exactly equal to one of the given values (as
+    text), a ProductKeyChannel absent, empty, or plain (letters, digits, colons) and starting with
+    no refused prefix (ASCII case-insensitive), and the KMS probe reached the host.
+    """
+    os_facts, license_facts, probe = facts.get("os"), facts.get("license"), facts.get("kmsProbe")
+    if facts.get("error") is not None or os_facts is None or license_facts is None:
+        return ["facts"]
+    failed = []
+    if params["expectchannel"] not in str(license_facts["description"]):
+        failed.append("channel")
+    if str(os_facts["editionId"]) not in params["expecteditionids"].split(","):
+        failed.append("editionId")
+    if str(os_facts["sku"]) not in params["expectskus"].split(","):
+        failed.append("sku")
+    if str(os_facts["build"]) != params["expectbuild"]:
+        failed.append("build")
+    if str(os_facts["productType"]) not in params["expectproducttypes"].split(","):
+        failed.append("productType")
+    channel = license_facts["productKeyChannel"]
+    if channel is not None and channel != "":
+        refused = params["refusekeychannels"].split(",")
+        plain = _PLAIN_KEY_CHANNEL.match(str(channel)) is not None
+        if not plain or any(str(channel).lower().startswith(prefix.lower()) for prefix in refused):
+            failed.append("productKeyChannel")
+    if probe is None or not probe["reachable"]:
+        failed.append("kmsProbe")
+    return failed
+
+
+def _before_facts(facts: Mapping[str, Any]) -> dict[str, Any] | None:
+    os_facts, license_facts, probe = facts.get("os"), facts.get("license"), facts.get("kmsProbe")
+    if facts.get("error") is not None or os_facts is None or license_facts is None:
+        return None
+    return {
+        "editionId": os_facts["editionId"],
+        "sku": os_facts["sku"],
+        "build": os_facts["build"],
+        "productType": os_facts["productType"],
+        "productKeyChannel": license_facts["productKeyChannel"],
+        "licenseStatus": license_facts["licenseStatus"],
+        "kmsReachable": bool(probe is not None and probe["reachable"]),
+    }
 
 
 def _error_result(script: str, problems: list[str]) -> dict[str, Any]:

@@ -42,9 +42,20 @@ class TokenAnswer:
 class TokenIssuer:
     """Issues opaque bearer tokens and recognises them; safe to call from any thread."""
 
-    def __init__(self, header_secret: str | None = None, *, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        header_secret: str | None = None,
+        *,
+        client_id: str | None = None,
+        lifetime_s: float = TOKEN_LIFETIME_S,
+    ) -> None:
+        if lifetime_s <= 0:
+            raise ValueError("a token lifetime must be positive")
         self.header_secret = header_secret or secrets.token_urlsafe(24)
         self.client_id = client_id
+        # How long a token lives (expires_on, and ARM's check). Shorter than an hour only to make
+        # clients refresh within a test run (the chaos run's token faults act on refreshes).
+        self.lifetime_s = lifetime_s
         # The 200 answer names the client id of the identity used (overview-managed-identity.md);
         # a system-assigned identity has one too, which the app is never told: a fresh GUID.
         self.identity_client_id = client_id or str(uuid.uuid4())
@@ -54,7 +65,7 @@ class TokenIssuer:
     def issue(self, resource: str = "https://management.azure.com") -> dict[str, str]:
         """A fresh token (also the test hook for clients that bring their own credential)."""
         token = "sim." + secrets.token_urlsafe(32)
-        expires = time.time() + TOKEN_LIFETIME_S
+        expires = time.time() + self.lifetime_s
         with self._lock:
             self._tokens[token] = expires
         return {

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import signal
 from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any, Final
 
 from simulator.estate import Estate, EstateError
+from simulator.identity import TOKEN_LIFETIME_S
 from simulator.server import DEFAULT_LATENCY_S, Simulator
 
 # The hooks a parent may call (Simulator methods that take and return plain data).
@@ -23,6 +25,7 @@ CALLS: Final = frozenset(
         "env",
         "state_dump",
         "counters",
+        "run_commands_per_fixed_vm",
         "max_concurrent_run_commands",
         "run_log",
         "run_logs",
@@ -47,15 +50,30 @@ class SimulatorProcessError(RuntimeError):
     """The simulator process failed to start, died, or refused a call."""
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _child(conn: Connection, estate: dict[str, Any], options: dict[str, Any]) -> None:
-    """The child process: run a Simulator and answer calls until told to stop (None) or orphaned."""
+    """The child process: run a Simulator and answer calls until told to stop (None) or orphaned.
+
+    SIGTERM (``Process.terminate``, which ``stop`` uses on a child that does not exit) ends it
+    through ``sim.stop()`` like a stop request, so its temporary CA directory does not stay behind.
+    It is held back while the simulator starts, so it always lands where ``sim.stop()`` follows.
+    """
+    blockable = hasattr(signal, "pthread_sigmask")
+    if blockable:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         sim = Simulator(Estate.from_dict(estate), **options).start()
     except (EstateError, OSError, ValueError) as error:
         conn.send(("error", f"{type(error).__name__}: {error}"))
         return
-    conn.send(("ready", sim.env()))
     try:
+        if blockable:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a pending one lands here
+        conn.send(("ready", sim.env()))
         while True:
             try:
                 request = conn.recv()
@@ -75,9 +93,16 @@ def _child(conn: Connection, estate: dict[str, Any], options: dict[str, Any]) ->
 class SimulatorProcess:
     """``with SimulatorProcess(estate, latency_s=…) as sim: sim.env(); sim.call("faults")``."""
 
-    def __init__(self, estate: Estate, *, latency_s: float = DEFAULT_LATENCY_S, page_size: int = 100) -> None:
+    def __init__(
+        self,
+        estate: Estate,
+        *,
+        latency_s: float = DEFAULT_LATENCY_S,
+        page_size: int = 100,
+        token_lifetime_s: float = TOKEN_LIFETIME_S,
+    ) -> None:
         self._estate = estate.to_dict()
-        self._options = {"latency_s": latency_s, "page_size": page_size}
+        self._options = {"latency_s": latency_s, "page_size": page_size, "token_lifetime_s": token_lifetime_s}
         self._conn: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._env: dict[str, str] = {}

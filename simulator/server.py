@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import shutil
+import signal
 import ssl
 import tempfile
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -31,7 +34,7 @@ from aiohttp import web
 
 from simulator.arm import ArmResponse, Compute, arm_error, server_error
 from simulator.estate import Estate
-from simulator.identity import TokenIssuer
+from simulator.identity import TOKEN_LIFETIME_S, TokenIssuer
 from simulator.monitor import LOG_ANALYTICS_AUDIENCES, LogAnalytics, ResourceGraph, default_workspace_id
 from simulator.network_api import NetworkApi
 
@@ -56,6 +59,7 @@ class SimulatorServer:
         workspace_id: str | None = None,
         render_descriptions: bool = True,
         client_id: str | None = None,
+        token_lifetime_s: float = TOKEN_LIFETIME_S,
     ) -> None:
         self.estate = estate
         self.compute = Compute(estate, latency_s=latency_s, page_size=page_size)
@@ -68,13 +72,16 @@ class SimulatorServer:
             render_descriptions=render_descriptions,
         )
         # The app's identity: system-assigned (None) or the user-assigned one with this client id.
-        self.tokens = TokenIssuer(client_id=client_id)
+        self.tokens = TokenIssuer(client_id=client_id, lifetime_s=token_lifetime_s)
         # The resource each issued token was asked for: Log Analytics accepts only its own audience.
         self._audiences: dict[str, str] = {}
         self._audiences_lock = threading.Lock()
         # Every request to the HTTPS server (ARM, Resource Graph, Log Analytics), in arrival order.
         self._request_log: list[dict[str, Any]] = []
         self._request_log_lock = threading.Lock()
+        # The TLS connections requests arrived on (counted as ``tls_connection``): reuse shows as
+        # fewer connections than requests. Weak, so that a closed connection is not kept alive.
+        self._connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self._host = host
         self._ports = (arm_port, identity_port)
         self._runners: list[web.AppRunner] = []
@@ -174,7 +181,19 @@ class SimulatorServer:
         with self._request_log_lock:
             return [dict(entry) for entry in self._request_log]
 
+    def _note_connection(self, request: web.Request) -> None:
+        """Count each TLS connection once, on its first request (every request comes over TLS here)."""
+        transport = request.transport
+        if transport is None:
+            return
+        with self._request_log_lock:
+            if transport in self._connections:
+                return
+            self._connections.add(transport)
+        self.compute.count("tls_connection")
+
     async def _arm(self, request: web.Request) -> web.Response:
+        self._note_connection(request)
         with self._request_log_lock:
             self._request_log.append(
                 {"method": request.method, "path": request.path, "query": dict(request.query.items())}
@@ -262,6 +281,7 @@ class Simulator:
         workspace_id: str | None = None,
         render_descriptions: bool = True,
         client_id: str | None = None,
+        token_lifetime_s: float = TOKEN_LIFETIME_S,
     ) -> None:
         self.estate = estate if estate is not None else Estate.default()
         self.server = SimulatorServer(
@@ -274,6 +294,7 @@ class Simulator:
             workspace_id=workspace_id,
             render_descriptions=render_descriptions,
             client_id=client_id,
+            token_lifetime_s=token_lifetime_s,
         )
         self.compute = self.server.compute
         self._thread: threading.Thread | None = None
@@ -362,6 +383,18 @@ class Simulator:
 
     def counters(self) -> dict[str, Any]:
         return self.compute.counters()
+
+    def run_commands_per_fixed_vm(self) -> float | None:
+        """Run Commands started per VM that ended licensed on the KMS channel having been changed
+        (remediated), over those VMs; None when none was (issue 12: 1 in the common case)."""
+        fixed = [
+            entry["runCommands"]
+            for entry in self.state_dump().values()
+            if entry.get("changed")
+            and entry.get("channel") == "KMS_CLIENT"
+            and entry.get("licenseStatus") == 1
+        ]
+        return round(sum(fixed) / len(fixed), 3) if fixed else None
 
     def max_concurrent_run_commands(self) -> int:
         return self.compute.max_concurrent_run_commands()
@@ -479,3 +512,53 @@ async def serve_forever(
         await asyncio.Event().wait()
     finally:
         await server.stop()
+
+
+class ServeError(RuntimeError):
+    """The standalone simulator could not start listening; the message is one line."""
+
+
+def serve_until_stopped(
+    estate: Estate,
+    *,
+    host: str = "127.0.0.1",
+    arm_port: int = 0,
+    identity_port: int = 0,
+    latency_s: float = SERVE_LATENCY_S,
+    on_ready: Callable[[dict[str, str]], None] | None = None,
+) -> None:
+    """``simulator serve``: run :func:`serve_forever` until SIGINT (Ctrl-C) or SIGTERM.
+
+    Either signal ends it the same way: the servers stop and the temporary CA directory is removed
+    (SIGTERM's default action would end the process with the CA left in the temporary directory).
+    A port that cannot be bound (in use, privileged) raises :class:`ServeError` naming it, with
+    nothing left behind (``SimulatorServer.start`` cleans up what it had started).
+    """
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError):  # no add_signal_handler on Windows
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            await serve_forever(
+                estate,
+                host=host,
+                arm_port=arm_port,
+                identity_port=identity_port,
+                latency_s=latency_s,
+                on_ready=on_ready,
+            )
+        except asyncio.CancelledError:
+            if not task.cancelling():
+                raise
+            task.uncancel()  # SIGTERM: serve_forever's finally has stopped and cleaned up
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # asyncio.run cancels main, which cleans up
+            asyncio.run(main())
+    except OSError as error:
+        text = " ".join(str(error).split()) or type(error).__name__
+        ports = f"ARM port {arm_port}, identity port {identity_port}"
+        raise ServeError(f"cannot listen on {host} ({ports}): {text}") from error

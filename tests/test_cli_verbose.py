@@ -50,20 +50,23 @@ def test_the_workflow_logs_each_step_with_its_timing(caplog: pytest.LogCaptureFi
     )
     steps = [r.getMessage() for r in caplog.records if r.name == "shared.workflow"]
     name = "rg-migrated-apps/avma-2019-dc"
+    # ARM names the edition, so the first Run Command is a conditional re-key (issue 12): decided
+    # before it is sent, on the facts it must find
     assert [m.split(": ")[1] for m in steps] == [
         "gate",
-        "detect",
         "decision",
-        "remediate",
+        "rekey-if",
         "verify",
         "outcome",
     ]
     assert all(m.startswith(f"{name}: ") for m in steps)
     timed = [m for m in steps if re.search(r"\(\d+\.\d\d s\)$", m)]
-    assert [m.split(": ")[1] for m in timed] == ["gate", "detect", "remediate"]  # the steps that call ARM
-    assert "AVMA status 5; KMS reachable" in steps[1]
-    assert steps[2] == f"{name}: decision: rekey (avma-channel)"
-    assert steps[4] == f"{name}: verify: remediated: avma-channel"
+    assert [m.split(": ")[1] for m in timed] == ["gate", "rekey-if"]  # the steps that call ARM
+    assert steps[1] == (
+        f"{name}: decision: conditional rekey (avma-channel), if the guest shows Windows Server 2019 Datacenter's facts"
+    )
+    assert "KMS_CLIENT status 1; KMS reachable; every step ok" in steps[2]
+    assert steps[3] == f"{name}: verify: remediated: avma-channel"
     records = [r for r in caplog.records if r.name == "shared.workflow"]
     assert {getattr(r, "vm_id", None) for r in records} == {vm}
 

@@ -236,7 +236,19 @@ def test_contract_table_lists_both_scripts() -> None:
     table = contract_parameters()
     assert table == {
         "detect": {"KmsHost", "KmsPort"},
-        "remediate": {"ProductKey", "KmsHost", "KmsPort", "InstallKey"},
+        "remediate": {
+            "ProductKey",
+            "KmsHost",
+            "KmsPort",
+            "InstallKey",
+            # the conditional re-key's (issue 12)
+            "ExpectChannel",
+            "ExpectEditionIds",
+            "ExpectSkus",
+            "ExpectBuild",
+            "ExpectProductTypes",
+            "RefuseKeyChannels",
+        },
     }
 
 

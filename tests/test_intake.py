@@ -1016,3 +1016,108 @@ def test_a_log_row_carries_its_own_time_and_a_machine_named_twice_keeps_the_newe
 def test_a_vm_write_event_has_no_evidence_time_its_os_disk_decides() -> None:
     result = from_event_grid(as_vm_write(load(EG_WRITE), VM_ID), now=NOW)
     assert [i.evidence_at for i in result.items] == [""]
+
+
+# --- issue 10, item 15: `intake FILE` on each shipped sample gives its work items, with no editing ---
+
+SHIPPED = Path(__file__).parent.parent / "samples" / "intake"
+_BUILT_IN_VM = (
+    "/subscriptions/8d41f6b2-95c3-4a8e-b7d0-1c6e2f3a9b54/resourceGroups/rg-migrated-apps"
+    "/providers/Microsoft.Compute/virtualMachines/avma-2019-dc"
+)
+_ALERT_ID = (
+    "/subscriptions/8d41f6b2-95c3-4a8e-b7d0-1c6e2f3a9b54/providers/Microsoft.AlertsManagement"
+    "/alerts/8d41f6b2-95c3-4a8e-b7d0-1c6e2f3a9b54"
+)
+_VM_WRITE_ITEM = {
+    "reason": "vm-created",
+    "vmId": _BUILT_IN_VM,
+    "correlationId": "7b1c5a0e-3f0d-4e4b-9d51-0c2a6f8e1d34",
+    "source": "4db48cba-50a2-455a-93b4-de41a3b5b7f6",
+    "attempt": 0,
+    "firstSeen": STAMP,
+}
+_LOG_ITEM = {
+    "reason": "log-scan",
+    "correlationId": "log-analytics:PrimaryResult",
+    "source": "log-analytics:PrimaryResult",
+    "attempt": 0,
+    "firstSeen": STAMP,
+    "evidenceAt": "2017-08-24T06:59:59Z",
+}
+SHIPPED_ITEMS: dict[str, list[dict[str, Any]]] = {
+    "eventgrid-vm-write.json": [_VM_WRITE_ITEM],
+    "cloudevents-vm-write.json": [_VM_WRITE_ITEM],
+    "alert-log-v2-resourceid.json": [
+        {
+            "reason": "alert",
+            "vmId": _BUILT_IN_VM,
+            "correlationId": _ALERT_ID,
+            "source": _ALERT_ID,
+            "attempt": 0,
+            "firstSeen": STAMP,
+            # named twice (dimension and alertTargetIDs): the second mention keeps the fired time
+            "evidenceAt": "2020-07-09T14:04:49.996450Z",
+        }
+    ],
+    "alert-log-v2-computer.json": [
+        {
+            "reason": "alert",
+            "computer": "LEGACY-APP01",
+            "correlationId": _ALERT_ID,
+            "source": _ALERT_ID,
+            "attempt": 0,
+            "firstSeen": STAMP,
+            "evidenceAt": "2020-07-09T14:04:49.996450Z",
+        }
+    ],
+    "loganalytics-query-response.json": [
+        {**_LOG_ITEM, "computer": "ContosoSQLSrv1"},
+        {**_LOG_ITEM, "computer": "Store010Web3"},
+    ],
+}
+
+
+def test_every_shipped_sample_has_its_expected_items() -> None:
+    assert sorted(p.name for p in SHIPPED.glob("*.json")) == sorted(SHIPPED_ITEMS)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_ITEMS))
+def test_intake_on_a_shipped_sample_gives_its_work_items(name: str) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = run_intake(str(SHIPPED / name), stdin=io.StringIO(), stdout=out, stderr=err, now=NOW)
+    assert code == 0, err.getvalue()
+    assert json.loads(out.getvalue()) == SHIPPED_ITEMS[name]
+    # and each item is one the queue worker accepts as it is
+    for item in json.loads(out.getvalue()):
+        assert WorkItem.from_dict(item).to_dict() == item
+
+
+def test_the_cli_gives_the_same_items_for_a_shipped_sample(capsys: pytest.CaptureFixture[str]) -> None:
+    from shared.cli import main
+
+    assert main(["intake", str(SHIPPED / "eventgrid-vm-write.json")]) == 0
+    (item,) = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in item.items() if k != "firstSeen"} == {
+        k: v for k, v in _VM_WRITE_ITEM.items() if k != "firstSeen"
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        (ALERT_V2_COMPUTER_CONTEXT, "is only the alertContext of a common-schema alert"),
+        (ALERT_V1_CONTEXT, "is only the alertContext of a common-schema alert"),
+        (LA_RESPONSE, "is a REST API specification example, not a payload: the response it shows is at"),
+    ],
+)
+def test_a_verbatim_sample_that_is_no_payload_says_what_it_is_and_where_a_whole_one_is(
+    name: str, what: str
+) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = run_intake(str(SAMPLES / name), stdin=io.StringIO(), stdout=out, stderr=err, now=NOW)
+    assert code == 2 and out.getvalue() == ""
+    first, second = err.getvalue().splitlines()
+    assert "unrecognised payload" in first
+    assert second.startswith(f"avma-remediator intake: {SAMPLES / name} {what}")
+    assert "samples/intake/" in second

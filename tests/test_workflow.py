@@ -118,7 +118,10 @@ async def test_avma_vm_is_rekeyed_activated_and_verified(engine: Engine, sim: Si
     assert after["licenseStatus"] == 1
     assert after["partialProductKey"] == GVLK_2022_DC_TAIL
     assert after["kmsHost"] == "azkms.core.windows.net:1688"
-    assert after["runCommands"] == 2  # one detection, one remediation
+    # ARM names the edition (osName Windows Server 2022 Datacenter) and the guest matches: the
+    # first Run Command re-keys, on those conditions (issue 12); before, detection then remediation
+    assert after["runCommands"] == 1
+    assert outcome.details["conditionalRekey"] == {"edition": "Windows Server 2022 Datacenter", "met": True}
 
 
 async def test_audit_mode_reports_and_changes_nothing(engine: Engine, sim: Simulator) -> None:
@@ -274,7 +277,9 @@ async def test_vm_deleted_between_detection_and_remediation(engine: Engine, sim:
         return result
 
     gateway.run_command = run_then_delete  # type: ignore[method-assign]
-    outcome = await remediator.check(VmId.parse(vm_id("avma-dc")))
+    # A KMS client repair: detection, then remediation (an AVMA VM whose edition ARM names takes
+    # one Run Command, with nothing between)
+    outcome = await remediator.check(VmId.parse(vm_id("kms-repair")))
     assert (outcome.kind, outcome.reason, outcome.details["phase"]) == (
         OutcomeKind.SKIPPED,
         "not-found",
@@ -465,6 +470,9 @@ async def test_an_operation_that_ends_failed_is_deferred_and_a_refused_request_s
 ) -> None:
     """The Run Command was accepted and its operation ended Failed (InternalExecutionError): nothing
     was learnt about the VM, so it is retried; a request ARM refused (400) is no passing fault."""
+    # On the two-step path (a VM whose edition ARM does not name): the first Run Command is the
+    # detection; the one-step path's unreadable re-key is below.
+    monkeypatch.setattr("shared.workflow.expectation_for", lambda vm, settings: None)
     failing = _one_vm(monkeypatch, {"operationFailed": {"every": 1}})
     try:
         settings = Settings.from_env(failing.env()).with_mode(Mode.ENFORCE)
@@ -490,7 +498,10 @@ async def test_an_operation_that_ends_failed_is_deferred_and_a_refused_request_s
     assert refused_error.status == 400
 
 
-async def test_unreadable_detection_output_is_deferred_with_the_error(engine: Engine, sim: Simulator) -> None:
+async def test_unreadable_detection_output_is_deferred_with_the_error(
+    engine: Engine, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("shared.workflow.expectation_for", lambda vm, settings: None)  # two-step path
     remediator, gateway = engine()
     real_run = gateway.run_command
 
@@ -511,11 +522,13 @@ async def test_unreadable_detection_output_is_deferred_with_the_error(engine: En
 
 
 async def test_an_unreadable_remediation_answer_is_retried_by_detecting_first_never_re_keying_blindly(
-    engine: Engine, sim: Simulator
+    engine: Engine, sim: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The remediation POST was accepted and ran, but its answer cannot be read: what it did is not
     known. The CLI's sweep tries again within the run, and the retry detects the VM's new state (now
-    Licensed on the KMS channel: healthy) instead of sending the remediation again."""
+    Licensed on the KMS channel: healthy) instead of sending the remediation again. On the two-step
+    path (the one-step path's conditional re-key: the next test)."""
+    monkeypatch.setattr("shared.workflow.expectation_for", lambda vm, settings: None)
     remediator, gateway = engine()
     real_run = gateway.run_command
 
@@ -549,11 +562,13 @@ class Unreadable:
 
     def __init__(self, bad: int, reason: str = "run-command-failed") -> None:
         self.bad, self.reason, self.calls = bad, reason, 0
+        self.hooks: list[Any] = []  # the before-Run-Command hook each call was given
 
-    async def check(self, vm: VmId, *, listed: VmFacts | None = None) -> Any:
+    async def check(self, vm: VmId, *, listed: VmFacts | None = None, before_run_command: Any = None) -> Any:
         from shared.model import Outcome
 
         self.calls += 1
+        self.hooks.append(before_run_command)
         if self.calls <= self.bad:
             details = {"phase": "detect", "code": "InternalExecutionError", "error": "internal"}
             return Outcome(str(vm), OutcomeKind.DEFERRED, self.reason, "retried", details)
@@ -573,6 +588,9 @@ async def test_the_cli_sweep_retries_an_unreadable_answer_three_times_then_repor
     thrice = Unreadable(3, reason)
     [passed] = (await sweep(thrice, _listing, [SUB], concurrency=1, unreadable_backoff_s=0.001)).outcomes
     assert (passed.kind, passed.reason, thrice.calls) == (OutcomeKind.HEALTHY, "kms-client-licensed", 4)
+    from shared.workflow import detect_first
+
+    assert thrice.hooks == [None, detect_first, detect_first, detect_first]  # each retry detects first
     assert [t["reason"] for t in passed.details["earlierTries"]] == [reason, reason, reason]
     always = Unreadable(99, reason)
     [failed] = (await sweep(always, _listing, [SUB], concurrency=1, unreadable_backoff_s=0.001)).outcomes
@@ -608,3 +626,105 @@ def test_the_cli_check_tries_a_failed_operation_again_within_the_run(
     [out] = json.loads(capsys.readouterr().out)["vms"]
     assert (out["outcome"], out["reason"], out["tries"]) == ("failed", "run-command-failed", 4)
     assert json.loads(state.read_text())[vm]["runCommands"] == 4
+
+
+# --- the merge of the one-Run-Command path (issue 12) with item 7: an unreadable re-key ----------
+
+
+def _kinds(sim: Simulator, name: str) -> list[str]:
+    """``detect``, ``remediate`` or ``rekey-if`` (the conditional re-key of the one-step path)."""
+    return [
+        "rekey-if" if e["script"] == "remediate" and "ExpectBuild" in e["parameters"] else str(e["script"])
+        for e in sim.run_log(vm_id(name))
+    ]
+
+
+@pytest.mark.parametrize("fault", ["cut", "operation-failed"])
+async def test_an_unreadable_conditional_rekey_is_retried_by_the_sweep_detecting_first(
+    fault: str, engine: Engine, sim: Simulator
+) -> None:
+    """The first Run Command of a VM whose edition ARM names is a conditional re-key (issue 12): it
+    may install the key before its answer is lost (output cut, or its operation ended Failed after
+    the script ran). The sweep's in-run retry must not send it again: it detects first, sees the VM
+    Licensed on the KMS channel and records healthy, the unreadable re-key in ``earlierTries``."""
+    from shared.azure.compute import RunCommandOperationFailed
+
+    remediator, gateway = engine()
+    real_run = gateway.run_command
+
+    async def lose_the_rekeys_answer(vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        out, err = await real_run(vm, body)  # it ran, and changed the VM when the facts matched
+        if not any("guest script: remediate" in line for line in body.get("script", [])):
+            return out, err
+        if fault == "cut":
+            return out[:40], err
+        raise RunCommandOperationFailed(
+            "An internal execution error occurred.", code="InternalExecutionError", status=200
+        )
+
+    gateway.run_command = lose_the_rekeys_answer  # type: ignore[method-assign]
+    listed = await gateway.get_vm(VmId.parse(vm_id("avma-dc")))
+
+    async def one(sub: str) -> Any:
+        yield listed
+
+    [outcome] = (await sweep(remediator, one, [SUB], concurrency=1, unreadable_backoff_s=0.001)).outcomes
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.HEALTHY, "kms-client-licensed"), outcome
+    [earlier] = outcome.details["earlierTries"]
+    reason = "bad-output" if fault == "cut" else "run-command-failed"
+    assert (earlier["reason"], earlier["phase"]) == (reason, "remediate")
+    assert _kinds(sim, "avma-dc") == ["rekey-if", "detect"]  # detected first, no second key
+    assert state(sim, "avma-dc")["channel"] == "KMS_CLIENT"
+
+
+async def test_check_and_apply_retry_an_unreadable_answer_detecting_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``check --ids``, ``--from`` and ``apply`` (``run_each``): as the sweep, every retry after an
+    unreadable answer carries the detect-first hook."""
+    import shared.unreadable
+    from shared.resume import run_each
+    from shared.workflow import detect_first
+
+    monkeypatch.setattr(shared.unreadable, "CLI_BACKOFF_S", 0.001)
+    twice = Unreadable(2, "bad-output")
+    [outcome] = await run_each(twice, [VmId.parse(vm_id("one"))], concurrency=1)
+    assert (outcome.kind, twice.calls) == (OutcomeKind.HEALTHY, 3)
+    assert twice.hooks == [None, detect_first, detect_first]
+
+
+async def test_the_clis_later_passes_carry_the_unreadable_count_and_detect_first() -> None:
+    """A VM that gave three unreadable answers in the run and then a readable deferral (busy) is
+    checked again in a later pass (shared/inrun_retry.py): its fourth unreadable answer in the run
+    is terminal there too, and that pass's check detects first. Without the carried count the pass
+    left it ``deferred`` for ever and sent the conditional re-key again."""
+    from shared.inrun_retry import RetryPolicy, retry_deferred
+    from shared.model import Outcome
+    from shared.unreadable import rechecking
+    from shared.workflow import detect_first
+
+    vm = vm_id("one")
+    three = [{"reason": "bad-output", "phase": "remediate"}] * 3
+    busy = Outcome(vm, OutcomeKind.DEFERRED, "run-command-busy", "", {"earlierTries": three})
+    healthy = Outcome(vm_id("two"), OutcomeKind.DEFERRED, "run-command-busy", "", {})
+    always = Unreadable(99, "bad-output")
+
+    async def no_wait(seconds: float) -> None:
+        return None
+
+    policy = RetryPolicy(first_wait_s=0.0, retries=3)
+    settings = Settings.from_env({})
+    done = [busy, healthy]
+    [failed, other] = await retry_deferred(
+        done, rechecking(always, done, backoff_s=0.0), policy, settings, concurrency=1, sleep=no_wait
+    )
+    assert (failed.kind, failed.reason, failed.details["tries"]) == (OutcomeKind.FAILED, "bad-output", 4)
+    assert len(failed.details["earlierTries"]) == 3 and "4 tries" in failed.hint
+    # the other VM had no unreadable answer before: its own count starts at one, its first try as usual
+    assert (other.kind, other.reason) == (OutcomeKind.FAILED, "bad-output")
+    assert always.hooks[0] == detect_first and always.hooks[1:] == [
+        None,
+        detect_first,
+        detect_first,
+        detect_first,
+    ]

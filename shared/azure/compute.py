@@ -13,18 +13,22 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
 
-import aiohttp
 from azure.core.async_paging import AsyncItemPaged
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceRequestError
-from azure.core.pipeline import PipelineRequest, PipelineResponse
-from azure.core.pipeline.policies import AsyncRetryPolicy, SansIOHTTPPolicy
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.core.pipeline import PipelineResponse
+from azure.core.pipeline.policies import AsyncRetryPolicy
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.core.rest import HttpRequest
 from azure.mgmt.compute.aio import ComputeManagementClient
 from azure.mgmt.compute.models import RunCommandInput
 
-from shared.azure.transport import shared_transport, tls_session
+from shared.azure.transport import SubscriptionClients
 from shared.model import VmId
 from shared.settings import Settings
 from shared.vm import VmFacts
@@ -97,6 +101,10 @@ class ArmTimeout(ComputeError):
     reason = "arm-timeout"
 
 
+# No answer: the request never left (ServiceRequestError), or it went out and its answer was lost or
+# timed out (ServiceResponseError; azure-core never retries a POST after it: ARM may have acted).
+_NO_ANSWER = (ServiceRequestError, ServiceResponseError)
+
 # Error codes ARM and the Run Command extension use when the VM agent cannot take the command.
 _AGENT_CODES = {"vmagentstatuscommunicationerror", "vmagentnotready", "vmextensionprovisioningtimeout"}
 
@@ -128,16 +136,6 @@ def translate(error: HttpResponseError) -> ComputeError:
     return RunCommandFailed(message, code=code, status=status)
 
 
-class RequestCounter(SansIOHTTPPolicy[HttpRequest, Any]):
-    """Counts every HTTP request sent to ARM, polls and retries included (benchmarks report it)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def on_request(self, request: PipelineRequest[HttpRequest]) -> None:
-        self.count += 1
-
-
 class RunCommandRetryPolicy(AsyncRetryPolicy[Any, Any]):
     """azure-core's retries, except for an answer to a POST that ARM may have acted on.
 
@@ -157,60 +155,25 @@ class RunCommandRetryPolicy(AsyncRetryPolicy[Any, Any]):
         return bool(super().is_retry(settings, response))
 
 
-class ComputeGateway:
-    """One async compute client per subscription, sharing one credential."""
+class ComputeGateway(SubscriptionClients[ComputeManagementClient]):
+    """One async compute client per subscription, sharing one credential and one connection pool."""
 
     def __init__(self, credential: AsyncTokenCredential, settings: Settings) -> None:
+        super().__init__(settings, session_limit=max(100, 2 * settings.max_concurrency))
         self._credential = credential
-        self._settings = settings
-        self._clients: dict[str, ComputeManagementClient] = {}
-        self._counter = RequestCounter()
-        self._session: aiohttp.ClientSession | None = None
-        self._transport: AioHttpTransport | None = None
         self.run_commands = 0
 
-    def _shared_transport(self) -> AioHttpTransport:
-        """One connection pool for every subscription's client (see shared/azure/transport.py)."""
-        if self._transport is None:
-            self._session = tls_session(self._settings, limit=max(100, 2 * self._settings.max_concurrency))
-            self._transport = shared_transport(self._session)
-        return self._transport
-
-    @property
-    def requests(self) -> int:
-        """HTTP requests sent to ARM so far."""
-        return self._counter.count
-
-    def _client(self, subscription_id: str) -> ComputeManagementClient:
-        key = subscription_id.lower()
-        client = self._clients.get(key)
-        if client is None:
-            client = ComputeManagementClient(
-                self._credential,
-                subscription_id,
-                base_url=self._settings.arm_endpoint,
-                credential_scopes=[self._settings.cloud.arm_scope],
-                polling_interval=self._settings.poll_interval_s,
-                retry_policy=RunCommandRetryPolicy(),
-                per_retry_policies=[self._counter],
-                transport=self._shared_transport(),
-            )
-            self._clients[key] = client
-        return client
-
-    async def close(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.close()
-        session, self._session, self._transport = self._session, None, None
-        if session is not None:
-            await session.close()
-
-    async def __aenter__(self) -> ComputeGateway:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    def _make_client(self, subscription_id: str, transport: AioHttpTransport) -> ComputeManagementClient:
+        return ComputeManagementClient(
+            self._credential,
+            subscription_id,
+            base_url=self._settings.arm_endpoint,
+            credential_scopes=[self._settings.cloud.arm_scope],
+            polling_interval=self._settings.poll_interval_s,
+            retry_policy=RunCommandRetryPolicy(),
+            per_retry_policies=[self._counter],
+            transport=transport,
+        )
 
     async def list_subscriptions(self) -> list[str]:
         """Every subscription the credential can see (``GET /subscriptions``), for a sweep with no scope."""
@@ -226,7 +189,7 @@ class ComputeGateway:
                     page = response.json()
             except HttpResponseError as error:
                 raise translate(error) from error
-            except ServiceRequestError as error:
+            except _NO_ANSWER as error:
                 raise ArmUnavailable(str(error)[:300]) from error
             for sub in page.get("value") or []:
                 if isinstance(sub, Mapping) and sub.get("state", "Enabled") in (
@@ -249,7 +212,7 @@ class ComputeGateway:
                 )
         except HttpResponseError as error:
             raise translate(error) from error
-        except ServiceRequestError as error:
+        except _NO_ANSWER as error:
             raise ArmUnavailable(str(error)[:300]) from error
         return VmFacts.from_arm(_wire(vm))
 
@@ -295,7 +258,7 @@ class ComputeGateway:
                 return
             except HttpResponseError as error:
                 raise translate(error) from error
-            except ServiceRequestError as error:
+            except _NO_ANSWER as error:
                 raise ArmUnavailable(str(error)[:300]) from error
             for item in items:
                 yield item
@@ -314,7 +277,7 @@ class ComputeGateway:
             raise RunCommandTimeout(f"no result within {self._settings.run_command_timeout_s:g} s") from error
         except HttpResponseError as error:
             raise translate(error) from error
-        except ServiceRequestError as error:
+        except _NO_ANSWER as error:
             raise ArmUnavailable(str(error)[:300]) from error
         stdout, stderr = "", ""
         for status in _wire(result).get("value") or []:

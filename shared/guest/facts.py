@@ -113,6 +113,29 @@ class ScriptError:
 
 
 @dataclass(frozen=True, slots=True)
+class BeforeFacts:
+    """What a conditional re-key read before it compared (``preconditions.before``)."""
+
+    edition_id: str
+    sku: int
+    build: int
+    product_type: int
+    product_key_channel: str | None
+    license_status: LicenseStatus
+    kms_reachable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Preconditions:
+    """A conditional re-key's verdict on the facts it was given: met (then it acted) or not (then it
+    changed nothing and the result's facts are the ones it read), and which facts differed."""
+
+    met: bool
+    failed: tuple[str, ...]
+    before: BeforeFacts | None
+
+
+@dataclass(frozen=True, slots=True)
 class GuestResult:
     """One parsed result line."""
 
@@ -123,6 +146,7 @@ class GuestResult:
     steps: tuple[Step, ...] = field(default_factory=tuple)
     error: ScriptError | None = None
     attestation: AttestationFacts | None = None  # reported for Azure Edition (EditionID ServerTurbine*) only
+    preconditions: Preconditions | None = None  # a conditional re-key's only (guest contract)
 
 
 def channel_of(description: str) -> Channel:
@@ -171,6 +195,24 @@ _PROBE_KEYS = frozenset({"host", "port", "reachable", "error"})
 _ATTESTATION_KEYS = frozenset({"imdsReachable", "chainValid", "error"})
 _STEP_KEYS = frozenset({"name", "hresult"})
 _ERROR_KEYS = frozenset({"step", "hresult", "message"})
+# A conditional re-key (remediate with the Expect* parameters) adds "preconditions".
+PRECONDITIONS_KEY = "preconditions"
+_PRECONDITION_KEYS = frozenset({"met", "failed", "before"})
+_BEFORE_KEYS = frozenset(
+    {"editionId", "sku", "build", "productType", "productKeyChannel", "licenseStatus", "kmsReachable"}
+)
+# The facts a conditional re-key compares, as the script names them in preconditions.failed
+# ("facts": they could not be read at all).
+PRECONDITION_NAMES = (
+    "facts",
+    "channel",
+    "editionId",
+    "sku",
+    "build",
+    "productType",
+    "productKeyChannel",
+    "kmsProbe",
+)
 
 
 def parse_result(output: str, *, expected_script: str) -> GuestResult:
@@ -288,7 +330,8 @@ def _optional(value: object, where: str, read: Callable[[object, str], _T]) -> _
 
 
 def _result(document: object, expected_script: str) -> GuestResult:
-    top = _object(document, "result", _TOP_KEYS)
+    conditional = isinstance(document, dict) and PRECONDITIONS_KEY in document
+    top = _object(document, "result", _TOP_KEYS | {PRECONDITIONS_KEY} if conditional else _TOP_KEYS)
     schema = _int(top["schema"], "schema")
     if schema != SCHEMA_VERSION:
         raise GuestOutputError(f"schema {schema} is not supported (this parser reads {SCHEMA_VERSION})")
@@ -305,11 +348,18 @@ def _result(document: object, expected_script: str) -> GuestResult:
         raise GuestOutputError("os and kmsProbe may only be null when error is set")
     # The two plain-string lines carry no facts and no steps (docs/guest-contract.md): facts next to
     # them contradict the line, and a hint built on them ("nothing was changed") would lie.
-    reported = (os_facts, license_facts, probe, attestation) != (None, None, None, None) or steps
+    reported = (
+        (os_facts, license_facts, probe, attestation) != (None, None, None, None) or steps or conditional
+    )
     if error is not None and error.step in _FIXED_LINE_STEPS and reported:
         raise GuestOutputError(
             f"error.step {error.step}: the script writes this line with no facts and no steps"
         )
+    preconditions = None
+    if conditional:
+        if script != "remediate":
+            raise GuestOutputError("preconditions: only a conditional re-key (remediate) reports them")
+        preconditions = _preconditions(top[PRECONDITIONS_KEY], steps)
     return GuestResult(
         script=script,
         os=os_facts,
@@ -318,6 +368,43 @@ def _result(document: object, expected_script: str) -> GuestResult:
         steps=steps,
         error=error,
         attestation=attestation,
+        preconditions=preconditions,
+    )
+
+
+def _preconditions(value: object, steps: tuple[Step, ...]) -> Preconditions:
+    data = _object(value, "preconditions", _PRECONDITION_KEYS)
+    met = _bool(data["met"], "preconditions.met")
+    raw = data["failed"]
+    if not isinstance(raw, list):
+        raise GuestOutputError(f"preconditions.failed: expected an array, got {_kind(raw)}")
+    failed = tuple(_str(item, f"preconditions.failed[{i}]") for i, item in enumerate(raw))
+    unknown = [name for name in failed if name not in PRECONDITION_NAMES]
+    if unknown or len(set(failed)) != len(failed):
+        raise GuestOutputError(f"preconditions.failed: unknown or repeated names {list(failed)[:8]}")
+    before = _optional(data["before"], "preconditions.before", _before)
+    if met and (failed or before is None):
+        raise GuestOutputError("preconditions: met, yet a fact failed or none was read")
+    if met and (not steps or steps[0].name != "install-key"):
+        raise GuestOutputError("preconditions: met, so the steps start with install-key")
+    if not met and (not failed or steps):
+        raise GuestOutputError("preconditions: not met, so a fact failed and nothing was done")
+    if before is None and "facts" not in failed:
+        raise GuestOutputError("preconditions.before: null only when the facts could not be read")
+    return Preconditions(met=met, failed=failed, before=before)
+
+
+def _before(value: object, where: str) -> BeforeFacts:
+    data = _object(value, where, _BEFORE_KEYS)
+    status = _int(data["licenseStatus"], f"{where}.licenseStatus", 0, max(LicenseStatus))
+    return BeforeFacts(
+        edition_id=_str(data["editionId"], f"{where}.editionId"),
+        sku=_int(data["sku"], f"{where}.sku"),
+        build=_int(data["build"], f"{where}.build"),
+        product_type=_int(data["productType"], f"{where}.productType"),
+        product_key_channel=_optional(data["productKeyChannel"], f"{where}.productKeyChannel", _str),
+        license_status=LicenseStatus(status),
+        kms_reachable=_bool(data["kmsReachable"], f"{where}.kmsReachable"),
     )
 
 

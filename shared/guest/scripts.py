@@ -124,3 +124,59 @@ def _key(value: object) -> str:
     if not isinstance(value, str) or not _PRODUCT_KEY.fullmatch(value):
         raise ValueError("product key is not of the form XXXXX-XXXXX-XXXXX-XXXXX-XXXXX")
     return value
+
+
+_CHANNEL_TOKEN = re.compile(r"[A-Z_]{1,40}")
+_EDITION_ID = re.compile(r"[A-Za-z]{1,40}")
+_KEY_CHANNEL_PREFIX = re.compile(r"[A-Za-z0-9:]{1,40}")
+_MAX_LISTED = 8
+
+
+def conditional_rekey_command(
+    *,
+    product_key: str,
+    kms_host: str,
+    kms_port: int,
+    channel_token: str,
+    edition_ids: tuple[str, ...],
+    skus: tuple[int, ...],
+    build: int,
+    product_types: tuple[int, ...],
+    refused_key_channels: tuple[str, ...],
+) -> RunCommandInput:
+    """The remediation script as a conditional re-key (docs/guest-contract.md, "Conditional re-key").
+
+    It first reads the facts and acts (installs ``product_key``, sets the KMS, activates) only if
+    the product's description contains ``channel_token``, the EditionID is one of ``edition_ids``
+    (exactly), the SKU one of ``skus``, the build ``build``, the product type one of
+    ``product_types``, the ProductKeyChannel absent or plain and starting with none of
+    ``refused_key_channels``, and the KMS answers; else it changes nothing and reports the facts.
+    """
+    parameters = [
+        ("ProductKey", _key(product_key)),
+        ("KmsHost", _host(kms_host)),
+        ("KmsPort", _port(kms_port)),
+        ("InstallKey", "1"),
+        ("ExpectChannel", _listed([channel_token], _CHANNEL_TOKEN, "channel token", most=1)),
+        ("ExpectEditionIds", _listed(edition_ids, _EDITION_ID, "EditionID")),
+        ("ExpectSkus", _numbers(skus, 0, 2**32 - 1, "SKU")),
+        ("ExpectBuild", _numbers((build,), 1, 999_999, "build", most=1)),
+        ("ExpectProductTypes", _numbers(product_types, 1, 3, "product type", most=3)),
+        ("RefuseKeyChannels", _listed(refused_key_channels, _KEY_CHANNEL_PREFIX, "key channel", most=16)),
+    ]
+    return _command(REMEDIATE, parameters)
+
+
+def _listed(values: object, pattern: re.Pattern[str], what: str, *, most: int = _MAX_LISTED) -> str:
+    items = list(values) if isinstance(values, (list, tuple)) else []
+    if not 1 <= len(items) <= most or not all(isinstance(v, str) and pattern.fullmatch(v) for v in items):
+        raise ValueError(f"{what} list {str(values)[:80]!r}: 1 to {most} of {pattern.pattern}")
+    return ",".join(items)
+
+
+def _numbers(values: object, low: int, high: int, what: str, *, most: int = _MAX_LISTED) -> str:
+    items = list(values) if isinstance(values, (list, tuple)) else []
+    good = all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in items)
+    if not 1 <= len(items) <= most or not good:
+        raise ValueError(f"{what} list {str(values)[:80]!r}: 1 to {most} whole numbers in {low}..{high}")
+    return ",".join(str(v) for v in items)

@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -80,7 +80,9 @@ def target_key(target: VmId | str) -> str:
     if parsed is not None:
         return vm_key(parsed)
     text = str(target).strip().lower()
-    encoded = "t|" + quote(text, safe=":@=+,;$'()*").replace("%", "!")
+    # surrogatepass: a lone surrogate (JSON's "\ud800") has no UTF-8 form but still gets a key
+    raw = text.encode("utf-8", "surrogatepass")
+    encoded = "t|" + quote(raw, safe=":@=+,;$'()*").replace("%", "!")
     if len(encoded) > _KEY_MAX_CHARS:
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
         encoded = encoded[: _KEY_MAX_CHARS - 40] + "!!" + digest
@@ -190,6 +192,21 @@ def _storage(operation: str, target: object) -> Iterator[None]:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         kind = TableMissing if _table_missing(error) else LedgerError
         raise kind(f"ledger {operation} failed for {str(target)[:200]}: {first_line}") from error
+
+
+@contextlib.asynccontextmanager
+async def _deadline(operation: str, target: object, tries: int = 1) -> AsyncIterator[None]:
+    """Bound a ledger operation that is not retried (the lease's acquire) to ``tries`` per-try
+    deadlines: without it a Table endpoint that never answers holds it for the SDK's read timeout
+    on each of its own retries (minutes), outside the budget ``Settings`` checks at start."""
+    limit = tries * LEDGER_TRY_TIMEOUT_S
+    try:
+        async with asyncio.timeout(limit):
+            yield
+    except TimeoutError as error:
+        raise LedgerError(
+            f"ledger {operation} failed for {str(target)[:200]}: no answer within {limit:g} s"
+        ) from error
 
 
 class LedgerBase:

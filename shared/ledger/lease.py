@@ -17,18 +17,21 @@ from shared.ledger._table import (
     LeaseLost,
     LedgerBase,
     _cap,
+    _deadline,
     _details,
     _details_json,
     _iso,
     _lease_is_live,
     _no_table,
     _storage,
+    _time,
     _utc,
     log,
     vm_key,
 )
 from shared.ledger.verdicts import Verdict, _verdict, verdict_columns
 from shared.model import Outcome, VmId
+from shared.settings import LEDGER_TRIES
 
 
 @dataclass(slots=True)
@@ -71,6 +74,14 @@ class LeaseStore(LedgerBase):
             "leaseToken": token,
             "leaseUntil": expires,
         }
+        # Two calls (a read, then a create or a conditional merge), never retried (a retry whose first
+        # try landed would meet our own claim and leave it held until it expires), bounded as one
+        # retried write is (LEDGER_TRIES per-try deadlines), the share Settings' budget counts for it.
+        async with _deadline("acquire", vm_id, tries=LEDGER_TRIES):
+            return await self._acquire(vm_id, owner, now, claim)
+
+    async def _acquire(self, vm_id: VmId, owner: str, now: datetime, claim: dict[str, Any]) -> Lease | None:
+        key, token, expires = claim["RowKey"], claim["leaseToken"], claim["leaseUntil"]
         with _storage("acquire", vm_id):
             try:
                 row = await self._table.get_entity(STATE_PARTITION, key)
@@ -126,8 +137,24 @@ class LeaseStore(LedgerBase):
         }
         if intent is not None:
             columns.update({"pendingIntent": _details_json(intent) or "{}", "pendingAt": now})
-        with _storage("renew", lease.vm_id):
+
+        tries = 0
+
+        async def write() -> dict[str, Any] | None:
+            nonlocal tries
+            tries += 1
             written = await self._merge_if_ours(columns, lease.etag)
+            if written is None and tries > 1:
+                # 412 on a retry: the try whose answer was lost may have landed. Ours if the row still
+                # carries this lease's token and the expiry that try wrote; else it was taken over.
+                row = await self._table.get_entity(STATE_PARTITION, columns["RowKey"])
+                if row.get("leaseToken") == lease.token and _time(row.get("leaseUntil")) == expires:
+                    return {"etag": row.metadata["etag"]}
+            return written
+
+        # Retried within the write budget like the history rows; a retry that meets 412 tells our own
+        # landed write from a takeover by the lease token. Lost: LeaseLost, and nothing is POSTed.
+        written = await self._retrying("renew", lease.vm_id, write)
         if written is None:
             raise LeaseLost(f"lease on {lease.vm_id} expired and was taken over")
         lease.etag = str(written["etag"])

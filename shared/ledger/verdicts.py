@@ -109,16 +109,20 @@ class VerdictStore(LedgerBase):
         return _verdict(row)
 
     async def verified_since(self, cutoff: datetime) -> set[VmId]:
-        """VMs whose state was observed at or after ``cutoff``: the sweep skips them."""
+        """VMs whose state was observed at or after ``cutoff``: the sweep skips them. Not a VM with a
+        pending intent: a workflow announced a Run Command after that verdict and never closed it,
+        so the verdict may no longer be the VM's state (and no delivery may be left to say so)."""
         found: set[VmId] = set()
         with _storage("query verified", cutoff.isoformat()):
             rows = self._table.query_entities(
                 "PartitionKey eq @pk and verifiedAt ge @cutoff",
                 parameters={"pk": STATE_PARTITION, "cutoff": _utc(cutoff)},
-                select=["vmId"],
+                select=["vmId", "pendingIntent"],
                 results_per_page=1000,
             )
             async for row in rows:
+                if row.get("pendingIntent"):
+                    continue
                 vm_id = VmId.try_parse(row.get("vmId"))
                 if vm_id is not None:
                     found.add(vm_id)
