@@ -616,7 +616,8 @@ def plan_items(estate: Estate, config: ChaosConfig, rng: random.Random, now: str
     if config.hostile:
         # Queue messages are input too: ids with a trailing newline or a control character inside
         # (recorded as malformed, never worked on), and attempts far past MAX_ATTEMPT (clamped) on
-        # Linux VMs, first seen long ago, so that any deferral ends at once.
+        # Linux VMs, first seen long ago (the deadline counts scheduled delays, not age: a deferred
+        # one is retried, its retry sent with MAX_ATTEMPT, the attempt it is read back with).
         windows = [vm for vm in estate.vms if vm.os == "Windows"]
         for i, vm in enumerate(rng.sample(windows, min(2, len(windows)))):
             token = f"chaos-hostile-{uuid.uuid4().hex[:12]}"

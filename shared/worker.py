@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from shared.azure.transient import TransientError
 from shared.ledger import LeaseLost
-from shared.model import Outcome, OutcomeKind, Trigger, VmId, WorkItem
+from shared.model import MAX_ATTEMPT, Outcome, OutcomeKind, Trigger, VmId, WorkItem
 from shared.scope import Scope
 from shared.settings import Settings
 from shared.telemetry import log_outcome
@@ -238,13 +238,13 @@ class Worker:
             delay = min(max(self._retry_delay(item.attempt), wait), MAX_DEFER_DELAY_S)
             retry = replace(
                 item,
-                attempt=item.attempt + 1,
+                attempt=_next(item),
                 first_seen=first.isoformat(),
                 deferred_s=_counted(item, delay),
             )
             await self._queue.send(retry, delay_s=delay)
             kind, reason = OutcomeKind.DEFERRED, error.reason
-            details.update(retryInS=delay, nextAttempt=item.attempt + 1)
+            details.update(retryInS=delay, nextAttempt=_next(item))
         deferred = Outcome(item.target, kind, reason, details=details)
         log_outcome(
             deferred,
@@ -417,7 +417,7 @@ class Worker:
             item,
             vm_id=vm_id,
             computer=None,
-            attempt=item.attempt + 1,
+            attempt=_next(item),
             first_seen=first.isoformat(),
             unreadable=unreadable,
             deferred_s=_counted(item, delay),
@@ -428,7 +428,7 @@ class Worker:
             outcome.kind,
             outcome.reason,
             outcome.hint,
-            {**outcome.details, "retryInS": delay, "nextAttempt": item.attempt + 1},
+            {**outcome.details, "retryInS": delay, "nextAttempt": _next(item)},
         )
 
     def _deferred_long_enough(self, item: WorkItem) -> bool:
@@ -448,6 +448,12 @@ class Worker:
         backoff = base * (2 ** min(max(attempt, 0), 30))
         cap = max(self._settings.defer_deadline_s / DEADLINE_SHARE, base)
         return float(min(backoff, cap, MAX_DEFER_DELAY_S))
+
+
+def _next(item: WorkItem) -> int:
+    """The retry's attempt: one more, but never past ``MAX_ATTEMPT``, where every reader clamps it
+    (a retry sent with 1,001 was read back as 1,000, so its record never matched what was sent)."""
+    return min(item.attempt + 1, MAX_ATTEMPT)
 
 
 def _counted(item: WorkItem, delay_s: float) -> float:

@@ -573,3 +573,30 @@ async def test_no_retry_waits_longer_than_a_sixteenth_of_the_deadline(
         [outcome] = await triggers.work(fresh_item("busy-04", f"late-{attempt}", attempt=attempt))
         assert (outcome.kind.value, outcome.reason) == ("deferred", "run-command-busy")
     assert delays == [1.0, 8.0, 3600 / 16]
+
+
+async def test_a_retry_of_an_item_at_the_attempt_cap_is_sent_with_the_attempt_it_is_read_back_with(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An item at ``MAX_ATTEMPT`` (a forged or clamped one) is deferred and retried, since the
+    deadline counts scheduled delays: its retry carries ``MAX_ATTEMPT`` again, not one more, which
+    every reader would clamp (the chaos run's producer-side audit found the retry of a clamped
+    ``attempt`` never answered under the attempt it was sent with)."""
+    from shared.model import MAX_ATTEMPT
+    from shared.workqueue import WorkQueue
+
+    sent: list[dict[str, Any]] = []
+    real_send = WorkQueue.send
+
+    async def send(self: WorkQueue, item: Any, *, delay_s: float = 0.0) -> None:
+        sent.append(item.to_dict())
+        await real_send(self, item, delay_s=delay_s)
+
+    monkeypatch.setattr(WorkQueue, "send", send)
+    [outcome] = await triggers.work(fresh_item("busy-04", "cap-1", attempt=MAX_ATTEMPT * 1000))
+    assert (outcome.kind.value, outcome.reason) == ("deferred", "run-command-busy")
+    assert outcome.details["nextAttempt"] == MAX_ATTEMPT
+    [retry] = sent
+    assert retry["attempt"] == MAX_ATTEMPT
+    [row] = [r for r in await history(app_env, vm_id("busy-04")) if r["entry"] == "outcome"]
+    assert row["attempt"] == MAX_ATTEMPT  # recorded under the attempt it was read with
