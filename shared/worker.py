@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import uuid
 from collections.abc import Mapping
@@ -412,7 +413,9 @@ class Worker:
             )
         if is_unreadable(outcome) and unreadable >= MAX_UNREADABLE_TRIES:
             return give_up(outcome, unreadable)
-        delay = self._retry_delay(item.attempt)
+        # At least the wait ARM named (a 429's or 503's Retry-After): a retry sent sooner is refused
+        # again (request-limits-and-throttling.md), and costs the VM one of its looks.
+        delay = min(max(self._retry_delay(item.attempt), _named_wait(outcome)), MAX_DEFER_DELAY_S)
         retry = replace(
             item,
             vm_id=vm_id,
@@ -448,6 +451,14 @@ class Worker:
         backoff = base * (2 ** min(max(attempt, 0), 30))
         cap = max(self._settings.defer_deadline_s / DEADLINE_SHARE, base)
         return float(min(backoff, cap, MAX_DEFER_DELAY_S))
+
+
+def _named_wait(outcome: Outcome) -> float:
+    """The ``retryAfterS`` the workflow put in a deferral's details (shared/workflow.py), else 0."""
+    wait = outcome.details.get("retryAfterS")
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not math.isfinite(wait):
+        return 0.0
+    return max(0.0, float(wait))
 
 
 def _next(item: WorkItem) -> int:

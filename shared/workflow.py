@@ -169,9 +169,11 @@ class Remediator:
                 vm_id, OutcomeKind.SKIPPED, "not-running", {"phase": step.name, "error": str(error)}
             )
         except _DEFERRING as error:
-            details = {"phase": step.name, "error": str(error)}
+            details: dict[str, Any] = {"phase": step.name, "error": str(error)}
             if error.code:
                 details["code"] = error.code
+            if error.retry_after_s is not None:
+                details["retryAfterS"] = error.retry_after_s  # the retry comes no sooner (worker)
             return self._outcome(vm_id, OutcomeKind.DEFERRED, error.reason, details)
         except ComputeError as error:
             return self._outcome(

@@ -600,3 +600,31 @@ async def test_a_retry_of_an_item_at_the_attempt_cap_is_sent_with_the_attempt_it
     assert retry["attempt"] == MAX_ATTEMPT
     [row] = [r for r in await history(app_env, vm_id("busy-04")) if r["entry"] == "outcome"]
     assert row["attempt"] == MAX_ATTEMPT  # recorded under the attempt it was read with
+
+
+async def test_a_throttled_vm_is_retried_no_sooner_than_arms_retry_after(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ARM answered 429 with ``Retry-After: 120`` past azure-core's own retries: the item is
+    re-enqueued 120 s out, not after the usual 1 s (DEFER_DELAY_SECONDS × 2^attempt here), which
+    ARM would refuse again (request-limits-and-throttling.md); the wait counts toward the deadline."""
+    from shared.azure.compute import Throttled
+    from shared.workqueue import WorkQueue
+
+    async def throttled(self: ComputeGateway, vm: VmId) -> Any:
+        raise Throttled("throttled", code="SubscriptionRequestsThrottled", status=429, retry_after_s=120.0)
+
+    sent: list[tuple[dict[str, Any], float]] = []
+    real_send = WorkQueue.send
+
+    async def send(self: WorkQueue, item: Any, *, delay_s: float = 0.0) -> None:
+        sent.append((item.to_dict(), delay_s))
+        await real_send(self, item, delay_s=delay_s)
+
+    monkeypatch.setattr(ComputeGateway, "get_vm", throttled)
+    monkeypatch.setattr(WorkQueue, "send", send)
+    [outcome] = await triggers.work(fresh_item("web-01", "throttled-1"))
+    assert (outcome.kind.value, outcome.reason) == ("deferred", "throttled")
+    assert (outcome.details["retryAfterS"], outcome.details["retryInS"]) == (120.0, 120.0)
+    [(retry, delay)] = sent
+    assert (delay, retry["deferredS"]) == (120.0, 120.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
@@ -28,6 +29,7 @@ from azure.core.rest import HttpRequest
 from azure.mgmt.compute.aio import ComputeManagementClient
 from azure.mgmt.compute.models import RunCommandInput
 
+from shared.azure.transient import response_headers, wait_from_headers
 from shared.azure.transport import SubscriptionClients
 from shared.model import VmId
 from shared.settings import Settings
@@ -45,10 +47,16 @@ class ComputeError(Exception):
 
     reason = "arm-error"
 
-    def __init__(self, message: str, *, code: str = "", status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str = "", status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.status = status
+        # The wait ARM named (``Retry-After``, as azure-core reads it), None if it named none: a
+        # deferral's retry comes no sooner (request-limits-and-throttling.md: a request sent before
+        # it has elapsed is not processed, and gets a new one).
+        self.retry_after_s = retry_after_s
 
 
 class VmNotFound(ComputeError):
@@ -116,24 +124,44 @@ def translate(error: HttpResponseError) -> ComputeError:
     if error.error is not None and error.error.code:
         code = str(error.error.code)
     message = str(error.message or error)[:500]
+    wait = retry_after(error)
+    if status == 429:
+        return Throttled(message, code=code, status=status, retry_after_s=wait)
+    if status is not None and status >= 500:
+        return ArmUnavailable(message, code=code, status=status, retry_after_s=wait)
     if isinstance(error, ResourceNotFoundError) or status == 404:
         return VmNotFound(message, code=code, status=status)
     if status == 409:
         if code.lower() == "conflict":
             return RunCommandBusy(message, code=code, status=status)
         return VmNotRunning(message, code=code, status=status)
-    if status == 429:
-        return Throttled(message, code=code, status=status)
     if status in (401, 403):
         return Forbidden(message, code=code, status=status)
-    if status is not None and status >= 500:
-        return ArmUnavailable(message, code=code, status=status)
     if code.lower() in _AGENT_CODES:
         return AgentNotReady(message, code=code, status=status)
     if status is not None and 200 <= status < 300:
         # Not a refusal: the operation's status answer (a 2xx) said Failed or Canceled.
         return RunCommandOperationFailed(message, code=code, status=status)
     return RunCommandFailed(message, code=code, status=status)
+
+
+def retry_after(error: HttpResponseError) -> float | None:
+    """The wait an error answer names, in seconds: ``Retry-After`` (seconds or an HTTP-date), else
+    ``retry-after-ms`` / ``x-ms-retry-after-ms``, the headers and order of azure-core's own
+    ``get_retry_after`` (azure/core/pipeline/policies/_utils.py); None when it names none."""
+    headers = response_headers(error)
+    wait = wait_from_headers({k: v for k, v in headers.items() if k.lower() == "retry-after"})
+    if wait is not None:
+        return wait
+    for name in ("retry-after-ms", "x-ms-retry-after-ms"):
+        value = next((str(v) for k, v in headers.items() if k.lower() == name), "").strip()
+        try:
+            millis = float(value)
+        except ValueError:
+            continue
+        if math.isfinite(millis):
+            return max(0.0, millis / 1000.0)
+    return None
 
 
 class RunCommandRetryPolicy(AsyncRetryPolicy[Any, Any]):
