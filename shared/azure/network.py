@@ -66,12 +66,8 @@ class NetworkGateway(SubscriptionClients["NetworkManagementClient"]):
         return NetworkManagementClient(
             self._credential,
             subscription_id,
-            base_url=self._settings.arm_endpoint,
-            credential_scopes=[self._settings.cloud.arm_scope],
-            polling_interval=self._settings.poll_interval_s,
             retry_policy=BoundedRetryPolicy(),
-            per_retry_policies=[self._counter],
-            transport=transport,
+            **self._arm_options(transport),
         )
 
     async def close(self) -> None:
