@@ -195,12 +195,8 @@ class ComputeGateway(SubscriptionClients[ComputeManagementClient]):
         return ComputeManagementClient(
             self._credential,
             subscription_id,
-            base_url=self._settings.arm_endpoint,
-            credential_scopes=[self._settings.cloud.arm_scope],
-            polling_interval=self._settings.poll_interval_s,
             retry_policy=RunCommandRetryPolicy(),
-            per_retry_policies=[self._counter],
-            transport=transport,
+            **self._arm_options(transport),
         )
 
     async def list_subscriptions(self) -> list[str]:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import AzureError, HttpResponseError
@@ -66,12 +66,8 @@ class NetworkGateway(SubscriptionClients["NetworkManagementClient"]):
         return NetworkManagementClient(
             self._credential,
             subscription_id,
-            base_url=self._settings.arm_endpoint,
-            credential_scopes=[self._settings.cloud.arm_scope],
-            polling_interval=self._settings.poll_interval_s,
             retry_policy=BoundedRetryPolicy(),
-            per_retry_policies=[self._counter],
-            transport=transport,
+            **self._arm_options(transport),
         )
 
     async def close(self) -> None:
@@ -98,13 +94,20 @@ class NetworkGateway(SubscriptionClients["NetworkManagementClient"]):
     async def _facts(self, nic_id: str) -> PathFacts:
         nic_ref = _parse(nic_id)
         client = self._client(nic_ref["sub"])
-        nic, routes = await asyncio.gather(
+        # Both at once, but a failure is told in a fixed order (the NIC's read first), so that the
+        # note of an unknown path is the same from run to run, whichever answer came first.
+        answers: tuple[Mapping[str, Any] | BaseException, ...] = await asyncio.gather(
             self._call(
                 f"read of {nic_ref['name']}",
                 lambda: client.network_interfaces.get(nic_ref["rg"], nic_ref["name"]),
             ),
             self._effective_routes(client, nic_ref["rg"], nic_ref["name"]),
+            return_exceptions=True,
         )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        nic, routes = (cast(Mapping[str, Any], answer) for answer in answers)
         props = _obj(nic.get("properties"))
         configs = [_obj(_obj(c).get("properties")) for c in _list(props.get("ipConfigurations"))]
         primary = next((c for c in configs if c.get("primary")), configs[0] if configs else {})

@@ -89,8 +89,8 @@ class RequestCounter(SansIOHTTPPolicy[HttpRequest, Any]):
 class SubscriptionClients(Generic[ClientT]):
     """Base of the ARM adapters with one SDK client per subscription over one session they own.
 
-    Subclasses build a client in ``_make_client(subscription_id, transport)``, passing
-    ``self._counter`` among its per-retry policies; clients are made on first use, inside the
+    Subclasses build a client in ``_make_client(subscription_id, transport)`` with
+    ``**self._arm_options(transport)`` and their own retry policy; clients are made on first use, inside the
     running loop, all on one connection pool, and closed with the session.
     """
 
@@ -109,6 +109,18 @@ class SubscriptionClients(Generic[ClientT]):
 
     def _make_client(self, subscription_id: str, transport: AioHttpTransport) -> ClientT:
         raise NotImplementedError
+
+    def _arm_options(self, transport: AioHttpTransport) -> dict[str, Any]:
+        """What every ARM management client of ours is built with: the cloud's endpoint and scope,
+        the poll interval, the request counter and the shared pool (the retry policy is the
+        subclass's own)."""
+        return {
+            "base_url": self._settings.arm_endpoint,
+            "credential_scopes": [self._settings.cloud.arm_scope],
+            "polling_interval": self._settings.poll_interval_s,
+            "per_retry_policies": [self._counter],
+            "transport": transport,
+        }
 
     def _shared_transport(self) -> AioHttpTransport:
         """The one connection pool of every subscription's client, opened on first use."""
