@@ -168,3 +168,79 @@ async def test_a_management_group_without_a_lookup_is_out_of_scope_not_assumed()
     assert "cannot tell whether the VM is in management group mg-servers" in refused.hint
     shouted = VmId.parse(_id("vm-a").replace(SUB, SUB.upper()))  # ARM ids ignore case
     assert await Scope(frozenset({SUB.lower()})).check(shouted) is None
+
+
+def test_sweep_ids_naming_a_vm_that_does_not_exist_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--ids`` names VMs as ``check`` does (README: "A VM you named (check VM_ID, --ids, …) that
+    does not exist is a line on stderr and exit 1"), for ``sweep --ids`` too."""
+    estate = _estate(tmp_path)
+    typo = _id("vm-typo")
+    args = ["sweep", "--ids", _id("vm-ok"), typo, "--simulate", str(estate), "--sim-latency", "0.01"]
+    assert main([*args, "--output", "json"]) == 1
+    captured = capsys.readouterr()
+    assert f"VM {typo} does not exist" in captured.err
+    assert {v["id"]: v["reason"] for v in json.loads(captured.out)["vms"]} == {
+        _id("vm-ok"): "kms-client-licensed",
+        typo: "not-found",
+    }
+
+
+def test_from_a_large_result_is_read_in_linear_time(tmp_path: Path) -> None:
+    """``--from`` of a 10,000-VM result: on main each id was looked up in a list of those chosen so
+    far (quadratic: over two minutes here before any VM ran); the order and dedupe are kept."""
+    import time
+
+    from shared.resume import DEFAULT_ONLY, vms_to_resume
+
+    ids = [_id(f"vm-{i:05d}") for i in range(10_000)]
+    rows = [{"id": vm, "outcome": "failed"} for vm in ids] + [{"id": ids[0].upper(), "outcome": "deferred"}]
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"vms": rows}))
+    started = time.monotonic()
+    chosen = vms_to_resume(str(path), DEFAULT_ONLY)
+    assert time.monotonic() - started < 5
+    assert [str(vm) for vm in chosen] == ids  # file order, the upper-case repeat once
+
+
+class _AnswersAfter(_Terminal):
+    """A terminal whose person, while reading the counts, sees something change on the estate."""
+
+    def __init__(self, answer: str, meanwhile: Any) -> None:
+        super().__init__(answer)
+        self._meanwhile = meanwhile
+
+    def readline(self, size: int | None = -1) -> str:
+        self._meanwhile()
+        return super().readline()
+
+
+def test_sweep_apply_at_a_terminal_applies_the_plan_it_showed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What was confirmed is the plan the counts came from: a VM whose facts change between the
+    question and the answer ends ``skipped: plan-changed``, as with ``apply PLAN`` (a mutant
+    that remediated the VMs afresh after the answer survived every test on main)."""
+    from shared.cli import _simulated_env
+    from simulator import Estate, Simulator
+
+    stopping = _id("vm-a")
+    with Simulator(Estate.load(_estate(tmp_path)), latency_s=0.01) as sim:
+        for key, value in _simulated_env(sim.env()).items():
+            if value is None:
+                monkeypatch.delenv(key, raising=False)
+            else:
+                monkeypatch.setenv(key, value)
+        monkeypatch.setattr(
+            sys, "stdin", _AnswersAfter("yes\n", lambda: sim.set_power_state(stopping, "stopped"))
+        )
+        code = main(["sweep", "--apply", "--output", "json", "--retry-wait", "0"])
+        state = sim.state_dump()[stopping]
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "audit done: 1 VM to change (rekey 1)" in captured.err
+    rows = {v["id"]: v for v in json.loads(captured.out)["vms"]}
+    assert (rows[stopping]["outcome"], rows[stopping]["reason"]) == ("skipped", "plan-changed")
+    assert rows[stopping]["changed"]["powerState"] == ["running", "stopped"]
+    assert not state["changed"]
