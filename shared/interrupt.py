@@ -72,6 +72,7 @@ class Interrupt:
         self.in_flight: dict[VmId, float] = {}  # VM → when its check started
         self._idle = asyncio.Event()
         self._idle.set()
+        self._handled: tuple[asyncio.AbstractEventLoop, tuple[int, ...]] | None = None
 
     @property
     def grace_s(self) -> float:
@@ -89,11 +90,34 @@ class Interrupt:
             except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or Windows
                 continue
             added.append(sig)
+        self._handled = (loop, tuple(added))
         try:
             yield self
         finally:
+            self._handled = None
             for sig in added:
                 loop.remove_signal_handler(sig)
+
+    @contextlib.contextmanager
+    def blocking(self) -> Iterator[None]:
+        """For a read that blocks the loop (the question before a change, at a terminal): while it
+        blocks, the loop cannot run the handlers :meth:`installed` added, so a Ctrl-C would wait,
+        unseen, until the answer, and then cut short the run the person had just confirmed. Here
+        SIGINT and SIGTERM raise ``KeyboardInterrupt`` in the read instead; the loop's handlers
+        come back after it."""
+        if self._handled is None:
+            yield
+            return
+        loop, added = self._handled
+        for sig in added:
+            loop.remove_signal_handler(sig)
+        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in added}
+        try:
+            yield
+        finally:
+            for sig in added:
+                signal.signal(sig, previous[sig])
+                loop.add_signal_handler(sig, self.trigger, sig)
 
     def trigger(self, sig: int) -> None:
         if not self.requested.is_set():
@@ -152,6 +176,10 @@ class Interrupt:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         return None, cut
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signum)
 
 
 class RunStopped(Exception):
