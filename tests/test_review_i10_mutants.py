@@ -68,7 +68,7 @@ def _empty_plan() -> Plan:
 
 @pytest.mark.parametrize(
     ("typed", "go"),
-    [("yes\n", True), ("y\n", True), (" YES \n", True), ("\n", False), ("", False), ("ok\n", False)],
+    [("yes\n", True), ("y\n", False), (" YES \n", True), ("\n", False), ("", False), ("ok\n", False)],
     ids=["yes", "y", "spaced-upper", "empty-line", "end-of-input", "anything-else"],
 )
 def test_only_yes_goes_ahead(typed: str, go: bool) -> None:
