@@ -35,7 +35,7 @@ from shared.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
 from shared.filters import FilterError, VmFilter
 from shared.inrun_retry import DEFAULT_FIRST_WAIT_S, RetryPolicy, RetryWait, retry_deferred, still_deferred
 from shared.intake_cli import run_intake
-from shared.interrupt import Interrupt, Interruptible
+from shared.interrupt import Interrupt, Interruptible, terminate_as_interrupt
 from shared.ledger import Ledger, LedgerError
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
 from shared.output import FORMATS, Progress, RunResult, render, result_document
@@ -389,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "intake":
             return run_intake(args.file, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
-        return _run(args)
+        with terminate_as_interrupt():
+            return _run(args)
     except (ConfigError, UsageError, NoCredential) as error:
         print(f"avma-remediator: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -84,19 +84,24 @@ class Interrupt:
         elsewhere the signals keep their handlers and Ctrl-C ends the run as before)."""
         loop = asyncio.get_running_loop()
         added: list[int] = []
+        before: dict[int, Any] = {}
         for sig in (int(signal.SIGINT), int(signal.SIGTERM)):
+            previous = signal.getsignal(sig)
             try:
                 loop.add_signal_handler(sig, self.trigger, sig)
             except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or Windows
                 continue
             added.append(sig)
+            before[sig] = previous
         self._handled = (loop, tuple(added))
         try:
             yield self
         finally:
             self._handled = None
             for sig in added:
-                loop.remove_signal_handler(sig)
+                loop.remove_signal_handler(sig)  # which leaves SIG_DFL: put back what was there
+                if before[sig] is not None:
+                    signal.signal(sig, before[sig])
 
     @contextlib.contextmanager
     def blocking(self) -> Iterator[None]:
@@ -180,6 +185,24 @@ class Interrupt:
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signum)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises ``KeyboardInterrupt``, as Ctrl-C does, for the whole process's run (main
+    thread only): before the run's own handlers are installed (loading the estate, starting the
+    simulator, checking the credential) a SIGTERM would otherwise kill the process at once, with
+    nothing said and the simulator's temporary CA left on disk; this way every ``with`` block
+    unwinds and the CLI ends with exit 130."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class RunStopped(Exception):
