@@ -6,7 +6,9 @@ effective-route action). The commands follow Microsoft's own cure: a ``/32`` rou
 a NAT gateway on the subnet for a VM with no outbound (default-outbound-access.md, "Add an
 explicit outbound method": "Note this is the recommended method for most scenarios"), and an NSG
 rule that allows TCP 1688 to the KMS addresses before the rule that denies it, at the nearest
-priority below the deny that no outbound rule of the NSG uses. A user route already at a KMS
+priority below the deny that no outbound rule of the NSG uses (to the ``AzurePlatformLKM`` service
+tag when the deny names that tag, with its removal as the other way: the tag exists "to disable the
+defaults for licensing", service-tags-overview.md). A user route already at a KMS
 address's /32 with another next hop is changed (``az network route-table route update``), since a
 second route with that prefix cannot be created. The CLI syntax is
 that of the Azure CLI reference (``az network route-table route create``, ``az network nat gateway
@@ -115,24 +117,39 @@ def free_priority(deny: int, taken: tuple[int, ...]) -> int | None:
 
 
 def _nsg_rule(finding: Finding, kms: CloudKms) -> list[str]:
-    addresses = " ".join(f"{a}/32" for a in (finding.addresses or kms.required))
+    """An allow before the denying rule: of the KMS addresses, or, when the deny names the
+    ``AzurePlatformLKM`` service tag, of that tag (the same addresses, kept up to date by Azure), with
+    a comment line saying that removing that deny is the other fix."""
+    if finding.platform_tag:
+        destination = "AzurePlatformLKM"
+    else:
+        destination = " ".join(f"{a}/32" for a in (finding.addresses or kms.required))
+    scope = _scope(finding.resource_id)
+    nsg = name_of(finding.resource_id)
     priority = free_priority(finding.priority, finding.taken)
+    commands = []
+    if finding.platform_tag and finding.rule:
+        commands.append(
+            f"# rule {finding.rule} denies the AzurePlatformLKM service tag, which exists to turn off "
+            f"Windows licensing; if no one needs that, remove it instead: az network nsg rule delete "
+            f"{scope} --nsg-name {nsg} --name {finding.rule}"
+        )
     if priority is None:
         # Nothing free can come before the denying rule: the denying rule itself must move.
-        return [
+        commands.append(
             f"# no priority from 100 to {finding.priority - 1} is free before the denying rule "
             f"(priority {finding.priority}): move it to a higher number, then allow TCP {kms.port} "
-            f"to {addresses} below it"
-        ]
-    commands = []
+            f"to {destination} below it"
+        )
+        return commands
     if priority != finding.priority - 1:
         commands.append(
             f"# priorities {priority + 1} to {finding.priority - 1} are taken: the allow goes at {priority}, "
             f"the nearest free priority before the denying rule ({finding.priority})"
         )
     commands.append(
-        f"az network nsg rule create {_scope(finding.resource_id)} --nsg-name {name_of(finding.resource_id)} "
+        f"az network nsg rule create {scope} --nsg-name {nsg} "
         f"--name allow-azure-kms --priority {priority} --direction Outbound --access Allow "
-        f"--protocol Tcp --destination-address-prefixes {addresses} --destination-port-ranges {kms.port}"
+        f"--protocol Tcp --destination-address-prefixes {destination} --destination-port-ranges {kms.port}"
     )
     return commands

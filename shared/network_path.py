@@ -19,7 +19,15 @@ The rules (sources in docs/troubleshooting.md, "The path to the KMS"):
   false; the default for new virtual networks after 31 March 2026) and membership of a Standard
   load balancer's backend pool turn off (default-outbound-access.md; includes/ephemeral-ip-note.md).
 - **NSGs.** The NIC's and the subnet's outbound rules (then the default ones) must not deny TCP
-  1688 to a KMS address.
+  1688 to a KMS address. Azure's licensing platform rule keeps activation traffic out of the NSG
+  rules that do not name the ``AzurePlatformLKM`` service tag (network-security-groups-overview.md,
+  "Azure platform considerations": "these services aren't subject to the configured network
+  security groups unless targeted by service tags specific to each service"; "For deployments
+  using default route 0.0.0.0/0 configuration, this platform rule is disabled"): while it holds,
+  only a deny naming ``AzurePlatformLKM`` blocks; it is off when an active route ``0.0.0.0/0``
+  other than the system one (a user route or a BGP route, of any next hop: a GUESS at what
+  "default route 0.0.0.0/0 configuration" means, taken so that a doubt gives ``blocked`` and a
+  still-licensed VM is not re-keyed) is in the NIC's effective routes, and then every rule counts.
 
 Only the NIC's primary IP configuration counts: the guest's traffic leaves from its private IP, a
 public IP serves only its own IP configuration's flows, and a secondary IP configuration gets no
@@ -93,6 +101,8 @@ class Finding:
     location: str = ""
     priority: int = 0  # NSG_DENY: the denying rule's priority
     taken: tuple[int, ...] = ()  # NSG_DENY: the priorities the NSG's outbound rules already use
+    rule: str = ""  # NSG_DENY: the denying rule's name
+    platform_tag: bool = False  # NSG_DENY: the rule names AzurePlatformLKM (licensing turned off)
     # Route causes: (address, route name, has a next hop IP) of each user route already at the
     # address's /32 in the route table, which the fix updates instead of creating a duplicate.
     existing: tuple[tuple[str, str, bool], ...] = ()
@@ -156,17 +166,21 @@ def judge(facts: PathFacts, kms: CloudKms) -> PathVerdict:
     way, outbound_finding = _outbound(facts, subnet_id, subnet_name, location)
     if outbound_finding is not None:
         findings.append(outbound_finding)
-    findings += _nsg_findings(facts, kms, subnet_id, location)
+    nsg_findings, exempt = _nsg_findings(facts, kms, subnet_id, location)
+    findings += nsg_findings
     if findings:
-        return PathVerdict(BLOCKED, tuple(findings), way, nic_id=nic_id, subnet_id=subnet_id)
-    note = ""
+        return PathVerdict(
+            BLOCKED, tuple(findings), way, note="; ".join(exempt), nic_id=nic_id, subnet_id=subnet_id
+        )
+    notes = []
     if way == "default-outbound-access":
-        note = (
+        notes.append(
             f"outbound through default outbound access (subnet {subnet_name} is not private); new "
             "virtual networks get private subnets after 31 March 2026, so an explicit outbound "
             "method (a NAT gateway) keeps activation working"
         )
-    return PathVerdict(OK, (), way, note=note, nic_id=nic_id, subnet_id=subnet_id)
+    notes += exempt
+    return PathVerdict(OK, (), way, note="; ".join(notes), nic_id=nic_id, subnet_id=subnet_id)
 
 
 # ------------------------------------------------------------------ routes
@@ -521,9 +535,62 @@ def _match_context(facts: PathFacts, kms: CloudKms) -> _Match:
     )
 
 
-def _nsg_findings(facts: PathFacts, kms: CloudKms, subnet_id: str, location: str) -> list[Finding]:
+# The licensing platform rule (network-security-groups-overview.md, "Azure platform considerations"):
+# activation traffic "isn't subject to the configured network security groups unless targeted by"
+# the AzurePlatformLKM service tag, and "For deployments using default route 0.0.0.0/0
+# configuration, this platform rule is disabled" (the link goes to virtual-networks-udr-overview.md,
+# "0.0.0.0/0 address prefix": the system route overridden by a user or BGP route). The field reports
+# agree (a Deny of the Internet tag did not stop TCP 1688; faultbucket.ca 2021/06), and so does
+# SupportArticles-docs windows-vm-activation-error-0xc004f074.md ("activation traffic to the KMS
+# IPs on port 1688 remains enabled because of platform internal rules").
+_PLATFORM_TAG: Final = "azureplatformlkm"
+
+
+def default_route(routes: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The active route ``0.0.0.0/0`` that is not the system one (a user route, or one learned over
+    BGP), whatever its next hop, or None: the "default route 0.0.0.0/0 configuration" that turns
+    the licensing platform rule off. That any next hop counts (a user route 0.0.0.0/0 to
+    ``Internet`` too) is a GUESS: the sources do not say, and a doubt must give ``blocked``."""
+    found = [
+        r
+        for r in _active(routes)
+        if _source(r) in ("User", "VirtualNetworkGateway")
+        and any(_is_default(str(p)) for p in _list(r.get("addressPrefix")))
+    ]
+    found.sort(key=lambda r: _SOURCE_RANK.get(_source(r), len(_SOURCE_RANK)))
+    return found[0] if found else None
+
+
+def _is_default(prefix: str) -> bool:
+    try:
+        return ipaddress.ip_network(prefix.strip(), strict=False) == ipaddress.ip_network("0.0.0.0/0")
+    except ValueError:
+        return False
+
+
+def _describe_default(route: Mapping[str, Any], table: Mapping[str, Any] | None) -> str:
+    target = f"{hop_type(route)} {next(iter(_list(route.get('nextHopIpAddress'))), '')}".strip()
+    if _source(route) == "User":
+        where = f" in route table {name_of(str(table.get('id') or ''))}" if table else ""
+        return f"route 0.0.0.0/0 → {target}{where}"
+    return f"route 0.0.0.0/0 → {target} learned over BGP"
+
+
+def _names_platform_tag(rule: Mapping[str, Any]) -> bool:
+    prefixes = [rule.get("destinationAddressPrefix"), *_list(rule.get("destinationAddressPrefixes"))]
+    return any(str(p).lower() == _PLATFORM_TAG for p in prefixes if p)
+
+
+def _nsg_findings(
+    facts: PathFacts, kms: CloudKms, subnet_id: str, location: str
+) -> tuple[list[Finding], list[str]]:
+    """The NSG rules that deny TCP 1688 to a KMS address (findings), and the remarks on the rules
+    that would deny it but do not apply while the licensing platform rule holds (notes)."""
     findings: list[Finding] = []
+    notes: list[str] = []
     context = _match_context(facts, kms)
+    override = default_route(facts.routes)
+    platform = override is None  # the licensing platform rule holds
     for nsg in facts.nsgs:
         nsg_id = str(nsg.get("id") or "")
         props = _obj(nsg.get("properties"))
@@ -540,20 +607,66 @@ def _nsg_findings(facts: PathFacts, kms: CloudKms, subnet_id: str, location: str
         ] or list(_DEFAULT_OUTBOUND)
         defaults.sort(key=lambda r: int(r.get("priority") or 0))
         taken = tuple(sorted({int(r.get("priority") or 0) for r in rules}))
-        denied: dict[tuple[str, int], list[str]] = {}
+        denied: dict[tuple[str, int, bool], list[str]] = {}
+        exempt: dict[tuple[str, int], list[str]] = {}
         for address in kms.required:
-            rule = next((r for r in (*rules, *defaults) if _rule_matches(r, address, context)), None)
+            matching = [r for r in (*rules, *defaults) if _rule_matches(r, address, context)]
+            # While the platform rule holds, a deny that does not name AzurePlatformLKM does not
+            # touch activation traffic; the first rule left decides (an allow, or such a deny). That
+            # an allow before an AzurePlatformLKM deny still lets it through (NSG priority order)
+            # is a GUESS; so is that a deny of the KMS's own addresses does not apply either (the
+            # article names service tags only).
+            applies = [
+                r
+                for r in matching
+                if not platform or str(r.get("access") or "").lower() != "deny" or _names_platform_tag(r)
+            ]
+            rule = applies[0] if applies else None
             if rule is not None and str(rule.get("access") or "").lower() == "deny":
-                denied.setdefault((str(rule.get("name")), int(rule.get("priority") or 0)), []).append(address)
-        for (rule_name, priority), addresses in denied.items():
+                key = (str(rule.get("name")), int(rule.get("priority") or 0), _names_platform_tag(rule))
+                denied.setdefault(key, []).append(address)
+                continue
+            first = matching[0] if matching else None
+            if first is not None and str(first.get("access") or "").lower() == "deny":
+                exempt.setdefault((str(first.get("name")), int(first.get("priority") or 0)), []).append(
+                    address
+                )
+        for (rule_name, priority, tagged), addresses in denied.items():
             text = (
                 f"network security group {name_of(nsg_id)} rule {rule_name} (priority {priority}) denies "
                 f"TCP {kms.port} to {_and(addresses)}"
             )
+            if tagged:
+                text += " (a deny of the service tag AzurePlatformLKM, which turns Windows licensing off)"
+            elif override is not None:
+                text += (
+                    f": the {_describe_default(override, facts.route_table)} turns off Azure's licensing "
+                    "platform rule, which otherwise keeps activation traffic out of NSG rules that do "
+                    "not name AzurePlatformLKM"
+                )
             findings.append(
-                Finding(NSG_DENY, nsg_id, text, tuple(addresses), subnet_id, location, priority, taken)
+                Finding(
+                    NSG_DENY,
+                    nsg_id,
+                    text,
+                    tuple(addresses),
+                    subnet_id,
+                    location,
+                    priority,
+                    taken,
+                    rule=rule_name,
+                    platform_tag=tagged,
+                )
             )
-    return findings
+        for (rule_name, priority), addresses in exempt.items():
+            notes.append(
+                f"network security group {name_of(nsg_id)} rule {rule_name} (priority {priority}) matches "
+                f"TCP {kms.port} to {_and(addresses)} but does not block activation: Azure's licensing "
+                "platform rule keeps it out of NSG rules that do not name AzurePlatformLKM while no "
+                "route 0.0.0.0/0 replaces the system default route; with one (forced tunnelling) this "
+                "rule would block it"
+            )
+    return findings, notes
 
 
 def _rule_matches(rule: Mapping[str, Any], address: str, context: _Match) -> bool:

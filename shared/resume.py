@@ -59,6 +59,7 @@ def vms_to_resume(path: str, only: Iterable[OutcomeKind]) -> list[VmId]:
     if not isinstance(vms, list):
         raise ResumeError(f"--from: {path} is not a result of avma-remediator (no 'vms' list)")
     chosen: list[VmId] = []
+    seen: set[VmId] = set()  # a list's `in` made a 10,000-VM result take minutes to read
     for index, row in enumerate(vms):
         where = f"--from: {path}: vms[{index}]"
         if not isinstance(row, dict) or not isinstance(row.get("id"), str):
@@ -73,7 +74,8 @@ def vms_to_resume(path: str, only: Iterable[OutcomeKind]) -> list[VmId]:
             vm_id = VmId.parse(row["id"])
         except InvalidVmId as error:
             raise ResumeError(f"{where}: {error}") from None
-        if vm_id not in chosen:
+        if vm_id not in seen:
+            seen.add(vm_id)
             chosen.append(vm_id)
     return chosen
 

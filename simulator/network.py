@@ -21,7 +21,10 @@ An estate file may hold a ``network`` object (docs/simulator.md, "Networks") and
   in a private subnet without explicit outbound goes nowhere (the same article, "Limitations of
   private subnets").
 - NSGs: the NIC's and the subnet's outbound rules, lowest priority number first, the default rules
-  last (NetworkSecurityGroupGet.json); the first rule that matches TCP 1688 to the address decides.
+  last (NetworkSecurityGroupGet.json); the first rule that matches TCP 1688 to the address decides,
+  except that Azure's licensing platform rule keeps KMS traffic out of every deny that does not
+  name ``AzurePlatformLKM`` unless a route ``0.0.0.0/0`` replaces the system default route
+  (network-security-groups-overview.md, "Azure platform considerations"; :func:`licensing_platform_rule`).
 
 The KMS addresses here are Azure's side of the contract, kept apart from the engine's table
 (shared/kms_endpoints.py) on purpose: tests/test_kms_endpoints.py holds both to the same source.
@@ -696,22 +699,52 @@ def outbound(nic: NicSpec, network: NetworkSpec) -> str | None:
     return "default-outbound-access"
 
 
+def licensing_platform_rule(nic: NicSpec, network: NetworkSpec) -> bool:
+    """Whether Azure's licensing platform rule holds for this NIC: activation traffic (TCP 1688 to
+    the KMS) "isn't subject to the configured network security groups unless targeted by" the
+    ``AzurePlatformLKM`` service tag, and "For deployments using default route 0.0.0.0/0
+    configuration, this platform rule is disabled" (MicrosoftDocs/azure-docs
+    articles/virtual-network/network-security-groups-overview.md, "Azure platform considerations";
+    the link goes to virtual-networks-udr-overview.md, "0.0.0.0/0 address prefix", where the system
+    route is overridden by a user-defined or a BGP route). So it holds unless the subnet's effective
+    routes have an active ``0.0.0.0/0`` that is not the system route. A GUESS: that a user route
+    ``0.0.0.0/0`` of any next hop (``Internet`` too) turns it off; the sources do not say."""
+    return not any(
+        r.state == "Active" and r.source != "Default" and ipaddress.ip_network(r.prefix).prefixlen == 0
+        for r in effective_routes(nic, network)
+    )
+
+
 def nsg_verdict(nic: NicSpec, network: NetworkSpec, address: str) -> str | None:
-    """The NSG rule that denies TCP 1688 to ``address`` (``nsg/rule``), or None when allowed."""
+    """The NSG rule that denies TCP 1688 to ``address`` (``nsg/rule``), or None when allowed.
+
+    While the licensing platform rule holds, only a ``Deny`` naming ``AzurePlatformLKM`` touches
+    the KMS traffic: other denies (``Internet``, ``*``, the KMS address itself) are passed over, and
+    the first rule left decides. GUESSES: that an allow before such a deny still wins (the
+    ordinary priority order), and that a deny of the KMS address by prefix is passed over too (the
+    article names service tags only)."""
     subnet = network.subnets[nic.subnet.lower()]
     vnet_space = virtual_network_tag(nic, network)
+    platform = licensing_platform_rule(nic, network)
     for nsg_id in (nic.nsg, subnet.nsg):
         if not nsg_id:
             continue
         nsg = network.nsgs[nsg_id.lower()]
         for rule in (*sorted(nsg.rules, key=lambda r: r.priority), *DEFAULT_OUTBOUND):
-            if rule.direction == "Outbound" and rule_matches(
+            if rule.direction != "Outbound" or not rule_matches(
                 rule, nic.private_ip, address, KMS_PORT, vnet_space
             ):
-                if rule.access == "Deny":
-                    return f"{_name(nsg.id)}/{rule.name}"
-                break
+                continue
+            if rule.access == "Deny" and platform and not _names_lkm(rule):
+                continue  # the platform rule keeps activation traffic out of this rule
+            if rule.access == "Deny":
+                return f"{_name(nsg.id)}/{rule.name}"
+            break
     return None
+
+
+def _names_lkm(rule: SecurityRule) -> bool:
+    return any(spec.lower() == "azureplatformlkm" for spec in rule.destination)
 
 
 def virtual_network_tag(nic: NicSpec, network: NetworkSpec) -> tuple[str, ...]:

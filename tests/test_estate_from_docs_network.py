@@ -68,6 +68,12 @@ from run to run (the NIC GET and the effective-route POST are sent together and 
 wins: reported to the lead, who then made the NIC's failure the one told, and the row asserts it), and the
 `ok` row also asserts `outbound` `default-outbound-access`, which the doc now lists (both added
 after the run, from the corrected doc, not predictions).
+
+Changed after (issue 11, the licensing platform rule): fin-nsg-01's NSG was written as a deny of
+TCP 1688 to `Internet`, which Azure does not apply to activation traffic while the subnet keeps the
+system default route (MicrosoftDocs/azure-docs network-security-groups-overview.md, "Azure platform
+considerations"); it now denies the `AzurePlatformLKM` service tag, so the row keeps the
+`nsg-denies-kms` cause, and its fix allows that tag (or removes the deny) instead of the addresses.
 """
 
 from __future__ import annotations
@@ -166,7 +172,8 @@ EXPECTED: dict[str, tuple[str, str, str, str, str]] = {
     "fin-plb-01": (*FIXED, "S-NET step 2 (Standard with outboundRules)"),
     # public Standard LB without outboundRules, default outbound subnet: S-NET row 7, step 2
     "fin-plb-02": (*AVMA_UNREACH, "S-NET load-balancer-no-outbound"),
-    # subnet NSG: Deny Tcp 1688 to Internet at 3000: S-NET row 8, step 3
+    # subnet NSG: Deny Tcp 1688 to AzurePlatformLKM at 3000: S-NET row 8, step 3 (written as a deny
+    # of Internet, which the licensing platform rule exempts: changed after, see the docstring)
     "fin-nsg-01": (*AVMA_UNREACH, "S-NET nsg-denies-kms"),
     # no nic, kmsReachable false: S-NET VM key `nic` (404, unknown), T-PATH row 3
     "fin-nonic-01": (*AVMA_UNREACH, "S-NET `nic` key; T-PATH unknown"),
@@ -258,7 +265,8 @@ FIX: dict[str, list[str]] = {
         "--access Allow",
         "--protocol Tcp",
         "--destination-port-ranges 1688",
-        *sorted(KMS),
+        "--destination-address-prefixes AzurePlatformLKM",  # after the change: the deny's own tag
+        "az network nsg rule delete",  # the other fix, in a comment line
     ],
 }
 ROUTE_COMMANDS = {"route-to-appliance", "route-to-none", "routes-for-retired-kms-only", "route-to-gateway"}

@@ -103,11 +103,12 @@ def test_an_allow_naming_a_service_tag_that_holds_the_kms_comes_before_a_deny(
             "destinationPortRange": "1688",
         },
         {
-            "name": "deny-all",
+            # only a deny naming AzurePlatformLKM touches activation while the platform rule holds
+            "name": "deny-licensing",
             "priority": 4000,
             "direction": "Outbound",
             "access": "Deny",
-            "destinationAddressPrefix": "*",
+            "destinationAddressPrefix": "AzurePlatformLKM",
         },
     ]
     net = network({"networkSecurityGroup": NSG}, networkSecurityGroups=[{"id": NSG, "rules": rules}])
@@ -116,19 +117,27 @@ def test_an_allow_naming_a_service_tag_that_holds_the_kms_comes_before_a_deny(
 
 
 def test_a_route_prefix_puts_the_kms_in_the_virtual_network_tag() -> None:
-    # service-tags-overview.md: VirtualNetwork holds "address prefixes used on user-defined routes"
+    # service-tags-overview.md: VirtualNetwork holds "address prefixes used on user-defined routes";
+    # an allow of VirtualNetwork before a deny of AzurePlatformLKM then lets activation through.
     routes = [
         {"name": f"kms-{i}", "addressPrefix": f"{ip}/32", "nextHopType": "Internet"}
         for i, ip in enumerate(PUBLIC.required)
     ]
     rules = [
         {
-            "name": "deny-vnet",
+            "name": "allow-vnet",
             "priority": 300,
             "direction": "Outbound",
-            "access": "Deny",
+            "access": "Allow",
             "destinationAddressPrefix": "VirtualNetwork",
-        }
+        },
+        {
+            "name": "deny-licensing",
+            "priority": 400,
+            "direction": "Outbound",
+            "access": "Deny",
+            "destinationAddressPrefix": "AzurePlatformLKM",
+        },
     ]
     net = network(
         {"networkSecurityGroup": NSG, "routeTable": TABLE},
@@ -136,10 +145,10 @@ def test_a_route_prefix_puts_the_kms_in_the_virtual_network_tag() -> None:
         routeTables=[{"id": TABLE, "routes": routes}],
     )
     verdict, reachable = both(_small(net, NIC))
-    assert [f.cause for f in verdict.findings] == [NSG_DENY] and reachable is False
+    assert (verdict.state, reachable) == ("ok", True)
     del net["virtualNetworks"][0]["subnets"][0]["routeTable"]
     verdict, reachable = both(_small(net, NIC))
-    assert (verdict.state, reachable) == ("ok", True)
+    assert [f.cause for f in verdict.findings] == [NSG_DENY] and reachable is False
 
 
 # ------------------------------------------------------------------ 3. NSG sources
@@ -165,7 +174,7 @@ def test_an_outbound_rule_applies_only_when_its_source_holds_the_primary_private
             "direction": "Outbound",
             "access": "Deny",
             "sourceAddressPrefix": source,
-            "destinationAddressPrefix": "Internet",
+            "destinationAddressPrefix": "AzurePlatformLKM",
         }
     ]
     net = network({"networkSecurityGroup": NSG}, networkSecurityGroups=[{"id": NSG, "rules": rules}])
@@ -188,11 +197,11 @@ def test_the_nsg_fix_takes_a_free_priority_below_the_deny_and_the_fixed_estate_r
             "destinationPortRange": "443",
         },
         {
-            "name": "deny-internet",
+            "name": "deny-licensing",
             "priority": 4000,
             "direction": "Outbound",
             "access": "Deny",
-            "destinationAddressPrefix": "Internet",
+            "destinationAddressPrefix": "AzurePlatformLKM",
         },
     ]
     net = network({"networkSecurityGroup": NSG}, networkSecurityGroups=[{"id": NSG, "rules": rules}])
@@ -200,7 +209,7 @@ def test_the_nsg_fix_takes_a_free_priority_below_the_deny_and_the_fixed_estate_r
     finding = one(_verdict(estate))
     assert finding.cause == NSG_DENY
     commands = fix_for(finding, PUBLIC)
-    assert commands[0].startswith("# priorities 3999 to 3999 are taken: the allow goes at 3998")
+    assert commands[1].startswith("# priorities 3999 to 3999 are taken: the allow goes at 3998")
     assert "--priority 3998 " in commands[-1]
     # The simulator rejects two rules with one priority and direction, as ARM does; with the
     # written rule added at 3998 the guest reaches the KMS.
@@ -216,18 +225,7 @@ def test_the_nsg_fix_takes_a_free_priority_below_the_deny_and_the_fixed_estate_r
             "direction": "Outbound",
             "access": "Allow",
             "protocol": "Tcp",
-            "destinationAddressPrefix": f"{KMS1}/32",
-            "destinationPortRange": "1688",
-        }
-    )
-    fixed["network"]["networkSecurityGroups"][0]["rules"].append(
-        {
-            "name": "allow-azure-kms-2",
-            "priority": 3997,
-            "direction": "Outbound",
-            "access": "Allow",
-            "protocol": "Tcp",
-            "destinationAddressPrefix": f"{KMS2}/32",
+            "destinationAddressPrefix": "AzurePlatformLKM",
             "destinationPortRange": "1688",
         }
     )

@@ -102,7 +102,8 @@ def one(verdict: PathVerdict) -> Any:
             "vm-nsg",
             NSG_DENY,
             NSG,
-            "rule deny-internet (priority 4000) denies TCP 1688 to 20.118.99.224 and 40.83.235.53",
+            "rule deny-licensing (priority 4000) denies TCP 1688 to 20.118.99.224 and 40.83.235.53 "
+            "(a deny of the service tag AzurePlatformLKM",
         ),
     ],
 )
