@@ -17,7 +17,7 @@ from shared import triggers
 from shared.queueprobe import probe_queues
 from shared.recheck import check_vms
 from shared.settings import POISON_QUEUE, WORK_QUEUE
-from shared.status import StatusQuery, StatusQueryError, status_page
+from shared.status import status_answer
 from shared.telemetry import worker_errors
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
@@ -133,12 +133,10 @@ async def poison_drain(timer: func.TimerRequest) -> None:
 @app.route(route="status", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 async def status(req: func.HttpRequest) -> func.HttpResponse:
     """Counts by outcome, the most recent actions, and a page of the VMs that match the filters
-    (``outcome``, ``reason``, ``vm``, ``since``, ``pageSize``, ``continuation``: shared/status.py)."""
-    try:
-        query = StatusQuery.from_params(dict(req.params))
-    except StatusQueryError as error:
-        return _json({"error": str(error)}, 400)
-    return _json(await status_page(query), 200)
+    (``outcome``, ``reason``, ``vm``, ``since``, ``pageSize``, ``continuation``: shared/status.py);
+    400 for a bad query, 503 with ``Retry-After`` within seconds when Table storage is unreachable."""
+    code, body, headers = await status_answer(dict(req.params))
+    return _json(body, code, headers)
 
 
 @app.function_name("check")

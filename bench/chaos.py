@@ -72,7 +72,8 @@ from shared.workqueue import WorkQueue  # noqa: E402
 from simulator import Estate, VmSpec  # noqa: E402
 from simulator.faults import KINDS, FaultPlan  # noqa: E402
 from simulator.guest import KMS_HOSTS, key_for  # noqa: E402
-from simulator.process import SimulatorProcess  # noqa: E402
+from simulator.process import CALLS, SimulatorProcess  # noqa: E402
+from simulator.server import Simulator  # noqa: E402
 from tests.azurite import Azurite, _free_ports, azurite_binary  # noqa: E402
 from tests.payloads import EG_WRITE, as_vm_write, dim, load, v2_alert  # noqa: E402
 
@@ -97,10 +98,6 @@ HARNESS_FAULTS = (
     "out_of_scope",  # events, alerts and messages for VMs outside TARGET_SUBSCRIPTIONS
 )
 CRASH_POINTS = ("detect", "remediate", "accepted", "acked")
-# Failures that say the engine could not look at the VM (no answer within the deadline, a Run
-# Command that did not run, output it could not read), as opposed to one that looked and found a
-# licensing problem: on a licensed KMS client only the latter disagree with the VM's state.
-UNOBSERVED = ("deadline-exceeded:", "run-command-failed", "bad-output", "poison")
 # Rows that answer a delivery without running the workflow (no Run Command behind them).
 NO_WORKFLOW = frozenset({"lease-held", "lease-lost", "duplicate", "out-of-scope", "recently-verified"})
 
@@ -138,7 +135,9 @@ DEFAULT_FAULTS: dict[str, Any] = {
     "operationFailed": 0.005,
     "runCommandHang": {"rate": 0.003, "seconds": 8},
     "vmVanish": 0.004,
-    "agentFlap": {"rate": 0.01, "periodSeconds": 0.5},
+    # Ready and Not Ready 5 s each (some 25 min in Azure's time): a strictly periodic flap faster
+    # than the retries can alias with them, every look landing in a Not Ready half.
+    "agentFlap": {"rate": 0.01, "periodSeconds": 5},
     "outputTruncated": 0.006,
     "outputGarbled": 0.006,
     "tokenError": {"every": 4, "burst": 3},
@@ -163,7 +162,8 @@ class ChaosConfig:
     computer_items: int = 20
     unknown_computers: int = 2
     malformed: int = 6
-    poison_pills: int = 3  # valid items whose every invocation the harness crashes
+    poison_pills: int = 3  # valid items whose every invocation the harness crashes (in the last wave)
+    audit_poison_pills: int | None = None  # the audit pass's, if not the same
     hostile: bool = True  # hostile queue messages, events and alerts (HARNESS_FAULTS)
     storm: bool = True  # the enforce pass's last wave: outages, throttling, hostile and out-of-scope input
     restarts: int = 1
@@ -174,8 +174,10 @@ class ChaosConfig:
     token_lifetime_s: float = 330.0
     # Engine settings for compressed time (the run's env; docs/reliability.md).
     defer_delay_s: int = 1
-    defer_deadline_h: float = 0.035  # 126 s: longer than the enforce pass's backlog after the restart
-    audit_defer_deadline_h: float = 0.0083  # 30 s: the audit pass's backlog is short
+    # Retry delays an item may add up before deadline-exceeded (the engine counts its scheduled
+    # delays, not time in the queue's backlog, so these need not cover the backlog): some 19 looks.
+    defer_deadline_h: float = 0.02  # 72 s
+    audit_defer_deadline_h: float = 0.0083  # 30 s
     run_command_timeout_s: float = 3.0
     # The Functions host (host.json: maxDequeueCount 5, visibilityTimeout 00:01:00 scaled down).
     max_dequeue: int = 5
@@ -201,7 +203,32 @@ class ChaosConfig:
     ledger_backoff_s: float = 0.1
     arm_call_timeout_s: float = 8.0
     lease_s: float = 45.0
+    # The simulator in a process of its own (the engine's figures are then its own), or, for a tiny
+    # run where starting a process costs more than the run, on a thread of this one.
+    simulator_process: bool = True
     report_out: str | None = None
+
+
+class SimulatorThread:
+    """:class:`SimulatorProcess`'s interface over a simulator on a thread of this process."""
+
+    def __init__(self, estate: Estate, *, latency_s: float, token_lifetime_s: float) -> None:
+        self._sim = Simulator(estate, latency_s=latency_s, token_lifetime_s=token_lifetime_s)
+
+    def __enter__(self) -> SimulatorThread:
+        self._sim.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sim.stop()
+
+    def env(self) -> dict[str, str]:
+        return dict(self._sim.env())
+
+    def call(self, name: str, *args: Any) -> Any:
+        if name not in CALLS:
+            raise ValueError(f"{name!r} is not a simulator hook")
+        return getattr(self._sim, name)(*args)
 
 
 # ------------------------------------------------------------------ the Functions host
@@ -243,12 +270,7 @@ class QueueHost:
         self.in_flight = 0
 
     def _client(self, name: str) -> QueueClient:
-        return QueueClient.from_connection_string(
-            self.connection,
-            name,
-            message_encode_policy=TextBase64EncodePolicy(),
-            message_decode_policy=TextBase64DecodePolicy(),
-        )
+        return harness_queue(self.connection, name)
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks: set[asyncio.Task[None]] = set()
@@ -337,6 +359,21 @@ class QueueHost:
             self.stats.lost_acks += 1  # it comes back and is moved on its next delivery
             return
         self.stats.poisoned.append((self.epoch(), str(message.content)))
+
+
+def harness_queue(connection: str, name: str) -> QueueClient:
+    """A queue client of the harness (the host, the senders): the storage SDK's default retry waits
+    15 s before its first retry, so that after the restart every invocation in flight sat 15 s on
+    its message's delete with a dead connection; the host's own calls retry after about a second."""
+    return QueueClient.from_connection_string(
+        connection,
+        name,
+        message_encode_policy=TextBase64EncodePolicy(),
+        message_decode_policy=TextBase64DecodePolicy(),
+        initial_backoff=1,  # the SDK's ExponentialRetry, built from these keywords (its default: 15, 3, 3)
+        increment_base=2,
+        random_jitter_range=1,
+    )
 
 
 def _correlation(body: str) -> str:
@@ -579,7 +616,8 @@ def plan_items(estate: Estate, config: ChaosConfig, rng: random.Random, now: str
     if config.hostile:
         # Queue messages are input too: ids with a trailing newline or a control character inside
         # (recorded as malformed, never worked on), and attempts far past MAX_ATTEMPT (clamped) on
-        # Linux VMs, first seen long ago, so that any deferral ends at once.
+        # Linux VMs, first seen long ago (the deadline counts scheduled delays, not age: a deferred
+        # one is retried, its retry sent with MAX_ATTEMPT, the attempt it is read back with).
         windows = [vm for vm in estate.vms if vm.os == "Windows"]
         for i, vm in enumerate(rng.sample(windows, min(2, len(windows)))):
             token = f"chaos-hostile-{uuid.uuid4().hex[:12]}"
@@ -686,7 +724,8 @@ class ChaosPass:
 
     async def run(self) -> PassResult:
         self._t0 = time.monotonic()
-        with SimulatorProcess(
+        simulator = SimulatorProcess if self.config.simulator_process else SimulatorThread
+        with simulator(
             self.estate, latency_s=self.config.latency_s, token_lifetime_s=self.config.token_lifetime_s
         ) as sim:
             env = {
@@ -720,7 +759,7 @@ class ChaosPass:
                     else:
                         os.environ[key] = value
 
-    async def _run(self, sim: SimulatorProcess) -> PassResult:
+    async def _run(self, sim: SimulatorProcess | SimulatorThread) -> PassResult:
         await self._create_queues()
         work = QueueHost(
             self.azurite.connection_string,
@@ -816,8 +855,16 @@ class ChaosPass:
 
     async def _produce(self) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        items = plan_items(self.estate, self.config, self.rng, stamp)
+        config = self.config
+        if self.mode == "audit" and config.audit_poison_pills is not None:
+            config = replace(config, poison_pills=config.audit_poison_pills)
+        planned = plan_items(self.estate, config, self.rng, stamp)
+        # The poison pills go in the last wave: in an earlier one the storage loss would cut their
+        # path (five deliveries, the poison queue, the last resort) short, and nothing would show it.
+        pills = [item for item in planned if item.kind == "poison-pill"]
+        items = [item for item in planned if item.kind != "poison-pill"]
         waves: list[list[Sent]] = [items[i :: self.restarts + 1] for i in range(self.restarts + 1)]
+        waves[-1].extend(pills)
         for wave, chunk in enumerate(waves):
             if wave > 0:
                 await self._restart_storage()
@@ -895,9 +942,21 @@ class ChaosPass:
 
         # The Table endpoint down while the queue works through the last wave's backlog (the
         # timers keep firing, so the outage meets the ledger whatever the machine's speed).
+        # Only once the host is working through the backlog (invocations finishing), so that the
+        # outage meets the ledger's traffic on a fast machine as on a slow one.
+        started, waited = self.hosts[0].stats.succeeded, time.monotonic()
+        # A counter the host bumps, polled for a few seconds at most.
+        while self.hosts[0].stats.succeeded - started < 10 and time.monotonic() - waited < 30:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
         self._say(f"storm: Table endpoint down for {config.table_outage_s:g} s")
+        done = self.hosts[0].stats.invocations
         self.hooks.outage(self.azurite.table_port, "table_outage", config.table_outage_s)
         await asyncio.sleep(config.table_outage_s)
+        self._say(
+            f"storm: Table endpoint back; {self.hooks.refused['table_outage']} requests refused,"
+            f" {self.hosts[0].stats.invocations - done} invocations started meanwhile,"
+            f" {self.hosts[0].in_flight} running"
+        )
 
         self.sim.call(
             "throttle_resource_graph", config.graph_throttle, 1, 1
@@ -974,21 +1033,21 @@ class ChaosPass:
         self.recovered_at = time.monotonic()
 
     def _queue(self, name: str) -> QueueClient:
-        return QueueClient.from_connection_string(
-            self.azurite.connection_string,
-            name,
-            message_encode_policy=TextBase64EncodePolicy(),
-            message_decode_policy=TextBase64DecodePolicy(),
-        )
+        return harness_queue(self.azurite.connection_string, name)
 
     async def _create_queues(self) -> None:
+        """Make the queues, empty (an Azurite shared by several runs may hold an earlier one's)."""
         for name in (WORK_QUEUE, POISON_QUEUE, POISON_POISON_QUEUE):
             async with self._queue(name) as queue:
                 for _ in range(50):
                     try:
                         await queue.create_queue()
                     except ResourceExistsError:
-                        pass
+                        try:
+                            await queue.clear_messages()
+                        except AzureError:
+                            await asyncio.sleep(0.2)
+                            continue
                     except AzureError:
                         await asyncio.sleep(0.2)
                         continue
@@ -1059,7 +1118,7 @@ class ChaosPass:
         def violate(invariant: str, example: str) -> None:
             violations[invariant] += 1
             if len(examples[invariant]) < 5:
-                examples[invariant].append(example[:300])
+                examples[invariant].append(example[:1500])
 
         specs = {vm.key: vm for vm in self.estate.vms}
         by_target: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -1188,11 +1247,16 @@ class ChaosPass:
             for key in remediated_rows:
                 violate("changedInAudit", f"{key}: 'remediated' recorded in audit mode")
 
-        # 6. The verdict agrees with the VM's real licensing (the simulator's state, not the engine's).
+        # 6. The verdict agrees with the VM's real licensing (the simulator's state, not the engine's):
+        # a VM still on AVMA is never recorded healthy or remediated, a licensed KMS client never
+        # failed, whatever the reason. The one exemption is a VM that nothing could have looked at, by
+        # the simulator's own record: its agent was down from the start of the pass to its end (the
+        # estate's agentReady false; nothing in the run changes it), so the engine's failed:
+        # deadline-exceeded:agent-not-ready is the truth. It is counted apart (licensedUnobservable).
         vanished = {k.lower() for k in evidence["vanished"]}
         state_by_key = {k.lower(): v for k, v in state.items()}
         verdicts: Counter[str] = Counter()
-        unobserved: Counter[str] = Counter()
+        unobservable: Counter[str] = Counter()
         for row in states:
             vm_id, verdict = str(row.get("vmId", "")), str(row.get("outcome") or "")
             real = state_by_key.get(vm_id.lower())
@@ -1200,18 +1264,20 @@ class ChaosPass:
                 continue
             verdicts[verdict] += 1
             channel, licensed = real.get("channel"), real.get("licenseStatus") == 1
+            story = _story(by_target.get(vm_id.lower(), []))
             if channel == "AVMA" and verdict in ("healthy", "remediated"):
                 violate(
-                    "verdict_vs_state", f"{vm_id}: still on AVMA, recorded {verdict}: {row.get('reason')}"
+                    "verdict_vs_state",
+                    f"{vm_id}: still on AVMA, recorded {verdict}: {row.get('reason')}; {story}",
                 )
             elif channel == "KMS_CLIENT" and licensed and verdict == "failed":
-                reason = str(row.get("reason") or "")
-                if reason.startswith(UNOBSERVED) or reason in UNOBSERVED:
-                    unobserved[reason.split(":", 1)[0]] += 1  # "could not look", not "looked and found"
+                known = specs.get(vm_id.lower())
+                if known is not None and not known.agent_ready:
+                    unobservable[str(row.get("reason") or "")] += 1
                     continue
                 violate(
                     "verdict_vs_state",
-                    f"{vm_id}: a licensed KMS client, recorded failed: {row.get('reason')}",
+                    f"{vm_id}: a licensed KMS client, recorded failed: {row.get('reason')}; {story}",
                 )
 
         # 7. Every Run Command the simulator ran is in the history: a remediation has an intent row
@@ -1296,7 +1362,7 @@ class ChaosPass:
             "reasons": dict(reasons.most_common()),
             "remaining": remaining,
             "verdicts": dict(verdicts),
-            "licensedButUnobserved": dict(unobserved),
+            "licensedUnobservable": dict(unobservable),
             "crashes": dict(Counter(point for _, _, point in self.hooks.kills)),
             "killedInvocations": dict(work.killed),
             "storm": self.storm,
@@ -1331,6 +1397,21 @@ class ChaosPass:
             dict(violations),
             examples,
         )
+
+
+def _story(history: list[dict[str, Any]], most: int = 14) -> str:
+    """A VM's last history rows, oldest first, for a violation's example: when (wall clock, s
+    before the last row), what, and the attempt, so that a wrong verdict shows how it was reached."""
+    rows = history[-most:]
+    if not rows:
+        return "no history"
+    end = _wall(rows[-1])
+    parts = [
+        f"-{end - _wall(r):.0f}s {r.get('outcome')}:{r.get('reason')}@{r.get('attempt', 0)}"
+        f"{'/' + str(r.get('correlationId'))[:24] if r.get('correlationId') else ''}"
+        for r in rows
+    ]
+    return "history " + ", ".join(parts)
 
 
 def _storage_missing(name: str, message: str) -> bool:
@@ -1421,10 +1502,18 @@ def start_azurite() -> Azurite:
     return azurite
 
 
-async def run_chaos(config: ChaosConfig) -> dict[str, Any]:
-    """Both passes; the report whose JSON is the last line of ``bench/chaos.py``."""
+async def run_chaos(config: ChaosConfig, *, azurite: Azurite | None = None) -> dict[str, Any]:
+    """Both passes; the report whose JSON is the last line of ``bench/chaos.py``.
+
+    Each run has an Azurite of its own (in memory, restarted by the run), unless ``azurite`` is
+    given: then the run uses it (restarting it if the config says so: nothing else may rely on its
+    data) and leaves it running."""
     started = time.monotonic()
-    azurite = start_azurite()
+    own = azurite is None
+    if azurite is None:
+        azurite = start_azurite()
+    elif config.restarts and not azurite.owned:
+        raise ValueError("a run that restarts Azurite needs one it started (not AZURITE_CONNECTION_STRING)")
     passes: list[PassResult] = []
     try:
         if config.audit_vms:
@@ -1438,7 +1527,8 @@ async def run_chaos(config: ChaosConfig) -> dict[str, Any]:
                 ).run()
             )
     finally:
-        azurite.close()
+        if own:
+            azurite.close()
     faults = Counter(dict.fromkeys((*KINDS, RESTART_FAULT, *HARNESS_FAULTS), 0))
     violations = Counter(
         dict.fromkeys(

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, bench/ is sys.path[0], where bench/queue.py would shadow the standard library's
-# queue (urllib3 imports it): the repository's root goes there instead.
+# Run as a script, bench/ is sys.path[0], where a module named as a standard one would shadow it
+# (bench/queue.py did, before it became bench/queue_path.py): the repository's root goes there instead.
 sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench")]
 
 from azure.core.pipeline import PipelineRequest  # noqa: E402

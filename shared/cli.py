@@ -35,15 +35,16 @@ from shared.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
 from shared.filters import FilterError, VmFilter
 from shared.inrun_retry import DEFAULT_FIRST_WAIT_S, RetryPolicy, RetryWait, retry_deferred, still_deferred
 from shared.intake_cli import run_intake
-from shared.interrupt import Interrupt, Interruptible
+from shared.interrupt import Interrupt, Interruptible, terminate_as_interrupt
 from shared.ledger import Ledger, LedgerError
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
 from shared.output import FORMATS, Progress, RunResult, render, result_document
 from shared.plan import HookedChecker, Plan, PlanApplier, PlanError, Recorder, build_plan, confirm, load_plan
 from shared.resume import DEFAULT_ONLY, ResumeError, parse_only, run_each, vms_to_resume
-from shared.scope import Scope
+from shared.scope import PerSubscription, Scope
 from shared.settings import ConfigError, Mode, Settings, is_subscription_id
 from shared.sweep import NOT_LISTED, sweep_inventory
+from shared.unreadable import rechecking
 from shared.vm import VmFacts
 from shared.workflow import BeforeRunCommand, Remediator
 
@@ -399,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "intake":
             return run_intake(args.file, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
-        return _run(args)
+        with terminate_as_interrupt():
+            return _run(args)
     except (ConfigError, UsageError, NoCredential) as error:
         print(f"avma-remediator: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -432,7 +434,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--from names the VMs itself: leave out --ids")
     # The question before a change needs a person at a terminal; a script says --yes. The
     # simulator changes nothing real, so a rehearsal without a terminal goes ahead.
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin is not None and sys.stdin.isatty()  # None: started with stdin closed
     if _applying(args) and not args.yes and not interactive and args.simulate is None:
         raise UsageError(
             "changing VMs asks first, and there is no terminal to ask on: add --yes to go ahead "
@@ -604,7 +606,7 @@ async def _execute(
         if ledger is not None:
             stack.push_async_callback(ledger.close)
         recorder = Recorder(gateway)
-        scope = Scope.from_settings(settings, scope_inventory)
+        scope = Scope.from_settings(settings, PerSubscription(scope_inventory))  # one query per subscription
         workflow = _Workflows(recorder, ledger, args.command, network)
         run = _Run(args, gateway, credential, settings, policy)
         with Interrupt(sys.stderr).installed() as interrupt:
@@ -613,9 +615,9 @@ async def _execute(
                 if plan is not None:
                     if not plan.actionable:
                         print("avma-remediator: the plan has no VM to change", file=sys.stderr)
-                    elif ask and not confirm(plan, stdin=sys.stdin, stderr=sys.stderr, what="apply"):
+                    elif ask and not (answer := _ask(plan, interrupt, "apply")):
                         print("avma-remediator: not applied: nothing was changed", file=sys.stderr)
-                        return EXIT_OK
+                        return EXIT_OK if answer is False else EXIT_INTERRUPTED
                     applier = PlanApplier(_Scoped(workflow.of(enforce), scope), recorder, plan, base)
                     result = await run.collect(targets, applier)
                 elif applying and ask:
@@ -691,9 +693,10 @@ async def _confirmed(
     plan = build_plan(found.outcomes, recorder, audit, simulated=simulated, interrupted=found.interrupted)
     if found.interrupted or not plan.actionable:
         return found
-    if not confirm(plan, stdin=sys.stdin, stderr=sys.stderr, what="audit done"):
+    answer = _ask(plan, run.interrupt, "audit done")
+    if not answer:
         print("avma-remediator: not applied: nothing was changed (the audit follows)", file=sys.stderr)
-        return found
+        return found if answer is False else replace(found, interrupted=True)
     applier = PlanApplier(_Scoped(workflow.of(enforce), scope), recorder, plan, audit)
     applied = await run.collect(_Targets(ids=tuple(p.vm_id for p in plan.actionable)), applier)
     done = {VmId.try_parse(o.vm_id) for o in applied.outcomes}
@@ -701,6 +704,18 @@ async def _confirmed(
     if applied.interrupted:  # the VMs not reached keep their audit outcome, in an audit's words
         return RunResult(Mode.ENFORCE.value, [*kept, *applied.outcomes], found.listing_errors, True)
     return RunResult(Mode.ENFORCE.value, [*kept, *applied.outcomes], found.listing_errors)
+
+
+def _ask(plan: Plan, interrupt: Interrupt, what: str) -> bool | None:
+    """``confirm`` at the terminal; None when Ctrl-C (or SIGTERM) came at the question, which
+    answers no at once (the read blocks the loop, whose handlers would see the signal only after
+    the answer: ``Interrupt.blocking``)."""
+    try:
+        with interrupt.blocking():
+            return confirm(plan, stdin=sys.stdin, stderr=sys.stderr, what=what)
+    except KeyboardInterrupt:
+        print("\navma-remediator: interrupted at the question", file=sys.stderr)
+        return None
 
 
 class _Run:
@@ -773,7 +788,7 @@ class _Run:
                 retried, _ = await self.interrupt.run(
                     retry_deferred(
                         done,
-                        wrapped.check,
+                        rechecking(wrapped, done),  # unreadable answers: the same bound, detect first
                         self._policy,
                         settings,
                         concurrency=settings.max_concurrency,
@@ -975,7 +990,9 @@ def _listing_subject(key: str) -> str:
 def _print_report(result: RunResult, args: argparse.Namespace) -> None:
     """The result on stdout in the chosen format, the JSON result to ``--out``, and one line per
     subscription (or group, or tenant) that could not be listed on stderr."""
-    print(render(result, args.output, full_ids=args.full_ids))
+    text = render(result, args.output, full_ids=args.full_ids)
+    if text:  # tsv of no VM is no line at all, as az prints it (not one empty line, an empty row)
+        print(text)
     if args.out:
         Path(args.out).write_text(json.dumps(result_document(result), indent=2) + "\n", encoding="utf-8")
     for key, text in result.listing_errors.items():

@@ -125,11 +125,32 @@ def hint_for(reason: str, settings: Settings) -> str:
             "The detection script could not read the licensing facts, or could not write its result "
             "(error step write-result); nothing was changed. See the error field (step and HRESULT)."
         ),
-        "bad-output": "The guest output had no valid result line (truncated or garbled); see the details.",
-        "run-command-failed": "The Run Command operation failed in Azure; see the details.",
+        "bad-output": (
+            "The guest output had no valid result line (truncated or garbled), so nothing is known "
+            "about the VM yet; retried, and the retry detects the VM's state before anything else. "
+            "See the details (phase, error, stderr)."
+        ),
+        "run-command-failed": (
+            "The Run Command operation failed in Azure (or ARM refused it); see the code and error "
+            "in the details. An operation that ended Failed is retried, detecting the VM's state first."
+        ),
         "forbidden": "The identity lacks a permission (see the custom role in infra/).",
     }
     return hints.get(reason, "")
+
+
+def unreadable_hint(reason: str, tries: int) -> str:
+    """The hint once a Run Command answer said nothing about the VM ``tries`` times (terminal)."""
+    what = (
+        "the Run Command operation ended Failed in Azure"
+        if reason == "run-command-failed"
+        else "the guest output had no valid result line (truncated or garbled)"
+    )
+    return (
+        f"{tries} tries, and each time {what}: no longer taken for a passing fault. Look at the VM's Run "
+        "Command extension and agent (the code, error and stderr in the details; the last 4,096 bytes "
+        "of output are all Run Command keeps), then run check again: it detects the state first."
+    )
 
 
 def _imds_http_hint(status: str) -> str:

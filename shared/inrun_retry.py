@@ -135,7 +135,7 @@ async def retry_deferred(
 
     for i, outcome in enumerate(result):
         details = dict(outcome.details)
-        if tries[i] > 1:
+        if tries[i] > 1 and "tries" not in outcome.details:  # a given-up unreadable answer has its own
             details["tries"] = tries[i]
         if outcome.kind is OutcomeKind.DEFERRED and "kmsPath" not in outcome.details:
             # A deferral with Azure's diagnosis of the KMS path keeps the workflow's hint: it names

@@ -37,6 +37,7 @@ from typing import Any, TextIO, TypeVar
 from shared.model import Outcome, OutcomeKind, VmId
 from shared.plan import HookedChecker
 from shared.vm import VmFacts
+from shared.workflow import BeforeRunCommand
 
 SIGINT_GRACE_S = 90.0
 SIGTERM_GRACE_S = 8.0
@@ -72,6 +73,7 @@ class Interrupt:
         self.in_flight: dict[VmId, float] = {}  # VM → when its check started
         self._idle = asyncio.Event()
         self._idle.set()
+        self._handled: tuple[asyncio.AbstractEventLoop, tuple[int, ...]] | None = None
 
     @property
     def grace_s(self) -> float:
@@ -83,17 +85,45 @@ class Interrupt:
         elsewhere the signals keep their handlers and Ctrl-C ends the run as before)."""
         loop = asyncio.get_running_loop()
         added: list[int] = []
+        before: dict[int, Any] = {}
         for sig in (int(signal.SIGINT), int(signal.SIGTERM)):
+            previous = signal.getsignal(sig)
             try:
                 loop.add_signal_handler(sig, self.trigger, sig)
             except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or Windows
                 continue
             added.append(sig)
+            before[sig] = previous
+        self._handled = (loop, tuple(added))
         try:
             yield self
         finally:
+            self._handled = None
             for sig in added:
-                loop.remove_signal_handler(sig)
+                loop.remove_signal_handler(sig)  # which leaves SIG_DFL: put back what was there
+                if before[sig] is not None:
+                    signal.signal(sig, before[sig])
+
+    @contextlib.contextmanager
+    def blocking(self) -> Iterator[None]:
+        """For a read that blocks the loop (the question before a change, at a terminal): while it
+        blocks, the loop cannot run the handlers :meth:`installed` added, so a Ctrl-C would wait,
+        unseen, until the answer, and then cut short the run the person had just confirmed. Here
+        SIGINT and SIGTERM raise ``KeyboardInterrupt`` in the read instead; the loop's handlers
+        come back after it."""
+        if self._handled is None:
+            yield
+            return
+        loop, added = self._handled
+        for sig in added:
+            loop.remove_signal_handler(sig)
+        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in added}
+        try:
+            yield
+        finally:
+            for sig in added:
+                signal.signal(sig, previous[sig])
+                loop.add_signal_handler(sig, self.trigger, sig)
 
     def trigger(self, sig: int) -> None:
         if not self.requested.is_set():
@@ -154,6 +184,28 @@ class Interrupt:
         return None, cut
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signum)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises ``KeyboardInterrupt``, as Ctrl-C does, for the whole process's run (main
+    thread only): before the run's own handlers are installed (loading the estate, starting the
+    simulator, checking the credential) a SIGTERM would otherwise kill the process at once, with
+    nothing said and the simulator's temporary CA left on disk; this way every ``with`` block
+    unwinds and the CLI ends with exit 130."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class RunStopped(Exception):
     """Raised before a Run Command once a signal came: the VM in flight sends nothing more."""
 
@@ -170,12 +222,21 @@ class Interruptible:
     def __init__(self, inner: HookedChecker, interrupt: Interrupt) -> None:
         self._inner, self._interrupt = inner, interrupt
 
-    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome:
+    async def check(
+        self,
+        vm_id: VmId,
+        *,
+        listed: VmFacts | None = None,
+        before_run_command: BeforeRunCommand | None = None,
+    ) -> Outcome:
+        """``before_run_command`` (a retry's ``detect_first``) is awaited after the signal check."""
         if self._interrupt.requested.is_set():
             await asyncio.Event().wait()  # never set: the run cancels this once the VMs in flight are done
         self._interrupt.started(vm_id)
         try:
-            return await self._inner.check(vm_id, listed=listed, before_run_command=self._stop_if_asked)
+            return await self._inner.check(
+                vm_id, listed=listed, before_run_command=self._hook(before_run_command)
+            )
         except RunStopped as stopped:
             return Outcome(
                 str(vm_id),
@@ -186,6 +247,17 @@ class Interruptible:
             )
         finally:
             self._interrupt.finished(vm_id)
+
+    def _hook(self, then: BeforeRunCommand | None) -> BeforeRunCommand:
+        if then is None:
+            return self._stop_if_asked
+        after = then
+
+        async def before(phase: str, details: Mapping[str, Any]) -> None:
+            await self._stop_if_asked(phase, details)
+            await after(phase, details)
+
+        return before
 
     async def _stop_if_asked(self, phase: str, _: Mapping[str, Any]) -> None:
         if self._interrupt.requested.is_set():

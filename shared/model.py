@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ _UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _COMPUTER = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\ud800-\udfff]{1,255}")
 MAX_ATTEMPT = 1000
+MAX_DEFERRED_S = 30 * 86400.0  # more than DEFER_DEADLINE_HOURS can be (720 h): a larger one is clamped
 """``attempt`` is clamped here: the worker's delay is ``DEFER_DELAY_SECONDS × 2**attempt`` (capped),
 and ``300.0 * 2**1024`` raises ``OverflowError``; 1,000 deferrals is beyond any real deadline."""
 
@@ -175,6 +177,13 @@ class WorkItem:
     # ISO 8601 UTC, when the evidence itself happened: a log row's TimeGenerated, an alert's
     # firedDateTime. Empty when the producer has none (then first_seen, which is later, stands in).
     evidence_at: str = ""
+    # How many of this item's workflows ended on a Run Command answer that said nothing about the VM
+    # (``run-command-failed``, ``bad-output``): bounded by shared/unreadable.py, carried by the retry.
+    unreadable: int = 0
+    # Seconds of retry delay scheduled for this item so far (the sum of its deferrals' delays):
+    # DEFER_DEADLINE_HOURS is counted in these, so that time spent waiting for the engine (a queue
+    # backlog, a storage outage, a dead worker's lease) never costs the item its retries.
+    deferred_s: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.vm_id is None) == (self.computer is None):
@@ -185,9 +194,8 @@ class WorkItem:
     def clamped(self, now: datetime) -> WorkItem:
         """This item with a ``first_seen`` or ``evidence_at`` in the future brought back to ``now``.
 
-        A future ``firstSeen`` (a forged message, or a producer's clock ahead) would never reach
-        the deferral deadline, since each retry carries it forward unchanged; a future
-        ``evidenceAt`` would be newer than every verdict, for ever.
+        A future ``firstSeen`` (a forged message, or a producer's clock ahead) would stand in for the
+        evidence time, and a future ``evidenceAt`` would be newer than every verdict, for ever.
         """
         stamp = now.astimezone(UTC).isoformat()
         first, evidence = parse_time(self.first_seen), parse_time(self.evidence_at)
@@ -217,6 +225,10 @@ class WorkItem:
         )
         if self.evidence_at:
             out["evidenceAt"] = self.evidence_at
+        if self.unreadable:
+            out["unreadable"] = self.unreadable
+        if self.deferred_s:
+            out["deferredS"] = self.deferred_s
         return out
 
     @classmethod
@@ -241,6 +253,17 @@ class WorkItem:
         evidence_at = data.get("evidenceAt") or ""
         if not isinstance(evidence_at, str) or (evidence_at and parse_time(evidence_at) is None):
             raise ValueError(f"evidenceAt must be an ISO 8601 time, not {str(evidence_at)[:40]!r}")
+        deferred_s = data.get("deferredS", 0)
+        if (
+            isinstance(deferred_s, bool)
+            or not isinstance(deferred_s, int | float)
+            or not math.isfinite(deferred_s)
+            or deferred_s < 0
+        ):
+            raise ValueError("deferredS must be a non-negative number of seconds")
+        unreadable = data.get("unreadable", 0)
+        if isinstance(unreadable, bool) or not isinstance(unreadable, int) or unreadable < 0:
+            raise ValueError("unreadable must be a non-negative integer")
         return cls(
             reason=reason,
             vm_id=vm_id,
@@ -250,6 +273,8 @@ class WorkItem:
             attempt=min(attempt, MAX_ATTEMPT),
             first_seen=first_seen,
             evidence_at=evidence_at,
+            unreadable=min(unreadable, MAX_ATTEMPT),
+            deferred_s=float(min(deferred_s, MAX_DEFERRED_S)),
         )
 
 

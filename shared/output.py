@@ -9,7 +9,10 @@
 - ``tsv`` is as ``az --output tsv``: no header, one line per VM, values separated by tabs
   (knack's ``_TsvOutput``); a tab or line break inside a value becomes a space, so that a row
   stays one line.
-- ``csv`` has a header and quotes as RFC 4180 says (``csv.QUOTE_MINIMAL``, CRLF line ends).
+- ``csv`` has a header and quotes as RFC 4180 says (``csv.QUOTE_MINIMAL``, CRLF line ends). A
+  cell that a spreadsheet would run as a formula (it starts with ``=``, ``+``, ``-``, ``@``, a tab or
+  a carriage return: OWASP, "CSV Injection") gets a leading ``'``: the DETAIL column carries text
+  the guest reported, which whoever controls the VM can choose.
 
 tsv and csv carry the columns ``COLUMNS`` names, in that order.
 """
@@ -43,6 +46,14 @@ class RunResult:
     interrupted: bool = False
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(value: str) -> str:
+    """A csv cell a spreadsheet shows as text, never runs (see the module's docstring)."""
+    return f"'{value}" if value.startswith(_FORMULA_STARTS) else value
+
+
 def result_document(result: RunResult) -> dict[str, Any]:
     """The JSON result: ``summary``, ``vms`` (most urgent first), ``mode``, ``listingErrors`` and
     ``interrupted`` (README, "The JSON result")."""
@@ -66,7 +77,7 @@ def render(result: RunResult, output: str, *, full_ids: bool = False, width: int
         buffer = io.StringIO()
         writer = csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
         writer.writerow(COLUMNS)
-        writer.writerows(_row(o) for o in _ordered(result.outcomes))
+        writer.writerows([_inert(v) for v in _row(o)] for o in _ordered(result.outcomes))
         return buffer.getvalue().removesuffix("\r\n")
     if output != "table":
         raise ValueError(f"unknown output format {output!r}")

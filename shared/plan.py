@@ -536,7 +536,8 @@ def _channel(description: object) -> str | None:
 
 
 def confirm(plan: Plan, *, stdin: TextIO, stderr: TextIO, what: str) -> bool:
-    """Show the counts by planned action and ask; only ``y`` or ``yes`` goes ahead."""
+    """Show the counts by planned action and ask; only ``yes`` goes ahead (not ``y``: as terraform's
+    apply, "Only 'yes' will be accepted to approve", an answer that changes VMs is typed in full)."""
     counts = plan.counts()
     acting = len(plan.actionable)
     shown = ", ".join(f"{k} {v}" for k, v in counts.items() if k != Action.NONE.value)
@@ -548,4 +549,4 @@ def confirm(plan: Plan, *, stdin: TextIO, stderr: TextIO, what: str) -> bool:
     )
     stderr.flush()
     answer = stdin.readline().strip().lower()
-    return answer in ("y", "yes")
+    return answer == "yes"

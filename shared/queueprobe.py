@@ -12,11 +12,20 @@ What the age means: the oldest *visible* message at the front of the queue, as f
 keeps order (it does not promise first-in first-out). A deferred work item is invisible on purpose
 until its retry time, so it does not count; a visible message that has waited long means the worker
 is not keeping up, or not running. A probe never fails the timer: a queue it cannot read gives a
-record with ``error`` set.
+record with ``error`` set, which the probe-failing alert watches.
+
+Each queue's probe is one try of each read (``retry_total=0``) within :data:`PROBE_DEADLINE_S`:
+with the storage SDK's own retries (``ExponentialRetry``, 3 retries after 15 s + 3**n s:
+azure-storage-queue ``aio/_queue_client_async.py`` and ``_shared/policies_async.py``) a probe of a
+storage account that refuses connections took over four minutes, and one of an account that never
+answers far longer. That delayed the last-resort drain that runs after it and spaced the records so
+widely that the alert, which wants two failed probes in 30 minutes, could not fire. The next probe
+is ten minutes away anyway.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -30,25 +39,32 @@ from shared.settings import POISON_QUEUE, WORK_QUEUE, Settings
 from shared.telemetry import log_queue_state, queue_record
 
 PROBED = (WORK_QUEUE, POISON_QUEUE, LAST_RESORT_QUEUE)
+PROBE_DEADLINE_S = 10.0
+"""How long one queue's two reads (metadata, peek) may take before its record says ``no answer``."""
 
 
 def queue_client(settings: Settings, credential: AsyncTokenCredential | None, name: str) -> QueueClient:
-    """A client that only reads metadata and peeks (no message decoding: bodies are not read)."""
+    """A client that only reads metadata and peeks (no message decoding: bodies are not read), and
+    tries each once (``retry_total=0``)."""
     if settings.storage_connection:
-        return QueueClient.from_connection_string(settings.storage_connection, name)
+        return QueueClient.from_connection_string(settings.storage_connection, name, retry_total=0)
     if settings.queue_service_uri and credential is not None:
-        return QueueClient(settings.queue_service_uri, name, credential=credential)
+        return QueueClient(settings.queue_service_uri, name, credential=credential, retry_total=0)
     raise ValueError("no queue storage configured (AzureWebJobsStorage or its __queueServiceUri)")
 
 
 async def probe_queue(client: QueueClient, name: str, now: datetime) -> dict[str, Any]:
     try:
-        properties = await client.get_queue_properties()
-        peeked = await client.peek_messages(max_messages=1)
+        async with asyncio.timeout(PROBE_DEADLINE_S):
+            properties = await client.get_queue_properties()
+            peeked = await client.peek_messages(max_messages=1)
     except ResourceNotFoundError:
         return queue_record(name, messages=0, oldest_age_s=None, error="")  # never created: empty
     except AzureError as error:
         return queue_record(name, messages=None, oldest_age_s=None, error=_first_line(error))
+    except TimeoutError:
+        silent = f"no answer within {PROBE_DEADLINE_S:g} s"
+        return queue_record(name, messages=None, oldest_age_s=None, error=silent)
     count = properties.approximate_message_count
     inserted = peeked[0].inserted_on if peeked else None
     age = max(0.0, (now - inserted).total_seconds()) if isinstance(inserted, datetime) else None

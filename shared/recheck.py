@@ -10,20 +10,15 @@ answer returns and that the ledger's history and the outcome records carry.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
 
-from azure.core.exceptions import AzureError
-
-from shared.azure.transient import TransientError
 from shared.model import InvalidVmId, Trigger, VmId, WorkItem
+from shared.retry_later import Answer, answer_or_retry_later
 from shared.scope import Scope
-from shared.workqueue import QueueError
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +27,6 @@ MAX_CHECK_BYTES = 64 * 1024
 CHECK_DEADLINE_S = 10.0
 RETRY_AFTER_S = 30
 SOURCE = "api/check"
-
-Answer = tuple[int, dict[str, Any], dict[str, str]]
 
 
 class CheckRequestError(ValueError):
@@ -72,36 +65,39 @@ def parse_check_request(body: bytes) -> list[VmId]:
 
 async def check_vms(body: bytes, *, env: Mapping[str, str] | None = None) -> Answer:
     """202 with the correlation id, 400 malformed, 403 out of scope, 503 with ``Retry-After``."""
-    from shared.triggers import Runtime  # shared.triggers never imports this module
-
     try:
         vms = parse_check_request(body)
     except CheckRequestError as error:
         return 400, {"error": str(error)}, {}
+    return await answer_or_retry_later(
+        _queue_checks(vms, env),
+        deadline_s=CHECK_DEADLINE_S,
+        retry_after_s=RETRY_AFTER_S,
+        error="could not queue the check ({why}); retry later (a VM queued twice is checked once)",
+        detail=", ".join(str(vm) for vm in vms),
+    )
+
+
+async def _queue_checks(vms: list[VmId], env: Mapping[str, str] | None) -> Answer:
+    """403 naming each VM out of scope (nothing queued), else 202 with every VM queued."""
+    from shared.triggers import Runtime  # shared.triggers never imports this module
+
     correlation = f"check:{uuid.uuid4()}"
-    try:
-        async with asyncio.timeout(CHECK_DEADLINE_S), Runtime.open(env) as runtime:
-            settings = runtime.settings
-            lookup = await runtime.inventory() if settings.management_group else None
-            scope = Scope.from_settings(settings, lookup)
-            refused = [(vm, why) for vm in vms if (why := await scope.refusal(vm)) is not None]
-            if refused:
-                outside = [{"vmId": str(vm), "why": why} for vm, why in refused]
-                message = f"{len(refused)} of {len(vms)} VM(s) outside {scope.describe()}; nothing queued"
-                return 403, {"error": message, "outOfScope": outside}, {}
-            stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            items = [
-                WorkItem(Trigger.MANUAL, vm, correlation_id=correlation, source=SOURCE, first_seen=stamp)
-                for vm in vms
-            ]
-            queue = await runtime.queue()
-            await queue.send_many(items)
-    except (TransientError, QueueError, AzureError, TimeoutError) as error:
-        why = "timed out" if isinstance(error, TimeoutError) else str(error).splitlines()[0][:300]
-        log.warning("check not queued (%s): %s", why, ", ".join(str(vm) for vm in vms)[:2000])
-        unavailable = {
-            "error": f"could not queue the check ({why}); retry later (a VM queued twice is checked once)"
-        }
-        return 503, unavailable, {"Retry-After": str(RETRY_AFTER_S)}
+    async with Runtime.open(env) as runtime:
+        settings = runtime.settings
+        lookup = await runtime.inventory() if settings.management_group else None
+        scope = Scope.from_settings(settings, lookup)
+        refused = [(vm, why) for vm in vms if (why := await scope.refusal(vm)) is not None]
+        if refused:
+            outside = [{"vmId": str(vm), "why": why} for vm, why in refused]
+            message = f"{len(refused)} of {len(vms)} VM(s) outside {scope.describe()}; nothing queued"
+            return 403, {"error": message, "outOfScope": outside}, {}
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        items = [
+            WorkItem(Trigger.MANUAL, vm, correlation_id=correlation, source=SOURCE, first_seen=stamp)
+            for vm in vms
+        ]
+        queue = await runtime.queue()
+        await queue.send_many(items)
     log.info("check %s queued for %d VM(s)", correlation, len(vms))
     return 202, {"correlationId": correlation, "queued": [str(vm) for vm in vms]}, {}

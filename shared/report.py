@@ -92,7 +92,7 @@ def blocked_path(o: Outcome) -> bool:
 
 def path_groups(outcomes: Sequence[Outcome]) -> list[str]:
     """One entry per resource at fault with the VMs behind it: fixing it once repairs them all."""
-    groups: dict[tuple[str, str], tuple[list[str], Mapping[str, Any]]] = {}
+    groups: dict[tuple[str, str], tuple[list[str], Mapping[str, Any], dict[str, None]]] = {}
     for o in outcomes:
         if not blocked_path(o):
             continue
@@ -100,17 +100,21 @@ def path_groups(outcomes: Sequence[Outcome]) -> list[str]:
             if not isinstance(finding, Mapping):
                 continue
             key = (str(finding.get("cause")), str(finding.get("resource")).lower())
-            vms, _ = groups.setdefault(key, ([], finding))
+            vms, _, subnets = groups.setdefault(key, ([], finding, {}))
             vms.append(f"{_short(o.vm_id).rsplit('/', 1)[-1]} ({o.kind.value}: {o.reason})")
+            if finding.get("subnet"):
+                subnets[str(finding["subnet"]).rsplit("/", 1)[-1]] = None
     lines = []
-    for (cause, _), (vms, finding) in groups.items():
+    for (cause, _), (vms, finding, subnets) in groups.items():
         n = len(vms)
         who = f"{n} VM{'s' if n != 1 else ''}: {', '.join(vms)}"
         text = str(finding.get("text") or "")
-        lines.append(f"  KMS path, {cause} ({who}): {text[:1].upper()}{text[1:]}.")
+        # the text names the first VM's subnet; one resource (a route table, an NSG) can serve more
+        more = f" The same holds in subnets {', '.join(subnets)}." if len(subnets) > 1 else ""
+        lines.append(f"  KMS path, {cause} ({who}): {text[:1].upper()}{text[1:]}.{more}")
         fixes = [str(c) for c in finding.get("fix") or []]
         if fixes:
-            scope = f"all {n}" if n > 1 else "it"
+            scope = "both" if n == 2 else f"all {n}" if n > 2 else "it"
             lines.append(f"    Fix once for {scope} (not applied; run as a network admin):")
             lines.extend(f"      {command}" for command in fixes)
     return lines

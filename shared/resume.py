@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
 from shared.sweep import Checker
+from shared.unreadable import check_until_readable
+from shared.workflow import detect_first
 
 DEFAULT_ONLY = (OutcomeKind.FAILED, OutcomeKind.DEFERRED)
 
@@ -56,6 +59,7 @@ def vms_to_resume(path: str, only: Iterable[OutcomeKind]) -> list[VmId]:
     if not isinstance(vms, list):
         raise ResumeError(f"--from: {path} is not a result of avma-remediator (no 'vms' list)")
     chosen: list[VmId] = []
+    seen: set[VmId] = set()  # a list's `in` made a 10,000-VM result take minutes to read
     for index, row in enumerate(vms):
         where = f"--from: {path}: vms[{index}]"
         if not isinstance(row, dict) or not isinstance(row.get("id"), str):
@@ -70,7 +74,8 @@ def vms_to_resume(path: str, only: Iterable[OutcomeKind]) -> list[VmId]:
             vm_id = VmId.parse(row["id"])
         except InvalidVmId as error:
             raise ResumeError(f"{where}: {error}") from None
-        if vm_id not in chosen:
+        if vm_id not in seen:
+            seen.add(vm_id)
             chosen.append(vm_id)
     return chosen
 
@@ -91,7 +96,12 @@ async def run_each(
 
     async def work() -> None:
         while not queue.empty():
-            outcome = await checker.check(queue.get_nowait())
+            # An answer that said nothing about the VM is tried again, detecting first, as the sweep does.
+            vm_id = queue.get_nowait()
+            outcome = await check_until_readable(
+                partial(checker.check, vm_id),
+                retry=partial(checker.check, vm_id, before_run_command=detect_first),
+            )
             outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)

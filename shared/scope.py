@@ -10,6 +10,7 @@ worked on. The rule is the inventory's (``Inventory._scope``): a management grou
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,3 +76,34 @@ class Scope:
             hint=f"Not checked: {why}. This deployment acts only on {self.describe()}.",
             details={"scope": self.describe()},
         )
+
+
+class PerSubscription:
+    """A :class:`GroupLookup` that asks once per subscription within one run (the CLI's).
+
+    ``Inventory.in_scope`` answers for the VM's subscription alone (management groups hold
+    subscriptions), so its answer holds for every VM of that subscription: a sweep of a management
+    group asks Resource Graph once per subscription, not once per VM. Resource Graph allows a user
+    about 15 queries per 5 s window and advises against many small queries ("Guidance for throttled
+    requests in Azure Resource Graph",
+    learn.microsoft.com/azure/governance/resource-graph/concepts/guidance-for-throttled-requests):
+    a query per VM spends a large sweep's time on that quota, and fails VMs (``scope-unknown``)
+    once the inventory's own retries are spent. A lookup that fails is not remembered: the next VM
+    asks again. Concurrent first asks for one subscription share one query.
+    """
+
+    def __init__(self, inner: GroupLookup) -> None:
+        self._inner = inner
+        self._answers: dict[str, asyncio.Future[bool]] = {}
+
+    async def in_scope(self, vm_id: VmId) -> bool:
+        key = vm_id.subscription_id.lower()
+        pending = self._answers.get(key)
+        if pending is None or pending.cancelled():
+            pending = self._answers[key] = asyncio.ensure_future(self._inner.in_scope(vm_id))
+        try:
+            return await asyncio.shield(pending)
+        except Exception:
+            if self._answers.get(key) is pending:
+                del self._answers[key]
+            raise

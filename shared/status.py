@@ -26,12 +26,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.model import InvalidVmId, OutcomeKind, VmId, has_unprintable, parse_time
+from shared.retry_later import Answer, answer_or_retry_later
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
 MAX_SCANNED_PER_PAGE = 5000
 DEFAULT_RECENT = 20
 MAX_RECENT = 200
+# Table storage down, or not answering: 503 within this, never a 500 after the SDK's own retries.
+STATUS_DEADLINE_S = 10.0
+RETRY_AFTER_S = 30
 _RELATIVE = re.compile(r"(\d{1,6})([mhd])")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days"}
 _VM_NAME = re.compile(r"[-\w.]{1,64}")
@@ -331,3 +335,24 @@ async def status_page(
         continuation=encode_token(after, query.fingerprint()) if after else None,
     )
     return body
+
+
+async def status_answer(
+    params: Mapping[str, str], *, env: Mapping[str, str] | None = None, now: datetime | None = None
+) -> Answer:
+    """200 with :func:`status_page`, 400 naming each problem of the query, 503 with ``Retry-After``
+    when the ledger cannot be read within :data:`STATUS_DEADLINE_S`."""
+    try:
+        query = StatusQuery.from_params(params, now=now)
+    except StatusQueryError as error:
+        return 400, {"error": str(error)}, {}
+
+    async def page() -> Answer:
+        return 200, await status_page(query, env=env, now=now), {}
+
+    return await answer_or_retry_later(
+        page(),
+        deadline_s=STATUS_DEADLINE_S,
+        retry_after_s=RETRY_AFTER_S,
+        error="could not read the ledger ({why}); retry later",
+    )

@@ -11,6 +11,10 @@ covered (each subscription given, or ``managementGroups/<id>``, or ``tenant``), 
 before it are still worked on. A subscription given that Resource Graph does not see at all is
 reported on its own. :func:`sweep` lists per subscription through ARM (tests and the benchmark's
 sequential baseline).
+
+A Run Command answer that said nothing about the VM (``run-command-failed``, ``bad-output``) is
+tried again within the run, a bounded number of times (shared/unreadable.py): the CLI has no queue
+to come back later.
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final, Protocol
 
 from shared.azure.compute import ComputeError
 from shared.azure.inventory import InventoryError
 from shared.lanes import DEFAULT_CAPACITY, SubscriptionLanes
 from shared.model import Outcome, VmId
+from shared.unreadable import check_until_readable
 from shared.vm import VmFacts
+from shared.workflow import BeforeRunCommand, detect_first
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,13 @@ log = logging.getLogger(__name__)
 class Checker(Protocol):
     """``Remediator.check``, or the CLI's scope-checking wrapper around it."""
 
-    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Outcome: ...
+    async def check(
+        self,
+        vm_id: VmId,
+        *,
+        listed: VmFacts | None = None,
+        before_run_command: BeforeRunCommand | None = None,
+    ) -> Outcome: ...
 
 
 @dataclass
@@ -71,8 +84,11 @@ async def sweep(
     concurrency: int,
     on_outcome: Callable[[Outcome], None] | None = None,
     limit: Callable[[str], int] | None = None,
+    unreadable_backoff_s: float | None = None,
 ) -> SweepReport:
-    """Run the workflow on every VM of ``subscriptions``, listed per subscription through ARM."""
+    """Run the workflow on every VM of ``subscriptions``, listed per subscription through ARM; each
+    VM once, even if listed twice (an unreadable answer is retried after ``unreadable_backoff_s``,
+    by default ``shared.unreadable.CLI_BACKOFF_S``, then twice that)."""
 
     async def produce(put: Put, report: SweepReport) -> None:
         for sub in subscriptions:
@@ -83,7 +99,14 @@ async def sweep(
                 log.error("cannot list VMs of subscription %s: %s", sub, error)
                 report.listing_errors[sub] = f"{error.reason}: {error}"
 
-    return await _run(remediator, produce, concurrency=concurrency, on_outcome=on_outcome, limit=limit)
+    return await _run(
+        remediator,
+        produce,
+        concurrency=concurrency,
+        on_outcome=on_outcome,
+        limit=limit,
+        unreadable_backoff_s=unreadable_backoff_s,
+    )
 
 
 async def sweep_inventory(
@@ -93,11 +116,13 @@ async def sweep_inventory(
     concurrency: int,
     on_outcome: Callable[[Outcome], None] | None = None,
     limit: Callable[[str], int] | None = None,
+    unreadable_backoff_s: float | None = None,
 ) -> SweepReport:
     """Run the workflow on every VM of the inventory's scope, listed in one Resource Graph query.
 
     ``limit`` is how many VMs of a subscription may be worked on at once
-    (``ComputeGateway.pacer.concurrency``); None: no limit below ``concurrency``.
+    (``ComputeGateway.pacer.concurrency``); None: no limit below ``concurrency``. An unreadable
+    answer is retried as :func:`sweep` retries it.
     """
 
     async def produce(put: Put, report: SweepReport) -> None:
@@ -113,7 +138,14 @@ async def sweep_inventory(
             for key in scope:
                 report.listing_errors.setdefault(key, f"{error.reason}: {error}")
 
-    return await _run(remediator, produce, concurrency=concurrency, on_outcome=on_outcome, limit=limit)
+    return await _run(
+        remediator,
+        produce,
+        concurrency=concurrency,
+        on_outcome=on_outcome,
+        limit=limit,
+        unreadable_backoff_s=unreadable_backoff_s,
+    )
 
 
 async def _run(
@@ -123,6 +155,7 @@ async def _run(
     concurrency: int,
     on_outcome: Callable[[Outcome], None] | None,
     limit: Callable[[str], int] | None,
+    unreadable_backoff_s: float | None,
 ) -> SweepReport:
     report = SweepReport()
     lanes = SubscriptionLanes(capacity=max(DEFAULT_CAPACITY, 2 * concurrency), limit=limit)
@@ -143,7 +176,11 @@ async def _run(
     async def work() -> None:
         while (vm := await lanes.get()) is not None:
             try:
-                outcome = await remediator.check(vm.vm_id, listed=vm)
+                outcome = await check_until_readable(
+                    partial(remediator.check, vm.vm_id, listed=vm),
+                    retry=partial(remediator.check, vm.vm_id, listed=vm, before_run_command=detect_first),
+                    backoff_s=unreadable_backoff_s,
+                )
             finally:
                 await lanes.done(vm)
             report.outcomes.append(outcome)

@@ -10,7 +10,6 @@ Tests call these directly against the simulator and Azurite.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -20,7 +19,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import AzureError
 
 from shared.azure.compute import ComputeGateway
 from shared.azure.inventory import Inventory
@@ -39,11 +37,12 @@ from shared.intake import (
 from shared.lastresort import DrainQueue, drain, record_poison
 from shared.ledger import Ledger, TableMissing
 from shared.model import Outcome, Trigger, WorkItem
+from shared.retry_later import Answer, answer_or_retry_later
 from shared.scope import Scope
 from shared.settings import POISON_QUEUE, WORK_QUEUE, Settings
 from shared.worker import Worker
 from shared.workflow import Remediator
-from shared.workqueue import QueueError, QueueMissing, WorkQueue
+from shared.workqueue import QueueMissing, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -143,21 +142,23 @@ async def on_alert(
     except (ValueError, RecursionError) as error:  # JSONDecodeError and IntakeError are ValueErrors
         kind = "malformed alert" if isinstance(error, IntakeError) else "body is not JSON"
         return 400, {"error": f"{kind}: {str(error)[:500]}"}, {}
-    try:
-        async with asyncio.timeout(ALERT_QUEUE_DEADLINE_S), Runtime.open(env) as runtime:
+
+    async def queue_them() -> Answer:
+        async with Runtime.open(env) as runtime:
             accepted = await enqueue(runtime, result)
-    except (QueueError, AzureError, TimeoutError) as error:
-        why = "timed out" if isinstance(error, TimeoutError) else str(error).splitlines()[0][:300]
-        # Logged with its targets, so an alert the action group gives up on is still on record.
-        log.error(
-            "alert not queued (%s); answering 503, the action group retries: %s",
-            why,
-            json.dumps([i.to_dict() for i in result.items])[:4000],
-        )
-        unavailable = {"error": f"the work queue is unavailable ({why}); retry later"}
-        return 503, unavailable, {"Retry-After": str(ALERT_RETRY_AFTER_S)}
-    answer = {"accepted": accepted, "items": [i.to_dict() for i in result.items], "ignored": result.ignored}
-    return 202, answer, {}
+        items = [i.to_dict() for i in result.items]
+        return 202, {"accepted": accepted, "items": items, "ignored": result.ignored}, {}
+
+    # On a 503 the alert's targets are logged at error level, so an alert the action group gives
+    # up on is still on record.
+    return await answer_or_retry_later(
+        queue_them(),
+        deadline_s=ALERT_QUEUE_DEADLINE_S,
+        retry_after_s=ALERT_RETRY_AFTER_S,
+        error="alert not queued: the work queue is unavailable ({why}); retry later",
+        detail=json.dumps([i.to_dict() for i in result.items]),
+        level=logging.ERROR,
+    )
 
 
 async def log_scan(*, now: datetime | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:

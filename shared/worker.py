@@ -22,24 +22,32 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import uuid
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from shared.azure.transient import TransientError
 from shared.ledger import LeaseLost
-from shared.model import Outcome, OutcomeKind, Trigger, VmId, WorkItem
+from shared.model import MAX_ATTEMPT, Outcome, OutcomeKind, Trigger, VmId, WorkItem
 from shared.scope import Scope
 from shared.settings import Settings
 from shared.telemetry import log_outcome
-from shared.workflow import BeforeRunCommand, Recent
+from shared.unreadable import MAX_UNREADABLE_TRIES, give_up, is_unreadable
+from shared.workflow import BeforeRunCommand, Recent, detect_first
 
 log = logging.getLogger(__name__)
 
 MAX_DEFER_DELAY_S = 6 * 3600
+# No retry of a deferral waits longer than this share of DEFER_DEADLINE_HOURS. The delay doubles
+# per attempt (DEFER_DELAY_SECONDS x 2^attempt), which alone gives a logarithmic number of looks: 10
+# in 24 h with the defaults, the last ones 6 h apart (7 in the chaos run's 126 s), so that a VM whose
+# agent is Ready only now and then (or that another tool keeps busy) was given up on after a few
+# unlucky looks. Capped at 1/16 of the deadline (90 min by default), the window holds 20 (19).
+DEADLINE_SHARE = 16
 # Triggers whose item says "something may have changed on this VM": a fresh verdict answers them
 # unless their evidence is newer than it. The sweep already skips fresh VMs; manual means "check now".
 _EVIDENCE_TRIGGERS = frozenset({Trigger.VM_CREATED, Trigger.ALERT, Trigger.LOG_SCAN})
@@ -223,16 +231,21 @@ class Worker:
         details: dict[str, Any] = {"error": str(error)[:300]}
         if item.computer is not None:
             details["computer"] = item.computer
-        if now - first >= timedelta(seconds=self._settings.defer_deadline_s):
+        if self._deferred_long_enough(item):
             kind, reason = OutcomeKind.FAILED, f"deadline-exceeded:{error.reason}"
-            details["attempts"] = item.attempt + 1
+            details.update(attempts=item.attempt + 1, deferredS=item.deferred_s)
         else:
-            backoff = self._settings.defer_delay_s * (2 ** min(max(item.attempt, 0), 30))
-            delay = min(max(backoff, error.retry_after_s or 0.0), MAX_DEFER_DELAY_S)
-            retry = replace(item, attempt=item.attempt + 1, first_seen=first.isoformat())
+            wait = error.retry_after_s or 0.0
+            delay = min(max(self._retry_delay(item.attempt), wait), MAX_DEFER_DELAY_S)
+            retry = replace(
+                item,
+                attempt=_next(item),
+                first_seen=first.isoformat(),
+                deferred_s=_counted(item, delay),
+            )
             await self._queue.send(retry, delay_s=delay)
             kind, reason = OutcomeKind.DEFERRED, error.reason
-            details.update(retryInS=delay, nextAttempt=item.attempt + 1)
+            details.update(retryInS=delay, nextAttempt=_next(item))
         deferred = Outcome(item.target, kind, reason, details=details)
         log_outcome(
             deferred,
@@ -302,6 +315,11 @@ class Worker:
         """The hook the workflow awaits before each Run Command POST."""
 
         async def before(phase: str, details: Mapping[str, Any]) -> None:
+            if item.unreadable:
+                # An earlier answer for this item said nothing about the VM: that Run Command may
+                # have been a conditional re-key that installed the key. Detect first (nothing is
+                # POSTed for the re-key, so no intent for it), then decide on what the VM shows now.
+                await detect_first(phase, details)
             intent = {"phase": phase, "owner": self.owner, "correlationId": item.correlation_id}
             # LeaseLost here means another delivery may be running: abort without POSTing.
             await self._ledger.renew(lease, intent=intent if phase == "remediate" else None)
@@ -370,11 +388,22 @@ class Worker:
         return waiting
 
     async def _defer(self, item: WorkItem, vm_id: VmId, outcome: Outcome, now: datetime) -> Outcome:
-        """Re-enqueue with exponential delay until the deadline; then the deferral becomes a failure."""
+        """Re-enqueue with exponential delay until the deadline (the delays summed); then the
+        deferral becomes a failure.
+
+        A Run Command answer that said nothing about the VM (``run-command-failed``, ``bad-output``)
+        is retried the same way, and is terminal on the item's ``MAX_UNREADABLE_TRIES``-th
+        (shared/unreadable.py). The retry runs the whole workflow, detection first."""
         first = _parse_time(item.first_seen) or now
         hours = self._settings.defer_deadline_s / 3600
-        if now - first >= timedelta(seconds=self._settings.defer_deadline_s):
-            details = {**outcome.details, "deferredReason": outcome.reason, "attempts": item.attempt + 1}
+        unreadable = item.unreadable + 1 if is_unreadable(outcome) else item.unreadable
+        if self._deferred_long_enough(item):
+            details = {
+                **outcome.details,
+                "deferredReason": outcome.reason,
+                "attempts": item.attempt + 1,
+                "deferredS": item.deferred_s,
+            }
             return Outcome(
                 str(vm_id),
                 OutcomeKind.FAILED,
@@ -382,9 +411,19 @@ class Worker:
                 hint=f"Still '{outcome.reason}' after {hours:g} h of retries. {outcome.hint}",
                 details=details,
             )
-        delay = min(self._settings.defer_delay_s * (2**item.attempt), MAX_DEFER_DELAY_S)
+        if is_unreadable(outcome) and unreadable >= MAX_UNREADABLE_TRIES:
+            return give_up(outcome, unreadable)
+        # At least the wait ARM named (a 429's or 503's Retry-After): a retry sent sooner is refused
+        # again (request-limits-and-throttling.md), and costs the VM one of its looks.
+        delay = min(max(self._retry_delay(item.attempt), _named_wait(outcome)), MAX_DEFER_DELAY_S)
         retry = replace(
-            item, vm_id=vm_id, computer=None, attempt=item.attempt + 1, first_seen=first.isoformat()
+            item,
+            vm_id=vm_id,
+            computer=None,
+            attempt=_next(item),
+            first_seen=first.isoformat(),
+            unreadable=unreadable,
+            deferred_s=_counted(item, delay),
         )
         await self._queue.send(retry, delay_s=delay)
         return Outcome(
@@ -392,8 +431,46 @@ class Worker:
             outcome.kind,
             outcome.reason,
             outcome.hint,
-            {**outcome.details, "retryInS": delay, "nextAttempt": item.attempt + 1},
+            {**outcome.details, "retryInS": delay, "nextAttempt": _next(item)},
         )
+
+    def _deferred_long_enough(self, item: WorkItem) -> bool:
+        """Whether the item's retries have waited ``DEFER_DEADLINE_HOURS`` in all: the delays the
+        engine scheduled, summed (``deferredS``), not the time since the item appeared. Time spent
+        waiting for the engine itself (a queue backlog of thousands, a storage outage, a dead
+        worker's lease) would otherwise cost the item its retries: in the chaos runs healthy VMs
+        ended ``deadline-exceeded`` at their first deferral, or after a 1 s retry that came back 47 s
+        later behind the queue. Each retry comes back no sooner than its delay, so the item has been
+        deferred at least this long."""
+        return item.deferred_s >= self._settings.defer_deadline_s
+
+    def _retry_delay(self, attempt: int) -> float:
+        """DEFER_DELAY_SECONDS x 2^attempt, at most 1/DEADLINE_SHARE of the deadline (never less than
+        DEFER_DELAY_SECONDS) and MAX_DEFER_DELAY_S."""
+        base = self._settings.defer_delay_s
+        backoff = base * (2 ** min(max(attempt, 0), 30))
+        cap = max(self._settings.defer_deadline_s / DEADLINE_SHARE, base)
+        return float(min(backoff, cap, MAX_DEFER_DELAY_S))
+
+
+def _named_wait(outcome: Outcome) -> float:
+    """The ``retryAfterS`` the workflow put in a deferral's details (shared/workflow.py), else 0."""
+    wait = outcome.details.get("retryAfterS")
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not math.isfinite(wait):
+        return 0.0
+    return max(0.0, float(wait))
+
+
+def _next(item: WorkItem) -> int:
+    """The retry's attempt: one more, but never past ``MAX_ATTEMPT``, where every reader clamps it
+    (a retry sent with 1,001 was read back as 1,000, so its record never matched what was sent)."""
+    return min(item.attempt + 1, MAX_ATTEMPT)
+
+
+def _counted(item: WorkItem, delay_s: float) -> float:
+    """The item's deferral time with one more retry of ``delay_s`` (at least a second, so that a
+    DEFER_DELAY_SECONDS of 0 still reaches the deadline)."""
+    return round(item.deferred_s + max(delay_s, 1.0), 3)
 
 
 def _parse_time(text: str) -> datetime | None:

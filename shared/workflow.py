@@ -20,6 +20,7 @@ from shared.azure.compute import (
     ArmUnavailable,
     ComputeError,
     RunCommandBusy,
+    RunCommandOperationFailed,
     RunCommandTimeout,
     Throttled,
     VmNotFound,
@@ -45,7 +46,18 @@ from shared.vm import VmFacts
 
 log = logging.getLogger(__name__)
 
-_DEFERRING = (RunCommandBusy, Throttled, ArmUnavailable, ArmTimeout, RunCommandTimeout, AgentNotReady)
+# Transient ARM trouble: the work item is retried later. A Run Command whose operation ended Failed
+# in Azure is among them (it says nothing about the VM); output with no readable result line is too
+# (``_bad_output``). Both are bounded: shared/unreadable.py.
+_DEFERRING = (
+    RunCommandBusy,
+    Throttled,
+    ArmUnavailable,
+    ArmTimeout,
+    RunCommandTimeout,
+    AgentNotReady,
+    RunCommandOperationFailed,
+)
 
 # Called before each Run Command POST with the phase ("detect" or "remediate") and what is about to
 # be sent; it may raise (a lost lease, a ledger that cannot record the intent) and then nothing is POSTed.
@@ -61,6 +73,28 @@ _UNKNOWN_BEFORE = GuestResult(script="detect", os=None, license=None, kms_probe=
 class DetectFirst(Exception):
     """A before-Run-Command hook's answer to a conditional re-key: send no key yet, detect first and
     decide on that (``apply`` compares a fresh detection with its plan before any change)."""
+
+
+async def detect_first(phase: str, details: Mapping[str, Any]) -> None:
+    """A before-Run-Command hook that answers a conditional re-key with :class:`DetectFirst`.
+
+    For a check whose last Run Command answer said nothing about the VM (``run-command-failed``,
+    ``bad-output``; shared/unreadable.py): that command may have been the conditional re-key, which
+    may have installed the key, so its retry reads the VM's state with a detection before anything
+    else, and decides on that. Every other Run Command goes as usual."""
+    if phase == "remediate" and details.get("conditional"):
+        raise DetectFirst
+
+
+def detecting_first(hook: BeforeRunCommand | None) -> BeforeRunCommand:
+    """``hook`` (when there is one) behind :func:`detect_first`."""
+
+    async def before(phase: str, details: Mapping[str, Any]) -> None:
+        await detect_first(phase, details)
+        if hook is not None:
+            await hook(phase, details)
+
+    return before
 
 
 @dataclass(slots=True)
@@ -135,9 +169,12 @@ class Remediator:
                 vm_id, OutcomeKind.SKIPPED, "not-running", {"phase": step.name, "error": str(error)}
             )
         except _DEFERRING as error:
-            return self._outcome(
-                vm_id, OutcomeKind.DEFERRED, error.reason, {"phase": step.name, "error": str(error)}
-            )
+            details: dict[str, Any] = {"phase": step.name, "error": str(error)}
+            if error.code:
+                details["code"] = error.code
+            if error.retry_after_s is not None:
+                details["retryAfterS"] = error.retry_after_s  # the retry comes no sooner (worker)
+            return self._outcome(vm_id, OutcomeKind.DEFERRED, error.reason, details)
         except ComputeError as error:
             return self._outcome(
                 vm_id,
@@ -363,13 +400,16 @@ class Remediator:
         try:
             return parse_result(output, expected_script=script)
         except GuestOutputError as error:
-            return Outcome("", OutcomeKind.FAILED, "bad-output", details={"error": str(error)[:300]})
+            return Outcome("", OutcomeKind.DEFERRED, "bad-output", details={"error": str(error)[:300]})
 
     def _bad_output(self, vm_id: VmId, parsed: Outcome, stderr: str, *, phase: str = "detect") -> Outcome:
+        """Output with no readable result line (cut, garbled, not our script's) says nothing about the
+        VM: ``deferred: bad-output``, retried. After a remediation it is not known what the script
+        did, so the retry detects the VM's state before anything else (shared/unreadable.py)."""
         details = {**parsed.details, "phase": phase}
         if stderr:
             details["stderr"] = stderr[-300:]
-        return self._outcome(vm_id, OutcomeKind.FAILED, "bad-output", details)
+        return self._outcome(vm_id, OutcomeKind.DEFERRED, "bad-output", details)
 
     def _final(
         self,

@@ -21,10 +21,23 @@ An estate file may hold a ``network`` object (docs/simulator.md, "Networks") and
   in a private subnet without explicit outbound goes nowhere (the same article, "Limitations of
   private subnets").
 - NSGs: the NIC's and the subnet's outbound rules, lowest priority number first, the default rules
-  last (NetworkSecurityGroupGet.json); the first rule that matches TCP 1688 to the address decides.
+  last (NetworkSecurityGroupGet.json); the first rule that matches TCP 1688 to the address decides,
+  except that Azure's licensing platform rule keeps KMS traffic out of every deny that does not
+  name ``AzurePlatformLKM`` unless a route ``0.0.0.0/0`` replaces the system default route
+  (network-security-groups-overview.md, "Azure platform considerations"; :func:`licensing_platform_rule`).
 
 The KMS addresses here are Azure's side of the contract, kept apart from the engine's table
 (shared/kms_endpoints.py) on purpose: tests/test_kms_endpoints.py holds both to the same source.
+
+This module is the oracle of the engine's check (shared/network_path.py): the two are written
+apart on purpose, each from the public sources (docs/simulator.md, "Networks"), and the tests hold
+them to each other; neither imports the other. What the issue 11 review left open, and both now
+model the same way: only the NIC's primary IP configuration carries the guest's traffic (a public IP
+or a backend pool on a secondary one gives it no outbound); a load balancer gives outbound only to
+the backend pool an outbound rule, or a load-balancing rule with outbound SNAT, names; an NSG rule
+applies only when its source holds the primary private IP; the service tags the KMS addresses fall
+in (``Internet``, ``AzurePlatformLKM``, ``VirtualNetwork`` when a route prefix holds them, and, a
+guess, ``AzureCloud``) match; two rules of one NSG never share a priority and direction.
 """
 
 from __future__ import annotations
@@ -115,12 +128,41 @@ class NatGatewaySpec:
 
 
 @dataclass(frozen=True, slots=True)
+class LbRule:
+    """A load-balancing rule: its backend pool and whether it gives that pool outbound SNAT."""
+
+    name: str
+    pool: str
+    disable_outbound_snat: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class LoadBalancerSpec:
     id: str
     location: str
     sku: str
     public: bool
-    outbound_rules: bool = False
+    outbound_pools: tuple[str, ...] = ()  # the backend pools an outbound rule names
+    pools: tuple[str, ...] = ("be",)
+    rules: tuple[LbRule, ...] = ()
+    raw_outbound: object = field(default=False, compare=False)
+
+    @property
+    def outbound_rules(self) -> bool:
+        return bool(self.outbound_pools)
+
+    def pool_id(self, pool: str) -> str:
+        return f"{self.id}/backendAddressPools/{pool}"
+
+    def gives_outbound(self, pool: str) -> bool:
+        """Whether this load balancer SNATs the outbound flows of ``pool``'s members: an outbound
+        rule naming the pool (public Standard), or a load-balancing rule on the public frontend with
+        outbound SNAT (load-balancer-outbound-connections.md)."""
+        if not self.public:
+            return False
+        if pool in self.outbound_pools:
+            return True
+        return any(r.pool == pool and not r.disable_outbound_snat for r in self.rules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +174,7 @@ class SecurityRule:
     protocol: str
     destination: tuple[str, ...]
     ports: tuple[str, ...]
+    source: tuple[str, ...] = ("*",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,14 +185,34 @@ class NsgSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class IpConfigSpec:
+    """A secondary IP configuration of a NIC (``ipconfig2``, ...): same subnet, its own private IP,
+    optionally its own public IP and backend pools."""
+
+    private_ip: str
+    public_ip: bool = False
+    load_balancers: tuple[str, ...] = ()  # load balancer ids (first pool) or backend pool ids
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"privateIp": self.private_ip}
+        if self.public_ip:
+            out["publicIp"] = True
+        if self.load_balancers:
+            out["loadBalancers"] = list(self.load_balancers)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class NicSpec:
-    """A VM's network interface: its subnet, private IP, and what else it has."""
+    """A VM's network interface: its subnet, the primary IP configuration's private IP (and public
+    IP and backend pools), secondary IP configurations, and its NSG."""
 
     subnet: str
     private_ip: str
     public_ip: bool = False
-    load_balancers: tuple[str, ...] = ()
+    load_balancers: tuple[str, ...] = ()  # load balancer ids (first pool) or backend pool ids
     nsg: str | None = None
+    secondary: tuple[IpConfigSpec, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"subnet": self.subnet, "privateIp": self.private_ip}
@@ -159,7 +222,14 @@ class NicSpec:
             out["loadBalancers"] = list(self.load_balancers)
         if self.nsg:
             out["networkSecurityGroup"] = self.nsg
+        if self.secondary:
+            out["secondaryIpConfigurations"] = [c.to_dict() for c in self.secondary]
         return out
+
+    def configs(self) -> list[tuple[str, IpConfigSpec]]:
+        """Every IP configuration by name, the primary (``ipconfig1``) first."""
+        primary = IpConfigSpec(self.private_ip, self.public_ip, self.load_balancers)
+        return [("ipconfig1", primary)] + [(f"ipconfig{i + 2}", c) for i, c in enumerate(self.secondary)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,21 +288,8 @@ def parse_network(raw: object, path: str = "$.network") -> NetworkSpec:
         )
     lbs: dict[str, LoadBalancerSpec] = {}
     for i, item in enumerate(_array(obj.get("loadBalancers", []), f"{path}.loadBalancers")):
-        where = f"{path}.loadBalancers[{i}]"
-        o = _object(item, where)
-        _keys(o, where, ("id", "location", "sku", "public", "outboundRules"), required=("id", "public"))
-        lb = LoadBalancerSpec(
-            id=_id(o["id"], f"{where}.id", "loadBalancers"),
-            location=_location(o.get("location", "westeurope"), f"{where}.location"),
-            sku=_choice(o.get("sku", "Standard"), f"{where}.sku", LB_SKUS),
-            public=_bool(o["public"], f"{where}.public"),
-            outbound_rules=_bool(o.get("outboundRules", False), f"{where}.outboundRules"),
-        )
-        if lb.outbound_rules and not (lb.public and lb.sku == "Standard"):
-            raise EstateError(
-                f"{where}.outboundRules", "only a public Standard load balancer has outbound rules"
-            )
-        _unique(lbs, lb.id, f"{where}.id")
+        lb = _load_balancer(item, f"{path}.loadBalancers[{i}]")
+        _unique(lbs, lb.id, f"{path}.loadBalancers[{i}].id")
         lbs[lb.id.lower()] = lb
     nsgs: dict[str, NsgSpec] = {}
     for i, item in enumerate(_array(obj.get("networkSecurityGroups", []), f"{path}.networkSecurityGroups")):
@@ -255,7 +312,14 @@ def parse_nic(raw: object, path: str, network: NetworkSpec | None) -> NicSpec:
     _keys(
         obj,
         path,
-        ("subnet", "privateIp", "publicIp", "loadBalancers", "networkSecurityGroup"),
+        (
+            "subnet",
+            "privateIp",
+            "publicIp",
+            "loadBalancers",
+            "networkSecurityGroup",
+            "secondaryIpConfigurations",
+        ),
         required=("subnet", "privateIp"),
     )
     if network is None:
@@ -264,6 +328,39 @@ def parse_nic(raw: object, path: str, network: NetworkSpec | None) -> NicSpec:
     subnet = network.subnets.get(subnet_id.lower())
     if subnet is None:
         raise EstateError(f"{path}.subnet", f"no subnet {subnet_id[:200]!r} in $.network.virtualNetworks")
+    primary = _ip_config(obj, path, subnet, network)
+    secondary: list[IpConfigSpec] = []
+    seen = {primary.private_ip}
+    for i, item in enumerate(
+        _array(obj.get("secondaryIpConfigurations", []), f"{path}.secondaryIpConfigurations")
+    ):
+        where = f"{path}.secondaryIpConfigurations[{i}]"
+        config_obj = _object(item, where)
+        _keys(config_obj, where, ("privateIp", "publicIp", "loadBalancers"), required=("privateIp",))
+        config = _ip_config(config_obj, where, subnet, network)
+        if config.private_ip in seen:
+            raise EstateError(f"{where}.privateIp", f"{config.private_ip} is already on this NIC")
+        seen.add(config.private_ip)
+        secondary.append(config)
+    nsg: str | None = None
+    if obj.get("networkSecurityGroup") is not None:
+        nsg_id = _string(obj["networkSecurityGroup"], f"{path}.networkSecurityGroup")
+        if nsg_id.lower() not in network.nsgs:
+            raise EstateError(
+                f"{path}.networkSecurityGroup", f"no NSG {nsg_id[:200]!r} in $.network.networkSecurityGroups"
+            )
+        nsg = network.nsgs[nsg_id.lower()].id
+    return NicSpec(
+        subnet=subnet.id,
+        private_ip=primary.private_ip,
+        public_ip=primary.public_ip,
+        load_balancers=primary.load_balancers,
+        nsg=nsg,
+        secondary=tuple(secondary),
+    )
+
+
+def _ip_config(obj: Mapping[str, Any], path: str, subnet: SubnetSpec, network: NetworkSpec) -> IpConfigSpec:
     private_ip = _string(obj["privateIp"], f"{path}.privateIp")
     try:
         inside = ipaddress.ip_address(private_ip) in ipaddress.ip_network(subnet.address_prefix)
@@ -275,27 +372,15 @@ def parse_nic(raw: object, path: str, network: NetworkSpec | None) -> NicSpec:
         )
     lbs: list[str] = []
     for i, lb in enumerate(_array(obj.get("loadBalancers", []), f"{path}.loadBalancers")):
-        lb_id = _string(lb, f"{path}.loadBalancers[{i}]")
-        if lb_id.lower() not in network.load_balancers:
+        ref = _string(lb, f"{path}.loadBalancers[{i}]")
+        found = pool_of(ref, network)
+        if found is None:
             raise EstateError(
-                f"{path}.loadBalancers[{i}]", f"no load balancer {lb_id[:200]!r} in $.network.loadBalancers"
+                f"{path}.loadBalancers[{i}]",
+                f"no load balancer or backend pool {ref[:200]!r} in $.network.loadBalancers",
             )
-        lbs.append(network.load_balancers[lb_id.lower()].id)
-    nsg: str | None = None
-    if obj.get("networkSecurityGroup") is not None:
-        nsg_id = _string(obj["networkSecurityGroup"], f"{path}.networkSecurityGroup")
-        if nsg_id.lower() not in network.nsgs:
-            raise EstateError(
-                f"{path}.networkSecurityGroup", f"no NSG {nsg_id[:200]!r} in $.network.networkSecurityGroups"
-            )
-        nsg = network.nsgs[nsg_id.lower()].id
-    return NicSpec(
-        subnet=subnet.id,
-        private_ip=private_ip,
-        public_ip=_bool(obj.get("publicIp", False), f"{path}.publicIp"),
-        load_balancers=tuple(lbs),
-        nsg=nsg,
-    )
+        lbs.append(found[0].id if "/backendaddresspools/" not in ref.lower() else found[0].pool_id(found[1]))
+    return IpConfigSpec(private_ip, _bool(obj.get("publicIp", False), f"{path}.publicIp"), tuple(lbs))
 
 
 def _vnet(
@@ -409,6 +494,87 @@ def _route_table(raw: object, path: str) -> RouteTableSpec:
     )
 
 
+def _load_balancer(raw: object, path: str) -> LoadBalancerSpec:
+    o = _object(raw, path)
+    _keys(
+        o,
+        path,
+        ("id", "location", "sku", "public", "outboundRules", "backendPools", "loadBalancingRules"),
+        required=("id", "public"),
+    )
+    pools: list[str] = []
+    for i, name in enumerate(_array(o.get("backendPools", ["be"]), f"{path}.backendPools")):
+        text = _string(name, f"{path}.backendPools[{i}]")
+        if not _NAME.match(text) or text.lower() in (p.lower() for p in pools):
+            raise EstateError(f"{path}.backendPools[{i}]", f"not a pool name, or a duplicate: {text[:80]!r}")
+        pools.append(text)
+    if not pools:
+        raise EstateError(f"{path}.backendPools", "a load balancer needs at least one backend pool")
+
+    def pool(value: object, where: str) -> str:
+        text = _string(value, where)
+        found = next((p for p in pools if p.lower() == text.lower()), None)
+        if found is None:
+            raise EstateError(where, f"no backend pool {text[:80]!r} in backendPools")
+        return found
+
+    public = _bool(o["public"], f"{path}.public")
+    sku = _choice(o.get("sku", "Standard"), f"{path}.sku", LB_SKUS)
+    raw_outbound = o.get("outboundRules", False)
+    if isinstance(raw_outbound, list):
+        outbound = tuple(
+            pool(p, f"{path}.outboundRules[{i}]")
+            for i, p in enumerate(_array(raw_outbound, f"{path}.outboundRules"))
+        )
+    else:
+        outbound = (pools[0],) if _bool(raw_outbound, f"{path}.outboundRules") else ()
+    if outbound and not (public and sku == "Standard"):
+        raise EstateError(f"{path}.outboundRules", "only a public Standard load balancer has outbound rules")
+    rules: list[LbRule] = []
+    for i, item in enumerate(_array(o.get("loadBalancingRules", []), f"{path}.loadBalancingRules")):
+        where = f"{path}.loadBalancingRules[{i}]"
+        r = _object(item, where)
+        _keys(r, where, ("name", "backendPool", "disableOutboundSnat"), required=("name",))
+        name = _string(r["name"], f"{where}.name")
+        if not _NAME.match(name) or any(x.name.lower() == name.lower() for x in rules):
+            raise EstateError(f"{where}.name", f"not a rule name, or a duplicate: {name[:80]!r}")
+        rules.append(
+            LbRule(
+                name,
+                pool(r.get("backendPool", pools[0]), f"{where}.backendPool"),
+                _bool(r.get("disableOutboundSnat", False), f"{where}.disableOutboundSnat"),
+            )
+        )
+    return LoadBalancerSpec(
+        id=_id(o["id"], f"{path}.id", "loadBalancers"),
+        location=_location(o.get("location", "westeurope"), f"{path}.location"),
+        sku=sku,
+        public=public,
+        outbound_pools=outbound,
+        pools=tuple(pools),
+        rules=tuple(rules),
+        raw_outbound=raw_outbound,
+    )
+
+
+def pool_of(ref: str, network: NetworkSpec) -> tuple[LoadBalancerSpec, str] | None:
+    """The load balancer and backend pool a NIC's ``loadBalancers`` entry names: a load balancer id
+    (its first pool) or a backend pool id ``{load balancer id}/backendAddressPools/{name}``."""
+    low = ref.lower()
+    at = low.find(_POOLS)
+    lb = network.load_balancers.get(low if at < 0 else low[:at])
+    if lb is None:
+        return None
+    if at < 0:
+        return lb, lb.pools[0]
+    name = low[at + len(_POOLS) :]
+    found = next((p for p in lb.pools if p.lower() == name), None)
+    return (lb, found) if found is not None else None
+
+
+_POOLS: Final = "/backendaddresspools/"
+
+
 def _nsg(raw: object, path: str) -> NsgSpec:
     obj = _object(raw, path)
     _keys(obj, path, ("id", "location", "rules"), required=("id", "rules"))
@@ -427,12 +593,19 @@ def _nsg(raw: object, path: str) -> NsgSpec:
                 "protocol",
                 "destinationAddressPrefix",
                 "destinationPortRange",
+                "sourceAddressPrefix",
             ),
             required=("name", "priority", "direction", "access", "destinationAddressPrefix"),
         )
         priority = o["priority"]
         if isinstance(priority, bool) or not isinstance(priority, int) or not 100 <= priority <= 4096:
             raise EstateError(f"{where}.priority", "expected a whole number from 100 to 4096")
+        # "You can't create two security rules with the same priority and direction."
+        # (network-security-groups-overview.md, "Security rules")
+        if any(r.priority == priority and r.direction == o.get("direction") for r in rules):
+            raise EstateError(
+                f"{where}.priority", f"another {o.get('direction')} rule of this NSG has priority {priority}"
+            )
         rules.append(
             SecurityRule(
                 name=_string(o["name"], f"{where}.name"),
@@ -442,6 +615,7 @@ def _nsg(raw: object, path: str) -> NsgSpec:
                 protocol=_choice(o.get("protocol", "*"), f"{where}.protocol", ("*", "Tcp", "Udp", "Icmp")),
                 destination=(_string(o["destinationAddressPrefix"], f"{where}.destinationAddressPrefix"),),
                 ports=(_string(o.get("destinationPortRange", "*"), f"{where}.destinationPortRange"),),
+                source=(_string(o.get("sourceAddressPrefix", "*"), f"{where}.sourceAddressPrefix"),),
             )
         )
     return NsgSpec(
@@ -496,43 +670,114 @@ def next_hop(routes: Sequence[EffectiveRoute], address: str) -> EffectiveRoute |
 
 
 def outbound(nic: NicSpec, network: NetworkSpec) -> str | None:
-    """How the NIC reaches public endpoints, or None when it has no way."""
+    """How the NIC's primary IP configuration (the one the guest's traffic leaves from) reaches
+    public endpoints, or None when it has no way.
+
+    A public IP serves the flows of its own IP configuration only ("Azure uses the public IP
+    assigned to the IP configuration of the instance's NIC for all outbound flows"; "Secondary IP
+    configurations of a network interface don't provide outbound communication (unless a public IP
+    is associated to it) via a load balancer": load-balancer-outbound-connections.md), and a Standard
+    public IP on any of the VM's NICs turns off default outbound access (default-outbound-access.md,
+    "Add an explicit outbound method"): a public IP on a secondary configuration alone leaves the
+    primary with nothing."""
     subnet = network.subnets[nic.subnet.lower()]
     if subnet.nat_gateway:
         return "nat-gateway"
     if nic.public_ip:
         return "public-ip"
-    lbs = [network.load_balancers[lb.lower()] for lb in nic.load_balancers]
-    if any(lb.public and (lb.sku == "Basic" or lb.outbound_rules) for lb in lbs):
-        return "load-balancer"
-    if any(lb.sku == "Standard" for lb in lbs):
+    for ref in nic.load_balancers:
+        found = pool_of(ref, network)
+        if found is not None and found[0].gives_outbound(found[1]):
+            return "load-balancer"
+    if any(c.public_ip for c in nic.secondary):
+        return None  # a Standard public IP on the NIC: no default outbound access for the VM
+    members = [pool_of(ref, network) for _, c in nic.configs() for ref in c.load_balancers]
+    if any(found is not None and found[0].sku == "Standard" for found in members):
         return None  # a Standard pool member gets no default outbound access
     if subnet.default_outbound_access is False:
         return None
     return "default-outbound-access"
 
 
+def licensing_platform_rule(nic: NicSpec, network: NetworkSpec) -> bool:
+    """Whether Azure's licensing platform rule holds for this NIC: activation traffic (TCP 1688 to
+    the KMS) "isn't subject to the configured network security groups unless targeted by" the
+    ``AzurePlatformLKM`` service tag, and "For deployments using default route 0.0.0.0/0
+    configuration, this platform rule is disabled" (MicrosoftDocs/azure-docs
+    articles/virtual-network/network-security-groups-overview.md, "Azure platform considerations";
+    the link goes to virtual-networks-udr-overview.md, "0.0.0.0/0 address prefix", where the system
+    route is overridden by a user-defined or a BGP route). So it holds unless the subnet's effective
+    routes have an active ``0.0.0.0/0`` that is not the system route. A GUESS: that a user route
+    ``0.0.0.0/0`` of any next hop (``Internet`` too) turns it off; the sources do not say."""
+    return not any(
+        r.state == "Active" and r.source != "Default" and ipaddress.ip_network(r.prefix).prefixlen == 0
+        for r in effective_routes(nic, network)
+    )
+
+
 def nsg_verdict(nic: NicSpec, network: NetworkSpec, address: str) -> str | None:
-    """The NSG rule that denies TCP 1688 to ``address`` (``nsg/rule``), or None when allowed."""
+    """The NSG rule that denies TCP 1688 to ``address`` (``nsg/rule``), or None when allowed.
+
+    While the licensing platform rule holds, only a ``Deny`` naming ``AzurePlatformLKM`` touches
+    the KMS traffic: other denies (``Internet``, ``*``, the KMS address itself) are passed over, and
+    the first rule left decides. GUESSES: that an allow before such a deny still wins (the
+    ordinary priority order), and that a deny of the KMS address by prefix is passed over too (the
+    article names service tags only)."""
     subnet = network.subnets[nic.subnet.lower()]
+    vnet_space = virtual_network_tag(nic, network)
+    platform = licensing_platform_rule(nic, network)
     for nsg_id in (nic.nsg, subnet.nsg):
         if not nsg_id:
             continue
         nsg = network.nsgs[nsg_id.lower()]
         for rule in (*sorted(nsg.rules, key=lambda r: r.priority), *DEFAULT_OUTBOUND):
-            if rule.direction == "Outbound" and rule_matches(rule, address, KMS_PORT):
-                if rule.access == "Deny":
-                    return f"{_name(nsg.id)}/{rule.name}"
-                break
+            if rule.direction != "Outbound" or not rule_matches(
+                rule, nic.private_ip, address, KMS_PORT, vnet_space
+            ):
+                continue
+            if rule.access == "Deny" and platform and not _names_lkm(rule):
+                continue  # the platform rule keeps activation traffic out of this rule
+            if rule.access == "Deny":
+                return f"{_name(nsg.id)}/{rule.name}"
+            break
     return None
 
 
-def rule_matches(rule: SecurityRule, address: str, port: int) -> bool:
+def _names_lkm(rule: SecurityRule) -> bool:
+    return any(spec.lower() == "azureplatformlkm" for spec in rule.destination)
+
+
+def virtual_network_tag(nic: NicSpec, network: NetworkSpec) -> tuple[str, ...]:
+    """The prefixes the ``VirtualNetwork`` service tag holds for this NIC: "The virtual network
+    address space ..., all connected on-premises address spaces, ... and address prefixes used on
+    user-defined routes. This tag might also contain default routes." (service-tags-overview.md):
+    the network's prefixes, the gateway's BGP prefixes and the subnet's user route prefixes (so a
+    ``/32`` route for a KMS address puts it in the tag)."""
+    subnet = network.subnets[nic.subnet.lower()]
+    vnet = network.vnets[subnet.vnet_id.lower()]
+    table = network.route_tables.get((subnet.route_table or "").lower())
+    user = tuple(r.address_prefix for r in table.routes) if table else ()
+    # The BGP prefixes as the effective routes show them: not where propagation is off.
+    bgp = vnet.gateway_routes if table is None or not table.disable_bgp_route_propagation else ()
+    return (*vnet.address_prefixes, *bgp, *user)
+
+
+# Service tags that hold a KMS address: AzurePlatformLKM is "Windows licensing or key management
+# service" (service-tags-overview.md); AzureCloud ("All datacenter public IP addresses") is a GUESS:
+# no public source lists the KMS addresses in it, but they are Azure's own public addresses.
+_KMS_TAGS: Final = frozenset({"azureplatformlkm", "azurecloud"})
+
+
+def rule_matches(
+    rule: SecurityRule, source_ip: str, address: str, port: int, vnet_space: Sequence[str] = ()
+) -> bool:
     if rule.protocol not in ("*", "Tcp"):
         return False
     if not any(_port_in(spec, port) for spec in rule.ports):
         return False
-    return any(_address_in(spec, address) for spec in rule.destination)
+    if not any(_address_in(spec, source_ip, vnet_space) for spec in rule.source):
+        return False  # the rule is for other sources than this VM's primary private IP
+    return any(_address_in(spec, address, vnet_space) for spec in rule.destination)
 
 
 def _port_in(spec: str, port: int) -> bool:
@@ -545,18 +790,30 @@ def _port_in(spec: str, port: int) -> bool:
         return False
 
 
-def _address_in(spec: str, address: str) -> bool:
-    """``*``, ``Internet`` (every public address) or a prefix; other service tags never match here."""
-    if spec in ("*", "Internet"):
-        return spec == "*" or ipaddress.ip_address(address).is_global
+def _address_in(spec: str, address: str, vnet_space: Sequence[str] = ()) -> bool:
+    """``*``, a prefix, or a service tag: ``Internet`` (every public address), ``VirtualNetwork``
+    (``vnet_space``), the tags that hold the KMS (``_KMS_TAGS``, for a KMS address only); every
+    other tag (``Storage``, ``AzureCloud.westeurope``, ...) never holds a KMS address or a VM here."""
+    ip = ipaddress.ip_address(address)
+    if spec == "*":
+        return True
+    tag = spec.lower()
+    if tag == "internet":
+        return ip.is_global
+    if tag == "virtualnetwork":
+        return any(ip in ipaddress.ip_network(p) for p in vnet_space)
+    if tag in _KMS_TAGS:
+        return any(address in kms for kms in KMS_ADDRESSES.values())
     try:
-        return ipaddress.ip_address(address) in ipaddress.ip_network(spec, strict=False)
+        return ip in ipaddress.ip_network(spec, strict=False)
     except ValueError:
         return False
 
 
 DEFAULT_OUTBOUND: Final = (
-    SecurityRule("AllowVnetOutBound", 65000, "Outbound", "Allow", "*", ("VirtualNetwork",), ("*",)),
+    SecurityRule(
+        "AllowVnetOutBound", 65000, "Outbound", "Allow", "*", ("VirtualNetwork",), ("*",), ("VirtualNetwork",)
+    ),
     SecurityRule("AllowInternetOutBound", 65001, "Outbound", "Allow", "*", ("Internet",), ("*",)),
     SecurityRule("DenyAllOutBound", 65500, "Outbound", "Deny", "*", ("*",), ("*",)),
 )

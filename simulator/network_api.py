@@ -29,6 +29,7 @@ from simulator.network import (
     SubnetSpec,
     effective_routes,
     nic_id,
+    pool_of,
     public_ip_id,
 )
 
@@ -110,12 +111,13 @@ class NetworkApi:
         self._lock = threading.Lock()
         self._operations: dict[str, _Operation] = {}
         self._nics: dict[str, tuple[VmSpec, NicSpec]] = {}
-        self._pips: dict[str, VmSpec] = {}
+        self._pips: dict[str, tuple[VmSpec, str]] = {}  # public IP id → (VM, IP configuration)
         for vm in estate.vms:
             if vm.nic is not None:
                 self._nics[nic_id(vm.id).lower()] = (vm, vm.nic)
-                if vm.nic.public_ip:
-                    self._pips[public_ip_id(vm.id).lower()] = vm
+                for config, spec in vm.nic.configs():
+                    if spec.public_ip:
+                        self._pips[_pip_id(vm.id, config).lower()] = (vm, config)
 
     @staticmethod
     def handles(path: str) -> bool:
@@ -235,8 +237,8 @@ class NetworkApi:
             found = self._nics.get(key)
             return self._nic_json(*found) if found else None
         if kind == "publicIPAddresses":
-            vm = self._pips.get(key)
-            return self._pip_json(vm) if vm else None
+            found_pip = self._pips.get(key)
+            return self._pip_json(*found_pip) if found_pip else None
         net = self.network
         if net is None:
             return None
@@ -321,9 +323,10 @@ class NetworkApi:
         if subnet.nsg:
             props["networkSecurityGroup"] = {"id": subnet.nsg}
         props["ipConfigurations"] = [
-            {"id": f"{nic_id(vm.id)}/ipConfigurations/ipconfig1"}
+            {"id": f"{nic_id(vm.id)}/ipConfigurations/{config}"}
             for vm, nic in self._nics.values()
             if nic.subnet.lower() == subnet.id.lower()
+            for config, _ in nic.configs()
         ]
         return {
             "id": subnet.id,
@@ -334,25 +337,28 @@ class NetworkApi:
 
     def _nic_json(self, vm: VmSpec, nic: NicSpec) -> dict[str, Any]:
         the_id = nic_id(vm.id)
-        config: dict[str, Any] = {
-            "provisioningState": "Succeeded",
-            "privateIPAddress": nic.private_ip,
-            "privateIPAllocationMethod": "Dynamic",
-            "subnet": {"id": nic.subnet},
-            "primary": True,
-            "privateIPAddressVersion": "IPv4",
-        }
-        if nic.public_ip:
-            config["publicIPAddress"] = {"id": public_ip_id(vm.id)}
-        if nic.load_balancers:
-            config["loadBalancerBackendAddressPools"] = [
-                {"id": f"{lb}/backendAddressPools/be"} for lb in nic.load_balancers
-            ]
+        assert self.network is not None
+        configs: list[dict[str, Any]] = []
+        for name, spec in nic.configs():
+            config: dict[str, Any] = {
+                "provisioningState": "Succeeded",
+                "privateIPAddress": spec.private_ip,
+                "privateIPAllocationMethod": "Dynamic" if name == "ipconfig1" else "Static",
+                "subnet": {"id": nic.subnet},
+                "primary": name == "ipconfig1",
+                "privateIPAddressVersion": "IPv4",
+            }
+            if spec.public_ip:
+                config["publicIPAddress"] = {"id": _pip_id(vm.id, name)}
+            pools = [pool_of(ref, self.network) for ref in spec.load_balancers]
+            if pools:
+                config["loadBalancerBackendAddressPools"] = [
+                    {"id": lb.pool_id(pool)} for lb, pool in (p for p in pools if p is not None)
+                ]
+            configs.append({"name": name, "id": f"{the_id}/ipConfigurations/{name}", "properties": config})
         props: dict[str, Any] = {
             "provisioningState": "Succeeded",
-            "ipConfigurations": [
-                {"name": "ipconfig1", "id": f"{the_id}/ipConfigurations/ipconfig1", "properties": config}
-            ],
+            "ipConfigurations": configs,
             "dnsSettings": {"dnsServers": [], "appliedDnsServers": []},
             "macAddress": _mac(the_id),
             "enableAcceleratedNetworking": True,
@@ -370,8 +376,8 @@ class NetworkApi:
             "type": "Microsoft.Network/networkInterfaces",
         }
 
-    def _pip_json(self, vm: VmSpec) -> dict[str, Any]:
-        the_id = public_ip_id(vm.id)
+    def _pip_json(self, vm: VmSpec, config: str) -> dict[str, Any]:
+        the_id = _pip_id(vm.id, config)
         # An address of TEST-NET-2 (RFC 5737), stable per VM: the simulator's, never a real one.
         address = str(
             ipaddress.ip_address("198.51.100.0")
@@ -390,51 +396,97 @@ class NetworkApi:
                 "publicIPAllocationMethod": "Static",
                 "idleTimeoutInMinutes": 4,
                 "ipAddress": address,
-                "ipConfiguration": {"id": f"{nic_id(vm.id)}/ipConfigurations/ipconfig1"},
+                "ipConfiguration": {"id": f"{nic_id(vm.id)}/ipConfigurations/{config}"},
             },
         }
 
     def _lb_json(self, key: str) -> dict[str, Any]:
+        """LoadBalancerGet.json / LoadBalancerCreate.json / LoadBalancerCreateWithOutboundRules.json:
+        one frontend, the backend pools with the IP configurations in each, one outbound rule per
+        pool that has one, the load-balancing rules (``backendAddressPool``, ``disableOutboundSnat``)."""
         assert self.network is not None
         lb = self.network.load_balancers[key]
-        members = [
-            (vm, nic) for vm, nic in self._nics.values() if any(x.lower() == key for x in nic.load_balancers)
-        ]
+        members: dict[str, list[str]] = {pool: [] for pool in lb.pools}  # pool → IP configuration ids
+        first_subnet: str | None = None
+        for vm, nic in self._nics.values():
+            for config, spec in nic.configs():
+                for ref in spec.load_balancers:
+                    found = pool_of(ref, self.network)
+                    if found is not None and found[0] is lb:
+                        members[found[1]].append(f"{nic_id(vm.id)}/ipConfigurations/{config}")
+                        first_subnet = first_subnet or nic.subnet
         frontend: dict[str, Any] = {"provisioningState": "Succeeded", "privateIPAllocationMethod": "Dynamic"}
         if lb.public:
             frontend["publicIPAddress"] = {"id": _sibling(lb.id, "publicIPAddresses", f"{_name(lb.id)}-pip")}
-        elif members:
+        elif first_subnet is not None:
             # An internal frontend sits in a subnet; the simulator puts it in its first member's.
-            subnet = self.network.subnets[members[0][1].subnet.lower()]
+            subnet = self.network.subnets[first_subnet.lower()]
             hosts = ipaddress.ip_network(subnet.address_prefix).num_addresses
             frontend["privateIPAddress"] = str(ipaddress.ip_network(subnet.address_prefix)[max(hosts - 2, 0)])
             frontend["subnet"] = {"id": subnet.id}
         frontend["privateIPAddressVersion"] = "IPv4"
-        fe_id, pool_id = f"{lb.id}/frontendIPConfigurations/fe", f"{lb.id}/backendAddressPools/be"
-        pool: dict[str, Any] = {
-            "provisioningState": "Succeeded",
-            "backendIPConfigurations": [
-                {"id": f"{nic_id(vm.id)}/ipConfigurations/ipconfig1"} for vm, _ in members
-            ],
-        }
+        fe_id = f"{lb.id}/frontendIPConfigurations/fe"
+        pools: list[dict[str, Any]] = []
         outbound_rules: list[dict[str, Any]] = []
-        if lb.outbound_rules:
-            rule_id = f"{lb.id}/outboundRules/outbound"
-            frontend["outboundRules"] = [{"id": rule_id}]
-            pool["outboundRules"] = [{"id": rule_id}]
-            outbound_rules.append(
+        rules: list[dict[str, Any]] = []
+        for pool in lb.pools:
+            props: dict[str, Any] = {
+                "provisioningState": "Succeeded",
+                "backendIPConfigurations": [{"id": c} for c in members[pool]],
+            }
+            if pool in lb.outbound_pools:
+                # The first pool's rule keeps the name it had when an estate had one pool.
+                rule_name = "outbound" if pool == lb.pools[0] else f"outbound-{pool}"
+                rule_id = f"{lb.id}/outboundRules/{rule_name}"
+                frontend.setdefault("outboundRules", []).append({"id": rule_id})
+                props["outboundRules"] = [{"id": rule_id}]
+                outbound_rules.append(
+                    {
+                        "name": rule_name,
+                        "id": rule_id,
+                        "type": "Microsoft.Network/loadBalancers/outboundRules",
+                        "properties": {
+                            "provisioningState": "Succeeded",
+                            "allocatedOutboundPorts": 1024,
+                            "protocol": "All",
+                            "enableTcpReset": False,
+                            "idleTimeoutInMinutes": 4,
+                            "backendAddressPool": {"id": lb.pool_id(pool)},
+                            "frontendIPConfigurations": [{"id": fe_id}],
+                        },
+                    }
+                )
+            rule_refs = [{"id": f"{lb.id}/loadBalancingRules/{r.name}"} for r in lb.rules if r.pool == pool]
+            if rule_refs:
+                props["loadBalancingRules"] = rule_refs
+            pools.append(
                 {
-                    "name": "outbound",
+                    "name": pool,
+                    "id": lb.pool_id(pool),
+                    "type": "Microsoft.Network/loadBalancers/backendAddressPools",
+                    "properties": props,
+                }
+            )
+        for rule in lb.rules:
+            rule_id = f"{lb.id}/loadBalancingRules/{rule.name}"
+            frontend.setdefault("loadBalancingRules", []).append({"id": rule_id})
+            rules.append(
+                {
+                    "name": rule.name,
                     "id": rule_id,
-                    "type": "Microsoft.Network/loadBalancers/outboundRules",
+                    "type": "Microsoft.Network/loadBalancers/loadBalancingRules",
                     "properties": {
                         "provisioningState": "Succeeded",
-                        "allocatedOutboundPorts": 1024,
-                        "protocol": "All",
-                        "enableTcpReset": False,
+                        "frontendIPConfiguration": {"id": fe_id},
+                        "frontendPort": 80,
+                        "backendPort": 80,
+                        "enableFloatingIP": False,
                         "idleTimeoutInMinutes": 4,
-                        "backendAddressPool": {"id": pool_id},
-                        "frontendIPConfigurations": [{"id": fe_id}],
+                        "protocol": "Tcp",
+                        "enableTcpReset": False,
+                        "loadDistribution": "Default",
+                        "backendAddressPool": {"id": lb.pool_id(rule.pool)},
+                        "disableOutboundSnat": rule.disable_outbound_snat,
                     },
                 }
             )
@@ -447,8 +499,8 @@ class NetworkApi:
             "properties": {
                 "provisioningState": "Succeeded",
                 "frontendIPConfigurations": [{"name": "fe", "id": fe_id, "properties": frontend}],
-                "backendAddressPools": [{"name": "be", "id": pool_id, "properties": pool}],
-                "loadBalancingRules": [],
+                "backendAddressPools": pools,
+                "loadBalancingRules": rules,
                 "probes": [],
                 "inboundNatRules": [],
                 "outboundRules": outbound_rules,
@@ -471,7 +523,7 @@ class NetworkApi:
                     "protocol": r.protocol,
                     "sourcePortRange": "*",
                     "destinationPortRange": r.ports[0],
-                    "sourceAddressPrefix": "*",
+                    "sourceAddressPrefix": r.source[0],
                     "destinationAddressPrefix": r.destination[0],
                     "access": r.access,
                     "priority": r.priority,
@@ -510,6 +562,13 @@ class NetworkApi:
                 "defaultSecurityRules": defaults,
             },
         }
+
+
+def _pip_id(vm_id: str, config: str) -> str:
+    """The public IP of one IP configuration: ``{vm}-pip`` for the primary (as before), else
+    ``{vm}-{config}-pip``."""
+    primary = public_ip_id(vm_id)
+    return primary if config == "ipconfig1" else f"{primary[: -len('-pip')]}-{config}-pip"
 
 
 def _not_found(what: str, rg: str) -> ArmResponse:

@@ -312,8 +312,16 @@ class Simulator:
             target=lambda: asyncio.run(self._main(ready)), name="avma-simulator", daemon=True
         )
         thread.start()
-        ready.result(timeout=60)
         self._thread = thread
+        try:
+            ready.result(timeout=60)
+        except BaseException:
+            # A Ctrl-C or SIGTERM while waiting must not leave the servers running, nor their CA on
+            # disk: let the start finish (or fail), then stop it; a second signal does not cut that short.
+            with contextlib.suppress(BaseException):
+                ready.result(timeout=60)
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -340,7 +348,11 @@ class Simulator:
             await self.server.stop()
 
     def __enter__(self) -> Simulator:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -43,3 +43,20 @@ def azurite() -> Iterator[Any]:
         pytest.fail(f"cannot start Azurite: {error}", pytrace=False)
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def restartable_azurite(azurite: Any) -> Iterator[Any]:
+    """A second Azurite for the tests that restart it (a storage loss): restarting the session's
+    one would wipe other tests' queues and tables. Shared by those tests, which each start from a
+    restart or from names of their own, so that it is started once, not once per test."""
+    from tests.azurite import AzuriteError, start_azurite
+
+    if not azurite.owned:
+        pytest.skip("Azurite is external (AZURITE_CONNECTION_STRING); no private one is started")
+    try:
+        server = start_azurite()
+    except AzuriteError as error:
+        pytest.fail(f"cannot start Azurite: {error}", pytrace=False)
+    yield server
+    server.close()

@@ -8,8 +8,8 @@ rather than being half-understood):
 - tabular operators ``where``, ``extend``, ``project``, ``summarize ... [by ...]``, ``order by``,
   ``render`` (recorded, not drawn);
 - scalar functions ``tostring``, ``tolower``, ``toint``, ``todouble``, ``todatetime``, ``bin``,
-  ``datetime_diff("second", a, b)``; aggregations ``count()``, ``dcount``, ``min``, ``max``,
-  ``percentile``, ``arg_max(col, *)``;
+  ``datetime_diff("second", a, b)``; aggregations ``count()``, ``countif(predicate)``, ``dcount``,
+  ``min``, ``max``, ``percentile``, ``arg_max(col, *)``;
 - operators ``==`` ``!=`` (case-sensitive), ``startswith`` (case-insensitive, as KQL's),
   ``in (...)``, ``< <= > >=``, ``and``, ``or``, ``+ - * /``; dynamic property access
   ``customDimensions.name``, which :attr:`Query.dimensions` records.
@@ -35,7 +35,7 @@ _TOKEN = re.compile(
     r"|(?P<op>==|!=|<=|>=|[<>()+\-*/,.=|])|(?P<name>[A-Za-z_][A-Za-z0-9_]*))"
 )
 _SPANS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-_AGGREGATES = {"count", "dcount", "min", "max", "percentile", "arg_max"}
+_AGGREGATES = {"count", "countif", "dcount", "min", "max", "percentile", "arg_max"}
 
 
 class Unsupported(ValueError):
@@ -324,6 +324,8 @@ def _aggregate(expr: Expr, rows: list[Row]) -> Any:
     name = expr.value
     if name == "count":
         return len(rows)
+    if name == "countif":  # the rows for which the predicate is true (null counts as false)
+        return sum(1 for r in rows if evaluate(expr.args[0], r) is True)
     values = [evaluate(expr.args[0], r) for r in rows]
     present = [v for v in values if v is not None and v != ""]
     if name == "dcount":

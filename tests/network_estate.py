@@ -83,11 +83,14 @@ NETWORK: dict[str, Any] = {
             "id": NSG,
             "rules": [
                 {
-                    "name": "deny-internet",
+                    # A deny of Internet or * would not block activation here: Azure's licensing
+                    # platform rule exempts it unless it names AzurePlatformLKM or a route 0.0.0.0/0
+                    # replaces the system one (network-security-groups-overview.md).
+                    "name": "deny-licensing",
                     "priority": 4000,
                     "direction": "Outbound",
                     "access": "Deny",
-                    "destinationAddressPrefix": "Internet",
+                    "destinationAddressPrefix": "AzurePlatformLKM",
                 }
             ],
         }

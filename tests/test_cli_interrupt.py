@@ -213,3 +213,41 @@ async def test_the_wait_for_vms_in_flight_is_bounded() -> None:
     assert slow.started == 2  # the other four were never started
     assert sorted(o.vm_id for o in cut) == sorted(str(v) for v in vm_ids[:2])
     assert {(o.kind, o.reason) for o in cut} == {(OutcomeKind.DEFERRED, "interrupted")}
+
+
+SIGTERM_AT_START = """
+import os, signal, sys, time
+import simulator
+from shared.cli import main
+
+start = simulator.Simulator.start
+
+def start_then_terminated(self):
+    sim = start(self)
+    os.kill(os.getpid(), signal.SIGTERM)  # as an orchestrator would, before the run's own handlers
+    time.sleep(2)  # not reached when SIGTERM unwinds
+    return sim
+
+simulator.Simulator.start = start_then_terminated
+sys.exit(main(["sweep", "--simulate", "--sim-latency", "0.01"]))
+"""
+
+
+def test_sigterm_before_the_run_handles_signals_unwinds_and_leaves_no_simulator_files(tmp_path: Path) -> None:
+    """A SIGTERM while the simulator starts (before the loop's handlers exist) is exit 130, said in
+    one line, and the simulator's temporary directory (its CA, its key) is removed; on the code
+    before, the process died of the signal (-15) and left the directory behind."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AT_START],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "avma-remediator: interrupted"
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("avma-sim-*"))

@@ -168,3 +168,16 @@ def test_options_that_contradict_each_other_exit_2(
 ) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
+def test_csv_never_hands_a_spreadsheet_a_formula_from_the_guest(start: str) -> None:
+    """The caption is what the guest reported: whoever controls the VM chooses it (OWASP CSV
+    Injection); a cell starting as a formula is kept as text with a leading quote."""
+    caption = f'{start}HYPERLINK("http://evil.example/","Windows")'
+    outcome = Outcome(_id("vm-x"), OutcomeKind.HEALTHY, "kms-client-licensed", details={"caption": caption})
+    rows = list(csv.reader(io.StringIO(render(RunResult("audit", [outcome]), "csv"), newline="")))
+    assert rows[1][3] == f"'{caption}"
+    assert rows[1][:3] == [_id("vm-x"), "healthy", "kms-client-licensed"]  # the rest is as it was
+    # tsv stays as az writes it (values raw, a tab or line break made a space): for scripts, not spreadsheets
+    assert render(RunResult("audit", [outcome]), "tsv").split("\t")[3].startswith(start.strip() or " ")

@@ -17,7 +17,7 @@ from shared.clouds import CLOUDS
 from shared.ledger import LeaseLost, Ledger, LedgerError, target_key
 from shared.model import Outcome, OutcomeKind, VmId
 from shared.settings import Settings
-from tests.azurite import connection_string, start_azurite
+from tests.azurite import connection_string
 
 SUB = "00000000-0000-0000-0000-0000000000aa"
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -432,28 +432,23 @@ def test_no_storage_configured_is_a_clear_error() -> None:
         Ledger.from_settings(Settings(cloud=CLOUDS["AzureCloud"]))
 
 
-async def test_the_ledger_recovers_after_azurite_restarts(azurite: Any) -> None:
+async def test_the_ledger_recovers_after_azurite_restarts(restartable_azurite: Any) -> None:
     """Stale pooled connections after a storage outage must not wedge a long-lived worker.
 
     Uses a private Azurite: restarting the session's one would wipe other tests' queues and tables.
     """
-    if not azurite.owned:
-        pytest.skip("Azurite is external (AZURITE_CONNECTION_STRING); no private one is started")
-    private = start_azurite()
-    try:
-        settings = Settings(
-            cloud=CLOUDS["AzureCloud"], storage_connection=private.connection_string, ledger_table="tchaos"
-        )
-        async with Ledger.from_settings(settings) as ledger:
-            await ledger.create_table_if_needed()
-            assert await ledger.acquire(vm("vm1"), owner="w", now=T0) is not None
-            private.restart()  # in memory: the table is gone too
-            with pytest.raises(LedgerError, match="does not exist"):
-                await ledger.acquire(vm("vm1"), owner="w", now=T0)
-            await ledger.create_table_if_needed()
-            assert await ledger.acquire(vm("vm1"), owner="w", now=T0) is not None
-    finally:
-        private.close()
+    private = restartable_azurite
+    settings = Settings(
+        cloud=CLOUDS["AzureCloud"], storage_connection=private.connection_string, ledger_table="tchaos"
+    )
+    async with Ledger.from_settings(settings) as ledger:
+        await ledger.create_table_if_needed()
+        assert await ledger.acquire(vm("vm1"), owner="w", now=T0) is not None
+        private.restart()  # in memory: the table is gone too
+        with pytest.raises(LedgerError, match="does not exist"):
+            await ledger.acquire(vm("vm1"), owner="w", now=T0)
+        await ledger.create_table_if_needed()
+        assert await ledger.acquire(vm("vm1"), owner="w", now=T0) is not None
 
 
 async def test_a_verdict_keeps_the_os_disk_it_was_reached_on_and_an_interrupted_intent_is_seen(

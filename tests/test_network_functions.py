@@ -5,46 +5,22 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import azure.functions as func
 import pytest
-from azure.storage.queue.aio import QueueClient
 
-from shared.settings import POISON_QUEUE, WORK_QUEUE
 from simulator import Estate, Simulator
 from tests.network_estate import RT_HUB, network_estate, vm_id
-from tests.test_function_app import drain, event_grid_event, history, user
+from tests.test_function_app import app_env, drain, event_grid_event, history, user
+
+__all__ = ["app_env"]  # the app's settings over this module's simulator (its own ``sim``)
 
 
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
     with Simulator(Estate.from_dict(network_estate()), latency_s=0.02) as running:
         yield running
-
-
-@pytest.fixture
-async def app_env(sim: Simulator, azurite: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    env = {
-        **sim.env(),
-        "AzureWebJobsStorage": azurite.connection_string,
-        "REMEDIATION_MODE": "enforce",
-        "LEDGER_TABLE": "ledger" + uuid.uuid4().hex[:12],
-        "DEFER_DELAY_SECONDS": "1",
-        "LOG_SCAN_SCHEDULE": "0 */15 * * * *",
-        "SWEEP_SCHEDULE": "0 0 */6 * * *",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    for name in (WORK_QUEUE, POISON_QUEUE):
-        async with QueueClient.from_connection_string(azurite.connection_string, name) as queue:
-            try:
-                await queue.create_queue()
-            except Exception:  # already there from an earlier test: empty it
-                await queue.clear_messages()
-    return env
 
 
 async def test_the_worker_records_the_cause_and_the_resource_at_fault(

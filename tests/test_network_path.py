@@ -102,7 +102,8 @@ def one(verdict: PathVerdict) -> Any:
             "vm-nsg",
             NSG_DENY,
             NSG,
-            "rule deny-internet (priority 4000) denies TCP 1688 to 20.118.99.224 and 40.83.235.53",
+            "rule deny-licensing (priority 4000) denies TCP 1688 to 20.118.99.224 and 40.83.235.53 "
+            "(a deny of the service tag AzurePlatformLKM",
         ),
     ],
 )
@@ -240,7 +241,7 @@ def test_the_audit_shows_the_blocked_path_and_what_to_do_once_per_resource(
         "vm-nva-2 (would-remediate: avma-kms-unreachable))"
     ) in table
     assert table.count("--route-table-name rt-hub --name azure-kms-20-118-99-224") == 1
-    assert "Fix once for all 2 (not applied; run as a network admin):" in table
+    assert "Fix once for both (not applied; run as a network admin):" in table
     assert (
         "KMS path, internal-load-balancer-only (1 VM: vm-ilb (would-remediate: avma-kms-unreachable))"
         in table
@@ -374,3 +375,31 @@ def test_a_network_estate_round_trips_through_its_file_form() -> None:
     assert [vm.guest.network_reachable for vm in again.vms] == [
         vm.guest.network_reachable for vm in estate.vms
     ]  # type: ignore[union-attr]
+
+
+def test_one_route_table_on_two_subnets_is_one_entry_naming_both_subnets() -> None:
+    """A route table (or NSG) serving several subnets is fixed once; its entry says every subnet,
+    not only the first VM's (the docs-only estate's writer saw the gap)."""
+    from shared.model import Outcome, OutcomeKind
+    from shared.report import path_groups
+
+    table = "/subscriptions/s/resourceGroups/net/providers/Microsoft.Network/routeTables/rt-hub"
+
+    def blocked(vm: str, subnet: str) -> Outcome:
+        finding = {
+            "cause": "route-to-appliance",
+            "resource": table,
+            "subnet": f"/subscriptions/s/resourceGroups/net/providers/Microsoft.Network/virtualNetworks/v/subnets/{subnet}",
+            "text": f"route 0.0.0.0/0 -> VirtualAppliance 10.0.0.4 in route table rt-hub (subnet {subnet})",
+            "fix": ["az network route-table route create --route-table-name rt-hub --name k"],
+        }
+        path = {"state": "blocked", "findings": [finding]}
+        vm_id = f"/subscriptions/s/resourceGroups/app/providers/Microsoft.Compute/virtualMachines/{vm}"
+        return Outcome(vm_id, OutcomeKind.WOULD_REMEDIATE, "avma-kms-unreachable", details={"kmsPath": path})
+
+    lines = path_groups([blocked("a1", "app"), blocked("w1", "web"), blocked("a2", "app")])
+    assert len([line for line in lines if line.startswith("  KMS path")]) == 1
+    assert "(3 VMs: a1 (would-remediate: avma-kms-unreachable), w1 " in lines[0]
+    assert lines[0].endswith("The same holds in subnets app, web.")
+    assert lines[1] == "    Fix once for all 3 (not applied; run as a network admin):"
+    assert path_groups([blocked("a1", "app")])[0].endswith("(subnet app).")

@@ -9,7 +9,7 @@ puts text of its own into a guest script.
   buried in noise, or replaced by junk), ends in one outcome and remediates only a VM that the
   decision table allows, with a complete, valid body; when only detection ran, the outcome is
   exactly the table's for the true guest state (worked out from the guest's own fields), or
-  bad-output for a mangled result line;
+  ``deferred: bad-output`` (retried, never a verdict) for a mangled result line;
 - the guest parser gives the same facts or a clear error for cut and garbled output;
 - the queue worker records any message body it cannot read (never raises, never drops it).
 
@@ -426,8 +426,12 @@ def test_any_detection_output_gives_one_outcome_and_only_an_allowed_complete_rem
 
     event(f"{detect[0]} detection output: {outcome.kind.value}")
     assert isinstance(outcome, Outcome) and outcome.kind in OutcomeKind
-    if outcome.kind is OutcomeKind.DEFERRED:
-        # The one deferral a guest can cause (nothing else here is transient): a Licensed AVMA VM
+    if outcome.kind is OutcomeKind.DEFERRED and outcome.reason == "bad-output":
+        # Output with no readable result line says nothing about the VM: retried (the retry detects
+        # first), never a verdict, and it names the script whose answer it was.
+        assert outcome.details["phase"] == ("detect", "remediate")[len(compute.bodies) - 1], outcome
+    elif outcome.kind is OutcomeKind.DEFERRED:
+        # The other deferral a guest can cause (nothing else here is transient): a Licensed AVMA VM
         # whose KMS is unreachable is never re-keyed, so it waits with nothing changed.
         assert outcome.reason == "kms-unreachable", outcome
         assert truth.channel == "AVMA" and truth.license_status == 1 and not truth.kms_reachable
@@ -439,15 +443,16 @@ def test_any_detection_output_gives_one_outcome_and_only_an_allowed_complete_rem
         assert guest.licensing() == truth.licensing()  # nothing changed
         # Only detection ran: the outcome is the table's for the true state, judged independently.
         # Output whose result line reached the engine whole must give exactly that; a mangled line
-        # gives bad-output, or (a garbled text field only) leaves the VM alone for want of a fact.
+        # is deferred as bad-output (retried), or (a garbled text field only) leaves the VM alone for
+        # want of a fact.
         got = (outcome.kind.value, outcome.reason)
         whole = line in (raw.rstrip("\r") for raw in compute.outputs[0].split("\n"))
         if whole:
             assert got == expected, f"{got} for {truth}, the table gives {expected}"
         elif detect[0] == "garble":
-            assert got in {expected, ("failed", "bad-output"), *SPOILED_TEXT}, (got, expected, truth)
+            assert got in {expected, ("deferred", "bad-output"), *SPOILED_TEXT}, (got, expected, truth)
         else:
-            assert got == ("failed", "bad-output"), (got, expected, truth)
+            assert got == ("deferred", "bad-output"), (got, expected, truth)
         return
     assert expected[0] == "remediate", f"a remediation ran where the table gives {expected}: {truth}"
     assert enforce, "audit mode ran a remediation"

@@ -119,7 +119,8 @@ def test_nsg_protocol_and_access_are_read_without_regard_to_case() -> None:
                         "priority": 200,
                         "access": "deny",
                         "protocol": "tcp",
-                        "destinationAddressPrefix": "*",
+                        # the platform rule keeps activation out of denies not naming this tag
+                        "destinationAddressPrefix": "AzurePlatformLKM",
                         "destinationPortRange": "1000-2000",
                     },
                 }
@@ -149,7 +150,7 @@ def _deny(priority: int, **match: Any) -> dict[str, Any]:
             "priority": priority,
             "access": "Deny",
             "protocol": "Tcp",
-            "destinationAddressPrefix": "Internet",
+            "destinationAddressPrefix": "AzurePlatformLKM",  # the one tag that reaches activation
             **match,
         },
     }

@@ -281,6 +281,7 @@ def test_queue_depth_and_worker_errors() -> None:
         ("oldest-message", 0.0),
         ("poison-queue-stuck", None),
         ("probe-missing", 3),
+        ("probe-failing", 0),  # the recording's one probe run read every queue
     ],
 )
 def test_each_alert_query_ends_in_the_number_its_rule_compares(key: str, value: float | None) -> None:

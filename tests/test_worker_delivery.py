@@ -36,6 +36,7 @@ from tests.test_function_app import (
     app_env,
     drain,
     history,
+    licensed,
     queue_client,
     remediations,
     run_kinds,
@@ -424,3 +425,206 @@ async def test_a_vm_write_after_a_fresh_verdict_runs_in_full_only_after_an_os_di
         # the fresh verdict answers it: the VM is read, no Run Command holds its slot
         assert await newest(app_env, "web-01") == "skipped:recently-verified"
         assert scripts(sim, "web-01") == ["rekey-if"]
+
+
+# --- issue 9, item 7: a Run Command answer that says nothing about the VM is not terminal ----------
+
+
+def fresh_item(name: str, correlation: str, **extra: Any) -> str:
+    now = datetime.now(UTC).isoformat()
+    return json.dumps(
+        {"reason": "vm-created", "vmId": vm_id(name), "correlationId": correlation, "firstSeen": now, **extra}
+    )
+
+
+async def test_an_unreadable_remediation_answer_is_deferred_and_the_retry_detects_before_anything_else(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The remediation POST was accepted and ran, but its output has no readable result line: what
+    it did is unknown. Deferred (not failed), re-enqueued with the count of unreadable answers; the
+    retry detects the VM's new state and records it, and never sends the remediation again."""
+    real_run = ComputeGateway.run_command
+
+    async def cut_remediation(self: ComputeGateway, vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        out, err = await real_run(self, vm, body)
+        return (out[:40], err) if is_remediation(body) else (out, err)
+
+    monkeypatch.setattr(ComputeGateway, "run_command", cut_remediation)
+    [outcome] = await triggers.work(fresh_item("web-01", "cut-1"))
+    assert (outcome.kind.value, outcome.reason, outcome.details["phase"]) == (
+        "deferred",
+        "bad-output",
+        "remediate",
+    )
+    assert outcome.details["error"] and outcome.details["nextAttempt"] == 1
+    rows = await history(app_env, vm_id("web-01"))
+    assert [(r["entry"], r["outcome"], r["reason"]) for r in rows] == [
+        ("outcome", "deferred", "bad-output"),
+        ("intent", "intent", "remediate:avma-channel"),
+    ]
+    stored = await verdict(app_env, "web-01")
+    assert stored is not None and (stored.outcome.value, stored.reason) == ("deferred", "bad-output")
+    [retry] = await wait_for_retry(app_env)
+    assert (retry["correlationId"], retry["attempt"], retry["unreadable"]) == ("cut-1", 1, 1)
+    await drain(app_env)
+    # the first Run Command was the conditional re-key (issue 12), whose answer was cut: what it did
+    # is unknown, so the retry detects first and never sends a key again
+    assert scripts(sim, "web-01") == ["rekey-if", "detect"]
+    stored = await verdict(app_env, "web-01")
+    assert stored is not None and (stored.outcome.value, stored.reason) == ("healthy", "kms-client-licensed")
+    assert licensed(sim, "web-01")
+
+
+@pytest.mark.parametrize("reason", ["run-command-failed", "bad-output"])
+async def test_an_unreadable_answer_is_retried_and_terminal_only_on_the_items_fourth(
+    reason: str, app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.azure.compute import RunCommandOperationFailed
+    from shared.unreadable import MAX_UNREADABLE_TRIES
+    from shared.workqueue import WorkQueue
+
+    assert MAX_UNREADABLE_TRIES == 4
+    commands: list[str] = []
+
+    async def unreadable(self: ComputeGateway, vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        commands.append(str(vm))
+        if reason == "run-command-failed":
+            raise RunCommandOperationFailed(
+                "An internal execution error occurred.", code="InternalExecutionError", status=200
+            )
+        return 'AVMA-REMEDIATOR-RESULT {"schema":2,"scr', ""
+
+    sent: list[tuple[dict[str, Any], float]] = []
+    real_send = WorkQueue.send
+
+    async def send(self: WorkQueue, item: Any, *, delay_s: float = 0.0) -> None:
+        sent.append((item.to_dict(), delay_s))
+        await real_send(self, item, delay_s=delay_s)
+
+    monkeypatch.setattr(ComputeGateway, "run_command", unreadable)
+    monkeypatch.setattr(WorkQueue, "send", send)
+    # The third unreadable answer of an item: deferred again, the count carried by the retry.
+    [third] = await triggers.work(fresh_item("app-02", "u-3", attempt=2, unreadable=2))
+    assert (third.kind.value, third.reason) == ("deferred", reason)
+    [(retry, delay)] = sent
+    assert (retry["attempt"], retry["unreadable"], delay) == (3, 3, 4.0)
+    # The fourth: terminal, with the same reason, the number of tries and what to look at.
+    [fourth] = await triggers.work(json.dumps(retry))
+    assert (fourth.kind.value, fourth.reason, fourth.details["tries"]) == ("failed", reason, 4)
+    assert "4 tries" in fourth.hint and len(sent) == 1  # nothing re-enqueued
+    stored = await verdict(app_env, "app-02")
+    assert stored is not None and (stored.outcome.value, stored.reason) == ("failed", reason)
+    assert len(commands) == 2  # one detection each; nothing after an unreadable answer
+
+
+# --- the deferral deadline counts retrying, not waiting; the retries cover the whole window ------
+
+
+async def test_an_item_that_waited_out_the_deadline_in_a_backlog_still_gets_its_retries(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An item produced two days ago (a queue backlog, a storage outage) meets a busy VM on its
+    first try: deferred, never failed at once. DEFER_DEADLINE_HOURS counts the retry delays the
+    engine scheduled (``deferredS``), not the time the item or its retries waited in the queue."""
+    from shared.workqueue import WorkQueue
+
+    sent: list[tuple[dict[str, Any], float]] = []
+    real_send = WorkQueue.send
+
+    async def send(self: WorkQueue, item: Any, *, delay_s: float = 0.0) -> None:
+        sent.append((item.to_dict(), delay_s))
+        await real_send(self, item, delay_s=delay_s)
+
+    monkeypatch.setattr(WorkQueue, "send", send)
+    old = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    [first] = await triggers.work(fresh_item("busy-04", "backlog-1", firstSeen=old))
+    assert (first.kind.value, first.reason) == ("deferred", "run-command-busy"), first
+    [(retry, delay)] = sent
+    assert retry["firstSeen"] == old  # when it appeared is kept; the deadline counts the delays
+    assert (retry["attempt"], retry["deferredS"], delay) == (1, 1.0, 1.0)
+    # A retry that came back long after its delay (a backlog) has still been deferred only that long.
+    [second] = await triggers.work(json.dumps(retry))
+    assert (second.kind.value, second.reason) == ("deferred", "run-command-busy")
+    assert sent[-1][0]["deferredS"] == 3.0  # 1 s + 2 s
+    # Deferred for the deadline (24 h of delays): now it ends, saying how long.
+    retry["deferredS"] = 24 * 3600.0
+    [last] = await triggers.work(json.dumps(retry))
+    assert (last.kind.value, last.reason) == ("failed", "deadline-exceeded:run-command-busy")
+    assert last.details["deferredS"] == 24 * 3600.0 and len(sent) == 2
+
+
+async def test_no_retry_waits_longer_than_a_sixteenth_of_the_deadline(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doubling delay alone leaves the deadline's window with few looks, the last ones far
+    apart; capped at 1/16 of DEFER_DEADLINE_HOURS, a late retry comes back within that share."""
+    from shared.workqueue import WorkQueue
+
+    monkeypatch.setenv("DEFER_DEADLINE_HOURS", "1")
+    delays: list[float] = []
+    real_send = WorkQueue.send
+
+    async def send(self: WorkQueue, item: Any, *, delay_s: float = 0.0) -> None:
+        delays.append(delay_s)
+        await real_send(self, item, delay_s=delay_s)
+
+    monkeypatch.setattr(WorkQueue, "send", send)
+    for attempt in (0, 3, 10):  # 1 s x 2^attempt: 1, 8, 1024 s
+        [outcome] = await triggers.work(fresh_item("busy-04", f"late-{attempt}", attempt=attempt))
+        assert (outcome.kind.value, outcome.reason) == ("deferred", "run-command-busy")
+    assert delays == [1.0, 8.0, 3600 / 16]
+
+
+async def test_a_retry_of_an_item_at_the_attempt_cap_is_sent_with_the_attempt_it_is_read_back_with(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An item at ``MAX_ATTEMPT`` (a forged or clamped one) is deferred and retried, since the
+    deadline counts scheduled delays: its retry carries ``MAX_ATTEMPT`` again, not one more, which
+    every reader would clamp (the chaos run's producer-side audit found the retry of a clamped
+    ``attempt`` never answered under the attempt it was sent with)."""
+    from shared.model import MAX_ATTEMPT
+    from shared.workqueue import WorkQueue
+
+    sent: list[dict[str, Any]] = []
+    real_send = WorkQueue.send
+
+    async def send(self: WorkQueue, item: Any, *, delay_s: float = 0.0) -> None:
+        sent.append(item.to_dict())
+        await real_send(self, item, delay_s=delay_s)
+
+    monkeypatch.setattr(WorkQueue, "send", send)
+    [outcome] = await triggers.work(fresh_item("busy-04", "cap-1", attempt=MAX_ATTEMPT * 1000))
+    assert (outcome.kind.value, outcome.reason) == ("deferred", "run-command-busy")
+    assert outcome.details["nextAttempt"] == MAX_ATTEMPT
+    [retry] = sent
+    assert retry["attempt"] == MAX_ATTEMPT
+    [row] = [r for r in await history(app_env, vm_id("busy-04")) if r["entry"] == "outcome"]
+    assert row["attempt"] == MAX_ATTEMPT  # recorded under the attempt it was read with
+
+
+async def test_a_throttled_vm_is_retried_no_sooner_than_arms_retry_after(
+    app_env: dict[str, str], sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ARM answered 429 with ``Retry-After: 120`` past azure-core's own retries: the item is
+    re-enqueued 120 s out, not after the usual 1 s (DEFER_DELAY_SECONDS × 2^attempt here), which
+    ARM would refuse again (request-limits-and-throttling.md); the wait counts toward the deadline."""
+    from shared.azure.compute import Throttled
+    from shared.workqueue import WorkQueue
+
+    async def throttled(self: ComputeGateway, vm: VmId) -> Any:
+        raise Throttled("throttled", code="SubscriptionRequestsThrottled", status=429, retry_after_s=120.0)
+
+    sent: list[tuple[dict[str, Any], float]] = []
+    real_send = WorkQueue.send
+
+    async def send(self: WorkQueue, item: Any, *, delay_s: float = 0.0) -> None:
+        sent.append((item.to_dict(), delay_s))
+        await real_send(self, item, delay_s=delay_s)
+
+    monkeypatch.setattr(ComputeGateway, "get_vm", throttled)
+    monkeypatch.setattr(WorkQueue, "send", send)
+    [outcome] = await triggers.work(fresh_item("web-01", "throttled-1"))
+    assert (outcome.kind.value, outcome.reason) == ("deferred", "throttled")
+    assert (outcome.details["retryAfterS"], outcome.details["retryInS"]) == (120.0, 120.0)
+    [(retry, delay)] = sent
+    assert (delay, retry["deferredS"]) == (120.0, 120.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -449,3 +450,281 @@ async def test_a_partial_remediation_says_the_vm_is_now_a_kms_client() -> None:
     assert (outcome.kind, outcome.reason) == (OutcomeKind.FAILED, "step-error:clear-kms-cache:0x80070005")
     assert (outcome.details["channel"], outcome.details["channelAfter"]) == ("AVMA", "KMS_CLIENT")
     assert "now a KMS client" in outcome.hint and "keeps its previous channel" not in outcome.hint
+
+
+# --- answers that say nothing about the VM: deferred, and bounded (shared/unreadable.py) ---------
+
+
+def _one_vm(monkeypatch: pytest.MonkeyPatch, faults: dict[str, Any], *names: str) -> Simulator:
+    estate = Estate.from_dict(
+        {"vms": [windows(name) for name in names or ("avma-dc",)], "faults": {"seed": 1, **faults}}
+    )
+    started = Simulator(estate, latency_s=0.02).start()
+    for key, value in started.env().items():
+        monkeypatch.setenv(key, value)
+    return started
+
+
+async def test_an_operation_that_ends_failed_is_deferred_and_a_refused_request_still_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Run Command was accepted and its operation ended Failed (InternalExecutionError): nothing
+    was learnt about the VM, so it is retried; a request ARM refused (400) is no passing fault."""
+    # On the two-step path (a VM whose edition ARM does not name): the first Run Command is the
+    # detection; the one-step path's unreadable re-key is below.
+    monkeypatch.setattr("shared.workflow.expectation_for", lambda vm, settings: None)
+    failing = _one_vm(monkeypatch, {"operationFailed": {"every": 1}})
+    try:
+        settings = Settings.from_env(failing.env()).with_mode(Mode.ENFORCE)
+        async with make_credential(settings) as credential, ComputeGateway(credential, settings) as gateway:
+            outcome = await Remediator(gateway, settings).check(VmId.parse(vm_id("avma-dc")))
+            refused = await gateway.run_command(
+                VmId.parse(vm_id("avma-dc")), {"commandId": "RunPowerShellScript", "script": "not a list"}
+            )
+    except Exception as error:  # the 400 is raised, as the workflow's except clause sees it
+        refused_error = error
+    else:
+        raise AssertionError(f"a Run Command without a script was accepted: {refused}")
+    finally:
+        failing.stop()
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.DEFERRED, "run-command-failed"), outcome
+    assert (outcome.details["phase"], outcome.details["code"]) == ("detect", "InternalExecutionError")
+    assert "retried" in outcome.hint
+    from shared.azure.compute import RunCommandFailed, RunCommandOperationFailed
+
+    assert isinstance(refused_error, RunCommandFailed) and not isinstance(
+        refused_error, RunCommandOperationFailed
+    )
+    assert refused_error.status == 400
+
+
+async def test_unreadable_detection_output_is_deferred_with_the_error(
+    engine: Engine, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("shared.workflow.expectation_for", lambda vm, settings: None)  # two-step path
+    remediator, gateway = engine()
+    real_run = gateway.run_command
+
+    async def cut(vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        out, _ = await real_run(vm, body)
+        return out[: out.index("AVMA-REMEDIATOR-RESULT") + 60], "a transcript line"  # the line cut short
+
+    gateway.run_command = cut  # type: ignore[method-assign]
+    outcome = await remediator.check(VmId.parse(vm_id("avma-dc")))
+    assert (outcome.kind, outcome.reason, outcome.details["phase"]) == (
+        OutcomeKind.DEFERRED,
+        "bad-output",
+        "detect",
+    )
+    assert outcome.details["error"] and outcome.details["stderr"] == "a transcript line"
+    assert "retried" in outcome.hint
+    assert [e["script"] for e in sim.run_log(vm_id("avma-dc"))] == ["detect"]  # nothing was acted on
+
+
+async def test_an_unreadable_remediation_answer_is_retried_by_detecting_first_never_re_keying_blindly(
+    engine: Engine, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The remediation POST was accepted and ran, but its answer cannot be read: what it did is not
+    known. The CLI's sweep tries again within the run, and the retry detects the VM's new state (now
+    Licensed on the KMS channel: healthy) instead of sending the remediation again. On the two-step
+    path (the one-step path's conditional re-key: the next test)."""
+    monkeypatch.setattr("shared.workflow.expectation_for", lambda vm, settings: None)
+    remediator, gateway = engine()
+    real_run = gateway.run_command
+
+    async def cut_remediation_output(vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        out, err = await real_run(vm, body)
+        remediation = any("guest script: remediate" in line for line in body.get("script", []))
+        return (out[:40], err) if remediation else (out, err)
+
+    gateway.run_command = cut_remediation_output  # type: ignore[method-assign]
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    from shared.unreadable import check_until_readable
+
+    outcome = await check_until_readable(
+        lambda: remediator.check(VmId.parse(vm_id("avma-dc"))), backoff_s=0.5, sleep=no_wait
+    )
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.HEALTHY, "kms-client-licensed")
+    assert waits == [0.5]
+    [earlier] = outcome.details["earlierTries"]  # the operator still sees that a remediation ran
+    assert (earlier["reason"], earlier["phase"]) == ("bad-output", "remediate")
+    assert state(sim, "avma-dc")["channel"] == "KMS_CLIENT"
+    scripts = [e["script"] for e in sim.run_log(vm_id("avma-dc"))]
+    assert scripts == ["detect", "remediate", "detect"], scripts  # detected again, never re-keyed twice
+
+
+class Unreadable:
+    """A checker whose first ``bad`` answers say nothing about the VM, then a readable one."""
+
+    def __init__(self, bad: int, reason: str = "run-command-failed") -> None:
+        self.bad, self.reason, self.calls = bad, reason, 0
+        self.hooks: list[Any] = []  # the before-Run-Command hook each call was given
+
+    async def check(self, vm: VmId, *, listed: VmFacts | None = None, before_run_command: Any = None) -> Any:
+        from shared.model import Outcome
+
+        self.calls += 1
+        self.hooks.append(before_run_command)
+        if self.calls <= self.bad:
+            details = {"phase": "detect", "code": "InternalExecutionError", "error": "internal"}
+            return Outcome(str(vm), OutcomeKind.DEFERRED, self.reason, "retried", details)
+        return Outcome(str(vm), OutcomeKind.HEALTHY, "kms-client-licensed")
+
+
+async def _listing(sub: str) -> Any:
+    yield VmFacts(VmId.parse(vm_id("one")), "Windows", "running", None, {})
+
+
+@pytest.mark.parametrize("reason", ["run-command-failed", "bad-output"])
+async def test_the_cli_sweep_retries_an_unreadable_answer_three_times_then_reports_it_failed(
+    reason: str,
+) -> None:
+    from shared.unreadable import check_until_readable
+
+    thrice = Unreadable(3, reason)
+    [passed] = (await sweep(thrice, _listing, [SUB], concurrency=1, unreadable_backoff_s=0.001)).outcomes
+    assert (passed.kind, passed.reason, thrice.calls) == (OutcomeKind.HEALTHY, "kms-client-licensed", 4)
+    from shared.workflow import detect_first
+
+    assert thrice.hooks == [None, detect_first, detect_first, detect_first]  # each retry detects first
+    assert [t["reason"] for t in passed.details["earlierTries"]] == [reason, reason, reason]
+    always = Unreadable(99, reason)
+    [failed] = (await sweep(always, _listing, [SUB], concurrency=1, unreadable_backoff_s=0.001)).outcomes
+    assert (failed.kind, failed.reason, always.calls) == (OutcomeKind.FAILED, reason, 4)
+    assert failed.details["tries"] == 4 and len(failed.details["earlierTries"]) == 3
+    assert failed.details["code"] == "InternalExecutionError" and "4 tries" in failed.hint
+    # A growing backoff between tries: the first wait, then twice it.
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    vm = VmId.parse(vm_id("one"))
+    await check_until_readable(lambda: Unreadable(99, reason).check(vm), backoff_s=0.25, sleep=no_wait)
+    assert waits == [0.25, 0.5, 1.0]
+
+
+def test_the_cli_check_tries_a_failed_operation_again_within_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``check`` has no queue to come back later either: the same bounded retry as the sweep."""
+    import shared.unreadable
+    from shared.cli import main
+
+    monkeypatch.setattr(shared.unreadable, "CLI_BACKOFF_S", 0.01)
+    vm = vm_id("kms-ok")
+    estate = tmp_path / "estate.json"
+    healthy = windows("kms-ok", channel="KMS_CLIENT", status=1, kms_host="azkms.core.windows.net:1688")
+    estate.write_text(json.dumps({"vms": [healthy], "faults": {"operationFailed": {"every": 1}}}))
+    state = tmp_path / "state.json"
+    argv = ["check", vm, "--simulate", str(estate), "--output", "json", "--sim-state-out", str(state)]
+    assert main(argv) == 1  # still failing after the bound: a failed VM
+    [out] = json.loads(capsys.readouterr().out)["vms"]
+    assert (out["outcome"], out["reason"], out["tries"]) == ("failed", "run-command-failed", 4)
+    assert json.loads(state.read_text())[vm]["runCommands"] == 4
+
+
+# --- the merge of the one-Run-Command path (issue 12) with item 7: an unreadable re-key ----------
+
+
+def _kinds(sim: Simulator, name: str) -> list[str]:
+    """``detect``, ``remediate`` or ``rekey-if`` (the conditional re-key of the one-step path)."""
+    return [
+        "rekey-if" if e["script"] == "remediate" and "ExpectBuild" in e["parameters"] else str(e["script"])
+        for e in sim.run_log(vm_id(name))
+    ]
+
+
+@pytest.mark.parametrize("fault", ["cut", "operation-failed"])
+async def test_an_unreadable_conditional_rekey_is_retried_by_the_sweep_detecting_first(
+    fault: str, engine: Engine, sim: Simulator
+) -> None:
+    """The first Run Command of a VM whose edition ARM names is a conditional re-key (issue 12): it
+    may install the key before its answer is lost (output cut, or its operation ended Failed after
+    the script ran). The sweep's in-run retry must not send it again: it detects first, sees the VM
+    Licensed on the KMS channel and records healthy, the unreadable re-key in ``earlierTries``."""
+    from shared.azure.compute import RunCommandOperationFailed
+
+    remediator, gateway = engine()
+    real_run = gateway.run_command
+
+    async def lose_the_rekeys_answer(vm: VmId, body: Mapping[str, Any]) -> tuple[str, str]:
+        out, err = await real_run(vm, body)  # it ran, and changed the VM when the facts matched
+        if not any("guest script: remediate" in line for line in body.get("script", [])):
+            return out, err
+        if fault == "cut":
+            return out[:40], err
+        raise RunCommandOperationFailed(
+            "An internal execution error occurred.", code="InternalExecutionError", status=200
+        )
+
+    gateway.run_command = lose_the_rekeys_answer  # type: ignore[method-assign]
+    listed = await gateway.get_vm(VmId.parse(vm_id("avma-dc")))
+
+    async def one(sub: str) -> Any:
+        yield listed
+
+    [outcome] = (await sweep(remediator, one, [SUB], concurrency=1, unreadable_backoff_s=0.001)).outcomes
+    assert (outcome.kind, outcome.reason) == (OutcomeKind.HEALTHY, "kms-client-licensed"), outcome
+    [earlier] = outcome.details["earlierTries"]
+    reason = "bad-output" if fault == "cut" else "run-command-failed"
+    assert (earlier["reason"], earlier["phase"]) == (reason, "remediate")
+    assert _kinds(sim, "avma-dc") == ["rekey-if", "detect"]  # detected first, no second key
+    assert state(sim, "avma-dc")["channel"] == "KMS_CLIENT"
+
+
+async def test_check_and_apply_retry_an_unreadable_answer_detecting_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``check --ids``, ``--from`` and ``apply`` (``run_each``): as the sweep, every retry after an
+    unreadable answer carries the detect-first hook."""
+    import shared.unreadable
+    from shared.resume import run_each
+    from shared.workflow import detect_first
+
+    monkeypatch.setattr(shared.unreadable, "CLI_BACKOFF_S", 0.001)
+    twice = Unreadable(2, "bad-output")
+    [outcome] = await run_each(twice, [VmId.parse(vm_id("one"))], concurrency=1)
+    assert (outcome.kind, twice.calls) == (OutcomeKind.HEALTHY, 3)
+    assert twice.hooks == [None, detect_first, detect_first]
+
+
+async def test_the_clis_later_passes_carry_the_unreadable_count_and_detect_first() -> None:
+    """A VM that gave three unreadable answers in the run and then a readable deferral (busy) is
+    checked again in a later pass (shared/inrun_retry.py): its fourth unreadable answer in the run
+    is terminal there too, and that pass's check detects first. Without the carried count the pass
+    left it ``deferred`` for ever and sent the conditional re-key again."""
+    from shared.inrun_retry import RetryPolicy, retry_deferred
+    from shared.model import Outcome
+    from shared.unreadable import rechecking
+    from shared.workflow import detect_first
+
+    vm = vm_id("one")
+    three = [{"reason": "bad-output", "phase": "remediate"}] * 3
+    busy = Outcome(vm, OutcomeKind.DEFERRED, "run-command-busy", "", {"earlierTries": three})
+    healthy = Outcome(vm_id("two"), OutcomeKind.DEFERRED, "run-command-busy", "", {})
+    always = Unreadable(99, "bad-output")
+
+    async def no_wait(seconds: float) -> None:
+        return None
+
+    policy = RetryPolicy(first_wait_s=0.0, retries=3)
+    settings = Settings.from_env({})
+    done = [busy, healthy]
+    [failed, other] = await retry_deferred(
+        done, rechecking(always, done, backoff_s=0.0), policy, settings, concurrency=1, sleep=no_wait
+    )
+    assert (failed.kind, failed.reason, failed.details["tries"]) == (OutcomeKind.FAILED, "bad-output", 4)
+    assert len(failed.details["earlierTries"]) == 3 and "4 tries" in failed.hint
+    # the other VM had no unreadable answer before: its own count starts at one, its first try as usual
+    assert (other.kind, other.reason) == (OutcomeKind.FAILED, "bad-output")
+    assert always.hooks[0] == detect_first and always.hooks[1:] == [
+        None,
+        detect_first,
+        detect_first,
+        detect_first,
+    ]

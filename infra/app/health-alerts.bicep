@@ -9,6 +9,14 @@
 // and has no queue dimension (Azure Monitor supported metrics, Microsoft.Storage/storageAccounts/
 // queueServices), so it cannot watch one queue; the poison_drain timer logs each queue's depth and
 // oldest visible message every ten minutes instead (shared/queueprobe.py).
+//
+// The rule's shape (Microsoft.Insights/scheduledQueryRules@2023-12-01, kind LogAlert): properties
+// enabled, criteria and scopes required; each criteria.allOf condition with query, timeAggregation,
+// metricMeasureColumn, operator, threshold and failingPeriods (Azure/azure-rest-api-specs
+// specification/monitor/resource-manager/Microsoft.Insights/stable/2023-12-01/scheduledQueryRule_API.json,
+// definitions ScheduledQueryRuleResource and Condition; Azure/bicep-types-az
+// generated/monitor/microsoft.insights/2023-12-01/types.md). tests/test_infra_schemas.py checks it
+// against the ARM schema of the same version.
 param location string
 param tags object
 param applicationInsightsName string
@@ -103,6 +111,17 @@ var healthRules = [
     measure: 'probes'
     operator: 'LessThan'
     threshold: 1
+    window: 'PT30M'
+  }
+  {
+    key: 'probe-failing'
+    displayName: 'avma-remediator: the queue probe cannot read a queue'
+    description: 'Every probe of a queue for 30 minutes (at least two) failed (its avma-queue records carry an error): Queue storage is down or refuses the identity, and the queue alerts above cannot see that queue.'
+    severity: 2
+    query: loadTextContent('queries/alert-probe-failing.kql')
+    measure: 'failingQueues'
+    operator: 'GreaterThan'
+    threshold: 0
     window: 'PT30M'
   }
 ]

@@ -11,11 +11,11 @@ import contextlib
 import io
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
 
-import aiohttp
 from azure.core.async_paging import AsyncItemPaged
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import (
@@ -24,8 +24,8 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.core.pipeline import PipelineRequest, PipelineResponse
-from azure.core.pipeline.policies import AsyncRetryPolicy, SansIOHTTPPolicy
+from azure.core.pipeline import PipelineResponse
+from azure.core.pipeline.policies import AsyncRetryPolicy
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.core.rest import HttpRequest
 from azure.mgmt.compute.aio import ComputeManagementClient
@@ -34,7 +34,8 @@ from azure.mgmt.core.exceptions import ARMErrorFormat
 
 from shared.azure.pacing import Pacer
 from shared.azure.polling import RetryAfterFirstPolling
-from shared.azure.transport import shared_transport, tls_session
+from shared.azure.transient import response_headers, wait_from_headers
+from shared.azure.transport import SubscriptionClients
 from shared.model import VmId
 from shared.settings import Settings
 from shared.vm import VmFacts
@@ -51,10 +52,16 @@ class ComputeError(Exception):
 
     reason = "arm-error"
 
-    def __init__(self, message: str, *, code: str = "", status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str = "", status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.status = status
+        # The wait ARM named (``Retry-After``, as azure-core reads it), None if it named none: a
+        # deferral's retry comes no sooner (request-limits-and-throttling.md: a request sent before
+        # it has elapsed is not processed, and gets a new one).
+        self.retry_after_s = retry_after_s
 
 
 class VmNotFound(ComputeError):
@@ -83,6 +90,14 @@ class Forbidden(ComputeError):
 
 class RunCommandFailed(ComputeError):
     reason = "run-command-failed"
+
+
+class RunCommandOperationFailed(RunCommandFailed):
+    """The Run Command was accepted and its long-running operation ended ``Failed`` (or
+    ``Canceled``): azure-core's poller raises ``HttpResponseError`` with the last status answer,
+    a 2xx, e.g. ``InternalExecutionError`` "An internal execution error occurred." Nothing about the
+    VM was learnt, and a later command usually runs (Azure PowerShell retries a Compute operation
+    that ends so): transient, unlike a request ARM refused with a 4xx."""
 
 
 class AgentNotReady(ComputeError):
@@ -114,31 +129,44 @@ def translate(error: HttpResponseError) -> ComputeError:
     if error.error is not None and error.error.code:
         code = str(error.error.code)
     message = str(error.message or error)[:500]
+    wait = retry_after(error)
+    if status == 429:
+        return Throttled(message, code=code, status=status, retry_after_s=wait)
+    if status is not None and status >= 500:
+        return ArmUnavailable(message, code=code, status=status, retry_after_s=wait)
     if isinstance(error, ResourceNotFoundError) or status == 404:
         return VmNotFound(message, code=code, status=status)
     if status == 409:
         if code.lower() == "conflict":
             return RunCommandBusy(message, code=code, status=status)
         return VmNotRunning(message, code=code, status=status)
-    if status == 429:
-        return Throttled(message, code=code, status=status)
     if status in (401, 403):
         return Forbidden(message, code=code, status=status)
-    if status is not None and status >= 500:
-        return ArmUnavailable(message, code=code, status=status)
     if code.lower() in _AGENT_CODES:
         return AgentNotReady(message, code=code, status=status)
+    if status is not None and 200 <= status < 300:
+        # Not a refusal: the operation's status answer (a 2xx) said Failed or Canceled.
+        return RunCommandOperationFailed(message, code=code, status=status)
     return RunCommandFailed(message, code=code, status=status)
 
 
-class RequestCounter(SansIOHTTPPolicy[HttpRequest, Any]):
-    """Counts every HTTP request sent to ARM, polls and retries included (benchmarks report it)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def on_request(self, request: PipelineRequest[HttpRequest]) -> None:
-        self.count += 1
+def retry_after(error: HttpResponseError) -> float | None:
+    """The wait an error answer names, in seconds: ``Retry-After`` (seconds or an HTTP-date), else
+    ``retry-after-ms`` / ``x-ms-retry-after-ms``, the headers and order of azure-core's own
+    ``get_retry_after`` (azure/core/pipeline/policies/_utils.py); None when it names none."""
+    headers = response_headers(error)
+    wait = wait_from_headers({k: v for k, v in headers.items() if k.lower() == "retry-after"})
+    if wait is not None:
+        return wait
+    for name in ("retry-after-ms", "x-ms-retry-after-ms"):
+        value = next((str(v) for k, v in headers.items() if k.lower() == name), "").strip()
+        try:
+            millis = float(value)
+        except ValueError:
+            continue
+        if math.isfinite(millis):
+            return max(0.0, millis / 1000.0)
+    return None
 
 
 class RunCommandRetryPolicy(AsyncRetryPolicy[Any, Any]):
@@ -160,62 +188,25 @@ class RunCommandRetryPolicy(AsyncRetryPolicy[Any, Any]):
         return bool(super().is_retry(settings, response))
 
 
-class ComputeGateway:
+class ComputeGateway(SubscriptionClients[ComputeManagementClient]):
     """One async compute client per subscription, sharing one credential, one connection pool and
     one :class:`~shared.azure.pacing.Pacer` (ARM's budget per subscription, from its headers)."""
 
     def __init__(self, credential: AsyncTokenCredential, settings: Settings) -> None:
+        super().__init__(settings, session_limit=max(100, 2 * settings.max_concurrency))
         self._credential = credential
-        self._settings = settings
-        self._clients: dict[str, ComputeManagementClient] = {}
-        self._counter = RequestCounter()
         self.pacer = Pacer(cloud=settings.cloud.name, concurrency=settings.max_concurrency)
-        self._session: aiohttp.ClientSession | None = None
-        self._transport: AioHttpTransport | None = None
         self.run_commands = 0
 
-    def _shared_transport(self) -> AioHttpTransport:
-        """One connection pool for every subscription's client (see shared/azure/transport.py)."""
-        if self._transport is None:
-            self._session = tls_session(self._settings, limit=max(100, 2 * self._settings.max_concurrency))
-            self._transport = shared_transport(self._session)
-        return self._transport
-
-    @property
-    def requests(self) -> int:
-        """HTTP requests sent to ARM so far."""
-        return self._counter.count
-
-    def _client(self, subscription_id: str) -> ComputeManagementClient:
-        key = subscription_id.lower()
-        client = self._clients.get(key)
-        if client is None:
-            client = ComputeManagementClient(
-                self._credential,
-                subscription_id,
-                base_url=self._settings.arm_endpoint,
-                credential_scopes=[self._settings.cloud.arm_scope],
-                polling_interval=self._settings.poll_interval_s,
-                retry_policy=RunCommandRetryPolicy(),
-                per_retry_policies=[self._counter, self.pacer.policy()],
-                transport=self._shared_transport(),
-            )
-            self._clients[key] = client
-        return client
-
-    async def close(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.close()
-        session, self._session, self._transport = self._session, None, None
-        if session is not None:
-            await session.close()
-
-    async def __aenter__(self) -> ComputeGateway:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    def _make_client(self, subscription_id: str, transport: AioHttpTransport) -> ComputeManagementClient:
+        options = self._arm_options(transport)
+        options["per_retry_policies"] = [*options["per_retry_policies"], self.pacer.policy()]
+        return ComputeManagementClient(
+            self._credential,
+            subscription_id,
+            retry_policy=RunCommandRetryPolicy(),
+            **options,
+        )
 
     async def list_subscriptions(self) -> list[str]:
         """Every subscription the credential can see (``GET /subscriptions``), for a sweep with no scope."""

@@ -7,10 +7,11 @@ failure into one line that says what to do (``NoCredential``; the CLI exits 2).
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import os
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
 from azure.core.credentials_async import AsyncSupportsTokenInfo, AsyncTokenCredential
@@ -18,6 +19,8 @@ from azure.core.exceptions import AzureError
 from azure.identity.aio import DefaultAzureCredential, ManagedIdentityCredential
 
 from shared.settings import Settings
+
+TokenT = TypeVar("TokenT", AccessToken, AccessTokenInfo)
 
 
 def make_credential(settings: Settings, env: Mapping[str, str] | None = None) -> AsyncTokenCredential:
@@ -132,38 +135,55 @@ def _flat(text: str) -> str:
 
 
 class SingleFlightCredential:
-    """The first token request per scope set made once, over a credential whose cache is then shared.
+    """One token request in flight per scope set, shared by every caller that arrives meanwhile.
 
     azure-identity caches tokens per credential instance, in memory, and "the in-memory cache may be
     cleared by creating a new credential instance" (Azure/azure-sdk-for-python
     sdk/identity/azure-identity/TOKEN_CACHING.md; the managed-identity client keeps its ``TokenCache``
     in ``azure/identity/_internal/managed_identity_client.py``). Its async ``get_token`` holds no lock
-    (``azure/identity/aio/_internal/get_token_mixin.py``: look in the cache, else request), so
-    invocations that start together on a cold process would each ask the identity endpoint. Here the
-    first call per scope set holds a lock; those that arrive meanwhile wait and then find its token in
-    the cache. Once a call has succeeded, calls go straight through: a refresh is azure-identity's
-    (it asks again when less than 300 s are left, at most every 30 s, and keeps the valid token if
-    the refresh fails, ``azure/identity/_internal/utils.py`` ``get_refresh_status``), and callers
-    are not held behind one slow refresh. Bound to the loop it first waits on (``asyncio.Lock``), as
-    the per-loop client cache (``shared.clients``) is.
+    (``azure/identity/aio/_internal/get_token_mixin.py``, ``_get_token_base``: look in the cache, and
+    when ``get_refresh_status`` says REQUIRED, a missing or expired token, request one), so callers
+    that start together on a cold process, or that all find the token expired mid-run, would each ask
+    the identity endpoint. Here, while no token is held for a scope set (none yet, or the last one
+    handed out has expired), the first caller's request is the only one: it runs as a task of its
+    own, and every caller that arrives before it ends awaits that task and gets its token or its
+    failure, at once (a failure is not remembered: the next caller asks again). A caller cancelled
+    while it waits (its invocation timed out) leaves the request to the others.
+
+    While a token is held, calls go straight through: a refresh is azure-identity's (it asks again
+    when less than 300 s are left, at most every 30 s, and keeps the valid token if the refresh fails,
+    ``azure/identity/_internal/utils.py`` ``get_refresh_status``), and callers are not held behind one
+    slow refresh. Bound to the loop its requests run on, as the per-loop client cache
+    (``shared.clients``) is; :meth:`close` cancels a request still in flight.
     """
 
-    def __init__(self, inner: AsyncTokenCredential) -> None:
+    def __init__(self, inner: AsyncTokenCredential, *, clock: Callable[[], float] = time.time) -> None:
         self._inner = inner
-        self._locks: dict[tuple[object, ...], asyncio.Lock] = {}
-        self._warm: set[tuple[object, ...]] = set()
+        self._clock = clock
+        self._flights: dict[tuple[object, ...], asyncio.Future[Any]] = {}
+        self._held_until: dict[tuple[object, ...], float] = {}
 
-    @contextlib.asynccontextmanager
-    async def _first(self, key: tuple[object, ...]) -> AsyncIterator[None]:
-        if key in self._warm:
-            yield
+    async def _single(self, key: tuple[object, ...], request: Callable[[], Awaitable[TokenT]]) -> TokenT:
+        if self._clock() < self._held_until.get(key, 0.0):
+            return self._hold(key, await request())
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = self._flights[key] = asyncio.ensure_future(request())
+            flight.add_done_callback(functools.partial(self._landed, key))
+        token: TokenT = await asyncio.shield(flight)
+        return token
+
+    def _hold(self, key: tuple[object, ...], token: TokenT) -> TokenT:
+        self._held_until[key] = max(self._held_until.get(key, 0.0), float(token.expires_on))
+        return token
+
+    def _landed(self, key: tuple[object, ...], flight: asyncio.Future[Any]) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if flight.cancelled():
             return
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
-        async with lock:
-            yield
-            self._warm.add(key)
+        if flight.exception() is None:  # (also marks a failure nobody awaited any more as seen)
+            self._hold(key, flight.result())
 
     async def get_token(
         self,
@@ -173,10 +193,12 @@ class SingleFlightCredential:
         enable_cae: bool = False,
         **kwargs: Any,
     ) -> AccessToken:
-        async with self._first(("token", scopes, claims, tenant_id, enable_cae)):
-            return await self._inner.get_token(
+        def request() -> Awaitable[AccessToken]:
+            return self._inner.get_token(
                 *scopes, claims=claims, tenant_id=tenant_id, enable_cae=enable_cae, **kwargs
             )
+
+        return await self._single(("token", scopes, claims, tenant_id, enable_cae), request)
 
     async def get_token_info(
         self, *scopes: str, options: TokenRequestOptions | None = None
@@ -184,7 +206,8 @@ class SingleFlightCredential:
         """What azure-core's bearer policy calls when a credential has it (AsyncSupportsTokenInfo)."""
         given = options or {}
         inner = self._inner
-        async with self._first(("info", scopes, tuple(sorted(given.items())))):
+
+        async def request() -> AccessTokenInfo:
             if isinstance(inner, AsyncSupportsTokenInfo):
                 return await inner.get_token_info(*scopes, options=options)
             token = await inner.get_token(
@@ -195,7 +218,12 @@ class SingleFlightCredential:
             )
             return AccessTokenInfo(token.token, token.expires_on)
 
+        return await self._single(("info", scopes, tuple(sorted(given.items()))), request)
+
     async def close(self) -> None:
+        flights, self._flights = list(self._flights.values()), {}
+        for flight in flights:
+            flight.cancel()
         await self._inner.close()
 
     async def __aenter__(self) -> SingleFlightCredential:

@@ -21,16 +21,14 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-import aiohttp
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import AzureError, HttpResponseError
 from azure.core.pipeline.transport import AioHttpTransport
 
-from shared.azure.compute import RequestCounter
 from shared.azure.transient import BoundedRetryPolicy
-from shared.azure.transport import shared_transport, tls_session
+from shared.azure.transport import SubscriptionClients
 from shared.kms_endpoints import kms_of
 from shared.network_path import PathFacts, PathVerdict, judge, unknown
 from shared.settings import Settings
@@ -52,63 +50,31 @@ class NetworkUnreadable(Exception):
     """A read failed; the verdict becomes ``unknown`` with this text."""
 
 
-class NetworkGateway:
+class NetworkGateway(SubscriptionClients["NetworkManagementClient"]):
     """One network client per subscription over one session; caches shared resources per run."""
 
     def __init__(self, credential: AsyncTokenCredential, settings: Settings) -> None:
+        super().__init__(settings)
         self._credential = credential
-        self._settings = settings
         self._kms = kms_of(settings.cloud.name)
-        self._clients: dict[str, NetworkManagementClient] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._transport: AioHttpTransport | None = None
-        self._counter = RequestCounter()
         self._cache: dict[str, asyncio.Task[Mapping[str, Any]]] = {}
         self.checks = 0
 
-    @property
-    def requests(self) -> int:
-        """HTTP requests sent so far (polls and retries included)."""
-        return self._counter.count
-
-    def _client(self, subscription_id: str) -> NetworkManagementClient:
+    def _make_client(self, subscription_id: str, transport: AioHttpTransport) -> NetworkManagementClient:
         from azure.mgmt.network.aio import NetworkManagementClient  # lazy: import time of function_app
 
-        key = subscription_id.lower()
-        client = self._clients.get(key)
-        if client is None:
-            if self._transport is None:
-                self._session = tls_session(self._settings)
-                self._transport = shared_transport(self._session)
-            client = NetworkManagementClient(
-                self._credential,
-                subscription_id,
-                base_url=self._settings.arm_endpoint,
-                credential_scopes=[self._settings.cloud.arm_scope],
-                polling_interval=self._settings.poll_interval_s,
-                retry_policy=BoundedRetryPolicy(),
-                per_retry_policies=[self._counter],
-                transport=self._transport,
-            )
-            self._clients[key] = client
-        return client
+        return NetworkManagementClient(
+            self._credential,
+            subscription_id,
+            retry_policy=BoundedRetryPolicy(),
+            **self._arm_options(transport),
+        )
 
     async def close(self) -> None:
         for task in self._cache.values():
             task.cancel()
         self._cache = {}
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.close()
-        session, self._session, self._transport = self._session, None, None
-        if session is not None:
-            await session.close()
-
-    async def __aenter__(self) -> NetworkGateway:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        await super().close()
 
     async def path(self, vm: VmFacts) -> PathVerdict:
         """The VM's path to its cloud's KMS, judged; never raises for an ARM problem."""
@@ -128,13 +94,20 @@ class NetworkGateway:
     async def _facts(self, nic_id: str) -> PathFacts:
         nic_ref = _parse(nic_id)
         client = self._client(nic_ref["sub"])
-        nic, routes = await asyncio.gather(
+        # Both at once, but a failure is told in a fixed order (the NIC's read first), so that the
+        # note of an unknown path is the same from run to run, whichever answer came first.
+        answers: tuple[Mapping[str, Any] | BaseException, ...] = await asyncio.gather(
             self._call(
                 f"read of {nic_ref['name']}",
                 lambda: client.network_interfaces.get(nic_ref["rg"], nic_ref["name"]),
             ),
             self._effective_routes(client, nic_ref["rg"], nic_ref["name"]),
+            return_exceptions=True,
         )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        nic, routes = (cast(Mapping[str, Any], answer) for answer in answers)
         props = _obj(nic.get("properties"))
         configs = [_obj(_obj(c).get("properties")) for c in _list(props.get("ipConfigurations"))]
         primary = next((c for c in configs if c.get("primary")), configs[0] if configs else {})

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import ssl
 import urllib.request
-from typing import Generic, Protocol, Self, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import aiohttp
+from azure.core.pipeline import PipelineRequest
+from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.core.pipeline.transport import AioHttpTransport
+from azure.core.rest import HttpRequest
 
 from shared.settings import Settings
 
@@ -78,6 +81,82 @@ class PooledClient(Generic[ClientT]):
             await client.close()
         if self._owns_session and self._session is not None:
             session, self._session = self._session, None
+            await session.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class RequestCounter(SansIOHTTPPolicy[HttpRequest, Any]):
+    """Counts every HTTP request sent to ARM, polls and retries included (benchmarks report it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_request(self, request: PipelineRequest[HttpRequest]) -> None:
+        self.count += 1
+
+
+class SubscriptionClients(Generic[ClientT]):
+    """Base of the ARM adapters with one SDK client per subscription over one session they own.
+
+    Subclasses build a client in ``_make_client(subscription_id, transport)`` with
+    ``**self._arm_options(transport)`` and their own retry policy; clients are made on first use, inside the
+    running loop, all on one connection pool, and closed with the session.
+    """
+
+    def __init__(self, settings: Settings, *, session_limit: int = 100) -> None:
+        self._settings = settings
+        self._session_limit = session_limit
+        self._clients: dict[str, ClientT] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._transport: AioHttpTransport | None = None
+        self._counter = RequestCounter()
+
+    @property
+    def requests(self) -> int:
+        """HTTP requests sent so far (polls and retries included)."""
+        return self._counter.count
+
+    def _make_client(self, subscription_id: str, transport: AioHttpTransport) -> ClientT:
+        raise NotImplementedError
+
+    def _arm_options(self, transport: AioHttpTransport) -> dict[str, Any]:
+        """What every ARM management client of ours is built with: the cloud's endpoint and scope,
+        the poll interval, the request counter and the shared pool (the retry policy is the
+        subclass's own)."""
+        return {
+            "base_url": self._settings.arm_endpoint,
+            "credential_scopes": [self._settings.cloud.arm_scope],
+            "polling_interval": self._settings.poll_interval_s,
+            "per_retry_policies": [self._counter],
+            "transport": transport,
+        }
+
+    def _shared_transport(self) -> AioHttpTransport:
+        """The one connection pool of every subscription's client, opened on first use."""
+        if self._transport is None:
+            self._session = tls_session(self._settings, limit=self._session_limit)
+            self._transport = shared_transport(self._session)
+        return self._transport
+
+    def _client(self, subscription_id: str) -> ClientT:
+        key = subscription_id.lower()
+        client = self._clients.get(key)
+        if client is None:
+            client = self._make_client(subscription_id, self._shared_transport())
+            self._clients[key] = client
+        return client
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+        session, self._session, self._transport = self._session, None, None
+        if session is not None:
             await session.close()
 
     async def __aenter__(self) -> Self:

@@ -7,27 +7,22 @@ loop then plays the Functions host (host.json: receive, run ``function_app``'s `
 process of its own (``SimulatorProcess``), Azurite in another (``tests/azurite.py``), so the figures
 are the worker's own. The last line printed is one JSON object:
 
-    python bench/queue.py --vms 1000 --avma-fraction 0.05 --latency 1 --concurrency 32
+    python bench/queue_path.py --vms 1000 --avma-fraction 0.05 --latency 1 --concurrency 32
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import os
+import resource
 import sys
+import time
+import uuid
+from collections import Counter
 from pathlib import Path
-
-# Run as ``python bench/queue.py``, this file's folder is sys.path[0], where this file would stand in
-# for the standard library's ``queue`` (concurrent.futures, the SDKs): take the folder out first.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections import Counter  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
