@@ -127,8 +127,9 @@ CHAOS_MIX: dict[str, float] = {
 # (``token_lifetime_s``) that is a refresh about every 30 s per audience, and these bursts fail
 # some of them (azure-identity keeps the valid token it has when a refresh fails).
 DEFAULT_FAULTS: dict[str, Any] = {
-    # A read bucket smaller than the 32 workers' opening burst, so that throttling fires however
-    # slow the machine (Azure's 250 only emptied when the machine was fast enough); refill as Azure's.
+    # Compute's own policies (docs/simulator.md, Faults), which ARM's subscription headers do not
+    # show: each read policy a bucket smaller than the 32 workers' opening burst, so that throttling
+    # fires however slow the machine (250 only emptied when the machine was fast enough); refill as ARM's.
     "armThrottling": {"timeScale": 3, "reads": {"size": 24, "perSecond": 25}},
     "serverError": 0.004,
     "runCommandBusy": 0.01,

@@ -44,6 +44,20 @@ _AGENT_VERSION: Final[Mapping[str, str]] = {"Windows": "2.7.41491.1102", "Linux"
 _CREATED: Final = "2024-05-14T09:12:33.4476541+00:00"
 # The principal named in throttling messages (ARM names the caller's object id; one identity here).
 THROTTLED_ACTOR: Final = "5b7e2c1a-0d4f-4e8a-9c3b-6f1d2e3a4b5c"
+# Compute's policy (operation group) of each route, for the armThrottling fault: the names are
+# Compute's (troubleshooting-throttling-errors.md; public captures show a VM GET answered with
+# "Microsoft.Compute/LowCostGet3Min;3998,Microsoft.Compute/LowCostGet30Min;31997"); which policy
+# covers which route is a guess (lists as high-cost reads, a Run Command as a VM write). Only the
+# three-minute policies are modelled, not the thirty-minute ones beside them.
+COMPUTE_POLICIES: Final[Mapping[str, str]] = {
+    "get": "LowCostGet3Min",
+    "instance_view": "LowCostGet3Min",
+    "operation": "LowCostGet3Min",
+    "list_all": "HighCostGet3Min",
+    "list_by_resource_group": "HighCostGet3Min",
+    "run_command": "PutVM3Min",
+}
+REMAINING_RESOURCE: Final = "x-ms-ratelimit-remaining-resource"
 AGENT_ERROR: Final = "VMAgentStatusCommunicationError"
 # An operation that failed inside the platform (fault ``operationFailed``); widely seen ARM wording.
 EXECUTION_ERROR: Final = {
@@ -214,8 +228,8 @@ class Compute:
         kind, expected_method = route
         sub = parts[1]
         # ARM throttles before the request reaches the resource provider: its documented budget
-        # (simulator/throttle.py) for any request under a subscription, whatever the answer, then
-        # the stricter buckets of the armThrottling fault when it is on.
+        # (simulator/throttle.py) for any request under a subscription, whatever the answer; then
+        # Compute's own policies, the armThrottling fault, when it is on.
         budget = self.throttle.arm(sub, method)
         if budget is not None and not budget.allowed:
             return _with_remaining(_throttled(budget, sub), None, budget)
@@ -235,9 +249,9 @@ class Compute:
                 None,
                 budget,
             )
-        throttle = self.faults.throttle(sub, write=expected_method != "GET")
+        throttle = self.faults.throttle(sub, COMPUTE_POLICIES[kind], write=expected_method != "GET")
         if throttle is not None and not throttle.allowed:
-            return _with_remaining(_throttled(throttle, sub), throttle, budget)
+            return _with_remaining(_policy_throttled(throttle), throttle, budget)
         if self.faults.fire("serverError", path[:200]):
             error = server_error(self.faults.draw("serverError"), sub, self.latency_s)
             if kind == "run_command" and self.faults.draw("serverError") < self.faults.plan.after_accept:
@@ -938,7 +952,36 @@ def server_error(draw: float, subscription: str, latency_s: float) -> ArmRespons
     return ArmResponse(error.status, error.body, {"Retry-After": f"{max(latency_s, 0.001):.3f}"})
 
 
-def _throttled(answer: ThrottleAnswer | ArmVerdict, subscription: str) -> ArmResponse:
+def _policy_throttled(answer: ThrottleAnswer) -> ArmResponse:
+    """Compute's refusal under one of its own policies (troubleshooting-throttling-errors.md): 429
+    ``OperationNotAllowed`` with an inner ``TooManyRequests`` naming the policy, whose message is the
+    violation's JSON, and ``Retry-After`` (here the time until the policy's bucket has a token)."""
+    wait = answer.retry_after_s + 0.0005
+    violation = {
+        "operationGroup": answer.policy,
+        "startTime": _iso(datetime.fromtimestamp(answer.window_start, UTC)),
+        "endTime": _iso(datetime.fromtimestamp(answer.window_end, UTC)),
+        "allowedRequestCount": answer.allowed_count,
+        "measuredRequestCount": answer.measured,
+    }
+    body = {
+        "error": {
+            "code": "OperationNotAllowed",
+            "message": "The server rejected the request because too many requests have been received "
+            "for this subscription.",
+            "details": [
+                {
+                    "code": "TooManyRequests",
+                    "target": answer.policy,
+                    "message": json.dumps(violation, separators=(",", ":")),
+                }
+            ],
+        }
+    }
+    return ArmResponse(429, body, {"Retry-After": f"{wait:.3f}"})
+
+
+def _throttled(answer: ArmVerdict, subscription: str) -> ArmResponse:
     """ARM's token-bucket refusal: 429 ``SubscriptionRequestsThrottled`` with Retry-After."""
     kind = answer.header.rsplit("-", 1)[-1].removesuffix("s")  # read, write, delete
     wait = answer.retry_after_s + 0.0005
@@ -956,14 +999,13 @@ def _with_remaining(
     answer: ArmResponse, throttle: ThrottleAnswer | None, budget: ArmVerdict | None
 ) -> ArmResponse:
     """Every answer carries the subscription's remaining budget of its kind (reads, writes or
-    deletes); with the armThrottling fault on too, the smaller of the two remainders."""
-    remaining: dict[str, int] = {}
-    for source in (budget, throttle):
-        if source is not None:
-            known = remaining.get(source.header)
-            remaining[source.header] = source.remaining if known is None else min(known, source.remaining)
-    if not remaining:
+    deletes: ARM's, and only ARM's); with the armThrottling fault on, Compute's policy's remainder
+    too, in ``x-ms-ratelimit-remaining-resource`` (``Microsoft.Compute/<policy>;<count>``)."""
+    headers: dict[str, str] = {}
+    if budget is not None:
+        headers[budget.header] = str(budget.remaining)
+    if throttle is not None:
+        headers[REMAINING_RESOURCE] = throttle.header
+    if not headers:
         return answer
-    return ArmResponse(
-        answer.status, answer.body, {**answer.headers, **{k: str(v) for k, v in remaining.items()}}
-    )
+    return ArmResponse(answer.status, answer.body, {**answer.headers, **headers})

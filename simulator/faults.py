@@ -6,10 +6,18 @@ A fault plan is part of the estate (its ``faults`` section, docs/simulator.md) o
 whether to misbehave, and counts every fault it actually injected per kind: ``sim.faults()`` is
 the simulator's own record, independent of what the engine under test believes happened.
 
-ARM throttling is not a rate but a model: a token bucket per subscription for reads and one for
-writes, with ARM's sizes and refill rates (request-limits-and-throttling.md, 2025: reads 250 and
-25/s, writes 200 and 10/s), refilled ``timeScale`` times faster than in Azure because the
-simulator's time is compressed.
+ARM throttling (the ``armThrottling`` kind) is not a rate but a model of the throttle a client
+cannot see coming in ARM's subscription budget: the Compute resource provider's own policies
+("Troubleshooting API throttling errors", MicrosoftDocs/SupportArticles-docs
+``support/azure/virtual-machines/windows/troubleshooting-throttling-errors.md``, formerly
+MicrosoftDocs/azure-docs ``articles/virtual-machines/troubleshooting/troubleshooting-throttling-errors.md``):
+per subscription, a per-minute policy per operation group (``Microsoft.Compute/LowCostGet3Min``,
+``HighCostGet3Min``, ``PutVM3Min`` …), each a token bucket here (reads' or writes' size and refill,
+by default ARM's numbers: Compute publishes none), refilled ``timeScale`` times faster than in
+Azure because the simulator's time is compressed. Its remainder shows only in
+``x-ms-ratelimit-remaining-resource``, never in the ``x-ms-ratelimit-remaining-subscription-*``
+headers (ARM's documented budget, simulator/throttle.py), so a client pacing on those meets its
+429s and must back off.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ SCHEDULED: Final = (
 )
 KINDS: Final = (THROTTLING, *SCHEDULED)
 
-# ARM's token buckets per subscription (azure-facts.md 6.2): (bucket size, refill per second).
+# The policies' buckets by default: ARM's sizes and refill (azure-facts.md 6.2; Compute publishes
+# no numbers for its own): (bucket size, refill per second).
 ARM_READS: Final = (250, 25.0)
 ARM_WRITES: Final = (200, 10.0)
 DEFAULT_HANG_S: Final = 10.0
@@ -85,7 +94,8 @@ class Schedule:
 
 @dataclass(frozen=True, slots=True)
 class Throttling:
-    """ARM's buckets; refill per wall-clock second = ``per_second × time_scale``; sizes as in Azure."""
+    """The buckets of Compute's policies (each GET policy with ``reads``, each write policy with
+    ``writes``); refill per wall-clock second = ``per_second × time_scale``; sizes as given."""
 
     time_scale: float
     reads: tuple[int, float] = ARM_READS
@@ -301,14 +311,41 @@ class TokenBucket:
         return False, 0, (1.0 - self.tokens) / self.per_s
 
 
+# Compute's policies are per-minute windows ("…3Min"): a window of Azure's 180 s, in compressed time.
+POLICY_WINDOW_S: Final = 180.0
+COMPUTE: Final = "Microsoft.Compute"
+
+
 @dataclass(frozen=True, slots=True)
 class ThrottleAnswer:
-    """What the bucket said about one request: the header to send, and a wait when refused."""
+    """What a Compute policy's bucket said about one request: its remainder, and a wait when refused.
+
+    ``allowed_count`` and ``measured`` are the throttling error's details (what the policy allows in
+    one window, and the requests it counted in the current one, from ``window_start`` to
+    ``window_end``, wall-clock epoch seconds)."""
 
     allowed: bool
-    header: str  # x-ms-ratelimit-remaining-subscription-reads|writes
+    policy: str  # e.g. LowCostGet3Min (shown as Microsoft.Compute/LowCostGet3Min)
     remaining: int
     retry_after_s: float
+    allowed_count: int = 0
+    measured: int = 0
+    window_start: float = 0.0
+    window_end: float = 0.0
+
+    @property
+    def header(self) -> str:
+        """``x-ms-ratelimit-remaining-resource``'s value: ``<source RP>/<policy>;<count>``."""
+        return f"{COMPUTE}/{self.policy};{self.remaining}"
+
+
+@dataclass(slots=True)
+class _Window:
+    """The requests a policy counted in its current window (tumbling, ``POLICY_WINDOW_S`` of Azure's time)."""
+
+    start: float
+    wall_start: float
+    count: int = 0
 
 
 class FaultInjector:
@@ -323,6 +360,7 @@ class FaultInjector:
         self._injected: Counter[str] = Counter()
         self._events: deque[dict[str, Any]] = deque(maxlen=_EVENT_LOG_SIZE)
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self._windows: dict[tuple[str, str], _Window] = {}
 
     def fire(self, kind: str, target: str = "", detail: str = "", *, record: bool = True) -> bool:
         """One opportunity of ``kind``: True when the fault is injected now (counted unless ``record``
@@ -351,23 +389,37 @@ class FaultInjector:
         self._injected[kind] += 1
         self._events.append({"kind": kind, "target": target, "detail": detail, "at": self._clock()})
 
-    def throttle(self, subscription: str, *, write: bool) -> ThrottleAnswer | None:
-        """Take a token from the subscription's read or write bucket; None when throttling is off."""
+    def throttle(self, subscription: str, policy: str, *, write: bool) -> ThrottleAnswer | None:
+        """Take a token from the bucket of Compute's ``policy`` in the subscription (reads' or
+        writes' size and refill); None when throttling is off."""
         spec = self.plan.throttling
         if spec is None:
             return None
-        kind = "writes" if write else "reads"
         size, per_s = spec.writes if write else spec.reads
+        window_s = POLICY_WINDOW_S / spec.time_scale
         with self._lock:
             now = self._clock()
-            key = (subscription.lower(), kind)
+            key = (subscription.lower(), policy)
             bucket = self._buckets.get(key)
             if bucket is None:
                 bucket = self._buckets[key] = TokenBucket(size, per_s * spec.time_scale, now)
+            window = self._windows.get(key)
+            if window is None or now - window.start >= window_s:
+                window = self._windows[key] = _Window(now, time.time())
+            window.count += 1
             allowed, remaining, wait = bucket.take(now)
             if not allowed:
-                self._note(THROTTLING, subscription, kind)
-        return ThrottleAnswer(allowed, f"x-ms-ratelimit-remaining-subscription-{kind}", remaining, wait)
+                self._note(THROTTLING, subscription, policy)
+            return ThrottleAnswer(
+                allowed,
+                policy,
+                remaining,
+                wait,
+                allowed_count=int(size + per_s * POLICY_WINDOW_S),
+                measured=window.count,
+                window_start=window.wall_start,
+                window_end=window.wall_start + window_s,
+            )
 
     def counts(self) -> dict[str, int]:
         """Faults injected so far, per kind (every kind listed, 0 when none)."""

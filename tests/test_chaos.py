@@ -184,25 +184,41 @@ def test_simulator_serve_takes_fault_options(capsys: pytest.CaptureFixture[str])
 # --- each kind, as the simulator injects it ----------------------------------------------------
 
 
-def test_arm_throttling_is_a_token_bucket_per_subscription_with_retry_after_and_remaining_headers(
+def test_arm_throttling_is_computes_own_policy_which_the_subscription_budget_does_not_show(
     sim_factory: Callable[..., Simulator],
 ) -> None:
+    """Compute's per-minute policies (troubleshooting-throttling-errors.md): their remainder in
+    ``x-ms-ratelimit-remaining-resource``, a 429 ``OperationNotAllowed`` naming the policy, with
+    ``Retry-After``; ARM's subscription budget headers stay ARM's, so no pacer on them sees it coming."""
     sim = serve(sim_factory, {"armThrottling": {"timeScale": 1, "reads": {"size": 3, "perSecond": 2}}})
     arm, vm = Arm(sim), sim.estate.vms[0].id
-    remaining = [arm("GET", vm)[1]["x-ms-ratelimit-remaining-subscription-reads"] for _ in range(3)]
-    assert remaining == ["2", "1", "0"]
+    answers = [arm("GET", vm)[1] for _ in range(3)]
+    assert [h["x-ms-ratelimit-remaining-resource"] for h in answers] == [
+        f"Microsoft.Compute/LowCostGet3Min;{n}" for n in (2, 1, 0)
+    ]
+    assert all(int(h["x-ms-ratelimit-remaining-subscription-reads"]) >= 240 for h in answers)
     status, headers, body = arm("GET", vm)
-    assert status == 429 and body["error"]["code"] == "SubscriptionRequestsThrottled"
-    assert "Number of 'read' requests for subscription" in body["error"]["message"]
+    assert status == 429 and body["error"]["code"] == "OperationNotAllowed"
+    (detail,) = body["error"]["details"]
+    assert detail["code"] == "TooManyRequests" and detail["target"] == "LowCostGet3Min"
+    violation = json.loads(detail["message"])
+    assert violation["operationGroup"] == "LowCostGet3Min" and violation["measuredRequestCount"] == 4
+    assert violation["allowedRequestCount"] == 3 + 2 * 180 and violation["startTime"] < violation["endTime"]
+    assert 0 < float(headers["Retry-After"]) <= 0.51
+    assert headers["x-ms-ratelimit-remaining-resource"] == "Microsoft.Compute/LowCostGet3Min;0"
+    assert int(headers["x-ms-ratelimit-remaining-subscription-reads"]) >= 240  # ARM's own: plenty
+    # Each policy has its own bucket: a list is a high-cost read, a Run Command a VM write.
+    listing = "/".join(vm.split("/")[:3]) + "/providers/Microsoft.Compute/virtualMachines"
+    status, headers, _ = arm("GET", listing)
     assert (
-        0 < float(headers["Retry-After"]) <= 0.51
-        and headers["x-ms-ratelimit-remaining-subscription-reads"] == "0"
+        status == 200
+        and headers["x-ms-ratelimit-remaining-resource"] == "Microsoft.Compute/HighCostGet3Min;2"
     )
-    # Writes have their own bucket, and the bucket refills.
     status, headers, _ = arm.detect(vm)
-    assert status == 202 and headers["x-ms-ratelimit-remaining-subscription-writes"] == "199"
+    assert status == 202 and headers["x-ms-ratelimit-remaining-resource"] == "Microsoft.Compute/PutVM3Min;199"
+    assert int(headers["x-ms-ratelimit-remaining-subscription-writes"]) >= 190
     time.sleep(0.55)
-    assert arm("GET", vm)[0] == 200
+    assert arm("GET", vm)[0] == 200  # the policy's bucket refilled
     assert sim.faults()["armThrottling"] == 1
 
 

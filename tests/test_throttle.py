@@ -189,17 +189,28 @@ def test_throttling_off_sends_no_budget_headers(sim_factory: Callable[..., Simul
     assert "x-ms-user-quota-remaining" not in http.graph()[1]
 
 
-def test_the_fault_and_the_model_together_report_the_smaller_remainder(
+def test_arm_refuses_before_computes_policies_and_its_header_is_its_own_budget(
     sim_factory: Callable[..., Simulator],
 ) -> None:
+    """The armThrottling fault is Compute's own policies (simulator/faults.py): ARM's budget applies
+    first (a request it refuses never reaches Compute, and is no fault), and the subscription
+    header is ARM's budget alone; the policy's remainder is in ``x-ms-ratelimit-remaining-resource``."""
     from simulator.faults import FaultPlan
 
     plan = FaultPlan.from_dict({"armThrottling": {"timeScale": 1, "reads": {"size": 5, "perSecond": 1}}})
     sim = sim_factory(estate({"timeScale": 1, "reads": {"size": 2, "perSecond": 0.5}}).with_faults(plan))
     http = Http(sim)
-    assert [http("GET", _vm(SUB_A, "a1"))[1][READS] for _ in range(2)] == ["1", "0"]
-    status, headers, _ = http("GET", _vm(SUB_A, "a1"))
-    assert status == 429 and headers[READS] == "0"
+    answers = [http("GET", _vm(SUB_A, "a1"))[1] for _ in range(2)]
+    assert [h[READS] for h in answers] == ["1", "0"]
+    assert [h["x-ms-ratelimit-remaining-resource"] for h in answers] == [
+        "Microsoft.Compute/LowCostGet3Min;4",
+        "Microsoft.Compute/LowCostGet3Min;3",
+    ]
+    status, headers, body = http("GET", _vm(SUB_A, "a1"))
+    assert (
+        status == 429 and headers[READS] == "0" and body["error"]["code"] == "SubscriptionRequestsThrottled"
+    )
+    assert "x-ms-ratelimit-remaining-resource" not in headers  # it never reached Compute
     assert sim.faults()["armThrottling"] == 0 and sim.throttling()["armThrottled"] == 1
 
 

@@ -212,3 +212,54 @@ async def test_sessions_trust_the_environment_only_when_it_names_a_proxy(
         assert session.trust_env is True
     finally:
         await session.close()
+
+
+async def test_computes_own_throttle_is_met_and_backed_off_from_though_the_budget_looked_full(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compute's per-minute policy (the armThrottling fault: a LowCostGet3Min bucket of 3 here)
+    shows nowhere in ARM's subscription headers, so the pacer cannot foresee it: eight reads at
+    once meet its 429s, and the engine backs off (Retry-After, the subscription's concurrency
+    halved) and every read ends well."""
+    from simulator.faults import FaultPlan
+
+    plan = FaultPlan.from_dict({"armThrottling": {"timeScale": 1, "reads": {"size": 3, "perSecond": 10}}})
+    sim = sim_factory(_estate({}, count=8).with_faults(plan), latency_s=0.01)
+    for key, value in sim.env().items():
+        monkeypatch.setenv(key, value)
+    config = Settings.from_env(sim.env())
+    ids = [VmId.parse(vm.id) for vm in sim.estate.vms]
+    async with make_credential(config) as credential, ComputeGateway(credential, config) as gateway:
+        facts = await asyncio.gather(*(gateway.get_vm(vm) for vm in ids))
+        pacer = gateway.pacer
+        assert (pacer.remaining(SUB, "reads") or 0) >= 200  # ARM's budget said: plenty left
+    assert [f.vm_id for f in facts] == ids
+    assert sim.faults()["armThrottling"] >= 1 and sim.throttling()["armThrottled"] == 0
+    assert pacer.throttled[SUB] == sim.faults()["armThrottling"]  # every 429 seen by the pacer
+    assert pacer.provider_throttled[SUB] >= 1  # told apart from ARM's: its budget was not low
+    assert pacer.concurrency(SUB) < config.max_concurrency  # and the subscription slowed down
+
+
+async def test_a_providers_429_spaces_the_requests_an_arms_does_not() -> None:
+    """A 429 with ARM's budget plenty is the resource provider's (troubleshooting-throttling-errors.md):
+    requests of that subscription and kind are then spaced by the Retry-After it named, once per
+    burst, doubled by a later burst, shorter by a tenth per answer that is not a 429. A 429 with
+    ARM's budget empty is ARM's: no spacing."""
+    fake = FakeTime()
+    pacer = Pacer(concurrency=8, clock=fake.clock, sleep=fake.sleep)
+    for _ in range(4):
+        await pacer.before(SUB, "reads")
+    pacer.after(SUB, "reads", 429, {READS: "240", "Retry-After": "0.5"})
+    pacer.after(SUB, "reads", 429, {READS: "239", "Retry-After": "0.2"})  # the same burst
+    assert pacer.spacing(SUB, "reads") == 0.5 and pacer.provider_throttled[SUB] == 1
+    pacer.after(SUB, "reads", 200, {READS: "238"})
+    pacer.after(SUB, "reads", 200, {READS: "237"})
+    assert pacer.spacing(SUB, "reads") == pytest.approx(0.405)
+    for _ in range(3):
+        await pacer.before(SUB, "reads")  # the first after Retry-After, then one per spacing
+    assert fake.now == pytest.approx(100.5 + 2 * 0.405)
+    pacer.after(SUB, "reads", 429, {READS: "236", "Retry-After": "0.1"})  # a later burst
+    assert pacer.spacing(SUB, "reads") == pytest.approx(0.81) and pacer.provider_throttled[SUB] == 2
+    await pacer.before(SUB, "writes")
+    pacer.after(SUB, "writes", 429, {"x-ms-ratelimit-remaining-subscription-writes": "0", "Retry-After": "1"})
+    assert pacer.spacing(SUB, "writes") is None and pacer.provider_throttled[SUB] == 2

@@ -177,7 +177,8 @@ class RunCommandRetryPolicy(AsyncRetryPolicy[Any, Any]):
     started it and still answered 500 (the simulator's ``serverError`` fault does exactly that). A
     retry that arrives after that command finished runs the script a second time, and for a
     remediation without the detection that must come first. So a POST is retried only after a 429
-    (ARM refuses before the resource provider sees the request); any other error reaches the
+    (ARM refuses before the resource provider sees the request, and Compute's own throttle rejects
+    it unrun: troubleshooting-throttling-errors.md); any other error reaches the
     workflow, which defers, and the next attempt detects the VM's state again before acting.
     Connection errors of a POST are not retried by azure-core either; GETs keep every retry.
     """

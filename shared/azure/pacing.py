@@ -18,6 +18,19 @@ client shares the budget, or a stricter limit applies) and halves the number of 
 works on at once in that subscription (:meth:`Pacer.concurrency`); both grow back with every
 answer that is not a 429 (additive increase, multiplicative decrease).
 
+A 429 while ARM's budget of that kind is not low is the resource provider's own throttle: Compute
+has per-minute policies per operation group ("Troubleshooting API throttling errors",
+MicrosoftDocs/SupportArticles-docs
+``support/azure/virtual-machines/windows/troubleshooting-throttling-errors.md``:
+"If the remaining call count is approaching 0, the subscription's general call limit defined by
+Azure Resource Manager has been reached … Otherwise, the throttling is coming from the target
+resource provider"), which the subscription headers do not show. Then, besides waiting for its
+``Retry-After``, the pacer spaces the requests of that subscription and kind: one at least every
+``Retry-After`` of the first such 429 (the time the provider named for its next call), doubled by
+each later burst of them, so that the retries do not all arrive at once on the policy's bucket
+again; each answer that is not a 429 shortens the spacing by a tenth, and below a millisecond it is
+lifted.
+
 Requests that name no subscription (Resource Graph, ``GET /subscriptions``) are not paced here:
 Resource Graph has its own quota, which the inventory paces (shared/azure/inventory.py).
 """
@@ -58,6 +71,10 @@ DEFAULT_RESERVE: Final = 3.0
 MIN_RATE_SHARE: Final = 0.05
 # One 429 burst (several requests refused at once) halves a subscription's concurrency once.
 DECREASE_COOLDOWN_S: Final = 1.0
+# After a provider's 429: each answer that is not a 429 shortens the spacing by this factor, and a
+# spacing under MIN_GAP_S is lifted.
+GAP_SHRINK: Final = 0.9
+MIN_GAP_S: Final = 0.001
 _SUBSCRIPTION = re.compile(r"/subscriptions/([0-9A-Fa-f-]{36})(?:/|$)")
 
 
@@ -86,11 +103,18 @@ class _Budget:
     inflight: int = 0  # requests sent and not answered yet
     blocked_until: float = 0.0  # a 429's Retry-After: nothing before then
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # After the resource provider's own 429: the least time between two requests (None: none), when
+    # the next may go, and until when a further 429 belongs to the same burst (no doubling then).
+    gap: float | None = None
+    next_at: float = 0.0
+    gap_burst_until: float = 0.0
 
     def wait(self, now: float, reserve: float) -> float:
         """Seconds to wait before the next request may go."""
         if now < self.blocked_until - 1e-6:
             return self.blocked_until - now
+        if self.gap is not None and now < self.next_at - 1e-6:
+            return self.next_at - now
         if self.remaining is None:
             return 0.0
         # What would be left once this request took its token.
@@ -135,6 +159,8 @@ class Pacer:
         self.sent: Counter[tuple[str, str]] = Counter()  # requests sent, per (subscription, kind)
         self.refused: Counter[tuple[str, str]] = Counter()  # 429s, per (subscription, kind)
         self.waited_s = 0.0  # time requests spent waiting for the budget, summed
+        # Provider-side throttle bursts (a 429 while ARM's budget was not low), per subscription.
+        self.provider_throttled: Counter[str] = Counter()
 
     def policy(self) -> PacingPolicy:
         return PacingPolicy(self)
@@ -152,14 +178,14 @@ class Pacer:
         budget = self._budget(subscription, kind)
         self.requests[subscription] += 1
         self.sent[(subscription, kind)] += 1
-        if budget.wait(self._clock(), self._reserve) <= 0:
-            budget.inflight += 1
-            return
-        async with budget.lock:  # one waiter paces at a time: each sees the one before it
-            while (wait := budget.wait(self._clock(), self._reserve)) > 0:
-                self.waited_s += wait
-                await self._sleep(wait)
-            budget.inflight += 1
+        if budget.wait(self._clock(), self._reserve) > 0:
+            async with budget.lock:  # one waiter paces at a time: each sees the one before it
+                while (wait := budget.wait(self._clock(), self._reserve)) > 0:
+                    self.waited_s += wait
+                    await self._sleep(wait)
+        budget.inflight += 1
+        if budget.gap is not None:
+            budget.next_at = self._clock() + budget.gap
 
     def after(self, subscription: str, kind: str, status: int | None, headers: Mapping[str, str]) -> None:
         """Learn from an answer: the remaining budget, and a 429's Retry-After."""
@@ -167,9 +193,11 @@ class Pacer:
         budget.inflight = max(0, budget.inflight - 1)
         now = self._clock()
         value = _header(headers, f"x-ms-ratelimit-remaining-subscription-{kind}")
+        arm_left: float | None = None
         if value is not None:
             with contextlib.suppress(ValueError):
-                budget.remaining, budget.at = float(value), now
+                arm_left = float(value)
+                budget.remaining, budget.at = arm_left, now
         concurrency = self._concurrency.setdefault(subscription, _Concurrency(self._max))
         if status == 429:
             self.throttled[subscription] += 1
@@ -180,9 +208,20 @@ class Pacer:
             if now - concurrency.decreased_at >= DECREASE_COOLDOWN_S:
                 concurrency.limit = max(1.0, concurrency.limit / 2)
                 concurrency.decreased_at = now
+            if arm_left is not None and arm_left > self._reserve and now >= budget.gap_burst_until:
+                # ARM's budget is not what refused it: the provider's own policy did.
+                named = 1.0 if wait is None else max(wait, MIN_GAP_S)
+                budget.gap = named if budget.gap is None else max(named, 2 * budget.gap)
+                budget.next_at = budget.blocked_until
+                budget.gap_burst_until = budget.blocked_until
+                self.provider_throttled[subscription] += 1
             return
         budget.rate = min(budget.documented, budget.rate + budget.documented / 100)
         concurrency.limit = min(self._max, concurrency.limit + 1 / concurrency.limit)
+        if budget.gap is not None:
+            budget.gap *= GAP_SHRINK
+            if budget.gap < MIN_GAP_S:
+                budget.gap = None
 
     def abandon(self, subscription: str, kind: str) -> None:
         """A request that got no answer (connection error, cancellation) is no longer in flight."""
@@ -193,6 +232,12 @@ class Pacer:
         """How many VMs of the subscription may be worked on at once now (the sweep's lanes ask)."""
         state = self._concurrency.get(subscription.lower())
         return int(self._max if state is None else max(1.0, state.limit))
+
+    def spacing(self, subscription: str, kind: str) -> float | None:
+        """The least seconds between two requests of the subscription and kind after a provider's
+        429 (None: not spaced)."""
+        budget = self._budgets.get((subscription.lower(), kind))
+        return None if budget is None else budget.gap
 
     def remaining(self, subscription: str, kind: str) -> float | None:
         """The last remaining budget ARM reported for the subscription and kind (None: none yet)."""
