@@ -260,6 +260,9 @@ async def test_a_providers_429_spaces_the_requests_an_arms_does_not() -> None:
     assert fake.now == pytest.approx(100.5 + 2 * 0.405)
     pacer.after(SUB, "reads", 429, {READS: "236", "Retry-After": "0.1"})  # a later burst
     assert pacer.spacing(SUB, "reads") == pytest.approx(0.81) and pacer.provider_throttled[SUB] == 2
+    fake.now += 1
+    pacer.after(SUB, "reads", 429, {READS: "235", "Retry-After": "1200"})  # a thirty-minute policy's
+    assert pacer.spacing(SUB, "reads") == 1.0  # at most a second apart once the 1,200 s are over
     await pacer.before(SUB, "writes")
     pacer.after(SUB, "writes", 429, {"x-ms-ratelimit-remaining-subscription-writes": "0", "Retry-After": "1"})
-    assert pacer.spacing(SUB, "writes") is None and pacer.provider_throttled[SUB] == 2
+    assert pacer.spacing(SUB, "writes") is None and pacer.provider_throttled[SUB] == 3

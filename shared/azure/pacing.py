@@ -26,10 +26,10 @@ MicrosoftDocs/SupportArticles-docs
 Azure Resource Manager has been reached … Otherwise, the throttling is coming from the target
 resource provider"), which the subscription headers do not show. Then, besides waiting for its
 ``Retry-After``, the pacer spaces the requests of that subscription and kind: one at least every
-``Retry-After`` of the first such 429 (the time the provider named for its next call), doubled by
-each later burst of them, so that the retries do not all arrive at once on the policy's bucket
-again; each answer that is not a 429 shortens the spacing by a tenth, and below a millisecond it is
-lifted.
+``Retry-After`` of the first such 429 (the time the provider named for its next call; at most a
+second), doubled by each later burst of them, so that the retries do not all arrive at once on the
+policy's bucket again; each answer that is not a 429 shortens the spacing by a tenth, and below a
+millisecond it is lifted.
 
 Requests that name no subscription (Resource Graph, ``GET /subscriptions``) are not paced here:
 Resource Graph has its own quota, which the inventory paces (shared/azure/inventory.py).
@@ -75,6 +75,9 @@ DECREASE_COOLDOWN_S: Final = 1.0
 # spacing under MIN_GAP_S is lifted.
 GAP_SHRINK: Final = 0.9
 MIN_GAP_S: Final = 0.001
+# The spacing is at most this: a Retry-After of minutes (a thirty-minute policy's, 1,200 s in the
+# page's example) holds the requests that long already, and then one a second is slow enough.
+MAX_GAP_S: Final = 1.0
 _SUBSCRIPTION = re.compile(r"/subscriptions/([0-9A-Fa-f-]{36})(?:/|$)")
 
 
@@ -211,7 +214,8 @@ class Pacer:
             if arm_left is not None and arm_left > self._reserve and now >= budget.gap_burst_until:
                 # ARM's budget is not what refused it: the provider's own policy did.
                 named = 1.0 if wait is None else max(wait, MIN_GAP_S)
-                budget.gap = named if budget.gap is None else max(named, 2 * budget.gap)
+                spaced = named if budget.gap is None else max(named, 2 * budget.gap)
+                budget.gap = min(MAX_GAP_S, spaced)
                 budget.next_at = budget.blocked_until
                 budget.gap_burst_until = budget.blocked_until
                 self.provider_throttled[subscription] += 1
