@@ -10,10 +10,9 @@ priority below the deny that no outbound rule of the NSG uses, named after that 
 two fixes for one NSG (two VMs denied by different rules) never replace each other (to the
 ``AzurePlatformLKM`` service tag when the deny names that tag, with its removal as the other way:
 the tag exists "to disable the defaults for licensing", service-tags-overview.md). A user route
-already at a KMS
-address's /32 with another next hop is changed (``az network route-table route update``), since a
-second route with that prefix cannot be created. The CLI syntax is
-that of the Azure CLI reference (``az network route-table route create``, ``az network nat gateway
+already at a KMS address's /32 with another next hop is changed (``az network route-table route
+update``), since a second route with that prefix cannot be created. The CLI syntax is that of the
+Azure CLI reference (``az network route-table route create``, ``az network nat gateway
 create``, ``az network vnet subnet update --nat-gateway/--route-table``, ``az network nsg rule
 create``); docs/troubleshooting.md cites each page.
 """

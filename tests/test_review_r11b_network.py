@@ -354,3 +354,30 @@ def test_two_vms_denied_by_different_rules_of_one_nsg_get_allows_that_do_not_rep
     assert len(creates) == 2
     assert "--name allow-azure-kms-299 --priority 299 " in creates[0]
     assert "--name allow-azure-kms-199 --priority 199 " in creates[1]
+
+
+def test_a_deny_naming_azure_platform_lkm_in_its_plural_destination_blocks_while_the_platform_rule_holds() -> (
+    None
+):
+    """An ARM template may write the tag in ``destinationAddressPrefixes`` (the az CLI moves a single
+    entry to the singular; the simulator answers one entry singular, so only the engine sees it)."""
+    rules = [
+        {
+            "name": "no-licensing",
+            "properties": {
+                "direction": "Outbound",
+                "priority": 300,
+                "access": "Deny",
+                "protocol": "*",
+                "sourceAddressPrefix": "*",
+                "destinationPortRange": "*",
+                "destinationAddressPrefixes": ["AzurePlatformLKM"],
+            },
+        }
+    ]
+    nsg = {"id": f"{_SUB_NET}/networkSecurityGroups/nsg", "properties": {"securityRules": rules}}
+    nic = _nic({"privateIPAddress": "10.0.1.4", "primary": True})
+    verdict = judge(PathFacts(nic, _SUBNET, _SYSTEM, nsgs=[nsg]), PUBLIC)
+    assert verdict.state == "blocked", verdict
+    (finding,) = verdict.findings
+    assert (finding.cause, finding.platform_tag, finding.addresses) == (NSG_DENY, True, PUBLIC.required)
