@@ -132,3 +132,36 @@ async def test_a_retry_after_nobody_can_read_is_not_a_crash(
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
 def test_a_non_finite_retry_after_names_no_wait(value: str) -> None:
     assert wait_from_headers({"Retry-After": value}) is None
+
+
+# --- a retry never comes back sooner than the delay the worker counted ---------------------------
+
+
+class _Client:
+    """A queue client that keeps what it was asked to send."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[int | None] = []
+
+    async def send_message(self, body: str, *, visibility_timeout: int | None = None) -> None:
+        self.timeouts.append(visibility_timeout)
+
+
+@pytest.mark.parametrize(
+    ("delay_s", "visible_after"),
+    [(0.0, None), (0.25, 1), (1.0, 1), (4.5, 5), (17.0001, 18), (3600.0, 3600), (1e12, 7 * 24 * 3600)],
+)
+async def test_a_delayed_message_stays_invisible_at_least_its_delay(
+    delay_s: float, visible_after: int | None
+) -> None:
+    """The deadline counts the delays scheduled (``deferredS``) on the ground that a message put with
+    a visibility timeout stays invisible until it expires (Put Message, whole seconds). The queue
+    truncated the delay: a 4.5 s retry (the chaos run's 1/16 cap) came back after 4 s, one counted 0.5
+    s at once, and a ``Retry-After: 17.4`` was answered 17 s later, sooner than ARM asked."""
+    from shared.model import Trigger, VmId, WorkItem
+    from shared.workqueue import WorkQueue
+
+    client = _Client()
+    item = WorkItem(reason=Trigger.ALERT, vm_id=VmId.parse(vm_id("web-01")), correlation_id="delay")
+    await WorkQueue(client).send(item, delay_s=delay_s)  # type: ignore[arg-type]
+    assert client.timeouts == [visible_after]
