@@ -1,0 +1,75 @@
+"""Review of issue 9's chaos proof (r9b): the one exemption of ``verdict_vs_state`` is no wider than
+its reason.
+
+``verdict_vs_state`` (bench/chaos.py) must fail when a licensed KMS client is recorded ``failed``,
+save for a VM nothing could have looked at (its agent down from the start of the pass to its end,
+by the estate): there the engine's ``failed: deadline-exceeded:agent-not-ready`` is the truth. The
+check exempted such a VM whatever its ``failed`` said, so an engine that gave up on a down agent at
+the first look (``failed: agent-not-ready``, transient made terminal, the very thing item 7 forbids)
+passed it. Only a deadline reached after the item's retries is exempt now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from bench import chaos
+from shared.decide import Decision
+from shared.model import OutcomeKind
+from tests.test_chaos import BROKEN, shared_azurite
+
+__all__ = ["shared_azurite"]
+
+
+@pytest.fixture
+def dead_agents(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every VM of the estate is a licensed KMS client whose agent is down for the whole run."""
+    real = chaos.build_estate
+
+    def build(config: chaos.ChaosConfig, count: int, seed: int) -> Any:
+        estate = real(config, count, seed)
+        return replace(estate, vms=tuple(replace(vm, agent_ready=False) for vm in estate.vms))
+
+    monkeypatch.setattr(chaos, "build_estate", build)
+
+
+DEAD = replace(BROKEN, vms=4, mix={"kms_healthy": 1.0}, dup_share=0.0)
+
+
+@pytest.mark.slow
+async def test_a_licensed_vm_nobody_could_look_at_is_exempt_only_at_its_deadline(
+    dead_agents: None, shared_azurite: Any
+) -> None:
+    report = await chaos.run_chaos(DEAD, azurite=shared_azurite)
+    enforce = report["passes"]["enforce"]
+    assert report["violations"]["verdict_vs_state"] == 0, enforce["examples"]
+    exempt = enforce["licensedUnobservable"]
+    assert (
+        list(exempt) == ["deadline-exceeded:agent-not-ready"]
+        and exempt["deadline-exceeded:agent-not-ready"] >= 3
+    )
+
+
+@pytest.mark.slow
+async def test_the_checks_catch_a_down_agent_made_terminal_at_the_first_look(
+    dead_agents: None, shared_azurite: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shared.workflow
+
+    real_gate = shared.workflow.gate
+
+    def terminal(vm: Any, settings: Any) -> Decision | None:
+        decision = real_gate(vm, settings)
+        if decision is not None and decision.reason == "agent-not-ready":
+            return Decision.final(OutcomeKind.FAILED, "agent-not-ready")
+        return decision
+
+    monkeypatch.setattr(shared.workflow, "gate", terminal)
+    report = await chaos.run_chaos(DEAD, azurite=shared_azurite)
+    assert report["violations"]["verdict_vs_state"] >= 3  # each VM in scope (one subscription is not)
+    assert report["passes"]["enforce"]["licensedUnobservable"] == {}
+    [example, *_] = report["passes"]["enforce"]["examples"]["verdict_vs_state"]
+    assert "a licensed KMS client, recorded failed: agent-not-ready" in example
