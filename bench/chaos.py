@@ -1310,7 +1310,10 @@ class ChaosPass:
                     continue
                 at = entry["started"] + offset
                 if entry["script"] == "remediate":
-                    if not any(at - self.config.lease_s <= t <= at + slack for t in intents):
+                    # Before it: the engine's clock at the write and the simulator's at the POST's
+                    # arrival are one system clock, so only rounding separates them (a 1 s slack let
+                    # an intent written half a second after the POST pass).
+                    if not any(at - self.config.lease_s <= t <= at + INTENT_SLACK_S for t in intents):
                         violate("unrecorded_run_commands", f"{vm_id}: a remediation with no intent before it")
                 elif not any(t >= at - slack for t in answers):
                     violate("unrecorded_run_commands", f"{vm_id}: a {entry['script']} with no row after it")
@@ -1401,6 +1404,10 @@ class ChaosPass:
             dict(violations),
             examples,
         )
+
+
+# An intent row's time may follow its remediation's start by no more than this (clock rounding).
+INTENT_SLACK_S = 0.1
 
 
 def _story(history: list[dict[str, Any]], most: int = 14) -> str:

@@ -73,3 +73,59 @@ async def test_the_checks_catch_a_down_agent_made_terminal_at_the_first_look(
     assert report["passes"]["enforce"]["licensedUnobservable"] == {}
     [example, *_] = report["passes"]["enforce"]["examples"]["verdict_vs_state"]
     assert "a licensed KMS client, recorded failed: agent-not-ready" in example
+
+
+# --- unrecorded_run_commands: does it fail when the intent is missing, or comes after the POST? ---
+
+AVMA = replace(BROKEN, vms=6, dup_share=0.0)
+
+
+@pytest.mark.slow
+async def test_the_checks_catch_remediations_without_an_intent_row(
+    shared_azurite: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.ledger import Ledger
+
+    async def no_intent(self: Ledger, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    monkeypatch.setattr(Ledger, "record_intent", no_intent)
+    report = await chaos.run_chaos(AVMA, azurite=shared_azurite)
+    assert report["violations"]["unrecorded_run_commands"] > 0
+    [example, *_] = report["passes"]["enforce"]["examples"]["unrecorded_run_commands"]
+    assert "a remediation with no intent before it" in example
+
+
+@pytest.mark.slow
+async def test_the_checks_catch_an_intent_written_after_its_remediation(
+    shared_azurite: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The intent row must precede the POST (a crash after it then leaves evidence): one written
+    half a second after the Run Command started is a violation, judged by the simulator's start time
+    (with a 1 s slack it passed)."""
+    import asyncio
+
+    from shared.ledger import Ledger
+
+    real = Ledger.record_intent
+    late: set[asyncio.Task[None]] = set()
+
+    async def after_the_post(self: Ledger, *args: Any, **kwargs: Any) -> None:
+        async def write() -> None:
+            await asyncio.sleep(0.5)
+            await real(self, *args, **kwargs)
+
+        task = asyncio.create_task(write())
+        late.add(task)
+        task.add_done_callback(late.discard)
+
+    monkeypatch.setattr(Ledger, "record_intent", after_the_post)
+    report = await chaos.run_chaos(AVMA, azurite=shared_azurite)
+    assert report["violations"]["unrecorded_run_commands"] > 0
+
+
+@pytest.mark.slow
+async def test_the_engine_as_it_is_writes_every_intent_before_its_remediation(shared_azurite: Any) -> None:
+    report = await chaos.run_chaos(AVMA, azurite=shared_azurite)
+    assert report["violations"]["unrecorded_run_commands"] == 0, report["passes"]["enforce"]["examples"]
+    assert report["passes"]["enforce"]["remediatedVms"] > 0
