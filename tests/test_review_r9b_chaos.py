@@ -129,3 +129,26 @@ async def test_the_engine_as_it_is_writes_every_intent_before_its_remediation(sh
     report = await chaos.run_chaos(AVMA, azurite=shared_azurite)
     assert report["violations"]["unrecorded_run_commands"] == 0, report["passes"]["enforce"]["examples"]
     assert report["passes"]["enforce"]["remediatedVms"] > 0
+
+
+# --- lost, from the producers' side: a delivery dropped while another copy reaches a verdict ------
+
+
+@pytest.mark.slow
+async def test_the_checks_catch_a_delivery_dropped_on_a_held_lease(
+    shared_azurite: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 9's first defect put back: a copy that meets another workflow's lease is dropped (no
+    retry, no row). Every VM still ends with a verdict (the winning copy's), so only the count from
+    the producers' side (each copy sent, each item produced, answered) can see it."""
+    from shared.model import Outcome, OutcomeKind
+    from shared.worker import Worker
+
+    async def drop(self: Worker, item: Any, vm_id: Any, reason: str) -> Outcome:
+        return Outcome(str(vm_id), OutcomeKind.SKIPPED, "duplicate")
+
+    monkeypatch.setattr(Worker, "_wait_for_lease", drop)
+    report = await chaos.run_chaos(replace(BROKEN, vms=6, latency_s=0.2), azurite=shared_azurite)
+    assert report["violations"]["lost"] > 0
+    examples = report["passes"]["enforce"]["examples"]["lost"]
+    assert all("no outcome in the ledger" not in e and "last record is" not in e for e in examples), examples
