@@ -56,3 +56,44 @@ async def test_with_no_defer_delay_a_busy_item_still_reaches_its_deadline(
         body = json.dumps(sent[-1])
     assert (outcome.kind.value, outcome.reason) == ("failed", "deadline-exceeded:run-command-busy")
     assert len(sent) == 4  # 1 s counted per retry: 4 s >= 3.6 s
+
+
+# --- the CLI's later passes: each pass carries the count the one before it reached ---------------
+
+
+async def test_each_later_pass_carries_the_unreadable_answers_of_the_passes_before_it() -> None:
+    """``rechecking`` serves every later in-run pass (shared/inrun_retry.py calls the same check once
+    per pass). A VM unreadable once in the sweep and once in pass 1 (then busy each time) is on its
+    third and fourth unreadable answer in pass 2: terminal after two Run Commands there, not four.
+    Not carrying pass 1's count into pass 2 survived main's suite."""
+    from shared.model import Outcome, OutcomeKind, VmId
+    from shared.unreadable import rechecking
+    from shared.workflow import detect_first
+
+    vm = VmId.parse(
+        "/subscriptions/5b0e8d2c-1f6a-4c39-9d7e-2a4b6c8d0e1f/resourceGroups/rg/providers/"
+        "Microsoft.Compute/virtualMachines/vm1"
+    )
+
+    def answer(reason: str) -> Outcome:
+        return Outcome(str(vm), OutcomeKind.DEFERRED, reason, details={"phase": "detect"})
+
+    script = [answer("bad-output"), answer("run-command-busy")] + [answer("bad-output")] * 6
+    hooks: list[Any] = []
+
+    class Checker:
+        async def check(self, vm_id: VmId, *, before_run_command: Any = None) -> Outcome:
+            hooks.append(before_run_command)
+            return script.pop(0)
+
+    swept = Outcome(
+        str(vm), OutcomeKind.DEFERRED, "run-command-busy", details={"earlierTries": [{"reason": "bad-output"}]}
+    )
+    check = rechecking(Checker(), [swept], backoff_s=0)
+    first = await check(vm)  # pass 1: its second unreadable answer, then busy
+    assert (first.reason, len(first.details["earlierTries"])) == ("run-command-busy", 2)
+    calls = len(hooks)
+    second = await check(vm)  # pass 2: the third, then the fourth
+    assert (second.kind, second.reason, second.details["tries"]) == (OutcomeKind.FAILED, "bad-output", 4)
+    assert len(hooks) - calls == 2
+    assert all(hook is detect_first for hook in hooks)  # every try after an unreadable answer
