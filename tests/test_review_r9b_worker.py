@@ -87,7 +87,10 @@ async def test_each_later_pass_carries_the_unreadable_answers_of_the_passes_befo
             return script.pop(0)
 
     swept = Outcome(
-        str(vm), OutcomeKind.DEFERRED, "run-command-busy", details={"earlierTries": [{"reason": "bad-output"}]}
+        str(vm),
+        OutcomeKind.DEFERRED,
+        "run-command-busy",
+        details={"earlierTries": [{"reason": "bad-output"}]},
     )
     check = rechecking(Checker(), [swept], backoff_s=0)
     first = await check(vm)  # pass 1: its second unreadable answer, then busy
