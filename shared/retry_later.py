@@ -104,5 +104,5 @@ def refusal(failure: BaseException) -> HttpResponseError | None:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error)
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return (text or type(error).__name__)[:300]

@@ -17,14 +17,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import azure.functions as func
 import pytest
-from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+)
 
 from shared.ledger import LedgerError
+from shared.queueprobe import PROBED, probe_queue, probe_queues
 from shared.retry_later import answer_or_retry_later, refusal
 from shared.workqueue import QueueError
 from tests.payloads import dim, v2_alert
@@ -40,9 +47,10 @@ MESSAGES = {
 }
 
 
-def storage_answering(status: int, code: str) -> Callable[[], Iterator[int]]:
+def storage_answering(status: int, code: str, *, message: bool = True) -> Callable[[], Iterator[int]]:
     """A fixture: the port of a server that answers every request ``status`` with Storage's ``code``
-    (JSON for Table storage, which asks for it, XML for Queue storage)."""
+    (JSON for Table storage, which asks for it, XML for Queue storage), and its message unless not
+    ``message`` (an error body that names only the code, as a proxy in front of storage may send)."""
 
     def serve() -> Iterator[int]:
         class Refuse(BaseHTTPRequestHandler):
@@ -56,7 +64,8 @@ def storage_answering(status: int, code: str) -> Callable[[], Iterator[int]]:
                     )
                     kind = "application/json;odata=minimalmetadata;streaming=true;charset=utf-8"
                 else:
-                    body = f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code><Message>{text}</Message></Error>'
+                    said = f"<Message>{text}</Message>" if message else ""
+                    body = f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code>{said}</Error>'
                     kind = "application/xml"
                 data = body.encode()
                 self.send_response(status)
@@ -86,6 +95,7 @@ def storage_answering(status: int, code: str) -> Callable[[], Iterator[int]]:
 no_role = pytest.fixture(storage_answering(403, "AuthorizationPermissionMismatch"))
 network_closed = pytest.fixture(storage_answering(403, "AuthorizationFailure"))
 busy = pytest.fixture(storage_answering(503, "ServerBusy"))
+code_only = pytest.fixture(storage_answering(403, "AuthorizationFailure", message=False))
 
 
 async def post_alert() -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -238,3 +248,60 @@ async def test_a_cancelled_request_is_cancelled_not_answered() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# ----------------------------------------------------------------------------- the queue probe
+
+
+async def test_the_probe_of_a_queue_storage_refusing_the_identity_records_storage_s_words(
+    storage_down: pytest.MonkeyPatch, no_role: int
+) -> None:
+    """What docs/operations.md tells the operator to look for in the probe-failing alert's records."""
+    storage_down.setenv("AzureWebJobsStorage", storage_at(no_role))
+    records = await asyncio.wait_for(probe_queues(), 10)
+    assert [r["queue"] for r in records] == list(PROBED)
+    for record in records:
+        assert record["approximateMessages"] is None
+        assert record["error"] == MESSAGES["AuthorizationPermissionMismatch"]
+
+
+async def test_a_probe_the_storage_sdk_itself_fails_on_still_records_each_queue_and_does_not_raise(
+    storage_down: pytest.MonkeyPatch, code_only: int
+) -> None:
+    """An error body without a ``Message`` makes azure-storage-queue's ``process_storage_error``
+    raise ``TypeError`` (``None += str``): the probe must still give each queue a failed record, so
+    that the probe-failing alert can fire and ``poison_drain`` goes on to drain the last resort."""
+    storage_down.setenv("AzureWebJobsStorage", storage_at(code_only))
+    records = await asyncio.wait_for(probe_queues(), 10)
+    assert [r["queue"] for r in records] == list(PROBED)
+    for record in records:
+        assert record["approximateMessages"] is None
+        assert record["error"].startswith("unreadable answer (TypeError")
+
+
+class Failing:
+    """A queue client whose first read raises ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    async def get_queue_properties(self) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [AzureError("\nRequestId:x"), AzureError(""), HttpResponseError(message="\n"), RuntimeError("\n")],
+    ids=["blank-first-line", "empty", "http-blank", "sdk-bug-blank"],
+)
+async def test_a_failed_probe_never_has_an_empty_error(error: BaseException) -> None:
+    """The probe-failing alert counts a record as failed by its non-empty ``error``: a failure whose
+    text starts with a line break must not look like a good probe."""
+    record = await probe_queue(Failing(error), "vm-checks", datetime.now(UTC))  # type: ignore[arg-type]
+    assert record["approximateMessages"] is None
+    assert record["error"].strip(), record
+
+
+async def test_the_503_names_its_cause_even_when_the_error_text_starts_with_a_line_break() -> None:
+    code, body, _ = await answer(LedgerError("\nledger read failed: no answer"))
+    assert code == 503 and body["error"] == "not done (ledger read failed: no answer); retry later"
