@@ -44,6 +44,12 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 """What "storage (or ARM) is unavailable" looks like to the engine: each is worth a retry later."""
 
+DETAIL_PART_CHARS = 8000
+"""``detail`` is logged whole, in records of at most this many characters (split between items,
+at ``", "``): Application Insights keeps 32,768 characters of a message (azure-monitor-opentelemetry-
+exporter ``export/logs/_exporter.py`` truncates there), and an alert's targets run to 13,000 for 100
+VM ids, which a single capped record would cut to the first few."""
+
 REFUSED_STATUSES = frozenset({401, 403})
 """Answers that refuse the app's identity: configuration to fix, not an outage to wait out."""
 
@@ -68,8 +74,8 @@ async def answer_or_retry_later(
 
     ``error`` is the 503's message and ``refused`` the 500's, with ``{why}`` where the cause goes
     (``"timed out"`` or the failure's first line, with the HTTP status and error code of a refusal);
-    the 503 is logged at ``level``, the 500 at error level, each with ``detail`` (what was not done,
-    e.g. the VMs a check would have queued, the targets of an alert)."""
+    the 503 is logged at ``level``, the 500 at error level, each with all of ``detail`` (what was not
+    done, e.g. the VMs a check would have queued, the targets of an alert: :data:`DETAIL_PART_CHARS`)."""
     try:
         async with asyncio.timeout(deadline_s):
             return await work
@@ -82,11 +88,11 @@ async def answer_or_retry_later(
             code = getattr(code, "value", code)  # Tables gives an enum
             status = f"HTTP {denied.status_code}{f' {code}' if code else ''}"
             message = refused.format(why=f"{status}: {_first_line(failure)}")
-            log.error("%s%s", message, f": {detail[:4000]}" if detail else "")
+            _log(logging.ERROR, message, detail)
             return 500, {"error": message}, {}
         why = "timed out" if isinstance(failure, TimeoutError) else _first_line(failure)
         message = error.format(why=why)
-        log.log(level, "%s%s", message, f": {detail[:4000]}" if detail else "")
+        _log(level, message, detail)
         return 503, {"error": message}, {"Retry-After": str(retry_after_s)}
 
 
@@ -101,6 +107,25 @@ def refusal(failure: BaseException) -> HttpResponseError | None:
             return current
         current = current.__cause__
     return None
+
+
+def _log(level: int, message: str, detail: str) -> None:
+    parts = _parts(detail, DETAIL_PART_CHARS) if detail else []
+    if not parts:
+        log.log(level, "%s", message)
+    for n, part in enumerate(parts, 1):
+        log.log(level, "%s%s: %s", message, f" (part {n} of {len(parts)})" if len(parts) > 1 else "", part)
+
+
+def _parts(text: str, limit: int) -> list[str]:
+    """``text`` in pieces of at most ``limit`` characters, cut after an item (``", "``) where one ends."""
+    parts: list[str] = []
+    while len(text) > limit:
+        cut = text.rfind(", ", 0, limit)
+        cut = cut if cut > 0 else limit
+        parts.append(text[:cut])
+        text = text[cut:].removeprefix(", ")
+    return [*parts, text] if text else parts
 
 
 def _first_line(error: BaseException) -> str:

@@ -305,3 +305,27 @@ async def test_a_failed_probe_never_has_an_empty_error(error: BaseException) -> 
 async def test_the_503_names_its_cause_even_when_the_error_text_starts_with_a_line_break() -> None:
     code, body, _ = await answer(LedgerError("\nledger read failed: no answer"))
     assert code == 503 and body["error"] == "not done (ledger read failed: no answer); retry later"
+
+
+# ------------------------------------------------------------- what the alert webhook keeps on record
+
+
+@pytest.mark.parametrize("answering", ["refused-connection", "no-role"])
+async def test_an_alert_not_queued_has_every_target_on_record(
+    storage_down: pytest.MonkeyPatch, no_role: int, answering: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/operations.md: the webhook logs the alert's targets at error level, so an alert the action
+    group gives up on is still on record. All of them, not the first few thousand characters."""
+    port = 9 if answering == "refused-connection" else no_role
+    storage_down.setenv("AzureWebJobsStorage", storage_at(port))
+    storage_down.setenv("MAX_TARGETS_PER_ALERT", "300")  # 40,000 characters of VM ids
+    names = [f"web-{n:03d}" for n in range(300)]
+    alert = v2_alert(dimensions=[], targets=[vm_id(name) for name in names])
+    request = func.HttpRequest(method="POST", url="/api/alerts", body=json.dumps(alert).encode())
+    with caplog.at_level(logging.ERROR, logger="shared"):
+        response = await user("alert_webhook")(request)
+    assert response.status_code in (500, 503)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.ERROR).lower()
+    missing = [name for name in names if f"/virtualmachines/{name}" not in logged]
+    assert not missing, f"{len(missing)} of {len(names)} targets not on record, e.g. {missing[:3]}"
+    assert all(len(r.getMessage()) <= 32768 for r in caplog.records)  # Application Insights' message limit
