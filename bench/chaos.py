@@ -185,7 +185,9 @@ class ChaosConfig:
     retry_visibility_s: int = 1
     lease_visibility_s: int = 120
     max_poll_s: float = 0.5
-    time_bound_s: float = 900.0
+    # A hang guard per pass, not an invariant: the enforce pass drained in 1,082 s at load 5-7 on the
+    # two-core development machine (docs/reliability.md); 900 s cut such a run short.
+    time_bound_s: float = 2400.0
     crash_grace_s: float = 10.0
     # Faults the harness injects (HARNESS_FAULTS), scaled by these.
     outside_subscriptions: int = 1  # subscriptions of the estate left out of TARGET_SUBSCRIPTIONS
@@ -1253,7 +1255,8 @@ class ChaosPass:
         # failed, whatever the reason. The one exemption is a VM that nothing could have looked at, by
         # the simulator's own record: its agent was down from the start of the pass to its end (the
         # estate's agentReady false; nothing in the run changes it), so the engine's failed:
-        # deadline-exceeded:agent-not-ready is the truth. It is counted apart (licensedUnobservable).
+        # deadline-exceeded:* (reached after every retry) is the truth. It is counted apart
+        # (licensedUnobservable); any other failed reason of such a VM is not exempt.
         vanished = {k.lower() for k in evidence["vanished"]}
         state_by_key = {k.lower(): v for k, v in state.items()}
         verdicts: Counter[str] = Counter()
@@ -1273,8 +1276,11 @@ class ChaosPass:
                 )
             elif channel == "KMS_CLIENT" and licensed and verdict == "failed":
                 known = specs.get(vm_id.lower())
-                if known is not None and not known.agent_ready:
-                    unobservable[str(row.get("reason") or "")] += 1
+                reason = str(row.get("reason") or "")
+                if known is not None and not known.agent_ready and reason.startswith("deadline-exceeded:"):
+                    # only the deadline, after every retry: a failed at the first look (a down agent
+                    # made terminal) or any other reason is the engine's, and a violation
+                    unobservable[reason] += 1
                     continue
                 violate(
                     "verdict_vs_state",
@@ -1307,7 +1313,10 @@ class ChaosPass:
                     continue
                 at = entry["started"] + offset
                 if entry["script"] == "remediate":
-                    if not any(at - self.config.lease_s <= t <= at + slack for t in intents):
+                    # Before it: the engine's clock at the write and the simulator's at the POST's
+                    # arrival are one system clock, so only rounding separates them (a 1 s slack let
+                    # an intent written half a second after the POST pass).
+                    if not any(at - self.config.lease_s <= t <= at + INTENT_SLACK_S for t in intents):
                         violate("unrecorded_run_commands", f"{vm_id}: a remediation with no intent before it")
                 elif not any(t >= at - slack for t in answers):
                     violate("unrecorded_run_commands", f"{vm_id}: a {entry['script']} with no row after it")
@@ -1398,6 +1407,10 @@ class ChaosPass:
             dict(violations),
             examples,
         )
+
+
+# An intent row's time may follow its remediation's start by no more than this (clock rounding).
+INTENT_SLACK_S = 0.1
 
 
 def _story(history: list[dict[str, Any]], most: int = 14) -> str:

@@ -6,12 +6,13 @@ effective-route action). The commands follow Microsoft's own cure: a ``/32`` rou
 a NAT gateway on the subnet for a VM with no outbound (default-outbound-access.md, "Add an
 explicit outbound method": "Note this is the recommended method for most scenarios"), and an NSG
 rule that allows TCP 1688 to the KMS addresses before the rule that denies it, at the nearest
-priority below the deny that no outbound rule of the NSG uses (to the ``AzurePlatformLKM`` service
-tag when the deny names that tag, with its removal as the other way: the tag exists "to disable the
-defaults for licensing", service-tags-overview.md). A user route already at a KMS
-address's /32 with another next hop is changed (``az network route-table route update``), since a
-second route with that prefix cannot be created. The CLI syntax is
-that of the Azure CLI reference (``az network route-table route create``, ``az network nat gateway
+priority below the deny that no outbound rule of the NSG uses, named after that priority so that
+two fixes for one NSG (two VMs denied by different rules) never replace each other (to the
+``AzurePlatformLKM`` service tag when the deny names that tag, with its removal as the other way:
+the tag exists "to disable the defaults for licensing", service-tags-overview.md). A user route
+already at a KMS address's /32 with another next hop is changed (``az network route-table route
+update``), since a second route with that prefix cannot be created. The CLI syntax is that of the
+Azure CLI reference (``az network route-table route create``, ``az network nat gateway
 create``, ``az network vnet subnet update --nat-gateway/--route-table``, ``az network nsg rule
 create``); docs/troubleshooting.md cites each page.
 """
@@ -136,10 +137,15 @@ def _nsg_rule(finding: Finding, kms: CloudKms) -> list[str]:
         )
     if priority is None:
         # Nothing free can come before the denying rule: the denying rule itself must move.
+        before = (
+            "the denying rule has priority 100, the first there is, so no rule can come before it"
+            if finding.priority <= 100
+            else f"no priority from 100 to {finding.priority - 1} is free before the denying rule "
+            f"(priority {finding.priority})"
+        )
         commands.append(
-            f"# no priority from 100 to {finding.priority - 1} is free before the denying rule "
-            f"(priority {finding.priority}): move it to a higher number, then allow TCP {kms.port} "
-            f"to {destination} below it"
+            f"# {before}: move it to a higher number, then allow TCP {kms.port} to {destination} "
+            "at a number below it"
         )
         return commands
     if priority != finding.priority - 1:
@@ -149,7 +155,7 @@ def _nsg_rule(finding: Finding, kms: CloudKms) -> list[str]:
         )
     commands.append(
         f"az network nsg rule create {scope} --nsg-name {nsg} "
-        f"--name allow-azure-kms --priority {priority} --direction Outbound --access Allow "
+        f"--name allow-azure-kms-{priority} --priority {priority} --direction Outbound --access Allow "
         f"--protocol Tcp --destination-address-prefixes {destination} --destination-port-ranges {kms.port}"
     )
     return commands

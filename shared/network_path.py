@@ -158,7 +158,7 @@ def judge(facts: PathFacts, kms: CloudKms) -> PathVerdict:
     subnet_name = name_of(subnet_id)
     location = str(facts.nic.get("location") or "")
     nic_id = str(facts.nic.get("id") or "")
-    silent = _routes_unreadable(facts, kms)
+    silent = _routes_unreadable(facts, kms) or _primary_unclear(facts.nic)
     if silent:
         return unknown(silent, nic_id=nic_id)
     findings: list[Finding] = []
@@ -357,6 +357,23 @@ def _configs(nic: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     ]
     at = next((i for i, (_, c) in enumerate(configs) if c.get("primary") is True), 0)
     return configs[at : at + 1] + configs[:at] + configs[at + 1 :]
+
+
+def _primary_unclear(nic: Mapping[str, Any]) -> str:
+    """Why the primary IP configuration cannot be told (``""`` when it can): ARM marks each IP
+    configuration of a NIC ``primary`` true or false (NetworkInterfaceGet.json), and exactly one is
+    primary; with two or more and not exactly one marked, taking the first could read a public IP
+    or a backend pool the guest's traffic never uses (review r11b)."""
+    configs = _list(_obj(nic.get("properties")).get("ipConfigurations"))
+    if len(configs) < 2:
+        return ""
+    marked = sum(1 for c in configs if _obj(_obj(c).get("properties")).get("primary") is True)
+    if marked == 1:
+        return ""
+    return (
+        f"the network interface has {len(configs)} IP configurations and {marked or 'none'} of them "
+        "marked primary: which one the guest's traffic leaves from is not known"
+    )
 
 
 def _pools(config: Mapping[str, Any]) -> set[str]:
@@ -631,6 +648,7 @@ def _nsg_findings(
                 exempt.setdefault((str(first.get("name")), int(first.get("priority") or 0)), []).append(
                     address
                 )
+        texts: list[str] = []
         for (rule_name, priority, tagged), addresses in denied.items():
             text = (
                 f"network security group {name_of(nsg_id)} rule {rule_name} (priority {priority}) denies "
@@ -644,18 +662,26 @@ def _nsg_findings(
                     "platform rule, which otherwise keeps activation traffic out of NSG rules that do "
                     "not name AzurePlatformLKM"
                 )
+            texts.append(text)
+        if denied:
+            # One finding per NSG: its fix is one allow before the first of the denying rules, for
+            # every KMS address they deny. Two fixes for one NSG would be two allows at the same
+            # free priority, or the second would replace the first (review r11b).
+            keys = sorted(denied, key=lambda k: k[1])
+            rule_name, priority, _ = keys[0]
+            addresses = [a for a in kms.required if any(a in denied[k] for k in keys)]
             findings.append(
                 Finding(
                     NSG_DENY,
                     nsg_id,
-                    text,
+                    "; ".join(texts),
                     tuple(addresses),
                     subnet_id,
                     location,
                     priority,
                     taken,
                     rule=rule_name,
-                    platform_tag=tagged,
+                    platform_tag=all(k[2] for k in keys),
                 )
             )
         for (rule_name, priority), addresses in exempt.items():

@@ -65,6 +65,11 @@ async def probe_queue(client: QueueClient, name: str, now: datetime) -> dict[str
     except TimeoutError:
         silent = f"no answer within {PROBE_DEADLINE_S:g} s"
         return queue_record(name, messages=None, oldest_age_s=None, error=silent)
+    except Exception as error:  # noqa: BLE001 - the SDK failing on an answer is still a failed probe
+        # azure-storage-queue's process_storage_error raises TypeError for an error body without a
+        # Message (``None += str``): the record says so, and the timer goes on to the drain.
+        unread = f"unreadable answer ({type(error).__name__}: {_first_line(error)})"
+        return queue_record(name, messages=None, oldest_age_s=None, error=unread)
     count = properties.approximate_message_count
     inserted = peeked[0].inserted_on if peeked else None
     age = max(0.0, (now - inserted).total_seconds()) if isinstance(inserted, datetime) else None
@@ -98,5 +103,7 @@ async def probe_queues(
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text[:300]
+    """The first line that says something, else the error's type: never empty, since an empty
+    ``error`` is what a good probe's record has (alert-probe-failing.kql)."""
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return (text or type(error).__name__)[:300]

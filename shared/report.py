@@ -92,20 +92,24 @@ def blocked_path(o: Outcome) -> bool:
 
 def path_groups(outcomes: Sequence[Outcome]) -> list[str]:
     """One entry per resource at fault with the VMs behind it: fixing it once repairs them all."""
-    groups: dict[tuple[str, str], tuple[list[str], Mapping[str, Any], dict[str, None]]] = {}
+    groups: dict[tuple[str, str, tuple[str, ...]], tuple[list[str], Mapping[str, Any], dict[str, None]]] = {}
     for o in outcomes:
         if not blocked_path(o):
             continue
         for finding in o.details["kmsPath"].get("findings") or []:
             if not isinstance(finding, Mapping):
                 continue
-            key = (str(finding.get("cause")), str(finding.get("resource")).lower())
+            # The fix is part of the key: VMs behind one resource whose fixes differ (one internal
+            # load balancer over two subnets: a NAT gateway on each; one NSG with two denying rules)
+            # get one entry per fix, never the first VM's fix for all (review r11b).
+            fix = tuple(str(c) for c in finding.get("fix") or [])
+            key = (str(finding.get("cause")), str(finding.get("resource")).lower(), fix)
             vms, _, subnets = groups.setdefault(key, ([], finding, {}))
             vms.append(f"{_short(o.vm_id).rsplit('/', 1)[-1]} ({o.kind.value}: {o.reason})")
             if finding.get("subnet"):
                 subnets[str(finding["subnet"]).rsplit("/", 1)[-1]] = None
     lines = []
-    for (cause, _), (vms, finding, subnets) in groups.items():
+    for (cause, _, _), (vms, finding, subnets) in groups.items():
         n = len(vms)
         who = f"{n} VM{'s' if n != 1 else ''}: {', '.join(vms)}"
         text = str(finding.get("text") or "")

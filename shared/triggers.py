@@ -156,7 +156,7 @@ async def on_alert(
         deadline_s=ALERT_QUEUE_DEADLINE_S,
         retry_after_s=ALERT_RETRY_AFTER_S,
         error="alert not queued: the work queue is unavailable ({why}); retry later",
-        detail=json.dumps([i.to_dict() for i in result.items]),
+        detail=", ".join(i.target for i in result.items),  # each target, for a re-check later
         level=logging.ERROR,
     )
 

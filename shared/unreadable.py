@@ -19,11 +19,13 @@ reason, ``tries`` in the details.
 
 Why four. In the default chaos run about 1.7 % of Run Commands give such an answer
 (``operationFailed`` 0.5 %, ``outputTruncated`` and ``outputGarbled`` 0.6 % each, independent of one
-another), in the test's smaller run about 7 %. A healthy VM's work item ends ``failed`` only if all
-its tries meet one: with three tries 0.017³ ≈ 5·10⁻⁶ per item, over the run's some 5,000 items a
-2.5 % chance that the run reports a wrong ``failed`` (8 % for the test's 250 items at 7 %); with four,
-8·10⁻⁸ and 2·10⁻⁵ per item, 0.04 % and 0.6 % per run (less in fact: a VM's verdict is its last
-item's). In Azure such answers are rarer still. A VM whose answers are unreadable for good (an
+another), in the test's smaller run about 6 % (``every`` 50, 45 and 45: 1 - 0.98 × 0.978² ≈ 6.3 %;
+periodic, not independent, so the figures below are a guide there). A healthy VM's work item ends
+``failed`` only if all its tries meet one: with three tries 0.017³ ≈ 5·10⁻⁶ per item, over the run's
+some 5,000 items a 2.5 % chance that the run reports a wrong ``failed`` (6 % for the test's 250 items
+at 6.3 %); with four, 8·10⁻⁸ and 1.6·10⁻⁵ per item, 0.04 % and 0.4 % per run (less in fact: a VM's
+verdict is its last item's; and 1.7 % is an upper bound, as a cut or garbled output often keeps its
+result line). In Azure such answers are rarer still. A VM whose answers are unreadable for good (an
 extension that always fails, output that never fits) costs three Run Commands more before it is
 reported, spaced by ``DEFER_DELAY_SECONDS`` (5, 10 and 20 minutes by default: the failure is on
 record some 35 minutes after the first try, instead of some twenty Run Commands until the 24 h

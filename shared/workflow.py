@@ -86,17 +86,6 @@ async def detect_first(phase: str, details: Mapping[str, Any]) -> None:
         raise DetectFirst
 
 
-def detecting_first(hook: BeforeRunCommand | None) -> BeforeRunCommand:
-    """``hook`` (when there is one) behind :func:`detect_first`."""
-
-    async def before(phase: str, details: Mapping[str, Any]) -> None:
-        await detect_first(phase, details)
-        if hook is not None:
-            await hook(phase, details)
-
-    return before
-
-
 @dataclass(slots=True)
 class _Phase:
     """Where a check is (read, detect, remediate), for the outcome of an error that ends it."""

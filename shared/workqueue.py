@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Iterable
 
 from azure.core.credentials_async import AsyncTokenCredential
@@ -69,7 +70,10 @@ class WorkQueue:
             raise QueueError(f"cannot create queue: {error}") from error
 
     async def send(self, item: WorkItem, *, delay_s: float = 0.0) -> None:
-        delay = int(min(max(delay_s, 0.0), MAX_VISIBILITY_DELAY_S))
+        # Whole seconds, rounded up: the worker counts each retry's delay against the deadline
+        # (``deferredS``) and honours ARM's Retry-After, so the message must stay invisible at
+        # least that long (truncated, a 4.5 s retry came back after 4 s, a 0.5 s one at once).
+        delay = math.ceil(min(max(delay_s, 0.0), MAX_VISIBILITY_DELAY_S))
         try:
             await self._client.send_message(json.dumps(item.to_dict()), visibility_timeout=delay or None)
         except ResourceNotFoundError as error:  # QueueNotFound

@@ -592,10 +592,13 @@ def _nsg(raw: object, path: str) -> NsgSpec:
                 "access",
                 "protocol",
                 "destinationAddressPrefix",
+                "destinationAddressPrefixes",
                 "destinationPortRange",
+                "destinationPortRanges",
                 "sourceAddressPrefix",
+                "sourceAddressPrefixes",
             ),
-            required=("name", "priority", "direction", "access", "destinationAddressPrefix"),
+            required=("name", "priority", "direction", "access"),
         )
         priority = o["priority"]
         if isinstance(priority, bool) or not isinstance(priority, int) or not 100 <= priority <= 4096:
@@ -613,9 +616,9 @@ def _nsg(raw: object, path: str) -> NsgSpec:
                 direction=_choice(o["direction"], f"{where}.direction", ("Inbound", "Outbound")),
                 access=_choice(o["access"], f"{where}.access", ("Allow", "Deny")),
                 protocol=_choice(o.get("protocol", "*"), f"{where}.protocol", ("*", "Tcp", "Udp", "Icmp")),
-                destination=(_string(o["destinationAddressPrefix"], f"{where}.destinationAddressPrefix"),),
-                ports=(_string(o.get("destinationPortRange", "*"), f"{where}.destinationPortRange"),),
-                source=(_string(o.get("sourceAddressPrefix", "*"), f"{where}.sourceAddressPrefix"),),
+                destination=_one_or_many(o, where, "destinationAddressPrefix", "destinationAddressPrefixes"),
+                ports=_one_or_many(o, where, "destinationPortRange", "destinationPortRanges", "*"),
+                source=_one_or_many(o, where, "sourceAddressPrefix", "sourceAddressPrefixes", "*"),
             )
         )
     return NsgSpec(
@@ -623,6 +626,24 @@ def _nsg(raw: object, path: str) -> NsgSpec:
         location=_location(obj.get("location", "westeurope"), f"{path}.location"),
         rules=tuple(rules),
     )
+
+
+def _one_or_many(
+    o: Mapping[str, Any], where: str, key: str, many: str, default: str | None = None
+) -> tuple[str, ...]:
+    """A rule's ``key`` or its augmented plural ``many`` (network-security-groups-overview.md,
+    "Augmented security rules"; the ``--destination-address-prefixes`` of ``az network nsg rule
+    create``), never both; ``default`` when neither is given (None: one of them is required)."""
+    if key in o and many in o:
+        raise EstateError(f"{where}.{many}", f"give {key} or {many}, not both")
+    if many in o:
+        items = _array(o[many], f"{where}.{many}")
+        if not items:
+            raise EstateError(f"{where}.{many}", "expected at least one entry")
+        return tuple(_string(v, f"{where}.{many}[{i}]") for i, v in enumerate(items))
+    if key not in o and default is None:
+        raise EstateError(f"{where}.{key}", "required key is missing")
+    return (_string(o.get(key, default), f"{where}.{key}"),)
 
 
 # ------------------------------------------------------------------ derivation

@@ -516,15 +516,22 @@ class NetworkApi:
                 "properties": {"provisioningState": "Succeeded", **props},
             }
 
+        def one_or_many(key: str, many: str, values: tuple[str, ...]) -> dict[str, Any]:
+            # As ARM answers (az network nsg show): the singular for one value, with the plural
+            # empty; the plural alone for an augmented rule.
+            if len(values) == 1:
+                return {key: values[0], many: []}
+            return {many: list(values)}
+
         rules = [
             rule(
                 r.name,
                 {
                     "protocol": r.protocol,
                     "sourcePortRange": "*",
-                    "destinationPortRange": r.ports[0],
-                    "sourceAddressPrefix": r.source[0],
-                    "destinationAddressPrefix": r.destination[0],
+                    **one_or_many("destinationPortRange", "destinationPortRanges", r.ports),
+                    **one_or_many("sourceAddressPrefix", "sourceAddressPrefixes", r.source),
+                    **one_or_many("destinationAddressPrefix", "destinationAddressPrefixes", r.destination),
                     "access": r.access,
                     "priority": r.priority,
                     "direction": r.direction,

@@ -47,3 +47,22 @@ def windows_vm(
         },
         **extra,
     }
+
+
+# What azure-identity reads itself (its EnvironmentCredential and ManagedIdentityCredential), besides
+# the engine's own settings: a developer's service principal or identity must not leak into a run.
+_IDENTITY_ENV = (
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_SECRET",
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+)
+
+
+def settings_a_run_reads() -> frozenset[str]:
+    """Every environment variable a CLI run reads (the engine's, found in shared/ by
+    tests/test_infra_contract.py, and azure-identity's), for tests that run on a clean environment."""
+    from tests.test_infra_contract import code_settings
+
+    return code_settings() | frozenset(_IDENTITY_ENV)

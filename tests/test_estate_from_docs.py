@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from shared.cli import main
+from tests.estates import settings_a_run_reads
 
 ESTATE_PATH = Path(__file__).resolve().parent / "data" / "estate-from-docs.json"
 
@@ -108,24 +109,6 @@ def _audit(expected: tuple[str, str]) -> tuple[str, str]:
 
 EXPECTED_AUDIT = {name: _audit(expected) for name, expected in EXPECTED_APPLY.items()}
 
-SETTINGS = (
-    "AZURE_CLOUD",
-    "REMEDIATION_MODE",
-    "TARGET_SUBSCRIPTIONS",
-    "OPT_OUT_TAG",
-    "ALLOW_CUSTOM_KMS_OVERRIDE",
-    "KMS_HOST",
-    "KMS_PORT",
-    "MAX_CONCURRENCY",
-    "RUN_COMMAND_TIMEOUT_SECONDS",
-    "POLL_INTERVAL_SECONDS",
-    "ARM_ENDPOINT",
-    "AZURE_CA_BUNDLE",
-    "AZURE_CLIENT_ID",
-    "IDENTITY_ENDPOINT",
-    "IDENTITY_HEADER",
-)
-
 
 def _name(vm_id: str) -> str:
     return vm_id.rstrip("/").rsplit("/", 1)[-1]
@@ -159,7 +142,7 @@ def test_outcomes_match_docs(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for setting in SETTINGS:
+    for setting in settings_a_run_reads():
         monkeypatch.delenv(setting, raising=False)
     estate = _load_estate()
     expected = EXPECTED_APPLY if mode == "apply" else EXPECTED_AUDIT

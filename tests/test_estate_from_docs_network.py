@@ -92,27 +92,9 @@ import pytest
 
 from shared.cli import main
 from simulator import Estate, EstateError
+from tests.estates import settings_a_run_reads
 
 ESTATE = Path(__file__).parent / "data" / "estate-from-docs-network.json"
-SETTINGS = (
-    "AZURE_CLOUD",
-    "REMEDIATION_MODE",
-    "TARGET_SUBSCRIPTIONS",
-    "MANAGEMENT_GROUP_ID",
-    "OPT_OUT_TAG",
-    "ALLOW_CUSTOM_KMS_OVERRIDE",
-    "KMS_HOST",
-    "KMS_PORT",
-    "MAX_CONCURRENCY",
-    "RUN_COMMAND_TIMEOUT_SECONDS",
-    "POLL_INTERVAL_SECONDS",
-    "ARM_ENDPOINT",
-    "LOG_ANALYTICS_ENDPOINT",
-    "AZURE_CA_BUNDLE",
-    "AZURE_CLIENT_ID",
-    "IDENTITY_ENDPOINT",
-    "IDENTITY_HEADER",
-)
 
 SUB_A = "5b7e1c94-2d3f-4a86-b0e9-71c4d2f8a6e3"
 SUB_B = "e1a9d6c2-8f47-4b3e-9d05-c6b2a7f1e840"
@@ -305,7 +287,7 @@ def _name(vm_id: str) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def _clean_environment() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
-        for setting in SETTINGS:
+        for setting in settings_a_run_reads():
             patch.delenv(setting, raising=False)
         yield
 

@@ -39,28 +39,9 @@ import pytest
 
 from shared.cli import main
 from simulator import Estate, EstateError
+from tests.estates import settings_a_run_reads
 
 ESTATE = Path(__file__).parent / "data" / "estate-from-docs-v2.json"
-# Settings the CLI reads that the machine's environment must not leak into the run (README, Settings).
-SETTINGS = (
-    "AZURE_CLOUD",
-    "REMEDIATION_MODE",
-    "TARGET_SUBSCRIPTIONS",
-    "MANAGEMENT_GROUP_ID",
-    "OPT_OUT_TAG",
-    "ALLOW_CUSTOM_KMS_OVERRIDE",
-    "KMS_HOST",
-    "KMS_PORT",
-    "MAX_CONCURRENCY",
-    "RUN_COMMAND_TIMEOUT_SECONDS",
-    "POLL_INTERVAL_SECONDS",
-    "ARM_ENDPOINT",
-    "LOG_ANALYTICS_ENDPOINT",
-    "AZURE_CA_BUNDLE",
-    "AZURE_CLIENT_ID",
-    "IDENTITY_ENDPOINT",
-    "IDENTITY_HEADER",
-)
 
 # name -> (audit outcome, audit reason, apply outcome, apply reason)
 # T = docs/troubleshooting.md ("The decision order", row N), S = docs/simulator.md, G = guest-contract.md
@@ -244,7 +225,7 @@ def _name(vm_id: str) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def _clean_environment() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
-        for setting in SETTINGS:
+        for setting in settings_a_run_reads():
             patch.delenv(setting, raising=False)
         yield
 

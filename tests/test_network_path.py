@@ -176,7 +176,7 @@ def test_the_fixes_are_the_exact_commands() -> None:
     nsg = Finding(NSG_DENY, NSG, "", PUBLIC.required, f"{SPOKE}/subnets/app-nsg", "westeurope", 4000)
     assert fix_for(nsg, PUBLIC) == [
         f"az network nsg rule create --subscription {sub} --resource-group rg-net --nsg-name nsg-locked "
-        "--name allow-azure-kms --priority 3999 --direction Outbound --access Allow --protocol Tcp "
+        "--name allow-azure-kms-3999 --priority 3999 --direction Outbound --access Allow --protocol Tcp "
         "--destination-address-prefixes 20.118.99.224/32 40.83.235.53/32 --destination-port-ranges 1688"
     ]
 

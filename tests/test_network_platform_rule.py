@@ -104,7 +104,7 @@ def test_a_deny_of_azure_platform_lkm_blocks_and_its_fix_allows_the_tag() -> Non
         "# rule no-licensing denies the AzurePlatformLKM service tag, which exists to turn off Windows "
         f"licensing; if no one needs that, remove it instead: az network nsg rule delete {SCOPE} "
         "--nsg-name nsg-app --name no-licensing",
-        f"az network nsg rule create {SCOPE} --nsg-name nsg-app --name allow-azure-kms --priority 3999 "
+        f"az network nsg rule create {SCOPE} --nsg-name nsg-app --name allow-azure-kms-3999 --priority 3999 "
         "--direction Outbound --access Allow --protocol Tcp --destination-address-prefixes AzurePlatformLKM "
         "--destination-port-ranges 1688",
     ]

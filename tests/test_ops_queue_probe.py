@@ -120,3 +120,26 @@ async def test_a_queue_that_fails_alone_is_counted_alone(
     poison = [r for r in run if r["customDimensions"]["queue"] == "vm-checks-poison"]
     others = [r for r in healthy_run() if r["customDimensions"]["queue"] != "vm-checks-poison"]
     assert fires(poison + others + shifted(poison + others, 10)) == 1
+
+
+async def test_storage_back_at_the_window_s_last_probe_does_not_fire(
+    monkeypatch: pytest.MonkeyPatch, exported: InMemoryLogRecordExporter
+) -> None:
+    """Two failed probes and then a good one: the queue is readable again, so the rule (every probe
+    failed) does not fire, and an alert that had fired resolves (autoMitigate)."""
+    run = await failing_run(monkeypatch, exported)
+    good = healthy_run()
+    assert fires(run + shifted(run, 10) + shifted(good, 20)) == 0
+    assert fires(shifted(good, -10) + run + shifted(run, 10)) == 0  # one good probe, then the outage
+
+
+def test_a_good_probe_is_one_whose_error_is_empty_or_absent() -> None:
+    """An exporter that drops the empty ``error`` attribute must not turn good probes into failures."""
+    good = healthy_run()
+    absent = [
+        {**r, "customDimensions": {k: v for k, v in r["customDimensions"].items() if k != "error"}}
+        for r in good
+    ]
+    assert all("error" not in r["customDimensions"] for r in absent)
+    assert fires(absent + shifted(absent, 10)) == 0
+    assert fires(good + shifted(absent, 10)) == 0

@@ -34,7 +34,7 @@ from azure.mgmt.core.exceptions import ARMErrorFormat
 
 from shared.azure.pacing import Pacer
 from shared.azure.polling import RetryAfterFirstPolling
-from shared.azure.transient import response_headers, wait_from_headers
+from shared.azure.transient import MAX_IN_PROCESS_WAIT_S, response_headers, wait_from_headers
 from shared.azure.transport import SubscriptionClients
 from shared.model import VmId
 from shared.settings import Settings
@@ -154,7 +154,12 @@ def retry_after(error: HttpResponseError) -> float | None:
     """The wait an error answer names, in seconds: ``Retry-After`` (seconds or an HTTP-date), else
     ``retry-after-ms`` / ``x-ms-retry-after-ms``, the headers and order of azure-core's own
     ``get_retry_after`` (azure/core/pipeline/policies/_utils.py); None when it names none."""
-    headers = response_headers(error)
+    return named_wait(response_headers(error))
+
+
+def named_wait(headers: Mapping[str, str]) -> float | None:
+    """:func:`retry_after` of a response's headers; never raises (azure-core's ``parse_retry_after``
+    raises ``ValueError`` on a value it cannot read), and a non-finite value names no wait."""
     wait = wait_from_headers({k: v for k, v in headers.items() if k.lower() == "retry-after"})
     if wait is not None:
         return wait
@@ -181,12 +186,29 @@ class RunCommandRetryPolicy(AsyncRetryPolicy[Any, Any]):
     it unrun: troubleshooting-throttling-errors.md); any other error reaches the
     workflow, which defers, and the next attempt detects the VM's state again before acting.
     Connection errors of a POST are not retried by azure-core either; GETs keep every retry.
+
+    A wait longer than ``max_wait_s`` is not slept in the invocation (azure-core alone sleeps any
+    ``Retry-After``, which the call's deadline then cuts short: ``arm-timeout``, the wait forgotten):
+    the answer goes back to the workflow as ``throttled`` / ``arm-unavailable`` carrying the wait,
+    and the worker's retry comes no sooner. The wait is read by :func:`named_wait`, which never
+    raises (azure-core's own parser raised ``ValueError`` on a ``Retry-After`` it cannot read,
+    crashing the invocation).
     """
+
+    def __init__(self, *, max_wait_s: float = MAX_IN_PROCESS_WAIT_S, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_wait_s = max_wait_s
 
     def is_retry(self, settings: dict[str, Any], response: PipelineResponse[Any, Any]) -> bool:
         if response.http_request.method.upper() == "POST" and response.http_response.status_code != 429:
             return False
+        wait = named_wait(response.http_response.headers)
+        if wait is not None and wait > self.max_wait_s and response.http_response.status_code >= 400:
+            return False
         return bool(super().is_retry(settings, response))
+
+    def get_retry_after(self, response: PipelineResponse[Any, Any]) -> float | None:
+        return named_wait(response.http_response.headers)
 
 
 class ComputeGateway(SubscriptionClients[ComputeManagementClient]):
@@ -205,7 +227,14 @@ class ComputeGateway(SubscriptionClients[ComputeManagementClient]):
         return ComputeManagementClient(
             self._credential,
             subscription_id,
-            retry_policy=RunCommandRetryPolicy(),
+            # Waits that fit well within the call's deadline are slept; longer ones become deferrals.
+            retry_policy=RunCommandRetryPolicy(
+                max_wait_s=min(
+                    MAX_IN_PROCESS_WAIT_S,
+                    self._settings.arm_timeout_s / 2,
+                    self._settings.run_command_timeout_s / 2,
+                )
+            ),
             **options,
         )
 

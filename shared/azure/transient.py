@@ -14,6 +14,7 @@ hands the answer back, so that the wait becomes a deferral of the queue message.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -47,9 +48,13 @@ def wait_from_headers(headers: Mapping[str, str] | None, *, now: datetime | None
     retry_after = str(_get(headers, "Retry-After") or "").strip()
     if retry_after:
         try:
-            return max(0.0, float(retry_after))
+            seconds = float(retry_after)
         except ValueError:
             pass
+        else:
+            # "inf" and "nan" parse as floats: no wait a retry could honour (a forged or broken
+            # header), so none is named; an HTTP-date is never a float, so stop here either way.
+            return max(0.0, seconds) if math.isfinite(seconds) else None
         try:
             when = parsedate_to_datetime(retry_after)
         except (TypeError, ValueError):
