@@ -995,7 +995,7 @@ class ChaosPass:
         """An action group posting one alert: a 503 (or 408/429/504) is retried after Retry-After
         (compressed to ``alert_retry_s``), as action-groups.md says Azure Monitor does."""
         body = json.dumps(alert).encode()
-        status, answer = 0, {}
+        status, answer = 0, dict[str, Any]()
         for tries in range(1, 61):
             status, answer, _ = await triggers.on_alert(body, env=self.env)
             if status not in (408, 429, 503, 504):

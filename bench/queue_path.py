@@ -74,7 +74,7 @@ async def host(env: dict[str, str], concurrency: int) -> tuple[int, Counter[str]
 
         async def invoke(message: Any) -> None:
             nonlocal handled, last_done
-            trigger = QueueMessage(
+            trigger = QueueMessage(  # type: ignore[no-untyped-call]
                 id=message.id, body=message.content.encode(), dequeue_count=message.dequeue_count
             )
             try:

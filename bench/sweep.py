@@ -38,15 +38,16 @@ sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != R
 from azure.core.pipeline import PipelineRequest  # noqa: E402
 from azure.core.rest import HttpRequest  # noqa: E402
 
-from shared.azure.compute import ComputeGateway, RequestCounter  # noqa: E402
+from shared.azure.compute import ComputeGateway  # noqa: E402
 from shared.azure.credentials import make_credential  # noqa: E402
 from shared.azure.inventory import Inventory  # noqa: E402
 from shared.azure.pacing import PUBLIC_REFILL, Pacer  # noqa: E402
-from shared.model import OutcomeKind, VmId  # noqa: E402
+from shared.azure.transport import RequestCounter  # noqa: E402
+from shared.model import Outcome, OutcomeKind, VmId  # noqa: E402
 from shared.settings import Mode, Settings  # noqa: E402
 from shared.sweep import sweep, sweep_inventory  # noqa: E402
 from shared.vm import VmFacts  # noqa: E402
-from shared.workflow import Remediator  # noqa: E402
+from shared.workflow import BeforeRunCommand, Remediator  # noqa: E402
 from simulator.throttle import PUBLIC_BUCKETS  # noqa: E402
 
 # The VM whose workflow the current task runs (set around each check), for per-VM counts.
@@ -145,10 +146,16 @@ class Tagged:
     def __init__(self, remediator: Remediator) -> None:
         self._remediator = remediator
 
-    async def check(self, vm_id: VmId, *, listed: VmFacts | None = None) -> Any:
+    async def check(
+        self,
+        vm_id: VmId,
+        *,
+        listed: VmFacts | None = None,
+        before_run_command: BeforeRunCommand | None = None,
+    ) -> Outcome:
         token = CURRENT_VM.set(str(vm_id).lower())
         try:
-            return await self._remediator.check(vm_id, listed=listed)
+            return await self._remediator.check(vm_id, listed=listed, before_run_command=before_run_command)
         finally:
             CURRENT_VM.reset(token)
 

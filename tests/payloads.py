@@ -58,7 +58,7 @@ def v2_alert(
     condition: str | None = None,
 ) -> dict[str, Any]:
     """The published Log Alerts V2 payload with only the named fields replaced."""
-    alert = load(ALERT_V2)
+    alert: dict[str, Any] = load(ALERT_V2)
     essentials = alert["data"]["essentials"]
     if dimensions is not None:
         alert["data"]["alertContext"]["condition"]["allOf"][0]["dimensions"] = dimensions
