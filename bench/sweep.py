@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
+import cProfile
 import json
 import os
 import resource
@@ -25,10 +26,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 # Run as a script, bench/ is sys.path[0], where a module named as a standard one would shadow it
@@ -49,6 +50,8 @@ from shared.sweep import sweep, sweep_inventory  # noqa: E402
 from shared.vm import VmFacts  # noqa: E402
 from shared.workflow import BeforeRunCommand, Remediator  # noqa: E402
 from simulator.throttle import PUBLIC_BUCKETS  # noqa: E402
+
+T = TypeVar("T")
 
 # The VM whose workflow the current task runs (set around each check), for per-VM counts.
 CURRENT_VM: contextvars.ContextVar[str | None] = contextvars.ContextVar("bench_vm", default=None)
@@ -80,13 +83,50 @@ def parse_args() -> argparse.Namespace:
         default=40,
         help="VMs of the same recipe run one at a time for the speed-up (0: skip)",
     )
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="write a cProfile of the engine's sweep (this process; not the sequential sample) to FILE",
+    )
+    p.add_argument(
+        "--profile-simulator",
+        metavar="FILE",
+        help="run the sweep's simulator under cProfile, writing its profile to FILE when it stops",
+    )
     return p.parse_args()
 
 
-def start_simulator(estate_path: Path, latency: float) -> tuple[subprocess.Popen[str], dict[str, str]]:
-    """Start ``avma-remediator simulator serve`` and read the settings it prints."""
+# ``python -c`` this FILE ARGS...: ``python -m shared ARGS...`` under a CPU-time cProfile written to FILE.
+_PROFILED_SIMULATOR = """
+import cProfile, runpy, sys, time
+out = sys.argv.pop(1)
+sys.argv[0] = "shared"
+profiler = cProfile.Profile(time.process_time)
+profiler.enable()
+try:
+    runpy.run_module("shared", run_name="__main__", alter_sys=True)
+finally:
+    profiler.disable()
+    profiler.dump_stats(out)
+"""
+
+
+def start_simulator(
+    estate_path: Path, latency: float, *, profile: str | None = None
+) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """Start ``avma-remediator simulator serve`` (under cProfile, writing to ``profile``, if given:
+    SIGTERM ends it cleanly, so the profile is written) and read the settings it prints."""
+    run_module = ["-c", _PROFILED_SIMULATOR, str(Path(profile).resolve())] if profile else ["-m", "shared"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared", "simulator", "serve", str(estate_path), "--latency", str(latency)],
+        [
+            sys.executable,
+            *run_module,
+            "simulator",
+            "serve",
+            str(estate_path),
+            "--latency",
+            str(latency),
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -246,6 +286,19 @@ async def run(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     }
 
 
+async def _profiled(work: Awaitable[T], path: str | None) -> T:
+    """Await ``work``, under cProfile when ``path`` is given (the profile is written there)."""
+    if path is None:
+        return await work
+    profiler = cProfile.Profile(time.process_time)  # CPU, not wall time: the machine is shared
+    profiler.enable()
+    try:
+        return await work
+    finally:
+        profiler.disable()
+        profiler.dump_stats(path)
+
+
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -281,10 +334,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         estate_path = Path(tmp) / "estate.json"
         estate_path.write_text(json.dumps(_recipe(args, args.vms, args.subscriptions)))
-        proc, env = start_simulator(estate_path, args.latency)
+        proc, env = start_simulator(estate_path, args.latency, profile=args.profile_simulator)
         children = _children_cpu_s()
         try:
-            figures = asyncio.run(run(args, env))
+            figures = asyncio.run(_profiled(run(args, env), args.profile))
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -847,7 +847,8 @@ def _run_command_input(
     if not isinstance(command_id, str) or not command_id:
         return arm_error(400, "InvalidParameter", "Required parameter 'commandId' is missing (null).")
     script = data.get("script") or []
-    if not isinstance(script, list) or not all(isinstance(line, str) for line in script):
+    # Every line a string, checked in C (a script is 500 lines, a generator was most of this check).
+    if not isinstance(script, list) or not set(map(type, script)) <= {str}:
         return arm_error(400, "InvalidParameter", "The value of parameter 'script' is invalid.")
     params_raw = data.get("parameters") or []
     params: list[dict[str, str]] = []
@@ -887,8 +888,14 @@ def _result_value(stdout: str) -> list[dict[str, str]]:
 
 
 def _script_kind(script: tuple[str, ...]) -> str:
-    text = "\n".join(script).lstrip("\ufeff")
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    """The script's first non-blank line (after a leading BOM) names it: the lines are read up to
+    that one only, as lines of the script's text (items joined with line breaks)."""
+    first = ""
+    for i, item in enumerate(script):
+        text = item.lstrip("\ufeff") if i == 0 else item
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        if first:
+            break
     return {DETECT_FIRST_LINE: "detect", REMEDIATE_FIRST_LINE: "remediate"}.get(first, "other")
 
 

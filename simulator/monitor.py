@@ -14,11 +14,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import math
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -76,6 +78,8 @@ _EVENT_PREDICATE = re.compile(
     r"(?:\"(?P<double>[^\"\\]*)\"|'(?P<single>[^'\\]*)')$"
 )
 GRAPH_MAX_TOP: Final = 1000
+# VM listings whose rows are kept for their later pages (ResourceGraph._answer).
+_LISTINGS_KEPT: Final = 8
 _SUBSCRIPTION_TYPE: Final = "microsoft.resources/subscriptions"
 _CONTAINER_STAGE = re.compile(
     r"^(?:where\s+(?P<column>type|subscriptionId)\s+=~\s+'(?P<literal>[^'\\]*)'|project\s+subscriptionId)$"
@@ -415,6 +419,10 @@ class ResourceGraph:
         self._resets_after_s = 5
         self._retry_after_s: int | None = None
         self._log: list[dict[str, Any]] = []
+        # The rows of the last few VM listings, by the listing id their skip tokens carry: a later
+        # page is cut from the rows the first page was (see _answer).
+        self._listings: OrderedDict[int, tuple[Hashable, list[list[Any]]]] = OrderedDict()
+        self._listing_ids = itertools.count(1)
 
     def throttle(self, requests: int, *, resets_after_s: int = 5, retry_after_s: int | None = None) -> None:
         """The next ``requests`` queries get 429 ``RateLimiting``, quota back in ``resets_after_s``.
@@ -522,6 +530,19 @@ class ResourceGraph:
             entry["kind"] = "windows_vms"
         else:
             entry["kind"] = "query"
+        names = [name for name, _, _ in columns]
+        # A later page of a listing is cut from the rows its first page was: building every VM's
+        # document again for each page made a listing cost pages x VMs (10 pages of a 10,000-VM
+        # estate: 100,000 documents, seconds of the simulator's one event loop, every ARM answer
+        # waiting). The skip token names its listing (the query, its scope and options are the
+        # client's to repeat, as Resource Graph's continuation does); one whose listing is gone, or
+        # that names none, is served from the estate as it is now, as before.
+        asked = (query, None if scope is None else frozenset(scope))
+        listing = _token_listing(options.get("$skipToken"))
+        with self._lock:
+            cached = self._listings.get(listing) if listing is not None else None
+        if cached is not None and cached[0] == asked:
+            return self._page(cached[1], names, options, entry, listing=listing)
         views = self.compute.snapshot()
         # The scope: the subscriptions given, those of the management groups, or the whole estate.
         if scope is not None:
@@ -530,7 +551,12 @@ class ResourceGraph:
         docs = [d for d in docs if all(_holds(clause, d) for clause in filters)]
         docs.sort(key=lambda d: str(d["id"]))
         rows = [[_column(d, column) for column in columns] for d in docs]
-        return self._page(rows, [name for name, _, _ in columns], options, entry)
+        with self._lock:
+            listing = next(self._listing_ids)
+            self._listings[listing] = (asked, rows)
+            while len(self._listings) > _LISTINGS_KEPT:
+                self._listings.popitem(last=False)
+        return self._page(rows, names, options, entry, listing=listing)
 
     def _containers(
         self, query: str, scope: set[str] | None, options: Mapping[str, Any], entry: dict[str, Any]
@@ -561,7 +587,13 @@ class ResourceGraph:
         return self._page(rows, ["subscriptionId"], options, entry)
 
     def _page(
-        self, rows: list[list[Any]], columns: list[str], options: Mapping[str, Any], entry: dict[str, Any]
+        self,
+        rows: list[list[Any]],
+        columns: list[str],
+        options: Mapping[str, Any],
+        entry: dict[str, Any],
+        *,
+        listing: int | None = None,
     ) -> ArmResponse:
         top = options.get("$top", GRAPH_MAX_TOP)
         if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= GRAPH_MAX_TOP:
@@ -592,7 +624,7 @@ class ResourceGraph:
             "data": data,
         }
         if offset + top < len(rows):
-            out["$skipToken"] = _encode_token(offset + top)
+            out["$skipToken"] = _encode_token(offset + top, listing)
         return ArmResponse(200, out)
 
 
@@ -762,18 +794,33 @@ def _holds(clause: list[Predicate], doc: Mapping[str, Any]) -> bool:
     return False
 
 
-def _encode_token(offset: int) -> str:
-    return base64.b64encode(json.dumps({"offset": offset}).encode()).decode()
+def _encode_token(offset: int, listing: int | None = None) -> str:
+    data: dict[str, int] = {"offset": offset}
+    if listing is not None:
+        data["listing"] = listing
+    return base64.b64encode(json.dumps(data).encode()).decode()
 
 
-def _decode_token(token: object) -> int | None:
+def _token_data(token: object) -> dict[str, Any] | None:
     if not isinstance(token, str):
         return None
     try:
         data = json.loads(base64.b64decode(token, validate=True))
     except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    offset = data.get("offset") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def _token_listing(token: object) -> int | None:
+    """The listing a skip token of ours names (None: none, or not a token of ours)."""
+    data = _token_data(token)
+    listing = data.get("listing") if data is not None else None
+    return listing if isinstance(listing, int) and not isinstance(listing, bool) else None
+
+
+def _decode_token(token: object) -> int | None:
+    data = _token_data(token)
+    offset = data.get("offset") if data is not None else None
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         return None
     return offset
