@@ -39,14 +39,14 @@ from shared.interrupt import Interrupt, Interruptible, terminate_as_interrupt
 from shared.ledger import Ledger, LedgerError
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
 from shared.output import FORMATS, Progress, RunResult, render, result_document
-from shared.plan import HookedChecker, Plan, PlanApplier, PlanError, Recorder, build_plan, confirm, load_plan
+from shared.plan import Plan, PlanApplier, PlanError, Recorder, build_plan, confirm, load_plan
 from shared.resume import DEFAULT_ONLY, ResumeError, parse_only, run_each, vms_to_resume
 from shared.scope import PerSubscription, Scope
 from shared.settings import ConfigError, Mode, Settings, is_subscription_id
 from shared.sweep import NOT_LISTED, sweep_inventory
 from shared.unreadable import rechecking
 from shared.vm import VmFacts
-from shared.workflow import BeforeRunCommand, Remediator
+from shared.workflow import BeforeRunCommand, Checker, Remediator
 
 DEFAULT_SIM_LATENCY_S = 0.3
 
@@ -733,7 +733,7 @@ class _Run:
         self._policy = policy or RetryPolicy(retries=0)
         self.interrupt = Interrupt(sys.stderr)
 
-    async def collect(self, targets: _Targets, checker: HookedChecker) -> RunResult:
+    async def collect(self, targets: _Targets, checker: Checker) -> RunResult:
         settings, gateway = self._settings, self._gateway
         mode = Mode.ENFORCE.value if isinstance(checker, PlanApplier) else checker_mode(checker)
         outcomes: list[Outcome] = []
@@ -815,7 +815,7 @@ class _Run:
                 raise _Early(EXIT_FAILED) from error
 
 
-def checker_mode(checker: HookedChecker) -> str:
+def checker_mode(checker: Checker) -> str:
     if isinstance(checker, _Scoped):
         return checker.settings.mode.value
     return Mode.AUDIT.value
