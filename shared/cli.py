@@ -672,7 +672,14 @@ async def _check_group(inventory: Inventory, settings: Settings) -> None:
         return
     except InventoryError as error:
         logging.getLogger(__name__).info("Resource Graph answered: %s", error)
-        raise UsageError(f"MANAGEMENT_GROUP_ID={group}: {_inventory_problem(error)}. {GROUP_HINT}") from error
+        # The service's own reason, first line (shared/azure/inventory.py puts its details first).
+        said = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        what = (
+            f"Resource Graph answered HTTP {error.status}: {_fit(said, 300).rstrip('.')}"
+            if error.status is not None and said
+            else _inventory_problem(error)
+        )
+        raise UsageError(f"MANAGEMENT_GROUP_ID={group}: {what}. {GROUP_HINT}") from error
     if not found:
         raise UsageError(
             f"MANAGEMENT_GROUP_ID={group}: Resource Graph sees no subscription in or under this "

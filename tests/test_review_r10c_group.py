@@ -90,7 +90,9 @@ def test_a_management_group_resource_graph_refuses_is_exit_2_with_what_to_fix(
     assert code == 2
     assert captured.out == ""  # nothing was checked: no result to read as "nothing to do"
     [line] = _errors(captured.err)
-    assert "HTTP 403 AuthorizationFailed" in line
+    # the service's reason, not its "Please provide below info when asking for support"
+    assert "Resource Graph answered HTTP 403: (AuthorizationFailed) The client" in line
+    assert "over scope '/providers/Microsoft.Management/managementGroups/mg-nope'" in line
     assert "the group's id (not its display name)" in line and "Reader on the group" in line
     assert _run_commands(sim) == {}
     assert [q["status"] for q in sim.graph_queries()] == [403]  # the one question; no listing

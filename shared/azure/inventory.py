@@ -206,7 +206,9 @@ class Inventory(PooledClient[ResourceGraphClient]):
         exist, or the identity cannot read it) or holds nothing the identity can read is said at
         once, instead of a sweep of nothing or a ``scope-unknown`` per VM. Each subscription found
         is remembered as in the group for the scope check (``in_scope``, for ``SCOPE_CACHE_S``):
-        the same ``ResourceContainers`` question, asked once for all of them.
+        the same ``ResourceContainers`` question, asked once for all of them. The query projects no
+        ``id``, so Resource Graph answers one page of at most 1,000 rows (work-with-data.md, "Paging
+        results"): a larger group's other subscriptions are asked one by one, as before.
         """
         _, groups = self._scope()
         if not groups:
