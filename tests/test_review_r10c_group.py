@@ -244,3 +244,22 @@ def test_a_resource_graph_error_leads_with_its_reason_and_keeps_the_whole_answer
     assert first == f"(AuthorizationFailed) {reason}"
     assert "correlationId = c" in "\n".join(rest)  # the whole answer is still there (-v, support)
     assert (error.reason, error.status, error.code) == ("forbidden", 403, "AuthorizationFailed")
+
+
+def test_a_plan_made_at_the_group_is_applied_at_the_group_only(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``sweep --out-plan`` then ``apply PLAN``: the plan holds the group's VMs only, and applying
+    it changes those, asking Resource Graph at the group only."""
+    _point_at(sim, monkeypatch, MANAGEMENT_GROUP_ID="mg-prod")
+    plan = tmp_path / "plan.json"
+    assert main(["sweep", "--out-plan", str(plan), "--output", "json"]) == 0
+    capsys.readouterr()
+    planned = json.loads(plan.read_text(encoding="utf-8"))
+    assert planned["scope"]["managementGroup"] == "mg-prod"
+    code = main(["apply", str(plan), "--yes", "--output", "json"])
+    out: dict[str, Any] = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert [(v["id"], v["outcome"]) for v in out["vms"]] == [(IN_GROUP, "remediated")]
+    assert OUTSIDE not in _run_commands(sim)
+    assert {tuple(q["managementGroups"]) for q in sim.graph_queries()} == {("mg-prod",)}
