@@ -932,6 +932,20 @@ class _Scoped:
     ) -> Outcome:
         try:
             refused = await self._scope.check(vm_id)
+        except InventoryUnavailable as error:
+            # Resource Graph throttled or unavailable for now: nothing is known or done yet, so the
+            # VM is deferred like any throttled one (retried within the run, else exit 3), never
+            # assumed in scope and never a failure of the VM.
+            details: dict[str, Any] = {"scope": self._scope.describe()}
+            if error.retry_after_s is not None:
+                details["retryAfterS"] = error.retry_after_s
+            return Outcome(
+                str(vm_id),
+                OutcomeKind.DEFERRED,
+                error.reason,
+                hint=f"Not checked yet: cannot tell whether the VM is in scope: {_inventory_problem(error)}",
+                details=details,
+            )
         except InventoryError as error:  # scope that cannot be checked is not assumed
             return Outcome(
                 str(vm_id),

@@ -117,13 +117,13 @@ def test_a_throttled_group_check_up_front_assumes_nothing(
 ) -> None:
     """Resource Graph throttled (past the inventory's retries) when the group is asked up front:
     not a configuration error (no exit 2), and each VM's own scope check decides; here throttled too,
-    so the VM is not checked (``scope-unknown``) and nothing runs."""
+    so the VM is not checked (``deferred: throttled``, exit 3: retry later) and nothing runs."""
     _point_at(sim, monkeypatch, MANAGEMENT_GROUP_ID="mg-prod")
     sim.throttle_resource_graph(100, resets_after_s=0)
     code = main(["check", IN_GROUP, "--apply", "--yes", "--output", "json", "--retry-wait", "0"])
     out: dict[str, Any] = json.loads(capsys.readouterr().out)
-    assert code == 1
-    assert [(v["outcome"], v["reason"]) for v in out["vms"]] == [("failed", "scope-unknown")]
+    assert code == 3
+    assert [(v["outcome"], v["reason"]) for v in out["vms"]] == [("deferred", "throttled")]
     assert _run_commands(sim) == {}
 
 
