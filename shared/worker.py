@@ -21,8 +21,10 @@ Delivery guarantees (docs/reliability.md, "Delivery guarantees"):
   (401/403, a missing table), an outage past ``DEFER_DEADLINE_HOURS``, or a queue that cannot take the
   copy either makes the invocation raise: the host retries the message and, after
   ``maxDequeueCount``, moves it to the poison queue, whose handler records ``failed: poison``.
-- A retry is put on the queue only after its row is written, so a ledger failure never leaves a
-  retry and a carried copy of the same delivery.
+- A retry (or a lease wait) is put on the queue only after its row is written and the lease
+  released, so a ledger failure never leaves a retry and a carried copy of the same delivery. A
+  carried copy that meets the outage again counts on from its first missed delivery, whatever rows
+  went through in between, so that the deadline holds for a ledger that takes some rows only.
 """
 
 from __future__ import annotations
@@ -168,6 +170,10 @@ class Worker:
     async def handle(self, item: WorkItem, *, now: datetime | None = None) -> list[Outcome]:
         now = now or datetime.now(UTC)
         item = item.clamped(now)
+        # A new outage carries on this delivery's count and first missed time even once its row is
+        # written: a ledger that takes that row but not the VM's (a 5xx on one partition) must still
+        # reach DEFER_DEADLINE_HOURS, not be carried for ever from a fresh "since" (review r9c).
+        carried = item
         try:
             if item.ledger_missed:
                 await self._record_missed(item)
@@ -176,7 +182,7 @@ class Worker:
         except LedgerError as error:
             if not storage_unavailable(error):
                 raise
-            return [await self._outlast_storage(item, error, now)]
+            return [await self._outlast_storage(carried, error, now)]
 
     async def _record_missed(self, item: WorkItem) -> None:
         """The row of the deliveries Table storage could not take, now that it answers again."""
@@ -350,6 +356,7 @@ class Worker:
             return await self._wait_for_lease(item, vm_id, "lease-held")
         outcome: Outcome | None = None
         retry: tuple[WorkItem, float] | None = None
+        lost = False
         try:
             interrupted: dict[str, Any] | None = getattr(lease, "interrupted", None)
             recent = None if interrupted else self._recent(item, lease, now)
@@ -359,37 +366,48 @@ class Worker:
                 )
             except LeaseLost:
                 # Renewal found the lease taken over (it had expired): nothing was POSTed.
-                return await self._wait_for_lease(item, vm_id, "lease-lost")
-            if interrupted:
-                outcome.details["interrupted"] = interrupted
-            if outcome.kind is OutcomeKind.DEFERRED:
-                outcome, retry = self._defer(item, vm_id, outcome, now)
-            # The log line first: if the ledger cannot take the row, the outcome is still on record.
-            log_outcome(
-                outcome,
-                trigger=trigger,
-                correlation_id=correlation,
-                attempt=item.attempt,
-                first_seen=item.first_seen,
-            )
-            try:
-                await self._ledger.record(
-                    vm_id, outcome=outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt
+                lost = True
+            else:
+                if interrupted:
+                    outcome.details["interrupted"] = interrupted
+                if outcome.kind is OutcomeKind.DEFERRED:
+                    outcome, retry = self._defer(item, vm_id, outcome, now)
+                # The log line first: if the ledger cannot take the row, the outcome is still on record.
+                log_outcome(
+                    outcome,
+                    trigger=trigger,
+                    correlation_id=correlation,
+                    attempt=item.attempt,
+                    first_seen=item.first_seen,
                 )
-            except BaseException:
-                # No history row: store no verdict either, keep the intent on the state row, and let
-                # the message be retried; the next delivery detects the VM's real state again. A
-                # cancellation (BaseException) is no different: the row may not have been written.
-                outcome = None
-                raise
-            if retry is not None:  # sent once its row is written (module docstring)
-                await self._queue.send(retry[0], delay_s=retry[1])
-            return outcome
+                try:
+                    await self._ledger.record(
+                        vm_id,
+                        outcome=outcome,
+                        trigger=trigger,
+                        correlation_id=correlation,
+                        attempt=item.attempt,
+                    )
+                except BaseException:
+                    # No history row: store no verdict either, keep the intent on the state row, and let
+                    # the message be retried; the next delivery detects the VM's real state again. A
+                    # cancellation (BaseException) is no different: the row may not have been written.
+                    outcome = None
+                    raise
         finally:
             stored = outcome
             if outcome is not None and outcome.reason == "recently-verified":
                 stored = None  # the verdict it relied on stays as it was (verifiedAt included)
             await self._ledger.release(lease, stored)
+        # What continues this delivery (a retry, a lease wait) is sent only once the ledger has done
+        # with it, the release included: a release Table storage refuses carries the item on instead
+        # (``handle``), and two continuations of one delivery would each run to the deadline (r9c).
+        if lost:
+            return await self._wait_for_lease(item, vm_id, "lease-lost")
+        assert outcome is not None
+        if retry is not None:
+            await self._queue.send(retry[0], delay_s=retry[1])
+        return outcome
 
     def _guard(self, item: WorkItem, vm_id: VmId, lease: Any) -> BeforeRunCommand:
         """The hook the workflow awaits before each Run Command POST."""
