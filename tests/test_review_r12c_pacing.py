@@ -1,0 +1,150 @@
+"""Review r12c: the pacer against hostile answers, through the real SDK clients and the simulator.
+
+A 429 may name a wait far longer than the engine sleeps inside one call: Compute's own sample is
+``Retry-After: 1200`` ("Troubleshooting API throttling errors", MicrosoftDocs/SupportArticles-docs
+``support/azure/virtual-machines/windows/troubleshooting-throttling-errors.md``). The 429 itself
+becomes a ``throttled`` deferral (the retry policy does not sleep it); every later request of that
+subscription and kind must too, at once, and not sit in the pacer until the call's deadline (a VM
+read ending ``arm-timeout`` after ARM_CALL_TIMEOUT_SECONDS, a Run Command POST never sent ending
+``run-command-timeout`` after RUN_COMMAND_TIMEOUT_SECONDS).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import pytest
+
+from shared.azure.compute import ComputeGateway, Throttled
+from shared.azure.credentials import make_credential
+from shared.azure.pacing import Pacer
+from shared.guest.scripts import detect_command
+from shared.model import VmId
+from shared.settings import Settings
+from simulator import Estate, Simulator
+from tests.estates import windows_vm
+
+SUB = "3f2c8a51-6b0e-4d7a-9c1e-2a5b7d9e4f10"
+READS = "x-ms-ratelimit-remaining-subscription-reads"
+
+
+def vm_id(name: str) -> str:
+    return f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{name}"
+
+
+def _estate(throttling: dict[str, object], count: int = 3) -> Estate:
+    vms = [windows_vm(vm_id(f"kms-{i:02}"), channel="KMS_CLIENT") for i in range(count)]
+    return Estate.from_dict({"vms": vms, "throttling": throttling})
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+async def test_a_read_after_a_long_retry_after_is_deferred_at_once_not_timed_out(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read bucket of 1 refilled once every 100 s: the second read is ARM's 429 with a
+    Retry-After of about 100 s (deferred); the third is deferred too, at once, with what is left of
+    that wait, and never sent; not held in the pacer until ARM_CALL_TIMEOUT_SECONDS."""
+    sim = sim_factory(_estate({"timeScale": 1, "reads": {"size": 1, "perSecond": 0.01}}), latency_s=0.01)
+    env = {**sim.env(), "ARM_CALL_TIMEOUT_SECONDS": "4"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = Settings.from_env(env)
+    ids = [VmId.parse(vm.id) for vm in sim.estate.vms]
+    async with make_credential(config) as credential, ComputeGateway(credential, config) as gateway:
+        await gateway.get_vm(ids[0])
+        with pytest.raises(Throttled) as refused:
+            await gateway.get_vm(ids[1])
+        assert (refused.value.retry_after_s or 0) > 50
+        started = time.monotonic()
+        with pytest.raises(Throttled) as held:
+            await gateway.get_vm(ids[2])
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.0
+    assert 50 < (held.value.retry_after_s or 0) <= (refused.value.retry_after_s or 0)
+    assert sim.throttling()["arm"][SUB]["reads"]["requests"] == 2  # the held read never went
+
+
+async def test_a_run_command_after_a_long_retry_after_is_throttled_not_a_run_command_timeout(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for writes: a Run Command POST held by an earlier 429's Retry-After is a
+    ``throttled`` deferral at once; a ``run-command-timeout`` would say a command ran too long where
+    none was sent."""
+    sim = sim_factory(_estate({"timeScale": 1, "writes": {"size": 1, "perSecond": 0.01}}), latency_s=0.01)
+    env = {**sim.env(), "RUN_COMMAND_TIMEOUT_SECONDS": "4", "POLL_INTERVAL_SECONDS": "0.05"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = Settings.from_env(env)
+    ids = [VmId.parse(vm.id) for vm in sim.estate.vms]
+    body = detect_command(config.kms_host, config.kms_port)
+    async with make_credential(config) as credential, ComputeGateway(credential, config) as gateway:
+        await gateway.run_command(ids[0], body)
+        with pytest.raises(Throttled):
+            await gateway.run_command(ids[1], body)
+        started = time.monotonic()
+        with pytest.raises(Throttled) as held:
+            await gateway.run_command(ids[2], body)
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.0 and (held.value.retry_after_s or 0) > 50
+    assert sim.throttling()["arm"][SUB]["writes"]["requests"] == 2
+    assert len(sim.run_logs()) == 1  # only the first command ran anywhere
+
+
+@pytest.mark.parametrize("value", ["-1e300", "-5", "-inf", "nan", "inf"])
+async def test_a_hostile_remaining_header_is_no_budget_to_wait_for(value: str) -> None:
+    """A remaining-budget header ARM would never send (negative, infinite, not a number) neither
+    holds the next request (a negative count is 0 left: one token's refill, 4/25 s with the
+    reserve) nor lets the pacer forget what it knew."""
+    fake = FakeTime()
+    refused: list[float] = []
+
+    def hold(subscription: str, kind: str, wait: float) -> Exception:
+        refused.append(wait)
+        return RuntimeError(f"held {wait}")
+
+    pacer = Pacer(concurrency=4, clock=fake.clock, sleep=fake.sleep, max_wait_s=5.0, hold_error=hold)
+    await pacer.before(SUB, "reads")
+    pacer.after(SUB, "reads", 200, {READS: value})
+    await pacer.before(SUB, "reads")
+    assert refused == []
+    assert sum(fake.slept) <= 4 / 25 + 1e-9
+    assert all(math.isfinite(w) for w in fake.slept)
+    assert pacer.remaining(SUB, "reads") in (None, 0.0)
+
+
+async def test_a_hold_within_the_bound_is_slept_and_one_beyond_it_is_refused_with_what_is_left() -> None:
+    fake = FakeTime()
+    refusals: list[tuple[str, str, float]] = []
+
+    def hold(subscription: str, kind: str, wait: float) -> Exception:
+        refusals.append((subscription, kind, wait))
+        return RuntimeError("held")
+
+    pacer = Pacer(concurrency=4, clock=fake.clock, sleep=fake.sleep, max_wait_s=5.0, hold_error=hold)
+    await pacer.before(SUB, "reads")
+    pacer.after(SUB, "reads", 429, {READS: "240", "Retry-After": "3"})
+    await pacer.before(SUB, "reads")  # 3 s: slept
+    assert fake.slept == [pytest.approx(3.0)]
+    pacer.after(SUB, "reads", 429, {READS: "240", "Retry-After": "1200"})
+    fake.now += 100
+    with pytest.raises(RuntimeError):
+        await pacer.before(SUB, "reads")
+    assert refusals == [(SUB, "reads", pytest.approx(1100.0))]
+    assert fake.slept == [pytest.approx(3.0)]  # nothing slept for it
+    await pacer.before(SUB, "writes")  # other kinds are not held
+    fake.now += 1100
+    await pacer.before(SUB, "reads")  # once the wait is over, requests go again
