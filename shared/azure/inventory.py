@@ -18,7 +18,9 @@ a steady run gets no 429 (guidance-for-throttled-requests.md, "Understand thrott
 
 :meth:`Inventory.list_vms` is the sweep's listing: one paged query over the whole scope (1,000 rows
 a page) with what the gate needs (OS type, power state, tags) and what filters need (name,
-resource group, tags), instead of two ARM list pages per 100 VMs per subscription.
+resource group, tags), instead of two ARM list pages per 100 VMs per subscription. A last page
+that says ``resultTruncated`` with fewer rows than ``totalRecords`` fails the listing
+(:class:`InventoryError`, after its rows): the VMs it did not give are not silently left out.
 """
 
 from __future__ import annotations
@@ -268,6 +270,7 @@ class Inventory(PooledClient[ResourceGraphClient]):
         subscriptions, groups = self._scope()
         skip_token: str | None = None
         throttled = 0
+        rows = 0  # rows given so far, over every page
         while True:
             quota_wait = self._quota_back_at - time.monotonic()
             if quota_wait > 0:  # the last answer said the quota is spent: wait for it, not for a 429
@@ -298,16 +301,14 @@ class Inventory(PooledClient[ResourceGraphClient]):
                 raise InventoryUnavailable(str(error)[:300], reason="arm-unavailable") from error
             response, headers = answer
             self._note_quota(headers)
-            if str(response.result_truncated).lower() == "true":
-                log.warning(
-                    "Resource Graph truncated a result (%s rows); some VMs are missing", response.count
-                )
             throttled = 0
             for row in response.data or []:
                 if isinstance(row, Mapping):
+                    rows += 1
                     yield row
             next_token = response.skip_token
             if not next_token or next_token == skip_token:
+                _check_complete(response, rows)
                 return
             skip_token = next_token
 
@@ -319,6 +320,23 @@ class Inventory(PooledClient[ResourceGraphClient]):
                 {"x-ms-user-quota-resets-after": headers.get("x-ms-user-quota-resets-after", "")}
             )
             self._quota_back_at = time.monotonic() + (DEFAULT_THROTTLE_WAIT_S if wait is None else wait)
+
+
+def _check_complete(response: Any, rows: int) -> None:
+    """After the last page: a result Resource Graph says it truncated, with fewer rows than it
+    matched, is a failed listing (work-with-data.md, "Paging results": ``resultTruncated`` says
+    records were not returned, and then no ``$skipToken`` follows), not a shorter estate."""
+    if str(response.result_truncated).lower() != "true":
+        return
+    total = response.total_records
+    if isinstance(total, int) and rows >= total:
+        return
+    log.error("Resource Graph truncated a result: %s of %s rows", rows, total)
+    raise InventoryError(
+        f"Resource Graph truncated the result: {rows} of {total} rows given, no further page",
+        reason="arm-error",
+        code="ResultTruncated",
+    )
 
 
 def _with_headers(pipeline_response: Any, deserialized: Any, _: Any) -> tuple[Any, Mapping[str, str]]:
