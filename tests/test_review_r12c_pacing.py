@@ -148,3 +148,42 @@ async def test_a_hold_within_the_bound_is_slept_and_one_beyond_it_is_refused_wit
     await pacer.before(SUB, "writes")  # other kinds are not held
     fake.now += 1100
     await pacer.before(SUB, "reads")  # once the wait is over, requests go again
+
+
+async def test_after_a_429_storm_the_subscription_gets_its_workers_back(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The opening wave of eight reads meets Compute's policy (a bucket of 4, refilled fast): the
+    subscription's concurrency halves. Answers that are not 429s then give the workers back: in
+    the second half of the sweep eight Run Commands run at once again, not the four (or one) a
+    halving that never recovers would leave."""
+    from shared.azure.inventory import Inventory
+    from shared.settings import Mode
+    from shared.sweep import sweep_inventory
+    from shared.workflow import Remediator
+    from simulator.faults import FaultPlan
+
+    plan = FaultPlan.from_dict({"armThrottling": {"timeScale": 1, "reads": {"size": 4, "perSecond": 400}}})
+    sim = sim_factory(_estate({}, count=32).with_faults(plan), latency_s=0.15)
+    env = {**sim.env(), "POLL_INTERVAL_SECONDS": "0.15", "MAX_CONCURRENCY": "8"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = Settings.from_env(env).with_mode(Mode.ENFORCE)
+    async with (
+        make_credential(config) as credential,
+        ComputeGateway(credential, config) as gateway,
+        Inventory(credential, config) as inventory,
+    ):
+        report = await sweep_inventory(
+            Remediator(gateway, config), inventory, concurrency=8, limit=gateway.pacer.concurrency
+        )
+        throttled = gateway.pacer.throttled[SUB]
+    assert [o.kind.value for o in report.outcomes] == ["healthy"] * 32
+    assert throttled >= 1 and sim.faults()["armThrottling"] >= 1  # the storm happened
+    commands = sorted(
+        (c["started"], c["ended"]) for log in sim.run_logs().values() for c in log if c.get("ended")
+    )
+    middle = commands[len(commands) // 2][0]
+    late = [(s, e) for s, e in commands if s >= middle]
+    most = max(sum(1 for s2, e2 in late if s2 <= s < e2) for s, _ in late)
+    assert most >= 6
