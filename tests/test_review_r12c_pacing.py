@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -187,3 +188,48 @@ async def test_after_a_429_storm_the_subscription_gets_its_workers_back(
     late = [(s, e) for s, e in commands if s >= middle]
     most = max(sum(1 for s2, e2 in late if s2 <= s < e2) for s, _ in late)
     assert most >= 6
+
+
+def _http_date(seconds_from_now: float) -> str:
+    from email.utils import format_datetime
+
+    return format_datetime(datetime.now(UTC) + timedelta(seconds=seconds_from_now), usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "slept", "refused"),
+    [
+        ("0", 0.0, False),  # no hold (azure-core then backs off itself)
+        ("-5", 0.0, False),  # a negative wait is none
+        ("abc", 1.0, False),  # unreadable: the pacer's own second
+        ("2.5", 2.5, False),
+        ("http-date+3", 3.0, False),  # RFC 9110's other form
+        ("1200", 0.0, True),  # Compute's sample: not slept, refused with the wait
+        ("http-date+600", 0.0, True),
+    ],
+)
+async def test_a_429s_retry_after_in_every_form_holds_the_next_request_as_long_and_no_longer(
+    retry_after: str, slept: float, refused: bool
+) -> None:
+    fake = FakeTime()
+    holds: list[float] = []
+
+    def hold(subscription: str, kind: str, wait: float) -> Exception:
+        holds.append(wait)
+        return RuntimeError("held")
+
+    pacer = Pacer(concurrency=4, clock=fake.clock, sleep=fake.sleep, max_wait_s=30.0, hold_error=hold)
+    await pacer.before(SUB, "reads")
+    value = (
+        _http_date(float(retry_after.split("+")[1])) if retry_after.startswith("http-date") else retry_after
+    )
+    pacer.after(SUB, "reads", 429, {READS: "200", "Retry-After": value})
+    if refused:
+        with pytest.raises(RuntimeError):
+            await pacer.before(SUB, "reads")
+        assert holds and holds[0] > 30.0 and fake.slept == []
+    else:
+        await pacer.before(SUB, "reads")
+        assert holds == [] and sum(fake.slept) == pytest.approx(
+            slept, abs=1.01 if "date" in retry_after else 1e-6
+        )
