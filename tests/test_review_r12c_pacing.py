@@ -233,3 +233,24 @@ async def test_a_429s_retry_after_in_every_form_holds_the_next_request_as_long_a
         assert holds == [] and sum(fake.slept) == pytest.approx(
             slept, abs=1.01 if "date" in retry_after else 1e-6
         )
+
+
+async def test_a_429_is_waited_for_once_by_the_retry_policy_and_the_pacer_together(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read bucket of 1 refilled at 1/s: the second read is refused with a Retry-After of under a
+    second. azure-core's retry policy sleeps it and retries; the pacer, which holds the subscription
+    for the same Retry-After, lets that retry go at once: one wait, not two in a row."""
+    sim = sim_factory(_estate({"timeScale": 1, "reads": {"size": 1, "perSecond": 1}}), latency_s=0.01)
+    for key, value in sim.env().items():
+        monkeypatch.setenv(key, value)
+    config = Settings.from_env(sim.env())
+    ids = [VmId.parse(vm.id) for vm in sim.estate.vms]
+    async with make_credential(config) as credential, ComputeGateway(credential, config) as gateway:
+        await gateway.get_vm(ids[0])
+        started = time.monotonic()
+        await gateway.get_vm(ids[1])
+        elapsed = time.monotonic() - started
+        throttled = gateway.pacer.throttled[SUB]
+    assert throttled == 1 and sim.throttling()["arm"][SUB]["reads"] == {"requests": 3, "throttled": 1}
+    assert 0.8 <= elapsed < 1.4  # the bucket's second, once
