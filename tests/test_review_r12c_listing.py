@@ -174,3 +174,24 @@ async def test_a_vm_listed_on_two_pages_is_worked_on_once(settings: Settings) ->
     report = await sweep_inventory(Checker(), inventory, concurrency=2)
     await inventory.close()
     assert sorted(checked) == ["a", "b", "c"] and len(report.outcomes) == 3
+
+
+async def test_a_skip_token_given_twice_is_a_listing_error_not_the_end_of_the_estate(
+    settings: Settings,
+) -> None:
+    """A page that hands back the token it was asked with would loop for ever; ending there quietly
+    would leave every later VM out. The rows given are listed, then the listing fails."""
+    graph = _Graph([_page(["a", "b"], total=6, token="t1"), _page(["c", "d"], total=6, token="t1")])
+    listed: list[str] = []
+    inventory = Inventory(ManagedIdentityCredential(), settings)
+    inventory._sdk = lambda: graph  # type: ignore[assignment,method-assign,return-value]
+
+    async def drain() -> None:
+        async for vm in inventory.list_vms():
+            listed.append(vm.vm_id.name)
+
+    with pytest.raises(InventoryError) as raised:
+        await drain()
+    await inventory.close()
+    assert listed == ["a", "b", "c", "d"] and graph.tokens == [None, "t1"]
+    assert "$skipToken" in str(raised.value)

@@ -20,7 +20,8 @@ a steady run gets no 429 (guidance-for-throttled-requests.md, "Understand thrott
 a page) with what the gate needs (OS type, power state, tags) and what filters need (name,
 resource group, tags), instead of two ARM list pages per 100 VMs per subscription. A last page
 that says ``resultTruncated`` with fewer rows than ``totalRecords`` fails the listing
-(:class:`InventoryError`, after its rows): the VMs it did not give are not silently left out.
+(:class:`InventoryError`, after its rows), as does a ``$skipToken`` handed back unchanged: the VMs
+it did not give are not silently left out.
 """
 
 from __future__ import annotations
@@ -307,7 +308,15 @@ class Inventory(PooledClient[ResourceGraphClient]):
                     rows += 1
                     yield row
             next_token = response.skip_token
-            if not next_token or next_token == skip_token:
+            if next_token and next_token == skip_token:
+                # The page it was asked for, again: following it would loop, stopping would
+                # quietly leave out every VM after it.
+                raise InventoryError(
+                    f"Resource Graph gave the same $skipToken twice after {rows} rows; the rest is unlisted",
+                    reason="arm-error",
+                    code="SkipTokenRepeated",
+                )
+            if not next_token:
                 _check_complete(response, rows)
                 return
             skip_token = next_token
