@@ -35,7 +35,7 @@ from azure.mgmt.core.exceptions import ARMErrorFormat
 from shared.azure.pacing import Pacer
 from shared.azure.polling import RetryAfterFirstPolling
 from shared.azure.transient import MAX_IN_PROCESS_WAIT_S, response_headers, wait_from_headers
-from shared.azure.transport import SubscriptionClients
+from shared.azure.transport import SubscriptionClients, sdk_json
 from shared.model import VmId
 from shared.settings import Settings
 from shared.vm import VmFacts
@@ -365,7 +365,7 @@ class ComputeGateway(SubscriptionClients[ComputeManagementClient]):
         except _NO_ANSWER as error:
             raise ArmUnavailable(str(error)[:300]) from error
         stdout, stderr = "", ""
-        for status in _wire(result).get("value") or []:
+        for status in sdk_json(result).get("value") or []:
             if not isinstance(status, Mapping):
                 continue
             if status.get("code") == STDOUT_CODE:
@@ -387,19 +387,7 @@ def _held(subscription: str, kind: str, wait_s: float) -> Throttled:
 
 def _listed(item: Any) -> VmFacts | None:
     try:
-        return VmFacts.from_arm(_wire(item))
+        return VmFacts.from_arm(sdk_json(item))
     except ValueError as error:  # not an id ARM would give; keep going, say so
         log.warning("skipping a listed VM with an unreadable id: %s", error)
         return None
-
-
-def _wire(model: Any) -> Mapping[str, Any]:
-    """The REST JSON of a (hybrid) SDK model."""
-    if isinstance(model, Mapping):
-        return model
-    as_dict = getattr(model, "as_dict", None)
-    if callable(as_dict):
-        value = as_dict()
-        if isinstance(value, Mapping):
-            return value
-    raise TypeError(f"unexpected SDK model {type(model).__name__}")

@@ -201,6 +201,31 @@ class Inventory(PooledClient[ResourceGraphClient]):
         seen = {str(row.get("subscriptionId", "")).lower() async for row in self._rows(SUBSCRIPTIONS_QUERY)}
         return [sub for sub in subscriptions if sub.lower() not in seen]
 
+    async def group_subscriptions(self) -> list[str]:
+        """The subscriptions (lower case) Resource Graph sees in or under ``MANAGEMENT_GROUP_ID``;
+        empty without a management group.
+
+        The CLI asks it once before any VM, so that a group Resource Graph refuses (it does not
+        exist, or the identity cannot read it) or holds nothing the identity can read is said at
+        once, instead of a sweep of nothing or a ``scope-unknown`` per VM. Each subscription found
+        is remembered as in the group for the scope check (``in_scope``, for ``SCOPE_CACHE_S``):
+        the same ``ResourceContainers`` question, asked once for all of them. The query projects no
+        ``id``, so Resource Graph answers one page of at most 1,000 rows (work-with-data.md, "Paging
+        results"): a larger group's other subscriptions are asked one by one, as before.
+        """
+        _, groups = self._scope()
+        if not groups:
+            return []
+        found: list[str] = []
+        async for row in self._rows(SUBSCRIPTIONS_QUERY):
+            sub = str(row.get("subscriptionId", "")).lower()
+            if is_guid(sub) and sub not in found:
+                found.append(sub)
+        now = time.monotonic()
+        for sub in found:
+            self._in_group[sub] = (True, now)
+        return found
+
     async def list_vms(self) -> AsyncIterator[VmFacts]:
         """Every VM in scope, in id order, page by page: id, OS type, power state, tags, location.
 
@@ -393,7 +418,8 @@ def _throttle_wait(error: HttpResponseError) -> float | None:
 def _translate(error: HttpResponseError) -> InventoryError:
     status = error.status_code
     code = str(error.error.code) if error.error is not None and error.error.code else ""
-    message = str(error.message or error)[:500]
+    said = _service_words(error)
+    message = (said + "\n" if said else "") + str(error.message or error)[:500]
     if status == 429 or (status is not None and status >= 500):
         wait = wait_from_headers(response_headers(error))
         if status == 429 and wait is None:
@@ -402,3 +428,20 @@ def _translate(error: HttpResponseError) -> InventoryError:
         return InventoryUnavailable(message, reason=reason, code=code, status=status, retry_after_s=wait)
     reason = "forbidden" if status in (401, 403) else "arm-error"
     return InventoryError(message, reason=reason, code=code, status=status)
+
+
+def _service_words(error: HttpResponseError) -> str:
+    """What the service said, its reason first, on one line ("" when its answer has no details).
+
+    Resource Graph's top-level ``message`` is only "Please provide below info when asking for
+    support: timestamp = …, correlationId = …"; its reason ("… does not have authorization … over
+    scope …", "Query is invalid …", "Client application has been throttled …") is in ``details``
+    (Azure/azure-powershell src/ResourceGraph/ResourceGraph.Test/ScenarioTests/ResourceGraphQueryTests.ps1,
+    ``Search-AzureRmGraph-QueryError``). The SDK's text starts with the top message, so a one-line
+    report of it said nothing an operator could act on: this line goes first, the SDK's whole text
+    after it (what -v shows; the correlation id is for a support request).
+    """
+    odata = error.error
+    details = [d for d in (getattr(odata, "details", None) or []) if getattr(d, "message", None)]
+    said = [f"({d.code}) {d.message}" if d.code else str(d.message) for d in details]
+    return " ".join(" ".join(text.split()) for text in said)
