@@ -195,3 +195,26 @@ async def test_a_skip_token_given_twice_is_a_listing_error_not_the_end_of_the_es
     await inventory.close()
     assert listed == ["a", "b", "c", "d"] and graph.tokens == [None, "t1"]
     assert "$skipToken" in str(raised.value)
+
+
+async def test_a_query_without_ids_may_be_one_truncated_page(
+    sim_factory: Callable[..., Simulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The management group's subscriptions (``ResourceContainers``, no ``id`` projected) come in one
+    page of at most 1,000 rows, ``resultTruncated`` beyond (work-with-data.md): that is no failed
+    listing; the group's other subscriptions are asked one by one later (``in_scope``)."""
+    sim = sim_factory(Estate.from_dict({"vms": []}), latency_s=0.01)
+    env = {**sim.env(), "MANAGEMENT_GROUP_ID": "mg-big"}
+    subs = [f"{i:08x}-abcd-4000-8000-000000000000" for i in range(3)]
+    page = QueryResponse(
+        total_records=1500,
+        count=3,
+        result_truncated="true",
+        data=[{"subscriptionId": s} for s in subs],
+    )
+    inventory = Inventory(ManagedIdentityCredential(), Settings.from_env(env))
+    inventory._sdk = lambda: _Graph([page])  # type: ignore[assignment,method-assign,return-value]
+    try:
+        assert await inventory.group_subscriptions() == subs
+    finally:
+        await inventory.close()
