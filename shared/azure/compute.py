@@ -218,7 +218,17 @@ class ComputeGateway(SubscriptionClients[ComputeManagementClient]):
     def __init__(self, credential: AsyncTokenCredential, settings: Settings) -> None:
         super().__init__(settings, session_limit=max(100, 2 * settings.max_concurrency))
         self._credential = credential
-        self.pacer = Pacer(cloud=settings.cloud.name, concurrency=settings.max_concurrency)
+        # Waits that fit well within the call's deadline are slept; longer ones become deferrals,
+        # in the retry policy (a 429 naming one) and in the pacer (a request held by that 429).
+        self._max_wait_s = min(
+            MAX_IN_PROCESS_WAIT_S, settings.arm_timeout_s / 2, settings.run_command_timeout_s / 2
+        )
+        self.pacer = Pacer(
+            cloud=settings.cloud.name,
+            concurrency=settings.max_concurrency,
+            max_wait_s=self._max_wait_s,
+            hold_error=_held,
+        )
         self.run_commands = 0
 
     def _make_client(self, subscription_id: str, transport: AioHttpTransport) -> ComputeManagementClient:
@@ -227,14 +237,7 @@ class ComputeGateway(SubscriptionClients[ComputeManagementClient]):
         return ComputeManagementClient(
             self._credential,
             subscription_id,
-            # Waits that fit well within the call's deadline are slept; longer ones become deferrals.
-            retry_policy=RunCommandRetryPolicy(
-                max_wait_s=min(
-                    MAX_IN_PROCESS_WAIT_S,
-                    self._settings.arm_timeout_s / 2,
-                    self._settings.run_command_timeout_s / 2,
-                )
-            ),
+            retry_policy=RunCommandRetryPolicy(max_wait_s=self._max_wait_s),
             **options,
         )
 
@@ -370,6 +373,16 @@ class ComputeGateway(SubscriptionClients[ComputeManagementClient]):
             elif status.get("code") == STDERR_CODE:
                 stderr = str(status.get("message") or "")
         return stdout, stderr
+
+
+def _held(subscription: str, kind: str, wait_s: float) -> Throttled:
+    """A request the pacer did not send: an earlier 429's Retry-After (or the budget's refill) holds
+    its subscription and kind longer than a call sleeps. A deferral, as the 429 that named it."""
+    return Throttled(
+        f"{kind} of subscription {subscription} held {wait_s:.1f} s by an earlier 429's Retry-After "
+        "(request not sent)",
+        retry_after_s=wait_s,
+    )
 
 
 def _listed(item: Any) -> VmFacts | None:
