@@ -28,7 +28,7 @@ from azure.core.credentials_async import AsyncTokenCredential
 
 from shared.azure.compute import ComputeError, ComputeGateway
 from shared.azure.credentials import NoCredential, check_credential, make_credential
-from shared.azure.inventory import Inventory, InventoryError, resolve_query
+from shared.azure.inventory import Inventory, InventoryError, InventoryUnavailable, resolve_query
 from shared.azure.network import NetworkGateway
 from shared.cli_ledger import LedgeredCheck, WithoutLedger, cli_owner, correlation_id, has_ledger, open_ledger
 from shared.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_exit_code
@@ -39,14 +39,14 @@ from shared.interrupt import Interrupt, Interruptible, terminate_as_interrupt
 from shared.ledger import Ledger, LedgerError
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
 from shared.output import FORMATS, Progress, RunResult, render, result_document
-from shared.plan import HookedChecker, Plan, PlanApplier, PlanError, Recorder, build_plan, confirm, load_plan
+from shared.plan import Plan, PlanApplier, PlanError, Recorder, build_plan, confirm, load_plan
 from shared.resume import DEFAULT_ONLY, ResumeError, parse_only, run_each, vms_to_resume
 from shared.scope import PerSubscription, Scope
 from shared.settings import ConfigError, Mode, Settings, is_subscription_id
 from shared.sweep import NOT_LISTED, sweep_inventory
 from shared.unreadable import rechecking
 from shared.vm import VmFacts
-from shared.workflow import BeforeRunCommand, Remediator
+from shared.workflow import BeforeRunCommand, Checker, Remediator
 
 DEFAULT_SIM_LATENCY_S = 0.3
 
@@ -601,6 +601,7 @@ async def _execute(
         await check_credential(credential, settings, env)  # NoCredential: exit 2, before any VM
         gateway = await stack.enter_async_context(ComputeGateway(credential, settings))
         scope_inventory = await stack.enter_async_context(Inventory(credential, settings))
+        await _check_group(scope_inventory, settings)  # MANAGEMENT_GROUP_ID: exit 2, before any VM
         network = await stack.enter_async_context(NetworkGateway(credential, settings))
         ledger = await _ledger(settings, credential)
         if ledger is not None:
@@ -652,6 +653,44 @@ async def _execute(
     return run_exit_code(
         result.outcomes, listing_errors=bool(result.listing_errors), named_missing=bool(missing)
     )
+
+
+async def _check_group(inventory: Inventory, settings: Settings) -> None:
+    """``MANAGEMENT_GROUP_ID`` asked of Resource Graph once, before any VM (``group_subscriptions``).
+
+    A group Resource Graph refuses (a 4xx: no such group, a display name instead of the id, or no
+    read access) or in which it sees no subscription is a configuration error, said once with what
+    to fix (exit 2), instead of a sweep that lists nothing, or a ``scope-unknown`` for each VM
+    named. Throttled or unavailable: each VM's own scope check says so (nothing is assumed)."""
+    group = settings.management_group
+    if not group:
+        return
+    try:
+        found = await inventory.group_subscriptions()
+    except InventoryUnavailable as error:
+        logging.getLogger(__name__).info("management group %s not checked up front: %s", group, error)
+        return
+    except InventoryError as error:
+        logging.getLogger(__name__).info("Resource Graph answered: %s", error)
+        # The service's own reason, first line (shared/azure/inventory.py puts its details first).
+        said = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        what = (
+            f"Resource Graph answered HTTP {error.status}: {_fit(said, 300).rstrip('.')}"
+            if error.status is not None and said
+            else _inventory_problem(error)
+        )
+        raise UsageError(f"MANAGEMENT_GROUP_ID={group}: {what}. {GROUP_HINT}") from error
+    if not found:
+        raise UsageError(
+            f"MANAGEMENT_GROUP_ID={group}: Resource Graph sees no subscription in or under this "
+            f"management group. {GROUP_HINT}"
+        )
+
+
+GROUP_HINT = (
+    "Check that it is the group's id (not its display name) and that the credential can read it "
+    "(Reader on the group); nothing was checked"
+)
 
 
 class _Workflows:
@@ -733,7 +772,7 @@ class _Run:
         self._policy = policy or RetryPolicy(retries=0)
         self.interrupt = Interrupt(sys.stderr)
 
-    async def collect(self, targets: _Targets, checker: HookedChecker) -> RunResult:
+    async def collect(self, targets: _Targets, checker: Checker) -> RunResult:
         settings, gateway = self._settings, self._gateway
         mode = Mode.ENFORCE.value if isinstance(checker, PlanApplier) else checker_mode(checker)
         outcomes: list[Outcome] = []
@@ -815,7 +854,7 @@ class _Run:
                 raise _Early(EXIT_FAILED) from error
 
 
-def checker_mode(checker: HookedChecker) -> str:
+def checker_mode(checker: Checker) -> str:
     if isinstance(checker, _Scoped):
         return checker.settings.mode.value
     return Mode.AUDIT.value
@@ -893,6 +932,20 @@ class _Scoped:
     ) -> Outcome:
         try:
             refused = await self._scope.check(vm_id)
+        except InventoryUnavailable as error:
+            # Resource Graph throttled or unavailable for now: nothing is known or done yet, so the
+            # VM is deferred like any throttled one (retried within the run, else exit 3), never
+            # assumed in scope and never a failure of the VM.
+            details: dict[str, Any] = {"scope": self._scope.describe()}
+            if error.retry_after_s is not None:
+                details["retryAfterS"] = error.retry_after_s
+            return Outcome(
+                str(vm_id),
+                OutcomeKind.DEFERRED,
+                error.reason,
+                hint=f"Not checked yet: cannot tell whether the VM is in scope: {_inventory_problem(error)}",
+                details=details,
+            )
         except InventoryError as error:  # scope that cannot be checked is not assumed
             return Outcome(
                 str(vm_id),

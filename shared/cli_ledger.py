@@ -32,7 +32,7 @@ from shared.ledger import Lease, LeaseLost, Ledger, LedgerError
 from shared.model import Outcome, OutcomeKind, Trigger, VmId
 from shared.settings import Settings
 from shared.vm import VmFacts
-from shared.workflow import BeforeRunCommand
+from shared.workflow import BeforeRunCommand, Checker
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +43,11 @@ NO_LEDGER_NOTE = (
 )
 
 
-class Workflow(Protocol):
-    """``Remediator.check``: the per-VM workflow, with the hook the lease needs."""
+class Workflow(Checker, Protocol):
+    """``Remediator.check``: the per-VM workflow, with the hook the lease needs, and its settings."""
 
     @property
     def settings(self) -> Settings: ...
-
-    async def check(
-        self,
-        vm_id: VmId,
-        *,
-        listed: VmFacts | None = None,
-        before_run_command: BeforeRunCommand | None = None,
-    ) -> Outcome: ...
 
 
 class WithoutLedger:

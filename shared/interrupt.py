@@ -35,9 +35,8 @@ from collections.abc import Awaitable, Iterator, Mapping
 from typing import Any, TextIO, TypeVar
 
 from shared.model import Outcome, OutcomeKind, VmId
-from shared.plan import HookedChecker
 from shared.vm import VmFacts
-from shared.workflow import BeforeRunCommand
+from shared.workflow import BeforeRunCommand, Checker
 
 SIGINT_GRACE_S = 90.0
 SIGTERM_GRACE_S = 8.0
@@ -219,7 +218,7 @@ class Interruptible:
     the VMs in flight send no further Run Command: one whose detection is done ends ``deferred:
     interrupted`` before its remediation. It keeps :class:`Interrupt` told which VMs are in flight."""
 
-    def __init__(self, inner: HookedChecker, interrupt: Interrupt) -> None:
+    def __init__(self, inner: Checker, interrupt: Interrupt) -> None:
         self._inner, self._interrupt = inner, interrupt
 
     async def check(

@@ -184,6 +184,11 @@ class WorkItem:
     # DEFER_DEADLINE_HOURS is counted in these, so that time spent waiting for the engine (a queue
     # backlog, a storage outage, a dead worker's lease) never costs the item its retries.
     deferred_s: float = 0.0
+    # Deliveries of this item that Table storage could not take (unreachable, timing out, 5xx), each
+    # carried on as a fresh delayed copy, and when the first of them was: the copy records them once
+    # the ledger answers again (``deferred: ledger-unavailable``), and gives up at the deadline.
+    ledger_missed: int = 0
+    ledger_missed_since: str = ""
 
     def __post_init__(self) -> None:
         if (self.vm_id is None) == (self.computer is None):
@@ -199,11 +204,18 @@ class WorkItem:
         """
         stamp = now.astimezone(UTC).isoformat()
         first, evidence = parse_time(self.first_seen), parse_time(self.evidence_at)
+        missed = parse_time(self.ledger_missed_since)
         first_seen = stamp if first is not None and first > now else self.first_seen
         evidence_at = stamp if evidence is not None and evidence > now else self.evidence_at
-        if (first_seen, evidence_at) == (self.first_seen, self.evidence_at):
+        # A future "missed since" would put off the storage deadline for ever.
+        missed_since = stamp if missed is not None and missed > now else self.ledger_missed_since
+        if (first_seen, evidence_at, missed_since) == (
+            self.first_seen,
+            self.evidence_at,
+            self.ledger_missed_since,
+        ):
             return self
-        return replace(self, first_seen=first_seen, evidence_at=evidence_at)
+        return replace(self, first_seen=first_seen, evidence_at=evidence_at, ledger_missed_since=missed_since)
 
     @property
     def target(self) -> str:
@@ -229,6 +241,9 @@ class WorkItem:
             out["unreadable"] = self.unreadable
         if self.deferred_s:
             out["deferredS"] = self.deferred_s
+        if self.ledger_missed:
+            out["ledgerMissed"] = self.ledger_missed
+            out["ledgerMissedSince"] = self.ledger_missed_since
         return out
 
     @classmethod
@@ -264,6 +279,12 @@ class WorkItem:
         unreadable = data.get("unreadable", 0)
         if isinstance(unreadable, bool) or not isinstance(unreadable, int) or unreadable < 0:
             raise ValueError("unreadable must be a non-negative integer")
+        missed = data.get("ledgerMissed", 0)
+        if isinstance(missed, bool) or not isinstance(missed, int) or missed < 0:
+            raise ValueError("ledgerMissed must be a non-negative integer")
+        missed_since = data.get("ledgerMissedSince") or ""
+        if not isinstance(missed_since, str) or (missed_since and parse_time(missed_since) is None):
+            raise ValueError(f"ledgerMissedSince must be an ISO 8601 time, not {str(missed_since)[:40]!r}")
         return cls(
             reason=reason,
             vm_id=vm_id,
@@ -275,6 +296,8 @@ class WorkItem:
             evidence_at=evidence_at,
             unreadable=min(unreadable, MAX_ATTEMPT),
             deferred_s=float(min(deferred_s, MAX_DEFERRED_S)),
+            ledger_missed=min(missed, MAX_ATTEMPT),
+            ledger_missed_since=missed_since if missed else "",
         )
 
 

@@ -30,14 +30,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 from shared.decide import Action, Decision, decide, gate
 from shared.guest.facts import RESULT_MARKER, GuestOutputError, GuestResult, channel_of, parse_result
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId, parse_time
 from shared.settings import Mode, Settings
 from shared.vm import VmFacts
-from shared.workflow import BeforeRunCommand, Compute, DetectFirst
+from shared.workflow import BeforeRunCommand, Checker, Compute, DetectFirst
 
 PLAN_KIND = "avma-remediator-plan"
 PLAN_VERSION = 1
@@ -395,22 +395,10 @@ def _planned_vm(row: object, settings: Settings, where: str) -> PlannedVm:
     return PlannedVm(vm_id, outcome, action, vm, document, decision)
 
 
-class HookedChecker(Protocol):
-    """``Remediator.check`` behind the scope check (the CLI's ``_Scoped``)."""
-
-    async def check(
-        self,
-        vm_id: VmId,
-        *,
-        listed: VmFacts | None = None,
-        before_run_command: BeforeRunCommand | None = None,
-    ) -> Outcome: ...
-
-
 class PlanApplier:
     """``apply``: each VM of the plan, remediated only where the fresh facts lead to the plan's decision."""
 
-    def __init__(self, inner: HookedChecker, recorder: Recorder, plan: Plan, settings: Settings) -> None:
+    def __init__(self, inner: Checker, recorder: Recorder, plan: Plan, settings: Settings) -> None:
         self._inner, self._recorder, self._plan, self._settings = inner, recorder, plan, settings
 
     async def check(

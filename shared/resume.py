@@ -14,9 +14,8 @@ from functools import partial
 from pathlib import Path
 
 from shared.model import InvalidVmId, Outcome, OutcomeKind, VmId
-from shared.sweep import Checker
 from shared.unreadable import check_until_readable
-from shared.workflow import detect_first
+from shared.workflow import Checker, detect_first
 
 DEFAULT_ONLY = (OutcomeKind.FAILED, OutcomeKind.DEFERRED)
 

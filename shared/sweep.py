@@ -32,21 +32,9 @@ from shared.lanes import DEFAULT_CAPACITY, SubscriptionLanes
 from shared.model import Outcome, VmId
 from shared.unreadable import check_until_readable
 from shared.vm import VmFacts
-from shared.workflow import BeforeRunCommand, detect_first
+from shared.workflow import Checker, detect_first
 
 log = logging.getLogger(__name__)
-
-
-class Checker(Protocol):
-    """``Remediator.check``, or the CLI's scope-checking wrapper around it."""
-
-    async def check(
-        self,
-        vm_id: VmId,
-        *,
-        listed: VmFacts | None = None,
-        before_run_command: BeforeRunCommand | None = None,
-    ) -> Outcome: ...
 
 
 @dataclass

@@ -35,7 +35,7 @@ from shared.intake import (
     from_log_rows,
 )
 from shared.lastresort import DrainQueue, drain, record_poison
-from shared.ledger import Ledger, TableMissing
+from shared.ledger import Ledger, LedgerError, TableMissing, storage_unavailable
 from shared.model import Outcome, Trigger, WorkItem
 from shared.retry_later import Answer, answer_or_retry_later
 from shared.scope import Scope
@@ -85,8 +85,16 @@ class Runtime:
         ledger = self.clients.ledger()
         key = f"table:{self.settings.ledger_table}"
         if key not in _created:
-            await ledger.create_table_if_needed()
-            _created.add(key)
+            try:
+                await ledger.create_table_if_needed()
+            except LedgerError as error:
+                if not storage_unavailable(error):
+                    raise
+                # Table storage unreachable (a new instance started in an outage): the worker carries
+                # its item past it (shared/worker.py); the table is checked again next time.
+                log.warning("ledger table not checked: %s", error)
+            else:
+                _created.add(key)
         return ledger
 
     async def inventory(self) -> Inventory:

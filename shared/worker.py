@@ -13,9 +13,18 @@ Delivery guarantees (docs/reliability.md, "Delivery guarantees"):
   remediation POST an ``intent`` row goes to the history and the intent onto the VM's state row, so
   a worker killed after the POST leaves evidence, and the next holder re-detects the VM whatever its
   stored verdict says.
-- The outcome is logged before the ledger write; the write is retried with backoff; if it still
-  fails the invocation raises, so the Functions host retries the message rather than deleting it
-  and, after ``maxDequeueCount``, moves it to the poison queue, whose handler records ``failed: poison``.
+- The outcome is logged before the ledger write; the write is retried with backoff. If Table storage
+  is still unreachable (a refused connection, a timeout, a 5xx: ``storage_unavailable``), the item
+  is carried on as a fresh copy with a growing delay (``deferred: ledger-unavailable``, logged), so
+  that an outage longer than ``maxDequeueCount`` deliveries does not end it ``failed: poison``; the
+  copy writes that row once the ledger answers, then runs the workflow afresh. A definite refusal
+  (401/403, a missing table), an outage past ``DEFER_DEADLINE_HOURS``, or a queue that cannot take the
+  copy either makes the invocation raise: the host retries the message and, after
+  ``maxDequeueCount``, moves it to the poison queue, whose handler records ``failed: poison``.
+- A retry (or a lease wait) is put on the queue only after its row is written and the lease
+  released, so a ledger failure never leaves a retry and a carried copy of the same delivery. A
+  carried copy that meets the outage again counts on from its first missed delivery, whatever rows
+  went through in between, so that the deadline holds for a ledger that takes some rows only.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from shared.azure.transient import TransientError
-from shared.ledger import LeaseLost
+from shared.ledger import LeaseLost, LedgerError, storage_unavailable
 from shared.model import MAX_ATTEMPT, Outcome, OutcomeKind, Trigger, VmId, WorkItem
 from shared.scope import Scope
 from shared.settings import Settings
@@ -91,6 +100,7 @@ class LedgerPort(Protocol):
         trigger: str,
         correlation_id: str,
         details: dict[str, Any],
+        attempt: int = 0,
     ) -> None: ...
 
 
@@ -160,6 +170,77 @@ class Worker:
     async def handle(self, item: WorkItem, *, now: datetime | None = None) -> list[Outcome]:
         now = now or datetime.now(UTC)
         item = item.clamped(now)
+        # A new outage carries on this delivery's count and first missed time even once its row is
+        # written: a ledger that takes that row but not the VM's (a 5xx on one partition) must still
+        # reach DEFER_DEADLINE_HOURS, not be carried for ever from a fresh "since" (review r9c).
+        carried = item
+        try:
+            if item.ledger_missed:
+                await self._record_missed(item)
+                item = replace(item, ledger_missed=0, ledger_missed_since="")
+            return await self._handle(item, now)
+        except LedgerError as error:
+            if not storage_unavailable(error):
+                raise
+            return [await self._outlast_storage(carried, error, now)]
+
+    async def _record_missed(self, item: WorkItem) -> None:
+        """The row of the deliveries Table storage could not take, now that it answers again."""
+        await self._ledger.record_event(
+            item.target,
+            kind=OutcomeKind.DEFERRED.value,
+            reason="ledger-unavailable",
+            trigger=item.reason.value,
+            correlation_id=item.correlation_id,
+            details={"copies": item.ledger_missed, "since": item.ledger_missed_since},
+            attempt=item.attempt,
+        )
+
+    async def _outlast_storage(self, item: WorkItem, error: LedgerError, now: datetime) -> Outcome:
+        """Table storage is unreachable while the queue works: carry the item on as a fresh copy with
+        a growing delay, instead of raising into the host's ``maxDequeueCount`` and the poison queue.
+
+        Nothing of this delivery needs undoing: a verdict is only stored with its history row, an
+        interrupted remediation leaves its intent on the VM's state row (the copy detects afresh), and
+        the lease this delivery may still hold expires. Past DEFER_DEADLINE_HOURS of outage, or when the
+        queue refuses the copy too, the error is raised: the host's retries and the poison queue then
+        take over (docs/reliability.md)."""
+        since = _parse_time(item.ledger_missed_since) or now
+        if (now - since).total_seconds() >= self._settings.defer_deadline_s:
+            log.error("ledger down for %s since %s: the item goes to the host", item.target[:200], since)
+            raise error
+        delay = self._retry_delay(item.ledger_missed)
+        copy = replace(
+            item,
+            ledger_missed=min(item.ledger_missed + 1, MAX_ATTEMPT),
+            ledger_missed_since=since.isoformat(),
+        )
+        try:
+            await self._queue.send(copy, delay_s=delay)
+        except Exception as send_error:
+            log.error("ledger and queue both failed for %s: %s", item.target[:200], send_error)
+            raise error from send_error
+        outcome = Outcome(
+            item.target,
+            OutcomeKind.DEFERRED,
+            "ledger-unavailable",
+            details={
+                "error": str(error)[:300],
+                "retryInS": delay,
+                "copies": copy.ledger_missed,
+                "since": copy.ledger_missed_since,
+            },
+        )
+        log_outcome(
+            outcome,
+            trigger=item.reason.value,
+            correlation_id=item.correlation_id,
+            attempt=item.attempt,
+            first_seen=item.first_seen,
+        )
+        return outcome
+
+    async def _handle(self, item: WorkItem, now: datetime) -> list[Outcome]:
         if item.vm_id is None:
             return await self._resolve(item)
         try:
@@ -229,6 +310,7 @@ class Worker:
         now = datetime.now(UTC)
         first = _parse_time(item.first_seen) or now
         details: dict[str, Any] = {"error": str(error)[:300]}
+        retry, delay = item, 0.0
         if item.computer is not None:
             details["computer"] = item.computer
         if self._deferred_long_enough(item):
@@ -243,7 +325,6 @@ class Worker:
                 first_seen=first.isoformat(),
                 deferred_s=_counted(item, delay),
             )
-            await self._queue.send(retry, delay_s=delay)
             kind, reason = OutcomeKind.DEFERRED, error.reason
             details.update(retryInS=delay, nextAttempt=_next(item))
         deferred = Outcome(item.target, kind, reason, details=details)
@@ -262,6 +343,8 @@ class Worker:
             correlation_id=item.correlation_id,
             details=details,
         )
+        if kind is OutcomeKind.DEFERRED:  # sent once its row is written (module docstring)
+            await self._queue.send(retry, delay_s=delay)
         return deferred
 
     async def _check(self, item: WorkItem, vm_id: VmId, now: datetime) -> Outcome:
@@ -272,6 +355,8 @@ class Worker:
             # only time frees: come back when it is free and detect again, never drop the delivery.
             return await self._wait_for_lease(item, vm_id, "lease-held")
         outcome: Outcome | None = None
+        retry: tuple[WorkItem, float] | None = None
+        lost = False
         try:
             interrupted: dict[str, Any] | None = getattr(lease, "interrupted", None)
             recent = None if interrupted else self._recent(item, lease, now)
@@ -281,35 +366,48 @@ class Worker:
                 )
             except LeaseLost:
                 # Renewal found the lease taken over (it had expired): nothing was POSTed.
-                return await self._wait_for_lease(item, vm_id, "lease-lost")
-            if interrupted:
-                outcome.details["interrupted"] = interrupted
-            if outcome.kind is OutcomeKind.DEFERRED:
-                outcome = await self._defer(item, vm_id, outcome, now)
-            # The log line first: if the ledger cannot take the row, the outcome is still on record.
-            log_outcome(
-                outcome,
-                trigger=trigger,
-                correlation_id=correlation,
-                attempt=item.attempt,
-                first_seen=item.first_seen,
-            )
-            try:
-                await self._ledger.record(
-                    vm_id, outcome=outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt
+                lost = True
+            else:
+                if interrupted:
+                    outcome.details["interrupted"] = interrupted
+                if outcome.kind is OutcomeKind.DEFERRED:
+                    outcome, retry = self._defer(item, vm_id, outcome, now)
+                # The log line first: if the ledger cannot take the row, the outcome is still on record.
+                log_outcome(
+                    outcome,
+                    trigger=trigger,
+                    correlation_id=correlation,
+                    attempt=item.attempt,
+                    first_seen=item.first_seen,
                 )
-            except BaseException:
-                # No history row: store no verdict either, keep the intent on the state row, and let
-                # the message be retried; the next delivery detects the VM's real state again. A
-                # cancellation (BaseException) is no different: the row may not have been written.
-                outcome = None
-                raise
-            return outcome
+                try:
+                    await self._ledger.record(
+                        vm_id,
+                        outcome=outcome,
+                        trigger=trigger,
+                        correlation_id=correlation,
+                        attempt=item.attempt,
+                    )
+                except BaseException:
+                    # No history row: store no verdict either, keep the intent on the state row, and let
+                    # the message be retried; the next delivery detects the VM's real state again. A
+                    # cancellation (BaseException) is no different: the row may not have been written.
+                    outcome = None
+                    raise
         finally:
             stored = outcome
             if outcome is not None and outcome.reason == "recently-verified":
                 stored = None  # the verdict it relied on stays as it was (verifiedAt included)
             await self._ledger.release(lease, stored)
+        # What continues this delivery (a retry, a lease wait) is sent only once the ledger has done
+        # with it, the release included: a release Table storage refuses carries the item on instead
+        # (``handle``), and two continuations of one delivery would each run to the deadline (r9c).
+        if lost:
+            return await self._wait_for_lease(item, vm_id, "lease-lost")
+        assert outcome is not None
+        if retry is not None:
+            await self._queue.send(retry[0], delay_s=retry[1])
+        return outcome
 
     def _guard(self, item: WorkItem, vm_id: VmId, lease: Any) -> BeforeRunCommand:
         """The hook the workflow awaits before each Run Command POST."""
@@ -368,7 +466,6 @@ class Worker:
         # DEFER_DELAY, spread by jitter so that duplicates do not meet again, never past the lease.
         delay = max(1.0, min(self._settings.defer_delay_s * random.uniform(1.0, 2.0), self._settings.lease_s))  # noqa: S311 (jitter)
         retry = replace(item, vm_id=vm_id, computer=None)
-        await self._queue.send(retry, delay_s=delay)
         waiting = Outcome(
             str(vm_id),
             OutcomeKind.DEFERRED,
@@ -385,15 +482,19 @@ class Worker:
         await self._ledger.record(
             vm_id, outcome=waiting, trigger=trigger, correlation_id=correlation, attempt=item.attempt
         )
+        await self._queue.send(retry, delay_s=delay)  # once its row is written (module docstring)
         return waiting
 
-    async def _defer(self, item: WorkItem, vm_id: VmId, outcome: Outcome, now: datetime) -> Outcome:
+    def _defer(
+        self, item: WorkItem, vm_id: VmId, outcome: Outcome, now: datetime
+    ) -> tuple[Outcome, tuple[WorkItem, float] | None]:
         """Re-enqueue with exponential delay until the deadline (the delays summed); then the
         deferral becomes a failure.
 
         A Run Command answer that said nothing about the VM (``run-command-failed``, ``bad-output``)
         is retried the same way, and is terminal on the item's ``MAX_UNREADABLE_TRIES``-th
-        (shared/unreadable.py). The retry runs the whole workflow, detection first."""
+        (shared/unreadable.py). The retry runs the whole workflow, detection first. Returns the
+        outcome to record and the retry to send once it is recorded (none when terminal)."""
         first = _parse_time(item.first_seen) or now
         hours = self._settings.defer_deadline_s / 3600
         unreadable = item.unreadable + 1 if is_unreadable(outcome) else item.unreadable
@@ -404,15 +505,16 @@ class Worker:
                 "attempts": item.attempt + 1,
                 "deferredS": item.deferred_s,
             }
-            return Outcome(
+            failed = Outcome(
                 str(vm_id),
                 OutcomeKind.FAILED,
                 f"deadline-exceeded:{outcome.reason}",
                 hint=f"Still '{outcome.reason}' after {hours:g} h of retries. {outcome.hint}",
                 details=details,
             )
+            return failed, None
         if is_unreadable(outcome) and unreadable >= MAX_UNREADABLE_TRIES:
-            return give_up(outcome, unreadable)
+            return give_up(outcome, unreadable), None
         # At least the wait ARM named (a 429's or 503's Retry-After): a retry sent sooner is refused
         # again (request-limits-and-throttling.md), and costs the VM one of its looks.
         delay = min(max(self._retry_delay(item.attempt), _named_wait(outcome)), MAX_DEFER_DELAY_S)
@@ -425,14 +527,14 @@ class Worker:
             unreadable=unreadable,
             deferred_s=_counted(item, delay),
         )
-        await self._queue.send(retry, delay_s=delay)
-        return Outcome(
+        deferred = Outcome(
             outcome.vm_id,
             outcome.kind,
             outcome.reason,
             outcome.hint,
             {**outcome.details, "retryInS": delay, "nextAttempt": _next(item)},
         )
+        return deferred, (retry, delay)
 
     def _deferred_long_enough(self, item: WorkItem) -> bool:
         """Whether the item's retries have waited ``DEFER_DEADLINE_HOURS`` in all: the delays the

@@ -101,6 +101,19 @@ class Recent:
     os_disk_id: str
 
 
+class Checker(Protocol):
+    """``Remediator.check`` as its wrappers offer it (the sweep, the CLI's scope check, ledger, plan and
+    interrupt handling): one VM in, one outcome out, with the hook awaited before each POST."""
+
+    async def check(
+        self,
+        vm_id: VmId,
+        *,
+        listed: VmFacts | None = None,
+        before_run_command: BeforeRunCommand | None = None,
+    ) -> Outcome: ...
+
+
 class Compute(Protocol):
     """What the workflow needs from ARM (``shared.azure.compute.ComputeGateway``)."""
 

@@ -315,8 +315,12 @@ def test_a_failed_listing_query_is_reported_for_everything_it_covered(
     assert code == 1
     errors = [line for line in captured.err.splitlines() if line.startswith("avma-remediator:")]
     assert errors == [
-        f"avma-remediator: subscription {sub} could not be listed: throttled: (RateLimiting) Please"
-        " provide below info when asking for support: simulated request. (-v shows the rest)"
+        # Resource Graph's reason is in its details; its top message is only "Please provide below
+        # info when asking for support" (shared/azure/inventory.py, _service_words).
+        f"avma-remediator: subscription {sub} could not be listed: throttled: (RateLimiting) Client"
+        " application has been throttled and should not attempt to repeat the request until an"
+        " amount of time has elapsed. Please see https://aka.ms/resourcegraph-throttling for help."
+        " (-v shows the rest)"
         for sub in subs
     ]
     if verbose:

@@ -22,6 +22,7 @@ REASONS = [
     # deferred
     "agent-not-ready", "vm-starting", "power-state-unknown", "run-command-busy", "throttled",
     "arm-unavailable", "run-command-timeout", "arm-timeout", "kms-unreachable", "lease-held", "lease-lost",
+    "ledger-unavailable",
     # failed
     "activation-error:0xC004F074", "key-install-error:0xC004F069", "step-error:", "remediation-error:",
     "activation-not-attempted", "verify-failed:not-kms-client", "verify-failed:license-status-N",

@@ -222,25 +222,27 @@ async def test_a_short_table_outage_right_after_a_remediation_is_ridden_out_by_r
 async def test_a_long_table_outage_after_a_remediation_logs_the_outcome_and_keeps_the_message(
     app_env: dict[str, str], sim: Simulator, table_outage: TableOutage, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The ledger refuses the outcome row after its retries: the outcome is logged, and the item is
+    carried on as a delayed copy (tests/test_worker_storage_outage.py: past the host's retries)."""
     table_outage.planned = 10**6  # for the rest of this invocation
     body = item("web-01", "outage-2")
-    # raised: the host retries the message, never deletes it
-    with (
-        caplog.at_level(logging.INFO, logger="avma_remediator.outcomes"),
-        pytest.raises(Exception, match="unreachable"),
-    ):
-        await triggers.work(body)
+    with caplog.at_level(logging.INFO, logger="avma_remediator.outcomes"):
+        [carried] = await triggers.work(body)
+    assert (carried.kind.value, carried.reason) == ("deferred", "ledger-unavailable")
     logged = [
         json.loads(r.getMessage().split(" ", 1)[1])
         for r in caplog.records
         if r.name == "avma_remediator.outcomes"
     ]
     assert [(o["outcome"], o["reason"], o["correlationId"]) for o in logged] == [
-        ("remediated", "avma-channel", "outage-2")
+        ("remediated", "avma-channel", "outage-2"),
+        ("deferred", "ledger-unavailable", "outage-2"),
     ]
 
-    table_outage.failures_left = 0  # storage is back; the host delivers the message again
-    [outcome] = await triggers.work(body)
+    table_outage.failures_left = 0  # storage is back; the copy comes after its delay
+    [copy] = await wait_for_retry(app_env)
+    assert (copy["correlationId"], copy["ledgerMissed"]) == ("outage-2", 1)
+    [outcome] = await drain_one(app_env)
     assert (outcome.kind.value, outcome.reason) == ("deferred", "lease-held")  # not `skipped: duplicate`
     await wait_for_retry(app_env)
     await expire_lease(app_env, "web-01")
@@ -250,6 +252,15 @@ async def test_a_long_table_outage_after_a_remediation_logs_the_outcome_and_keep
     assert rows[0]["details"]["interrupted"]["phase"] == "remediate"
     assert "intent" in [r["outcome"] for r in rows]  # written before the POST, before the outage
     assert remediations(sim, "web-01") == 1
+
+
+async def drain_one(env: dict[str, str]) -> list[Any]:
+    """Receive one visible message, run the worker on it, delete it: the worker's outcomes."""
+    async with queue_client(env) as queue:
+        [message] = [m async for m in queue.receive_messages(max_messages=1, visibility_timeout=60)]
+        outcomes = await triggers.work(message.content)
+        await queue.delete_message(message)
+    return outcomes
 
 
 async def test_a_lease_lost_before_the_remediation_post_sends_nothing(

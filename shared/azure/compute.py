@@ -36,7 +36,7 @@ from azure.mgmt.core.exceptions import ARMErrorFormat
 from shared.azure.pacing import Pacer
 from shared.azure.polling import RetryAfterFirstPolling
 from shared.azure.transient import MAX_IN_PROCESS_WAIT_S, response_headers, wait_from_headers
-from shared.azure.transport import SubscriptionClients
+from shared.azure.transport import SubscriptionClients, sdk_json
 from shared.model import VmId
 from shared.settings import Settings
 from shared.vm import VmFacts
@@ -222,7 +222,17 @@ class ComputeGateway(SubscriptionClients[ComputeManagementClient]):
     def __init__(self, credential: AsyncTokenCredential, settings: Settings) -> None:
         super().__init__(settings, session_limit=max(100, 2 * settings.max_concurrency))
         self._credential = credential
-        self.pacer = Pacer(cloud=settings.cloud.name, concurrency=settings.max_concurrency)
+        # Waits that fit well within the call's deadline are slept; longer ones become deferrals,
+        # in the retry policy (a 429 naming one) and in the pacer (a request held by that 429).
+        self._max_wait_s = min(
+            MAX_IN_PROCESS_WAIT_S, settings.arm_timeout_s / 2, settings.run_command_timeout_s / 2
+        )
+        self.pacer = Pacer(
+            cloud=settings.cloud.name,
+            concurrency=settings.max_concurrency,
+            max_wait_s=self._max_wait_s,
+            hold_error=_held,
+        )
         self.run_commands = 0
 
     def _make_client(self, subscription_id: str, transport: AioHttpTransport) -> ComputeManagementClient:
@@ -231,14 +241,7 @@ class ComputeGateway(SubscriptionClients[ComputeManagementClient]):
         return ComputeManagementClient(
             self._credential,
             subscription_id,
-            # Waits that fit well within the call's deadline are slept; longer ones become deferrals.
-            retry_policy=RunCommandRetryPolicy(
-                max_wait_s=min(
-                    MAX_IN_PROCESS_WAIT_S,
-                    self._settings.arm_timeout_s / 2,
-                    self._settings.run_command_timeout_s / 2,
-                )
-            ),
+            retry_policy=RunCommandRetryPolicy(max_wait_s=self._max_wait_s),
             **options,
         )
 
@@ -366,7 +369,7 @@ class ComputeGateway(SubscriptionClients[ComputeManagementClient]):
         except _NO_ANSWER as error:
             raise ArmUnavailable(str(error)[:300]) from error
         stdout, stderr = "", ""
-        for status in _wire(result).get("value") or []:
+        for status in sdk_json(result).get("value") or []:
             if not isinstance(status, Mapping):
                 continue
             if status.get("code") == STDOUT_CODE:
@@ -374,6 +377,16 @@ class ComputeGateway(SubscriptionClients[ComputeManagementClient]):
             elif status.get("code") == STDERR_CODE:
                 stderr = str(status.get("message") or "")
         return stdout, stderr
+
+
+def _held(subscription: str, kind: str, wait_s: float) -> Throttled:
+    """A request the pacer did not send: an earlier 429's Retry-After (or the budget's refill) holds
+    its subscription and kind longer than a call sleeps. A deferral, as the 429 that named it."""
+    return Throttled(
+        f"{kind} of subscription {subscription} held {wait_s:.1f} s by an earlier 429's Retry-After "
+        "(request not sent)",
+        retry_after_s=wait_s,
+    )
 
 
 def encoded_body(body: Mapping[str, Any]) -> bytes:
@@ -403,19 +416,7 @@ def _encoded_lines(lines: tuple[Any, ...]) -> bytes:
 
 def _listed(item: Any) -> VmFacts | None:
     try:
-        return VmFacts.from_arm(_wire(item))
+        return VmFacts.from_arm(sdk_json(item))
     except ValueError as error:  # not an id ARM would give; keep going, say so
         log.warning("skipping a listed VM with an unreadable id: %s", error)
         return None
-
-
-def _wire(model: Any) -> Mapping[str, Any]:
-    """The REST JSON of a (hybrid) SDK model."""
-    if isinstance(model, Mapping):
-        return model
-    as_dict = getattr(model, "as_dict", None)
-    if callable(as_dict):
-        value = as_dict()
-        if isinstance(value, Mapping):
-            return value
-    raise TypeError(f"unexpected SDK model {type(model).__name__}")

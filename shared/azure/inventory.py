@@ -18,7 +18,10 @@ a steady run gets no 429 (guidance-for-throttled-requests.md, "Understand thrott
 
 :meth:`Inventory.list_vms` is the sweep's listing: one paged query over the whole scope (1,000 rows
 a page) with what the gate needs (OS type, power state, tags) and what filters need (name,
-resource group, tags), instead of two ARM list pages per 100 VMs per subscription.
+resource group, tags), instead of two ARM list pages per 100 VMs per subscription. A last page
+that says ``resultTruncated`` with fewer rows than ``totalRecords`` fails the listing
+(:class:`InventoryError`, after its rows), as does a ``$skipToken`` handed back unchanged: the VMs
+it did not give are not silently left out.
 """
 
 from __future__ import annotations
@@ -198,19 +201,44 @@ class Inventory(PooledClient[ResourceGraphClient]):
         seen = {str(row.get("subscriptionId", "")).lower() async for row in self._rows(SUBSCRIPTIONS_QUERY)}
         return [sub for sub in subscriptions if sub.lower() not in seen]
 
+    async def group_subscriptions(self) -> list[str]:
+        """The subscriptions (lower case) Resource Graph sees in or under ``MANAGEMENT_GROUP_ID``;
+        empty without a management group.
+
+        The CLI asks it once before any VM, so that a group Resource Graph refuses (it does not
+        exist, or the identity cannot read it) or holds nothing the identity can read is said at
+        once, instead of a sweep of nothing or a ``scope-unknown`` per VM. Each subscription found
+        is remembered as in the group for the scope check (``in_scope``, for ``SCOPE_CACHE_S``):
+        the same ``ResourceContainers`` question, asked once for all of them. The query projects no
+        ``id``, so Resource Graph answers one page of at most 1,000 rows (work-with-data.md, "Paging
+        results"): a larger group's other subscriptions are asked one by one, as before.
+        """
+        _, groups = self._scope()
+        if not groups:
+            return []
+        found: list[str] = []
+        async for row in self._rows(SUBSCRIPTIONS_QUERY):
+            sub = str(row.get("subscriptionId", "")).lower()
+            if is_guid(sub) and sub not in found:
+                found.append(sub)
+        now = time.monotonic()
+        for sub in found:
+            self._in_group[sub] = (True, now)
+        return found
+
     async def list_vms(self) -> AsyncIterator[VmFacts]:
         """Every VM in scope, in id order, page by page: id, OS type, power state, tags, location.
 
         ``agent_ready`` is unknown (None): the gate reads the VM before any Run Command.
         """
-        async for row in self._rows(LIST_VMS_QUERY):
+        async for row in self._rows(LIST_VMS_QUERY, complete=True):
             facts = _listed_facts(row)
             if facts is not None:
                 yield facts
 
     async def windows_vms(self) -> AsyncIterator[VmId]:
         """Every Windows VM in scope, in id order, page by page."""
-        async for row in self._rows(WINDOWS_VMS_QUERY):
+        async for row in self._rows(WINDOWS_VMS_QUERY, complete=True):
             vm = _vm_id(row)
             if vm is not None:
                 yield vm
@@ -262,12 +290,17 @@ class Inventory(PooledClient[ResourceGraphClient]):
                 return True
         return False
 
-    async def _rows(self, query: str) -> AsyncIterator[Mapping[str, Any]]:
-        """Every row of ``query``, following ``$skipToken`` until the last page."""
+    async def _rows(self, query: str, *, complete: bool = False) -> AsyncIterator[Mapping[str, Any]]:
+        """Every row of ``query``, following ``$skipToken`` until the last page.
+
+        ``complete``: the query projects ``id``, so Resource Graph pages all of it, and a last page
+        marked ``resultTruncated`` lost rows (an error). A query without ``id`` is one page of at most
+        1,000 rows, marked so when there were more (work-with-data.md): its callers expect that."""
         client = self._sdk()
         subscriptions, groups = self._scope()
         skip_token: str | None = None
         throttled = 0
+        rows = 0  # rows given so far, over every page
         while True:
             quota_wait = self._quota_back_at - time.monotonic()
             if quota_wait > 0:  # the last answer said the quota is spent: wait for it, not for a 429
@@ -298,16 +331,23 @@ class Inventory(PooledClient[ResourceGraphClient]):
                 raise InventoryUnavailable(str(error)[:300], reason="arm-unavailable") from error
             response, headers = answer
             self._note_quota(headers)
-            if str(response.result_truncated).lower() == "true":
-                log.warning(
-                    "Resource Graph truncated a result (%s rows); some VMs are missing", response.count
-                )
             throttled = 0
             for row in response.data or []:
                 if isinstance(row, Mapping):
+                    rows += 1
                     yield row
             next_token = response.skip_token
-            if not next_token or next_token == skip_token:
+            if next_token and next_token == skip_token:
+                # The page it was asked for, again: following it would loop, stopping would
+                # quietly leave out every VM after it.
+                raise InventoryError(
+                    f"Resource Graph gave the same $skipToken twice after {rows} rows; the rest is unlisted",
+                    reason="arm-error",
+                    code="SkipTokenRepeated",
+                )
+            if not next_token:
+                if complete:
+                    _check_complete(response, rows)
                 return
             skip_token = next_token
 
@@ -319,6 +359,23 @@ class Inventory(PooledClient[ResourceGraphClient]):
                 {"x-ms-user-quota-resets-after": headers.get("x-ms-user-quota-resets-after", "")}
             )
             self._quota_back_at = time.monotonic() + (DEFAULT_THROTTLE_WAIT_S if wait is None else wait)
+
+
+def _check_complete(response: Any, rows: int) -> None:
+    """After the last page: a result Resource Graph says it truncated, with fewer rows than it
+    matched, is a failed listing (work-with-data.md, "Paging results": ``resultTruncated`` says
+    records were not returned, and then no ``$skipToken`` follows), not a shorter estate."""
+    if str(response.result_truncated).lower() != "true":
+        return
+    total = response.total_records
+    if isinstance(total, int) and rows >= total:
+        return
+    log.error("Resource Graph truncated a result: %s of %s rows", rows, total)
+    raise InventoryError(
+        f"Resource Graph truncated the result: {rows} of {total} rows given, no further page",
+        reason="arm-error",
+        code="ResultTruncated",
+    )
 
 
 def _with_headers(pipeline_response: Any, deserialized: Any, _: Any) -> tuple[Any, Mapping[str, str]]:
@@ -366,7 +423,8 @@ def _throttle_wait(error: HttpResponseError) -> float | None:
 def _translate(error: HttpResponseError) -> InventoryError:
     status = error.status_code
     code = str(error.error.code) if error.error is not None and error.error.code else ""
-    message = str(error.message or error)[:500]
+    said = _service_words(error)
+    message = (said + "\n" if said else "") + str(error.message or error)[:500]
     if status == 429 or (status is not None and status >= 500):
         wait = wait_from_headers(response_headers(error))
         if status == 429 and wait is None:
@@ -375,3 +433,20 @@ def _translate(error: HttpResponseError) -> InventoryError:
         return InventoryUnavailable(message, reason=reason, code=code, status=status, retry_after_s=wait)
     reason = "forbidden" if status in (401, 403) else "arm-error"
     return InventoryError(message, reason=reason, code=code, status=status)
+
+
+def _service_words(error: HttpResponseError) -> str:
+    """What the service said, its reason first, on one line ("" when its answer has no details).
+
+    Resource Graph's top-level ``message`` is only "Please provide below info when asking for
+    support: timestamp = …, correlationId = …"; its reason ("… does not have authorization … over
+    scope …", "Query is invalid …", "Client application has been throttled …") is in ``details``
+    (Azure/azure-powershell src/ResourceGraph/ResourceGraph.Test/ScenarioTests/ResourceGraphQueryTests.ps1,
+    ``Search-AzureRmGraph-QueryError``). The SDK's text starts with the top message, so a one-line
+    report of it said nothing an operator could act on: this line goes first, the SDK's whole text
+    after it (what -v shows; the correlation id is for a support request).
+    """
+    odata = error.error
+    details = [d for d in (getattr(odata, "details", None) or []) if getattr(d, "message", None)]
+    said = [f"({d.code}) {d.message}" if d.code else str(d.message) for d in details]
+    return " ".join(" ".join(text.split()) for text in said)

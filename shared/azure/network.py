@@ -28,7 +28,7 @@ from azure.core.exceptions import AzureError, HttpResponseError
 from azure.core.pipeline.transport import AioHttpTransport
 
 from shared.azure.transient import BoundedRetryPolicy
-from shared.azure.transport import SubscriptionClients
+from shared.azure.transport import SubscriptionClients, sdk_json
 from shared.kms_endpoints import kms_of
 from shared.network_path import PathFacts, PathVerdict, judge, unknown
 from shared.settings import Settings
@@ -185,7 +185,9 @@ class NetworkGateway(SubscriptionClients["NetworkManagementClient"]):
 
     async def _call(self, what: str, call: Callable[[], Awaitable[Any]]) -> Mapping[str, Any]:
         try:
-            return _wire(await call())
+            return sdk_json(await call())
+        except TypeError as error:
+            raise NetworkUnreadable(f"{what}: {error}") from error
         except HttpResponseError as error:
             status = error.status_code
             code = error.error.code if error.error is not None and error.error.code else ""
@@ -214,17 +216,6 @@ def _parse(resource_id: str) -> dict[str, str]:
 def _lb_of(pool_id: str) -> str:
     head, sep, _ = pool_id.partition("/backendAddressPools/")
     return head if sep else ""
-
-
-def _wire(model: Any) -> Mapping[str, Any]:
-    if isinstance(model, Mapping):
-        return model
-    as_dict = getattr(model, "as_dict", None)
-    if callable(as_dict):
-        value = as_dict()
-        if isinstance(value, Mapping):
-            return value
-    raise NetworkUnreadable(f"unexpected SDK model {type(model).__name__}")
 
 
 def _obj(value: object) -> Mapping[str, Any]:

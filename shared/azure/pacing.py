@@ -31,6 +31,12 @@ second), doubled by each later burst of them, so that the retries do not all arr
 policy's bucket again; each answer that is not a 429 shortens the spacing by a tenth, and below a
 millisecond it is lifted.
 
+A wait longer than ``max_wait_s`` (a Retry-After of minutes: Compute's sample is 1,200 s) is not
+slept: the request is refused at once with ``hold_error`` (the gateway's ``throttled`` deferral,
+carrying what is left of the wait), as the retry policy hands back the 429 that named it, instead
+of holding a worker until the call's deadline. A remaining-budget header that is not a finite
+number is ignored, and a negative one counts as 0.
+
 Requests that name no subscription (Resource Graph, ``GET /subscriptions``) are not paced here:
 Resource Graph has its own quota, which the inventory paces (shared/azure/inventory.py).
 """
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import time
 from collections import Counter
@@ -127,6 +134,14 @@ class _Budget:
         return (reserve - estimate) / self.rate
 
 
+class BudgetHeld(Exception):
+    """A request not sent: its subscription and kind are held longer than the pacer sleeps."""
+
+    def __init__(self, subscription: str, kind: str, wait_s: float) -> None:
+        super().__init__(f"{kind} of subscription {subscription} held for {wait_s:.1f} s")
+        self.subscription, self.kind, self.wait_s = subscription, kind, wait_s
+
+
 @dataclass
 class _Concurrency:
     """How many VMs the sweep may work on at once in one subscription (AIMD)."""
@@ -147,7 +162,11 @@ class Pacer:
         refill: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        max_wait_s: float | None = None,
+        hold_error: Callable[[str, str, float], BaseException] | None = None,
     ) -> None:
+        """``max_wait_s``: the longest wait slept before a request (None: any); a longer one raises
+        ``hold_error(subscription, kind, wait)`` (default :class:`BudgetHeld`) without sending."""
         if concurrency < 1:
             raise ValueError("concurrency must be 1 or more")
         self._refill = dict(refill or CLOUD_REFILL.get(cloud, PUBLIC_REFILL))
@@ -155,6 +174,8 @@ class Pacer:
         self._reserve = reserve
         self._clock = clock
         self._sleep = sleep
+        self._max_wait_s = max_wait_s
+        self._hold_error = hold_error
         self._budgets: dict[tuple[str, str], _Budget] = {}
         self._concurrency: dict[str, _Concurrency] = {}
         self.throttled: Counter[str] = Counter()  # 429s received, per subscription
@@ -164,6 +185,7 @@ class Pacer:
         self.waited_s = 0.0  # time requests spent waiting for the budget, summed
         # Provider-side throttle bursts (a 429 while ARM's budget was not low), per subscription.
         self.provider_throttled: Counter[str] = Counter()
+        self.held: Counter[str] = Counter()  # requests refused for a wait beyond max_wait_s
 
     def policy(self) -> PacingPolicy:
         return PacingPolicy(self)
@@ -179,13 +201,18 @@ class Pacer:
     async def before(self, subscription: str, kind: str) -> None:
         """Wait until the budget can take one more request, then count it as sent."""
         budget = self._budget(subscription, kind)
-        self.requests[subscription] += 1
-        self.sent[(subscription, kind)] += 1
         if budget.wait(self._clock(), self._reserve) > 0:
             async with budget.lock:  # one waiter paces at a time: each sees the one before it
                 while (wait := budget.wait(self._clock(), self._reserve)) > 0:
+                    if self._max_wait_s is not None and wait > self._max_wait_s:
+                        self.held[subscription] += 1
+                        if self._hold_error is not None:
+                            raise self._hold_error(subscription, kind, wait)
+                        raise BudgetHeld(subscription, kind, wait)
                     self.waited_s += wait
                     await self._sleep(wait)
+        self.requests[subscription] += 1
+        self.sent[(subscription, kind)] += 1
         budget.inflight += 1
         if budget.gap is not None:
             budget.next_at = self._clock() + budget.gap
@@ -199,8 +226,10 @@ class Pacer:
         arm_left: float | None = None
         if value is not None:
             with contextlib.suppress(ValueError):
-                arm_left = float(value)
-                budget.remaining, budget.at = arm_left, now
+                number = float(value)
+                if math.isfinite(number):  # "nan" and "inf" parse, and are no budget
+                    arm_left = max(0.0, number)
+                    budget.remaining, budget.at = arm_left, now
         concurrency = self._concurrency.setdefault(subscription, _Concurrency(self._max))
         if status == 429:
             self.throttled[subscription] += 1

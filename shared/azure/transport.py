@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ssl
 import urllib.request
+from collections.abc import Mapping
 from typing import Any, Generic, Protocol, Self, TypeVar
 
 import aiohttp
@@ -164,3 +165,15 @@ class SubscriptionClients(Generic[ClientT]):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def sdk_json(model: Any) -> Mapping[str, Any]:
+    """The REST JSON of a (hybrid) SDK model, or of an answer that already is one."""
+    if isinstance(model, Mapping):
+        return model
+    as_dict = getattr(model, "as_dict", None)
+    if callable(as_dict):
+        value = as_dict()
+        if isinstance(value, Mapping):
+            return value
+    raise TypeError(f"unexpected SDK model {type(model).__name__}")

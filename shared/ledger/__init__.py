@@ -46,6 +46,7 @@ from shared.ledger._table import (
     LeaseLost,
     LedgerError,
     TableMissing,
+    storage_unavailable,
     target_key,
     vm_key,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "LedgerError",
     "TableMissing",
     "Verdict",
+    "storage_unavailable",
     "target_key",
     "vm_key",
 ]

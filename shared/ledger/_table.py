@@ -16,9 +16,12 @@ from urllib.parse import quote
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import (
     AzureError,
+    HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
 )
 from azure.data.tables import TableErrorCode, UpdateMode
 from azure.data.tables.aio import TableClient
@@ -144,6 +147,26 @@ def _transient(error: BaseException) -> bool:
     if isinstance(error, ResourceExistsError | ResourceModifiedError | ResourceNotFoundError):
         return False
     return isinstance(error, AzureError)
+
+
+# Answers that say "not now" rather than "no": a timeout, a throttle, a server error.
+_UNAVAILABLE_STATUS = frozenset({408, 429})
+
+
+def storage_unavailable(error: BaseException) -> bool:
+    """Whether a ledger failure means Table storage could not be reached or did not answer (a
+    refused connection, a timeout, 408, 429, a 5xx) rather than a definite refusal (401 or 403, a
+    missing table, 404, 409, 412, a row it will not take), which another try does not change."""
+    if not isinstance(error, LedgerError) or isinstance(error, LeaseLost | TableMissing):
+        return False
+    cause = error.__cause__
+    while cause is not None:
+        if isinstance(cause, TimeoutError | ServiceRequestError | ServiceResponseError):
+            return True
+        if isinstance(cause, HttpResponseError) and cause.status_code is not None:
+            return cause.status_code >= 500 or cause.status_code in _UNAVAILABLE_STATUS
+        cause = cause.__cause__
+    return False
 
 
 def _lease_is_live(row: Mapping[str, Any], now: datetime) -> bool:
