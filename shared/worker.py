@@ -231,13 +231,7 @@ class Worker:
                 "since": copy.ledger_missed_since,
             },
         )
-        log_outcome(
-            outcome,
-            trigger=item.reason.value,
-            correlation_id=item.correlation_id,
-            attempt=item.attempt,
-            first_seen=item.first_seen,
-        )
+        _log(item, outcome)
         return outcome
 
     async def _handle(self, item: WorkItem, now: datetime) -> list[Outcome]:
@@ -262,13 +256,7 @@ class Worker:
         await self._ledger.record(
             vm_id, outcome=outcome, trigger=trigger, correlation_id=correlation, attempt=item.attempt
         )
-        log_outcome(
-            outcome,
-            trigger=trigger,
-            correlation_id=correlation,
-            attempt=item.attempt,
-            first_seen=item.first_seen,
-        )
+        _log(item, outcome)
         return outcome
 
     async def _resolve(self, item: WorkItem) -> list[Outcome]:
@@ -292,12 +280,7 @@ class Worker:
                 correlation_id=item.correlation_id,
                 details={"computer": item.computer},
             )
-            log_outcome(
-                outcome,
-                trigger=item.reason.value,
-                correlation_id=item.correlation_id,
-                first_seen=item.first_seen,
-            )
+            _log(item, outcome)
             return [outcome]
         for vm_id in vms:  # one item per VM; each gets its own lease and outcome
             await self._queue.send(replace(item, vm_id=vm_id, computer=None))
@@ -328,13 +311,7 @@ class Worker:
             kind, reason = OutcomeKind.DEFERRED, error.reason
             details.update(retryInS=delay, nextAttempt=_next(item))
         deferred = Outcome(item.target, kind, reason, details=details)
-        log_outcome(
-            deferred,
-            trigger=item.reason.value,
-            correlation_id=item.correlation_id,
-            attempt=item.attempt,
-            first_seen=item.first_seen,
-        )
+        _log(item, deferred)
         await self._ledger.record_event(
             item.target,
             kind=kind.value,
@@ -373,13 +350,7 @@ class Worker:
                 if outcome.kind is OutcomeKind.DEFERRED:
                     outcome, retry = self._defer(item, vm_id, outcome, now)
                 # The log line first: if the ledger cannot take the row, the outcome is still on record.
-                log_outcome(
-                    outcome,
-                    trigger=trigger,
-                    correlation_id=correlation,
-                    attempt=item.attempt,
-                    first_seen=item.first_seen,
-                )
+                _log(item, outcome)
                 try:
                     await self._ledger.record(
                         vm_id,
@@ -472,13 +443,7 @@ class Worker:
             reason,
             details={"attempt": item.attempt, "retryInS": round(delay, 3)},
         )
-        log_outcome(
-            waiting,
-            trigger=trigger,
-            correlation_id=correlation,
-            attempt=item.attempt,
-            first_seen=item.first_seen,
-        )
+        _log(item, waiting)
         await self._ledger.record(
             vm_id, outcome=waiting, trigger=trigger, correlation_id=correlation, attempt=item.attempt
         )
@@ -553,6 +518,17 @@ class Worker:
         backoff = base * (2 ** min(max(attempt, 0), 30))
         cap = max(self._settings.defer_deadline_s / DEADLINE_SHARE, base)
         return float(min(backoff, cap, MAX_DEFER_DELAY_S))
+
+
+def _log(item: WorkItem, outcome: Outcome) -> None:
+    """The outcome's log record (``avma-outcome``), with the item it answers."""
+    log_outcome(
+        outcome,
+        trigger=item.reason.value,
+        correlation_id=item.correlation_id,
+        attempt=item.attempt,
+        first_seen=item.first_seen,
+    )
 
 
 def _named_wait(outcome: Outcome) -> float:

@@ -12,7 +12,6 @@ import functools
 import io
 import json
 import logging
-import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
@@ -159,20 +158,10 @@ def retry_after(error: HttpResponseError) -> float | None:
 
 
 def named_wait(headers: Mapping[str, str]) -> float | None:
-    """:func:`retry_after` of a response's headers; never raises (azure-core's ``parse_retry_after``
-    raises ``ValueError`` on a value it cannot read), and a non-finite value names no wait."""
-    wait = wait_from_headers({k: v for k, v in headers.items() if k.lower() == "retry-after"})
-    if wait is not None:
-        return wait
-    for name in ("retry-after-ms", "x-ms-retry-after-ms"):
-        value = next((str(v) for k, v in headers.items() if k.lower() == name), "").strip()
-        try:
-            millis = float(value)
-        except ValueError:
-            continue
-        if math.isfinite(millis):
-            return max(0.0, millis / 1000.0)
-    return None
+    """The wait an ARM answer names (``wait_from_headers``, shared with the pacer and the polls);
+    never raises (azure-core's ``parse_retry_after`` raises ``ValueError`` on a value it cannot
+    read), and a non-finite value names no wait."""
+    return wait_from_headers(headers)
 
 
 class RunCommandRetryPolicy(AsyncRetryPolicy[Any, Any]):

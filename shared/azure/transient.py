@@ -40,8 +40,11 @@ class TransientError(Exception):
 def wait_from_headers(headers: Mapping[str, str] | None, *, now: datetime | None = None) -> float | None:
     """The wait a throttled answer names, in seconds, or None when it names none.
 
-    ``Retry-After`` as delta-seconds or an HTTP-date (RFC 9110 §10.2.3), else Resource Graph's
-    ``x-ms-user-quota-resets-after`` (``hh:mm:ss``, guidance-for-throttled-requests.md).
+    ``Retry-After`` as delta-seconds or an HTTP-date (RFC 9110 §10.2.3), else ``retry-after-ms`` or
+    ``x-ms-retry-after-ms`` (the headers azure-core's ``get_retry_after`` reads too:
+    azure-sdk-for-python sdk/core/azure-core/azure/core/pipeline/policies/_utils.py), else Resource
+    Graph's ``x-ms-user-quota-resets-after`` (``hh:mm:ss``, guidance-for-throttled-requests.md).
+    Never raises; a non-finite value names no wait.
     """
     if not headers:
         return None
@@ -62,6 +65,13 @@ def wait_from_headers(headers: Mapping[str, str] | None, *, now: datetime | None
         if when is not None:
             when = when if when.tzinfo else when.replace(tzinfo=UTC)
             return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    for name in ("retry-after-ms", "x-ms-retry-after-ms"):
+        try:
+            millis = float(str(_get(headers, name) or "").strip())
+        except ValueError:
+            continue
+        if math.isfinite(millis):
+            return max(0.0, millis / 1000.0)
     resets = str(_get(headers, "x-ms-user-quota-resets-after") or "").strip()
     match = _HMS.fullmatch(resets)
     if match:
