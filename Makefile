@@ -41,8 +41,15 @@ $(CHECKOV_STAMP):
 	$(CHECKOV_VENV)/bin/pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
 	touch $(CHECKOV_STAMP)
 
+# pytest on both cores (pytest-xdist), whole test files per worker (--dist loadfile), so that a
+# module's fixtures run once (the chaos run of tests/test_chaos.py); each worker starts its own Azurite
+# on free ports. `make unit PYTEST_WORKERS=1` runs it in one process. PYTHONDONTWRITEBYTECODE is
+# cleared for this run: without bytecode every worker rewrites and compiles every test module again
+# (collection about 11 s of CPU instead of 5), and every CLI subprocess compiles shared/ again.
+PYTEST_WORKERS ?= 2
+
 unit: $(STAMP) node_modules/.package-lock.json $(CHECKOV_STAMP)
-	$(BIN)/pytest -q
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q $(if $(filter 1,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 test: lint typecheck unit
 

@@ -1,13 +1,40 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the environment a pytest-xdist worker runs the tests in."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from simulator import Estate, Simulator
+
+# The terminal size variables as the person or script that started pytest set them (None: unset).
+# pytest imports readline (_pytest/capture.py, _readline_workaround), and GNU readline exports
+# COLUMNS=80 and LINES=24 into the process's C environment without os.environ knowing
+# (pytest-dev/pytest#12888; python/cpython gh-46927): an xdist worker, a child of that process,
+# starts with them in os.environ, and output that fits itself to COLUMNS (shared/output.py) wraps at
+# 80 in a worker but not in a plain run. The controller hands its own values to each worker.
+_TERMINAL_VARIABLES = ("COLUMNS", "LINES")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: what COLUMNS and LINES were when pytest started."""
+    node.workerinput["terminal_variables"] = {name: os.environ.get(name) for name in _TERMINAL_VARIABLES}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """xdist worker: COLUMNS and LINES as the controller had them, not readline's."""
+    given = getattr(config, "workerinput", {}).get("terminal_variables")
+    if given is None:
+        return
+    for name, value in given.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

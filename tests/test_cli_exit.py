@@ -23,15 +23,28 @@ NO_AGENT = f"/subscriptions/c7e09a3d-2f18-4b65-8e4c-5d9a0b1f7e26/resourceGroups/
 PS2 = f"/subscriptions/8d41f6b2-95c3-4a8e-b7d0-1c6e2f3a9b54/resourceGroups/rg-migrated-legacy/{_VMS}/legacy-2008r2-dc-ps2"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+def _start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "-m", "shared", *args],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
-        check=False,
     )
+
+
+def _finish(proc: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return _finish(_start(*args))
 
 
 CASES = [
@@ -46,8 +59,10 @@ CASES = [
 def test_each_exit_code_as_a_script_sees_it() -> None:
     """The table of shared/exitcodes.py, one process per code: a script tells the four apart."""
     seen: dict[int, subprocess.CompletedProcess[str]] = {}
-    for args, code, outcome in CASES:
-        done = _cli(*args, "--output", "json")
+    # The four processes run at once (each waits on its own simulator most of the time).
+    started = [_start(*args, "--output", "json") for args, _, _ in CASES]
+    finished = [_finish(proc) for proc in started]
+    for (args, code, outcome), done in zip(CASES, finished, strict=True):
         assert done.returncode == code, (args, done.stderr)
         seen[code] = done
         if code == EXIT_USAGE:
