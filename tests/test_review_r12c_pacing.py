@@ -26,6 +26,7 @@ from shared.model import VmId
 from shared.settings import Settings
 from simulator import Estate, Simulator
 from tests.estates import windows_vm
+from tests.test_throttle_pacing import FakeTime
 
 SUB = "3f2c8a51-6b0e-4d7a-9c1e-2a5b7d9e4f10"
 READS = "x-ms-ratelimit-remaining-subscription-reads"
@@ -38,19 +39,6 @@ def vm_id(name: str) -> str:
 def _estate(throttling: dict[str, object], count: int = 3) -> Estate:
     vms = [windows_vm(vm_id(f"kms-{i:02}"), channel="KMS_CLIENT") for i in range(count)]
     return Estate.from_dict({"vms": vms, "throttling": throttling})
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.slept: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 async def test_a_read_after_a_long_retry_after_is_deferred_at_once_not_timed_out(
