@@ -553,10 +553,15 @@ class ResourceGraph:
         rows = [[_column(d, column) for column in columns] for d in docs]
         with self._lock:
             listing = next(self._listing_ids)
-            self._listings[listing] = (asked, rows)
-            while len(self._listings) > _LISTINGS_KEPT:
-                self._listings.popitem(last=False)
-        return self._page(rows, names, options, entry, listing=listing)
+        answer = self._page(rows, names, options, entry, listing=listing)
+        # Kept only when a later page may be asked for (its token names it): an answer of one page,
+        # or a refused token, would otherwise push a listing in progress out of the few kept.
+        if isinstance(answer.body, dict) and "$skipToken" in answer.body:
+            with self._lock:
+                self._listings[listing] = (asked, rows)
+                while len(self._listings) > _LISTINGS_KEPT:
+                    self._listings.popitem(last=False)
+        return answer
 
     def _containers(
         self, query: str, scope: set[str] | None, options: Mapping[str, Any], entry: dict[str, Any]

@@ -386,12 +386,15 @@ def encoded_body(body: Mapping[str, Any]) -> bytes:
     the engine. The script's lines, as a tuple, key a small cache of their encoding; the rest of the
     body (the command id, each VM's parameters) is encoded as before, in the body's own key order.
     """
+    if not all(type(key) is str for key in body):  # json.dumps' own spelling of other keys (true, null)
+        return json.dumps(dict(body), separators=(",", ":")).encode()
     parts = []
     for key, value in body.items():
         encoded: bytes | None = None
-        if key == "script" and isinstance(value, (list, tuple)):
-            with contextlib.suppress(TypeError):  # an item that cannot key the cache: encoded as is
-                encoded = _encoded_lines(tuple(value))
+        # Only lines that are all strings key the cache: 1, 1.0 and True are equal (and hash alike)
+        # in a tuple, so a cached ["a", 1] would be sent for ["a", true].
+        if key == "script" and isinstance(value, (list, tuple)) and set(map(type, value)) <= {str}:
+            encoded = _encoded_lines(tuple(value))
         if encoded is None:
             encoded = json.dumps(value, separators=(",", ":")).encode()
         parts.append(json.dumps(str(key)).encode() + b":" + encoded)

@@ -185,9 +185,7 @@ class NetworkGateway(SubscriptionClients["NetworkManagementClient"]):
 
     async def _call(self, what: str, call: Callable[[], Awaitable[Any]]) -> Mapping[str, Any]:
         try:
-            return sdk_json(await call())
-        except TypeError as error:
-            raise NetworkUnreadable(f"{what}: {error}") from error
+            answer = await call()
         except HttpResponseError as error:
             status = error.status_code
             code = error.error.code if error.error is not None and error.error.code else ""
@@ -200,6 +198,10 @@ class NetworkGateway(SubscriptionClients["NetworkManagementClient"]):
             # ServiceRequestError, and ServiceResponseError (a connection dropped mid-answer, once the
             # retries are spent) too: "never raises for an ARM problem".
             raise NetworkUnreadable(f"{what}: {str(error)[:200]}") from error
+        try:
+            return sdk_json(answer)
+        except TypeError as error:  # an answer the SDK gave in no shape we read; not a bug of ours
+            raise NetworkUnreadable(f"{what}: {error}") from error
 
 
 async def _none() -> None:
