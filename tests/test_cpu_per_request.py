@@ -14,7 +14,7 @@ import pytest
 from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.transport import HttpRequest as TransportRequest
 
-from shared.azure import compute
+from shared.azure import compute, transient
 from shared.azure.compute import RunCommandRetryPolicy, encoded_body
 from shared.guest.scripts import REMEDIATE, conditional_rekey_command, detect_command, remediate_command
 from simulator import Estate, arm, monitor
@@ -135,13 +135,13 @@ def test_the_retry_policy_reads_no_header_of_an_answer_under_400(monkeypatch: py
     test), so its Retry-After (every 202 of a Run Command, every poll in progress has one) is not
     parsed for nothing. An error answer still is."""
     read: list[int] = []
-    real = compute.named_wait
+    real = transient.wait_from_headers
 
     def counting(headers: Any) -> float | None:
         read.append(1)
         return real(headers)
 
-    monkeypatch.setattr(compute, "named_wait", counting)
+    monkeypatch.setattr(transient, "wait_from_headers", counting)  # the policy's (BoundedRetryPolicy)
     policy = RunCommandRetryPolicy(max_wait_s=5)
     settings = policy.configure_retries({})
     for status, method in ((200, "GET"), (202, "POST"), (202, "GET")):

@@ -25,7 +25,6 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.core.pipeline import PipelineResponse
-from azure.core.pipeline.policies import AsyncRetryPolicy
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.core.rest import HttpRequest
 from azure.mgmt.compute.aio import ComputeManagementClient
@@ -34,7 +33,12 @@ from azure.mgmt.core.exceptions import ARMErrorFormat
 
 from shared.azure.pacing import Pacer
 from shared.azure.polling import RetryAfterFirstPolling
-from shared.azure.transient import MAX_IN_PROCESS_WAIT_S, response_headers, wait_from_headers
+from shared.azure.transient import (
+    MAX_IN_PROCESS_WAIT_S,
+    BoundedRetryPolicy,
+    response_headers,
+    wait_from_headers,
+)
 from shared.azure.transport import SubscriptionClients, sdk_json
 from shared.model import VmId
 from shared.settings import Settings
@@ -164,7 +168,7 @@ def named_wait(headers: Mapping[str, str]) -> float | None:
     return wait_from_headers(headers)
 
 
-class RunCommandRetryPolicy(AsyncRetryPolicy[Any, Any]):
+class RunCommandRetryPolicy(BoundedRetryPolicy):
     """azure-core's retries, except for an answer to a POST that ARM may have acted on.
 
     azure-core retries a POST after a 500, 503 or 504, and after any error that carries a
@@ -180,28 +184,15 @@ class RunCommandRetryPolicy(AsyncRetryPolicy[Any, Any]):
     A wait longer than ``max_wait_s`` is not slept in the invocation (azure-core alone sleeps any
     ``Retry-After``, which the call's deadline then cuts short: ``arm-timeout``, the wait forgotten):
     the answer goes back to the workflow as ``throttled`` / ``arm-unavailable`` carrying the wait,
-    and the worker's retry comes no sooner. The wait is read by :func:`named_wait`, which never
-    raises (azure-core's own parser raised ``ValueError`` on a ``Retry-After`` it cannot read,
-    crashing the invocation).
+    and the worker's retry comes no sooner. Both, and the reading of the wait (which never raises),
+    are :class:`~shared.azure.transient.BoundedRetryPolicy`'s, as for every other client.
     """
-
-    def __init__(self, *, max_wait_s: float = MAX_IN_PROCESS_WAIT_S, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.max_wait_s = max_wait_s
 
     def is_retry(self, settings: dict[str, Any], response: PipelineResponse[Any, Any]) -> bool:
         status = response.http_response.status_code
-        if status < 400:
-            return False  # as azure-core's own first test, before any header is read (every answer)
-        if response.http_request.method.upper() == "POST" and status != 429:
+        if status >= 400 and response.http_request.method.upper() == "POST" and status != 429:
             return False
-        wait = named_wait(response.http_response.headers)
-        if wait is not None and wait > self.max_wait_s:
-            return False
-        return bool(super().is_retry(settings, response))
-
-    def get_retry_after(self, response: PipelineResponse[Any, Any]) -> float | None:
-        return named_wait(response.http_response.headers)
+        return super().is_retry(settings, response)
 
 
 class ComputeGateway(SubscriptionClients[ComputeManagementClient]):

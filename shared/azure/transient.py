@@ -97,14 +97,21 @@ def response_headers(error: Any) -> Mapping[str, str]:
 class BoundedRetryPolicy(AsyncRetryPolicy[Any, Any]):
     """azure-core's retries, except that a ``Retry-After`` longer than ``max_wait_s`` is not slept
     inside the invocation: the answer goes back to the adapter, which raises a transient error
-    carrying the wait."""
+    carrying the wait. The wait is read by :func:`wait_from_headers`, which never raises (azure-core's
+    own ``parse_retry_after`` raises ``ValueError`` on a ``Retry-After`` it cannot read, out of the
+    invocation)."""
 
     def __init__(self, *, max_wait_s: float = MAX_IN_PROCESS_WAIT_S, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.max_wait_s = max_wait_s
 
     def is_retry(self, settings: dict[str, Any], response: PipelineResponse[Any, Any]) -> bool:
+        if response.http_response.status_code < 400:
+            return False  # as azure-core's own first test, before any header is read (every answer)
         wait = wait_from_headers(response.http_response.headers)
-        if wait is not None and wait > self.max_wait_s and response.http_response.status_code >= 400:
+        if wait is not None and wait > self.max_wait_s:
             return False
         return bool(super().is_retry(settings, response))
+
+    def get_retry_after(self, response: PipelineResponse[Any, Any]) -> float | None:
+        return wait_from_headers(response.http_response.headers)
