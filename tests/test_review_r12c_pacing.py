@@ -163,12 +163,15 @@ async def test_after_a_429_storm_the_subscription_gets_its_workers_back(
         ComputeGateway(credential, config) as gateway,
         Inventory(credential, config) as inventory,
     ):
+        # The storm as the pacer meets it, first: a 429 of Compute's policy on the opening wave. The
+        # live one depends on eight reads reaching a bucket of 4 within a few ms, which a loaded
+        # machine's TLS handshakes spread out (no 429 at all in a fresh clone's `make test`).
+        gateway.pacer.after(SUB.lower(), "reads", 429, {"Retry-After": "0"})
+        assert gateway.pacer.concurrency(SUB) == 4
         report = await sweep_inventory(
             Remediator(gateway, config), inventory, concurrency=8, limit=gateway.pacer.concurrency
         )
-        throttled = gateway.pacer.throttled[SUB]
     assert [o.kind.value for o in report.outcomes] == ["healthy"] * 32
-    assert throttled >= 1 and sim.faults()["armThrottling"] >= 1  # the storm happened
     commands = sorted(
         (c["started"], c["ended"]) for log in sim.run_logs().values() for c in log if c.get("ended")
     )
