@@ -252,14 +252,14 @@ async def test_a_429_is_waited_for_once_by_the_retry_policy_and_the_pacer_togeth
     [
         ({"retry-after-ms": "2500"}, 2.5),
         ({"x-ms-retry-after-ms": "1500"}, 1.5),
-        ({"Retry-After": "2", "retry-after-ms": "9000"}, 2.0),  # Retry-After first, as named_wait
+        ({"Retry-After": "2", "retry-after-ms": "9000"}, 2.0),  # Retry-After first, as azure-core reads it
         ({"retry-after-ms": "nan"}, 1.0),  # no wait named: the pacer's own second
     ],
 )
 async def test_a_429_naming_its_wait_in_milliseconds_holds_the_pacer_that_long(
     headers: dict[str, str], slept: float
 ) -> None:
-    """The pacer reads the wait as the worker's deferral does (``named_wait``): before, a 429 with
+    """The pacer reads the wait as the worker's deferral does (``wait_from_headers``): before, a 429 with
     only ``retry-after-ms`` held the subscription for the pacer's default second."""
     fake = FakeTime()
     pacer = Pacer(concurrency=4, clock=fake.clock, sleep=fake.sleep, max_wait_s=30.0)

@@ -157,15 +157,10 @@ def translate(error: HttpResponseError) -> ComputeError:
 def retry_after(error: HttpResponseError) -> float | None:
     """The wait an error answer names, in seconds: ``Retry-After`` (seconds or an HTTP-date), else
     ``retry-after-ms`` / ``x-ms-retry-after-ms``, the headers and order of azure-core's own
-    ``get_retry_after`` (azure/core/pipeline/policies/_utils.py); None when it names none."""
-    return named_wait(response_headers(error))
-
-
-def named_wait(headers: Mapping[str, str]) -> float | None:
-    """The wait an ARM answer names (``wait_from_headers``, shared with the pacer and the polls);
-    never raises (azure-core's ``parse_retry_after`` raises ``ValueError`` on a value it cannot
-    read), and a non-finite value names no wait."""
-    return wait_from_headers(headers)
+    ``get_retry_after`` (azure/core/pipeline/policies/_utils.py); None when it names none. Read by
+    :func:`~shared.azure.transient.wait_from_headers`, as the pacer, the polls and the retry policy
+    read it: it never raises, and a non-finite value names no wait."""
+    return wait_from_headers(response_headers(error))
 
 
 class RunCommandRetryPolicy(BoundedRetryPolicy):
