@@ -75,3 +75,21 @@ async def test_a_held_request_is_not_counted_as_sent() -> None:
     fake.now += 1200
     await pacer.before(SUB, "reads")
     assert pacer.sent[(SUB, "reads")] == 2 and pacer.requests[SUB] == 2
+
+
+async def test_a_skip_token_that_comes_back_after_another_is_a_listing_error_not_a_loop(
+    settings: Settings,  # noqa: F811
+) -> None:
+    """Tokens t1, t2, t1: following them would list a, b, c, b, c, ... for ever (the check compared
+    only with the token just asked for); the third page's token is refused after its rows."""
+    graph = _Graph(
+        [
+            _page(["a"], total=9, token="t1"),
+            _page(["b"], total=9, token="t2"),
+            _page(["c"], total=9, token="t1"),
+        ]
+    )
+    with pytest.raises(InventoryError) as raised:
+        await _listed(settings, graph)
+    assert raised.value.code == "SkipTokenRepeated"
+    assert graph.tokens == [None, "t1", "t2"]

@@ -20,7 +20,7 @@ a steady run gets no 429 (guidance-for-throttled-requests.md, "Understand thrott
 a page) with what the gate needs (OS type, power state, tags) and what filters need (name,
 resource group, tags), instead of two ARM list pages per 100 VMs per subscription. A last page
 that says ``resultTruncated`` with fewer rows than ``totalRecords`` fails the listing
-(:class:`InventoryError`, after its rows), as does a ``$skipToken`` handed back unchanged: the VMs
+(:class:`InventoryError`, after its rows), as does a ``$skipToken`` handed back again: the VMs
 it did not give are not silently left out.
 """
 
@@ -301,6 +301,7 @@ class Inventory(PooledClient[ResourceGraphClient]):
         skip_token: str | None = None
         throttled = 0
         rows = 0  # rows given so far, over every page
+        followed: set[str] = set()  # every $skipToken asked for: one handed back again is a loop
         while True:
             quota_wait = self._quota_back_at - time.monotonic()
             if quota_wait > 0:  # the last answer said the quota is spent: wait for it, not for a 429
@@ -337,11 +338,11 @@ class Inventory(PooledClient[ResourceGraphClient]):
                     rows += 1
                     yield row
             next_token = response.skip_token
-            if next_token and next_token == skip_token:
+            if next_token and (next_token == skip_token or next_token in followed):
                 # The page it was asked for, again: following it would loop, stopping would
                 # quietly leave out every VM after it.
                 raise InventoryError(
-                    f"Resource Graph gave the same $skipToken twice after {rows} rows; the rest is unlisted",
+                    f"Resource Graph gave a $skipToken again after {rows} rows; the rest is unlisted",
                     reason="arm-error",
                     code="SkipTokenRepeated",
                 )
@@ -350,6 +351,7 @@ class Inventory(PooledClient[ResourceGraphClient]):
                     _check_complete(response, rows)
                 return
             skip_token = next_token
+            followed.add(next_token)
 
     def _note_quota(self, headers: Mapping[str, str]) -> None:
         """Remember when the quota is back if this answer says none is left."""
